@@ -1,0 +1,1 @@
+"""Visual Prompt Tuning for timm vision transformers with PyTorch Lightning and Hydra."""

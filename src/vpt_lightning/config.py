@@ -1,0 +1,43 @@
+"""Hydra/OmegaConf plumbing: where the packaged configs live, the ``vpt.asset`` resolver, and ``compose``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).parent / "conf"
+ASSET_DIR = Path(__file__).parent / "assets"
+
+
+def asset_path(name: str) -> str:
+    """Absolute path of a file shipped in ``vpt_lightning/assets`` (``${vpt.asset:NAME}`` in configs)."""
+    path = ASSET_DIR / name
+    if not path.is_file():
+        available = sorted(p.name for p in ASSET_DIR.glob("*")) if ASSET_DIR.is_dir() else []
+        raise FileNotFoundError(f"packaged asset {name!r} not found in {ASSET_DIR}; available: {available}")
+    return str(path)
+
+
+def register_resolvers() -> None:
+    """Register the package's OmegaConf resolvers (idempotent)."""
+    if not OmegaConf.has_resolver("vpt.asset"):
+        OmegaConf.register_new_resolver("vpt.asset", asset_path)
+
+
+def compose(overrides: Optional[List[str]] = None, config_name: str = "train") -> DictConfig:
+    """Compose the packaged config like ``vpt-train`` would, without running it (for notebooks and tests).
+
+    ``hydra:`` interpolations (the run folder) are only available inside ``vpt-train``; pass
+    ``hydra.run.dir`` style overrides there instead.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=True)
+
+
+register_resolvers()

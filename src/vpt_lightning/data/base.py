@@ -1,0 +1,121 @@
+"""The DataModule base class shared by every dataset of the package."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional
+
+import pytorch_lightning as pl
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset
+
+from .transforms import NORMALIZATIONS, resolve_normalization
+
+SPLITS = ("tune", "final")
+
+
+def default_num_workers() -> int:
+    """A sensible default worker count: the CPUs this process may use, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(8, cpus))
+
+
+class ImageClassificationDataModule(pl.LightningDataModule):
+    """Base class: holds the split mode, loader settings and normalisation; subclasses build datasets.
+
+    Contract for subclasses:
+    - ``num_classes`` is known after ``__init__`` (from the task registry or a cheap scan).
+    - ``setup(stage)`` fills ``self.train_dataset``, ``self.val_dataset`` (may stay ``None``) and
+      ``self.test_dataset``; each item is ``(image_tensor, int_label)``.
+    - ``split`` is ``'tune'`` (train on the train split, validate on val) or ``'final'`` (train on train+val,
+      test on test).
+
+    The backbone's timm data config (``VPTModule.data_config``) can be passed as ``backbone_data_config`` or
+    assigned to that attribute before ``setup``; it supplies the input size when ``img_size`` is ``None`` and
+    the mean/std when ``normalization='backbone'``. Lightning inserts a ``DistributedSampler`` under DDP.
+    """
+
+    num_classes: int
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: Optional[int] = None,
+        num_workers: Optional[int] = None,
+        pin_memory: Optional[bool] = None,
+        persistent_workers: bool = True,
+        split: str = "tune",
+        img_size: Optional[int] = None,
+        normalization: str = "imagenet",
+        backbone_data_config: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        if split not in SPLITS:
+            raise ValueError(f"data.split={split!r} is not one of {list(SPLITS)}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"data.normalization={normalization!r} is not one of {list(NORMALIZATIONS)}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size} must be >= 1")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.split = split
+        self._img_size = img_size
+        self.normalization = normalization
+        self.backbone_data_config = dict(backbone_data_config) if backbone_data_config else None
+        self.train_dataset: Optional[Dataset] = None
+        self.val_dataset: Optional[Dataset] = None
+        self.test_dataset: Optional[Dataset] = None
+
+    @property
+    def img_size(self) -> int:
+        """Square input size: ``img_size`` if given, else the backbone's, else 224."""
+        if self._img_size:
+            return int(self._img_size)
+        if self.backbone_data_config and "input_size" in self.backbone_data_config:
+            return int(self.backbone_data_config["input_size"][-1])
+        return 224
+
+    @property
+    def mean_std(self):
+        """``(mean, std)`` used by the Normalize transform."""
+        return resolve_normalization(self.normalization, self.backbone_data_config)
+
+    def _loader(self, dataset: Optional[Dataset], train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: no dataset for this stage (split={self.split!r})")
+        pin = self.pin_memory
+        if pin is None:
+            pin = self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
+        sampler = None
+        if not train and self.trainer is not None and self.trainer.world_size > 1:
+            # Lightning's default eval sampler pads the last batch with repeated samples; this one does not,
+            # so every val/test sample is counted exactly once (torchmetrics syncs the uneven shards).
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            sampler=sampler,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=pin,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self):
+        # no validation set (e.g. a 'final' split without val): an empty list makes Lightning skip validation
+        return [] if self.val_dataset is None else self._loader(self.val_dataset, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, train=False)

@@ -1,0 +1,266 @@
+"""``VPTModule``: the LightningModule that prompt-tunes a frozen timm ViT."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import pytorch_lightning as pl
+import torch
+from timm.data import resolve_model_data_config
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from .backbone import BackboneConfig, create_backbone
+from .prompt import PromptConfig
+from .prompted_vit import PromptedViT
+from .schedule import warmup_cosine_factor
+
+IDENTITY_KEY = "vpt_backbone_identity"
+
+
+@dataclass
+class OptimConfig:
+    """The ``optim`` config group (spec §2).
+
+    The learning rate actually used is ``base_lr * global_batch / lr_batch_size`` where the global batch is the
+    per-device batch times devices, nodes and gradient accumulation.
+    """
+
+    name: str = "sgd"
+    base_lr: float = 0.1
+    weight_decay: float = 0.0001
+    momentum: float = 0.9
+    warmup_epochs: float = 10.0
+    lr_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.name != "sgd":
+            raise ValueError(f"optim.name={self.name!r} is not one of ['sgd'] (override configure_optimizers for more)")
+        if not self.base_lr > 0:
+            raise ValueError(f"optim.base_lr={self.base_lr!r} must be > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay={self.weight_decay!r} must be >= 0")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"optim.warmup_epochs={self.warmup_epochs!r} must be >= 0")
+
+    @classmethod
+    def from_mapping(cls, cfg: Optional[Mapping[str, Any]]) -> "OptimConfig":
+        cfg = dict(cfg or {})
+        unknown = sorted(set(cfg) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown optim option(s) {unknown}; valid keys are {sorted(cls.__dataclass_fields__)}")
+        return cls(**cfg)
+
+
+def _as_dict(cfg: Any) -> Dict[str, Any]:
+    """Plain dict of a dataclass, DictConfig or mapping (for hparams that pickle and print cleanly)."""
+    if cfg is None:
+        return {}
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    if hasattr(cfg, "__dataclass_fields__"):
+        return asdict(cfg)
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+class VPTModule(pl.LightningModule):
+    """Prompt-tune a frozen timm VisionTransformer for image classification.
+
+    ``forward(images)`` = ``head(backbone(images))`` where ``self.backbone`` is a :class:`PromptedViT`
+    (frozen ViT + prompts) returning the pooled, normed features (the final class token, or the mean of the
+    image tokens for ``global_pool='avg'`` backbones) and ``self.head`` a linear classifier.
+
+    Hooks for subclasses (override, no need to copy the module):
+        - :meth:`build_head` -> the classifier ``nn.Module`` on the pooled features.
+        - :meth:`build_loss` -> the loss ``nn.Module`` (``loss(logits, targets)``).
+        - :meth:`trainable_parameters` / :meth:`configure_optimizers` -> what is optimised and how.
+        - :meth:`build_backbone` -> the :class:`PromptedViT` (e.g. other freezing rules).
+
+    Checkpoints hold only the trainable tensors (prompts and head) plus the backbone's identity; loading one
+    rebuilds the backbone from the saved ``backbone`` hparams, checks the identity and fills in the frozen
+    weights, so a ViT-B task checkpoint is a few MB.
+
+    Args:
+        num_classes: classes of the downstream task.
+        backbone: :class:`~vpt_lightning.backbone.BackboneConfig` fields (timm name, weights source, kwargs).
+        prompt: :class:`~vpt_lightning.prompt.PromptConfig` fields; ``num_tokens=0`` is a linear probe.
+        optim: :class:`OptimConfig` fields.
+        backbone_eval: keep the frozen backbone in eval mode while training (the official code does).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: Union[BackboneConfig, Mapping[str, Any]],
+        prompt: Union[PromptConfig, Mapping[str, Any], None] = None,
+        optim: Union[OptimConfig, Mapping[str, Any], None] = None,
+        backbone_eval: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes={num_classes!r} must be a positive integer")
+        # validate every config before building anything, and keep them as plain dicts in hparams
+        self.prompt_config = PromptConfig.from_mapping(_as_dict(prompt)) if prompt is not None else PromptConfig(0)
+        self.optim_config = OptimConfig.from_mapping(_as_dict(optim))
+        backbone_config = BackboneConfig.from_mapping(_as_dict(backbone))
+        self.save_hyperparameters(
+            {
+                "num_classes": num_classes,
+                "backbone": backbone_config.to_dict(),
+                "prompt": self.prompt_config.to_dict(),
+                "optim": asdict(self.optim_config),
+                "backbone_eval": backbone_eval,
+            }
+        )
+        vit, self.backbone_identity = create_backbone(self.hparams.backbone)
+        self.data_config: Dict[str, Any] = resolve_model_data_config(vit)
+        self.backbone = self.build_backbone(vit)
+        self.head = self.build_head(self.backbone.num_features, num_classes)
+        self.criterion = self.build_loss()
+        metrics = MetricCollection(
+            {
+                "top1": MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro"),
+                "top5": MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro"),
+            }
+        )
+        if backbone_eval:  # intended: Lightning need not warn that the frozen backbone stays in eval mode
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    # ---- hooks ------------------------------------------------------------------------------------------
+    def build_backbone(self, vit: nn.Module) -> PromptedViT:
+        """Wrap the timm model with prompts; the default freezes every backbone weight."""
+        return PromptedViT(vit, self.prompt_config, freeze_backbone=True, backbone_eval=self.hparams.backbone_eval)
+
+    def build_head(self, in_features: int, num_classes: int) -> nn.Module:
+        """The classifier on the pooled features; default a linear layer."""
+        return nn.Linear(in_features, num_classes)
+
+    def build_loss(self) -> nn.Module:
+        """The training loss; default cross-entropy."""
+        return nn.CrossEntropyLoss()
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        """The parameters the optimiser updates: every parameter that requires grad."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ---- model ------------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+    def parameter_counts(self) -> Dict[str, float]:
+        """Trainable and backbone parameter counts, and the trainable share of the backbone in percent."""
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        backbone = sum(p.numel() for p in self.backbone.vit.parameters())
+        return {
+            "trainable_params": trainable,
+            "backbone_params": backbone,
+            "trainable_percent": 100.0 * trainable / max(1, backbone),
+        }
+
+    # ---- steps ------------------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        logits = self(images)
+        loss = self.criterion(logits, targets)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=targets.shape[0])
+        return loss
+
+    def _eval_step(self, batch: Any, metrics: MetricCollection, stage: str) -> None:
+        images, targets = batch
+        logits = self(images)
+        loss = self.criterion(logits, targets)
+        metrics.update(logits, targets)
+        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=targets.shape[0])
+        self.log_dict(metrics, prog_bar=True, on_epoch=True)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def on_fit_start(self) -> None:
+        counts = self.parameter_counts()
+        for logger in self.loggers:
+            logger.log_hyperparams({f"model/{k}": v for k, v in counts.items()})
+
+    # ---- optimisation -----------------------------------------------------------------------------------
+    def global_batch_size(self) -> int:
+        """Per-device batch x devices x nodes x gradient accumulation."""
+        trainer = self.trainer
+        per_device = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
+        if per_device is None:
+            loader = trainer.train_dataloader
+            per_device = getattr(loader, "batch_size", None) or getattr(
+                getattr(loader, "iterables", None), "batch_size", None
+            )
+        if per_device is None:
+            raise RuntimeError("cannot tell the training batch size (use a DataLoader with a batch_size)")
+        return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
+
+    def learning_rate(self) -> float:
+        """``base_lr`` scaled by global batch / ``lr_batch_size`` (the official linear scaling rule)."""
+        return self.optim_config.base_lr * self.global_batch_size() / self.optim_config.lr_batch_size
+
+    def configure_optimizers(self) -> Dict[str, Any]:
+        cfg = self.optim_config
+        params = self.trainable_parameters()
+        if not params:
+            raise RuntimeError("nothing to train: no parameter requires grad")
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
+        steps_per_epoch = total_steps / epochs if epochs else total_steps
+        warmup_steps = int(math.ceil(cfg.warmup_epochs * steps_per_epoch))
+        optimizer = torch.optim.SGD(params, lr=self.learning_rate(), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine_factor(step, warmup_steps, total_steps)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
+
+    # ---- small checkpoints ------------------------------------------------------------------------------
+    def trainable_state_keys(self) -> List[str]:
+        """State-dict keys of the trained tensors (parameters that require grad, and buffers outside the
+        frozen backbone)."""
+        names = {name for name, p in self.named_parameters() if p.requires_grad}
+        backbone_buffers = {f"backbone.vit.{n}" for n, _ in self.backbone.vit.named_buffers()}
+        names |= {name for name, _ in self.named_buffers() if name not in backbone_buffers}
+        return [k for k in self.state_dict() if k in names]
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        keep = set(self.trainable_state_keys())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[IDENTITY_KEY] = dict(self.backbone_identity)
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        saved = checkpoint.get(IDENTITY_KEY)
+        if saved is not None:
+            check_backbone_identity(saved, self.backbone_identity)
+        # fill in the frozen backbone weights, which the task checkpoint does not carry
+        state = checkpoint["state_dict"]
+        for key, value in self.state_dict().items():
+            state.setdefault(key, value)
+
+
+def check_backbone_identity(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Raise a ``ValueError`` naming the differences when a task checkpoint's backbone is not this one."""
+    keys = ("name", "kwargs", "embed_dim", "depth", "fingerprint", "checkpoint_sha256")
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs current {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    if diffs:
+        raise ValueError(
+            "this task checkpoint was trained on another backbone; load it with the same backbone config "
+            f"(name, kwargs, weights file) as in training. Differences: {'; '.join(diffs)}"
+        )
+

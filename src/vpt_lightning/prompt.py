@@ -1,0 +1,146 @@
+"""Prompt configuration and the learnable prompt tokens of VPT (spec §1)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+LOCATIONS = ("prepend", "add")
+
+DepthSpec = Union[None, int, Sequence[int]]
+
+
+@dataclass
+class PromptConfig:
+    """What prompts to learn and where to put them (the ``prompt`` config group).
+
+    Attributes:
+        num_tokens: prompt length p per prompted block; 0 disables prompts (a linear probe).
+        deep: VPT-Deep (a new prompt set at every prompted block) or VPT-Shallow (one set, inserted once).
+        location: ``prepend`` (between the prefix tokens and the patch tokens, the paper's default) or ``add``
+            (added element-wise to the patch tokens; ``num_tokens`` must then be 1 or the number of patches).
+        dropout: dropout on the prompt tokens before insertion (0.1 in the paper's VPT-Deep VTAB runs).
+        depth: which blocks get prompts. ``None``: every block (deep) or block 0 (shallow); an int ``k``: the
+            first k blocks (deep) or block k (shallow: insert once, later); a list: those block indices.
+            Blocks that get no new prompts pass the previous prompt outputs on, as in the official code.
+        project: if > 0, prompts live in this smaller dimension and a linear layer maps them to the width.
+        init: ``xavier_uniform`` (the official init, uniform(-v, v), v = sqrt(6 / (3 * ph * pw + dim)))
+            or ``zeros``.
+    """
+
+    num_tokens: int = 10
+    deep: bool = True
+    location: str = "prepend"
+    dropout: float = 0.0
+    depth: DepthSpec = None
+    project: int = -1
+    init: str = "xavier_uniform"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int) or self.num_tokens < 0:
+            raise ValueError(f"prompt.num_tokens={self.num_tokens!r} must be an integer >= 0 (0 = no prompts)")
+        if self.location not in LOCATIONS:
+            raise ValueError(f"prompt.location={self.location!r} is not one of {list(LOCATIONS)}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"prompt.dropout={self.dropout!r} must be in [0, 1)")
+        if self.init not in ("xavier_uniform", "zeros"):
+            raise ValueError(f"prompt.init={self.init!r} is not one of ['xavier_uniform', 'zeros']")
+        if self.project is None:
+            self.project = -1
+        if not isinstance(self.project, int) or (self.project == 0 or self.project < -1):
+            raise ValueError(f"prompt.project={self.project!r} must be -1 (off) or a positive dimension")
+        if self.depth is not None and not isinstance(self.depth, int):
+            self.depth = [int(i) for i in self.depth]
+            if not self.depth:
+                raise ValueError("prompt.depth=[] names no block; use null for the default or num_tokens=0")
+            if len(set(self.depth)) != len(self.depth):
+                raise ValueError(f"prompt.depth={self.depth} repeats a block index")
+            if not self.deep and len(self.depth) != 1:
+                raise ValueError(
+                    f"prompt.depth={self.depth} lists several blocks but prompt.deep=false (VPT-Shallow inserts "
+                    "prompts once); give one block index or set prompt.deep=true"
+                )
+
+    @classmethod
+    def from_mapping(cls, cfg: Optional[Mapping[str, Any]]) -> "PromptConfig":
+        """Build from a dict or DictConfig, naming unknown keys in the error."""
+        cfg = dict(cfg or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"unknown prompt option(s) {unknown}; valid keys are {sorted(known)}")
+        if cfg.get("depth") is not None and not isinstance(cfg["depth"], int):
+            cfg["depth"] = list(cfg["depth"])
+        return cls(**cfg)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_tokens > 0
+
+    def block_indices(self, num_blocks: int) -> List[int]:
+        """The sorted indices of the blocks that receive new prompts, validated against ``num_blocks``."""
+        if not self.enabled:
+            return []
+        if self.depth is None:
+            indices = list(range(num_blocks)) if self.deep else [0]
+        elif isinstance(self.depth, int):
+            if self.deep:
+                if not 1 <= self.depth <= num_blocks:
+                    raise ValueError(
+                        f"prompt.depth={self.depth} (the first k blocks) must be in [1, {num_blocks}] for a "
+                        f"backbone with {num_blocks} blocks"
+                    )
+                indices = list(range(self.depth))
+            else:
+                indices = [self.depth]
+        else:
+            indices = sorted(self.depth)
+        bad = [i for i in indices if not 0 <= i < num_blocks]
+        if bad:
+            raise ValueError(
+                f"prompt.depth names block(s) {bad}, but the backbone has blocks 0..{num_blocks - 1}"
+            )
+        return indices
+
+
+class Prompts(nn.Module):
+    """The learnable prompt tokens: one ``(num_tokens, dim)`` set per prompted block.
+
+    ``forward(i, batch_size)`` returns the (projected, dropped-out) prompts of the i-th prompted block, expanded
+    to the batch. Parameters are stored as one tensor ``tokens`` of shape ``(num_sets, num_tokens, prompt_dim)``.
+    """
+
+    def __init__(self, config: PromptConfig, num_sets: int, dim: int, patch_size: Sequence[int]) -> None:
+        super().__init__()
+        self.config = config
+        prompt_dim = config.project if config.project > 0 else dim
+        self.tokens = nn.Parameter(torch.zeros(num_sets, config.num_tokens, prompt_dim))
+        if config.project > 0:
+            self.proj = nn.Linear(prompt_dim, dim)
+            nn.init.kaiming_normal_(self.proj.weight, a=0, mode="fan_out")
+            nn.init.zeros_(self.proj.bias)
+        else:
+            self.proj = nn.Identity()
+        self.dropout = nn.Dropout(config.dropout)
+        if config.init == "xavier_uniform":
+            # as the official code: Xavier-uniform as if the prompt were a patch-embedding output
+            bound = math.sqrt(6.0 / float(3 * int(patch_size[0]) * int(patch_size[1]) + prompt_dim))
+            nn.init.uniform_(self.tokens, -bound, bound)
+
+    @property
+    def num_sets(self) -> int:
+        return self.tokens.shape[0]
+
+    def forward(self, index: int, batch_size: int) -> torch.Tensor:
+        # expand first, so that dropout draws a separate mask for each sample (as the official code)
+        return self.dropout(self.proj(self.tokens[index]).unsqueeze(0).expand(batch_size, -1, -1))
+
+
+__all__ = ["PromptConfig", "Prompts", "LOCATIONS"]
