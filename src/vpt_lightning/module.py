@@ -220,9 +220,15 @@ class VPTModule(pl.LightningModule):
         params = self.trainable_parameters()
         if not params:
             raise RuntimeError("nothing to train: no parameter requires grad")
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
-        steps_per_epoch = total_steps / epochs if epochs else total_steps
+        trainer = self.trainer
+        if trainer.train_dataloader is None:  # with max_steps Lightning has not loaded it yet
+            trainer.fit_loop.setup_data()
+        total_steps = int(trainer.estimated_stepping_batches)
+        batches = trainer.num_training_batches
+        if math.isfinite(batches) and batches > 0:
+            steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        else:  # an iterable dataset of unknown length: spread the total over the epochs
+            steps_per_epoch = total_steps / max(1, trainer.max_epochs or 1)
         warmup_steps = int(math.ceil(cfg.warmup_epochs * steps_per_epoch))
         optimizer = torch.optim.SGD(params, lr=self.learning_rate(), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny timm ViTs that run in milliseconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import timm
+import torch
+
+# keep the suite predictable on 2 cores
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 4, "num_heads": 2}
+TINY_BACKBONE = {"name": "vit_tiny_patch16_224", "kwargs": TINY, "init_seed": 0}
+
+
+def make_vit(seed: int = 0, num_classes: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny randomly initialised timm ViT (32 px, patch 4 -> 64 patches, width 32, 4 blocks)."""
+    kwargs = {**TINY, **overrides}
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=num_classes, **kwargs)
+    # timm inits some tokens to zeros / tiny values; randomise everything so that tests see real numbers
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 0 and ("token" in name or "pos_embed" in name):
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    torch.manual_seed(123)
+    return torch.randn(3, 3, 32, 32)

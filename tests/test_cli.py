@@ -1,0 +1,83 @@
+"""vpt-train end to end through Hydra: run folders, config errors, recipe printing, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vpt_lightning.config import compose
+
+FAST = ["backbone=vit_tiny_random", "+debug=fast", "data.num_train=32", "data.num_val=16", "data.num_test=16", "data.batch_size=16"]
+
+
+def vpt_train(args, cwd, check=True, env=None):
+    """Run the installed ``vpt-train`` console script in ``cwd``."""
+    exe = Path(sys.executable).parent / "vpt-train"
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    proc = subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vpt-train {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_run_folder_has_config_metrics_checkpoint_results(tmp_path):
+    proc = vpt_train([*FAST, "task_name=smoke", "run_name=r1"], cwd=tmp_path)
+    run = tmp_path / "outputs" / "smoke" / "r1"
+    assert (run / ".hydra" / "config.yaml").is_file()
+    rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
+    assert any(r.get("val/top1") for r in rows) and any(r.get("lr") for r in rows)
+    results = json.loads((run / "results.json").read_text())
+    assert 0.0 <= results["test/top1"] <= 1.0 and results["trainable_params"] > 0
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert sorted(ckpt["state_dict"]) == ["backbone.prompts.tokens", "head.bias", "head.weight"]
+    assert "test top-1 (%)" in proc.stdout
+
+
+def test_resume_with_run_name_and_last(tmp_path):
+    args = [*FAST, "task_name=resume", "run_name=r", "trainer.max_epochs=1"]
+    vpt_train(args, cwd=tmp_path)
+    proc = vpt_train([*args[:-1], "trainer.max_epochs=2", "ckpt_path=last"], cwd=tmp_path)
+    results = json.loads((tmp_path / "outputs" / "resume" / "r" / "results.json").read_text())
+    assert results["epochs"] == 2 and results["global_step"] == 4  # 2 + 2 batches, the first 2 not repeated
+    assert "Restoring states from the checkpoint" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("prompt.num_tokens=-3", "prompt.num_tokens=-3 must be an integer >= 0"),
+        ("prompt.location=middle", "prompt.location='middle' is not one of ['prepend', 'add']"),
+        ("prompt=wide", "Could not find 'prompt/wide'"),
+        ("optim.base_lr=0", "optim.base_lr=0"),
+    ],
+)
+def test_bad_config_fails_before_training_naming_key(tmp_path, override, message):
+    proc = vpt_train([*FAST, override], cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert "Epoch 0" not in proc.stdout + proc.stderr
+
+
+def test_unknown_group_option_lists_valid_values(tmp_path):
+    proc = vpt_train([*FAST, "prompt=wide"], cwd=tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    assert "Available options in 'prompt'" in out and "deep" in out and "shallow" in out and "none" in out
+
+
+def test_quickstart_composes_with_packaged_pretrained_backbone():
+    cfg = compose(["+experiment=quickstart"])
+    assert cfg.task_name == "quickstart"
+    assert Path(cfg.backbone.checkpoint_path).is_file()
+    assert cfg.backbone.checkpoint_path.endswith("quickstart_vit.safetensors")
+
+
+def test_cfg_job_prints_the_recipe(tmp_path):
+    proc = vpt_train(["+experiment=quickstart", "--cfg", "job"], cwd=tmp_path)
+    assert "num_tokens: 10" in proc.stdout and "base_lr:" in proc.stdout and "max_epochs:" in proc.stdout

@@ -1,0 +1,215 @@
+"""PromptedViT against timm's own forward and against an independent per-block reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vpt_lightning import PromptConfig, PromptedViT
+
+from conftest import make_vit
+
+D, N_BLOCKS, N_PATCHES = 32, 4, 64
+
+
+def reference_features(vit, images, prompt_sets, location="prepend"):
+    """Independent reference: embed by hand, then loop over the blocks inserting prompts as the paper says.
+
+    ``prompt_sets`` maps block index -> (p, d) prompt tensor. Prepend: the first prompted block inserts the
+    prompts after the prefix tokens, every later prompted block *replaces* the previous prompt outputs, blocks
+    without a set pass them on. Add: the prompts are added to the patch tokens. Returns the pooled features.
+    """
+    b = images.shape[0]
+    patches = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)  # conv patchify
+    prefix = []
+    if vit.cls_token is not None:
+        prefix.append(vit.cls_token.expand(b, -1, -1))
+    if vit.reg_token is not None:
+        prefix.append(vit.reg_token.expand(b, -1, -1))
+    n_prefix = sum(t.shape[1] for t in prefix)
+    if vit.no_embed_class:
+        x = torch.cat(prefix + [patches + vit.pos_embed], dim=1)
+    else:
+        x = torch.cat(prefix + [patches], dim=1) + vit.pos_embed
+    p_len = 0
+    for i, block in enumerate(vit.blocks):
+        if i in prompt_sets:
+            prm = prompt_sets[i].unsqueeze(0).expand(b, -1, -1)
+            if location == "add":
+                x = torch.cat([x[:, :n_prefix], x[:, n_prefix:] + prm], dim=1)
+            else:
+                x = torch.cat([x[:, :n_prefix], prm, x[:, n_prefix + p_len :]], dim=1)
+                p_len = prm.shape[1]
+        x = block(x)
+    x = vit.norm(x)
+    image_tokens = x[:, n_prefix + p_len :]
+    if vit.global_pool == "token":
+        return x[:, 0]
+    return vit.fc_norm(image_tokens.mean(dim=1))
+
+
+def sets_of(model: PromptedViT):
+    tokens = model.prompts.tokens.detach()
+    return {block: tokens[i] for block, i in model.prompt_sets.items()}
+
+
+@pytest.mark.parametrize(
+    "vit_kwargs",
+    [{}, {"global_pool": "avg", "class_token": False, "fc_norm": True}, {"reg_tokens": 2}, {"no_embed_class": True}],
+    ids=["cls", "avgpool-no-cls", "registers", "no-embed-class"],
+)
+def test_without_prompts_equals_timm(vit_kwargs, images):
+    vit = make_vit(num_classes=7, **vit_kwargs)
+    model = PromptedViT(vit, PromptConfig(num_tokens=0))
+    torch.testing.assert_close(model(images), vit(images), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "vit_kwargs",
+    [{}, {"global_pool": "avg", "class_token": False, "fc_norm": True}, {"reg_tokens": 2}, {"no_embed_class": True}],
+    ids=["cls", "avgpool-no-cls", "registers", "no-embed-class"],
+)
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        dict(num_tokens=5, deep=True),
+        dict(num_tokens=3, deep=False),
+        dict(num_tokens=4, deep=True, depth=2),
+        dict(num_tokens=4, deep=True, depth=[1, 3]),
+        dict(num_tokens=2, deep=False, depth=2),
+        dict(num_tokens=1, deep=True, location="add"),
+        dict(num_tokens=N_PATCHES, deep=False, location="add"),
+    ],
+    ids=["deep", "shallow", "deep-first2", "deep-list", "shallow-at2", "add-broadcast", "add-per-patch"],
+)
+def test_prompted_features_equal_reference(vit_kwargs, prompt, images):
+    vit = make_vit(**vit_kwargs)
+    model = PromptedViT(vit, PromptConfig(**prompt)).eval()
+    expected = reference_features(vit, images, sets_of(model), prompt.get("location", "prepend"))
+    torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prompts_change_the_output(images):
+    vit = make_vit()
+    assert not torch.allclose(PromptedViT(vit, PromptConfig(num_tokens=5))(images), vit(images))
+
+
+def test_gradients_reach_every_prompt_set_and_no_backbone_weight(images):
+    model = PromptedViT(make_vit(), PromptConfig(num_tokens=3, deep=True, depth=[0, 2, 3]))
+    model.train()
+    model(images).pow(2).sum().backward()
+    grad = model.prompts.tokens.grad
+    assert grad is not None and grad.shape == (3, 3, D)
+    assert all(grad[i].abs().sum() > 0 for i in range(3))
+    assert all(not p.requires_grad and p.grad is None for p in model.vit.parameters())
+
+
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        (dict(num_tokens=10, deep=False), 10 * D),
+        (dict(num_tokens=10, deep=True), N_BLOCKS * 10 * D),
+        (dict(num_tokens=7, deep=True, depth=3), 3 * 7 * D),
+        (dict(num_tokens=7, deep=True, depth=[0, 3]), 2 * 7 * D),
+        (dict(num_tokens=5, deep=True, project=8), N_BLOCKS * 5 * 8 + 8 * D + D),
+        (dict(num_tokens=0), 0),
+    ],
+)
+def test_trainable_parameter_counts(prompt, expected):
+    model = PromptedViT(make_vit(), PromptConfig(**prompt))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+
+
+def test_xavier_uniform_init_bound():
+    model = PromptedViT(make_vit(), PromptConfig(num_tokens=50, deep=True))
+    bound = math.sqrt(6.0 / (3 * 4 * 4 + D))
+    tokens = model.prompts.tokens.detach()
+    assert tokens.abs().max() <= bound
+    # uniform(-v, v) has std v / sqrt(3)
+    assert abs(tokens.std().item() - bound / math.sqrt(3)) < 0.05 * bound
+
+
+def test_backbone_stays_in_eval_mode_and_prompt_dropout_trains(images):
+    model = PromptedViT(make_vit(drop_rate=0.5, drop_path_rate=0.5), PromptConfig(num_tokens=4, dropout=0.5))
+    model.train()
+    assert model.training and model.prompts.training
+    assert not any(m.training for m in model.vit.modules())
+    # prompt dropout is random in train mode, the output is deterministic in eval mode
+    assert not torch.allclose(model(images), model(images))
+    model.eval()
+    torch.testing.assert_close(model(images), model(images))
+
+
+def test_backbone_may_train_when_asked():
+    model = PromptedViT(make_vit(), PromptConfig(num_tokens=4), freeze_backbone=False, backbone_eval=False).train()
+    assert all(m.training for m in model.vit.modules())
+    assert all(p.requires_grad for p in model.vit.parameters())
+
+
+def test_frozen_blocks_before_the_first_prompt_run_without_autograd(images):
+    model = PromptedViT(make_vit(), PromptConfig(num_tokens=3, deep=False, depth=2)).train()
+    recorded = {}
+    for i, block in enumerate(model.vit.blocks):
+        block.register_forward_hook(lambda mod, inp, out, i=i: recorded.__setitem__(i, out.requires_grad))
+    model(images).sum().backward()
+    assert recorded == {0: False, 1: False, 2: True, 3: True}
+    assert model.prompts.tokens.grad is not None
+
+
+def test_linear_probe_builds_no_graph(images):
+    model = PromptedViT(make_vit(), PromptConfig(num_tokens=0)).train()
+    assert not model(images).requires_grad
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(images):
+    grads = []
+    for checkpointing in (False, True):
+        model = PromptedViT(make_vit(), PromptConfig(num_tokens=3))
+        torch.manual_seed(0)
+        model.prompts.tokens.data.normal_()
+        model.set_grad_checkpointing(checkpointing)
+        model(images).sum().backward()
+        grads.append(model.prompts.tokens.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        (dict(num_tokens=-1), "prompt.num_tokens=-1"),
+        (dict(location="middle"), "prompt.location='middle' is not one of ['prepend', 'add']"),
+        (dict(dropout=1.5), "prompt.dropout=1.5"),
+        (dict(deep=False, depth=[0, 1]), "prompt.deep=false"),
+        (dict(project=0), "prompt.project=0"),
+        (dict(init="normal"), "prompt.init='normal'"),
+    ],
+)
+def test_bad_prompt_config_names_the_key(prompt, message):
+    with pytest.raises(ValueError) as err:
+        PromptConfig(**prompt)
+    assert message in str(err.value)
+
+
+def test_unknown_prompt_key_is_named():
+    with pytest.raises(ValueError, match=r"unknown prompt option\(s\) \['tokens'\]"):
+        PromptConfig.from_mapping({"tokens": 3})
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        (dict(num_tokens=3, depth=9), r"prompt.depth=9 .* must be in \[1, 4\]"),
+        (dict(num_tokens=3, depth=[0, 7]), r"block\(s\) \[7\], but the backbone has blocks 0..3"),
+        (dict(num_tokens=5, location="add"), "1 token .* or one per patch \\(64"),
+    ],
+)
+def test_prompt_config_checked_against_backbone(prompt, message):
+    with pytest.raises(ValueError, match=message):
+        PromptedViT(make_vit(), PromptConfig(**prompt))
+
+
+def test_non_vit_model_is_rejected():
+    with pytest.raises(TypeError, match=r"needs a timm VisionTransformer .*got Linear"):
+        PromptedViT(torch.nn.Linear(2, 2), PromptConfig())
