@@ -81,3 +81,13 @@ def test_quickstart_composes_with_packaged_pretrained_backbone():
 def test_cfg_job_prints_the_recipe(tmp_path):
     proc = vpt_train(["+experiment=quickstart", "--cfg", "job"], cwd=tmp_path)
     assert "num_tokens: 10" in proc.stdout and "base_lr:" in proc.stdout and "max_epochs:" in proc.stdout
+
+
+def test_user_config_folder_via_searchpath(tmp_path):
+    conf = tmp_path / "my_conf" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "my_task.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /prompt: shallow\ntask_name: mine\nprompt:\n  num_tokens: 3\n"
+    )
+    cfg = compose([f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "+experiment=my_task"])
+    assert cfg.task_name == "mine" and cfg.prompt.num_tokens == 3 and cfg.prompt.deep is False

@@ -18,6 +18,7 @@ from .backbone import BackboneConfig, create_backbone
 from .prompt import PromptConfig
 from .prompted_vit import PromptedViT
 from .schedule import warmup_cosine_factor
+from .tuning import TuningConfig, build_head, unfreeze_backbone
 
 IDENTITY_KEY = "vpt_backbone_identity"
 
@@ -96,7 +97,12 @@ class VPTModule(pl.LightningModule):
         backbone: :class:`~vpt_lightning.backbone.BackboneConfig` fields (timm name, weights source, kwargs).
         prompt: :class:`~vpt_lightning.prompt.PromptConfig` fields; ``num_tokens=0`` is a linear probe.
         optim: :class:`OptimConfig` fields.
-        backbone_eval: keep the frozen backbone in eval mode while training (the official code does).
+        tuning: :class:`~vpt_lightning.tuning.TuningConfig` fields: which backbone weights train besides the
+            prompts (none for VPT and the linear probe; all, biases or the last k blocks for the baselines) and
+            the head (linear or MLP).
+        backbone_eval: keep the backbone in eval mode while training (the official code does for VPT).
+        compile: ``torch.compile`` the prompted backbone's forward (opt-in; the module's keys do not change).
+        grad_checkpointing: recompute block activations in the backward pass (saves memory on ViT-L/H).
     """
 
     def __init__(
@@ -105,7 +111,10 @@ class VPTModule(pl.LightningModule):
         backbone: Union[BackboneConfig, Mapping[str, Any]],
         prompt: Union[PromptConfig, Mapping[str, Any], None] = None,
         optim: Union[OptimConfig, Mapping[str, Any], None] = None,
+        tuning: Union[TuningConfig, Mapping[str, Any], None] = None,
         backbone_eval: bool = True,
+        compile: bool = False,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
@@ -113,6 +122,7 @@ class VPTModule(pl.LightningModule):
         # validate every config before building anything, and keep them as plain dicts in hparams
         self.prompt_config = PromptConfig.from_mapping(_as_dict(prompt)) if prompt is not None else PromptConfig(0)
         self.optim_config = OptimConfig.from_mapping(_as_dict(optim))
+        self.tuning_config = TuningConfig.from_mapping(_as_dict(tuning))
         backbone_config = BackboneConfig.from_mapping(_as_dict(backbone))
         self.save_hyperparameters(
             {
@@ -120,12 +130,18 @@ class VPTModule(pl.LightningModule):
                 "backbone": backbone_config.to_dict(),
                 "prompt": self.prompt_config.to_dict(),
                 "optim": asdict(self.optim_config),
+                "tuning": self.tuning_config.to_dict(),
                 "backbone_eval": backbone_eval,
+                "compile": compile,
+                "grad_checkpointing": grad_checkpointing,
             }
         )
         vit, self.backbone_identity = create_backbone(self.hparams.backbone)
         self.data_config: Dict[str, Any] = resolve_model_data_config(vit)
         self.backbone = self.build_backbone(vit)
+        self.backbone.set_grad_checkpointing(grad_checkpointing)
+        # the compiled forward is kept outside the module tree, so state-dict keys stay the same
+        self.__dict__["_compiled_backbone"] = torch.compile(self.backbone) if compile else None
         self.head = self.build_head(self.backbone.num_features, num_classes)
         self.criterion = self.build_loss()
         metrics = MetricCollection(
@@ -141,12 +157,14 @@ class VPTModule(pl.LightningModule):
 
     # ---- hooks ------------------------------------------------------------------------------------------
     def build_backbone(self, vit: nn.Module) -> PromptedViT:
-        """Wrap the timm model with prompts; the default freezes every backbone weight."""
-        return PromptedViT(vit, self.prompt_config, freeze_backbone=True, backbone_eval=self.hparams.backbone_eval)
+        """Wrap the timm model with prompts, freeze it, then unfreeze what the tuning strategy trains."""
+        model = PromptedViT(vit, self.prompt_config, freeze_backbone=True, backbone_eval=self.hparams.backbone_eval)
+        unfreeze_backbone(model.vit, self.tuning_config)
+        return model
 
     def build_head(self, in_features: int, num_classes: int) -> nn.Module:
-        """The classifier on the pooled features; default a linear layer."""
-        return nn.Linear(in_features, num_classes)
+        """The classifier on the pooled features: linear, or an MLP for ``tuning.head='mlp'``."""
+        return build_head(in_features, num_classes, self.tuning_config)
 
     def build_loss(self) -> nn.Module:
         """The training loss; default cross-entropy."""
@@ -158,7 +176,8 @@ class VPTModule(pl.LightningModule):
 
     # ---- model ------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+        backbone = self.backbone if self._compiled_backbone is None else self._compiled_backbone
+        return self.head(backbone(images))
 
     def parameter_counts(self) -> Dict[str, float]:
         """Trainable and backbone parameter counts, and the trainable share of the backbone in percent."""

@@ -47,6 +47,7 @@ def save_state_dict_atomic(state_dict: Dict[str, torch.Tensor], out: Path) -> No
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a shipped asset must be readable by all
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -56,9 +57,9 @@ def save_state_dict_atomic(state_dict: Dict[str, torch.Tensor], out: Path) -> No
 def pretrain_backbone(
     out: Path,
     num_samples: int = 24000,
-    epochs: int = 8,
+    epochs: int = 10,
     batch_size: int = 128,
-    lr: float = 1e-3,
+    lr: float = 1.5e-3,
     seed: int = 0,
     max_steps: Optional[int] = None,
 ) -> float:
@@ -78,7 +79,7 @@ def pretrain_backbone(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
     )
-    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    criterion = nn.CrossEntropyLoss()
     step, start = 0, time.time()
     model.train()
     while step < total:
@@ -109,7 +110,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ASSET)
     parser.add_argument("--num-samples", type=int, default=24000)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=None)
     args = parser.parse_args(argv)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from .backbone import BackboneConfig
 from .module import OptimConfig, VPTModule
 from .prompt import PromptConfig
+from .tuning import TuningConfig
 
 log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
@@ -41,6 +42,7 @@ def validate_config(cfg: DictConfig) -> None:
     PromptConfig.from_mapping(OmegaConf.to_container(cfg.prompt, resolve=True))
     OptimConfig.from_mapping(OmegaConf.to_container(cfg.optim, resolve=True))
     BackboneConfig.from_mapping(OmegaConf.to_container(cfg.backbone, resolve=True))
+    TuningConfig.from_mapping(OmegaConf.to_container(cfg.tuning, resolve=True))
 
 
 def _instantiate_all(group: Any) -> List[Any]:
@@ -64,7 +66,10 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
         prompt=OmegaConf.to_container(cfg.prompt, resolve=True),
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        tuning=OmegaConf.to_container(cfg.tuning, resolve=True),
         backbone_eval=cfg.backbone_eval,
+        compile=cfg.get("compile", False),
+        grad_checkpointing=cfg.get("grad_checkpointing", False),
     )
     datamodule.backbone_data_config = module.data_config
     trainer: pl.Trainer = instantiate(
@@ -74,6 +79,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     results: Dict[str, Any] = {
         "task_name": cfg.task_name,
+        "tuning": cfg.tuning.name,
         "seed": cfg.seed,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,

@@ -102,7 +102,7 @@ def _random_shapes(rng: np.random.Generator, count: int, size: int, radius: Tupl
 
 
 def _task_shapes(rng, size):
-    shapes = _random_shapes(rng, int(rng.integers(1, 4)), size, (0.12, 0.3))
+    shapes = _random_shapes(rng, int(rng.integers(1, 4)), size, (0.15, 0.35))
     largest = max(shapes, key=lambda s: s.radius)
     shapes.sort(key=lambda s: s is largest)  # the labelled shape is drawn last, never hidden
     return shapes, largest.kind * 6 + largest.color
@@ -122,7 +122,7 @@ def _task_count(rng, size):
 
 def _task_location(rng, size):
     cell = int(rng.integers(9))
-    r = rng.uniform(0.08, 0.13) * size
+    r = rng.uniform(0.1, 0.15) * size
     third = size / 3
     cx = (cell % 3 + rng.uniform(0.3, 0.7)) * third
     cy = (cell // 3 + rng.uniform(0.3, 0.7)) * third
