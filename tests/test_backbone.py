@@ -90,3 +90,45 @@ def test_paper_backbone_configs_name_the_original_in21k_weights():
         cfg = compose([f"backbone={group}"])
         assert cfg.backbone.name == name and cfg.backbone.pretrained
         assert name in timm.list_pretrained(name.split(".")[0] + ".*")
+
+
+def _export_google_npz(vit, path):
+    """Write ``vit`` in the original Google ViT .npz layout (as ViT-B_16.npz), inverting timm's mapping."""
+    import numpy as np
+
+    sd = {k: v.detach().numpy() for k, v in vit.state_dict().items()}
+    heads = vit.blocks[0].attn.num_heads
+    dim = vit.embed_dim
+    hd = dim // heads
+    out = {
+        "embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+        "embedding/bias": sd["patch_embed.proj.bias"],
+        "cls": sd["cls_token"],
+        "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
+        "Transformer/encoder_norm/scale": sd["norm.weight"],
+        "Transformer/encoder_norm/bias": sd["norm.bias"],
+    }
+    for i in range(len(vit.blocks)):
+        b, p = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        mha = p + "MultiHeadDotProductAttention_1/"
+        qkv_w, qkv_b = np.split(sd[b + "attn.qkv.weight"], 3), np.split(sd[b + "attn.qkv.bias"], 3)
+        for name, w, bias in zip(("query", "key", "value"), qkv_w, qkv_b):
+            out[mha + name + "/kernel"] = w.T.reshape(dim, heads, hd)
+            out[mha + name + "/bias"] = bias.reshape(heads, hd)
+        out[mha + "out/kernel"] = sd[b + "attn.proj.weight"].reshape(dim, heads, hd).transpose(1, 2, 0)
+        out[mha + "out/bias"] = sd[b + "attn.proj.bias"]
+        for src, dst in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_2")):
+            out[p + dst + "/scale"], out[p + dst + "/bias"] = sd[b + src + ".weight"], sd[b + src + ".bias"]
+        for r in range(2):
+            out[p + f"MlpBlock_3/Dense_{r}/kernel"] = sd[b + f"mlp.fc{r + 1}.weight"].T
+            out[p + f"MlpBlock_3/Dense_{r}/bias"] = sd[b + f"mlp.fc{r + 1}.bias"]
+    np.savez(path, **out)
+
+
+def test_google_npz_checkpoint_through_timms_loader(tmp_path, images):
+    source = make_vit(seed=11)
+    path = tmp_path / "ViT-tiny.npz"
+    _export_google_npz(source, path)
+    model, identity = create_backbone({**TINY_BACKBONE, "checkpoint_path": str(path)})
+    torch.testing.assert_close(model.eval()(images), source(images), rtol=1e-5, atol=1e-5)
+    assert identity["weights"] == "file"
