@@ -91,3 +91,26 @@ def test_user_config_folder_via_searchpath(tmp_path):
     )
     cfg = compose([f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "+experiment=my_task"])
     assert cfg.task_name == "mine" and cfg.prompt.num_tokens == 3 and cfg.prompt.deep is False
+
+
+def test_configs_and_assets_ship_in_the_wheel(tmp_path):
+    """Build the wheel, unpack it elsewhere and compose from another folder: configs and weights come along."""
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "whl")],
+        check=True, capture_output=True, timeout=300,
+    )
+    (wheel,) = (tmp_path / "whl").glob("vpt_lightning-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "vpt_lightning.cli.train", "+experiment=quickstart", "--cfg", "job", "--resolve"],
+        cwd=elsewhere, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(site)},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"checkpoint_path: {site}/vpt_lightning/assets/quickstart_vit.safetensors" in proc.stdout
