@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--limit-batches", type=float, default=1.0)
     args = parser.parse_args(argv)
     pl.seed_everything(0)
-    data = SyntheticDataModule(task="location", num_train=1000, num_val=200, num_test=500, batch_size=64, num_workers=0)
+    data = SyntheticDataModule(task="orientation", num_train=1000, num_val=200, num_test=500, batch_size=64, num_workers=0)
     module = CosineVPT(
         num_classes=data.num_classes,
         backbone={

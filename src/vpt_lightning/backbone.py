@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -13,11 +13,13 @@ import torch
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
+from .dataclass_config import DataclassConfig
+
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".npz")
 
 
 @dataclass
-class BackboneConfig:
+class BackboneConfig(DataclassConfig):
     """The ``backbone`` config group.
 
     Attributes:
@@ -36,18 +38,10 @@ class BackboneConfig:
     kwargs: Dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0
 
-    @classmethod
-    def from_mapping(cls, cfg: Optional[Mapping[str, Any]]) -> "BackboneConfig":
-        cfg = dict(cfg or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"unknown backbone option(s) {unknown}; valid keys are {sorted(known)}")
-        cfg["kwargs"] = dict(cfg.get("kwargs") or {})
-        return cls(**cfg)
+    group = "backbone"
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def __post_init__(self) -> None:
+        self.kwargs = dict(self.kwargs or {})
 
 
 def file_sha256(path: os.PathLike, chunk: int = 1 << 22) -> str:

@@ -15,6 +15,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from .backbone import BackboneConfig, create_backbone
+from .dataclass_config import DataclassConfig
 from .prompt import PromptConfig
 from .prompted_vit import PromptedViT
 from .schedule import warmup_cosine_factor
@@ -24,7 +25,7 @@ IDENTITY_KEY = "vpt_backbone_identity"
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(DataclassConfig):
     """The ``optim`` config group (spec §2).
 
     The learning rate actually used is ``base_lr * global_batch / lr_batch_size`` where the global batch is the
@@ -38,6 +39,8 @@ class OptimConfig:
     warmup_epochs: float = 10.0
     lr_batch_size: int = 256
 
+    group = "optim"
+
     def __post_init__(self) -> None:
         if self.name != "sgd":
             raise ValueError(f"optim.name={self.name!r} is not one of ['sgd'] (override configure_optimizers for more)")
@@ -48,13 +51,6 @@ class OptimConfig:
         if self.warmup_epochs < 0:
             raise ValueError(f"optim.warmup_epochs={self.warmup_epochs!r} must be >= 0")
 
-    @classmethod
-    def from_mapping(cls, cfg: Optional[Mapping[str, Any]]) -> "OptimConfig":
-        cfg = dict(cfg or {})
-        unknown = sorted(set(cfg) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown optim option(s) {unknown}; valid keys are {sorted(cls.__dataclass_fields__)}")
-        return cls(**cfg)
 
 
 def _as_dict(cfg: Any) -> Dict[str, Any]:
@@ -129,7 +125,7 @@ class VPTModule(pl.LightningModule):
                 "num_classes": num_classes,
                 "backbone": backbone_config.to_dict(),
                 "prompt": self.prompt_config.to_dict(),
-                "optim": asdict(self.optim_config),
+                "optim": self.optim_config.to_dict(),
                 "tuning": self.tuning_config.to_dict(),
                 "backbone_eval": backbone_eval,
                 "compile": compile,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, List, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import List, Sequence, Union
 
 import torch
 from torch import nn
+
+from .dataclass_config import DataclassConfig
 
 LOCATIONS = ("prepend", "add")
 
@@ -15,7 +17,7 @@ DepthSpec = Union[None, int, Sequence[int]]
 
 
 @dataclass
-class PromptConfig:
+class PromptConfig(DataclassConfig):
     """What prompts to learn and where to put them (the ``prompt`` config group).
 
     Attributes:
@@ -39,6 +41,8 @@ class PromptConfig:
     depth: DepthSpec = None
     project: int = -1
     init: str = "xavier_uniform"
+
+    group = "prompt"
 
     def __post_init__(self) -> None:
         if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int) or self.num_tokens < 0:
@@ -64,21 +68,6 @@ class PromptConfig:
                     f"prompt.depth={self.depth} lists several blocks but prompt.deep=false (VPT-Shallow inserts "
                     "prompts once); give one block index or set prompt.deep=true"
                 )
-
-    @classmethod
-    def from_mapping(cls, cfg: Optional[Mapping[str, Any]]) -> "PromptConfig":
-        """Build from a dict or DictConfig, naming unknown keys in the error."""
-        cfg = dict(cfg or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"unknown prompt option(s) {unknown}; valid keys are {sorted(known)}")
-        if cfg.get("depth") is not None and not isinstance(cfg["depth"], int):
-            cfg["depth"] = list(cfg["depth"])
-        return cls(**cfg)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @property
     def enabled(self) -> bool:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, List, Mapping, Optional
+from dataclasses import dataclass
+from typing import List, Optional
 
 from torch import nn
+
+from .dataclass_config import DataclassConfig
 
 BACKBONE_MODES = ("frozen", "full", "bias", "last_blocks")
 HEADS = ("linear", "mlp")
 
 
 @dataclass
-class TuningConfig:
+class TuningConfig(DataclassConfig):
     """The ``tuning`` config node.
 
     Attributes:
@@ -33,6 +35,8 @@ class TuningConfig:
     mlp_layers: int = 2
     mlp_hidden: Optional[int] = None
 
+    group = "tuning"
+
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONE_MODES:
             raise ValueError(f"tuning.backbone={self.backbone!r} is not one of {list(BACKBONE_MODES)}")
@@ -43,16 +47,6 @@ class TuningConfig:
         if self.head == "mlp" and self.mlp_layers < 2:
             raise ValueError(f"tuning.mlp_layers={self.mlp_layers} must be >= 2 for an MLP head")
 
-    @classmethod
-    def from_mapping(cls, cfg: Optional[Mapping[str, Any]]) -> "TuningConfig":
-        cfg = dict(cfg or {})
-        unknown = sorted(set(cfg) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown tuning option(s) {unknown}; valid keys are {sorted(cls.__dataclass_fields__)}")
-        return cls(**cfg)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def unfreeze_backbone(vit: nn.Module, config: TuningConfig) -> None:
