@@ -174,3 +174,9 @@ def test_warmup_cosine_factor_edges():
     assert warmup_cosine_factor(2, 5, 10) == pytest.approx(3 / 5)
     with pytest.raises(ValueError):
         warmup_cosine_factor(0, 0, 0)
+
+
+def test_data_config_reports_the_built_input_size():
+    module = make_module()
+    assert module.data_config["input_size"] == (3, 32, 32)
+    assert len(module.data_config["mean"]) == 3

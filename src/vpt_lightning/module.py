@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Union
 
 import pytorch_lightning as pl
 import torch
@@ -134,6 +134,8 @@ class VPTModule(pl.LightningModule):
         )
         vit, self.backbone_identity = create_backbone(self.hparams.backbone)
         self.data_config: Dict[str, Any] = resolve_model_data_config(vit)
+        # timm reports the pretrained cfg's input size, even for a model built with another img_size
+        self.data_config["input_size"] = (vit.patch_embed.proj.in_channels, *vit.patch_embed.img_size)
         self.backbone = self.build_backbone(vit)
         self.backbone.set_grad_checkpointing(grad_checkpointing)
         # the compiled forward is kept outside the module tree, so state-dict keys stay the same

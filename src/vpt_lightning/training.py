@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -14,6 +11,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from .atomic import write_json_atomic
 from .backbone import BackboneConfig
 from .module import OptimConfig, VPTModule
 from .prompt import PromptConfig
@@ -21,20 +19,6 @@ from .tuning import TuningConfig
 
 log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
-
-
-def write_json_atomic(data: Dict[str, Any], path: Path) -> None:
-    """Write ``data`` as JSON through a temporary file and a rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def validate_config(cfg: DictConfig) -> None:

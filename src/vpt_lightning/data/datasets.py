@@ -1,0 +1,93 @@
+"""Image-list datasets and the checks shared by every file-based DataModule (VTAB, FGVC, folders)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+Sample = Tuple[Path, int]
+
+
+class DataError(ValueError):
+    """Bad data: a missing folder or file, a malformed list line, a label out of range, an unreadable image."""
+
+
+def require_dir(path: Path, what: str, hint: str = "") -> Path:
+    """Return ``path`` if it is a folder, else raise a :class:`DataError` naming it (and how to fix it)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise DataError(f"{what} {str(path)!r} does not exist or is not a folder{'; ' + hint if hint else ''}")
+    return path
+
+
+def check_samples(samples: Sequence[Sample], num_classes: int, source: str, check_files: bool = True) -> None:
+    """Fail on an empty split, a label outside ``[0, num_classes)`` or (cheaply) a listed file that is missing."""
+    if not samples:
+        raise DataError(f"{source}: the split is empty")
+    for index, (path, label) in enumerate(samples):
+        if not 0 <= label < num_classes:
+            raise DataError(f"{source}: entry {index + 1} ({path.name}) has label {label}, outside [0, {num_classes})")
+        if check_files and not path.is_file():
+            raise DataError(f"{source}: entry {index + 1} lists {str(path)!r}, which does not exist")
+
+
+def read_list_file(list_file: Path, image_dir: Path, num_classes: int) -> List[Sample]:
+    """Parse a ``relative/path label`` list (one per line) and check it; errors name the file and line."""
+    list_file = Path(list_file)
+    if not list_file.is_file():
+        raise DataError(f"list file {str(list_file)!r} does not exist")
+    samples: List[Sample] = []
+    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise DataError(f"{list_file}:{number}: expected 'relative/path label', got {line!r}")
+        path, label = image_dir / parts[0], int(parts[1])
+        if not 0 <= label < num_classes:
+            raise DataError(f"{list_file}:{number}: label {label} is outside [0, {num_classes})")
+        if not path.is_file():
+            raise DataError(f"{list_file}:{number}: image {str(path)!r} does not exist")
+        samples.append((path, label))
+    if not samples:
+        raise DataError(f"{list_file}: the split is empty")
+    return samples
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open an image as RGB, raising a :class:`DataError` that names a corrupt or unreadable file."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise DataError(f"cannot read image {str(path)!r}: {err}") from err
+
+
+class ImageListDataset(Dataset):
+    """``(transform(image), label)`` for a list of ``(path, label)`` samples."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Optional[Callable] = None) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        image = load_rgb(path)
+        return (self.transform(image) if self.transform else image), label
+
+
+def check_images(samples: Sequence[Sample]) -> List[str]:
+    """Decode every image; return one message per unreadable file (an empty list when all are fine)."""
+    problems = []
+    for path, _ in samples:
+        try:
+            load_rgb(path)
+        except DataError as err:
+            problems.append(str(err))
+    return problems

@@ -1,0 +1,106 @@
+"""The one place that knows every benchmark task: VTAB-1k (19) and FGVC (5), with the paper's numbers (spec §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+METHODS = ("full", "linear", "vpt_shallow", "vpt_deep")
+VTAB_GROUPS = ("natural", "specialized", "structured")
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """Facts about one benchmark task.
+
+    Attributes:
+        name: config name (``conf/data/<benchmark>_<name>.yaml``).
+        benchmark: ``vtab`` or ``fgvc``.
+        group: VTAB group (natural, specialized, structured), ``None`` for FGVC.
+        num_classes: classes of the task.
+        folder: folder of the task under the benchmark root (the common TF-free VTAB-1k layout, or the FGVC roots).
+        display_name: name in tables.
+        default_prompt_length: VPT-Deep prompt length published with the paper's hyper-parameters.
+        reference: the paper's test top-1 (%) per method (ViT-B/16 ImageNet-21k).
+    """
+
+    name: str
+    benchmark: str
+    group: Optional[str]
+    num_classes: int
+    folder: str
+    display_name: str
+    default_prompt_length: int
+    reference: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def recipe(self) -> str:
+        """Transform recipe: ``vtab`` (resize, no augmentation) or ``fgvc`` (crop + flip)."""
+        return self.benchmark
+
+    @property
+    def config_name(self) -> str:
+        return f"{self.benchmark}_{self.name}"
+
+
+def _ref(full: float, linear: float, shallow: float, deep: float) -> Dict[str, float]:
+    return dict(zip(METHODS, (full, linear, shallow, deep)))
+
+
+_TASKS: List[TaskInfo] = [
+    # VTAB-1k natural
+    TaskInfo("cifar100", "vtab", "natural", 100, "cifar", "CIFAR-100", 10, _ref(68.9, 63.4, 77.7, 78.8)),
+    TaskInfo("caltech101", "vtab", "natural", 102, "caltech101", "Caltech101", 10, _ref(87.7, 85.0, 86.9, 90.8)),
+    TaskInfo("dtd", "vtab", "natural", 47, "dtd", "DTD", 10, _ref(64.3, 63.2, 62.6, 65.8)),
+    TaskInfo("flowers102", "vtab", "natural", 102, "oxford_flowers102", "Flowers102", 1, _ref(97.2, 97.0, 97.5, 98.0)),
+    TaskInfo("pets", "vtab", "natural", 37, "oxford_iiit_pet", "Pets", 1, _ref(86.9, 86.3, 87.3, 88.3)),
+    TaskInfo("svhn", "vtab", "natural", 10, "svhn", "SVHN", 50, _ref(87.4, 36.6, 74.5, 78.1)),
+    TaskInfo("sun397", "vtab", "natural", 397, "sun397", "SUN397", 5, _ref(38.8, 51.0, 51.2, 49.6)),
+    # VTAB-1k specialized
+    TaskInfo("patch_camelyon", "vtab", "specialized", 2, "patch_camelyon", "Camelyon", 100, _ref(79.7, 78.5, 78.2, 81.8)),
+    TaskInfo("eurosat", "vtab", "specialized", 10, "eurosat", "EuroSAT", 100, _ref(95.7, 87.5, 92.0, 96.1)),
+    TaskInfo("resisc45", "vtab", "specialized", 45, "resisc45", "RESISC45", 10, _ref(84.2, 68.6, 75.6, 83.4)),
+    TaskInfo("diabetic_retinopathy", "vtab", "specialized", 5, "diabetic_retinopathy", "Retinopathy", 1,
+             _ref(73.9, 74.0, 72.9, 68.4)),
+    # VTAB-1k structured
+    TaskInfo("clevr_count", "vtab", "structured", 8, "clevr_count", "CLEVR-count", 100, _ref(56.3, 34.3, 50.5, 68.5)),
+    TaskInfo("clevr_distance", "vtab", "structured", 6, "clevr_dist", "CLEVR-dist", 200, _ref(58.6, 30.6, 58.6, 60.0)),
+    TaskInfo("dmlab", "vtab", "structured", 6, "dmlab", "DMLab", 100, _ref(41.7, 33.2, 40.5, 46.5)),
+    TaskInfo("kitti_distance", "vtab", "structured", 4, "kitti", "KITTI-dist", 100, _ref(65.5, 55.4, 67.1, 72.8)),
+    TaskInfo("dsprites_location", "vtab", "structured", 16, "dsprites_loc", "dSpr-loc", 100, _ref(57.5, 12.5, 68.7, 73.6)),
+    TaskInfo("dsprites_orientation", "vtab", "structured", 16, "dsprites_ori", "dSpr-ori", 100,
+             _ref(46.7, 20.0, 36.1, 47.9)),
+    TaskInfo("smallnorb_azimuth", "vtab", "structured", 18, "smallnorb_azi", "sNORB-azi", 200,
+             _ref(25.7, 9.6, 20.2, 32.9)),
+    TaskInfo("smallnorb_elevation", "vtab", "structured", 9, "smallnorb_ele", "sNORB-ele", 200,
+             _ref(29.1, 19.2, 34.1, 37.8)),
+    # FGVC
+    TaskInfo("cub", "fgvc", None, 200, "CUB_200_2011", "CUB-200-2011", 10, _ref(87.3, 85.3, 86.7, 88.5)),
+    TaskInfo("nabirds", "fgvc", None, 555, "nabirds", "NABirds", 50, _ref(82.7, 75.9, 78.8, 84.2)),
+    TaskInfo("oxford_flowers", "fgvc", None, 102, "OxfordFlower", "Oxford Flowers", 5, _ref(98.8, 97.9, 98.4, 99.0)),
+    TaskInfo("stanford_dogs", "fgvc", None, 120, "Stanford-dogs", "Stanford Dogs", 100, _ref(89.4, 86.2, 90.7, 90.2)),
+    TaskInfo("stanford_cars", "fgvc", None, 196, "Stanford-cars", "Stanford Cars", 200, _ref(84.5, 51.3, 68.7, 83.6)),
+]
+
+TASKS: Dict[str, TaskInfo] = {f"{t.benchmark}_{t.name}": t for t in _TASKS}
+
+
+def get_task(name: str, benchmark: Optional[str] = None) -> TaskInfo:
+    """Look a task up by ``name`` (``cifar100``) or config name (``vtab_cifar100``)."""
+    candidates = [t for t in _TASKS if name in (t.name, t.config_name) and benchmark in (None, t.benchmark)]
+    if len(candidates) != 1:
+        valid = sorted(t.name for t in _TASKS if benchmark in (None, t.benchmark))
+        raise KeyError(f"unknown {benchmark or 'benchmark'} task {name!r}; valid names: {valid}")
+    return candidates[0]
+
+
+def vtab_tasks(group: Optional[str] = None) -> List[TaskInfo]:
+    """The 19 VTAB-1k tasks in the paper's order, or those of one group."""
+    if group is not None and group not in VTAB_GROUPS:
+        raise ValueError(f"VTAB group {group!r} is not one of {list(VTAB_GROUPS)}")
+    return [t for t in _TASKS if t.benchmark == "vtab" and group in (None, t.group)]
+
+
+def fgvc_tasks() -> List[TaskInfo]:
+    """The 5 FGVC datasets in the paper's order."""
+    return [t for t in _TASKS if t.benchmark == "fgvc"]
