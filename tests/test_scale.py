@@ -1,0 +1,99 @@
+"""Scaling out and precision: DDP on CPU (gloo) against one process, mixed precision, torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from vpt_lightning import VPTModule
+from vpt_lightning.data.synthetic import SyntheticDataModule
+
+from conftest import TINY_BACKBONE
+
+
+def _module() -> VPTModule:
+    pl.seed_everything(0)  # the same prompt and head init for every module built here
+    return VPTModule(num_classes=9, backbone=TINY_BACKBONE, prompt={"num_tokens": 4, "dropout": 0.0},
+                     optim={"base_lr": 4.0, "warmup_epochs": 1, "weight_decay": 1e-4})
+
+
+class SameOrderData(SyntheticDataModule):
+    """Train with the permutation Lightning's DistributedSampler draws (seed 0 + epoch), in one process too.
+
+    Under DDP rank r takes perm[r::2], so one DDP step of 2 x 8 images is exactly the single-process batch of the
+    first 16 images of the same permutation.
+    """
+
+    def train_dataloader(self):
+        if self.trainer.world_size > 1:
+            return super().train_dataloader()
+        sampler = DistributedSampler(self.train_dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler)
+
+
+def _data(batch_size: int) -> SyntheticDataModule:
+    return SameOrderData(task="location", num_train=64, num_val=33, num_test=17, batch_size=batch_size, num_workers=0)
+
+
+def _fit(tmp_path, module, data, **trainer_kwargs):
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=2, accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    single = _module()
+    single_trainer = _fit(tmp_path / "single", single, _data(16), devices=1)
+    ddp = _module()
+    ddp_trainer = _fit(tmp_path / "ddp", ddp, _data(8), devices=2, strategy="ddp_spawn")
+    # same global batch (2 x 8 = 16), same lr (scaled by the global batch): the same updates, up to the order
+    # of float additions in the gradient all-reduce
+    torch.testing.assert_close(ddp.backbone.prompts.tokens, single.backbone.prompts.tokens, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ddp.head.weight, single.head.weight, rtol=1e-4, atol=1e-5)
+    # val top-1 over 33 samples (odd: rank 0 sees 17, rank 1 16, none repeated) is the single-process value
+    assert float(ddp_trainer.callback_metrics["val/top1"]) == pytest.approx(float(single_trainer.callback_metrics["val/top1"]))
+    # the DDP checkpoint loads in one process and gives the same logits
+    path = tmp_path / "ddp.ckpt"
+    single_trainer.save_checkpoint(path)  # a fitted trainer to write with; then overwrite with the DDP weights
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["state_dict"] = {k: v for k, v in ddp.state_dict().items() if k in ckpt["state_dict"]}
+    torch.save(ckpt, path)
+    images = torch.randn(4, 3, 32, 32)
+    reloaded = VPTModule.load_from_checkpoint(path).eval()
+    torch.testing.assert_close(reloaded(images), ddp.eval()(images))
+
+
+# Lightning has no fp16 AMP on CPU and runs '16-mixed' as bf16 there (with a warning); on GPUs it is fp16 + GradScaler
+@pytest.mark.parametrize("precision, dtype", [("bf16-mixed", torch.bfloat16), ("16-mixed", torch.bfloat16)])
+def test_mixed_precision_trains_with_fp32_master_weights(tmp_path, precision, dtype):
+    module = _module()
+    seen = []
+    module.backbone.vit.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    before = module.backbone.prompts.tokens.detach().clone()
+    _fit(tmp_path, module, _data(16), devices=1, precision=precision, max_steps=3, limit_val_batches=0)
+    assert dtype in seen  # the blocks' matmuls ran in reduced precision
+    assert module.backbone.prompts.tokens.dtype == torch.float32 and module.head.weight.dtype == torch.float32
+    assert not torch.equal(module.backbone.prompts.tokens, before)
+    assert torch.isfinite(module.backbone.prompts.tokens).all()
+
+
+def test_frozen_parameters_get_no_optimizer_state(tmp_path):
+    module = _module()
+    trainer = _fit(tmp_path, module, _data(16), devices=1, max_steps=2, limit_val_batches=0)
+    optimizer = trainer.optimizers[0]
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in (module.backbone.prompts.tokens, module.head.weight, module.head.bias)}
+    assert all(p.grad is None for p in module.backbone.vit.parameters())
+    assert len(optimizer.state) == 3
+
+
+def test_compiled_backbone_matches_eager(tmp_path):
+    eager, compiled = _module().eval(), VPTModule(**{**_module().hparams, "compile": True}).eval()
+    compiled.load_state_dict(eager.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(compiled(images), eager(images), rtol=1e-4, atol=1e-4)
+    assert set(compiled.state_dict()) == set(eager.state_dict())  # compile does not rename keys
+    _fit(tmp_path, compiled.train(), _data(16), devices=1, max_steps=2, limit_val_batches=0)
