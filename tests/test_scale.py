@@ -97,3 +97,16 @@ def test_compiled_backbone_matches_eager(tmp_path):
     torch.testing.assert_close(compiled(images), eager(images), rtol=1e-4, atol=1e-4)
     assert set(compiled.state_dict()) == set(eager.state_dict())  # compile does not rename keys
     _fit(tmp_path, compiled.train(), _data(16), devices=1, max_steps=2, limit_val_batches=0)
+
+
+def test_cluster_configs_compose():
+    from hydra.utils import instantiate
+
+    from vpt_lightning.config import compose
+
+    cfg = compose(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "trainer=ddp", "trainer.devices=8"])
+    assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert cfg.hydra.launcher.partition == "gpu" and cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 8
+    fsdp = compose(["trainer=fsdp"]).trainer.strategy
+    assert fsdp._target_.endswith("FSDPStrategy") and fsdp.use_orig_params
+    assert type(instantiate(fsdp)).__name__ == "FSDPStrategy"
