@@ -273,3 +273,17 @@ def test_vtab_experiment_trains_on_a_prepared_tree(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "outputs" / "vtab_cifar100" / "r" / "results.json").read_text())
     assert results["trainable_params"] == 2 * 10 * 32 + 32 * 100 + 100  # p=10 on both blocks of width 32 + head
+
+
+def test_prepare_vtab_takes_given_train_val_indices(tmp_path):
+    for c in range(10):
+        for i in range(3):
+            write_image(tmp_path / "src" / "eurosat" / "2750" / f"Class{c}" / f"{i}.jpg", seed=c * 10 + i, fmt="JPEG")
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"eurosat": {"train": [0, 5, 7], "val": [2]}}))
+    out = tmp_path / "out"
+    prepare_main(["vtab", "--tasks", "eurosat", "--source", str(tmp_path / "src"), "--out", str(out),
+                  "--official-splits", str(splits)])
+    assert [l.split()[0] for l in (out / "eurosat" / "train800.txt").read_text().splitlines()] == [
+        "images/train_0000000.png", "images/train_0000005.png", "images/train_0000007.png"]
+    assert len((out / "eurosat" / "test.txt").read_text().splitlines()) == 30 - 4

@@ -72,8 +72,8 @@ def prepare_vtab_task(task: str, source: Path, out: Path, download: bool = False
                       official_splits: Optional[Path] = None) -> Dict[str, int]:
     """Write ``out/<task folder>/`` with images and the four list files; returns the split sizes.
 
-    train800/val200 are drawn from torchvision's training split with ``seed`` (or taken from an official
-    ``vtab_trainval_splits.json`` given as file indices); test is torchvision's test split, or, where torchvision
+    train800/val200 are drawn from torchvision's training split with ``seed`` (or taken from a
+    JSON of indices into torchvision's training split, ``{task: {"train": [...], "val": [...]}}``); test is torchvision's test split, or, where torchvision
     has none (Caltech101, SUN397, EuroSAT), the images not drawn for train/val.
     """
     info = get_task(task, benchmark="vtab")
@@ -90,7 +90,10 @@ def prepare_vtab_task(task: str, source: Path, out: Path, download: bool = False
             f"torchvision could not find {info.name!r} under {str(source)!r} ({err}); pass --download to fetch it"
         ) from err
     if official_splits is not None:
-        splits = json.loads(Path(official_splits).read_text())[info.name]
+        given = json.loads(Path(official_splits).read_text())
+        if info.name not in given:
+            raise ValueError(f"{official_splits} has no entry for {info.name!r}; it covers {sorted(given)}")
+        splits = given[info.name]
         train_idx, val_idx = list(splits["train"]), list(splits["val"])
     else:
         order = list(range(len(train_set)))
@@ -137,7 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     vtab.add_argument("--out", type=Path, required=True, help="the VTAB-1k root to write (data.root)")
     vtab.add_argument("--download", action="store_true", help="let torchvision download missing data")
     vtab.add_argument("--seed", type=int, default=0)
-    vtab.add_argument("--official-splits", type=Path, help="a vtab_trainval_splits.json with train/val indices")
+    vtab.add_argument("--official-splits", type=Path,
+                      help='a JSON {task: {"train": [indices], "val": [indices]}} into torchvision\'s training split')
     split = sub.add_parser("fgvc-split", help="split a full training JSON into train.json / val.json")
     split.add_argument("--train-json", type=Path, required=True)
     split.add_argument("--out", type=Path, required=True)
