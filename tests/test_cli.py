@@ -114,3 +114,11 @@ def test_configs_and_assets_ship_in_the_wheel(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"checkpoint_path: {site}/vpt_lightning/assets/quickstart_vit.safetensors" in proc.stdout
+
+
+def test_cfg_job_prints_the_paper_recipe_for_vtab_cifar100(tmp_path):
+    proc = vpt_train(["+experiment=vtab_cifar100", "--cfg", "job", "--resolve"], cwd=tmp_path)
+    out = proc.stdout
+    for line in ("name: vit_base_patch16_224.orig_in21k", "num_tokens: 10", "deep: true", "dropout: 0.1",
+                 "warmup_epochs: 10", "max_epochs: 100", "batch_size: 64", "task: cifar100", "momentum: 0.9"):
+        assert line in out, line
