@@ -287,3 +287,125 @@ def test_prepare_vtab_takes_given_train_val_indices(tmp_path):
     assert [l.split()[0] for l in (out / "eurosat" / "train800.txt").read_text().splitlines()] == [
         "images/train_0000000.png", "images/train_0000005.png", "images/train_0000007.png"]
     assert len((out / "eurosat" / "test.txt").read_text().splitlines()) == 30 - 4
+
+
+# ---- vpt-prepare with the authors' split file (file names) -------------------------------------------------
+def _image_pixels(task_dir: Path, line: str) -> np.ndarray:
+    return np.asarray(Image.open(task_dir / line.split()[0]))
+
+
+def write_dtd(root: Path, classes=("banded", "dotted", "zigzag"), per_split: int = 4) -> dict:
+    """torchvision's DTD layout (dtd/dtd/images/<class>/<file>, labels/{train,val,test}1.txt); returns pixels."""
+    pixels = {}
+    for s, split in enumerate(("train", "val", "test")):
+        lines = []
+        for c, cls in enumerate(classes):
+            for i in range(per_split):
+                name = f"{cls}_{s}{i:03d}.jpg"
+                pixels[name] = write_image(root / "dtd" / "dtd" / "images" / cls / name, seed=s * 100 + c * 10 + i,
+                                           fmt="PNG")
+                lines.append(f"{cls}/{name}")
+        (root / "dtd" / "dtd" / "labels").mkdir(parents=True, exist_ok=True)
+        (root / "dtd" / "dtd" / "labels" / f"{split}1.txt").write_text("\n".join(lines) + "\n")
+    return pixels
+
+
+def test_prepare_reads_the_authors_file_names_from_train_and_val_splits(tmp_path):
+    """Keys in the official naming ('vtab-dtd'), names of files; DTD's val200 comes from its validation split."""
+    pixels = write_dtd(tmp_path / "src")
+    splits = tmp_path / "vtab_trainval_splits.json"
+    train_names, val_names = ["zigzag_0002.jpg", "banded_0000.jpg", "dotted/dotted_0003.jpg"], ["dotted_1001.jpg"]
+    splits.write_text(json.dumps({"vtab-dtd": {"train": train_names, "val": val_names}, "vtab-caltech101": []}))
+    out = tmp_path / "out"
+    assert prepare_main(["vtab", "--tasks", "dtd", "--source", str(tmp_path / "src"), "--out", str(out),
+                         "--official-splits", str(splits)]) == 0
+    task_dir = out / "dtd"
+    train = (task_dir / "train800.txt").read_text().splitlines()
+    val = (task_dir / "val200.txt").read_text().splitlines()
+    assert [int(l.split()[1]) for l in train] == [2, 0, 1] and [int(l.split()[1]) for l in val] == [1]
+    for line, name in zip(train + val, train_names + val_names):  # the very images named, in order
+        assert np.array_equal(_image_pixels(task_dir, line), pixels[name.split("/")[-1]])
+    assert (task_dir / "train800val200.txt").read_text().splitlines() == train + val
+    assert len((task_dir / "test.txt").read_text().splitlines()) == 12  # DTD's own test split
+    dm = VTABDataModule("dtd", str(out), split="tune", img_size=8, num_workers=0)
+    dm.setup()
+    assert len(dm.train_dataset) == 3 and len(dm.val_dataset) == 1
+
+
+def test_prepare_clevr_count_labels_are_counts_minus_three(tmp_path):
+    """torchvision's CLEVR label is the object count (3..10); VTAB's count_all class is count - 3."""
+    data = tmp_path / "src" / "clevr" / "CLEVR_v1.0"
+    for split, counts in (("train", [3, 10, 5, 4]), ("val", [6, 3])):
+        scenes = []
+        for i, count in enumerate(counts):
+            name = f"CLEVR_{split}_{i:06d}.png"
+            write_image(data / "images" / split / name, seed=i)
+            scenes.append({"image_filename": name, "objects": [{}] * count})
+        (data / "scenes").mkdir(parents=True, exist_ok=True)
+        (data / "scenes" / f"CLEVR_{split}_scenes.json").write_text(json.dumps({"scenes": scenes}))
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({'clevr(task="count_all")': {
+        "train800": ["CLEVR_train_000000.png", "CLEVR_train_000001.png", "CLEVR_train_000003.png"],
+        "val200": ["CLEVR_train_000002.png"]}}))
+    out = tmp_path / "out"
+    prepare_main(["vtab", "--tasks", "clevr_count", "--source", str(tmp_path / "src"), "--out", str(out),
+                  "--official-splits", str(splits)])
+    labels = lambda split: [int(l.split()[1]) for l in (out / "clevr_count" / split).read_text().splitlines()]
+    assert labels("train800.txt") == [0, 7, 1] and labels("val200.txt") == [2] and labels("test.txt") == [3, 0]
+
+
+def _eurosat_with_clashing_names(root: Path) -> None:
+    for c in range(3):
+        for i in range(4):
+            write_image(root / "eurosat" / "2750" / f"Class{c}" / f"{i}.jpg", seed=c * 10 + i, fmt="JPEG")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"train": ["0.jpg"], "val": ["Class1/1.jpg"]}, r"1 name\(s\) match several images, e.g. '0.jpg' \(3 files"),
+    ({"train": ["Class0/0.jpg", "nope.jpg"], "val": ["Class1/1.jpg"]}, r"match no image .* e.g. 'nope.jpg'"),
+    ({"train": ["Class0/0.jpg", 4], "val": ["Class1/0.jpg"]}, r"in both train and val"),
+    ({"train": [99], "val": [1]}, r"index 99 is outside torchvision's 12 images"),
+    ({"training": [1], "val": [2]}, r"has keys \['training', 'val'\]; expected one of \['train', 'train800'\]"),
+    (["Class0/0.jpg"], r"must be .* or one list of train800 \+ val200 items, got list of length 1"),
+])
+def test_prepare_split_file_errors_name_the_entry(tmp_path, entry, message):
+    _eurosat_with_clashing_names(tmp_path / "src")
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"eurosat": entry}))
+    with pytest.raises(ValueError, match=message):
+        prepare_main(["vtab", "--tasks", "eurosat", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "o"),
+                      "--official-splits", str(splits)])
+
+
+def test_prepare_split_file_without_the_task_lists_its_names_and_the_file(tmp_path):
+    _eurosat_with_clashing_names(tmp_path / "src")
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"vtab-dtd": {"train": [0], "val": [1]}}))
+    with pytest.raises(ValueError, match=r"no entry for 'eurosat' \(its names: \['eurosat', 'vtab_eurosat', 'vtab-eurosat'\]\); "
+                                         r"the file covers \['vtab-dtd'\]"):
+        prepare_main(["vtab", "--tasks", "eurosat", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "o"),
+                      "--official-splits", str(splits)])
+    splits.write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        prepare_main(["vtab", "--tasks", "eurosat", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "o"),
+                      "--official-splits", str(splits)])
+
+
+def test_tfds_ids_index_array_datasets_and_a_flat_list_is_train800_then_val200():
+    from vpt_lightning.data.official_splits import resolve, task_entry
+
+    assert resolve(["train_00012", 7, "train_16399"], None, 50000, "cifar") == [12, 7, 16399]
+    with pytest.raises(ValueError, match="'apple.png' is neither an index nor a TFDS id"):
+        resolve(["apple.png"], None, 100, "cifar")
+    names = [f"train_{i:05d}" for i in range(1000)]
+    train, val = task_entry({"vtab-cifar(num_classes=100)": names}, get_task("cifar100"), "f")
+    assert train == names[:800] and val == names[800:]
+
+
+def test_prepare_names_the_missing_module_of_a_dataset():
+    from vpt_lightning.data.prepare import TORCHVISION_SOURCES, _require_modules
+
+    assert TORCHVISION_SOURCES["svhn"].requires == ("scipy",) and TORCHVISION_SOURCES["patch_camelyon"].requires == ("h5py",)
+    with pytest.raises(ModuleNotFoundError, match=r"torchvision needs \['no_such_module_vpt'\] to read 'svhn': pip install "
+                                                  r"\"vpt-lightning\[prepare\]\""):
+        _require_modules("svhn", ["no_such_module_vpt"])

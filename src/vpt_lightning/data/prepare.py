@@ -8,19 +8,22 @@
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from torch.utils.data import ConcatDataset
 
 from ..atomic import write_text_atomic
 from .datasets import check_images
 from .fgvc import FGVCDataModule, make_train_val_split
+from .official_splits import item_files, read_split_file, resolve, task_entry
 from .registry import get_task
 from .vtab import LIST_FILES, VTABDataModule
 
-# task -> (train-split factory, test-split factory or None when torchvision has no separate test split);
 # each factory takes (source root, download flag) and returns a torchvision dataset of (PIL image, label)
 Factory = Callable[[Path, bool], object]
 
@@ -34,25 +37,58 @@ def _tv(name: str, **kwargs) -> Factory:
     return make
 
 
-TORCHVISION_SOURCES: Dict[str, Tuple[Factory, Optional[Factory]]] = {
-    "cifar100": (_tv("CIFAR100", train=True), _tv("CIFAR100", train=False)),
-    "svhn": (_tv("SVHN", split="train"), _tv("SVHN", split="test")),
-    "dtd": (_tv("DTD", split="train"), _tv("DTD", split="test")),
-    "flowers102": (_tv("Flowers102", split="train"), _tv("Flowers102", split="test")),
-    "pets": (_tv("OxfordIIITPet", split="trainval"), _tv("OxfordIIITPet", split="test")),
-    "patch_camelyon": (_tv("PCAM", split="train"), _tv("PCAM", split="test")),
-    "clevr_count": (_tv("CLEVRClassification", split="train"), _tv("CLEVRClassification", split="val")),
-    "caltech101": (_tv("Caltech101"), None),
-    "sun397": (_tv("SUN397"), None),
-    "eurosat": (_tv("EuroSAT"), None),
+@dataclass(frozen=True)
+class TorchvisionSource:
+    """How to read one VTAB task from torchvision's copy of its dataset.
+
+    Attributes:
+        train: the original training split (train800/val200 are drawn from it).
+        test: the test split; ``None`` where torchvision has none (the images not drawn become the test set).
+        val: the original validation split, searched too when a given split names its images (the authors'
+            val200 of DTD and Flowers102 comes from it).
+        label_offset: subtracted from torchvision's label (CLEVR's object counts 3..10 -> VTAB's classes 0..7).
+        requires: modules torchvision needs to read this dataset (the ``prepare`` extra).
+    """
+
+    train: Factory
+    test: Optional[Factory] = None
+    val: Optional[Factory] = None
+    label_offset: int = 0
+    requires: Tuple[str, ...] = ()
+
+
+TORCHVISION_SOURCES: Dict[str, TorchvisionSource] = {
+    "cifar100": TorchvisionSource(_tv("CIFAR100", train=True), _tv("CIFAR100", train=False)),
+    "svhn": TorchvisionSource(_tv("SVHN", split="train"), _tv("SVHN", split="test"), requires=("scipy",)),
+    "dtd": TorchvisionSource(_tv("DTD", split="train"), _tv("DTD", split="test"), _tv("DTD", split="val")),
+    "flowers102": TorchvisionSource(_tv("Flowers102", split="train"), _tv("Flowers102", split="test"),
+                                    _tv("Flowers102", split="val"), requires=("scipy",)),
+    "pets": TorchvisionSource(_tv("OxfordIIITPet", split="trainval"), _tv("OxfordIIITPet", split="test")),
+    "patch_camelyon": TorchvisionSource(_tv("PCAM", split="train"), _tv("PCAM", split="test"), _tv("PCAM", split="val"),
+                                        requires=("h5py",)),
+    # VTAB's CLEVR test set is CLEVR's validation split (the test split has no labels)
+    "clevr_count": TorchvisionSource(_tv("CLEVRClassification", split="train"),
+                                     _tv("CLEVRClassification", split="val"), label_offset=3),
+    "caltech101": TorchvisionSource(_tv("Caltech101"), requires=("scipy",)),
+    "sun397": TorchvisionSource(_tv("SUN397")),
+    "eurosat": TorchvisionSource(_tv("EuroSAT")),
 }
 
 
-def _label(target) -> int:
-    return int(target[0] if isinstance(target, (tuple, list)) else target)
+def _require_modules(task: str, modules: Sequence[str]) -> None:
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModuleNotFoundError(
+            f"torchvision needs {missing} to read {task!r}: pip install \"vpt-lightning[prepare]\" (or {' '.join(missing)})"
+        )
 
 
-def _write_split(dataset, indices: Sequence[int], task_dir: Path, prefix: str, labels: Dict[int, int]) -> List[str]:
+def _label(target, offset: int = 0) -> int:
+    return int(target[0] if isinstance(target, (tuple, list)) else target) - offset
+
+
+def _write_split(dataset, indices: Sequence[int], task_dir: Path, prefix: str, label_offset: int) -> List[str]:
+    """Save the images at ``indices`` as PNG (atomically; kept if already there) and return their list lines."""
     lines = []
     for i in indices:
         image, target = dataset[i]
@@ -63,38 +99,48 @@ def _write_split(dataset, indices: Sequence[int], task_dir: Path, prefix: str, l
             tmp = path.with_suffix(".tmp.png")
             image.convert("RGB").save(tmp)
             tmp.replace(path)
-        labels[i] = _label(target)
-        lines.append(f"{rel} {labels[i]}")
+        lines.append(f"{rel} {_label(target, label_offset)}")
     return lines
+
+
+def _given_split(official_splits: Path, info, pool) -> Tuple[List[int], List[int]]:
+    """train800/val200 indices into ``pool`` from a split file (see :mod:`.official_splits`)."""
+    source = f"--official-splits {str(official_splits)!r} [{info.name}]"
+    train, val = task_entry(read_split_file(official_splits), info, source)
+    files = item_files(pool)
+    train_idx, val_idx = resolve(train, files, len(pool), source), resolve(val, files, len(pool), source)
+    if set(train_idx) & set(val_idx):
+        raise ValueError(f"{source}: {len(set(train_idx) & set(val_idx))} image(s) are in both train and val")
+    return train_idx, val_idx
 
 
 def prepare_vtab_task(task: str, source: Path, out: Path, download: bool = False, seed: int = 0,
                       official_splits: Optional[Path] = None) -> Dict[str, int]:
     """Write ``out/<task folder>/`` with images and the four list files; returns the split sizes.
 
-    train800/val200 are drawn from torchvision's training split with ``seed`` (or taken from a
-    JSON of indices into torchvision's training split, ``{task: {"train": [...], "val": [...]}}``); test is torchvision's test split, or, where torchvision
-    has none (Caltech101, SUN397, EuroSAT), the images not drawn for train/val.
+    train800/val200 are drawn from torchvision's training split with ``seed``, or read from ``official_splits``
+    (the authors' ``vtab_trainval_splits.json`` of file names, or indices; see :mod:`.official_splits`). Test is
+    torchvision's test split, or, where torchvision has none (Caltech101, SUN397, EuroSAT), the images not drawn
+    for train/val.
     """
     info = get_task(task, benchmark="vtab")
     if info.name not in TORCHVISION_SOURCES:
         raise ValueError(
             f"vpt-prepare vtab cannot build {info.name!r} from torchvision; it covers {sorted(TORCHVISION_SOURCES)}"
         )
-    make_train, make_test = TORCHVISION_SOURCES[info.name]
+    spec = TORCHVISION_SOURCES[info.name]
+    _require_modules(info.name, spec.requires)
     try:
-        train_set = make_train(source, download)
-        test_set = make_test(source, download) if make_test else None
+        train_set = spec.train(source, download)
+        test_set = spec.test(source, download) if spec.test else None
+        if official_splits is not None and spec.val is not None:
+            train_set = ConcatDataset([train_set, spec.val(source, download)])
     except RuntimeError as err:  # torchvision: 'Dataset not found or corrupted. You can use download=True ...'
         raise FileNotFoundError(
             f"torchvision could not find {info.name!r} under {str(source)!r} ({err}); pass --download to fetch it"
         ) from err
     if official_splits is not None:
-        given = json.loads(Path(official_splits).read_text())
-        if info.name not in given:
-            raise ValueError(f"{official_splits} has no entry for {info.name!r}; it covers {sorted(given)}")
-        splits = given[info.name]
-        train_idx, val_idx = list(splits["train"]), list(splits["val"])
+        train_idx, val_idx = _given_split(official_splits, info, train_set)
     else:
         order = list(range(len(train_set)))
         random.Random(seed).shuffle(order)
@@ -102,15 +148,14 @@ def prepare_vtab_task(task: str, source: Path, out: Path, download: bool = False
             raise ValueError(f"{info.name}: torchvision's training split has {len(order)} images, VTAB-1k needs 1000")
         train_idx, val_idx = sorted(order[:800]), sorted(order[800:1000])
     task_dir = out / info.folder
-    labels: Dict[int, int] = {}
-    train_lines = _write_split(train_set, train_idx, task_dir, "train", labels)
-    val_lines = _write_split(train_set, val_idx, task_dir, "train", labels)
+    train_lines = _write_split(train_set, train_idx, task_dir, "train", spec.label_offset)
+    val_lines = _write_split(train_set, val_idx, task_dir, "train", spec.label_offset)
     if test_set is None:
         chosen = set(train_idx) | set(val_idx)
-        test_set, test_idx = train_set, [i for i in range(len(train_set)) if i not in chosen]
-        test_lines = _write_split(test_set, test_idx, task_dir, "train", labels)
+        test_idx = [i for i in range(len(train_set)) if i not in chosen]
+        test_lines = _write_split(train_set, test_idx, task_dir, "train", spec.label_offset)
     else:
-        test_lines = _write_split(test_set, range(len(test_set)), task_dir, "test", {})
+        test_lines = _write_split(test_set, range(len(test_set)), task_dir, "test", spec.label_offset)
     for key, lines in (("train", train_lines), ("val", val_lines), ("trainval", train_lines + val_lines), ("test", test_lines)):
         write_text_atomic("\n".join(lines) + "\n", task_dir / LIST_FILES[key])
     return {"train800": len(train_lines), "val200": len(val_lines), "test": len(test_lines)}
@@ -141,7 +186,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     vtab.add_argument("--download", action="store_true", help="let torchvision download missing data")
     vtab.add_argument("--seed", type=int, default=0)
     vtab.add_argument("--official-splits", type=Path,
-                      help='a JSON {task: {"train": [indices], "val": [indices]}} into torchvision\'s training split')
+                      help="the authors' vtab_trainval_splits.json (file names of train800/val200 per task), or a JSON "
+                           '{task: {"train": [...], "val": [...]}} of names or indices into torchvision\'s training split')
     split = sub.add_parser("fgvc-split", help="split a full training JSON into train.json / val.json")
     split.add_argument("--train-json", type=Path, required=True)
     split.add_argument("--out", type=Path, required=True)
