@@ -2,8 +2,9 @@
 
 Selection takes the best validation top-1 **at the last epoch** (ties: the smaller learning rate, then the
 smaller weight decay); the final runs train on train+val and report the test top-1 **at the last epoch**,
-averaged over seeds. Every run has its own folder; a run with ``results.json`` is never repeated, and one that
-stopped half-way resumes from its ``checkpoints/last.ckpt``.
+averaged over seeds. Every run has its own folder; a run with ``results.json`` is never repeated (unless its recorded
+config differs from the job's: then the protocol stops and names the differences), and one that stopped half-way
+resumes from its ``checkpoints/last.ckpt``. Runs that diverge (non-finite loss) or fail are never selected.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import logging
+import math
 import statistics
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
@@ -18,8 +21,9 @@ from typing import Any, Callable, Dict, List, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .atomic import write_json_atomic, write_text_atomic
-from .training import RESULTS_FILE, train
+from .training import RESULTS_FILE, result_config, train
 
+log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
 
 
@@ -39,10 +43,20 @@ def point_name(point: Dict[str, Any]) -> str:
 
 
 def select_best(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """The run with the highest last-epoch ``val/top1``; ties go to the smaller lr, then the smaller wd."""
-    if not runs:
-        raise ValueError("no sweep runs to select from")
-    return min(runs, key=lambda r: (-r["val/top1"], r["point"]["base_lr"], r["point"]["weight_decay"]))
+    """The run with the highest last-epoch ``val/top1``; ties go to the smaller lr, then the smaller wd.
+
+    Runs marked ``diverged`` or ``failed`` are never selected.
+    """
+    usable = [r for r in runs if not r.get("diverged") and not r.get("failed")]
+    if not usable:
+        raise ValueError(f"no usable sweep run to select from ({len(runs)} run(s), all diverged or failed)")
+    return min(usable, key=lambda r: (-r["val/top1"], r["point"]["base_lr"], r["point"]["weight_decay"]))
+
+
+def diverged(result: Dict[str, Any]) -> bool:
+    """A run whose losses or validation accuracy are not finite (NaN logits still 'predict' a class)."""
+    keys = ("train/loss_epoch", "val/loss", "val/top1")
+    return any(k in result and not math.isfinite(float(result[k])) for k in keys)
 
 
 def mean_std(values: Sequence[float]) -> Dict[str, float]:
@@ -50,46 +64,100 @@ def mean_std(values: Sequence[float]) -> Dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def _run(cfg: DictConfig, run_dir: Path, overrides: Dict[str, Any], train_fn: Callable) -> Dict[str, Any]:
-    """Run one job in ``run_dir`` unless it already finished; resume it if it stopped half-way."""
-    done = run_dir / RESULTS_FILE
-    if done.is_file():
-        return json.loads(done.read_text())
+def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def check_same_config(recorded: Dict[str, Any], job: Dict[str, Any], run_dir: Path) -> None:
+    """Refuse to reuse a finished run whose result-determining config differs from the job's."""
+    old, new = _flatten(recorded), _flatten(job)
+    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diffs:
+        raise ValueError(
+            f"{run_dir} holds a finished run of another configuration ({'; '.join(diffs[:6])}"
+            f"{' ...' if len(diffs) > 6 else ''}); use another paths.output_dir, or delete that folder to re-run it"
+        )
+
+
+def _job(cfg: DictConfig, run_dir: Path, overrides: Dict[str, Any]) -> DictConfig:
     job = copy.deepcopy(cfg)
     with open_dict(job):
         for key, value in {**overrides, "run_dir": str(run_dir)}.items():
             OmegaConf.update(job, key, value, merge=False)
         last = run_dir / "checkpoints" / "last.ckpt"
         job.ckpt_path = str(last) if last.is_file() else None
+    return job
+
+
+def _run(cfg: DictConfig, run_dir: Path, overrides: Dict[str, Any], train_fn: Callable) -> Dict[str, Any]:
+    """Run one job in ``run_dir`` unless it already finished; resume it if it stopped half-way."""
+    job = _job(cfg, run_dir, overrides)
+    done = run_dir / RESULTS_FILE
+    if done.is_file():
+        result = json.loads(done.read_text())
+        if "config" in result:
+            check_same_config(result["config"], result_config(job), run_dir)
+        return result
     return train_fn(job)
 
 
+def _sweep_entry(point: Dict[str, Any], result: Dict[str, Any]) -> Dict[str, Any]:
+    entry = {"point": point, "val/top1": float(result["val/top1"])}
+    if diverged(result):
+        entry["diverged"] = True
+        log.warning("sweep point %s diverged (non-finite loss or accuracy): not selectable", point_name(point))
+    return entry
+
+
 def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> Dict[str, Any]:
-    """Sweep, select and run the final seeds for the task of ``cfg``; write ``summary.json`` and ``summary.md``."""
+    """Sweep, select and run the final seeds for the task of ``cfg``; write ``summary.json`` and ``summary.md``.
+
+    A sweep run that raises is logged, listed under ``failed`` in the summary and left out of the selection (it
+    is tried again the next time); the protocol stops only when every sweep run failed. Final runs live under
+    the selected point (``final/<point>/seed<k>``), so a changed selection never reuses another point's runs.
+    """
     protocol = cfg.protocol
     tunes_backbone = cfg.tuning.backbone != "frozen"
-    sweep = []
+    sweep, errors = [], []
     for point in grid_points(protocol, tunes_backbone):
-        overrides = {"optim.base_lr": point["base_lr"], "optim.weight_decay": point["weight_decay"], "data.split": "tune"}
+        # tuning never looks at the test set (and skipping it saves time)
+        overrides = {"optim.base_lr": point["base_lr"], "optim.weight_decay": point["weight_decay"],
+                     "data.split": "tune", "test": False}
         if point["num_tokens"] is not None:
             overrides["recipe.num_tokens"] = point["num_tokens"]
-        result = _run(cfg, out_dir / "sweep" / point_name(point), overrides, train_fn)
-        sweep.append({"point": point, "val/top1": float(result["val/top1"])})
+        try:
+            result = _run(cfg, out_dir / "sweep" / point_name(point), overrides, train_fn)
+        except Exception as err:  # one bad grid point (e.g. out of memory) must not sink the others
+            log.exception("sweep point %s failed", point_name(point))
+            errors.append(err)
+            sweep.append({"point": point, "failed": f"{type(err).__name__}: {err}"})
+            continue
+        sweep.append(_sweep_entry(point, result))
+    if errors and len(errors) == len(sweep):
+        raise errors[0]
     best = select_best(sweep)
     finals: Dict[str, Dict[str, Any]] = {}
     for seed in protocol.seeds:
         overrides = {"optim.base_lr": best["point"]["base_lr"], "optim.weight_decay": best["point"]["weight_decay"],
-                     "data.split": "final", "seed": int(seed)}
+                     "data.split": "final", "seed": int(seed), "test": True}
         if best["point"]["num_tokens"] is not None:
             overrides["recipe.num_tokens"] = best["point"]["num_tokens"]
-        finals[str(seed)] = _run(cfg, out_dir / "final" / f"seed{seed}", overrides, train_fn)
+        finals[str(seed)] = _run(cfg, out_dir / "final" / point_name(best["point"]) / f"seed{seed}", overrides, train_fn)
     tests = [float(r["test/top1"]) for r in finals.values()]
     any_final = next(iter(finals.values()))
     summary = {
         "task_name": cfg.task_name,
         "tuning": cfg.tuning.name,
+        "backbone": cfg.backbone.name,
         "selected": {**best["point"], "val/top1": best["val/top1"]},
         "sweep": sweep,
+        "failed": [point_name(r["point"]) for r in sweep if r.get("failed")],
+        "diverged": [point_name(r["point"]) for r in sweep if r.get("diverged")],
         "test_top1_per_seed": {seed: float(r["test/top1"]) for seed, r in finals.items()},
         "test_top1": mean_std(tests),
         "trainable_params": any_final["trainable_params"],
@@ -112,6 +180,8 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
         + f" (val top-1 {100 * sel['val/top1']:.2f}%)\n"
         f"- test top-1 at the last epoch: {100 * test['mean']:.2f} ± {100 * test['std']:.2f}% (seeds {seeds})\n"
         f"- trainable parameters: {summary['trainable_params']:,} ({summary['trainable_percent']:.3f}% of the backbone)\n"
+        + "".join(f"- {kind} sweep points (not selectable): {', '.join(summary[kind])}\n"
+                  for kind in ("diverged", "failed") if summary.get(kind))
     )
 
 
@@ -122,6 +192,6 @@ def find_summaries(dirs: Sequence[Path]) -> List[Dict[str, Any]]:
         root = Path(root)
         if not root.exists():
             raise FileNotFoundError(f"{str(root)!r} does not exist")
-        found += [json.loads(p.read_text()) for p in sorted(root.rglob(SUMMARY_FILE))]
+        found += [{**json.loads(p.read_text()), "path": str(p)} for p in sorted(root.rglob(SUMMARY_FILE))]
     return found
 

@@ -21,10 +21,24 @@ MISSING = "—"
 
 
 def collect(summaries: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[str], Dict[Tuple[str, str], Dict]]:
-    """Tasks (registry order first, then others by name), tuning strategies, and ``(task, tuning) -> summary``."""
-    cells = {(s["task_name"], s["tuning"]): s for s in summaries}
+    """Tasks, tuning strategies, and ``(task, tuning) -> summary``.
+
+    Tasks come in registry order, every task of a benchmark once any of its tasks is present (so that a missing
+    task shows as a row), then tasks outside the registry by name. Two summaries of the same task and strategy
+    (another backbone, or Partial-k with another k under one name) are an error naming both files.
+    """
+    cells: Dict[Tuple[str, str], Dict] = {}
+    for summary in summaries:
+        key = (summary["task_name"], summary["tuning"])
+        if key in cells:
+            raise ValueError(
+                f"two results for task {key[0]!r} / tuning {key[1]!r}: {cells[key].get('path', '?')} and "
+                f"{summary.get('path', '?')}; report them separately (vpt-report DIR --out OUT for each)"
+            )
+        cells[key] = summary
     present = {task for task, _ in cells}
-    ordered = [name for name in TASKS if name in present] + sorted(present - set(TASKS))
+    benchmarks = {TASKS[t].benchmark for t in present if t in TASKS}
+    ordered = [name for name, info in TASKS.items() if info.benchmark in benchmarks] + sorted(present - set(TASKS))
     tunings = sorted({tuning for _, tuning in cells}, key=lambda t: (METHODS.index(t) if t in METHODS else 99, t))
     return ordered, tunings, cells
 
@@ -59,10 +73,22 @@ def _paper(task: str, tuning: str) -> Optional[float]:
     return info.reference.get(tuning) if info else None
 
 
+def paper_aggregates(tuning: str) -> List[Optional[float]]:
+    """The paper's aggregate values for ``tuning``, computed from its per-task numbers like ours."""
+    if tuning not in METHODS:
+        return [None] * len(aggregates({}))
+    return [value for _, value, _, _ in aggregates({name: _paper(name, tuning) for name in TASKS})]
+
+
+def _pct(value: Optional[float], digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
 def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
-    """Markdown and CSV text of the report."""
+    """Markdown and CSV text of the report (CSV accuracies in percent, like the paper's)."""
     tasks, tunings, cells = collect(summaries)
-    header = ["task"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in tunings if t in METHODS]
+    paper_tunings = [t for t in tunings if t in METHODS]
+    header = ["task"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in paper_tunings]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
@@ -74,27 +100,33 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             cell = cells.get((task, tuning))
             if cell is None:
                 row.append(MISSING)
+                writer.writerow([task, tuning, "", "", 0, "", "", _pct(_paper(task, tuning), 1)])
                 continue
             test = cell["test_top1"]
             row.append(f"{100 * test['mean']:.2f} ± {100 * test['std']:.2f} ({cell['trainable_percent']:.2f}% params)")
-            writer.writerow([task, tuning, test["mean"], test["std"], len(cell["test_top1_per_seed"]),
-                             cell["trainable_params"], cell["trainable_percent"], _paper(task, tuning)])
-        row += [f"{_paper(task, t):.1f}" if _paper(task, t) is not None else MISSING for t in tunings if t in METHODS]
+            writer.writerow([task, tuning, _pct(100 * test["mean"]), _pct(100 * test["std"]), len(cell["test_top1_per_seed"]),
+                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}", _pct(_paper(task, tuning), 1)])
+        row += [f"{_paper(task, t):.1f}" if _paper(task, t) is not None else MISSING for t in paper_tunings]
         md.append("| " + " | ".join(row) + " |")
     per_tuning = {t: {task: 100 * cells[task, t]["test_top1"]["mean"] for task in tasks if (task, t) in cells}
                   for t in tunings}
     if any(task in TASKS for task in tasks):
-        md += ["", "| aggregate | " + " | ".join(tunings) + " |", "|" + "---|" * (len(tunings) + 1)]
-        labels = [label for label, *_ in aggregates({})]
-        values = {t: aggregates(per_tuning[t]) for t in tunings}
-        for i, label in enumerate(labels):
+        agg_header = ["aggregate"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in paper_tunings]
+        md += ["", "| " + " | ".join(agg_header) + " |", "|" + "---|" * len(agg_header)]
+        ours = {t: aggregates(per_tuning[t]) for t in tunings}
+        paper = {t: paper_aggregates(t) for t in paper_tunings}
+        for i, (label, *_) in enumerate(aggregates({})):
             shown = []
             for t in tunings:
-                _, value, present, total = values[t][i]
+                _, value, present, total = ours[t][i]
                 shown.append(f"{value:.2f}" if value is not None else f"incomplete ({present}/{total})")
+                writer.writerow([label, t, _pct(value), "", "", "", "", _pct(paper[t][i] if t in paper else None)])
+            shown += [f"{paper[t][i]:.2f}" for t in paper_tunings]
             md.append(f"| {label} | " + " | ".join(shown) + " |")
+    backbones = sorted({str(s.get("backbone")) for s in summaries if s.get("backbone")})
     md.append("")
-    md.append("Test top-1 (%) at the last epoch, mean ± std over seeds; means only over complete sets.")
+    md.append("Test top-1 (%) at the last epoch, mean ± std over seeds; means only over complete sets; paper aggregates "
+              "computed from its per-task numbers (ViT-B/16 ImageNet-21k)." + (f" Backbone: {', '.join(backbones)}." if backbones else ""))
     return "\n".join(md) + "\n", table.getvalue()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
@@ -19,6 +19,12 @@ from .tuning import TuningConfig
 
 log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
+# config keys that do not change what a run computes (where it writes, how it loads data, what it prints)
+NOT_RESULT_KEYS = {
+    "data": ("root", "task_dir", "image_dir", "num_workers", "persistent_workers", "pin_memory"),
+    "trainer": ("default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps"),
+}
+RESULT_GROUPS = ("backbone", "prompt", "tuning", "optim", "data", "trainer", "seed", "backbone_eval", "grad_checkpointing")
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -27,6 +33,41 @@ def validate_config(cfg: DictConfig) -> None:
     OptimConfig.from_mapping(OmegaConf.to_container(cfg.optim, resolve=True))
     BackboneConfig.from_mapping(OmegaConf.to_container(cfg.backbone, resolve=True))
     TuningConfig.from_mapping(OmegaConf.to_container(cfg.tuning, resolve=True))
+
+
+def result_config(cfg: DictConfig) -> Dict[str, Any]:
+    """The part of a composed config that determines a run's result (recorded in ``results.json``)."""
+    picked: Dict[str, Any] = {}
+    for key in RESULT_GROUPS:
+        value = cfg.get(key)
+        picked[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+    for group, keys in NOT_RESULT_KEYS.items():
+        if isinstance(picked.get(group), dict):
+            picked[group] = {k: v for k, v in picked[group].items() if k not in keys}
+    return picked
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
+    """``ckpt_path``: ``None``, a checkpoint file, or ``last`` = this run folder's ``checkpoints/last.ckpt``.
+
+    Both must exist: a resume that silently started from scratch would lose the interrupted run's progress.
+    """
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is None:
+        return None
+    if ckpt == "last":
+        last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            return str(last)
+        task_dir = Path(cfg.run_dir).parent
+        runs = sorted(p.parent.parent.name for p in task_dir.glob("*/checkpoints/last.ckpt")) if task_dir.is_dir() else []
+        raise FileNotFoundError(
+            f"ckpt_path=last: {str(last)!r} does not exist; give the run_name of the run to resume "
+            f"(runs with a last.ckpt under {str(task_dir)!r}: {runs or 'none'})"
+        )
+    if not Path(ckpt).expanduser().is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt!r} does not exist (use a checkpoint file or 'last')")
+    return str(Path(ckpt).expanduser())
 
 
 def _instantiate_all(group: Any) -> List[Any]:
@@ -43,6 +84,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     """Run one training job described by a composed ``train`` config; returns (and writes) its results."""
     validate_config(cfg)
     run_dir = Path(cfg.run_dir)
+    ckpt_path = resolve_ckpt_path(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = VPTModule(
@@ -60,7 +102,10 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger")) or False
     )
     started = time.time()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if "val/top1" not in trainer.callback_metrics and datamodule.val_dataset is not None:
+        # resumed from a checkpoint of a run whose training had finished: fit ran no epoch, so validate here
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     results: Dict[str, Any] = {
         "task_name": cfg.task_name,
         "tuning": cfg.tuning.name,
@@ -70,6 +115,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         "fit_seconds": round(time.time() - started, 2),
         **module.parameter_counts(),
         **_scalar_metrics(trainer.callback_metrics),
+        "config": result_config(cfg),
     }
     if cfg.get("test", True):
         # the current (last-epoch) weights, never a 'best' checkpoint: the paper reports the last epoch
