@@ -236,3 +236,19 @@ def test_report_lists_every_task_of_a_benchmark_it_has_seen(tmp_path):
     for task in ("fgvc_nabirds", "fgvc_oxford_flowers", "fgvc_stanford_dogs", "fgvc_stanford_cars"):
         assert f"| {task} | — | 84.2" in markdown or f"| {task} | — |" in markdown
     assert "vtab_cifar100" not in markdown and "| FGVC mean of 5 | incomplete (1/5) | 89.10 |" in markdown
+
+
+def test_hparams_search_grids_are_the_protocols_and_run_as_a_multirun(tmp_path):
+    tune = compose([], config_name="tune").protocol
+    for name, lrs in (("vpt_grid", tune.base_lr), ("tuned_backbone_grid", tune.base_lr_tuned_backbone)):
+        params = compose([f"+hparams_search={name}"]).hydra.sweeper.params
+        assert [float(v) for v in params["optim.base_lr"].split(",")] == [float(v) for v in lrs]
+        assert [float(v) for v in params["optim.weight_decay"].split(",")] == [float(v) for v in tune.weight_decay]
+    exe = Path(sys.executable).parent / "vpt-train"
+    proc = subprocess.run([str(exe), "+hparams_search=vpt_grid", *TINY[:6], "run_name=grid", "task_name=g",
+                           "optim.base_lr=0.5,2", "optim.weight_decay=0"],  # the command line narrows the grid
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in sorted((tmp_path / "outputs" / "g" / "multirun" / "grid").glob("*/results.json"))]
+    assert [r["config"]["optim"]["base_lr"] for r in results] == [0.5, 2.0]
+    assert all(r["config"]["data"]["split"] == "tune" and "test/top1" not in r and "val/top1" in r for r in results)
