@@ -55,15 +55,15 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     torch.testing.assert_close(ddp.head.weight, single.head.weight, rtol=1e-4, atol=1e-5)
     # val top-1 over 33 samples (odd: rank 0 sees 17, rank 1 16, none repeated) is the single-process value
     assert float(ddp_trainer.callback_metrics["val/top1"]) == pytest.approx(float(single_trainer.callback_metrics["val/top1"]))
-    # the DDP checkpoint loads in one process and gives the same logits
-    path = tmp_path / "ddp.ckpt"
-    single_trainer.save_checkpoint(path)  # a fitted trainer to write with; then overwrite with the DDP weights
-    ckpt = torch.load(path, weights_only=False)
-    ckpt["state_dict"] = {k: v for k, v in ddp.state_dict().items() if k in ckpt["state_dict"]}
-    torch.save(ckpt, path)
+    # the checkpoint the DDP run wrote (rank 0, under its own root dir) loads in one process and gives the logits
+    # of the DDP run's weights (copied back to `ddp` from rank 0 by ddp_spawn)
+    written = sorted((tmp_path / "ddp" / "checkpoints").glob("*.ckpt"))
+    assert len(written) == 1 and written[0].name == "epoch=1-step=8.ckpt"  # 2 epochs x 64 / (2 x 8) steps
     images = torch.randn(4, 3, 32, 32)
-    reloaded = VPTModule.load_from_checkpoint(path).eval()
+    reloaded = VPTModule.load_from_checkpoint(written[0]).eval()
+    torch.testing.assert_close(reloaded.backbone.prompts.tokens, ddp.backbone.prompts.tokens)
     torch.testing.assert_close(reloaded(images), ddp.eval()(images))
+    assert not torch.allclose(reloaded(images), _module().eval()(images))  # trained weights, not the init
 
 
 # Lightning has no fp16 AMP on CPU and runs '16-mixed' as bf16 there (with a warning); on GPUs it is fp16 + GradScaler
@@ -110,3 +110,21 @@ def test_cluster_configs_compose():
     fsdp = compose(["trainer=fsdp"]).trainer.strategy
     assert fsdp._target_.endswith("FSDPStrategy") and fsdp.use_orig_params
     assert type(instantiate(fsdp)).__name__ == "FSDPStrategy"
+
+
+def test_fsdp_config_wraps_each_transformer_block():
+    from hydra.utils import instantiate
+    from timm.models.vision_transformer import Block
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from vpt_lightning.config import compose
+
+    strategy = instantiate(compose(["trainer=fsdp"]).trainer.strategy)
+    policy = strategy.kwargs["auto_wrap_policy"]  # Lightning turns the set of layer classes into this policy
+    assert isinstance(policy, ModuleWrapPolicy) and "timm.models.vision_transformer.Block" in repr(policy)
+    # asked module by module (as FSDP's recursive wrapping does), it wraps exactly the transformer blocks
+    model = _module()
+    wrapped = [m for m in model.modules() if policy(m, recurse=False)]
+    assert len(wrapped) == 4 and all(type(m) is Block for m in wrapped)
+    assert wrapped == list(model.backbone.vit.blocks)
+    assert strategy.kwargs["use_orig_params"]
