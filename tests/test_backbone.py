@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from vpt_lightning import BackboneConfig, create_backbone
 
-from conftest import TINY_BACKBONE, make_vit
+from conftest import TINY, TINY_BACKBONE, make_vit
 
 
 def _reference_features(images):
@@ -132,3 +132,109 @@ def test_google_npz_checkpoint_through_timms_loader(tmp_path, images):
     model, identity = create_backbone({**TINY_BACKBONE, "checkpoint_path": str(path)})
     torch.testing.assert_close(model.eval()(images), source(images), rtol=1e-5, atol=1e-5)
     assert identity["weights"] == "file"
+
+
+def _npz_of(tmp_path, name, **vit_kwargs):
+    path = tmp_path / name
+    _export_google_npz(make_vit(seed=11, **vit_kwargs), path)
+    return str(path)
+
+
+def test_google_npz_for_another_architecture_names_the_arrays(tmp_path):
+    deeper = _npz_of(tmp_path, "deeper.npz", depth=5)  # timm's loader would ignore the fifth block
+    with pytest.raises(ValueError, match=r"deeper.npz.*does not fit.*5 Transformer/encoderblock_\* blocks vs model depth 4"):
+        create_backbone({**TINY_BACKBONE, "checkpoint_path": deeper})
+    wider = _npz_of(tmp_path, "wider.npz", embed_dim=48)
+    with pytest.raises(ValueError, match=r"wider.npz.*embedding/kernel \(4, 4, 3, 48\) \(width 48\) vs model embed_dim 32"):
+        create_backbone({**TINY_BACKBONE, "checkpoint_path": wider})
+    heads = _npz_of(tmp_path, "heads.npz", num_heads=4)  # same shapes once flattened: loads silently in timm
+    with pytest.raises(ValueError, match=r"query/kernel 4 heads vs model num_heads 2"):
+        create_backbone({**TINY_BACKBONE, "checkpoint_path": heads})
+    import numpy as np
+
+    arrays = dict(np.load(_npz_of(tmp_path, "full.npz")))
+    del arrays["cls"]
+    np.savez(tmp_path / "nocls.npz", **arrays)
+    with pytest.raises(ValueError, match=r"file lacks a class token \('cls'\) vs model class_token=True"):
+        create_backbone({**TINY_BACKBONE, "checkpoint_path": str(tmp_path / "nocls.npz")})
+    # a shape the checks above do not cover: timm's own RuntimeError, with the path
+    mlp = _npz_of(tmp_path, "mlp.npz", mlp_ratio=2.0)
+    with pytest.raises(ValueError, match=r"mlp.npz.*could not be loaded into VisionTransformer.*size"):
+        create_backbone({**TINY_BACKBONE, "checkpoint_path": mlp})
+
+
+def test_google_npz_for_another_patch_or_image_size_needs_resize_embeddings(tmp_path, images, caplog):
+    patch8 = _npz_of(tmp_path, "patch8.npz", patch_size=8)
+    with pytest.raises(ValueError, match=r"patch8.npz.*another patch size.*embedding/kernel: file \(8, 8, 3, 32\)"):
+        create_backbone({**TINY_BACKBONE, "checkpoint_path": patch8})
+    px64 = _npz_of(tmp_path, "px64.npz", img_size=64)
+    with pytest.raises(ValueError, match=r"posembed_input/pos_embedding: file \(1, 257, 32\) vs model \(1, 65, 32\)"):
+        create_backbone({**TINY_BACKBONE, "checkpoint_path": px64})
+    with caplog.at_level("WARNING", logger="vpt_lightning.backbone"):
+        model, _ = create_backbone({**TINY_BACKBONE, "checkpoint_path": px64, "resize_embeddings": True})
+    assert "resampling" in caplog.text and "pos_embedding" in caplog.text
+    assert model.eval()(images).shape == (3, 32)
+
+
+def _state_dict_file(tmp_path, name, **vit_kwargs):
+    path = tmp_path / name
+    torch.save(make_vit(seed=5, **vit_kwargs).state_dict(), path)
+    return str(path)
+
+
+def test_state_dict_for_another_patch_or_image_size_needs_resize_embeddings(tmp_path, images, caplog):
+    patch8 = _state_dict_file(tmp_path, "patch8.pth", patch_size=8)
+    with pytest.raises(ValueError) as err:
+        create_backbone({**TINY_BACKBONE, "checkpoint_path": patch8})
+    message = str(err.value)
+    assert "patch8.pth" in message and "backbone.resize_embeddings=true" in message
+    assert "patch_embed.proj.weight: file (32, 3, 8, 8) vs model (32, 3, 4, 4)" in message
+    assert "pos_embed: file (1, 17, 32) vs model (1, 65, 32)" in message
+    px64 = _state_dict_file(tmp_path, "px64.pth", img_size=64)
+    with pytest.raises(ValueError, match=r"pos_embed: file \(1, 257, 32\) vs model \(1, 65, 32\)") as err:
+        create_backbone({**TINY_BACKBONE, "checkpoint_path": px64})
+    assert "patch_embed" not in str(err.value)
+    with caplog.at_level("WARNING", logger="vpt_lightning.backbone"):
+        model, _ = create_backbone({**TINY_BACKBONE, "checkpoint_path": patch8, "resize_embeddings": True})
+    assert "patch_embed.proj.weight: file (32, 3, 8, 8)" in caplog.text and "pos_embed" in caplog.text
+    assert model.eval()(images).shape == (3, 32)
+
+
+def test_layout_conversions_need_no_resize(tmp_path, images):
+    # a patch embedding stored as a linear layer (old timm checkpoints): reshaped, not resampled
+    source = make_vit(seed=7)
+    state = source.state_dict()
+    state["patch_embed.proj.weight"] = state["patch_embed.proj.weight"].reshape(32, -1).clone()
+    torch.save(state, tmp_path / "linear.pth")
+    model, _ = create_backbone({**TINY_BACKBONE, "checkpoint_path": str(tmp_path / "linear.pth")})
+    torch.testing.assert_close(model.eval()(images), source(images), rtol=0, atol=0)
+    # DINOv2 with registers: the file's pos_embed (1, 65, 32) holds a class position timm folds into cls_token
+    kwargs = {**TINY, "reg_tokens": 2, "no_embed_class": True}
+    source = make_vit(seed=8, reg_tokens=2, no_embed_class=True)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    cls_pos = torch.randn(1, 1, 32)
+    state["register_tokens"] = state.pop("reg_token")
+    state["cls_token"] = state["cls_token"] - cls_pos
+    state["pos_embed"] = torch.cat([cls_pos, state["pos_embed"]], dim=1)
+    state["mask_token"] = torch.zeros(1, 32)
+    torch.save(state, tmp_path / "dinov2.pth")
+    model, _ = create_backbone({**TINY_BACKBONE, "kwargs": kwargs, "checkpoint_path": str(tmp_path / "dinov2.pth")})
+    torch.testing.assert_close(model.eval()(images), source(images), rtol=1e-5, atol=1e-5)
+
+
+def test_fingerprint_sees_a_change_anywhere_in_a_tensor():
+    from vpt_lightning.backbone import weights_fingerprint
+
+    model = make_vit(seed=1)
+    before = weights_fingerprint(model)
+    assert weights_fingerprint(make_vit(seed=1)) == before != weights_fingerprint(make_vit(seed=2))
+    weight = model.blocks[3].mlp.fc1.weight  # 4096 values; change only the second half
+    with torch.no_grad():
+        weight.view(-1)[weight.numel() // 2 :] += 1e-3
+    assert weights_fingerprint(model) != before
+    # a larger (wider) model is sampled with a stride, still across the whole tensor: a fine-tuned copy differs
+    wide = make_vit(seed=1, embed_dim=128)
+    before = weights_fingerprint(wide)
+    with torch.no_grad():
+        wide.blocks[2].mlp.fc2.weight.view(-1)[-30000:] += 1e-4
+    assert weights_fingerprint(wide) != before

@@ -8,11 +8,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from safetensors.torch import save_file
+
 from vpt_lightning import VPTModule
+from vpt_lightning.module import OptimConfig
 from vpt_lightning.data.synthetic import SyntheticDataModule
 from vpt_lightning.schedule import warmup_cosine_factor
 
-from conftest import TINY_BACKBONE
+from conftest import TINY_BACKBONE, make_vit
 
 D, BLOCKS = 32, 4
 
@@ -115,6 +118,47 @@ def test_checkpoint_refuses_another_backbone(tmp_path):
         VPTModule.load_from_checkpoint(path, backbone=other)
 
 
+def _task_checkpoint(tmp_path, module):
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=make_data())
+    path = tmp_path / "task.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_checkpoint_reloads_onto_the_same_weights_from_another_source(tmp_path, images):
+    module = make_module().eval()  # trained on a random init (init_seed 0)
+    path = _task_checkpoint(tmp_path, module)
+    weights = module.backbone.vit.state_dict()
+    torch.save(weights, tmp_path / "backbone.pth")
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_path / "backbone.safetensors"))
+    for backbone in (
+        {**TINY_BACKBONE, "checkpoint_path": str(tmp_path / "backbone.pth")},
+        # another timm name with the same architecture, and a training-only kwarg: only information
+        {**TINY_BACKBONE, "name": "vit_small_patch16_224", "checkpoint_path": str(tmp_path / "backbone.safetensors")},
+        {**TINY_BACKBONE, "kwargs": {**TINY_BACKBONE["kwargs"], "drop_path_rate": 0.1}},
+    ):
+        reloaded = VPTModule.load_from_checkpoint(path, backbone=backbone).eval()
+        torch.testing.assert_close(reloaded(images), module(images), rtol=0, atol=0)
+
+
+def test_checkpoint_refuses_other_weights_or_architecture_naming_the_differences(tmp_path):
+    path = _task_checkpoint(tmp_path, make_module())
+    torch.save(make_vit(seed=5).state_dict(), tmp_path / "other.pth")
+    with pytest.raises(ValueError) as err:
+        VPTModule.load_from_checkpoint(path, backbone={**TINY_BACKBONE, "checkpoint_path": str(tmp_path / "other.pth")})
+    message = str(err.value)
+    assert "trained on another backbone" in message and "fingerprint: checkpoint" in message
+    assert "For information: name: checkpoint 'vit_tiny_patch16_224', current 'vit_tiny_patch16_224'" in message
+    assert "weights: checkpoint 'random(seed=0)', current 'file'" in message
+    # the same weights in a model with another head count (shapes equal, function not)
+    torch.save(make_module().backbone.vit.state_dict(), tmp_path / "same.pth")
+    heads4 = {**TINY_BACKBONE, "kwargs": {**TINY_BACKBONE["kwargs"], "num_heads": 4}}
+    with pytest.raises(ValueError, match=r"architecture.num_heads: checkpoint 2 vs current 4") as err:
+        VPTModule.load_from_checkpoint(path, backbone={**heads4, "checkpoint_path": str(tmp_path / "same.pth")})
+    assert "fingerprint:" not in str(err.value).split("For information")[0]
+
+
 def test_resume_continues_the_schedule(tmp_path):
     class Crash(RuntimeError):
         pass
@@ -166,6 +210,31 @@ def test_bad_optim_and_class_count_are_named():
         make_module(optim=dict(lr=1))
     with pytest.raises(ValueError, match="num_classes=0"):
         make_module(num_classes=0)
+
+
+@pytest.mark.parametrize(
+    "optim, message",
+    [
+        (dict(base_lr="1e-3x"), "optim.base_lr='1e-3x' is not a valid number; it must be a number > 0"),
+        (dict(weight_decay="none"), "optim.weight_decay='none' is not a valid number; it must be a number >= 0"),
+        (dict(momentum="high"), "optim.momentum='high' is not a valid number; it must be a number in [0, 1)"),
+        (dict(momentum=1.5), "optim.momentum=1.5 must be a number in [0, 1)"),
+        (dict(warmup_epochs="ten"), "optim.warmup_epochs='ten' is not a valid number; it must be a number >= 0"),
+        (dict(lr_batch_size=0), "optim.lr_batch_size=0 must be an integer > 0"),
+        (dict(base_lr=float("nan")), "optim.base_lr=nan is not a valid number"),
+    ],
+)
+def test_non_numeric_optim_values_name_the_key(optim, message):
+    with pytest.raises(ValueError) as err:
+        OptimConfig(**optim)
+    assert message in str(err.value)
+    assert OptimConfig(base_lr="0.5", lr_batch_size="128").base_lr == 0.5
+
+
+def test_backbone_that_does_not_pool_is_refused():
+    backbone = {**TINY_BACKBONE, "kwargs": {**TINY_BACKBONE["kwargs"], "global_pool": ""}}
+    with pytest.raises(ValueError, match=r"backbone.kwargs.global_pool='' gives one output per token.*'avg'"):
+        make_module(backbone=backbone)
 
 
 def test_warmup_cosine_factor_edges():

@@ -52,6 +52,9 @@ def reference_features(vit, images, prompt_sets, location="prepend"):
 
 def sets_of(model: PromptedViT):
     tokens = model.prompts.tokens.detach()
+    if model.prompt_config.project > 0:  # projected prompts, computed here: tokens @ W^T + b
+        weight, bias = model.prompts.proj.weight.detach(), model.prompts.proj.bias.detach()
+        tokens = tokens @ weight.T + bias
     return {block: tokens[i] for block, i in model.prompt_sets.items()}
 
 
@@ -68,8 +71,14 @@ def test_without_prompts_equals_timm(vit_kwargs, images):
 
 @pytest.mark.parametrize(
     "vit_kwargs",
-    [{}, {"global_pool": "avg", "class_token": False, "fc_norm": True}, {"reg_tokens": 2}, {"no_embed_class": True}],
-    ids=["cls", "avgpool-no-cls", "registers", "no-embed-class"],
+    [
+        {},
+        {"global_pool": "avg", "class_token": False, "fc_norm": True},
+        {"global_pool": "avg", "fc_norm": True},
+        {"reg_tokens": 2},
+        {"no_embed_class": True},
+    ],
+    ids=["cls", "avgpool-no-cls", "cls-avgpool-mae", "registers", "no-embed-class"],
 )
 @pytest.mark.parametrize(
     "prompt",
@@ -81,12 +90,19 @@ def test_without_prompts_equals_timm(vit_kwargs, images):
         dict(num_tokens=2, deep=False, depth=2),
         dict(num_tokens=1, deep=True, location="add"),
         dict(num_tokens=N_PATCHES, deep=False, location="add"),
+        dict(num_tokens=5, deep=True, project=8),
+        dict(num_tokens=3, deep=False, depth=1, project=8),
     ],
-    ids=["deep", "shallow", "deep-first2", "deep-list", "shallow-at2", "add-broadcast", "add-per-patch"],
+    ids=[
+        "deep", "shallow", "deep-first2", "deep-list", "shallow-at2", "add-broadcast", "add-per-patch",
+        "deep-project", "shallow-project",
+    ],
 )
 def test_prompted_features_equal_reference(vit_kwargs, prompt, images):
     vit = make_vit(**vit_kwargs)
     model = PromptedViT(vit, PromptConfig(**prompt)).eval()
+    if prompt.get("project", -1) > 0:  # the projection's bias starts at zero: make it count
+        torch.nn.init.normal_(model.prompts.proj.bias)
     expected = reference_features(vit, images, sets_of(model), prompt.get("location", "prepend"))
     torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
 
@@ -184,12 +200,31 @@ def test_gradient_checkpointing_gives_the_same_gradients(images):
         (dict(deep=False, depth=[0, 1]), "prompt.deep=false"),
         (dict(project=0), "prompt.project=0"),
         (dict(init="normal"), "prompt.init='normal'"),
+        (dict(dropout="0.1x"), "prompt.dropout='0.1x' is not a valid number; it must be a number in [0, 1)"),
+        (dict(num_tokens="ten"), "prompt.num_tokens='ten' is not a valid number; it must be an integer >= 0"),
+        (dict(num_tokens=2.5), "prompt.num_tokens=2.5 is not a valid number; it must be an integer >= 0"),
+        (dict(project="8x"), "prompt.project='8x' is not a valid number; it must be -1 (off) or a positive"),
+        (dict(depth="two"), "prompt.depth='two' is not a valid number; it must be null, an integer or a list"),
+        (dict(depth=[0, "1x"]), "prompt.depth='1x' is not a valid number"),
+        (dict(dropout=True), "prompt.dropout=True is not a valid number"),
+        (dict(deep="false"), "prompt.deep='false' must be true (VPT-Deep) or false (VPT-Shallow)"),
     ],
 )
 def test_bad_prompt_config_names_the_key(prompt, message):
     with pytest.raises(ValueError) as err:
         PromptConfig(**prompt)
     assert message in str(err.value)
+
+
+def test_numeric_strings_are_converted():
+    config = PromptConfig(num_tokens="5", dropout="0.1", project="8", depth="2")
+    assert (config.num_tokens, config.dropout, config.project, config.depth) == (5, 0.1, 8, 2)
+    assert PromptConfig(depth=["0", 3.0]).depth == [0, 3]
+
+
+def test_backbone_without_pooling_is_refused():
+    with pytest.raises(ValueError, match=r"backbone.kwargs.global_pool='' gives one output per token.*'token', 'avg'"):
+        PromptedViT(make_vit(global_pool=""), PromptConfig(num_tokens=2))
 
 
 def test_unknown_prompt_key_is_named():
@@ -213,3 +248,63 @@ def test_prompt_config_checked_against_backbone(prompt, message):
 def test_non_vit_model_is_rejected():
     with pytest.raises(TypeError, match=r"needs a timm VisionTransformer .*got Linear"):
         PromptedViT(torch.nn.Linear(2, 2), PromptConfig())
+
+
+# ---- fast paths of the frozen backbone: grad mode per block, and what gradient checkpointing recomputes ----
+def _record_grad_mode(model: PromptedViT) -> dict:
+    """Forward pre-hooks on patch_embed and every block: the grad mode each one sees when it runs."""
+    seen = {}
+    model.vit.patch_embed.register_forward_pre_hook(lambda mod, inp: seen.__setitem__("patch_embed", torch.is_grad_enabled()))
+    for i, block in enumerate(model.vit.blocks):
+        block.register_forward_pre_hook(lambda mod, inp, i=i: seen.__setitem__(i, torch.is_grad_enabled()))
+    return seen
+
+
+def test_grad_mode_is_off_in_the_frozen_blocks_before_the_first_prompted_block(images):
+    model = PromptedViT(make_vit(), PromptConfig(num_tokens=3, depth=[2, 3])).train()
+    seen = _record_grad_mode(model)
+    assert torch.is_grad_enabled()
+    out = model(images)
+    assert seen == {"patch_embed": False, 0: False, 1: False, 2: True, 3: True}
+    assert out.requires_grad
+
+
+def test_linear_probe_runs_patch_embed_and_every_block_without_grad_mode(images):
+    model = PromptedViT(make_vit(), PromptConfig(num_tokens=0)).train()
+    seen = _record_grad_mode(model)
+    model(images)
+    assert seen == {"patch_embed": False, 0: False, 1: False, 2: False, 3: False}
+
+
+def _count_block_calls(blocks, run_forward):
+    """Calls of each block's forward during the forward pass, and in total after backward."""
+    calls = [0] * len(blocks)
+    for i, block in enumerate(blocks):
+        block.register_forward_pre_hook(lambda mod, inp, i=i: calls.__setitem__(i, calls[i] + 1))
+    out = run_forward()
+    after_forward = list(calls)
+    out.sum().backward()
+    return after_forward, calls
+
+
+@pytest.mark.parametrize("checkpointing, expected", [(False, [1, 1, 1, 1]), (True, [1, 1, 2, 2])])
+def test_grad_checkpointing_recomputes_the_prompted_blocks_in_backward(images, checkpointing, expected):
+    model = PromptedViT(make_vit(), PromptConfig(num_tokens=3, depth=[2, 3])).train()
+    model.set_grad_checkpointing(checkpointing)
+    after_forward, total = _count_block_calls(model.vit.blocks, lambda: model(images))
+    assert after_forward == [1, 1, 1, 1]
+    assert total == expected  # frozen leading blocks ran without autograd: nothing to recompute
+    assert model.prompts.tokens.grad is not None and model.prompts.tokens.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("checkpointing, expected", [(False, [1, 1, 1, 1]), (True, [1, 1, 2, 2])])
+def test_vpt_module_grad_checkpointing_recomputes_blocks(images, checkpointing, expected):
+    from conftest import TINY_BACKBONE
+    from vpt_lightning import VPTModule
+
+    module = VPTModule(num_classes=5, backbone=TINY_BACKBONE, prompt={"num_tokens": 3, "depth": [2, 3]},
+                       grad_checkpointing=checkpointing).train()
+    after_forward, total = _count_block_calls(module.backbone.vit.blocks, lambda: module(images))
+    assert after_forward == [1, 1, 1, 1]
+    assert total == expected
+    assert module.backbone.prompts.tokens.grad is not None and module.head.weight.grad is not None

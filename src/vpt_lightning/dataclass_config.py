@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, fields
-from typing import Any, ClassVar, Mapping, Optional, Type, TypeVar
+from typing import Any, Callable, ClassVar, Mapping, Optional, Type, TypeVar, Union
 
 T = TypeVar("T", bound="DataclassConfig")
 
@@ -25,3 +26,22 @@ class DataclassConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)  # type: ignore[call-overload]
+
+
+def number(key: str, value: Any, valid: str, test: Callable[[float], bool], integer: bool = False) -> Union[int, float]:
+    """``value`` as a finite float (or an int), or a ``ValueError`` naming the config ``key`` and the ``valid`` values.
+
+    Numeric strings are converted (``"0.1"``); booleans and anything else are refused.
+    """
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        result = float(value)
+        if not math.isfinite(result) or (integer and not result.is_integer()):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}={value!r} is not a valid number; it must be {valid}") from None
+    result = int(result) if integer else result
+    if not test(result):
+        raise ValueError(f"{key}={value!r} must be {valid}")
+    return result

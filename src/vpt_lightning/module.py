@@ -15,7 +15,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from .backbone import BackboneConfig, create_backbone
-from .dataclass_config import DataclassConfig
+from .dataclass_config import DataclassConfig, number
 from .prompt import PromptConfig
 from .prompted_vit import PromptedViT
 from .schedule import warmup_cosine_factor
@@ -44,13 +44,11 @@ class OptimConfig(DataclassConfig):
     def __post_init__(self) -> None:
         if self.name != "sgd":
             raise ValueError(f"optim.name={self.name!r} is not one of ['sgd'] (override configure_optimizers for more)")
-        if not self.base_lr > 0:
-            raise ValueError(f"optim.base_lr={self.base_lr!r} must be > 0")
-        if self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay={self.weight_decay!r} must be >= 0")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"optim.warmup_epochs={self.warmup_epochs!r} must be >= 0")
-
+        self.base_lr = number("optim.base_lr", self.base_lr, "a number > 0", lambda v: v > 0)
+        self.weight_decay = number("optim.weight_decay", self.weight_decay, "a number >= 0", lambda v: v >= 0)
+        self.momentum = number("optim.momentum", self.momentum, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        self.warmup_epochs = number("optim.warmup_epochs", self.warmup_epochs, "a number >= 0", lambda v: v >= 0)
+        self.lr_batch_size = number("optim.lr_batch_size", self.lr_batch_size, "an integer > 0", lambda v: v > 0, True)
 
 
 def _as_dict(cfg: Any) -> Dict[str, Any]:
@@ -76,7 +74,13 @@ class VPTModule(pl.LightningModule):
 
     ``forward(images)`` = ``head(backbone(images))`` where ``self.backbone`` is a :class:`PromptedViT`
     (frozen ViT + prompts) returning the pooled, normed features (the final class token, or the mean of the
-    image tokens for ``global_pool='avg'`` backbones) and ``self.head`` a linear classifier.
+    image tokens for ``global_pool='avg'`` backbones) and ``self.head`` a linear classifier. The backbone's
+    ``global_pool`` decides, as in timm: a backbone with a class token but ``global_pool='avg'`` (e.g. MAE)
+    averages the image tokens (prompts excluded; the class token too, as timm does). A backbone that does not
+    pool to one vector per image (``backbone.kwargs.global_pool=''``) is refused.
+
+    The learning rate is logged by the ``vpt-train`` CLI's ``LearningRateMonitor`` (as ``lr``); library users
+    add ``pytorch_lightning.callbacks.LearningRateMonitor`` to their ``Trainer`` callbacks.
 
     Hooks for subclasses (override, no need to copy the module):
         - :meth:`build_head` -> the classifier ``nn.Module`` on the pooled features.
@@ -85,8 +89,10 @@ class VPTModule(pl.LightningModule):
         - :meth:`build_backbone` -> the :class:`PromptedViT` (e.g. other freezing rules).
 
     Checkpoints hold only the trainable tensors (prompts and head) plus the backbone's identity; loading one
-    rebuilds the backbone from the saved ``backbone`` hparams, checks the identity and fills in the frozen
-    weights, so a ViT-B task checkpoint is a few MB.
+    rebuilds the backbone from the saved ``backbone`` hparams (or the ``backbone=`` given to
+    ``load_from_checkpoint``), checks the identity and fills in the frozen weights, so a ViT-B task checkpoint
+    is a few MB. The weights fingerprint, width, depth and architecture must match; the weights may come from
+    another source (hub, a local ``.safetensors``/``.pth``/``.npz`` copy, the same random init).
 
     Args:
         num_classes: classes of the downstream task.
@@ -192,7 +198,8 @@ class VPTModule(pl.LightningModule):
         images, targets = batch
         logits = self(images)
         loss = self.criterion(logits, targets)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=targets.shape[0])
+        # sync_dist: the epoch mean over every rank's batches under DDP, not rank 0's alone
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=targets.shape[0], sync_dist=True)
         return loss
 
     def _eval_step(self, batch: Any, metrics: MetricCollection, stage: str) -> None:
@@ -278,12 +285,32 @@ class VPTModule(pl.LightningModule):
 
 
 def check_backbone_identity(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
-    """Raise a ``ValueError`` naming the differences when a task checkpoint's backbone is not this one."""
-    keys = ("name", "kwargs", "embed_dim", "depth", "fingerprint", "checkpoint_sha256")
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs current {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    """Raise a ``ValueError`` naming the differences when a task checkpoint's backbone is not this one.
+
+    The weights fingerprint, width, depth and architecture decide, so the same weights from another source (hub,
+    a local file in another format, a random init saved to a file) are accepted; the name, weights source and
+    file hash are shown in the error only as information.
+    """
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r} vs current {current.get(k)!r}"
+        for k in ("fingerprint", "embed_dim", "depth")
+        if saved.get(k) != current.get(k)
+    ]
+    saved_arch, current_arch = saved.get("architecture") or {}, current.get("architecture") or {}
+    diffs += [
+        f"architecture.{k}: checkpoint {saved_arch.get(k)!r} vs current {current_arch.get(k)!r}"
+        for k in sorted(set(saved_arch) | set(current_arch))
+        if saved_arch.get(k) != current_arch.get(k)
+    ]
+    if not saved_arch:
+        diffs.append("architecture: not recorded in the checkpoint (written by an older version)")
     if diffs:
+        info = [
+            f"{k}: checkpoint {saved.get(k)!r}, current {current.get(k)!r}"
+            for k in ("name", "weights", "checkpoint_sha256")
+        ]
         raise ValueError(
-            "this task checkpoint was trained on another backbone; load it with the same backbone config "
-            f"(name, kwargs, weights file) as in training. Differences: {'; '.join(diffs)}"
+            "this task checkpoint was trained on another backbone; load it with the same backbone weights and "
+            f"architecture as in training. Differences: {'; '.join(diffs)}. For information: {'; '.join(info)}"
         )
 

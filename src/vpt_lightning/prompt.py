@@ -9,7 +9,7 @@ from typing import List, Sequence, Union
 import torch
 from torch import nn
 
-from .dataclass_config import DataclassConfig
+from .dataclass_config import DataclassConfig, number
 
 LOCATIONS = ("prepend", "add")
 
@@ -45,20 +45,26 @@ class PromptConfig(DataclassConfig):
     group = "prompt"
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int) or self.num_tokens < 0:
-            raise ValueError(f"prompt.num_tokens={self.num_tokens!r} must be an integer >= 0 (0 = no prompts)")
+        self.num_tokens = number(
+            "prompt.num_tokens", self.num_tokens, "an integer >= 0 (0 = no prompts)", lambda v: v >= 0, integer=True
+        )
+        if not isinstance(self.deep, bool):
+            raise ValueError(f"prompt.deep={self.deep!r} must be true (VPT-Deep) or false (VPT-Shallow)")
         if self.location not in LOCATIONS:
             raise ValueError(f"prompt.location={self.location!r} is not one of {list(LOCATIONS)}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"prompt.dropout={self.dropout!r} must be in [0, 1)")
+        self.dropout = number("prompt.dropout", self.dropout, "a number in [0, 1)", lambda v: 0 <= v < 1)
         if self.init not in ("xavier_uniform", "zeros"):
             raise ValueError(f"prompt.init={self.init!r} is not one of ['xavier_uniform', 'zeros']")
         if self.project is None:
             self.project = -1
-        if not isinstance(self.project, int) or (self.project == 0 or self.project < -1):
-            raise ValueError(f"prompt.project={self.project!r} must be -1 (off) or a positive dimension")
-        if self.depth is not None and not isinstance(self.depth, int):
-            self.depth = [int(i) for i in self.depth]
+        self.project = number(
+            "prompt.project", self.project, "-1 (off) or a positive dimension", lambda v: v == -1 or v > 0, True
+        )
+        valid_depth = "null, an integer or a list of block indices"
+        if isinstance(self.depth, (str, int, float)):
+            self.depth = number("prompt.depth", self.depth, valid_depth, lambda v: True, integer=True)
+        elif self.depth is not None:
+            self.depth = [number("prompt.depth", i, valid_depth, lambda v: True, integer=True) for i in self.depth]
             if not self.depth:
                 raise ValueError("prompt.depth=[] names no block; use null for the default or num_tokens=0")
             if len(set(self.depth)) != len(self.depth):

@@ -11,6 +11,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .prompt import PromptConfig, Prompts
 
+# timm VisionTransformer global_pool values that pool the tokens to one vector per image ('' does not)
+POOLS = ("token", "avg", "avgmax", "max", "map", "prr")
+
 
 class PromptedViT(nn.Module):
     """Wrap a timm ``VisionTransformer`` and insert learnable prompts into its token sequence.
@@ -20,7 +23,9 @@ class PromptedViT(nn.Module):
     ``forward_head``. Prompts are inserted after the position embedding (they carry none), right after the
     prefix tokens (class and register tokens): ``[prefix, prompts, patches]``. Their outputs are removed again
     before the final norm, so timm's own pooling (``token``, ``avg``, ``map``...) sees exactly the prefix and
-    patch tokens: the class token reads the prompts through attention, an average excludes them.
+    patch tokens: the class token reads the prompts through attention, an average excludes them. A backbone with a
+    class token but ``global_pool='avg'`` (e.g. MAE) thus averages the image tokens only (prompts and prefix tokens
+    excluded), as timm does; ``global_pool=''`` (one output per token) is refused.
 
     Args:
         vit: the timm model. Its own head (if ``num_classes > 0``) is applied by ``forward``; build it with
@@ -43,6 +48,11 @@ class PromptedViT(nn.Module):
             raise TypeError(
                 f"PromptedViT needs a timm VisionTransformer (vit_*, deit_*, ... models of "
                 f"timm.models.vision_transformer), got {type(vit).__name__}"
+            )
+        if vit.global_pool not in POOLS:
+            raise ValueError(
+                f"backbone.kwargs.global_pool={vit.global_pool!r} gives one output per token, not per image; use one "
+                f"of {list(POOLS)} ('token': the class token, 'avg': the mean of the image tokens)"
             )
         if not isinstance(prompt, PromptConfig):
             prompt = PromptConfig.from_mapping(prompt) if prompt is not None else PromptConfig(num_tokens=0)
