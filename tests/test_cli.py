@@ -56,6 +56,9 @@ def test_resume_with_run_name_and_last(tmp_path):
         ("prompt.location=middle", "prompt.location='middle' is not one of ['prepend', 'add']"),
         ("prompt=wide", "Could not find 'prompt/wide'"),
         ("optim.base_lr=0", "optim.base_lr=0"),
+        ("prompt=shallow", "tuning=vpt_deep needs prompts at every block (prompt=deep, num_tokens > 0), but "
+                           "prompt.num_tokens=10, prompt.deep=False"),
+        ("prompt.num_tokens=0", "tuning=vpt_deep needs prompts at every block"),
     ],
 )
 def test_bad_config_fails_before_training_naming_key(tmp_path, override, message):

@@ -27,12 +27,26 @@ NOT_RESULT_KEYS = {
 RESULT_GROUPS = ("backbone", "prompt", "tuning", "optim", "data", "trainer", "seed", "backbone_eval", "grad_checkpointing")
 
 
+# what the prompt config must be for the strategies whose label says it (so results are never mislabelled)
+PROMPT_OF_TUNING = {
+    "vpt_deep": (lambda p: p.enabled and p.deep, "prompts at every block (prompt=deep, num_tokens > 0)"),
+    "vpt_shallow": (lambda p: p.enabled and not p.deep, "prompts inserted once (prompt=shallow, num_tokens > 0)"),
+    "linear": (lambda p: not p.enabled, "no prompts (prompt=none)"),
+}
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Check the model and optimiser groups before anything is built (errors name the key and valid values)."""
-    PromptConfig.from_mapping(OmegaConf.to_container(cfg.prompt, resolve=True))
+    prompt = PromptConfig.from_mapping(OmegaConf.to_container(cfg.prompt, resolve=True))
     OptimConfig.from_mapping(OmegaConf.to_container(cfg.optim, resolve=True))
     BackboneConfig.from_mapping(OmegaConf.to_container(cfg.backbone, resolve=True))
-    TuningConfig.from_mapping(OmegaConf.to_container(cfg.tuning, resolve=True))
+    tuning = TuningConfig.from_mapping(OmegaConf.to_container(cfg.tuning, resolve=True))
+    check, wanted = PROMPT_OF_TUNING.get(tuning.name, (lambda p: True, ""))
+    if not check(prompt):
+        raise ValueError(
+            f"tuning={tuning.name} needs {wanted}, but prompt.num_tokens={prompt.num_tokens}, prompt.deep={prompt.deep}; "
+            "choose the strategy with tuning=vpt_deep|vpt_shallow|linear (it sets the prompt group) rather than prompt=..."
+        )
 
 
 def result_config(cfg: DictConfig) -> Dict[str, Any]:
