@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 
 # keep the suite predictable on 2 cores
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -32,3 +36,12 @@ def make_vit(seed: int = 0, num_classes: int = 0, **overrides) -> torch.nn.Modul
 def images() -> torch.Tensor:
     torch.manual_seed(123)
     return torch.randn(3, 3, 32, 32)
+
+
+def write_image(path: Path, seed: int, size=8, fmt: str = "PNG") -> np.ndarray:
+    """A random RGB image of ``size`` (an int for a square, else ``(height, width)``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height, width = (size, size) if isinstance(size, int) else size
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format=fmt)
+    return pixels

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from vpt_lightning.config import compose
 from vpt_lightning.data import (
@@ -25,14 +28,10 @@ from vpt_lightning.data import (
 )
 from vpt_lightning.data.prepare import main as prepare_main
 
+from conftest import write_image
+from vpt_lightning.data.transforms import INTERPOLATIONS
+
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def write_image(path: Path, seed: int, size: int = 8, fmt: str = "PNG") -> np.ndarray:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path, format=fmt)
-    return pixels
 
 
 def make_vtab_tree(root: Path, task: str = "cifar100", counts=None, num_labels: int = 5) -> Path:
@@ -72,6 +71,51 @@ def test_every_task_has_a_composable_experiment(task):
     assert cfg.task_name == task and cfg.data.task == info.name
     assert cfg.recipe.num_tokens == info.default_prompt_length
     assert cfg.backbone.name == "vit_base_patch16_224.orig_in21k"
+    assert (cfg.trainer.max_epochs, cfg.optim.warmup_epochs) == (100, 10)
+    # spec §4: the published SUN397, DMLab and EuroSAT recipes; a batch of 64 elsewhere
+    published = {"vtab_sun397": (25.0, 1e-4, 128), "vtab_dmlab": (1.0, 1e-3, 64), "vtab_eurosat": (1.0, 1e-3, 64)}
+    if task in published:
+        assert (cfg.optim.base_lr, cfg.optim.weight_decay, cfg.data.batch_size) == pytest.approx(published[task])
+    else:
+        assert cfg.data.batch_size == 64
+
+
+def test_loader_settings_compose_from_the_command_line():
+    cfg = compose(["+experiment=vtab_cifar100", "data.pin_memory=false", "data.eval_batch_size=128"])
+    assert cfg.data.pin_memory is False and cfg.data.eval_batch_size == 128 and cfg.data.batch_size == 64
+    for name in ("fgvc_cub", "quickstart"):
+        data = compose([f"+experiment={name}", "data.pin_memory=true", "data.eval_batch_size=32"]).data
+        assert data.pin_memory is True and data.eval_batch_size == 32
+    folder = compose(["data=folder", "data.root=/x", "data.pin_memory=false"]).data
+    assert folder.pin_memory is False and folder.eval_batch_size is None
+
+
+class _Trainer:  # what the loaders read of a Lightning Trainer
+    def __init__(self, num_devices: int) -> None:
+        self.num_devices, self.world_size, self.global_rank, self.accelerator = num_devices, 1, 0, object()
+
+
+def test_loader_settings_and_workers_per_process(tmp_path, monkeypatch):
+    import os
+
+    make_vtab_tree(tmp_path)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    dm = VTABDataModule("cifar100", str(tmp_path), img_size=8, batch_size=4, eval_batch_size=3)
+    dm.setup()
+    train, val = dm.train_dataloader(), dm.val_dataloader()
+    assert (train.batch_size, val.batch_size) == (4, 3)
+    assert isinstance(train.sampler, torch.utils.data.RandomSampler)
+    assert isinstance(val.sampler, torch.utils.data.SequentialSampler)
+    assert (train.num_workers, train.persistent_workers, train.pin_memory) == (8, True, False)  # 12 CPUs, capped at 8
+    dm.trainer = _Trainer(num_devices=4)  # DDP, 4 processes on the node: 12 // 4 workers each
+    assert dm.train_dataloader().num_workers == 3 and dm.val_dataloader().num_workers == 3
+    dm.trainer = _Trainer(num_devices=16)  # more processes than CPUs: load in the main process
+    loader = dm.train_dataloader()
+    assert (loader.num_workers, loader.persistent_workers) == (0, False)
+    fixed = VTABDataModule("cifar100", str(tmp_path), img_size=8, num_workers=0, pin_memory=True)
+    fixed.setup()
+    loader = fixed.val_dataloader()
+    assert (loader.batch_size, loader.num_workers, loader.persistent_workers, loader.pin_memory) == (64, 0, False, True)
 
 
 # ---- VTAB -----------------------------------------------------------------------------------------------
@@ -86,6 +130,20 @@ def test_vtab_split_modes_counts_labels_and_transform(tmp_path):
     assert (len(final.train_dataset), final.val_dataset, len(final.test_dataset)) == (12, None, 6)
     image, _ = final.test_dataset[0]
     assert image.shape == (3, 16, 16)
+
+
+def test_vtab_resizes_a_non_square_image_straight_to_the_square(tmp_path):
+    task_dir = make_vtab_tree(tmp_path)
+    for split in ("train800", "val200"):
+        write_image(task_dir / split / "img_0.png", seed=5, size=(30, 40))  # 40 wide, 30 high
+    dm = VTABDataModule("cifar100", str(tmp_path), img_size=16, num_workers=0)
+    dm.setup()
+    resize = T.Compose([T.Resize((16, 16), interpolation=INTERPOLATIONS["bicubic"]), T.ToTensor(), T.Normalize(MEAN, STD)])
+    for split, dataset in (("train800", dm.train_dataset), ("val200", dm.val_dataset)):
+        image = dataset[0][0]
+        assert image.shape == (3, 16, 16)  # an aspect-keeping Resize(16) would give 16 x 21
+        torch.testing.assert_close(image, resize(Image.open(task_dir / split / "img_0.png").convert("RGB")))
+        torch.testing.assert_close(dataset[0][0], image)  # no augmentation
 
 
 def test_vtab_normalisation_matches_hand_computation(tmp_path):
@@ -125,11 +183,17 @@ def test_vtab_bad_lists_fail_in_setup_naming_file_and_line(tmp_path, damage, mes
 
 
 def test_missing_root_names_folder_and_the_fix(tmp_path):
-    with pytest.raises(DataError, match=r"VTAB-1k folder of task 'cifar100' .*nowhere/cifar' does not exist.*vpt-prepare vtab"):
-        VTABDataModule("cifar100", str(tmp_path / "nowhere"))
+    root = tmp_path / "nowhere"
+    with pytest.raises(DataError, match=r"VTAB-1k folder of task 'cifar100' .*nowhere/cifar' does not exist.*"
+                                        rf"'vpt-prepare vtab --tasks cifar100 --source TORCHVISION_ROOT --out {root}'"):
+        VTABDataModule("cifar100", str(root))
+    for task in ("dmlab", "kitti_distance", "smallnorb_azimuth", "resisc45", "clevr_distance"):  # not in torchvision
+        with pytest.raises(DataError, match=rf"vpt-prepare cannot build '{task}' .*TFDS export") as err:
+            VTABDataModule(task, str(root))
+        assert "--tasks" not in str(err.value)
 
 
-def test_corrupt_image_fails_at_load_naming_the_file(tmp_path):
+def test_corrupt_image_fails_at_load_naming_the_file(tmp_path, capsys):
     task_dir = make_vtab_tree(tmp_path)
     (task_dir / "train800" / "img_2.png").write_bytes(b"\x89PNG broken")
     dm = VTABDataModule("cifar100", str(tmp_path), num_workers=0)
@@ -138,10 +202,15 @@ def test_corrupt_image_fails_at_load_naming_the_file(tmp_path):
         dm.train_dataset[2]
     # the opt-in full check decodes everything and reports it, exiting non-zero
     assert prepare_main(["check", "vtab", "--task", "cifar100", "--root", str(tmp_path), "--split", "tune"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    bad = [line for line in out if "cannot read image" in line]
+    assert len(bad) == 1 and f"{task_dir / 'train800' / 'img_2.png'}'" in bad[0]
+    assert out[-1] == "vtab cifar100 (tune): 1 unreadable image(s)"
 
 
 # ---- FGVC -----------------------------------------------------------------------------------------------
 def make_cub(root: Path, per_class_train: int = 2) -> Path:
+    """A CUB tree: 200 classes (1-based ids) with ``per_class_train`` train images each, val/test for 3 classes."""
     folder = root / "CUB_200_2011"
     splits = {"train": {}, "val": {}, "test": {}}
     for cid in range(1, 201):  # official ids are 1-based
@@ -173,16 +242,52 @@ def test_fgvc_json_splits_labels_and_transforms(tmp_path):
     assert (len(final.train_dataset), final.val_dataset, len(final.test_dataset)) == (403, None, 3)
 
 
-def test_fgvc_unknown_class_and_missing_json(tmp_path):
-    folder = make_cub(tmp_path)
-    good_val = (folder / "val.json").read_text()
-    (folder / "val.json").write_text(json.dumps({"001.bird/val.jpg": 999}))
-    with pytest.raises(DataError, match=r"val.json: '001.bird/val.jpg' has class id 999, not in train.json"):
-        FGVCDataModule("cub", str(tmp_path), num_workers=0).setup()
-    (folder / "val.json").write_text(good_val)
-    (folder / "test.json").unlink()
-    with pytest.raises(DataError, match=r"test.json' does not exist"):
-        FGVCDataModule("cub", str(tmp_path), split="final", num_workers=0).setup()
+def test_fgvc_transforms_on_a_non_square_image(tmp_path):
+    folder = make_cub(tmp_path, per_class_train=1)
+    for rel in ("001.bird/train_0.jpg", "001.bird/val.jpg"):
+        write_image(folder / "images" / rel, seed=9, size=(40, 50), fmt="JPEG")  # 50 wide, 40 high
+    dm = FGVCDataModule("cub", str(tmp_path), img_size=16, num_workers=0)
+    dm.setup()
+    assert dm.train_dataset.samples[0][0].name == "train_0.jpg" and dm.val_dataset.samples[0][0].name == "val.jpg"
+
+    def resized(rel):  # shorter side to round(16 * 256 / 224) = 18: 40 x 50 -> 18 x 22, normalised
+        image = Image.open(folder / "images" / rel).convert("RGB")
+        bilinear = INTERPOLATIONS["bilinear"]
+        return TF.normalize(TF.to_tensor(TF.resize(image, [18, 22], interpolation=bilinear)), MEAN, STD)
+
+    # eval: the centre 16 x 16 of the 18 x 22 resize
+    torch.testing.assert_close(dm.val_dataset[0][0], resized("001.bird/val.jpg")[:, 1:17, 3:19])
+    # train: a random 16 x 16 crop of the resize, maybe flipped, different across calls
+    full = resized("001.bird/train_0.jpg")
+    crops = [full[:, top:top + 16, left:left + 16] for top in range(3) for left in range(7)]
+    crops += [crop.flip(-1) for crop in crops]
+    torch.manual_seed(0)
+    outputs = [dm.train_dataset[0][0] for _ in range(12)]
+    for out in outputs:
+        assert out.shape == (3, 16, 16)
+        assert any(torch.allclose(out, crop, atol=1e-5) for crop in crops)
+    assert len({tuple(out.flatten().tolist()) for out in outputs}) > 1
+
+
+@pytest.mark.parametrize(
+    "damage, split, message",
+    [
+        (lambda f: shutil.rmtree(f), "tune", r"FGVC folder of 'cub' '.*/CUB_200_2011' does not exist.*set data.root"),
+        (lambda f: (f / "test.json").unlink(), "final", r"FGVC split file '.*test.json' does not exist"),
+        (lambda f: (f / "images" / "005.bird" / "train_0.jpg").unlink(), "tune",
+         r"train.json: key '005.bird/train_0.jpg': image '.*images/005.bird/train_0.jpg' does not exist"),
+        (lambda f: (f / "val.json").write_text("{}"), "tune", r"val.json: the split is empty"),
+        (lambda f: (f / "val.json").write_text(json.dumps({"001.bird/val.jpg": 999})), "tune",
+         r"val.json: key '001.bird/val.jpg' has class id 999, not in train.json \(its 200 ids span 1..200\)"),
+        (lambda f: (f / "test.json").write_text(json.dumps({"001.bird/test.jpg": True})), "final",
+         r"test.json: key '001.bird/test.jpg' has class id true; expected an integer class id"),
+    ],
+    ids=["missing-root", "missing-json", "missing-image", "empty-split", "label-range", "bool-label"],
+)
+def test_fgvc_bad_data_names_the_json_file_and_key(tmp_path, damage, split, message):
+    damage(make_cub(tmp_path, per_class_train=1))
+    with pytest.raises(DataError, match=message):
+        FGVCDataModule("cub", str(tmp_path), split=split, num_workers=0).setup()
 
 
 def test_fgvc_split_tool_is_stratified_and_seeded(tmp_path):
@@ -226,32 +331,71 @@ def test_csv_list(tmp_path):
         FolderDataModule(str(tmp_path), train_list="bad.csv")
 
 
-# ---- vpt-prepare ----------------------------------------------------------------------------------------
-def test_prepare_vtab_from_a_local_torchvision_eurosat(tmp_path):
-    """torchvision's EuroSAT layout (eurosat/2750/<class>/*.jpg), written here; no download."""
-    classes = [f"Class{c}" for c in range(10)]
-    for c, name in enumerate(classes):
-        for i in range(101):
-            write_image(tmp_path / "src" / "eurosat" / "2750" / name / f"{name}_{i}.jpg", seed=c * 1000 + i, fmt="JPEG")
-    out = tmp_path / "vtab-1k"
-    assert prepare_main(["vtab", "--tasks", "eurosat", "--source", str(tmp_path / "src"), "--out", str(out)]) == 0
-    lines = {s: (out / "eurosat" / f"{s}.txt").read_text().split("\n")[:-1] for s in ("train800", "val200", "train800val200", "test")}
-    assert [len(lines[s]) for s in ("train800", "val200", "train800val200", "test")] == [800, 200, 1000, 10]
-    assert not set(lines["train800"]) & set(lines["val200"]) and not set(lines["train800val200"]) & set(lines["test"])
-    dm = VTABDataModule("eurosat", str(out), split="final", img_size=16, num_workers=0)
+def write_csv(root: Path, name: str, labels, start: int = 0) -> None:
+    """``root/name`` listing new images ``imgs/<start + i>.png`` with ``labels``."""
+    rows = ["path,label"]
+    for i, label in enumerate(labels, start=start):
+        write_image(root / "imgs" / f"{i}.png", seed=i)
+        rows.append(f"imgs/{i}.png,{label}")
+    (root / name).write_text("\n".join(rows) + "\n")
+
+
+def test_csv_integer_labels_are_class_ids(tmp_path):
+    write_csv(tmp_path, "train.csv", [0, 2] * 4)
+    write_csv(tmp_path, "test.csv", [1, 2], start=100)
+    dm = FolderDataModule(str(tmp_path), train_list="train.csv", test_list="test.csv", num_workers=0, img_size=8)
+    assert dm.classes == ["0", "1", "2"] and dm.num_classes == 3
     dm.setup()
-    assert len(dm.train_dataset) == 1000 and len(dm.test_dataset) == 10
-    # the same seed draws the same split
-    out2 = tmp_path / "again"
-    prepare_main(["vtab", "--tasks", "eurosat", "--source", str(tmp_path / "src"), "--out", str(out2)])
-    assert (out2 / "eurosat" / "val200.txt").read_text() == (out / "eurosat" / "val200.txt").read_text()
+    assert sorted({label for _, label in dm.train_dataset.samples + dm.val_dataset.samples}) == [0, 2]
+    assert [label for _, label in dm.test_dataset.samples] == [1, 2]
 
 
-def test_prepare_without_data_asks_for_download(tmp_path):
-    with pytest.raises(FileNotFoundError, match="pass --download"):
-        prepare_main(["vtab", "--tasks", "dtd", "--source", str(tmp_path), "--out", str(tmp_path / "out")])
-    with pytest.raises(ValueError, match="cannot build 'dmlab' from torchvision"):
-        prepare_main(["vtab", "--tasks", "dmlab", "--source", str(tmp_path), "--out", str(tmp_path / "out")])
+@pytest.mark.parametrize("fraction", [0, 1.0, -0.1, 1.5])
+def test_folder_val_fraction_must_be_between_0_and_1(tmp_path, fraction):
+    write_image(tmp_path / "train" / "cat" / "0.png", seed=0)
+    with pytest.raises(ValueError, match=rf"data.val_fraction={fraction} must be in \(0, 1\)"):
+        FolderDataModule(str(tmp_path), val_fraction=fraction)
+
+
+@pytest.mark.parametrize("n, fraction", [(1, 0.1), (3, 0.9)])
+def test_folder_draw_that_leaves_no_training_image_fails(tmp_path, n, fraction):
+    for i in range(n):
+        write_image(tmp_path / "train" / "cat" / f"{i}.png", seed=i)
+    dm = FolderDataModule(str(tmp_path), val_fraction=fraction, num_workers=0)
+    with pytest.raises(DataError, match=rf"train: {n} training image\(s\) with data.val_fraction={fraction} leave none"):
+        dm.setup()
+
+
+def _folder_tree(root: Path, val=True) -> None:
+    for c, name in enumerate(["cat", "dog"]):
+        for i in range(3):
+            write_image(root / "train" / name / f"{i}.png", seed=c * 10 + i)
+    if val:
+        (root / "val" / "cat").mkdir(parents=True)
+
+
+@pytest.mark.parametrize(
+    "make, kwargs, message",
+    [
+        (lambda r: None, {"root": "nowhere"}, r"data.root '.*nowhere' does not exist"),
+        (lambda r: (write_csv(r, "train.csv", [0, 1, 0]), (r / "imgs" / "1.png").unlink()), {"train_list": "train.csv"},
+         r"train.csv:3: image '.*imgs/1.png' does not exist"),
+        (lambda r: (r / "train" / "cat").mkdir(parents=True), {}, r"train: the train split is empty \(no .jpg/"),
+        (_folder_tree, {}, r"val: the val split is empty"),
+        (lambda r: (write_csv(r, "train.csv", [0, 1, 0, 1]), write_csv(r, "val.csv", [1, 7], start=10)),
+         {"train_list": "train.csv", "val_list": "val.csv"}, r"val.csv:3: label '7' is not a class id in \[0, 2\)"),
+        (lambda r: (write_csv(r, "train.csv", ["a", "b"]), write_csv(r, "val.csv", ["fox"], start=10)),
+         {"train_list": "train.csv", "val_list": "val.csv"},
+         r"val.csv:2: label 'fox' is not one of the training classes \['a', 'b'\]"),
+        (lambda r: write_csv(r, "train.csv", [0, -1]), {"train_list": "train.csv"},
+         r"train.csv:3: label '-1' is not a class id in \[0, 1\)"),
+    ],
+    ids=["missing-root", "missing-image", "empty-train", "empty-val", "label-range", "unknown-name", "negative-label"],
+)
+def test_folder_bad_data_names_the_file_and_line(tmp_path, make, kwargs, message):
+    make(tmp_path)
+    with pytest.raises(DataError, match=message):
+        FolderDataModule(str(tmp_path / kwargs.pop("root", "")), **kwargs, num_workers=0).setup()
 
 
 # ---- through vpt-train ----------------------------------------------------------------------------------
@@ -273,139 +417,3 @@ def test_vtab_experiment_trains_on_a_prepared_tree(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "outputs" / "vtab_cifar100" / "r" / "results.json").read_text())
     assert results["trainable_params"] == 2 * 10 * 32 + 32 * 100 + 100  # p=10 on both blocks of width 32 + head
-
-
-def test_prepare_vtab_takes_given_train_val_indices(tmp_path):
-    for c in range(10):
-        for i in range(3):
-            write_image(tmp_path / "src" / "eurosat" / "2750" / f"Class{c}" / f"{i}.jpg", seed=c * 10 + i, fmt="JPEG")
-    splits = tmp_path / "splits.json"
-    splits.write_text(json.dumps({"eurosat": {"train": [0, 5, 7], "val": [2]}}))
-    out = tmp_path / "out"
-    prepare_main(["vtab", "--tasks", "eurosat", "--source", str(tmp_path / "src"), "--out", str(out),
-                  "--official-splits", str(splits)])
-    assert [l.split()[0] for l in (out / "eurosat" / "train800.txt").read_text().splitlines()] == [
-        "images/train_0000000.png", "images/train_0000005.png", "images/train_0000007.png"]
-    assert len((out / "eurosat" / "test.txt").read_text().splitlines()) == 30 - 4
-
-
-# ---- vpt-prepare with the authors' split file (file names) -------------------------------------------------
-def _image_pixels(task_dir: Path, line: str) -> np.ndarray:
-    return np.asarray(Image.open(task_dir / line.split()[0]))
-
-
-def write_dtd(root: Path, classes=("banded", "dotted", "zigzag"), per_split: int = 4) -> dict:
-    """torchvision's DTD layout (dtd/dtd/images/<class>/<file>, labels/{train,val,test}1.txt); returns pixels."""
-    pixels = {}
-    for s, split in enumerate(("train", "val", "test")):
-        lines = []
-        for c, cls in enumerate(classes):
-            for i in range(per_split):
-                name = f"{cls}_{s}{i:03d}.jpg"
-                pixels[name] = write_image(root / "dtd" / "dtd" / "images" / cls / name, seed=s * 100 + c * 10 + i,
-                                           fmt="PNG")
-                lines.append(f"{cls}/{name}")
-        (root / "dtd" / "dtd" / "labels").mkdir(parents=True, exist_ok=True)
-        (root / "dtd" / "dtd" / "labels" / f"{split}1.txt").write_text("\n".join(lines) + "\n")
-    return pixels
-
-
-def test_prepare_reads_the_authors_file_names_from_train_and_val_splits(tmp_path):
-    """Keys in the official naming ('vtab-dtd'), names of files; DTD's val200 comes from its validation split."""
-    pixels = write_dtd(tmp_path / "src")
-    splits = tmp_path / "vtab_trainval_splits.json"
-    train_names, val_names = ["zigzag_0002.jpg", "banded_0000.jpg", "dotted/dotted_0003.jpg"], ["dotted_1001.jpg"]
-    splits.write_text(json.dumps({"vtab-dtd": {"train": train_names, "val": val_names}, "vtab-caltech101": []}))
-    out = tmp_path / "out"
-    assert prepare_main(["vtab", "--tasks", "dtd", "--source", str(tmp_path / "src"), "--out", str(out),
-                         "--official-splits", str(splits)]) == 0
-    task_dir = out / "dtd"
-    train = (task_dir / "train800.txt").read_text().splitlines()
-    val = (task_dir / "val200.txt").read_text().splitlines()
-    assert [int(l.split()[1]) for l in train] == [2, 0, 1] and [int(l.split()[1]) for l in val] == [1]
-    for line, name in zip(train + val, train_names + val_names):  # the very images named, in order
-        assert np.array_equal(_image_pixels(task_dir, line), pixels[name.split("/")[-1]])
-    assert (task_dir / "train800val200.txt").read_text().splitlines() == train + val
-    assert len((task_dir / "test.txt").read_text().splitlines()) == 12  # DTD's own test split
-    dm = VTABDataModule("dtd", str(out), split="tune", img_size=8, num_workers=0)
-    dm.setup()
-    assert len(dm.train_dataset) == 3 and len(dm.val_dataset) == 1
-
-
-def test_prepare_clevr_count_labels_are_counts_minus_three(tmp_path):
-    """torchvision's CLEVR label is the object count (3..10); VTAB's count_all class is count - 3."""
-    data = tmp_path / "src" / "clevr" / "CLEVR_v1.0"
-    for split, counts in (("train", [3, 10, 5, 4]), ("val", [6, 3])):
-        scenes = []
-        for i, count in enumerate(counts):
-            name = f"CLEVR_{split}_{i:06d}.png"
-            write_image(data / "images" / split / name, seed=i)
-            scenes.append({"image_filename": name, "objects": [{}] * count})
-        (data / "scenes").mkdir(parents=True, exist_ok=True)
-        (data / "scenes" / f"CLEVR_{split}_scenes.json").write_text(json.dumps({"scenes": scenes}))
-    splits = tmp_path / "splits.json"
-    splits.write_text(json.dumps({'clevr(task="count_all")': {
-        "train800": ["CLEVR_train_000000.png", "CLEVR_train_000001.png", "CLEVR_train_000003.png"],
-        "val200": ["CLEVR_train_000002.png"]}}))
-    out = tmp_path / "out"
-    prepare_main(["vtab", "--tasks", "clevr_count", "--source", str(tmp_path / "src"), "--out", str(out),
-                  "--official-splits", str(splits)])
-    labels = lambda split: [int(l.split()[1]) for l in (out / "clevr_count" / split).read_text().splitlines()]
-    assert labels("train800.txt") == [0, 7, 1] and labels("val200.txt") == [2] and labels("test.txt") == [3, 0]
-
-
-def _eurosat_with_clashing_names(root: Path) -> None:
-    for c in range(3):
-        for i in range(4):
-            write_image(root / "eurosat" / "2750" / f"Class{c}" / f"{i}.jpg", seed=c * 10 + i, fmt="JPEG")
-
-
-@pytest.mark.parametrize("entry, message", [
-    ({"train": ["0.jpg"], "val": ["Class1/1.jpg"]}, r"1 name\(s\) match several images, e.g. '0.jpg' \(3 files"),
-    ({"train": ["Class0/0.jpg", "nope.jpg"], "val": ["Class1/1.jpg"]}, r"match no image .* e.g. 'nope.jpg'"),
-    ({"train": ["Class0/0.jpg", 4], "val": ["Class1/0.jpg"]}, r"in both train and val"),
-    ({"train": [99], "val": [1]}, r"index 99 is outside torchvision's 12 images"),
-    ({"training": [1], "val": [2]}, r"has keys \['training', 'val'\]; expected one of \['train', 'train800'\]"),
-    (["Class0/0.jpg"], r"must be .* or one list of train800 \+ val200 items, got list of length 1"),
-])
-def test_prepare_split_file_errors_name_the_entry(tmp_path, entry, message):
-    _eurosat_with_clashing_names(tmp_path / "src")
-    splits = tmp_path / "splits.json"
-    splits.write_text(json.dumps({"eurosat": entry}))
-    with pytest.raises(ValueError, match=message):
-        prepare_main(["vtab", "--tasks", "eurosat", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "o"),
-                      "--official-splits", str(splits)])
-
-
-def test_prepare_split_file_without_the_task_lists_its_names_and_the_file(tmp_path):
-    _eurosat_with_clashing_names(tmp_path / "src")
-    splits = tmp_path / "splits.json"
-    splits.write_text(json.dumps({"vtab-dtd": {"train": [0], "val": [1]}}))
-    with pytest.raises(ValueError, match=r"no entry for 'eurosat' \(its names: \['eurosat', 'vtab_eurosat', 'vtab-eurosat'\]\); "
-                                         r"the file covers \['vtab-dtd'\]"):
-        prepare_main(["vtab", "--tasks", "eurosat", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "o"),
-                      "--official-splits", str(splits)])
-    splits.write_text("{not json")
-    with pytest.raises(ValueError, match="is not valid JSON"):
-        prepare_main(["vtab", "--tasks", "eurosat", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "o"),
-                      "--official-splits", str(splits)])
-
-
-def test_tfds_ids_index_array_datasets_and_a_flat_list_is_train800_then_val200():
-    from vpt_lightning.data.official_splits import resolve, task_entry
-
-    assert resolve(["train_00012", 7, "train_16399"], None, 50000, "cifar") == [12, 7, 16399]
-    with pytest.raises(ValueError, match="'apple.png' is neither an index nor a TFDS id"):
-        resolve(["apple.png"], None, 100, "cifar")
-    names = [f"train_{i:05d}" for i in range(1000)]
-    train, val = task_entry({"vtab-cifar(num_classes=100)": names}, get_task("cifar100"), "f")
-    assert train == names[:800] and val == names[800:]
-
-
-def test_prepare_names_the_missing_module_of_a_dataset():
-    from vpt_lightning.data.prepare import TORCHVISION_SOURCES, _require_modules
-
-    assert TORCHVISION_SOURCES["svhn"].requires == ("scipy",) and TORCHVISION_SOURCES["patch_camelyon"].requires == ("h5py",)
-    with pytest.raises(ModuleNotFoundError, match=r"torchvision needs \['no_such_module_vpt'\] to read 'svhn': pip install "
-                                                  r"\"vpt-lightning\[prepare\]\""):
-        _require_modules("svhn", ["no_such_module_vpt"])

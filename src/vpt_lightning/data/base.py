@@ -14,13 +14,13 @@ from .transforms import NORMALIZATIONS, resolve_normalization
 SPLITS = ("tune", "final")
 
 
-def default_num_workers() -> int:
-    """A sensible default worker count: the CPUs this process may use, at most 8."""
+def default_num_workers(processes_per_node: int = 1) -> int:
+    """A sensible default worker count: the CPUs this process may use shared by the processes of the node, at most 8."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
         cpus = os.cpu_count() or 1
-    return max(0, min(8, cpus))
+    return max(0, min(8, cpus // max(1, processes_per_node)))
 
 
 class ImageClassificationDataModule(pl.LightningDataModule):
@@ -59,9 +59,11 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             raise ValueError(f"data.normalization={normalization!r} is not one of {list(NORMALIZATIONS)}")
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be >= 1")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers} must be >= 0 (or null for the default)")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.num_workers = num_workers  # None: resolved per loader, see loader_workers()
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.split = split
@@ -86,6 +88,12 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         """``(mean, std)`` used by the Normalize transform."""
         return resolve_normalization(self.normalization, self.backbone_data_config)
 
+    def loader_workers(self) -> int:
+        """``num_workers``, or when ``None`` the CPUs shared by the node's processes (``trainer.num_devices``), at most 8."""
+        if self.num_workers is not None:
+            return self.num_workers
+        return default_num_workers(self.trainer.num_devices if self.trainer is not None else 1)
+
     def _loader(self, dataset: Optional[Dataset], train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: no dataset for this stage (split={self.split!r})")
@@ -99,15 +107,16 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             sampler = UnrepeatedDistributedSampler(
                 dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
             )
+        workers = self.loader_workers()
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
             sampler=sampler,
             drop_last=False,
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=pin,
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            persistent_workers=self.persistent_workers and workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -23,17 +23,6 @@ def require_dir(path: Path, what: str, hint: str = "") -> Path:
     return path
 
 
-def check_samples(samples: Sequence[Sample], num_classes: int, source: str, check_files: bool = True) -> None:
-    """Fail on an empty split, a label outside ``[0, num_classes)`` or (cheaply) a listed file that is missing."""
-    if not samples:
-        raise DataError(f"{source}: the split is empty")
-    for index, (path, label) in enumerate(samples):
-        if not 0 <= label < num_classes:
-            raise DataError(f"{source}: entry {index + 1} ({path.name}) has label {label}, outside [0, {num_classes})")
-        if check_files and not path.is_file():
-            raise DataError(f"{source}: entry {index + 1} lists {str(path)!r}, which does not exist")
-
-
 def read_list_file(list_file: Path, image_dir: Path, num_classes: int) -> List[Sample]:
     """Parse a ``relative/path label`` list (one per line) and check it; errors name the file and line."""
     list_file = Path(list_file)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .base import ImageClassificationDataModule
-from .datasets import DataError, ImageListDataset, Sample, check_samples, require_dir
+from .datasets import DataError, ImageListDataset, Sample, require_dir
 from .registry import get_task
 from .transforms import build_transform
 from ..atomic import write_json_atomic
@@ -24,15 +24,18 @@ IMAGE_DIRS = {
 
 
 def read_split_json(path: Path) -> Dict[str, int]:
-    """Read ``{image path: class id}``; errors name the file."""
+    """Read ``{image path: class id}``; errors name the file (and the key of a bad class id)."""
     if not path.is_file():
         raise DataError(f"FGVC split file {str(path)!r} does not exist (make train/val with 'vpt-prepare fgvc-split')")
     try:
         mapping = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(mapping, dict) or not all(isinstance(v, int) for v in mapping.values()):
+    if not isinstance(mapping, dict):
         raise DataError(f"{path}: expected a JSON object mapping image path -> integer class id")
+    for key, cid in mapping.items():
+        if isinstance(cid, bool) or not isinstance(cid, int):  # bool is an int in Python: reject true/false
+            raise DataError(f"{path}: key {key!r} has class id {json.dumps(cid)}; expected an integer class id")
     return mapping
 
 
@@ -58,32 +61,35 @@ class FGVCDataModule(ImageClassificationDataModule):
         self.image_dir = image_dir
         self.interpolation = interpolation
 
-    def _image_root(self, first_path: str) -> Path:
+    def _image_root(self, json_file: Path, first_path: str) -> Path:
         candidates = [self.image_dir] if self.image_dir is not None else IMAGE_DIRS[self.task.name]
         for sub in candidates:
             if (self.dataset_dir / sub / first_path).is_file():
                 return self.dataset_dir / sub
         tried = [str(self.dataset_dir / sub) for sub in candidates]
-        raise DataError(f"image {first_path!r} of the split files is in none of {tried}; set data.image_dir")
+        raise DataError(f"{json_file}: image {first_path!r} (the first key) is in none of {tried}; set data.image_dir")
 
     def _samples(self, *splits: str) -> List[Sample]:
-        mappings = {s: read_split_json(self.dataset_dir / f"{s}.json") for s in splits}
-        train_ids = sorted(set(read_split_json(self.dataset_dir / "train.json").values()))
-        if len(train_ids) != self.num_classes:
-            raise DataError(
-                f"{self.dataset_dir / 'train.json'}: {len(train_ids)} classes, but {self.task.name} has {self.num_classes}"
-            )
-        to_index = {cid: i for i, cid in enumerate(train_ids)}
-        samples: List[Sample] = []
+        files = {s: self.dataset_dir / f"{s}.json" for s in ("train", *splits)}
+        mappings = {s: read_split_json(f) for s, f in files.items()}
         for split, mapping in mappings.items():
             if not mapping:
-                raise DataError(f"{self.dataset_dir / (split + '.json')}: the split is empty")
-            root = self._image_root(next(iter(mapping)))
+                raise DataError(f"{files[split]}: the split is empty")
+        train_ids = sorted(set(mappings["train"].values()))
+        if len(train_ids) != self.num_classes:
+            raise DataError(f"{files['train']}: {len(train_ids)} classes, but {self.task.name} has {self.num_classes}")
+        to_index = {cid: i for i, cid in enumerate(train_ids)}
+        samples: List[Sample] = []
+        for split in splits:
+            json_file, mapping = files[split], mappings[split]
+            root = self._image_root(json_file, next(iter(mapping)))
             for path, cid in mapping.items():
                 if cid not in to_index:
-                    raise DataError(f"{self.dataset_dir / (split + '.json')}: {path!r} has class id {cid}, not in train.json")
+                    raise DataError(f"{json_file}: key {path!r} has class id {cid}, not in train.json "
+                                    f"(its {len(train_ids)} ids span {train_ids[0]}..{train_ids[-1]})")
+                if not (root / path).is_file():
+                    raise DataError(f"{json_file}: key {path!r}: image {str(root / path)!r} does not exist")
                 samples.append((root / path, to_index[cid]))
-        check_samples(samples, self.num_classes, f"FGVC {self.task.name} {'+'.join(splits)}")
         return samples
 
     def _dataset(self, train: bool, *splits: str) -> ImageListDataset:

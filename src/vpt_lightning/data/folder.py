@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import csv
 import random
+import re
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 from .base import ImageClassificationDataModule
-from .datasets import DataError, ImageListDataset, Sample, check_samples, require_dir
+from .datasets import DataError, ImageListDataset, Sample, require_dir
 from .transforms import build_transform
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+INTEGER = re.compile(r"-?\d+")
 
 
 def scan_image_folder(folder: Path, classes: Optional[List[str]] = None) -> Tuple[List[Sample], List[str]]:
@@ -33,7 +35,11 @@ def scan_image_folder(folder: Path, classes: Optional[List[str]] = None) -> Tupl
 
 
 def read_csv_list(path: Path, classes: Optional[List[str]] = None) -> Tuple[List[Sample], List[str]]:
-    """A ``path,label`` CSV (header optional; paths relative to the CSV; labels are ints or class names)."""
+    """A ``path,label`` CSV (header optional; paths relative to the CSV); errors name the file and line.
+
+    Without ``classes`` (the train list): integer labels are class ids (classes ``"0".."max"``), anything else
+    class names (sorted). Given ``classes`` (val/test lists) the labels must be among them.
+    """
     if not path.is_file():
         raise DataError(f"list file {str(path)!r} does not exist")
     rows = []
@@ -44,13 +50,21 @@ def read_csv_list(path: Path, classes: Optional[List[str]] = None) -> Tuple[List
             if len(row) != 2:
                 raise DataError(f"{path}:{number}: expected 'path,label', got {','.join(row)!r}")
             rows.append((number, row[0].strip(), row[1].strip()))
-    names = classes or sorted({label for _, _, label in rows}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    labels = {label for _, _, label in rows}
+    if classes is None and labels and all(INTEGER.fullmatch(label) for label in labels):
+        classes = [str(i) for i in range(max(0, max(int(label) for label in labels)) + 1)]
+    names = classes or sorted(labels, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    ids = names == [str(i) for i in range(len(names))]  # class ids: "02" is class 2
     index = {name: i for i, name in enumerate(names)}
     samples = []
     for number, rel, label in rows:
-        if label not in index:
-            raise DataError(f"{path}:{number}: label {label!r} is not one of the classes {names}")
-        samples.append((path.parent / rel, index[label]))
+        key = str(int(label)) if ids and INTEGER.fullmatch(label) else label
+        if key not in index:
+            valid = f"a class id in [0, {len(names)})" if ids else f"one of the training classes {names}"
+            raise DataError(f"{path}:{number}: label {label!r} is not {valid}")
+        if not (path.parent / rel).is_file():
+            raise DataError(f"{path}:{number}: image {str(path.parent / rel)!r} does not exist")
+        samples.append((path.parent / rel, index[key]))
     return samples, names
 
 
@@ -58,7 +72,8 @@ class FolderDataModule(ImageClassificationDataModule):
     """Your own images: ``root/train/<class>/*`` (+ optional ``root/val``, ``root/test``) or CSV lists.
 
     With ``train_list`` (and optional ``val_list``/``test_list``) CSV files of ``path,label`` are read instead
-    of folders. Without a val split, ``val_fraction`` of the training images are drawn (per seed) for validation.
+    of folders. Without a val split, ``val_fraction`` (in (0, 1)) of the training images are drawn (per seed) for
+    validation in ``tune``. Integer CSV labels are class ids, other labels class names (see :func:`read_csv_list`).
     ``split='tune'`` trains on train, validates on val (and tests on test, else on val); ``final`` trains on
     train+val and tests on test. The ``recipe`` is ``vtab`` (resize) or ``fgvc`` (crop + flip).
     """
@@ -67,39 +82,46 @@ class FolderDataModule(ImageClassificationDataModule):
                  test_list: Optional[str] = None, val_fraction: float = 0.1, seed: int = 0, recipe: str = "fgvc",
                  interpolation: str = "bilinear", **kwargs) -> None:
         super().__init__(**kwargs)
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={val_fraction} must be in (0, 1): the share of train drawn for validation")
         self.root = require_dir(Path(root), "data.root")
         self.recipe, self.interpolation, self.val_fraction, self.seed = recipe, interpolation, val_fraction, seed
         self.lists = {"train": train_list, "val": val_list, "test": test_list}
-        train, self.classes = self._read("train", None)
-        if not train:
-            raise DataError(f"{self.root}: the train split is empty")
+        self._train_samples, self.classes = self._read("train", None)
         self.num_classes = len(self.classes)
-        self._train_samples = train
 
-    def _read(self, split: str, classes: Optional[List[str]]) -> List[Sample] | Tuple[List[Sample], List[str]]:
+    def _source(self, split: str) -> Optional[Path]:
+        """The CSV list or folder of ``split`` (``None``: the split is absent)."""
         if self.lists[split]:
-            result = read_csv_list(self.root / self.lists[split], classes)
-        elif (self.root / split).is_dir():
-            result = scan_image_folder(self.root / split, classes)
-        elif split == "train":
-            raise DataError(f"{self.root}: no 'train/' folder and no data.train_list")
-        else:
-            result = ([], classes or [])
-        return result if classes is None else result[0]
+            return self.root / self.lists[split]
+        return self.root / split if (self.root / split).is_dir() else None
+
+    def _read(self, split: str, classes: Optional[List[str]]) -> Tuple[List[Sample], List[str]]:
+        source = self._source(split)
+        if source is None:
+            if split == "train":
+                raise DataError(f"{self.root}: no 'train/' folder and no data.train_list")
+            return [], classes or []
+        samples, names = (read_csv_list if self.lists[split] else scan_image_folder)(source, classes)
+        if not samples:
+            found = "no rows" if self.lists[split] else f"no {'/'.join(IMAGE_SUFFIXES)} files in its class folders"
+            raise DataError(f"{source}: the {split} split is empty ({found})")
+        return samples, names
 
     def _splits(self) -> Tuple[List[Sample], List[Sample], List[Sample]]:
-        train, val = list(self._train_samples), self._read("val", self.classes)
-        if not val:
+        train, (val, _) = list(self._train_samples), self._read("val", self.classes)
+        if not val and self.split == "tune":  # 'final' trains on train+val anyway
             order = list(range(len(train)))
             random.Random(self.seed).shuffle(order)
             n_val = max(1, int(round(len(train) * self.val_fraction)))
+            if n_val >= len(train):
+                raise DataError(
+                    f"{self._source('train')}: {len(train)} training image(s) with data.val_fraction={self.val_fraction} "
+                    f"leave none for training; add images or a val split (root/val/ or data.val_list)"
+                )
             val = [train[i] for i in sorted(order[:n_val])]
             train = [train[i] for i in sorted(order[n_val:])]
-        test = self._read("test", self.classes)
-        for name, samples in (("train", train), ("val", val), ("test", test)):
-            if samples:
-                check_samples(samples, self.num_classes, f"{self.root} {name}")
-        return train, val, test
+        return train, val, self._read("test", self.classes)[0]
 
     def setup(self, stage: Optional[str] = None) -> None:
         train, val, test = self._splits()

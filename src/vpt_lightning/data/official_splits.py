@@ -10,16 +10,18 @@ resolves each entry to an item of torchvision's copy of the dataset:
   torchvision reads; a bare name that several files share (Caltech101's ``image_0001.jpg``) is an error that asks
   for the longer path;
 - for datasets torchvision keeps as arrays (CIFAR-100, Patch Camelyon), a TFDS id such as ``train_16399`` is the
-  index 16399 of the original training file, which is torchvision's order.
+  index 16399 of the original training file (torchvision's order), ``validation_12`` the 12th of the validation
+  split where torchvision has one.
 
-An entry is ``{"train": [...], "val": [...]}`` (also ``train800``/``val200``), or one list of more than 800 items
-read as train800 followed by val200.
+An entry is ``{"train": [...], "val": [...]}`` (also ``train800``/``val200``), or one list of 1000 items read as
+train800 followed by val200. Other sizes than 800/200 are allowed (a warning says so).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -27,7 +29,8 @@ from .registry import TaskInfo, normalise_name
 
 TRAIN_KEYS = ("train", "train800")
 VAL_KEYS = ("val", "val200")
-TFDS_ID = re.compile(r"^(?:[A-Za-z]+_)?(\d+)$")
+TFDS_ID = re.compile(r"^(?:([A-Za-z]+)_)?(\d+)$")
+SPLIT_PREFIXES = {"train": "train", "validation": "val", "val": "val"}
 
 
 def read_split_file(path: Path) -> Dict[str, Any]:
@@ -61,49 +64,52 @@ def task_entry(given: Mapping[str, Any], info: TaskInfo, source: str) -> Tuple[L
                 f"{source}: entry {keys[0]!r} has keys {sorted(entry)}; expected one of {list(TRAIN_KEYS)} and one of "
                 f"{list(VAL_KEYS)}"
             )
+        if (len(train), len(val)) != (800, 200):
+            warnings.warn(f"{source}: entry {keys[0]!r} has {len(train)} train and {len(val)} val items (VTAB-1k: 800/200)")
         return list(train), list(val)
-    if isinstance(entry, list) and len(entry) > 800:
+    if isinstance(entry, list) and len(entry) == 1000:
         return list(entry[:800]), list(entry[800:])
     raise ValueError(
-        f"{source}: entry {keys[0]!r} must be {{'train': [...], 'val': [...]}} or one list of train800 + val200 "
-        f"items, got {type(entry).__name__} of length {len(entry) if hasattr(entry, '__len__') else '?'}"
+        f"{source}: entry {keys[0]!r} must be {{'train': [...], 'val': [...]}} or one list of the 1000 train800 + "
+        f"val200 items, got {type(entry).__name__} of length {len(entry) if hasattr(entry, '__len__') else '?'}"
     )
 
 
-def item_files(dataset: Any) -> Optional[List[str]]:
-    """The image file of each item of a torchvision dataset, or ``None`` when it keeps its images in arrays."""
-    if hasattr(dataset, "datasets"):  # ConcatDataset
-        parts = [item_files(d) for d in dataset.datasets]
-        return None if any(p is None for p in parts) else [f for p in parts for f in p]
-    if hasattr(dataset, "samples"):  # ImageFolder (EuroSAT)
-        return [PurePosixPath(Path(p)).as_posix() for p, _ in dataset.samples]
-    for attr in ("_image_files", "_images"):  # DTD, Flowers102, SUN397, CLEVR / Oxford-IIIT Pet
-        if hasattr(dataset, attr):
-            return [Path(p).as_posix() for p in getattr(dataset, attr)]
-    if all(hasattr(dataset, a) for a in ("categories", "y", "index")):  # Caltech101
-        return [f"{dataset.categories[y]}/image_{i:04d}.jpg" for y, i in zip(dataset.y, dataset.index)]
-    return None
+def _tfds_id_index(name: str, splits: Mapping[str, Tuple[int, int]], source: str) -> int:
+    """``train_16399`` -> 16399; ``validation_12`` -> the 12th image of the validation split in the pool."""
+    match = TFDS_ID.match(name)
+    split = SPLIT_PREFIXES.get((match.group(1) or "train").lower()) if match else None
+    if match is None or split is None or split not in splits:
+        raise ValueError(
+            f"{source}: {name!r} is neither an index nor a TFDS id of a split torchvision has here "
+            f"({', '.join(p + '_<n>' for p, s in SPLIT_PREFIXES.items() if s in splits)}); torchvision keeps this "
+            "dataset in arrays, without file names"
+        )
+    offset, size = splits[split]
+    if int(match.group(2)) >= size:
+        raise ValueError(f"{source}: {name!r} is outside the {size} images of torchvision's {split} split")
+    return offset + int(match.group(2))
 
 
-def resolve(entries: Sequence[Any], files: Optional[Sequence[str]], size: int, source: str) -> List[int]:
-    """Indices of ``entries`` (indices, file names or TFDS ids) among ``size`` items with image ``files``."""
+def resolve(entries: Sequence[Any], files: Optional[Sequence[str]], splits: Mapping[str, Tuple[int, int]],
+            source: str) -> List[int]:
+    """Indices of ``entries`` (indices, file names or TFDS ids) into a pool of images.
+
+    ``splits`` maps ``train`` (and ``val`` where the pool holds torchvision's validation split too) to its
+    ``(offset, size)`` in the pool; ``files`` is the image file of each pool item, ``None`` for array datasets.
+    Integers index the training split.
+    """
     by_suffix: Dict[int, Dict[Tuple[str, ...], List[int]]] = {}
     indices, missing, ambiguous = [], [], []
     for entry in entries:
         if isinstance(entry, int) and not isinstance(entry, bool):
-            if not 0 <= entry < size:
-                raise ValueError(f"{source}: index {entry} is outside torchvision's {size} images")
+            if not 0 <= entry < splits["train"][1]:
+                raise ValueError(f"{source}: index {entry} is outside torchvision's {splits['train'][1]} training images")
             indices.append(entry)
             continue
         name = str(entry)
         if files is None:
-            match = TFDS_ID.match(name)
-            if match is None or int(match.group(1)) >= size:
-                raise ValueError(
-                    f"{source}: {name!r} is neither an index nor a TFDS id (e.g. 'train_00012') of the {size} images; "
-                    "torchvision keeps this dataset in arrays, without file names"
-                )
-            indices.append(int(match.group(1)))
+            indices.append(_tfds_id_index(name, splits, source))
             continue
         parts = tuple(p for p in PurePosixPath(name.replace("\\", "/")).parts if p not in ("/", "."))
         table = by_suffix.get(len(parts))

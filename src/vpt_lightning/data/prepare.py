@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import random
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,9 @@ from torch.utils.data import ConcatDataset
 from ..atomic import write_text_atomic
 from .datasets import check_images
 from .fgvc import FGVCDataModule, make_train_val_split
-from .official_splits import item_files, read_split_file, resolve, task_entry
+from .official_splits import read_split_file, resolve, task_entry
 from .registry import get_task
+from .torchvision_items import item_files, item_labels
 from .vtab import LIST_FILES, VTABDataModule
 
 # each factory takes (source root, download flag) and returns a torchvision dataset of (PIL image, label)
@@ -88,30 +90,45 @@ def _label(target, offset: int = 0) -> int:
 
 
 def _write_split(dataset, indices: Sequence[int], task_dir: Path, prefix: str, label_offset: int) -> List[str]:
-    """Save the images at ``indices`` as PNG (atomically; kept if already there) and return their list lines."""
+    """Put the images at ``indices`` under ``task_dir/images`` and return their list lines.
+
+    Where torchvision reads image files, the original file is copied (no re-encoding) and the label read from
+    its label list; array datasets are decoded and saved as PNG. Writes are atomic; existing images are kept.
+    """
+    files, labels = item_files(dataset), item_labels(dataset)
     lines = []
     for i in indices:
-        image, target = dataset[i]
-        rel = f"images/{prefix}_{i:07d}.png"
+        suffix = Path(files[i]).suffix.lower() if files is not None else ".png"
+        rel = f"images/{prefix}_{i:07d}{suffix}"
         path = task_dir / rel
+        image = target = None
+        if labels is None or (files is None and not path.exists()):
+            image, target = dataset[i]
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.png")
-            image.convert("RGB").save(tmp)
+            tmp = path.with_name(f".{path.name}.tmp")
+            if files is not None:
+                shutil.copyfile(files[i], tmp)
+            else:
+                image.convert("RGB").save(tmp, format="PNG")
             tmp.replace(path)
-        lines.append(f"{rel} {_label(target, label_offset)}")
+        lines.append(f"{rel} {_label(labels[i] if labels is not None else target, label_offset)}")
     return lines
 
 
-def _given_split(official_splits: Path, info, pool) -> Tuple[List[int], List[int]]:
-    """train800/val200 indices into ``pool`` from a split file (see :mod:`.official_splits`)."""
+def _given_split(official_splits: Path, info, train_set, val_set) -> Tuple[List[int], List[int], object]:
+    """train800/val200 indices from a split file (see :mod:`.official_splits`), and the pool they index."""
     source = f"--official-splits {str(official_splits)!r} [{info.name}]"
     train, val = task_entry(read_split_file(official_splits), info, source)
+    pool = train_set if val_set is None else ConcatDataset([train_set, val_set])
+    splits = {"train": (0, len(train_set))}
+    if val_set is not None:
+        splits["val"] = (len(train_set), len(val_set))
     files = item_files(pool)
-    train_idx, val_idx = resolve(train, files, len(pool), source), resolve(val, files, len(pool), source)
+    train_idx, val_idx = resolve(train, files, splits, source), resolve(val, files, splits, source)
     if set(train_idx) & set(val_idx):
         raise ValueError(f"{source}: {len(set(train_idx) & set(val_idx))} image(s) are in both train and val")
-    return train_idx, val_idx
+    return train_idx, val_idx, pool
 
 
 def prepare_vtab_task(task: str, source: Path, out: Path, download: bool = False, seed: int = 0,
@@ -133,14 +150,13 @@ def prepare_vtab_task(task: str, source: Path, out: Path, download: bool = False
     try:
         train_set = spec.train(source, download)
         test_set = spec.test(source, download) if spec.test else None
-        if official_splits is not None and spec.val is not None:
-            train_set = ConcatDataset([train_set, spec.val(source, download)])
+        val_set = spec.val(source, download) if official_splits is not None and spec.val else None
     except RuntimeError as err:  # torchvision: 'Dataset not found or corrupted. You can use download=True ...'
         raise FileNotFoundError(
             f"torchvision could not find {info.name!r} under {str(source)!r} ({err}); pass --download to fetch it"
         ) from err
     if official_splits is not None:
-        train_idx, val_idx = _given_split(official_splits, info, train_set)
+        train_idx, val_idx, train_set = _given_split(official_splits, info, train_set, val_set)
     else:
         order = list(range(len(train_set)))
         random.Random(seed).shuffle(order)

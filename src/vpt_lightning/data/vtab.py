@@ -13,6 +13,16 @@ from .transforms import build_transform
 LIST_FILES = {"train": "train800.txt", "val": "val200.txt", "trainval": "train800val200.txt", "test": "test.txt"}
 
 
+def build_hint(task: str, root: Path) -> str:
+    """How to get a missing task folder: ``vpt-prepare vtab`` where it covers the task, else the TFDS export."""
+    from .prepare import TORCHVISION_SOURCES  # lazy: prepare imports this module
+
+    if task in TORCHVISION_SOURCES:
+        return f"or build it with 'vpt-prepare vtab --tasks {task} --source TORCHVISION_ROOT --out {root}' (add --download)"
+    return (f"vpt-prepare cannot build {task!r} (it covers {sorted(TORCHVISION_SOURCES)}): copy the TFDS export of "
+            f"VTAB-1k (e.g. the folders released with NOAH/SSF) into {root}, see the README's VTAB-1k paragraph")
+
+
 class VTABDataModule(ImageClassificationDataModule):
     """One VTAB-1k task read from ``root/<task folder>/{train800,val200,train800val200,test}.txt``.
 
@@ -42,12 +52,13 @@ class VTABDataModule(ImageClassificationDataModule):
         self.root = Path(root).expanduser()
         self.task_dir = self.root / (task_dir or self.task.folder)
         self.interpolation = interpolation
-        require_dir(
-            self.task_dir,
-            f"VTAB-1k folder of task {self.task.name!r}",
-            f"set data.root (now {str(self.root)!r}) to the folder holding '{self.task.folder}/', or build it with "
-            f"'vpt-prepare vtab --tasks {self.task.name} --out {self.root}'",
-        )
+        if not self.task_dir.is_dir():  # the hint imports vpt-prepare: only when it is needed
+            require_dir(
+                self.task_dir,
+                f"VTAB-1k folder of task {self.task.name!r}",
+                f"set data.root (now {str(self.root)!r}) to the folder holding '{self.task.folder}/'; "
+                + build_hint(self.task.name, self.root),
+            )
 
     def _dataset(self, split: str, train: bool) -> ImageListDataset:
         samples = read_list_file(self.task_dir / LIST_FILES[split], self.task_dir, self.num_classes)
