@@ -252,3 +252,15 @@ def test_hparams_search_grids_are_the_protocols_and_run_as_a_multirun(tmp_path):
     results = [json.loads(p.read_text()) for p in sorted((tmp_path / "outputs" / "g" / "multirun" / "grid").glob("*/results.json"))]
     assert [r["config"]["optim"]["base_lr"] for r in results] == [0.5, 2.0]
     assert all(r["config"]["data"]["split"] == "tune" and "test/top1" not in r and "val/top1" in r for r in results)
+
+
+def test_report_averages_groups_of_tasks_outside_the_benchmarks():
+    def summary(task, tuning, tests, group):
+        return _summary(task, tuning, tests) | {"task_group": group}
+
+    summaries = [summary("mini_count", "vpt_deep", [0.5, 0.6], "structured"), summary("mini_loc", "vpt_deep", [0.3], "structured"),
+                 summary("mini_count", "linear", [0.4], "structured"), summary("mini_shape", "linear", [0.9], "natural")]
+    markdown, table = build_report(summaries)
+    assert "| structured (mean of 2: mini_count, mini_loc) | incomplete (1/2) | 42.50 |" in markdown  # (55 + 30) / 2
+    assert "| natural (mean of 1: mini_shape) | 90.00 | incomplete (0/1) |" in markdown
+    assert "(paper)" not in markdown and "VTAB" not in markdown  # no benchmark task: no paper columns or VTAB rows

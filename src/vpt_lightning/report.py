@@ -87,7 +87,8 @@ def _pct(value: Optional[float], digits: int = 2) -> str:
 def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
     """Markdown and CSV text of the report (CSV accuracies in percent, like the paper's)."""
     tasks, tunings, cells = collect(summaries)
-    paper_tunings = [t for t in tunings if t in METHODS]
+    benchmark = any(task in TASKS for task in tasks)  # paper columns only beside the paper's tasks
+    paper_tunings = [t for t in tunings if t in METHODS] if benchmark else []
     header = ["task"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in paper_tunings]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table = io.StringIO()
@@ -110,23 +111,37 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
         md.append("| " + " | ".join(row) + " |")
     per_tuning = {t: {task: 100 * cells[task, t]["test_top1"]["mean"] for task in tasks if (task, t) in cells}
                   for t in tunings}
-    if any(task in TASKS for task in tasks):
+    rows = aggregates({}) if benchmark else []
+    groups: Dict[str, List[str]] = {}  # tasks outside the registry, by the group their runs reported
+    for summary in summaries:
+        if summary["task_name"] not in TASKS and summary.get("task_group"):
+            names = groups.setdefault(summary["task_group"], [])
+            names += [summary["task_name"]] if summary["task_name"] not in names else []
+    if rows or groups:
         agg_header = ["aggregate"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in paper_tunings]
         md += ["", "| " + " | ".join(agg_header) + " |", "|" + "---|" * len(agg_header)]
-        ours = {t: aggregates(per_tuning[t]) for t in tunings}
+        ours = {t: aggregates(per_tuning[t]) if rows else [] for t in tunings}
         paper = {t: paper_aggregates(t) for t in paper_tunings}
-        for i, (label, *_) in enumerate(aggregates({})):
+        for group, names in sorted(groups.items()):
+            rows.append((f"{group} (mean of {len(names)}: {', '.join(names)})", None, 0, len(names)))
+            for t in tunings:
+                present = sum(per_tuning[t].get(n) is not None for n in names)
+                ours[t].append((rows[-1][0], set_mean(per_tuning[t], names), present, len(names)))
+            for t in paper_tunings:
+                paper[t].append(None)
+        for i, (label, *_) in enumerate(rows):
             shown = []
             for t in tunings:
                 _, value, present, total = ours[t][i]
                 shown.append(f"{value:.2f}" if value is not None else f"incomplete ({present}/{total})")
                 writer.writerow([label, t, _pct(value), "", "", "", "", _pct(paper[t][i] if t in paper else None)])
-            shown += [f"{paper[t][i]:.2f}" for t in paper_tunings]
+            shown += [f"{paper[t][i]:.2f}" if paper[t][i] is not None else MISSING for t in paper_tunings]
             md.append(f"| {label} | " + " | ".join(shown) + " |")
     backbones = sorted({str(s.get("backbone")) for s in summaries if s.get("backbone")})
     md.append("")
-    md.append("Test top-1 (%) at the last epoch, mean ± std over seeds; means only over complete sets; paper aggregates "
-              "computed from its per-task numbers (ViT-B/16 ImageNet-21k)." + (f" Backbone: {', '.join(backbones)}." if backbones else ""))
+    md.append("Test top-1 (%) at the last epoch, mean ± std over seeds; means only over complete sets."
+              + (" Paper aggregates computed from its per-task numbers (ViT-B/16 ImageNet-21k)." if benchmark else "")
+              + (f" Backbone: {', '.join(backbones)}." if backbones else ""))
     return "\n".join(md) + "\n", table.getvalue()
 
 

@@ -122,6 +122,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     results: Dict[str, Any] = {
         "task_name": cfg.task_name,
+        "task_group": getattr(datamodule, "task_group", None),
         "tuning": cfg.tuning.name,
         "seed": cfg.seed,
         "epochs": trainer.current_epoch,

@@ -39,6 +39,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
     """
 
     num_classes: int
+    task_group: Optional[str] = None  # e.g. the VTAB group; reports average the tasks of a group
 
     def __init__(
         self,

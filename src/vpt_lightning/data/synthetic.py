@@ -143,16 +143,17 @@ class SyntheticTask:
     name: str
     num_classes: int
     make: Callable[[np.random.Generator, int], Tuple[List[Shape], int]]
+    group: str  # the VTAB group it resembles (reports average per group), or 'upstream'
 
 
 SYNTHETIC_TASKS: Dict[str, SyntheticTask] = {
     t.name: t
     for t in (
-        SyntheticTask("shapes", 36, _task_shapes),
-        SyntheticTask("smallest", 6, _task_smallest),
-        SyntheticTask("count", 5, _task_count),
-        SyntheticTask("location", 9, _task_location),
-        SyntheticTask("orientation", 8, _task_orientation),
+        SyntheticTask("shapes", 36, _task_shapes, "upstream"),
+        SyntheticTask("smallest", 6, _task_smallest, "natural"),
+        SyntheticTask("count", 5, _task_count, "structured"),
+        SyntheticTask("location", 9, _task_location, "structured"),
+        SyntheticTask("orientation", 8, _task_orientation, "structured"),
     )
 }
 
@@ -223,6 +224,7 @@ class SyntheticDataModule(ImageClassificationDataModule):
         super().__init__(**kwargs)
         self.task = get_synthetic_task(task)
         self.num_classes = self.task.num_classes
+        self.task_group = self.task.group
         self.num_train, self.num_val, self.num_test, self.seed = num_train, num_val, num_test, seed
 
     def _dataset(self, count: int, offset: int) -> SyntheticDataset:

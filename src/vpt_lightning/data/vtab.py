@@ -49,6 +49,7 @@ class VTABDataModule(ImageClassificationDataModule):
         super().__init__(**kwargs)
         self.task = get_task(task, benchmark="vtab")
         self.num_classes = self.task.num_classes
+        self.task_group = self.task.group
         self.root = Path(root).expanduser()
         self.task_dir = self.root / (task_dir or self.task.folder)
         self.interpolation = interpolation
