@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -44,6 +45,20 @@ def read_list_file(list_file: Path, image_dir: Path, num_classes: int) -> List[S
     if not samples:
         raise DataError(f"{list_file}: the split is empty")
     return samples
+
+
+def read_json_object(path: Path, what: str, hint: str = "") -> Dict[str, Any]:
+    """Read a JSON file that must hold an object; a :class:`DataError` names the file (``what`` it is) otherwise."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{what} {str(path)!r} does not exist{' (' + hint + ')' if hint else ''}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{what} {str(path)!r} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise DataError(f"{what} {str(path)!r}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def load_rgb(path: Path) -> Image.Image:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .base import ImageClassificationDataModule
-from .datasets import DataError, ImageListDataset, Sample, require_dir
+from .datasets import DataError, ImageListDataset, Sample, read_json_object, require_dir
 from .registry import get_task
 from .transforms import build_transform
 from ..atomic import write_json_atomic
@@ -25,14 +25,7 @@ IMAGE_DIRS = {
 
 def read_split_json(path: Path) -> Dict[str, int]:
     """Read ``{image path: class id}``; errors name the file (and the key of a bad class id)."""
-    if not path.is_file():
-        raise DataError(f"FGVC split file {str(path)!r} does not exist (make train/val with 'vpt-prepare fgvc-split')")
-    try:
-        mapping = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(mapping, dict):
-        raise DataError(f"{path}: expected a JSON object mapping image path -> integer class id")
+    mapping = read_json_object(path, "FGVC split file", "make train/val with 'vpt-prepare fgvc-split'")
     for key, cid in mapping.items():
         if isinstance(cid, bool) or not isinstance(cid, int):  # bool is an int in Python: reject true/false
             raise DataError(f"{path}: key {key!r} has class id {json.dumps(cid)}; expected an integer class id")

@@ -19,12 +19,12 @@ train800 followed by val200. Other sizes than 800/200 are allowed (a warning say
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from .datasets import read_json_object
 from .registry import TaskInfo, normalise_name
 
 TRAIN_KEYS = ("train", "train800")
@@ -35,16 +35,7 @@ SPLIT_PREFIXES = {"train": "train", "validation": "val", "val": "val"}
 
 def read_split_file(path: Path) -> Dict[str, Any]:
     """Read the JSON split file; errors name it."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"--official-splits {str(path)!r} does not exist")
-    try:
-        given = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--official-splits {str(path)!r} is not valid JSON ({err})") from err
-    if not isinstance(given, dict):
-        raise ValueError(f"--official-splits {str(path)!r}: expected a JSON object {{task: split}}")
-    return given
+    return read_json_object(path, "--official-splits", "the authors' vtab_trainval_splits.json, or {task: {train, val}}")
 
 
 def task_entry(given: Mapping[str, Any], info: TaskInfo, source: str) -> Tuple[List[Any], List[Any]]:
