@@ -94,6 +94,34 @@ def test_lr_scales_with_gradient_accumulation(tmp_path):
     assert module.learning_rate() == pytest.approx(2.0 * 8 * 2 / 256)
 
 
+@pytest.mark.parametrize("tuning", [None, {"name": "full", "backbone": "full"}])
+def test_accumulated_step_equals_a_hand_computed_sgd_update(tmp_path, tuning):
+    """Gradients are zeroed at the start of each accumulation window (before the forward): two accumulated batches
+    still give one SGD step on the mean of their gradients, for prompts and, in full fine-tuning, every weight."""
+    import copy
+
+    module = make_module(**({"tuning": tuning, "prompt": {"num_tokens": 0}, "backbone_eval": False} if tuning else {}))
+    start = copy.deepcopy(module)
+    batches, recorder = [], RecordLR()
+
+    class Keep(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            batches.append([t.clone() for t in batch])
+
+    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[recorder, Keep()], accumulate_grad_batches=2,
+                           limit_train_batches=2, limit_val_batches=0)
+    trainer.fit(module, datamodule=make_data(batch_size=8))
+    assert len(batches) == 2 and trainer.global_step == 1
+    start.train()
+    params = [p for p in start.parameters() if p.requires_grad]
+    loss = sum(start.criterion(start(x), y) / 2 for x, y in batches)  # Lightning divides by the accumulation
+    grads = torch.autograd.grad(loss, params)
+    lr, wd = recorder.lrs[0], module.optim_config.weight_decay
+    trained = dict(module.named_parameters())
+    for (name, p), g in zip(((n, p) for n, p in start.named_parameters() if p.requires_grad), grads):
+        torch.testing.assert_close(trained[name], p - lr * (g + wd * p), rtol=1e-4, atol=1e-6)  # SGD's first step
+
+
 def test_checkpoint_holds_only_trained_tensors_and_reloads_to_identical_logits(tmp_path, images):
     module = make_module()
     trainer = make_trainer(tmp_path, max_epochs=1, limit_val_batches=0)

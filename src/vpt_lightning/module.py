@@ -216,6 +216,18 @@ class VPTModule(pl.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test")
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Free the previous step's gradients before the forward pass rather than after it (Lightning zeroes them in
+        # its closure, after training_step): the same arithmetic, but activations and stale gradients are never
+        # held at once, which lowers the peak memory of full fine-tuning by the gradients' size (~400 MB for ViT-B).
+        # Same condition as Lightning's: the first batch of each gradient-accumulation window.
+        if self.automatic_optimization and batch_idx % self.trainer.accumulate_grad_batches == 0:
+            for optimizer in self.trainer.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:
+        """No-op: :meth:`on_train_batch_start` already zeroed the gradients (call ``super()`` when overriding it)."""
+
     def on_fit_start(self) -> None:
         counts = self.parameter_counts()
         for logger in self.loggers:

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
 # config keys that do not change what a run computes (where it writes, how it loads data, what it prints)
 NOT_RESULT_KEYS = {
-    "data": ("root", "task_dir", "image_dir", "num_workers", "persistent_workers", "pin_memory"),
+    "data": ("root", "task_dir", "image_dir", "num_workers", "persistent_workers", "pin_memory", "eval_batch_size"),
     "trainer": ("default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps"),
 }
 RESULT_GROUPS = ("backbone", "prompt", "tuning", "optim", "data", "trainer", "seed", "backbone_eval", "grad_checkpointing")
