@@ -1,12 +1,21 @@
-"""Training-step speed and peak memory of VPT against full fine-tuning, through VPTModule and a plain loop.
+"""Training-step speed and memory of VPT against full fine-tuning, through VPTModule and a hand-written loop.
 
     python benchmarks/speed.py                                   # ViT-S/16 and ViT-B/16, batch 8, 224 px
-    python benchmarks/speed.py --models vit_small_patch16_224 --steps 5
+    python benchmarks/speed.py --models vit_small_patch16_224 --steps 6
 
-Each configuration runs in a fresh process (so that the peak RSS is its own): a Lightning ``Trainer`` step of
-``VPTModule`` and, for reference, a hand-written PyTorch loop over the same model (same optimizer, same
-autocast). Random init, no download. Prints img/s, peak RSS, and the ratios of each step time to full
-fine-tuning in fp32 and of the Lightning step to the hand-written one.
+Each configuration (model x mode x precision) runs in a fresh process, so that its peak RSS is its own. In it, a
+Lightning ``Trainer`` fits ``VPTModule`` and, after every Lightning step, a minimal hand-written PyTorch step
+(zero_grad, autocast forward, loss, backward, optimizer step) runs on the same module with the same optimizer:
+the two alternate step by step, so that the machine's load drifts hit both alike. Random init, no download.
+
+Attention: timm's fused kernel (``TIMM_FUSED_ATTN=1``) for fp32 and its plain matmul path (``TIMM_FUSED_ATTN=0``)
+for bf16, the faster of the two on this CPU for each precision (ViT-B VPT-Deep bf16: 1.86 against 2.15 s/step; fp32:
+3.42 fused against 3.56); set ``TIMM_FUSED_ATTN`` to force one for all rows.
+
+Printed per configuration: the median s/step of each runner (after warm-up), img/s, the Lightning / hand ratio,
+both step times relative to full fine-tuning in fp32, the process's peak RSS (model, data, optimizer state and
+the larger of the two steps' activations) and the activation memory saved for the backward pass (bytes of the
+tensors autograd keeps, not counting parameters: a deterministic figure, unlike RSS).
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -26,8 +36,7 @@ MODES = {
     "vpt_shallow": ({"num_tokens": 10, "deep": False}, {"name": "vpt_shallow"}, True),
     "vpt_deep": ({"num_tokens": 10, "deep": True}, {"name": "vpt_deep"}, True),
 }
-CONFIGS = [("full", "fp32"), ("full", "bf16"), ("linear", "fp32"), ("vpt_shallow", "fp32"), ("vpt_deep", "fp32"),
-           ("vpt_deep", "bf16")]
+CONFIGS = [(mode, precision) for mode in MODES for precision in ("fp32", "bf16")]
 
 
 def _module(model: str, mode: str, num_classes: int = 100):
@@ -38,8 +47,28 @@ def _module(model: str, mode: str, num_classes: int = 100):
                      tuning=tuning, backbone_eval=backbone_eval)
 
 
-def run_one(model: str, mode: str, precision: str, runner: str, batch: int, steps: int, warmup: int) -> Dict:
-    """Time ``steps`` training steps (after ``warmup``) in this process; returns seconds per step and peak RSS."""
+def saved_activation_mb(module, images, labels, precision: str) -> float:
+    """MB of the tensors autograd saves for backward in one training forward (parameters not counted)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages: Dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = module.criterion(module(images), labels)
+    del loss
+    return sum(storages.values()) / 2**20
+
+
+def run_one(model: str, mode: str, precision: str, batch: int, steps: int, warmup: int) -> Dict:
+    """Alternate Lightning and hand-written steps in this process; return their median times and memory."""
     import pytorch_lightning as pl
     import torch
     from torch.utils.data import DataLoader, TensorDataset
@@ -48,69 +77,78 @@ def run_one(model: str, mode: str, precision: str, runner: str, batch: int, step
     module = _module(model, mode)
     images = torch.randn(batch * (steps + warmup), 3, 224, 224)
     labels = torch.randint(0, 100, (len(images),))
-    times: List[float] = []
-    if runner == "lightning":
-        class Timer(pl.Callback):
-            def on_train_batch_start(self, *args):
-                self.start = time.perf_counter()
+    times: Dict[str, List[float]] = {"lightning": [], "hand": []}
 
-            def on_train_batch_end(self, *args):
-                times.append(time.perf_counter() - self.start)
+    def hand_step(trainer, index: int) -> None:
+        optimizer = trainer.optimizers[0]  # the same optimizer (and state) as the Lightning step
+        x, y = images[index * batch:(index + 1) * batch], labels[index * batch:(index + 1) * batch]
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = module.criterion(module(x), y)
+        loss.backward()
+        optimizer.step()
+        times["hand"].append(time.perf_counter() - start)
 
-        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps + warmup, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             precision="bf16-mixed" if precision == "bf16" else "32-true", callbacks=[Timer()],
-                             limit_val_batches=0)
-        trainer.fit(module, DataLoader(TensorDataset(images, labels), batch_size=batch))
-    else:
-        module.train()
-        optimizer = torch.optim.SGD(module.trainable_parameters(), lr=0.01, momentum=0.9)
-        criterion = torch.nn.CrossEntropyLoss()
-        for i in range(steps + warmup):
-            x, y = images[i * batch:(i + 1) * batch], labels[i * batch:(i + 1) * batch]
-            start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = criterion(module(x), y)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - start)
-    timed = sorted(times[warmup:])
-    return {"s_per_step": timed[len(timed) // 2], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    class Alternate(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            times["lightning"].append(time.perf_counter() - self.start)
+            hand_step(trainer, batch_idx)
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps + warmup, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         precision="bf16-mixed" if precision == "bf16" else "32-true", callbacks=[Alternate()],
+                         limit_val_batches=0)
+    trainer.fit(module, DataLoader(TensorDataset(images, labels), batch_size=batch))
+    trainer.optimizers[0].zero_grad(set_to_none=True)  # the last step's gradients would inflate the peak below
+    module.train()
+    activations = saved_activation_mb(module, images[:batch], labels[:batch], precision)
+    return {
+        **{f"{runner}_s": statistics.median(t[warmup:]) for runner, t in times.items()},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "activations_mb": activations,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224"])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps of each runner")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--one", nargs=4, metavar=("MODEL", "MODE", "PRECISION", "RUNNER"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=3, metavar=("MODEL", "MODE", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(*args.one, batch=args.batch, steps=args.steps, warmup=args.warmup)))
         return
-    env = {**os.environ, "TIMM_FUSED_ATTN": os.environ.get("TIMM_FUSED_ATTN", "1")}
-    print(f"batch {args.batch}, 224 px, median of {args.steps} steps after {args.warmup} warm-up; "
-          f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
-    print("| model | mode | precision | Lightning s/step | img/s | hand-written s/step | Lightning / hand | "
-          "vs full fp32 (Lightning) | vs full fp32 (hand) | peak RSS MB (Lightning) | RSS vs full |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    forced = os.environ.get("TIMM_FUSED_ATTN")
+    started = time.time()
+    print(f"batch {args.batch}, 224 px, median of {args.steps} steps per runner after {args.warmup} warm-up, "
+          f"alternating; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}; "
+          f"TIMM_FUSED_ATTN={forced or '1 for fp32, 0 for bf16'}")
+    print("| model | mode | precision | Lightning s/step | img/s | hand s/step | Lightning / hand | "
+          "vs full fp32 (Lightning) | vs full fp32 (hand) | peak RSS MB | RSS vs full | activations MB | act. vs full |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model in args.models:
         rows = {}
         for mode, precision in CONFIGS:
-            for runner in ("lightning", "hand"):
-                cmd = [sys.executable, __file__, "--one", model, mode, precision, runner, "--batch", str(args.batch),
-                       "--steps", str(args.steps), "--warmup", str(args.warmup)]
-                out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-                rows[mode, precision, runner] = json.loads(out.strip().splitlines()[-1])
-        base_l, base_h = rows["full", "fp32", "lightning"], rows["full", "fp32", "hand"]
+            cmd = [sys.executable, __file__, "--one", model, mode, precision, "--batch", str(args.batch),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            env = {**os.environ, "TIMM_FUSED_ATTN": forced or ("0" if precision == "bf16" else "1")}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+            rows[mode, precision] = json.loads(out.strip().splitlines()[-1])
+        base = rows["full", "fp32"]
         for mode, precision in CONFIGS:
-            lit, hand = rows[mode, precision, "lightning"], rows[mode, precision, "hand"]
-            print(f"| {model} | {mode} | {precision} | {lit['s_per_step']:.3f} | {args.batch / lit['s_per_step']:.1f} | "
-                  f"{hand['s_per_step']:.3f} | {lit['s_per_step'] / hand['s_per_step']:.2f} | "
-                  f"{lit['s_per_step'] / base_l['s_per_step']:.2f} | {hand['s_per_step'] / base_h['s_per_step']:.2f} | "
-                  f"{lit['peak_rss_mb']:.0f} | {lit['peak_rss_mb'] / base_l['peak_rss_mb']:.2f} |", flush=True)
+            r = rows[mode, precision]
+            print(f"| {model} | {mode} | {precision} | {r['lightning_s']:.3f} | {args.batch / r['lightning_s']:.1f} | "
+                  f"{r['hand_s']:.3f} | {r['lightning_s'] / r['hand_s']:.2f} | "
+                  f"{r['lightning_s'] / base['lightning_s']:.2f} | {r['hand_s'] / base['hand_s']:.2f} | "
+                  f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} | "
+                  f"{r['activations_mb']:.0f} | {r['activations_mb'] / base['activations_mb']:.2f} |", flush=True)
+    print(f"\nwall time {(time.time() - started) / 60:.1f} min; load average now {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
