@@ -264,3 +264,18 @@ def test_report_averages_groups_of_tasks_outside_the_benchmarks():
     assert "| structured (mean of 2: mini_count, mini_loc) | incomplete (1/2) | 42.50 |" in markdown  # (55 + 30) / 2
     assert "| natural (mean of 1: mini_shape) | 90.00 | incomplete (0/1) |" in markdown
     assert "(paper)" not in markdown and "VTAB" not in markdown  # no benchmark task: no paper columns or VTAB rows
+
+
+def test_minivtab_runs_end_to_end_and_reports_group_means(tmp_path):
+    """benchmarks/minivtab.py (sweep -> select -> final -> report) on 2 tasks x 2 strategies, shrunk to seconds."""
+    script = Path(__file__).parents[1] / "benchmarks" / "minivtab.py"
+    shrink = ["+debug=fast", "data.num_train=32", "data.num_val=16", "data.num_test=16", "data.batch_size=16",
+              "protocol.base_lr=[1]", "protocol.weight_decay=[0]"]
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "mv"), "--tasks", "kind,count",
+                           "--tunings", "vpt_deep,linear", *shrink], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (tmp_path / "mv" / "report.md").read_text()
+    for task in ("minivtab_kind", "minivtab_count"):
+        assert f"| {task} |" in report
+    assert "| natural (mean of 1: minivtab_kind) |" in report and "| structured (mean of 1: minivtab_count) |" in report
+    assert (tmp_path / "mv" / "report.png").stat().st_size > 1000

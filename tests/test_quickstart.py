@@ -54,6 +54,18 @@ def test_count_task_draws_the_labelled_number_of_shapes():
         assert len(shapes) == label + 1
 
 
+def test_kind_task_draws_one_shape_of_the_labelled_kind_and_every_task_names_its_group():
+    task = SYNTHETIC_TASKS["kind"]
+    labels = set()
+    for index in range(60):
+        shapes, label = task.make(np.random.default_rng([0, index]), 32)
+        assert len(shapes) == 1 and shapes[0].kind == label and shapes[0].radius >= 0.12 * 32
+        labels.add(label)
+    assert labels == set(range(6))
+    assert {name: t.group for name, t in SYNTHETIC_TASKS.items()} == {
+        "shapes": "upstream", "kind": "natural", "count": "structured", "location": "structured", "orientation": "structured"}
+
+
 def test_packaged_backbone_loads_and_is_not_random():
     cfg = compose(["+experiment=quickstart"])
     model, identity = create_backbone(dict(cfg.backbone))

@@ -5,7 +5,8 @@ network. Scenes hold 1-5 coloured shapes (six kinds) over a textured background.
 
 - ``shapes`` (upstream, used to pretrain the quickstart backbone): kind of the largest shape x its colour
   (36 classes), 1-3 shapes.
-- ``smallest``: kind of the smallest shape (6 classes) among 2-4: a natural-like recognition task.
+- ``kind``: the kind of a single shape of any size and colour (6 classes): natural-like, close to the upstream
+  question, as VTAB's natural tasks are close to ImageNet.
 - ``count``: how many shapes, 1-5 (5 classes): structured, like CLEVR/count.
 - ``location``: the 3x3 grid cell holding the single shape (9 classes): structured, like dSprites/location.
 - ``orientation``: the angle of a single bar, in 8 bins of 22.5 degrees (8 classes): like dSprites/orientation.
@@ -108,11 +109,9 @@ def _task_shapes(rng, size):
     return shapes, largest.kind * 6 + largest.color
 
 
-def _task_smallest(rng, size):
-    shapes = _random_shapes(rng, int(rng.integers(2, 5)), size, (0.1, 0.28))
-    smallest = min(shapes, key=lambda s: s.radius)
-    shapes.sort(key=lambda s: s is smallest)
-    return shapes, smallest.kind
+def _task_kind(rng, size):
+    shape = _random_shapes(rng, 1, size, (0.12, 0.35))[0]
+    return [shape], shape.kind
 
 
 def _task_count(rng, size):
@@ -150,7 +149,7 @@ SYNTHETIC_TASKS: Dict[str, SyntheticTask] = {
     t.name: t
     for t in (
         SyntheticTask("shapes", 36, _task_shapes, "upstream"),
-        SyntheticTask("smallest", 6, _task_smallest, "natural"),
+        SyntheticTask("kind", 6, _task_kind, "natural"),
         SyntheticTask("count", 5, _task_count, "structured"),
         SyntheticTask("location", 9, _task_location, "structured"),
         SyntheticTask("orientation", 8, _task_orientation, "structured"),
