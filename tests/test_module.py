@@ -231,6 +231,28 @@ def test_subclass_hooks_replace_head_and_loss(tmp_path):
     assert "head.0.weight" in torch.load(path, weights_only=False)["state_dict"]
 
 
+def test_subclass_replaces_the_optimizer_through_its_hook(tmp_path):
+    """configure_optimizers is a hook: a subclass swaps SGD for AdamW and keeps the trainable set and the schedule."""
+
+    class AdamWModule(VPTModule):
+        def configure_optimizers(self):
+            config = super().configure_optimizers()  # the package's schedule on the package's parameter set
+            adamw = torch.optim.AdamW(self.trainable_parameters(), lr=1e-3)
+            config["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(
+                adamw, config["lr_scheduler"]["scheduler"].lr_lambdas[0])
+            return {**config, "optimizer": adamw}
+
+    module = AdamWModule(num_classes=9, backbone=TINY_BACKBONE, prompt=dict(num_tokens=5))
+    prompts = module.backbone.prompts.tokens.detach().clone()
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=make_data())
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in module.trainable_parameters()}
+    assert all("exp_avg" in optimizer.state[p] for p in module.trainable_parameters())  # AdamW's state, not SGD's
+    assert not torch.allclose(module.backbone.prompts.tokens, prompts)
+
+
 def test_bad_optim_and_class_count_are_named():
     with pytest.raises(ValueError, match="optim.base_lr=-1"):
         make_module(optim=dict(base_lr=-1))
