@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .atomic import write_json_atomic, write_text_atomic
-from .training import RESULTS_FILE, result_config, train
+from .training import RESULTS_FILE, last_checkpoint, result_config, train
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
@@ -40,6 +40,14 @@ def grid_points(protocol: DictConfig, tunes_backbone: bool) -> List[Dict[str, An
 def point_name(point: Dict[str, Any]) -> str:
     name = f"lr{point['base_lr']:g}_wd{point['weight_decay']:g}"
     return name if point.get("num_tokens") is None else f"{name}_p{point['num_tokens']}"
+
+
+def point_overrides(point: Dict[str, Any]) -> Dict[str, Any]:
+    """The config overrides of a grid point (lr, weight decay and, when swept, the prompt length)."""
+    overrides = {"optim.base_lr": point["base_lr"], "optim.weight_decay": point["weight_decay"]}
+    if point.get("num_tokens") is not None:
+        overrides["recipe.num_tokens"] = point["num_tokens"]
+    return overrides
 
 
 def select_best(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
@@ -89,7 +97,7 @@ def _job(cfg: DictConfig, run_dir: Path, overrides: Dict[str, Any]) -> DictConfi
     with open_dict(job):
         for key, value in {**overrides, "run_dir": str(run_dir)}.items():
             OmegaConf.update(job, key, value, merge=False)
-        last = run_dir / "checkpoints" / "last.ckpt"
+        last = last_checkpoint(run_dir)
         job.ckpt_path = str(last) if last.is_file() else None
     return job
 
@@ -126,10 +134,7 @@ def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> 
     sweep, errors = [], []
     for point in grid_points(protocol, tunes_backbone):
         # tuning never looks at the test set (and skipping it saves time)
-        overrides = {"optim.base_lr": point["base_lr"], "optim.weight_decay": point["weight_decay"],
-                     "data.split": "tune", "test": False}
-        if point["num_tokens"] is not None:
-            overrides["recipe.num_tokens"] = point["num_tokens"]
+        overrides = {**point_overrides(point), "data.split": "tune", "test": False}
         try:
             result = _run(cfg, out_dir / "sweep" / point_name(point), overrides, train_fn)
         except Exception as err:  # one bad grid point (e.g. out of memory) must not sink the others
@@ -143,10 +148,7 @@ def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> 
     best = select_best(sweep)
     finals: Dict[str, Dict[str, Any]] = {}
     for seed in protocol.seeds:
-        overrides = {"optim.base_lr": best["point"]["base_lr"], "optim.weight_decay": best["point"]["weight_decay"],
-                     "data.split": "final", "seed": int(seed), "test": True}
-        if best["point"]["num_tokens"] is not None:
-            overrides["recipe.num_tokens"] = best["point"]["num_tokens"]
+        overrides = {**point_overrides(best["point"]), "data.split": "final", "seed": int(seed), "test": True}
         finals[str(seed)] = _run(cfg, out_dir / "final" / point_name(best["point"]) / f"seed{seed}", overrides, train_fn)
     tests = [float(r["test/top1"]) for r in finals.values()]
     any_final = next(iter(finals.values()))

@@ -49,23 +49,30 @@ def set_mean(values: Dict[str, Optional[float]], names: Sequence[str]) -> Option
     return statistics.fmean(got) if got and all(v is not None for v in got) else None
 
 
-def aggregates(means: Dict[str, Optional[float]]) -> List[Tuple[str, Optional[float], int, int]]:
-    """(label, value or None, present, total) for the VTAB groups, their mean, the 19-task mean and FGVC."""
-    rows = []
-    group_means = []
-    for group in VTAB_GROUPS:
-        names = [t.config_name for t in vtab_tasks(group)]
-        value = set_mean(means, names)
-        group_means.append(value)
-        rows.append((f"VTAB {group} (mean of {len(names)})", value, sum(means.get(n) is not None for n in names), len(names)))
-    complete = [v for v in group_means if v is not None]
-    rows.append(("VTAB mean of the 3 group means", statistics.fmean(group_means) if len(complete) == 3 else None,
+AggregateRow = Tuple[str, Optional[float], int, int]  # label, value (None: incomplete), present, total
+
+
+def set_row(label: str, means: Dict[str, Optional[float]], names: Sequence[str]) -> AggregateRow:
+    """The mean of ``names`` as an aggregate row (``None`` unless every one has a value)."""
+    return label, set_mean(means, names), sum(means.get(n) is not None for n in names), len(names)
+
+
+def aggregates(means: Dict[str, Optional[float]]) -> List[AggregateRow]:
+    """Rows for the VTAB groups, the mean of the group means, the 19-task mean and the FGVC mean."""
+    rows = [set_row(f"VTAB {group} (mean of {len(vtab_tasks(group))})", means, [t.config_name for t in vtab_tasks(group)])
+            for group in VTAB_GROUPS]
+    complete = [value for _, value, _, _ in rows if value is not None]
+    rows.append(("VTAB mean of the 3 group means", statistics.fmean(complete) if len(complete) == 3 else None,
                  len(complete), 3))
-    names = [t.config_name for t in vtab_tasks()]
-    rows.append(("VTAB mean over the 19 tasks", set_mean(means, names), sum(means.get(n) is not None for n in names), 19))
-    names = [t.config_name for t in fgvc_tasks()]
-    rows.append(("FGVC mean of 5", set_mean(means, names), sum(means.get(n) is not None for n in names), 5))
+    rows.append(set_row("VTAB mean over the 19 tasks", means, [t.config_name for t in vtab_tasks()]))
+    rows.append(set_row("FGVC mean of 5", means, [t.config_name for t in fgvc_tasks()]))
     return rows
+
+
+def group_aggregates(means: Dict[str, Optional[float]], groups: Dict[str, List[str]]) -> List[AggregateRow]:
+    """Rows for groups of tasks outside the registry (``task_group`` of their runs)."""
+    return [set_row(f"{group} (mean of {len(names)}: {', '.join(names)})", means, names)
+            for group, names in sorted(groups.items())]
 
 
 def _paper(task: str, tuning: str) -> Optional[float]:
@@ -111,25 +118,18 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
         md.append("| " + " | ".join(row) + " |")
     per_tuning = {t: {task: 100 * cells[task, t]["test_top1"]["mean"] for task in tasks if (task, t) in cells}
                   for t in tunings}
-    rows = aggregates({}) if benchmark else []
     groups: Dict[str, List[str]] = {}  # tasks outside the registry, by the group their runs reported
     for summary in summaries:
         if summary["task_name"] not in TASKS and summary.get("task_group"):
             names = groups.setdefault(summary["task_group"], [])
             names += [summary["task_name"]] if summary["task_name"] not in names else []
-    if rows or groups:
+    ours = {t: (aggregates(per_tuning[t]) if benchmark else []) + group_aggregates(per_tuning[t], groups) for t in tunings}
+    paper = {t: paper_aggregates(t) + [None] * len(groups) for t in paper_tunings}
+    labels = [label for label, *_ in ours[tunings[0]]]
+    if labels:
         agg_header = ["aggregate"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in paper_tunings]
         md += ["", "| " + " | ".join(agg_header) + " |", "|" + "---|" * len(agg_header)]
-        ours = {t: aggregates(per_tuning[t]) if rows else [] for t in tunings}
-        paper = {t: paper_aggregates(t) for t in paper_tunings}
-        for group, names in sorted(groups.items()):
-            rows.append((f"{group} (mean of {len(names)}: {', '.join(names)})", None, 0, len(names)))
-            for t in tunings:
-                present = sum(per_tuning[t].get(n) is not None for n in names)
-                ours[t].append((rows[-1][0], set_mean(per_tuning[t], names), present, len(names)))
-            for t in paper_tunings:
-                paper[t].append(None)
-        for i, (label, *_) in enumerate(rows):
+        for i, label in enumerate(labels):
             shown = []
             for t in tunings:
                 _, value, present, total = ours[t][i]

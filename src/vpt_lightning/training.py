@@ -61,6 +61,11 @@ def result_config(cfg: DictConfig) -> Dict[str, Any]:
     return picked
 
 
+def last_checkpoint(run_dir: Path) -> Path:
+    """Where a run folder's resumable checkpoint lives (``callbacks.model_checkpoint`` writes it)."""
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
+
+
 def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
     """``ckpt_path``: ``None``, a checkpoint file, or ``last`` = this run folder's ``checkpoints/last.ckpt``.
 
@@ -70,7 +75,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
     if ckpt is None:
         return None
     if ckpt == "last":
-        last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+        last = last_checkpoint(cfg.run_dir)
         if last.is_file():
             return str(last)
         task_dir = Path(cfg.run_dir).parent
