@@ -170,7 +170,7 @@ def test_google_npz_for_another_patch_or_image_size_needs_resize_embeddings(tmp_
     px64 = _npz_of(tmp_path, "px64.npz", img_size=64)
     with pytest.raises(ValueError, match=r"posembed_input/pos_embedding: file \(1, 257, 32\) vs model \(1, 65, 32\)"):
         create_backbone({**TINY_BACKBONE, "checkpoint_path": px64})
-    with caplog.at_level("WARNING", logger="vpt_lightning.backbone"):
+    with caplog.at_level("WARNING", logger="vpt_lightning.backbones"):
         model, _ = create_backbone({**TINY_BACKBONE, "checkpoint_path": px64, "resize_embeddings": True})
     assert "resampling" in caplog.text and "pos_embedding" in caplog.text
     assert model.eval()(images).shape == (3, 32)
@@ -194,7 +194,7 @@ def test_state_dict_for_another_patch_or_image_size_needs_resize_embeddings(tmp_
     with pytest.raises(ValueError, match=r"pos_embed: file \(1, 257, 32\) vs model \(1, 65, 32\)") as err:
         create_backbone({**TINY_BACKBONE, "checkpoint_path": px64})
     assert "patch_embed" not in str(err.value)
-    with caplog.at_level("WARNING", logger="vpt_lightning.backbone"):
+    with caplog.at_level("WARNING", logger="vpt_lightning.backbones"):
         model, _ = create_backbone({**TINY_BACKBONE, "checkpoint_path": patch8, "resize_embeddings": True})
     assert "patch_embed.proj.weight: file (32, 3, 8, 8)" in caplog.text and "pos_embed" in caplog.text
     assert model.eval()(images).shape == (3, 32)
@@ -223,7 +223,7 @@ def test_layout_conversions_need_no_resize(tmp_path, images):
 
 
 def test_fingerprint_sees_a_change_anywhere_in_a_tensor():
-    from vpt_lightning.backbone import weights_fingerprint
+    from vpt_lightning.checkpoint import weights_fingerprint
 
     model = make_vit(seed=1)
     before = weights_fingerprint(model)

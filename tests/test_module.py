@@ -94,7 +94,7 @@ def test_lr_scales_with_gradient_accumulation(tmp_path):
     assert module.learning_rate() == pytest.approx(2.0 * 8 * 2 / 256)
 
 
-@pytest.mark.parametrize("tuning", [None, {"name": "full", "backbone": "full"}])
+@pytest.mark.parametrize("tuning", [None, {"method": "full"}])
 def test_accumulated_step_equals_a_hand_computed_sgd_update(tmp_path, tuning):
     """Gradients are zeroed at the start of each accumulation window (before the forward): two accumulated batches
     still give one SGD step on the mean of their gradients, for prompts and, in full fine-tuning, every weight."""
@@ -276,7 +276,7 @@ def test_bad_optim_and_class_count_are_named():
 )
 def test_non_numeric_optim_values_name_the_key(optim, message):
     with pytest.raises(ValueError) as err:
-        OptimConfig(**optim)
+        OptimConfig.from_mapping(optim)
     assert message in str(err.value)
     assert OptimConfig(base_lr="0.5", lr_batch_size="128").base_lr == 0.5
 

@@ -41,9 +41,9 @@ def test_mean_std_against_statistics():
 
 def test_grid_uses_the_lower_grid_for_tuned_backbones():
     cfg = compose(["protocol.num_tokens=[5,10]"], config_name="tune")
-    points = grid_points(cfg.protocol, tunes_backbone=False)
+    points = grid_points(cfg.protocol, "vpt_deep")
     assert len(points) == 2 * 10 * 4 and {p["num_tokens"] for p in points} == {5, 10}
-    assert {p["base_lr"] for p in grid_points(cfg.protocol, tunes_backbone=True)} == {0.005, 0.001, 0.0005, 0.0001}
+    assert {p["base_lr"] for p in grid_points(cfg.protocol, "full")} == {0.005, 0.001, 0.0005, 0.0001}
 
 
 def test_protocol_sweeps_selects_runs_seeds_and_resumes(tmp_path):

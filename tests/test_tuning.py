@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from vpt_lightning import VPTModule
 from vpt_lightning.config import compose
 from vpt_lightning.data.synthetic import SyntheticDataModule
-from vpt_lightning.tuning import TuningConfig
+from vpt_lightning.methods import get_method, method_names, parse_tuning
 
 HEAD = {"head.weight", "head.bias"}
 
@@ -22,14 +22,14 @@ def build(tuning: str, *overrides: str) -> VPTModule:
 
 
 def expected(module: VPTModule, tuning: str):
-    vit = {f"backbone.vit.{n}" for n, _ in module.backbone.vit.named_parameters()}
+    vit = {f"backbone.model.{n}" for n, _ in module.backbone.model.named_parameters()}
     return {
         "vpt_deep": {"backbone.prompts.tokens"} | HEAD,
         "vpt_shallow": {"backbone.prompts.tokens"} | HEAD,
         "linear": HEAD,
         "full": vit | HEAD,
         "bias": {n for n in vit if n.endswith(".bias")} | HEAD,
-        "partial": {n for n in vit if n.startswith(("backbone.vit.blocks.1.", "backbone.vit.norm."))} | HEAD,
+        "partial": {n for n in vit if n.startswith(("backbone.model.blocks.1.", "backbone.model.norm."))} | HEAD,
         "mlp": {"head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias", "head.4.weight", "head.4.bias"},
     }[tuning]
 
@@ -59,9 +59,32 @@ def test_vpt_shallow_strategy_reads_the_task_prompt_length():
 
 
 def test_bad_tuning_values_are_named():
-    with pytest.raises(ValueError, match="tuning.backbone='some' is not one of"):
-        TuningConfig(backbone="some")
+    with pytest.raises(ValueError, match=r"tuning.method='some' is not one of \['bias', 'full', 'linear'"):
+        parse_tuning({"method": "some"})
     with pytest.raises(ValueError, match="tuning.last_blocks=0 must be >= 1"):
-        TuningConfig(backbone="last_blocks", last_blocks=0)
+        parse_tuning({"method": "partial", "last_blocks": 0})
+    with pytest.raises(ValueError, match=r"unknown tuning option\(s\) \['last_blocks'\]"):
+        parse_tuning({"method": "vpt_deep", "last_blocks": 2})
     with pytest.raises(ValueError, match="tuning.last_blocks=5 exceeds the backbone's 2 blocks"):
         build("partial", "tuning.last_blocks=5")
+
+
+def test_every_method_has_a_config_file_and_every_config_file_a_method():
+    """The registry and conf/tuning/ agree: adding a method is one module plus one YAML file."""
+    from vpt_lightning.config import CONFIG_DIR
+
+    files = sorted(p.stem for p in (CONFIG_DIR / "tuning").glob("*.yaml"))
+    assert files == method_names()
+    for name in files:
+        cfg = compose([f"tuning={name}", "backbone=vit_tiny_random"])
+        method, config = parse_tuning(OmegaConf.to_container(cfg.tuning, resolve=True))
+        assert method is get_method(name) and config.method == name
+        # the optimizer group the method trains with by default is the one its YAML composes
+        assert cfg.optim.name == method.optimizer
+
+
+def test_labels_carry_k_and_default_from_the_method():
+    assert parse_tuning({"method": "partial", "last_blocks": 3})[1].name == "partial_3"
+    assert parse_tuning({"method": "mlp", "mlp_layers": 2})[1].name == "mlp_2"
+    assert parse_tuning({"method": "linear"})[1].name == "linear"
+    assert parse_tuning(None)[1].method == "vpt_deep"

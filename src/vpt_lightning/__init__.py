@@ -1,14 +1,18 @@
-"""Visual Prompt Tuning (Jia et al., ECCV 2022) for timm vision transformers, with Lightning and Hydra.
+"""Visual Prompt Tuning (Jia et al., ECCV 2022) for timm backbones, with Lightning and Hydra.
 
 Public API::
 
     from vpt_lightning import VPTModule, PromptedViT, PromptConfig, BackboneConfig, OptimConfig
+    from vpt_lightning.backbones import prompted_backbone      # any registered timm family
+    from vpt_lightning.methods import get_method               # tuning methods by name
+    from vpt_lightning.checkpoint import read_task_checkpoint  # task checkpoints without Lightning
 """
 
-from .backbone import BackboneConfig, create_backbone, load_backbone_weights
-from .module import OptimConfig, VPTModule
+from .backbones import BackboneConfig, PromptedBackbone, PromptedViT, create_backbone, load_backbone_weights
+from .backbones import prompted_backbone
+from .module import VPTModule
+from .optim import OptimConfig
 from .prompt import PromptConfig, Prompts
-from .prompted_vit import PromptedViT
 
 __version__ = "0.1.0"
 
@@ -16,9 +20,11 @@ __all__ = [
     "BackboneConfig",
     "OptimConfig",
     "PromptConfig",
+    "PromptedBackbone",
     "PromptedViT",
     "Prompts",
     "VPTModule",
     "create_backbone",
     "load_backbone_weights",
+    "prompted_backbone",
 ]

@@ -1,54 +1,23 @@
-"""``VPTModule``: the LightningModule that prompt-tunes a frozen timm ViT."""
+"""``VPTModule``: the LightningModule that prompt-tunes a frozen timm backbone (Lightning's work only)."""
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Dict, List, Mapping, Union
 
 import pytorch_lightning as pl
 import torch
-from timm.data import resolve_model_data_config
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from .backbone import BackboneConfig, create_backbone
-from .dataclass_config import DataclassConfig, number
+from .backbones import BackboneConfig, PromptedBackbone, create_backbone, prompted_backbone
+from .checkpoint import IDENTITY_KEY, check_backbone_identity, trainable_state_keys
+from .methods import TuningConfig, parse_tuning
+from .optim import OptimConfig
 from .prompt import PromptConfig
-from .prompted_vit import PromptedViT
-from .schedule import warmup_cosine_factor
-from .tuning import TuningConfig, build_head, unfreeze_backbone
-
-IDENTITY_KEY = "vpt_backbone_identity"
-
-
-@dataclass
-class OptimConfig(DataclassConfig):
-    """The ``optim`` config group (spec §2).
-
-    The learning rate actually used is ``base_lr * global_batch / lr_batch_size`` where the global batch is the
-    per-device batch times devices, nodes and gradient accumulation.
-    """
-
-    name: str = "sgd"
-    base_lr: float = 0.1
-    weight_decay: float = 0.0001
-    momentum: float = 0.9
-    warmup_epochs: float = 10.0
-    lr_batch_size: int = 256
-
-    group = "optim"
-
-    def __post_init__(self) -> None:
-        if self.name != "sgd":
-            raise ValueError(f"optim.name={self.name!r} is not one of ['sgd'] (override configure_optimizers for more)")
-        self.base_lr = number("optim.base_lr", self.base_lr, "a number > 0", lambda v: v > 0)
-        self.weight_decay = number("optim.weight_decay", self.weight_decay, "a number >= 0", lambda v: v >= 0)
-        self.momentum = number("optim.momentum", self.momentum, "a number in [0, 1)", lambda v: 0 <= v < 1)
-        self.warmup_epochs = number("optim.warmup_epochs", self.warmup_epochs, "a number >= 0", lambda v: v >= 0)
-        self.lr_batch_size = number("optim.lr_batch_size", self.lr_batch_size, "an integer > 0", lambda v: v > 0, True)
 
 
 def _as_dict(cfg: Any) -> Dict[str, Any]:
@@ -59,21 +28,19 @@ def _as_dict(cfg: Any) -> Dict[str, Any]:
         return cfg.to_dict()
     if hasattr(cfg, "__dataclass_fields__"):
         return asdict(cfg)
-    try:
-        from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     return dict(cfg)
 
 
 class VPTModule(pl.LightningModule):
-    """Prompt-tune a frozen timm VisionTransformer for image classification.
+    """Prompt-tune a frozen timm backbone for image classification.
 
-    ``forward(images)`` = ``head(backbone(images))`` where ``self.backbone`` is a :class:`PromptedViT`
-    (frozen ViT + prompts) returning the pooled, normed features (the final class token, or the mean of the
+    ``forward(images)`` = ``head(backbone(images))`` where ``self.backbone`` is the
+    :class:`~vpt_lightning.backbones.PromptedBackbone` of the model's family (frozen timm model + prompts; a
+    :class:`~vpt_lightning.backbones.PromptedViT` for ViTs) returning the pooled, normed features (the final class token, or the mean of the
     image tokens for ``global_pool='avg'`` backbones) and ``self.head`` a linear classifier. The backbone's
     ``global_pool`` decides, as in timm: a backbone with a class token but ``global_pool='avg'`` (e.g. MAE)
     averages the image tokens (prompts excluded; the class token too, as timm does). A backbone that does not
@@ -86,7 +53,7 @@ class VPTModule(pl.LightningModule):
         - :meth:`build_head` -> the classifier ``nn.Module`` on the pooled features.
         - :meth:`build_loss` -> the loss ``nn.Module`` (``loss(logits, targets)``).
         - :meth:`trainable_parameters` / :meth:`configure_optimizers` -> what is optimised and how.
-        - :meth:`build_backbone` -> the :class:`PromptedViT` (e.g. other freezing rules).
+        - :meth:`build_backbone` -> the prompted backbone (e.g. other freezing rules).
 
     Checkpoints hold only the trainable tensors (prompts and head) plus the backbone's identity; loading one
     rebuilds the backbone from the saved ``backbone`` hparams (or the ``backbone=`` given to
@@ -98,10 +65,10 @@ class VPTModule(pl.LightningModule):
         num_classes: classes of the downstream task.
         backbone: :class:`~vpt_lightning.backbone.BackboneConfig` fields (timm name, weights source, kwargs).
         prompt: :class:`~vpt_lightning.prompt.PromptConfig` fields; ``num_tokens=0`` is a linear probe.
-        optim: :class:`OptimConfig` fields.
-        tuning: :class:`~vpt_lightning.tuning.TuningConfig` fields: which backbone weights train besides the
-            prompts (none for VPT and the linear probe; all, biases or the last k blocks for the baselines) and
-            the head (linear or MLP).
+        optim: :class:`~vpt_lightning.optim.OptimConfig` fields (``_target_`` optimizer, ``base_lr``...).
+        tuning: the tuning method (``method``: a name of :mod:`vpt_lightning.methods`, default ``vpt_deep``) and its
+            options: what trains besides the prompts (nothing for VPT and the linear probe; all weights, the biases
+            or the last k blocks for the baselines) and the head.
         backbone_eval: keep the backbone in eval mode while training (the official code does for VPT).
         compile: ``torch.compile`` the prompted backbone's forward (opt-in; the module's keys do not change).
         grad_checkpointing: recompute block activations in the backward pass (saves memory on ViT-L/H).
@@ -121,11 +88,14 @@ class VPTModule(pl.LightningModule):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes={num_classes!r} must be a positive integer")
-        # validate every config before building anything, and keep them as plain dicts in hparams
-        self.prompt_config = PromptConfig.from_mapping(_as_dict(prompt)) if prompt is not None else PromptConfig(0)
-        self.optim_config = OptimConfig.from_mapping(_as_dict(optim))
-        self.tuning_config = TuningConfig.from_mapping(_as_dict(tuning))
-        backbone_config = BackboneConfig.from_mapping(_as_dict(backbone))
+        # validate every config before building anything (configs that are already parsed are taken as they are),
+        # and keep them as plain dicts in hparams
+        self.prompt_config = _parse(PromptConfig, prompt) if prompt is not None else PromptConfig(0)
+        self.optim_config = _parse(OptimConfig, optim)
+        self.tuning_method, self.tuning_config = parse_tuning(
+            tuning if isinstance(tuning, TuningConfig) else _as_dict(tuning)
+        )
+        backbone_config = _parse(BackboneConfig, backbone)
         self.save_hyperparameters(
             {
                 "num_classes": num_classes,
@@ -138,11 +108,9 @@ class VPTModule(pl.LightningModule):
                 "grad_checkpointing": grad_checkpointing,
             }
         )
-        vit, self.backbone_identity = create_backbone(self.hparams.backbone)
-        self.data_config: Dict[str, Any] = resolve_model_data_config(vit)
-        # timm reports the pretrained cfg's input size, even for a model built with another img_size
-        self.data_config["input_size"] = (vit.patch_embed.proj.in_channels, *vit.patch_embed.img_size)
-        self.backbone = self.build_backbone(vit)
+        model, self.backbone_identity = create_backbone(backbone_config)
+        self.backbone = self.build_backbone(model)
+        self.data_config: Dict[str, Any] = self.backbone.data_config()
         self.backbone.set_grad_checkpointing(grad_checkpointing)
         # the compiled forward is kept outside the module tree, so state-dict keys stay the same
         self.__dict__["_compiled_backbone"] = torch.compile(self.backbone) if compile else None
@@ -160,15 +128,15 @@ class VPTModule(pl.LightningModule):
         self.test_metrics = metrics.clone(prefix="test/")
 
     # ---- hooks ------------------------------------------------------------------------------------------
-    def build_backbone(self, vit: nn.Module) -> PromptedViT:
-        """Wrap the timm model with prompts, freeze it, then unfreeze what the tuning strategy trains."""
-        model = PromptedViT(vit, self.prompt_config, freeze_backbone=True, backbone_eval=self.hparams.backbone_eval)
-        unfreeze_backbone(model.vit, self.tuning_config)
-        return model
+    def build_backbone(self, model: nn.Module) -> PromptedBackbone:
+        """Wrap the timm model in its family's prompted backbone (frozen), then apply the tuning method."""
+        backbone = prompted_backbone(model, self.prompt_config, backbone_eval=self.hparams.backbone_eval)
+        self.tuning_method.apply(backbone, self.tuning_config)
+        return backbone
 
     def build_head(self, in_features: int, num_classes: int) -> nn.Module:
-        """The classifier on the pooled features: linear, or an MLP for ``tuning.head='mlp'``."""
-        return build_head(in_features, num_classes, self.tuning_config)
+        """The classifier on the pooled features: the tuning method's (linear; an MLP for ``tuning=mlp``)."""
+        return self.tuning_method.build_head(in_features, num_classes, self.tuning_config)
 
     def build_loss(self) -> nn.Module:
         """The training loss; default cross-entropy."""
@@ -186,7 +154,7 @@ class VPTModule(pl.LightningModule):
     def parameter_counts(self) -> Dict[str, float]:
         """Trainable and backbone parameter counts, and the trainable share of the backbone in percent."""
         trainable = sum(p.numel() for p in self.trainable_parameters())
-        backbone = sum(p.numel() for p in self.backbone.vit.parameters())
+        backbone = sum(p.numel() for p in self.backbone.model.parameters())
         return {
             "trainable_params": trainable,
             "backbone_params": backbone,
@@ -265,21 +233,14 @@ class VPTModule(pl.LightningModule):
             steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
         else:  # an iterable dataset of unknown length: spread the total over the epochs
             steps_per_epoch = total_steps / max(1, trainer.max_epochs or 1)
-        warmup_steps = int(math.ceil(cfg.warmup_epochs * steps_per_epoch))
-        optimizer = torch.optim.SGD(params, lr=self.learning_rate(), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine_factor(step, warmup_steps, total_steps)
-        )
+        optimizer = cfg.build(params, lr=self.learning_rate())
+        scheduler = cfg.scheduler(optimizer, steps_per_epoch, total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 
     # ---- small checkpoints ------------------------------------------------------------------------------
     def trainable_state_keys(self) -> List[str]:
-        """State-dict keys of the trained tensors (parameters that require grad, and buffers outside the
-        frozen backbone)."""
-        names = {name for name, p in self.named_parameters() if p.requires_grad}
-        backbone_buffers = {f"backbone.vit.{n}" for n, _ in self.backbone.vit.named_buffers()}
-        names |= {name for name, _ in self.named_buffers() if name not in backbone_buffers}
-        return [k for k in self.state_dict() if k in names]
+        """State-dict keys of the trained tensors (see :func:`vpt_lightning.checkpoint.trainable_state_keys`)."""
+        return trainable_state_keys(self, self.backbone.model)
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         keep = set(self.trainable_state_keys())
@@ -296,33 +257,6 @@ class VPTModule(pl.LightningModule):
             state.setdefault(key, value)
 
 
-def check_backbone_identity(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
-    """Raise a ``ValueError`` naming the differences when a task checkpoint's backbone is not this one.
-
-    The weights fingerprint, width, depth and architecture decide, so the same weights from another source (hub,
-    a local file in another format, a random init saved to a file) are accepted; the name, weights source and
-    file hash are shown in the error only as information.
-    """
-    diffs = [
-        f"{k}: checkpoint {saved.get(k)!r} vs current {current.get(k)!r}"
-        for k in ("fingerprint", "embed_dim", "depth")
-        if saved.get(k) != current.get(k)
-    ]
-    saved_arch, current_arch = saved.get("architecture") or {}, current.get("architecture") or {}
-    diffs += [
-        f"architecture.{k}: checkpoint {saved_arch.get(k)!r} vs current {current_arch.get(k)!r}"
-        for k in sorted(set(saved_arch) | set(current_arch))
-        if saved_arch.get(k) != current_arch.get(k)
-    ]
-    if not saved_arch:
-        diffs.append("architecture: not recorded in the checkpoint (written by an older version)")
-    if diffs:
-        info = [
-            f"{k}: checkpoint {saved.get(k)!r}, current {current.get(k)!r}"
-            for k in ("name", "weights", "checkpoint_sha256")
-        ]
-        raise ValueError(
-            "this task checkpoint was trained on another backbone; load it with the same backbone weights and "
-            f"architecture as in training. Differences: {'; '.join(diffs)}. For information: {'; '.join(info)}"
-        )
-
+def _parse(cls: Any, config: Any) -> Any:
+    """``config`` as the dataclass ``cls``: taken as it is when already parsed, else built from its mapping."""
+    return config if isinstance(config, cls) else cls.from_mapping(_as_dict(config))

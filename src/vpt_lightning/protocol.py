@@ -21,15 +21,20 @@ from typing import Any, Callable, Dict, List, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .atomic import write_json_atomic, write_text_atomic
+from .methods import get_method
 from .training import RESULTS_FILE, last_checkpoint, result_config, train
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
 
 
-def grid_points(protocol: DictConfig, tunes_backbone: bool) -> List[Dict[str, Any]]:
-    """The sweep's points: base lr x weight decay (x prompt length when ``protocol.num_tokens`` is a list)."""
-    lrs = protocol.base_lr_tuned_backbone if tunes_backbone else protocol.base_lr
+def grid_points(protocol: DictConfig, method: str) -> List[Dict[str, Any]]:
+    """The sweep's points for a tuning method: its lr grid (``protocol[<method's lr_grid>]``) x weight decay (x
+    prompt length when ``protocol.num_tokens`` is a list)."""
+    grid = get_method(method).lr_grid
+    if grid not in protocol:
+        raise ValueError(f"tuning.method={method} sweeps protocol.{grid}, which conf/tune.yaml does not define")
+    lrs = protocol[grid]
     lengths = list(protocol.num_tokens) if protocol.get("num_tokens") else [None]
     return [
         {"base_lr": float(lr), "weight_decay": float(wd), "num_tokens": p}
@@ -130,9 +135,8 @@ def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> 
     the selected point (``final/<point>/seed<k>``), so a changed selection never reuses another point's runs.
     """
     protocol = cfg.protocol
-    tunes_backbone = cfg.tuning.backbone != "frozen"
     sweep, errors = [], []
-    for point in grid_points(protocol, tunes_backbone):
+    for point in grid_points(protocol, cfg.tuning.method):
         # tuning never looks at the test set (and skipping it saves time)
         overrides = {**point_overrides(point), "data.split": "tune", "test": False}
         try:

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Type
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .atomic import write_json_atomic
-from .backbone import BackboneConfig
-from .module import OptimConfig, VPTModule
+from .backbones import BackboneConfig
+from .methods import TuningConfig, TuningMethod, parse_tuning
+from .module import VPTModule
+from .optim import OptimConfig
 from .prompt import PromptConfig
-from .tuning import TuningConfig
 
 log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
@@ -27,26 +29,30 @@ NOT_RESULT_KEYS = {
 RESULT_GROUPS = ("backbone", "prompt", "tuning", "optim", "data", "trainer", "seed", "backbone_eval", "grad_checkpointing")
 
 
-# what the prompt config must be for the strategies whose label says it (so results are never mislabelled)
-PROMPT_OF_TUNING = {
-    "vpt_deep": (lambda p: p.enabled and p.deep, "prompts at every block (prompt=deep, num_tokens > 0)"),
-    "vpt_shallow": (lambda p: p.enabled and not p.deep, "prompts inserted once (prompt=shallow, num_tokens > 0)"),
-    "linear": (lambda p: not p.enabled, "no prompts (prompt=none)"),
-}
+@dataclass
+class ModelConfigs:
+    """The model and optimiser groups of a composed config, parsed and validated once."""
+
+    backbone: BackboneConfig
+    prompt: PromptConfig
+    method: Type[TuningMethod]
+    tuning: TuningConfig
+    optim: OptimConfig
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Check the model and optimiser groups before anything is built (errors name the key and valid values)."""
-    prompt = PromptConfig.from_mapping(OmegaConf.to_container(cfg.prompt, resolve=True))
-    OptimConfig.from_mapping(OmegaConf.to_container(cfg.optim, resolve=True))
-    BackboneConfig.from_mapping(OmegaConf.to_container(cfg.backbone, resolve=True))
-    tuning = TuningConfig.from_mapping(OmegaConf.to_container(cfg.tuning, resolve=True))
-    check, wanted = PROMPT_OF_TUNING.get(tuning.name, (lambda p: True, ""))
-    if not check(prompt):
-        raise ValueError(
-            f"tuning={tuning.name} needs {wanted}, but prompt.num_tokens={prompt.num_tokens}, prompt.deep={prompt.deep}; "
-            "choose the strategy with tuning=vpt_deep|vpt_shallow|linear (it sets the prompt group) rather than prompt=..."
-        )
+def parse_configs(cfg: DictConfig) -> ModelConfigs:
+    """Parse and check the model and optimiser groups before anything is built (errors name the key and valid
+    values; a prompt group that contradicts the tuning method is refused)."""
+
+    def plain(key: str) -> Dict[str, Any]:
+        return OmegaConf.to_container(cfg[key], resolve=True)  # type: ignore[return-value]
+
+    prompt = PromptConfig.from_mapping(plain("prompt"))
+    optim = OptimConfig.from_mapping(plain("optim"))
+    backbone = BackboneConfig.from_mapping(plain("backbone"))
+    method, tuning = parse_tuning(plain("tuning"))
+    method.check_prompt(tuning, prompt)
+    return ModelConfigs(backbone, prompt, method, tuning, optim)
 
 
 def result_config(cfg: DictConfig) -> Dict[str, Any]:
@@ -101,17 +107,17 @@ def _scalar_metrics(metrics: Dict[str, Any]) -> Dict[str, float]:
 
 def train(cfg: DictConfig) -> Dict[str, Any]:
     """Run one training job described by a composed ``train`` config; returns (and writes) its results."""
-    validate_config(cfg)
+    configs = parse_configs(cfg)
     run_dir = Path(cfg.run_dir)
     ckpt_path = resolve_ckpt_path(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = VPTModule(
         num_classes=datamodule.num_classes,
-        backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
-        prompt=OmegaConf.to_container(cfg.prompt, resolve=True),
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        tuning=OmegaConf.to_container(cfg.tuning, resolve=True),
+        backbone=configs.backbone,
+        prompt=configs.prompt,
+        optim=configs.optim,
+        tuning=configs.tuning,
         backbone_eval=cfg.backbone_eval,
         compile=cfg.get("compile", False),
         grad_checkpointing=cfg.get("grad_checkpointing", False),
@@ -128,7 +134,8 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     results: Dict[str, Any] = {
         "task_name": cfg.task_name,
         "task_group": getattr(datamodule, "task_group", None),
-        "tuning": cfg.tuning.name,
+        "tuning": configs.tuning.name,
+        "method": configs.tuning.method,
         "seed": cfg.seed,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,

@@ -1,21 +1,29 @@
-"""``PromptedViT``: a timm VisionTransformer with VPT prompts, built from the model's own pieces."""
+"""The ViT family: ``PromptedViT``, a timm VisionTransformer with VPT prompts, built from the model's own pieces."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
+import numpy as np
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .prompt import PromptConfig, Prompts
+from ..prompt import PromptConfig, Prompts
+from .base import PromptedBackbone, refuse_resampling
+from .registry import register_family
 
 # timm VisionTransformer global_pool values that pool the tokens to one vector per image ('' does not)
 POOLS = ("token", "avg", "avgmax", "max", "map", "prr")
+NPZ_PREFIXES = ("", "opt/target/", "params/", "params/img/")  # the array-name prefixes timm's .npz loader knows
+NPZ_QUERY = re.compile(r"encoderblock(_0)?/MultiHeadDotProductAttention_\d/query/kernel$")  # block 0's query
 
 
-class PromptedViT(nn.Module):
+@register_family(VisionTransformer)
+class PromptedViT(PromptedBackbone):
     """Wrap a timm ``VisionTransformer`` and insert learnable prompts into its token sequence.
 
     Nothing of the ViT is copied: the forward pass calls the model's own ``patch_embed``, ``_pos_embed``
@@ -43,7 +51,6 @@ class PromptedViT(nn.Module):
         freeze_backbone: bool = True,
         backbone_eval: bool = True,
     ) -> None:
-        super().__init__()
         if not isinstance(vit, VisionTransformer):
             raise TypeError(
                 f"PromptedViT needs a timm VisionTransformer (vit_*, deit_*, ... models of "
@@ -54,16 +61,11 @@ class PromptedViT(nn.Module):
                 f"backbone.kwargs.global_pool={vit.global_pool!r} gives one output per token, not per image; use one "
                 f"of {list(POOLS)} ('token': the class token, 'avg': the mean of the image tokens)"
             )
-        if not isinstance(prompt, PromptConfig):
-            prompt = PromptConfig.from_mapping(prompt) if prompt is not None else PromptConfig(num_tokens=0)
-        self.vit = vit
-        self.prompt_config = prompt
-        self.backbone_eval = backbone_eval
-        self.grad_checkpointing = False
+        super().__init__(vit, prompt, freeze_backbone=freeze_backbone, backbone_eval=backbone_eval)
+        prompt = self.prompt_config
         self.num_prefix_tokens: int = vit.num_prefix_tokens
         self.num_patches: int = vit.patch_embed.num_patches
         self.embed_dim: int = vit.embed_dim
-        self.num_features: int = vit.num_features
         blocks = prompt.block_indices(len(vit.blocks))
         # block index -> which prompt set it receives
         self.prompt_sets: Dict[int, int] = {block: i for i, block in enumerate(blocks)}
@@ -75,21 +77,11 @@ class PromptedViT(nn.Module):
         self.prompts: Optional[Prompts] = (
             Prompts(prompt, len(blocks), self.embed_dim, vit.patch_embed.patch_size) if prompt.enabled else None
         )
-        if freeze_backbone:
-            self.vit.requires_grad_(False)
-        if backbone_eval:
-            self.vit.eval()
 
-    # ----------------------------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "PromptedViT":
-        super().train(mode)
-        if self.backbone_eval:
-            self.vit.eval()
-        return self
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute block activations in the backward pass (saves memory on ViT-L/H)."""
-        self.grad_checkpointing = enable
+    @property
+    def vit(self) -> VisionTransformer:
+        """The wrapped timm ``VisionTransformer`` (``self.model``)."""
+        return self.model
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -151,9 +143,93 @@ class PromptedViT(nn.Module):
             x = torch.cat([x[:, :start], x[:, start + self.num_prompt_tokens :]], dim=1)
         return self.vit.norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """timm's own pooling, ``fc_norm`` and head on the output of :meth:`forward_features`."""
-        return self.vit.forward_head(x, pre_logits=pre_logits)
+    def data_config(self) -> Dict[str, Any]:
+        config = super().data_config()
+        # timm reports the pretrained cfg's input size, even for a model built with another img_size
+        config["input_size"] = (self.vit.patch_embed.proj.in_channels, *self.vit.patch_embed.img_size)
+        return config
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    # ---- weight files and identity ----------------------------------------------------------------------
+    resampled_keys = ("patch_embed.proj.weight", "pos_embed")
+
+    @classmethod
+    def load_special_file(cls, model: nn.Module, path: Path, resize: bool) -> bool:
+        """The original Google (big_vision / jax) ``.npz`` checkpoints, through timm's own loader after a check."""
+        if path.suffix != ".npz":
+            return False
+        check_npz(path, model, resize)
+        try:
+            model.load_pretrained(str(path))
+        except KeyError as err:
+            raise ValueError(f"backbone.checkpoint_path={str(path)!r} lacks array {err} for this model") from err
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(
+                f"backbone.checkpoint_path={str(path)!r} could not be loaded into {type(model).__name__} by timm's "
+                f".npz loader ({err}); check backbone.name and backbone.kwargs against the checkpoint"
+            ) from err
+        return True
+
+    @classmethod
+    def architecture(cls, model: nn.Module) -> Dict[str, Any]:
+        block = model.blocks[0] if len(model.blocks) else None
+        return {
+            "class": type(model).__name__,
+            "img_size": list(model.patch_embed.img_size or []),
+            "num_heads": getattr(getattr(block, "attn", None), "num_heads", None),
+            "act": type(getattr(getattr(block, "mlp", None), "act", None)).__name__,
+            "num_prefix_tokens": model.num_prefix_tokens,
+            "no_embed_class": model.no_embed_class,
+            "global_pool": model.global_pool,
+        }
+
+
+def check_npz(path: Path, model: VisionTransformer, resize: bool) -> None:
+    """Compare an original Google ViT ``.npz`` with the model before timm's loader (which ignores extra blocks
+    and resamples embeddings silently): blocks, width, heads, class token, patch size and position grid."""
+    try:
+        with np.load(path) as arrays:
+            names = set(arrays.files)
+            prefix = next((p for p in NPZ_PREFIXES if f"{p}embedding/kernel" in names), "")
+            pos_keys = [f"{prefix}Transformer/posembed_input/pos_embedding", f"{prefix}pos_embedding"]
+            pos_key = next((k for k in pos_keys if k in names), None)
+            query = sorted(k for k in names if NPZ_QUERY.search(k))
+            stacked = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale"  # big_vision: blocks stacked on axis 0
+            wanted = (f"{prefix}embedding/kernel", pos_key, stacked, *query[:1])
+            shapes = {k: arrays[k].shape for k in wanted if k in names}
+    except Exception as err:  # not a zip of arrays, pickled data...: say which file
+        raise ValueError(f"backbone.checkpoint_path={str(path)!r} could not be read as an .npz file: {err}") from err
+    kernel = shapes.get(f"{prefix}embedding/kernel")
+    if kernel is None:
+        raise ValueError(f"backbone.checkpoint_path={str(path)!r} lacks the array 'embedding/kernel' of a ViT .npz")
+    pos = shapes.get(pos_key)
+    heads = shapes[query[0]][-2] if query else None
+    if stacked in shapes:
+        depth = shapes[stacked][0]
+    else:
+        block = re.compile(re.escape(prefix) + r"Transformer/encoderblock_(\d+)/")
+        depth = len({m.group(1) for m in map(block.match, names) if m})
+    problems = []
+    if depth != len(model.blocks):
+        problems.append(f"{depth} Transformer/encoderblock_* blocks vs model depth {len(model.blocks)}")
+    if kernel[-1] != model.embed_dim:
+        problems.append(f"embedding/kernel {tuple(kernel)} (width {kernel[-1]}) vs model embed_dim {model.embed_dim}")
+    num_heads = getattr(model.blocks[0].attn, "num_heads", None) if len(model.blocks) else None
+    if heads is not None and num_heads is not None and heads != num_heads:
+        problems.append(f"{query[0]} {heads} heads vs model num_heads {num_heads}")
+    if (f"{prefix}cls" in names) != (model.cls_token is not None):
+        has = "has" if f"{prefix}cls" in names else "lacks"
+        problems.append(f"file {has} a class token ('cls') vs model class_token={model.cls_token is not None}")
+    if pos is None and model.pos_embed is not None:
+        problems.append("file lacks the position embedding 'Transformer/posembed_input/pos_embedding'")
+    if problems:
+        raise ValueError(
+            f"backbone.checkpoint_path={str(path)!r} does not fit model {type(model).__name__}: "
+            + "; ".join(problems) + "; check backbone.name and backbone.kwargs against the checkpoint"
+        )
+    resized = []
+    patch = tuple(model.patch_embed.proj.weight.shape[-2:])
+    if tuple(kernel[:2]) != patch:
+        resized.append(f"embedding/kernel: file {tuple(kernel)} (patch {tuple(kernel[:2])}) vs model patch {patch}")
+    if pos is not None and model.pos_embed is not None and tuple(pos) != tuple(model.pos_embed.shape):
+        resized.append(f"{pos_key}: file {tuple(pos)} vs model {tuple(model.pos_embed.shape)}")
+    refuse_resampling(path, resized, resize)

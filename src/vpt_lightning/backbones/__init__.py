@@ -1,0 +1,45 @@
+"""Prompted backbone families: one module per timm model family, chosen by the timm model's class.
+
+Every module of this package is imported here, so a new family is one new module (a
+:class:`~vpt_lightning.backbones.base.PromptedBackbone` subclass with ``@register_family(TimmClass)``).
+"""
+
+import importlib
+import pkgutil
+from typing import Any, Mapping, Union
+
+from torch import nn
+
+from ..prompt import PromptConfig
+from .base import PromptedBackbone
+from .registry import family_for, register_family, supported_classes
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in ("base", "registry", "loading"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+from .loading import BackboneConfig, create_backbone, load_backbone_weights  # noqa: E402
+from .vit import PromptedViT  # noqa: E402
+
+
+def prompted_backbone(
+    model: nn.Module,
+    prompt: Union[PromptConfig, Mapping[str, Any], None] = None,
+    freeze_backbone: bool = True,
+    backbone_eval: bool = True,
+) -> PromptedBackbone:
+    """Wrap a timm model in its family's prompted backbone (frozen, prompts per ``prompt``)."""
+    return family_for(model)(model, prompt, freeze_backbone=freeze_backbone, backbone_eval=backbone_eval)
+
+
+__all__ = [
+    "BackboneConfig",
+    "PromptedBackbone",
+    "PromptedViT",
+    "create_backbone",
+    "family_for",
+    "load_backbone_weights",
+    "prompted_backbone",
+    "register_family",
+    "supported_classes",
+]

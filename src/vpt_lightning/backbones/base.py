@@ -1,0 +1,137 @@
+"""``PromptedBackbone``: the contract every prompted backbone family meets."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, ClassVar, Dict, List, Mapping, Tuple, Union
+
+import torch
+from timm.data import resolve_model_data_config
+from torch import nn
+
+from ..prompt import PromptConfig
+
+log = logging.getLogger(__name__)
+
+
+class PromptedBackbone(nn.Module):
+    """A frozen timm model plus learnable prompts; one subclass per family (ViT, ...).
+
+    What every family provides:
+        - ``model``: the wrapped timm model (built with ``num_classes=0``), frozen and, with ``backbone_eval``,
+          kept in eval mode while this module trains;
+        - ``num_features``: the width of the pooled features;
+        - ``forward_features(images)`` and ``forward_head(features, pre_logits=False)`` (timm's names), and
+          ``forward = forward_head(forward_features(...))`` -> pooled features;
+        - ``prompt_parameters()``: the learnable tensors that belong to prompts (everything outside ``model``);
+        - ``blocks()`` / ``final_norms()``: the ordered blocks and what follows them (tuning methods read these);
+        - ``data_config()``: timm's input/normalisation config of the model as built;
+        - class-level hooks for weight files (``filter_state_dict``, ``resampled_keys``, ``load_special_file``)
+          and for the identity (``architecture``).
+
+    Args:
+        model: the timm model.
+        prompt: a :class:`PromptConfig` (or a mapping of its fields); ``None`` or ``num_tokens=0``: no prompts.
+        freeze_backbone: set ``requires_grad=False`` on every parameter of ``model``.
+        backbone_eval: keep ``model`` in eval mode (no dropout / drop-path, BatchNorm statistics frozen), as the
+            official VPT code; prompt dropout still follows ``self.training``.
+    """
+
+    #: state-dict keys that a family's checkpoint filter may resample to the model (patch / position embeddings)
+    resampled_keys: ClassVar[Tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        prompt: Union[PromptConfig, Mapping[str, Any], None] = None,
+        freeze_backbone: bool = True,
+        backbone_eval: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(prompt, PromptConfig):
+            prompt = PromptConfig.from_mapping(prompt) if prompt is not None else PromptConfig(num_tokens=0)
+        self.model = model
+        self.prompt_config = prompt
+        self.backbone_eval = backbone_eval
+        self.grad_checkpointing = False
+        self.num_features: int = int(getattr(model, "num_features"))
+        if freeze_backbone:
+            self.model.requires_grad_(False)
+        if backbone_eval:
+            self.model.eval()
+
+    # ---- the forward contract ---------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's own pooling (and head, if the model has one) on the output of :meth:`forward_features`."""
+        return self.model.forward_head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def train(self, mode: bool = True) -> "PromptedBackbone":
+        super().train(mode)
+        if self.backbone_eval:
+            self.model.eval()
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass (saves memory on large models)."""
+        self.grad_checkpointing = enable
+
+    # ---- what tuning methods read -----------------------------------------------------------------------
+    def prompt_parameters(self) -> Dict[str, nn.Parameter]:
+        """Prompt tensors by name: every parameter of this module outside the wrapped ``model``."""
+        return {name: p for name, p in self.named_parameters() if not name.startswith("model.")}
+
+    def blocks(self) -> List[nn.Module]:
+        """The model's blocks in forward order (Partial-k trains the last k)."""
+        return list(getattr(self.model, "blocks"))
+
+    def final_norms(self) -> List[nn.Module]:
+        """Modules after the last block that Partial-k trains with it (final norm, ``fc_norm``)."""
+        return [m for m in (getattr(self.model, n, None) for n in ("norm", "fc_norm")) if isinstance(m, nn.Module)]
+
+    def data_config(self) -> Dict[str, Any]:
+        """timm's data config (input size, interpolation, mean/std, crop) of the model as built."""
+        return dict(resolve_model_data_config(self.model))
+
+    # ---- weight files and identity (class level: used before a wrapper exists) ---------------------------
+    @classmethod
+    def filter_state_dict(cls, state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+        """Convert a weights file to the model's layout with the family's own timm filter.
+
+        The default is ``checkpoint_filter_fn`` of the model's timm module: the function timm's builder applies to
+        ``pretrained_cfg_overlay=dict(file=...)`` files. It may pop keys from its argument: pass a copy.
+        """
+        module = sys.modules.get(type(model).__module__)
+        fn = getattr(module, "checkpoint_filter_fn", None)
+        return fn(state_dict, model) if fn is not None else state_dict
+
+    @classmethod
+    def load_special_file(cls, model: nn.Module, path: Path, resize: bool) -> bool:
+        """Load a file format the family reads itself (e.g. ViT's ``.npz``); return ``False`` for state dicts."""
+        return False
+
+    @classmethod
+    def architecture(cls, model: nn.Module) -> Dict[str, Any]:
+        """Settings that decide the function but leave no trace in the weight names and shapes."""
+        return {"class": type(model).__name__}
+
+
+def refuse_resampling(path: Path, resized: List[str], allow: bool) -> None:
+    """Fail when a weights file needs its patch / position embeddings resampled, unless ``allow`` (then log it)."""
+    if not resized:
+        return
+    what = "; ".join(resized)
+    if not allow:
+        raise ValueError(
+            f"backbone.checkpoint_path={str(path)!r} was made for another patch size or image size ({what}); set "
+            "backbone.kwargs (patch_size, img_size) to the checkpoint's, or backbone.resize_embeddings=true to "
+            "resample them to this model"
+        )
+    log.warning("backbone.checkpoint_path=%r: resampling to this model (resize_embeddings=true): %s", str(path), what)

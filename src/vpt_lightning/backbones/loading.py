@@ -1,0 +1,152 @@
+"""Creating the frozen timm backbone from hub weights, a local weights file, or a seeded random init."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import timm
+import torch
+from torch import nn
+
+from ..checkpoint import backbone_identity
+from ..dataclass_config import DataclassConfig
+from .base import refuse_resampling
+from .registry import family_for
+
+
+@dataclass
+class BackboneConfig(DataclassConfig):
+    """The ``backbone`` config group.
+
+    Attributes:
+        name: a timm model name, with an optional pretrained tag (``vit_base_patch16_224.orig_in21k``).
+        pretrained: load timm's hub weights for ``name`` (needs network or a filled HF cache).
+        checkpoint_path: a local weights file instead: a timm/torch state dict (``.pth``/``.pt``/``.bin``, also
+            wrapped in ``state_dict``/``model``), ``.safetensors``, or an original Google ViT ``.npz``.
+        kwargs: extra ``timm.create_model`` arguments (``img_size``, ``patch_size``, ``depth``, ``drop_path_rate``...).
+        init_seed: seed of the random init when neither ``pretrained`` nor ``checkpoint_path`` is given, so
+            that a randomly initialised backbone is the same each time it is built.
+        resize_embeddings: let a ``checkpoint_path`` made for another patch size or image size load, resampling
+            its patch-embedding kernel and position embedding to this model (timm's resampling, logged as a
+            warning). Off by default: such a file fails, naming the keys and shapes.
+    """
+
+    name: str = "vit_base_patch16_224.orig_in21k"
+    pretrained: bool = False
+    checkpoint_path: Optional[str] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    init_seed: int = 0
+    resize_embeddings: bool = False
+
+    group = "backbone"
+
+    def __post_init__(self) -> None:
+        self.kwargs = dict(self.kwargs or {})
+
+
+def _read_state_dict(path: Path, model: nn.Module, resize: bool = False) -> Dict[str, torch.Tensor]:
+    """Read a torch/safetensors checkpoint as a state dict in the model's layout, through its family's timm filter.
+
+    timm's filters convert layouts (e.g. a linear patch embedding, MAE/DINO/CLIP key names) by returning views of
+    the file's tensors, but resample patch and position embeddings (the family's ``resampled_keys``) to the model
+    as new tensors; those need ``resize`` (``backbone.resize_embeddings``).
+    """
+    try:
+        state_dict = timm.models.load_state_dict(str(path), use_ema=False)
+    except Exception as err:  # unpickling/format errors: say which file
+        raise ValueError(f"backbone.checkpoint_path={str(path)!r} could not be read as a weights file: {err}") from err
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"backbone.checkpoint_path={str(path)!r} holds no state dict of tensors")
+    state_dict = timm.models.clean_state_dict(state_dict)
+    family = family_for(model)
+    # the family's own timm converter may pop keys from its argument: give it a copy, so that every tensor of the
+    # file stays alive for the check below
+    filtered = family.filter_state_dict(dict(state_dict), model)
+    storages = {t.untyped_storage().data_ptr() for t in state_dict.values()}
+    expected = model.state_dict()
+    resized = []
+    for key in family.resampled_keys:
+        value = filtered.get(key)
+        if value is not None and key in expected and value.untyped_storage().data_ptr() not in storages:
+            source = next((t for k, t in state_dict.items() if k == key or k.endswith("." + key)), None)
+            shape = tuple(source.shape) if source is not None else "another shape"
+            resized.append(f"{key}: file {shape} vs model {tuple(expected[key].shape)}")
+    refuse_resampling(path, resized, resize)
+    return filtered
+
+
+def load_backbone_weights(model: nn.Module, checkpoint_path: os.PathLike, resize_embeddings: bool = False) -> None:
+    """Load a local weights file into ``model``, failing clearly on any key or shape mismatch.
+
+    Classifier keys (``head.*``) of the file are ignored when the model has no head of that shape, so an
+    ImageNet classifier checkpoint loads into a ``num_classes=0`` backbone. A file made for another patch size
+    or image size needs ``resize_embeddings`` (see :class:`BackboneConfig`).
+    """
+    path = Path(checkpoint_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone.checkpoint_path={str(path)!r} does not exist")
+    if family_for(model).load_special_file(model, path, resize_embeddings):  # e.g. ViT's original .npz files
+        return
+    state_dict = _read_state_dict(path, model, resize_embeddings)
+    expected = model.state_dict()
+    head_keys = {k for k in state_dict if k.startswith("head.")}
+    for key in head_keys:
+        if key not in expected or expected[key].shape != state_dict[key].shape:
+            del state_dict[key]
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(state_dict) & set(expected))
+        if state_dict[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        def show(items):
+            return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
+
+        parts = [f"backbone.checkpoint_path={str(path)!r} does not fit model {type(model).__name__}"]
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches: {show(mismatched)}")
+        parts.append("check backbone.name and backbone.kwargs against the checkpoint")
+        raise ValueError("; ".join(parts))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def create_backbone(config: BackboneConfig | Mapping[str, Any]) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Build the timm model named by ``config`` without a classifier, and describe its identity.
+
+    Returns ``(model, identity)``; ``identity`` (name, weight source, file hash, weights fingerprint, width,
+    depth and architecture) is stored in every task checkpoint so that it is only loaded onto the same backbone
+    (the fingerprint, width, depth and architecture decide; name, source and file hash are information).
+    """
+    if not isinstance(config, BackboneConfig):
+        config = BackboneConfig.from_mapping(config)
+    kwargs = dict(config.kwargs)
+    kwargs["num_classes"] = 0
+    use_hub = config.pretrained and not config.checkpoint_path
+    try:
+        if use_hub or config.checkpoint_path:
+            model = timm.create_model(config.name, pretrained=use_hub, **kwargs)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.init_seed)
+                model = timm.create_model(config.name, pretrained=False, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(
+                f"backbone.name={config.name!r} is not a timm model; see timm.list_models() for valid names"
+            ) from err
+        raise
+    if config.checkpoint_path:
+        load_backbone_weights(model, config.checkpoint_path, config.resize_embeddings)
+        weights = "file"
+    else:
+        weights = "hub" if use_hub else f"random(seed={config.init_seed})"
+    return model, backbone_identity(model, config.name, config.kwargs, weights, config.checkpoint_path)

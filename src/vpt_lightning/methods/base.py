@@ -1,0 +1,91 @@
+"""``TuningMethod``: the contract of a tuning method, and the config fields every method shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Dict, List, Optional, Type
+
+from torch import nn
+
+from ..backbones.base import PromptedBackbone
+from ..dataclass_config import DataclassConfig
+from ..prompt import PromptConfig
+
+PROMPT_NEEDS = {
+    "deep": (lambda p: p.enabled and p.deep, "prompts at every block (prompt=deep, num_tokens > 0)"),
+    "shallow": (lambda p: p.enabled and not p.deep, "prompts inserted once (prompt=shallow, num_tokens > 0)"),
+    "none": (lambda p: not p.enabled, "no prompts (prompt=none)"),
+    "any": (lambda p: True, "any prompt config"),
+}
+
+
+@dataclass
+class TuningConfig(DataclassConfig):
+    """The ``tuning`` config node; a method with options subclasses it (``conf/tuning/<method>.yaml`` sets it).
+
+    Attributes:
+        method: the registry name of the method (``vpt_deep``, ``linear``, ``partial``...).
+        name: the label of the run in folders, logs and reports (``partial_2``); ``None``: the method's label.
+    """
+
+    method: str = "vpt_deep"
+    name: Optional[str] = None
+
+    group = "tuning"
+
+
+class TuningMethod:
+    """One tuning method: what trains besides the prompts, its head, and how the protocol treats it.
+
+    Subclass it in a module of :mod:`vpt_lightning.methods` with ``@register_method`` and add
+    ``conf/tuning/<name>.yaml``; nothing else needs to know the method.
+
+    Class attributes:
+        name: registry key (``tuning.method``) and default label.
+        Config: its config dataclass (a :class:`TuningConfig` subclass with its own options).
+        prompts: the prompt config it needs: ``deep``, ``shallow``, ``none`` or ``any`` (checked before training).
+        trains_backbone: whether backbone weights change (then a task checkpoint carries them and the backbone
+            cannot be shared with other tasks).
+        lr_grid: the key of its learning-rate grid in the protocol config (``protocol.base_lr``...).
+        optimizer: its default ``optim`` group.
+        paper_method: its key in :mod:`vpt_lightning.paper`'s reference numbers, if the paper reports it.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[Type[TuningConfig]] = TuningConfig
+    prompts: ClassVar[str] = "none"
+    trains_backbone: ClassVar[bool] = False
+    lr_grid: ClassVar[str] = "base_lr"
+    optimizer: ClassVar[str] = "sgd"
+    paper_method: ClassVar[Optional[str]] = None
+
+    @classmethod
+    def label(cls, config: TuningConfig) -> str:
+        """The run's label: ``tuning.name`` if set, else the method's name (with its k for Partial-k, MLP-k)."""
+        return config.name or cls.name
+
+    @classmethod
+    def check_prompt(cls, config: TuningConfig, prompt: PromptConfig) -> None:
+        """Refuse a prompt config that contradicts the method (so results are never mislabelled)."""
+        test, wanted = PROMPT_NEEDS[cls.prompts]
+        if not test(prompt):
+            raise ValueError(
+                f"tuning={cls.label(config)} needs {wanted}, but prompt.num_tokens={prompt.num_tokens}, "
+                f"prompt.deep={prompt.deep}; choose the strategy with tuning=vpt_deep|vpt_shallow|linear (it sets "
+                "the prompt group) rather than prompt=..."
+            )
+
+    @classmethod
+    def apply(cls, backbone: PromptedBackbone, config: TuningConfig) -> None:
+        """Prepare the (frozen) prompted backbone: unfreeze or add what the method trains. Default: nothing."""
+
+    @classmethod
+    def build_head(cls, in_features: int, num_classes: int, config: TuningConfig) -> nn.Module:
+        """The classifier on the pooled features. Default: linear."""
+        return nn.Linear(in_features, num_classes)
+
+
+def module_names(root: nn.Module, modules: List[nn.Module]) -> List[str]:
+    """Names of ``modules`` relative to ``root`` (for timm's freeze/unfreeze helpers)."""
+    names: Dict[int, str] = {id(m): n for n, m in root.named_modules()}
+    return [names[id(m)] for m in modules]

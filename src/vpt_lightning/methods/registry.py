@@ -1,0 +1,43 @@
+"""The registry of tuning methods (a leaf: method modules import it), and parsing the ``tuning`` config node."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Tuple, Type, TypeVar
+
+from .base import TuningConfig, TuningMethod
+
+M = TypeVar("M", bound=Type[TuningMethod])
+
+_METHODS: Dict[str, Type[TuningMethod]] = {}
+
+
+def register_method(method: M) -> M:
+    """Class decorator: make ``method`` available as ``tuning.method=<method.name>``."""
+    if method.name in _METHODS and _METHODS[method.name] is not method:
+        raise ValueError(f"tuning method {method.name!r} is registered twice")
+    _METHODS[method.name] = method
+    return method
+
+
+def method_names() -> List[str]:
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> Type[TuningMethod]:
+    """The method registered as ``name``; a ``ValueError`` lists the valid names."""
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise ValueError(f"tuning.method={name!r} is not one of {method_names()}") from None
+
+
+def parse_tuning(config: Mapping[str, Any] | TuningConfig | None) -> Tuple[Type[TuningMethod], TuningConfig]:
+    """The method and its validated config from a ``tuning`` mapping (``method`` names it; default ``vpt_deep``)."""
+    if isinstance(config, TuningConfig):
+        return get_method(config.method), config
+    values = dict(config or {})
+    method = get_method(values.get("method", TuningConfig.method))
+    parsed = method.Config.from_mapping(values)
+    if parsed.name is None:
+        parsed.name = method.label(parsed)
+    return method, parsed
