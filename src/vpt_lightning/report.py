@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .atomic import write_text_atomic
+from .atomic import atomic_path, write_text_atomic
 from .data.registry import METHODS, TASKS, VTAB_GROUPS, fgvc_tasks, vtab_tasks
 
 MISSING = "—"
@@ -164,11 +164,11 @@ def plot(summaries: Sequence[Dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("test top-1 (%)")
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def write_report(summaries: Sequence[Dict[str, Any]], out_dir: Path) -> Dict[str, Path]:
