@@ -26,7 +26,7 @@ from vpt_lightning.data import (
     make_train_val_split,
     vtab_tasks,
 )
-from vpt_lightning.data.prepare import main as prepare_main
+from vpt_lightning.cli.prepare import main as prepare_main
 
 from conftest import write_image
 from vpt_lightning.data.transforms import INTERPOLATIONS
