@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .atomic import atomic_path, write_text_atomic
-from .data.registry import METHODS, TASKS, VTAB_GROUPS, fgvc_tasks, vtab_tasks
+from .data.registry import TASKS, VTAB_GROUPS, fgvc_tasks, vtab_tasks
+from .paper import METHODS, reference
 
 MISSING = "—"
 
@@ -76,8 +77,7 @@ def group_aggregates(means: Dict[str, Optional[float]], groups: Dict[str, List[s
 
 
 def _paper(task: str, tuning: str) -> Optional[float]:
-    info = TASKS.get(task)
-    return info.reference.get(tuning) if info else None
+    return reference(task, tuning) if task in TASKS else None
 
 
 def paper_aggregates(tuning: str) -> List[Optional[float]]:
