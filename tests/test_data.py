@@ -26,7 +26,8 @@ from vpt_lightning.data import (
     make_train_val_split,
     vtab_tasks,
 )
-from vpt_lightning.data.prepare import main as prepare_main
+from vpt_lightning.cli.prepare import main as prepare_main
+from vpt_lightning.paper import METHODS, REFERENCE
 
 from conftest import write_image
 from vpt_lightning.data.transforms import INTERPOLATIONS
@@ -58,10 +59,16 @@ def test_registry_has_19_vtab_tasks_in_7_4_8_groups_and_5_fgvc():
         "cub": 200, "nabirds": 555, "oxford_flowers": 102, "stanford_dogs": 120, "stanford_cars": 196}
     assert get_task("vtab_svhn").num_classes == 10 and get_task("sun397").default_prompt_length == 5
     # the paper's VPT-Deep group means (spec §4) follow from the per-task numbers
-    natural = np.mean([t.reference["vpt_deep"] for t in vtab_tasks("natural")])
+    natural = np.mean([REFERENCE[t.config_name]["vpt_deep"] for t in vtab_tasks("natural")])
     assert natural == pytest.approx(78.48, abs=0.01)
     with pytest.raises(KeyError, match="unknown vtab task 'cifar10'; valid names: .*'cifar100'"):
         get_task("cifar10", benchmark="vtab")
+
+
+def test_paper_numbers_cover_every_task_and_method_of_the_registry():
+    assert set(REFERENCE) == {t.config_name for t in vtab_tasks() + fgvc_tasks()}
+    assert all(tuple(row) == METHODS for row in REFERENCE.values())
+    assert REFERENCE["vtab_svhn"]["linear"] == 36.6 and REFERENCE["fgvc_stanford_cars"]["vpt_deep"] == 83.6
 
 
 @pytest.mark.parametrize("task", [t.config_name for t in vtab_tasks() + fgvc_tasks()])

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -25,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .atomic import atomic_path
 from .data.synthetic import SyntheticDataset, get_synthetic_task
 
 ASSET = Path(__file__).parent / "assets" / "quickstart_vit.safetensors"
@@ -41,17 +41,9 @@ def build_quickstart_vit(num_classes: int = 0) -> nn.Module:
 
 
 def save_state_dict_atomic(state_dict: Dict[str, torch.Tensor], out: Path) -> None:
-    """Write a safetensors file via a temporary file in the same folder, then rename it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a shipped asset must be readable by all
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write a safetensors file atomically (readable by all: it is a shipped asset)."""
+    with atomic_path(out) as tmp:
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp))
 
 
 def pretrain_backbone(

@@ -14,8 +14,9 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .atomic import write_text_atomic
-from .data.registry import METHODS, TASKS, VTAB_GROUPS, fgvc_tasks, vtab_tasks
+from .atomic import atomic_path, write_text_atomic
+from .data.registry import TASKS, VTAB_GROUPS, fgvc_tasks, vtab_tasks
+from .paper import METHODS, reference
 
 MISSING = "—"
 
@@ -76,8 +77,7 @@ def group_aggregates(means: Dict[str, Optional[float]], groups: Dict[str, List[s
 
 
 def _paper(task: str, tuning: str) -> Optional[float]:
-    info = TASKS.get(task)
-    return info.reference.get(tuning) if info else None
+    return reference(task, tuning) if task in TASKS else None
 
 
 def paper_aggregates(tuning: str) -> List[Optional[float]]:
@@ -164,11 +164,11 @@ def plot(summaries: Sequence[Dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("test top-1 (%)")
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def write_report(summaries: Sequence[Dict[str, Any]], out_dir: Path) -> Dict[str, Path]:

@@ -1,81 +1,21 @@
-"""``vpt-prepare``: build the VTAB-1k layout from torchvision's datasets, split FGVC, and check image trees.
-
-    vpt-prepare vtab --tasks cifar100 eurosat --source ~/torchvision-data --out data/vtab-1k [--download]
-    vpt-prepare fgvc-split --train-json all_train.json --out data/fgvc/CUB_200_2011 [--val-fraction 0.1]
-    vpt-prepare check vtab --task cifar100 --root data/vtab-1k      # decode every image, list the bad ones
-"""
+"""Build one VTAB-1k task folder (images + the four list files) from torchvision's copy of its dataset."""
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import random
 import shutil
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch.utils.data import ConcatDataset
 
-from ..atomic import write_text_atomic
-from .datasets import check_images
-from .fgvc import FGVCDataModule, make_train_val_split
+from ..atomic import atomic_path, write_text_atomic
 from .official_splits import read_split_file, resolve, task_entry
 from .registry import get_task
+from .sources import TORCHVISION_SOURCES
 from .torchvision_items import item_files, item_labels
-from .vtab import LIST_FILES, VTABDataModule
-
-# each factory takes (source root, download flag) and returns a torchvision dataset of (PIL image, label)
-Factory = Callable[[Path, bool], object]
-
-
-def _tv(name: str, **kwargs) -> Factory:
-    def make(root: Path, download: bool):
-        import torchvision.datasets as tvd
-
-        return getattr(tvd, name)(str(root), download=download, **kwargs)
-
-    return make
-
-
-@dataclass(frozen=True)
-class TorchvisionSource:
-    """How to read one VTAB task from torchvision's copy of its dataset.
-
-    Attributes:
-        train: the original training split (train800/val200 are drawn from it).
-        test: the test split; ``None`` where torchvision has none (the images not drawn become the test set).
-        val: the original validation split, searched too when a given split names its images (the authors'
-            val200 of DTD and Flowers102 comes from it).
-        label_offset: subtracted from torchvision's label (CLEVR's object counts 3..10 -> VTAB's classes 0..7).
-        requires: modules torchvision needs to read this dataset (the ``prepare`` extra).
-    """
-
-    train: Factory
-    test: Optional[Factory] = None
-    val: Optional[Factory] = None
-    label_offset: int = 0
-    requires: Tuple[str, ...] = ()
-
-
-TORCHVISION_SOURCES: Dict[str, TorchvisionSource] = {
-    "cifar100": TorchvisionSource(_tv("CIFAR100", train=True), _tv("CIFAR100", train=False)),
-    "svhn": TorchvisionSource(_tv("SVHN", split="train"), _tv("SVHN", split="test"), requires=("scipy",)),
-    "dtd": TorchvisionSource(_tv("DTD", split="train"), _tv("DTD", split="test"), _tv("DTD", split="val")),
-    "flowers102": TorchvisionSource(_tv("Flowers102", split="train"), _tv("Flowers102", split="test"),
-                                    _tv("Flowers102", split="val"), requires=("scipy",)),
-    "pets": TorchvisionSource(_tv("OxfordIIITPet", split="trainval"), _tv("OxfordIIITPet", split="test")),
-    "patch_camelyon": TorchvisionSource(_tv("PCAM", split="train"), _tv("PCAM", split="test"), _tv("PCAM", split="val"),
-                                        requires=("h5py",)),
-    # VTAB's CLEVR test set is CLEVR's validation split (the test split has no labels)
-    "clevr_count": TorchvisionSource(_tv("CLEVRClassification", split="train"),
-                                     _tv("CLEVRClassification", split="val"), label_offset=3),
-    "caltech101": TorchvisionSource(_tv("Caltech101"), requires=("scipy",)),
-    "sun397": TorchvisionSource(_tv("SUN397")),
-    "eurosat": TorchvisionSource(_tv("EuroSAT")),
-}
-
+from .vtab import LIST_FILES
 
 def _require_modules(task: str, modules: Sequence[str]) -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
@@ -105,13 +45,11 @@ def _write_split(dataset, indices: Sequence[int], task_dir: Path, prefix: str, l
         if labels is None or (files is None and not path.exists()):
             image, target = dataset[i]
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            if files is not None:
-                shutil.copyfile(files[i], tmp)
-            else:
-                image.convert("RGB").save(tmp, format="PNG")
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                if files is not None:
+                    shutil.copyfile(files[i], tmp)
+                else:
+                    image.convert("RGB").save(tmp, format="PNG")
         lines.append(f"{rel} {_label(labels[i] if labels is not None else target, label_offset)}")
     return lines
 
@@ -175,56 +113,3 @@ def prepare_vtab_task(task: str, source: Path, out: Path, download: bool = False
     for key, lines in (("train", train_lines), ("val", val_lines), ("trainval", train_lines + val_lines), ("test", test_lines)):
         write_text_atomic("\n".join(lines) + "\n", task_dir / LIST_FILES[key])
     return {"train800": len(train_lines), "val200": len(val_lines), "test": len(test_lines)}
-
-
-def _check(benchmark: str, task: str, root: str, split: str) -> int:
-    module_cls = VTABDataModule if benchmark == "vtab" else FGVCDataModule
-    dm = module_cls(task=task, root=root, split=split, num_workers=0)
-    dm.setup()
-    problems = []
-    for name in ("train_dataset", "val_dataset", "test_dataset"):
-        dataset = getattr(dm, name)
-        if dataset is not None:
-            problems += check_images(dataset.samples)
-    for problem in sorted(set(problems)):
-        print(problem)
-    print(f"{benchmark} {task} ({split}): {len(set(problems))} unreadable image(s)")
-    return 1 if problems else 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="vpt-prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    vtab = sub.add_parser("vtab", help="build VTAB-1k task folders from torchvision datasets")
-    vtab.add_argument("--tasks", nargs="+", required=True, help=f"any of {sorted(TORCHVISION_SOURCES)}")
-    vtab.add_argument("--source", type=Path, required=True, help="torchvision's data root")
-    vtab.add_argument("--out", type=Path, required=True, help="the VTAB-1k root to write (data.root)")
-    vtab.add_argument("--download", action="store_true", help="let torchvision download missing data")
-    vtab.add_argument("--seed", type=int, default=0)
-    vtab.add_argument("--official-splits", type=Path,
-                      help="the authors' vtab_trainval_splits.json (file names of train800/val200 per task), or a JSON "
-                           '{task: {"train": [...], "val": [...]}} of names or indices into torchvision\'s training split')
-    split = sub.add_parser("fgvc-split", help="split a full training JSON into train.json / val.json")
-    split.add_argument("--train-json", type=Path, required=True)
-    split.add_argument("--out", type=Path, required=True)
-    split.add_argument("--val-fraction", type=float, default=0.1)
-    split.add_argument("--seed", type=int, default=42)
-    check = sub.add_parser("check", help="decode every image of a task and report the unreadable ones")
-    check.add_argument("benchmark", choices=["vtab", "fgvc"])
-    check.add_argument("--task", required=True)
-    check.add_argument("--root", required=True)
-    check.add_argument("--split", choices=["tune", "final"], default="final")
-    args = parser.parse_args(argv)
-    if args.command == "vtab":
-        for task in args.tasks:
-            sizes = prepare_vtab_task(task, args.source, args.out, args.download, args.seed, args.official_splits)
-            print(f"{task}: {sizes} -> {args.out / get_task(task, 'vtab').folder}")
-        return 0
-    if args.command == "fgvc-split":
-        print(make_train_val_split(args.train_json, args.out, args.val_fraction, args.seed))
-        return 0
-    return _check(args.benchmark, args.task, args.root, args.split)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,12 +1,14 @@
-"""The one place that knows every benchmark task: VTAB-1k (19) and FGVC (5), with the paper's numbers (spec §4)."""
+"""The task catalogue: VTAB-1k (19) and FGVC (5) with classes, folders, prompt lengths and official names.
+
+The paper's published numbers per task are in :mod:`vpt_lightning.paper`.
+"""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-METHODS = ("full", "linear", "vpt_shallow", "vpt_deep")
 VTAB_GROUPS = ("natural", "specialized", "structured")
 
 
@@ -22,7 +24,6 @@ class TaskInfo:
         folder: folder of the task under the benchmark root (the common TF-free VTAB-1k layout, or the FGVC roots).
         display_name: name in tables.
         default_prompt_length: VPT-Deep prompt length published with the paper's hyper-parameters.
-        reference: the paper's test top-1 (%) per method (ViT-B/16 ImageNet-21k).
         official_name: the task's name in the VTAB code and the VPT configs (``cifar(num_classes=100)``,
             ``clevr(task="count_all")``...), as used for keys of the authors' split files.
     """
@@ -34,7 +35,6 @@ class TaskInfo:
     folder: str
     display_name: str
     default_prompt_length: int
-    reference: Dict[str, float] = field(default_factory=dict)
     official_name: str = ""
 
     @property
@@ -58,62 +58,54 @@ def normalise_name(name: str) -> str:
     return re.sub(r"[\s'\"]", "", name).lower()
 
 
-def _ref(full: float, linear: float, shallow: float, deep: float) -> Dict[str, float]:
-    return dict(zip(METHODS, (full, linear, shallow, deep)))
-
-
 _TASKS: List[TaskInfo] = [
     # VTAB-1k natural
-    TaskInfo("cifar100", "vtab", "natural", 100, "cifar", "CIFAR-100", 10, _ref(68.9, 63.4, 77.7, 78.8),
+    TaskInfo("cifar100", "vtab", "natural", 100, "cifar", "CIFAR-100", 10,
              official_name="cifar(num_classes=100)"),
-    TaskInfo("caltech101", "vtab", "natural", 102, "caltech101", "Caltech101", 10, _ref(87.7, 85.0, 86.9, 90.8),
+    TaskInfo("caltech101", "vtab", "natural", 102, "caltech101", "Caltech101", 10,
              official_name="caltech101"),
-    TaskInfo("dtd", "vtab", "natural", 47, "dtd", "DTD", 10, _ref(64.3, 63.2, 62.6, 65.8),
+    TaskInfo("dtd", "vtab", "natural", 47, "dtd", "DTD", 10,
              official_name="dtd"),
-    TaskInfo("flowers102", "vtab", "natural", 102, "oxford_flowers102", "Flowers102", 1, _ref(97.2, 97.0, 97.5, 98.0),
+    TaskInfo("flowers102", "vtab", "natural", 102, "oxford_flowers102", "Flowers102", 1,
              official_name="oxford_flowers102"),
-    TaskInfo("pets", "vtab", "natural", 37, "oxford_iiit_pet", "Pets", 1, _ref(86.9, 86.3, 87.3, 88.3),
+    TaskInfo("pets", "vtab", "natural", 37, "oxford_iiit_pet", "Pets", 1,
              official_name="oxford_iiit_pet"),
-    TaskInfo("svhn", "vtab", "natural", 10, "svhn", "SVHN", 50, _ref(87.4, 36.6, 74.5, 78.1),
+    TaskInfo("svhn", "vtab", "natural", 10, "svhn", "SVHN", 50,
              official_name="svhn"),
-    TaskInfo("sun397", "vtab", "natural", 397, "sun397", "SUN397", 5, _ref(38.8, 51.0, 51.2, 49.6),
+    TaskInfo("sun397", "vtab", "natural", 397, "sun397", "SUN397", 5,
              official_name="sun397"),
     # VTAB-1k specialized
-    TaskInfo("patch_camelyon", "vtab", "specialized", 2, "patch_camelyon", "Camelyon", 100, _ref(79.7, 78.5, 78.2, 81.8),
+    TaskInfo("patch_camelyon", "vtab", "specialized", 2, "patch_camelyon", "Camelyon", 100,
              official_name="patch_camelyon"),
-    TaskInfo("eurosat", "vtab", "specialized", 10, "eurosat", "EuroSAT", 100, _ref(95.7, 87.5, 92.0, 96.1),
+    TaskInfo("eurosat", "vtab", "specialized", 10, "eurosat", "EuroSAT", 100,
              official_name="eurosat"),
-    TaskInfo("resisc45", "vtab", "specialized", 45, "resisc45", "RESISC45", 10, _ref(84.2, 68.6, 75.6, 83.4),
+    TaskInfo("resisc45", "vtab", "specialized", 45, "resisc45", "RESISC45", 10,
              official_name="resisc45"),
     TaskInfo("diabetic_retinopathy", "vtab", "specialized", 5, "diabetic_retinopathy", "Retinopathy", 1,
-             _ref(73.9, 74.0, 72.9, 68.4),
              official_name='diabetic_retinopathy(config="btgraham-300")'),
     # VTAB-1k structured
-    TaskInfo("clevr_count", "vtab", "structured", 8, "clevr_count", "CLEVR-count", 100, _ref(56.3, 34.3, 50.5, 68.5),
+    TaskInfo("clevr_count", "vtab", "structured", 8, "clevr_count", "CLEVR-count", 100,
              official_name='clevr(task="count_all")'),
-    TaskInfo("clevr_distance", "vtab", "structured", 6, "clevr_dist", "CLEVR-dist", 200, _ref(58.6, 30.6, 58.6, 60.0),
+    TaskInfo("clevr_distance", "vtab", "structured", 6, "clevr_dist", "CLEVR-dist", 200,
              official_name='clevr(task="closest_object_distance")'),
-    TaskInfo("dmlab", "vtab", "structured", 6, "dmlab", "DMLab", 100, _ref(41.7, 33.2, 40.5, 46.5),
+    TaskInfo("dmlab", "vtab", "structured", 6, "dmlab", "DMLab", 100,
              official_name="dmlab"),
-    TaskInfo("kitti_distance", "vtab", "structured", 4, "kitti", "KITTI-dist", 100, _ref(65.5, 55.4, 67.1, 72.8),
+    TaskInfo("kitti_distance", "vtab", "structured", 4, "kitti", "KITTI-dist", 100,
              official_name='kitti(task="closest_vehicle_distance")'),
-    TaskInfo("dsprites_location", "vtab", "structured", 16, "dsprites_loc", "dSpr-loc", 100, _ref(57.5, 12.5, 68.7, 73.6),
+    TaskInfo("dsprites_location", "vtab", "structured", 16, "dsprites_loc", "dSpr-loc", 100,
              official_name='dsprites(predicted_attribute="label_x_position",num_classes=16)'),
     TaskInfo("dsprites_orientation", "vtab", "structured", 16, "dsprites_ori", "dSpr-ori", 100,
-             _ref(46.7, 20.0, 36.1, 47.9),
              official_name='dsprites(predicted_attribute="label_orientation",num_classes=16)'),
     TaskInfo("smallnorb_azimuth", "vtab", "structured", 18, "smallnorb_azi", "sNORB-azi", 200,
-             _ref(25.7, 9.6, 20.2, 32.9),
              official_name='smallnorb(predicted_attribute="label_azimuth")'),
     TaskInfo("smallnorb_elevation", "vtab", "structured", 9, "smallnorb_ele", "sNORB-ele", 200,
-             _ref(29.1, 19.2, 34.1, 37.8),
              official_name='smallnorb(predicted_attribute="label_elevation")'),
     # FGVC
-    TaskInfo("cub", "fgvc", None, 200, "CUB_200_2011", "CUB-200-2011", 10, _ref(87.3, 85.3, 86.7, 88.5)),
-    TaskInfo("nabirds", "fgvc", None, 555, "nabirds", "NABirds", 50, _ref(82.7, 75.9, 78.8, 84.2)),
-    TaskInfo("oxford_flowers", "fgvc", None, 102, "OxfordFlower", "Oxford Flowers", 5, _ref(98.8, 97.9, 98.4, 99.0)),
-    TaskInfo("stanford_dogs", "fgvc", None, 120, "Stanford-dogs", "Stanford Dogs", 100, _ref(89.4, 86.2, 90.7, 90.2)),
-    TaskInfo("stanford_cars", "fgvc", None, 196, "Stanford-cars", "Stanford Cars", 200, _ref(84.5, 51.3, 68.7, 83.6)),
+    TaskInfo("cub", "fgvc", None, 200, "CUB_200_2011", "CUB-200-2011", 10),
+    TaskInfo("nabirds", "fgvc", None, 555, "nabirds", "NABirds", 50),
+    TaskInfo("oxford_flowers", "fgvc", None, 102, "OxfordFlower", "Oxford Flowers", 5),
+    TaskInfo("stanford_dogs", "fgvc", None, 120, "Stanford-dogs", "Stanford Dogs", 100),
+    TaskInfo("stanford_cars", "fgvc", None, 196, "Stanford-cars", "Stanford Cars", 200),
 ]
 
 TASKS: Dict[str, TaskInfo] = {f"{t.benchmark}_{t.name}": t for t in _TASKS}

@@ -8,6 +8,7 @@ from typing import Optional
 from .base import ImageClassificationDataModule
 from .datasets import ImageListDataset, require_dir, read_list_file
 from .registry import get_task
+from .sources import TORCHVISION_SOURCES
 from .transforms import build_transform
 
 LIST_FILES = {"train": "train800.txt", "val": "val200.txt", "trainval": "train800val200.txt", "test": "test.txt"}
@@ -15,8 +16,6 @@ LIST_FILES = {"train": "train800.txt", "val": "val200.txt", "trainval": "train80
 
 def build_hint(task: str, root: Path) -> str:
     """How to get a missing task folder: ``vpt-prepare vtab`` where it covers the task, else the TFDS export."""
-    from .prepare import TORCHVISION_SOURCES  # lazy: prepare imports this module
-
     if task in TORCHVISION_SOURCES:
         return f"or build it with 'vpt-prepare vtab --tasks {task} --source TORCHVISION_ROOT --out {root}' (add --download)"
     return (f"vpt-prepare cannot build {task!r} (it covers {sorted(TORCHVISION_SOURCES)}): copy the TFDS export of "
@@ -53,7 +52,7 @@ class VTABDataModule(ImageClassificationDataModule):
         self.root = Path(root).expanduser()
         self.task_dir = self.root / (task_dir or self.task.folder)
         self.interpolation = interpolation
-        if not self.task_dir.is_dir():  # the hint imports vpt-prepare: only when it is needed
+        if not self.task_dir.is_dir():
             require_dir(
                 self.task_dir,
                 f"VTAB-1k folder of task {self.task.name!r}",
