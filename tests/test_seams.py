@@ -162,3 +162,23 @@ def test_prompt_config_contradicting_the_method_is_refused_before_training():
     configs = parse_configs(compose(["+experiment=quickstart", "tuning=partial", "tuning.last_blocks=2"]))
     assert configs.method.name == "partial" and configs.tuning.name == "partial_2"
     assert isinstance(configs.prompt, PromptConfig) and not configs.prompt.enabled
+
+
+def test_config_groups_compose_onto_their_schemas_and_are_parsed_once():
+    """The prompt, backbone and tuning nodes are typed by their dataclasses (Hydra ConfigStore schemas), so a
+    wrong key or type fails while composing, naming it, and parsing yields the dataclasses themselves."""
+    from hydra.errors import ConfigCompositionException
+
+    from vpt_lightning.backbones import BackboneConfig
+    from vpt_lightning.methods.partial import PartialConfig
+
+    cfg = compose(["+experiment=quickstart", "tuning=partial"])
+    assert OmegaConf.get_type(cfg.prompt) is PromptConfig and OmegaConf.get_type(cfg.backbone) is BackboneConfig
+    assert OmegaConf.get_type(cfg.tuning) is PartialConfig
+    for override, key in (("prompt.foo=1", "prompt.foo"), ("tuning.mlp_layers=2", "tuning.mlp_layers"),
+                          ("prompt.num_tokens=abc", "prompt.num_tokens")):
+        with pytest.raises(ConfigCompositionException, match=key.replace(".", r"\.")):
+            compose(["+experiment=quickstart", "tuning=partial", override])
+    # range checks stay ours, with the key, the bad value and the valid values
+    with pytest.raises(ValueError, match=r"prompt.num_tokens=-2 must be an integer >= 0"):
+        OmegaConf.to_object(compose(["+experiment=quickstart", "recipe.num_tokens=-2"]).prompt)
