@@ -146,6 +146,10 @@ class VPTModule(pl.LightningModule):
         """The parameters the optimiser updates: every parameter that requires grad."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def optimizer_parameters(self, lr: float) -> List[Any]:
+        """What the optimizer receives: :meth:`trainable_parameters`, or parameter groups with their own ``lr``."""
+        return self.trainable_parameters()
+
     # ---- model ------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         backbone = self.backbone if self._compiled_backbone is None else self._compiled_backbone
@@ -233,7 +237,8 @@ class VPTModule(pl.LightningModule):
             steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
         else:  # an iterable dataset of unknown length: spread the total over the epochs
             steps_per_epoch = total_steps / max(1, trainer.max_epochs or 1)
-        optimizer = cfg.build(params, lr=self.learning_rate())
+        lr = self.learning_rate()
+        optimizer = cfg.build(self.optimizer_parameters(lr), lr=lr)
         scheduler = cfg.scheduler(optimizer, steps_per_epoch, total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 

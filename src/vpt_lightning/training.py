@@ -26,6 +26,7 @@ NOT_RESULT_KEYS = {
     "data": ("root", "task_dir", "image_dir", "num_workers", "persistent_workers", "pin_memory", "eval_batch_size"),
     "trainer": ("default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps"),
 }
+SEGMENTATION_KEYS = ("task_type", "segmentation")  # recorded only by runs that set them
 RESULT_GROUPS = ("backbone", "prompt", "tuning", "optim", "data", "trainer", "seed", "backbone_eval", "grad_checkpointing")
 
 
@@ -63,7 +64,7 @@ def parse_configs(cfg: DictConfig) -> ModelConfigs:
 def result_config(cfg: DictConfig) -> Dict[str, Any]:
     """The part of a composed config that determines a run's result (recorded in ``results.json``)."""
     picked: Dict[str, Any] = {}
-    for key in RESULT_GROUPS:
+    for key in RESULT_GROUPS + tuple(k for k in SEGMENTATION_KEYS if k in cfg):
         value = cfg.get(key)
         picked[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
     for group, keys in NOT_RESULT_KEYS.items():
@@ -110,14 +111,10 @@ def _scalar_metrics(metrics: Dict[str, Any]) -> Dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
 
 
-def train(cfg: DictConfig) -> Dict[str, Any]:
-    """Run one training job described by a composed ``train`` config; returns (and writes) its results."""
-    configs = parse_configs(cfg)
-    run_dir = Path(cfg.run_dir)
-    ckpt_path = resolve_ckpt_path(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    module = VPTModule(
+def build_module(cfg: DictConfig, configs: ModelConfigs, datamodule: Any) -> VPTModule:
+    """The LightningModule of ``task_type``: ``classification`` (:class:`VPTModule`, the default) or
+    ``segmentation`` (:class:`~vpt_lightning.segmentation.SegmentationModule`, options in ``segmentation``)."""
+    common = dict(
         num_classes=datamodule.num_classes,
         backbone=configs.backbone,
         prompt=configs.prompt,
@@ -127,13 +124,33 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         compile=cfg.get("compile", False),
         grad_checkpointing=cfg.get("grad_checkpointing", False),
     )
+    task_type = cfg.get("task_type", "classification")
+    if task_type == "classification":
+        return VPTModule(**common)
+    if task_type == "segmentation":
+        from .segmentation import SegmentationModule
+
+        options = OmegaConf.to_container(cfg.get("segmentation") or {}, resolve=True)
+        options["ignore_index"] = datamodule.ignore_index  # the data decides what is unlabelled
+        return SegmentationModule(segmentation=options, **common)
+    raise ValueError(f"task_type={task_type!r} is not one of ['classification', 'segmentation']")
+
+
+def train(cfg: DictConfig) -> Dict[str, Any]:
+    """Run one training job described by a composed ``train`` config; returns (and writes) its results."""
+    configs = parse_configs(cfg)
+    run_dir = Path(cfg.run_dir)
+    ckpt_path = resolve_ckpt_path(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg, configs, datamodule)
     datamodule.backbone_data_config = module.data_config
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger")) or False
     )
     started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if "val/top1" not in trainer.callback_metrics and datamodule.val_dataset is not None:
+    if not {"val/top1", "val/miou"} & set(trainer.callback_metrics) and datamodule.val_dataset is not None:
         # resumed from a checkpoint of a run whose training had finished: fit ran no epoch, so validate here
         trainer.validate(module, datamodule=datamodule, verbose=False)
     results: Dict[str, Any] = {
@@ -166,6 +183,9 @@ def print_summary(results: Dict[str, Any], run_dir: Path) -> None:
         ("val top-1 (%)", results.get("val/top1")),
         ("test top-1 (%)", results.get("test/top1")),
         ("test top-5 (%)", results.get("test/top5")),
+        ("val mIoU (%)", results.get("val/miou")),
+        ("test mIoU (%)", results.get("test/miou")),
+        ("test mIoU multi-scale (%)", results.get("test/miou_ms")),
         ("trainable params", results.get("trainable_params")),
         ("trainable / backbone (%)", results.get("trainable_percent")),
     ]
@@ -173,7 +193,7 @@ def print_summary(results: Dict[str, Any], run_dir: Path) -> None:
     for name, value in rows:
         if value is None:
             continue
-        if "top" in name:
+        if "top" in name or "mIoU" in name:
             value = f"{100 * value:.2f}"
         elif isinstance(value, float):
             value = f"{value:.4f}"
