@@ -151,3 +151,25 @@ def test_quickstart_seg_trains_offline_and_reports_miou(tmp_path, capsys):
     results = train(cfg)
     assert 0 <= results["val/miou"] <= 1 and results["global_step"] == 2
     assert "val mIoU (%)" in capsys.readouterr().out
+
+
+def test_report_shows_segmentation_runs_beside_table_3(tmp_path, capsys):
+    from vpt_lightning.cli.report import main
+
+    def write(folder, **results):
+        path = tmp_path / folder / "results.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(results))
+
+    seg = {"task_type": "segmentation"}
+    write("a", task_name="ade20k_setr_pup", tuning="vpt_deep", method="vpt_deep", trainable_params=13_430_000,
+          **{"test/miou": 0.4011, "test/miou_ms": 0.4234}, config=seg)
+    write("b", task_name="quickstart_seg", tuning="linear", method="linear", trainable_params=120_000,
+          **{"val/miou": 0.5}, config=seg)
+    write("c", task_name="quickstart", tuning="vpt_deep", method="vpt_deep", **{"test/top1": 0.9}, config={})
+    assert main([str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| ade20k_setr_pup | vpt_deep | 40.11 | 42.34 | 13.43 | 42.11 | 44.06 | 13.43 |" in report
+    assert "| quickstart_seg | linear | 50.00 | — | 0.12 | — | — | — |" in report
+    assert "| Head only | 35.12 | 37.46 | 13.18 |" in report and "quickstart |" not in report
+    assert not (tmp_path / "report.csv").exists()  # no classification summaries: no classification table

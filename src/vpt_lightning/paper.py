@@ -47,3 +47,18 @@ REFERENCE: Dict[str, Dict[str, float]] = {
 def reference(task: str, method: str) -> Optional[float]:
     """The paper's number for task config name ``task`` and ``method``, ``None`` where it published none."""
     return REFERENCE.get(task, {}).get(method)
+
+
+#: Table 3: ADE20K val mIoU (%) single-scale / multi-scale and tunable parameters (M), SETR-PUP on ViT-L/16
+#: ImageNet-21k (VPT_EXTENSIONS.md §6). Keyed by tuning-method name (``linear`` = the paper's "Head only");
+#: the DeepLab v3+ row is the paper's fully fine-tuned ResNet-101 reference.
+SEGMENTATION_TASK = "ade20k_setr_pup"
+SEGMENTATION: Dict[str, Dict[str, object]] = {
+    "full": {"label": "Full (SETR)", "miou_ss": 48.31, "miou_ms": 50.07, "params_m": 318.31},
+    "linear": {"label": "Head only", "miou_ss": 35.12, "miou_ms": 37.46, "params_m": 13.18},
+    "bias": {"label": "Bias", "miou_ss": 43.40, "miou_ms": 45.33, "params_m": 13.46},
+    "vpt_deep": {"label": "VPT-deep (p=10)", "miou_ss": 42.11, "miou_ms": 44.06, "params_m": 13.43},
+    "vpt_bias": {"label": "VPT+Bias (p=100)", "miou_ss": 44.04, "miou_ms": 45.63, "params_m": 15.79},
+    "deeplabv3plus_r101": {"label": "DeepLab v3+ ResNet-101, full (reference)", "miou_ss": 45.47, "miou_ms": 46.27,
+                           "params_m": 63.0},
+}

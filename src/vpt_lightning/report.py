@@ -189,13 +189,65 @@ def plot(summaries: Sequence[Dict[str, Any]], path: Path) -> None:
         plt.close(fig)
 
 
-def write_report(summaries: Sequence[Dict[str, Any]], out_dir: Path) -> Dict[str, Path]:
-    """Write ``report.md``, ``report.csv`` and ``report.png`` into ``out_dir``."""
-    if not summaries:
-        raise ValueError("no summary.json found: run vpt-tune first")
-    markdown, table = build_report(summaries)
-    paths = {"md": out_dir / "report.md", "csv": out_dir / "report.csv", "png": out_dir / "report.png"}
+def write_report(
+    summaries: Sequence[Dict[str, Any]], out_dir: Path, segmentation: Sequence[Dict[str, Any]] = ()
+) -> Dict[str, Path]:
+    """Write ``report.md``, ``report.csv`` and ``report.png`` into ``out_dir`` (classification summaries), with a
+    segmentation section in ``report.md`` when ``segmentation`` results are given."""
+    if not summaries and not segmentation:
+        raise ValueError("no summary.json (vpt-tune) or segmentation results.json (vpt-train) found")
+    paths = {"md": out_dir / "report.md"}
+    markdown = ""
+    if summaries:
+        markdown, table = build_report(summaries)
+        paths.update(csv=out_dir / "report.csv", png=out_dir / "report.png")
+        write_text_atomic(table, paths["csv"])
+        plot(summaries, paths["png"])
+    if segmentation:
+        markdown += ("\n" if markdown else "") + segmentation_report(segmentation)
     write_text_atomic(markdown, paths["md"])
-    write_text_atomic(table, paths["csv"])
-    plot(summaries, paths["png"])
     return paths
+
+
+# ---- segmentation runs (vpt-train results of task_type=segmentation) beside the paper's Table 3 ------------------
+def find_segmentation_results(dirs: Sequence[Path]) -> List[Dict[str, Any]]:
+    """Every ``results.json`` below ``dirs`` written by a segmentation run (``task_type: segmentation``)."""
+    import json
+
+    found = []
+    for root in dirs:
+        for path in sorted(Path(root).rglob("results.json")):
+            try:
+                results = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(results, dict) and (results.get("config") or {}).get("task_type") == "segmentation":
+                found.append({**results, "path": str(path)})
+    return found
+
+
+def _miou(value: Any) -> str:
+    return MISSING if value is None else f"{100 * value:.2f}"
+
+
+def segmentation_report(results: Sequence[Dict[str, Any]]) -> str:
+    """Markdown: each segmentation run (test mIoU single / multi-scale, trainable parameters) beside the paper's
+    Table 3 row of its method (for the ADE20K experiment), then Table 3 itself."""
+    from .paper import SEGMENTATION, SEGMENTATION_TASK
+
+    md = ["## Segmentation", "",
+          "| task | tuning | mIoU SS (ours) | mIoU MS (ours) | trainable (M) | mIoU SS (paper) | mIoU MS (paper) "
+          "| trainable (M, paper) |", "|---|---|---|---|---|---|---|---|"]
+    for run in sorted(results, key=lambda r: (r.get("task_name", ""), r.get("tuning", ""))):
+        paper = SEGMENTATION.get(run.get("method"), {}) if run.get("task_name") == SEGMENTATION_TASK else {}
+        shown = [f"{paper[k]:.2f}" if k in paper else MISSING for k in ("miou_ss", "miou_ms", "params_m")]
+        miou = run.get("test/miou", run.get("val/miou"))
+        params = run.get("trainable_params")
+        md.append(f"| {run.get('task_name')} | {run.get('tuning')} | {_miou(miou)} | {_miou(run.get('test/miou_ms'))} | "
+                  f"{MISSING if params is None else f'{params / 1e6:.2f}'} | " + " | ".join(shown) + " |")
+    md += ["", "Paper, Table 3 (ADE20K val, SETR-PUP on ViT-L/16 ImageNet-21k):", "",
+           "| method | mIoU SS | mIoU MS | tunable (M) |", "|---|---|---|---|"]
+    md += [f"| {row['label']} | {row['miou_ss']:.2f} | {row['miou_ms']:.2f} | {row['params_m']:.2f} |"
+           for row in SEGMENTATION.values()]
+    md += ["", "Ours: test mIoU (%) (val where the run has no test), last epoch; MS = multi-scale + flip."]
+    return "\n".join(md) + "\n"
