@@ -414,3 +414,180 @@ def test_smallnorb_left_images_with_val200_and_test_from_the_test_files(tmp_path
     (folder / "smallnorb-5x46789x9x18x6x2x96x96-training-dat.mat").write_bytes(b"\x00" * 24)
     with pytest.raises(DataError, match=r"training-dat.mat: not a smallNORB matrix \(magic 0; expected"):
         prepare(task, tmp_path, tmp_path / "out2")
+
+
+# ---- DMLab: TFRecords of tf.train.Example, written here byte by byte -------------------------------------
+def _crc32c_bitwise(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 * (crc & 1))
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked(data: bytes) -> int:
+    crc = _crc32c_bitwise(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(value: int) -> bytes:
+    out = b""
+    while True:
+        out += bytes([(value & 0x7F) | (0x80 if value > 0x7F else 0)])
+        value >>= 7
+        if not value:
+            return out
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def example(features: dict) -> bytes:
+    """A serialized tf.train.Example: bytes features as BytesList, ints as packed Int64List."""
+    entries = b""
+    for name, value in features.items():
+        feature = (_field(1, _field(1, value)) if isinstance(value, bytes)
+                   else _field(3, _field(1, b"".join(_varint(v) for v in [value]))))
+        entries += _field(1, _field(1, name.encode()) + _field(2, feature))
+    return _field(1, entries)
+
+
+def write_tfrecord(path: Path, payloads) -> None:
+    with open(path, "wb") as handle:
+        for data in payloads:
+            length = struct.pack("<Q", len(data))
+            handle.write(length + struct.pack("<I", _masked(length)) + data + struct.pack("<I", _masked(data)))
+
+
+def test_crc32c_matches_the_standard_check_value():
+    from vpt_lightning.data.tfrecord import crc32c
+
+    assert _crc32c_bitwise(b"123456789") == 0xE3069283 == crc32c(b"123456789")
+
+
+def test_dmlab_tfrecords_keyed_by_filename(tmp_path):
+    folder = tmp_path / "dmlab"
+    folder.mkdir()
+    sizes, records = {"train": 800, "validation": 200, "test": 4}, {}
+    for split, n in sizes.items():
+        records[split] = []
+        for i in range(n):
+            png = tmp_path / "frame.png"
+            write_image(png, seed=i + n, size=3)
+            records[split].append((f"dmlab/{split}/frame_{i:05d}.png".encode(), (i * 5) % 6, png.read_bytes()))
+        half = n // 2  # several files per split, as the released archive has
+        for part, chunk in enumerate((records[split][:half], records[split][half:])):
+            write_tfrecord(folder / f"dmlab-{split}.tfrecord-0000{part}-of-00002",
+                           [example({"image": img, "filename": name, "label": label}) for name, label, img in chunk])
+    task_dir = prepare("dmlab", tmp_path, tmp_path / "out")
+    got = lists(task_dir)
+    pick = lambda split: [(Path(records[split][i][0].decode()).name, records[split][i][1])
+                          for i in md5_order(split, [r[0] for r in records[split]])]
+    assert_slices(got, {"train800": pick("train"), "val200": pick("validation"), "test": pick("test")})
+    first = md5_order("test", [r[0] for r in records["test"]])[0]
+    assert (task_dir / got["test"][0][0]).read_bytes() == records["test"][first][2]  # the encoded image, as stored
+    data = (folder / "dmlab-test.tfrecord-00000-of-00002").read_bytes()
+    (folder / "dmlab-test.tfrecord-00000-of-00002").write_bytes(data[:8] + b"\x00\x00\x00\x00" + data[12:])
+    with pytest.raises(DataError, match=r"dmlab-test.tfrecord-00000-of-00002: bad TFRecord length checksum at byte 0"):
+        prepare("dmlab", tmp_path, tmp_path / "out2")
+
+
+# ---- Diabetic Retinopathy: Kaggle CSVs, btgraham-300 --------------------------------------------------------
+def write_fundus(path: Path, seed: int, size=(120, 160)) -> None:
+    """A JPEG like a fundus photograph: a noisy bright disc on black."""
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    disc = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2) < (0.45 * h) ** 2
+    rng = np.random.default_rng(seed)
+    pixels = (disc[..., None] * rng.integers(60, 220, size=(h, w, 3))).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=95)
+
+
+def test_retinopathy_splits_from_the_kaggle_csvs(tmp_path):
+    from vpt_lightning.data.prepare import exact_indices
+    from vpt_lightning.data.readers_specialized import read_retinopathy
+    from vpt_lightning.data.sources import EXACT_SOURCES
+
+    root = tmp_path / "diabetic_retinopathy"
+    train = [(f"{i}_{'left' if i % 2 else 'right'}", i % 5) for i in range(810)]
+    solution = [(f"t{i}_left", (i * 3) % 5, "Public" if i % 3 else "Private") for i in range(330)]
+    for name, _ in train:
+        (root / "train").mkdir(parents=True, exist_ok=True)
+        (root / "train" / f"{name}.jpeg").write_bytes(b"")  # decoded only when written
+    for name, _, _ in solution:
+        (root / "test").mkdir(parents=True, exist_ok=True)
+        (root / "test" / f"{name}.jpeg").write_bytes(b"")
+    (root / "trainLabels.csv").write_text("image,level\n" + "".join(f"{n},{l}\n" for n, l in train))
+    (root / "retinopathy_solution.csv").write_text("image,level,Usage\n" + "".join(f"{n},{l},{u}\n" for n, l, u in solution))
+    splits = read_retinopathy(tmp_path)
+    public = [(n, l) for n, l, u in solution if u == "Public"]
+    private = [(n, l) for n, l, u in solution if u == "Private"]
+    assert (len(splits["validation"]), len(splits["test"])) == (len(public), len(private)) == (220, 110)
+    chosen = exact_indices(EXACT_SOURCES["diabetic_retinopathy"], splits, "diabetic_retinopathy")
+    for name, (split, rows) in (("train800", ("train", train)), ("val200", ("validation", public)), ("test", ("test", private))):
+        expected = [rows[i] for i in md5_order(split, [n for n, _ in rows])][:800 if name == "train800" else 200 if name == "val200" else None]
+        indices = chosen[name][1]
+        assert chosen[name][0] == split
+        assert [(splits[split].keys[i], splits[split].labels[i]) for i in indices] == expected
+    (root / "trainLabels.csv").write_text("image,level\n10_left,7\n")
+    with pytest.raises(DataError, match=r"trainLabels.csv:2: level '7' is not a grade 0-4"):
+        read_retinopathy(tmp_path)
+
+
+def test_btgraham_300_equals_tfds_processing(tmp_path):
+    pytest.importorskip("cv2")
+    dr = pytest.importorskip("tensorflow_datasets.image_classification.diabetic_retinopathy_detection")
+    from vpt_lightning.data.readers_specialized import btgraham_300
+
+    for seed, size in ((0, (120, 160)), (1, (700, 900))):
+        path = tmp_path / f"{seed}.jpeg"
+        write_fundus(path, seed, size)
+        with open(path, "rb") as handle:
+            theirs = dr._btgraham_processing(image_fobj=handle, filepath=str(path), target_pixels=300,
+                                             crop_to_radius=True).getvalue()
+        ours = btgraham_300(path)
+        assert ours == theirs
+        image = np.asarray(Image.open(__import__("io").BytesIO(ours)))
+        assert image.shape[:2] == (540, 540) and abs(int(image[0, 0].mean()) - 128) <= 2  # grey outside the disc
+
+
+# ---- SUN397: TFDS's split lists ---------------------------------------------------------------------------
+def test_sun397_uses_tfds_split_lists(tmp_path, monkeypatch):
+    import vpt_lightning.data.readers_natural as natural
+
+    classes = ["/a/abbey", "/b/beach", "/c/church/outdoor"]
+    lists_ = {"train": [f"{classes[i % 3]}/sun_tr{i:05d}.jpg" for i in range(1000)],
+              "validation": [f"{classes[i % 3]}/sun_va{i:05d}.jpg" for i in range(200)],
+              "test": [f"{classes[i % 3]}/sun_te{i:05d}.jpg" for i in range(5)] + ["/c/church/outdoor/sun_bhenjvsvrtumjuri.jpg"]}
+    monkeypatch.setattr(natural, "sun397_split_lists", lambda: lists_)
+    chosen = {split: [keys[i] for i in md5_order(split, keys)] for split, keys in lists_.items()}
+    for key in chosen["train"][:800] + chosen["validation"] + chosen["test"]:
+        write_image(tmp_path / "SUN397" / key.lstrip("/"), seed=len(key), size=2, fmt="JPEG")
+    got = lists(prepare("sun397", tmp_path, tmp_path / "out"))  # the other 200 training images need not exist
+    label = lambda key: classes.index(key.rsplit("/", 1)[0])
+    assert_slices(got, {"train800": [(k, label(k)) for k in chosen["train"][:800]],
+                        "val200": [(k, label(k)) for k in chosen["validation"]],
+                        "test": [(k, label(k)) for k in chosen["test"] if "bhenjvsvrtumjuri" not in k]})  # TFDS skips it
+
+
+def test_sun397_split_lists_ship_with_tensorflow_datasets():
+    pytest.importorskip("tensorflow_datasets")
+    from vpt_lightning.data.readers_natural import sun397_split_lists
+
+    lists_ = sun397_split_lists()
+    assert {k: len(v) for k, v in lists_.items()} == {"train": 76128, "validation": 10875, "test": 21750}
+    assert len({k.rsplit("/", 1)[0] for v in lists_.values() for k in v}) == 397
+
+
+def test_every_vtab_task_has_a_route():
+    from vpt_lightning.data import vtab_tasks
+    from vpt_lightning.data.prepare import route
+    from vpt_lightning.data.sources import EXACT_SOURCES, TORCHVISION_SOURCES
+
+    assert {t.name for t in vtab_tasks()} - set(EXACT_SOURCES) == {"caltech101"}
+    assert "caltech101" in TORCHVISION_SOURCES and route("caltech101") == "redrawn"
+    assert route("caltech101", Path("splits.json")) == "authors" and route("dtd") == "exact"
+    assert route("dtd", redraw=True) == "redrawn"

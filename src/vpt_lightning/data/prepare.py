@@ -85,7 +85,7 @@ def _save(image: Union[Image.Image, bytes], path: Path, tmp: Path) -> None:
     elif path.suffix.lower() in (".jpg", ".jpeg"):
         image.convert("RGB").save(tmp, format="JPEG", quality=72)
     else:
-        image.save(tmp, format="PNG") if image.mode in ("L", "RGB") else image.convert("RGB").save(tmp, format="PNG")
+        (image if image.mode in ("L", "RGB") else image.convert("RGB")).save(tmp, format="PNG")
 
 
 def write_items(split: SourceSplit, indices: Sequence[int], task_dir: Path, folder: str) -> List[str]:

@@ -77,9 +77,9 @@ def read_resisc45(source: Path) -> Splits:
     items = _class_folder_images(root, "*.jpg")
     if not items:
         raise DataError(f"{root}: no <class>/*.jpg images")
-    classes = sorted({folder for folder, _ in items})
+    classes = {folder: i for i, folder in enumerate(sorted({folder for folder, _ in items}))}
     return {"train": SourceSplit([f"{folder}_{path.name}" for folder, path in items],
-                                 [classes.index(folder) for folder, _ in items],
+                                 [classes[folder] for folder, _ in items],
                                  [f"{folder}/{path.name}" for folder, path in items], files=[p for _, p in items])}
 
 

@@ -148,6 +148,9 @@ def _npz_rows(path: Path, member: str, wanted: Iterable[int]) -> Dict[int, np.nd
 def read_dsprites(source: Path, attribute: str) -> Splits:
     """dSprites (TFDS ``dsprites`` 2.0.0): one ``train`` split; key = the image's index.
 
+    TFDS reads the HDF5 release; the ``.npz`` release holds the same arrays in the same order (assumed, as both are
+    DeepMind's export of one array).
+
     ``attribute`` is ``x_position`` (32 values -> 16 classes, value // 2) or ``orientation`` (40 -> 16, value //
     2.5). Reads the released ``<source>/dsprites/dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz`` (the arrays of
     the HDF5 file TFDS reads); images (0/1) are written as 0/255 greyscale PNG, as VTAB scales them.
