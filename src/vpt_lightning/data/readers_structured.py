@@ -131,7 +131,10 @@ def _npz_rows(path: Path, member: str, wanted: Iterable[int]) -> Dict[int, np.nd
     wanted = sorted(set(wanted))
     with zipfile.ZipFile(path) as archive, archive.open(f"{member}.npy") as handle:
         version = np.lib.format.read_magic(handle)
-        shape, fortran, dtype = np.lib.format._read_array_header(handle, version)  # the public readers load it all
+        if version not in ((1, 0), (2, 0)):
+            raise DataError(f"{path}: {member}.npy has .npy format version {version}; expected 1.0 or 2.0")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(handle)
         if fortran:
             raise DataError(f"{path}: {member} is stored in Fortran order")
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
