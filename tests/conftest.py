@@ -45,3 +45,18 @@ def write_image(path: Path, seed: int, size=8, fmt: str = "PNG") -> np.ndarray:
     pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path, format=fmt)
     return pixels
+
+
+def save_task_checkpoint(path: Path, num_classes: int = 3, backbone=None, **module_kwargs) -> Path:
+    """A task checkpoint as ``vpt-train`` writes it (Lightning's file, hooks and identity), without training:
+    the prompts and head keep their random init, which every test of the file's use needs."""
+    import pytorch_lightning as pl
+
+    from vpt_lightning import VPTModule
+
+    module = VPTModule(num_classes=num_classes, backbone=backbone or TINY_BACKBONE, **module_kwargs)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(module)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(path)
+    return path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict
-from typing import Any, Dict, List, Mapping, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import torch
@@ -72,6 +72,10 @@ class VPTModule(pl.LightningModule):
         backbone_eval: keep the backbone in eval mode while training (the official code does for VPT).
         compile: ``torch.compile`` the prompted backbone's forward (opt-in; the module's keys do not change).
         grad_checkpointing: recompute block activations in the backward pass (saves memory on ViT-L/H).
+        task_name: the task's name, kept in the checkpoint for ``vpt-predict`` / ``vpt-serve``.
+        class_names: the ``num_classes`` class names in label order, kept in the checkpoint (predictions show them).
+        eval_transform: how evaluation images were prepared (``recipe``, ``img_size``, ``interpolation``, ``mean``,
+            ``std``: the DataModule's :meth:`eval_transform_config`), so that image files are predicted alike.
     """
 
     def __init__(
@@ -84,10 +88,15 @@ class VPTModule(pl.LightningModule):
         backbone_eval: bool = True,
         compile: bool = False,
         grad_checkpointing: bool = False,
+        task_name: Optional[str] = None,
+        class_names: Optional[Sequence[str]] = None,
+        eval_transform: Optional[Mapping[str, Any]] = None,
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes={num_classes!r} must be a positive integer")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
         # validate every config before building anything (configs that are already parsed are taken as they are),
         # and keep them as plain dicts in hparams
         self.prompt_config = _parse(PromptConfig, prompt) if prompt is not None else PromptConfig(0)
@@ -106,6 +115,9 @@ class VPTModule(pl.LightningModule):
                 "backbone_eval": backbone_eval,
                 "compile": compile,
                 "grad_checkpointing": grad_checkpointing,
+                "task_name": task_name,
+                "class_names": [str(c) for c in class_names] if class_names is not None else None,
+                "eval_transform": dict(eval_transform) if eval_transform is not None else None,
             }
         )
         model, self.backbone_identity = create_backbone(backbone_config)

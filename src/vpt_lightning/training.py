@@ -121,8 +121,12 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         backbone_eval=cfg.backbone_eval,
         compile=cfg.get("compile", False),
         grad_checkpointing=cfg.get("grad_checkpointing", False),
+        task_name=cfg.task_name,
+        class_names=getattr(datamodule, "classes", None),
     )
     datamodule.backbone_data_config = module.data_config
+    # how evaluation images are prepared (known once the backbone's data config is): predict image files alike
+    module.hparams["eval_transform"] = datamodule.eval_transform_config()
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger")) or False
     )

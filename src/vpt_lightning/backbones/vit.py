@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -20,6 +22,46 @@ from .registry import register_family
 POOLS = ("token", "avg", "avgmax", "max", "map", "prr")
 NPZ_PREFIXES = ("", "opt/target/", "params/", "params/img/")  # the array-name prefixes timm's .npz loader knows
 NPZ_QUERY = re.compile(r"encoderblock(_0)?/MultiHeadDotProductAttention_\d/query/kernel$")  # block 0's query
+
+
+@dataclass
+class SamplePrompts:
+    """Each sample's own prompts for one forward pass of a shared ViT: a batch that mixes tasks.
+
+    Built by :meth:`PromptedViT.gather_prompts`. The sequence carries ``num_slots`` prompt slots right after the
+    prefix tokens (the longest prepended prompt of the batch). A sample's slots that hold no prompt of its task (a
+    shorter prompt, a prompt inserted only at a later block, or none at all) are masked out of attention as keys,
+    so they change no other token; they are removed before the final norm like the prompts.
+
+    Attributes:
+        num_slots: prompt slots in the sequence.
+        prepend: block -> ``(prompts (B, num_slots, D), takes (B,) bool)``: the samples of ``takes`` get these new
+            prompts in their slots at that block (replacing the previous block's prompt outputs, as VPT-Deep).
+        add: block -> ``(B, 1 | num_patches, D)`` added to the patch tokens (zeros for samples of other tasks).
+        masks: block -> the boolean key mask ``(B, 1, 1, N)`` (``True``: attended) from that block on, ``None`` when
+            every slot of every sample holds a prompt.
+    """
+
+    num_slots: int
+    prepend: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    add: Dict[int, torch.Tensor] = field(default_factory=dict)
+    masks: Dict[int, Optional[torch.Tensor]] = field(default_factory=dict)
+
+    def open_slots(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Insert ``num_slots`` empty prompt slots after the ``start`` prefix tokens."""
+        empty = x.new_zeros(x.shape[0], self.num_slots, x.shape[2])
+        return torch.cat([x[:, :start], empty, x[:, start:]], dim=1)
+
+    def insert(self, x: torch.Tensor, block: int, start: int) -> torch.Tensor:
+        """The sequence entering ``block``: new prompts in the slots of the samples that take them, added ones."""
+        end = start + self.num_slots
+        if block in self.prepend:
+            prompts, takes = self.prepend[block]
+            slots = torch.where(takes[:, None, None], prompts.to(x.dtype), x[:, start:end])
+            x = torch.cat([x[:, :start], slots, x[:, end:]], dim=1)
+        if block in self.add:
+            x = torch.cat([x[:, :end], x[:, end:] + self.add[block].to(x.dtype)], dim=1)
+        return x
 
 
 @register_family(VisionTransformer)
@@ -122,26 +164,92 @@ class PromptedViT(PromptedBackbone):
         x = vit.patch_drop(x)
         return vit.norm_pre(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> final normed tokens ``[prefix, patches]`` (prompt outputs removed), like timm's."""
+    def forward_features(self, x: torch.Tensor, sample_prompts: Optional[SamplePrompts] = None) -> torch.Tensor:
+        """Images -> final normed tokens ``[prefix, patches]`` (prompt outputs removed), like timm's.
+
+        ``sample_prompts`` (from :meth:`gather_prompts`) gives each sample its own task's prompts instead of this
+        module's (a batch that mixes tasks on one shared backbone).
+        """
         first_grad = self._first_block_needing_grad() if torch.is_grad_enabled() else 0
         with torch.set_grad_enabled(torch.is_grad_enabled() and first_grad == 0):
             x = self.embed(x)
-        inserted = False
+        start = self.num_prefix_tokens
+        if sample_prompts is not None:
+            x = sample_prompts.open_slots(x, start)
+        inserted, mask = False, None
         for i, block in enumerate(self.vit.blocks):
             record = torch.is_grad_enabled() and i >= first_grad
             with torch.set_grad_enabled(record):
-                if i in self.prompt_sets:
+                if sample_prompts is not None:
+                    x = sample_prompts.insert(x, i, start)
+                    mask = sample_prompts.masks.get(i, mask)
+                elif i in self.prompt_sets:
                     x = self._insert_prompts(x, i, inserted)
                     inserted = True
+                kwargs = {} if mask is None else {"attn_mask": mask}
                 if record and self.grad_checkpointing:
-                    x = checkpoint(block, x, use_reentrant=False)
+                    x = checkpoint(block, x, use_reentrant=False, **kwargs)
                 else:
-                    x = block(x)
-        if inserted and self.num_prompt_tokens:
-            start = self.num_prefix_tokens
-            x = torch.cat([x[:, :start], x[:, start + self.num_prompt_tokens :]], dim=1)
+                    x = block(x, **kwargs)
+        slots = sample_prompts.num_slots if sample_prompts is not None else self.num_prompt_tokens * inserted
+        if slots:
+            x = torch.cat([x[:, :start], x[:, start + slots :]], dim=1)
         return self.vit.norm(x)
+
+    # ---- per-sample prompts: many tasks on one shared backbone ------------------------------------------
+    @property
+    def supports_sample_prompts(self) -> bool:
+        """Whether every block takes an attention mask (timm's ``Block``), which :class:`SamplePrompts` needs."""
+        return all("attn_mask" in inspect.signature(block.forward).parameters for block in self.vit.blocks)
+
+    def gather_prompts(self, tasks: Sequence["PromptedViT"], task_index: torch.Tensor) -> SamplePrompts:
+        """Sample ``b`` gets the prompts of ``tasks[task_index[b]]``; every task must wrap this module's ViT.
+
+        Tasks may differ in prompt length, depth, location (``prepend``/``add``) and projection; the prompts are
+        taken as in evaluation (no dropout).
+        """
+        if any(task.vit is not self.vit for task in tasks):
+            raise ValueError("gather_prompts: every task must wrap the same timm model as this PromptedViT")
+        present = [int(t) for t in torch.unique(task_index).tolist()]
+        num_slots = max((tasks[t].num_prompt_tokens for t in present), default=0)
+        batch, device = task_index.shape[0], task_index.device
+        out = SamplePrompts(num_slots)
+        held = torch.zeros(batch, dtype=torch.long, device=device)  # prompt tokens each sample's slots hold
+        for block in range(len(self.vit.blocks)):
+            new, takes, added = None, torch.zeros(batch, dtype=torch.bool, device=device), None
+            for t in present:
+                task = tasks[t]
+                if block not in task.prompt_sets:
+                    continue
+                rows = task_index == t
+                prompts = task.prompts.proj(task.prompts.tokens[task.prompt_sets[block]])  # (n, D), no dropout
+                if task.prompt_config.location == "add":
+                    if added is None:
+                        added = prompts.new_zeros(batch, self.num_patches, self.embed_dim)
+                    added[rows] = added[rows] + prompts
+                    continue
+                if new is None:
+                    new = prompts.new_zeros(batch, num_slots, self.embed_dim)
+                new[rows, : prompts.shape[0]] = prompts
+                takes |= rows
+                held[rows] = prompts.shape[0]
+            if new is not None:
+                out.prepend[block] = (new, takes)
+            if added is not None:
+                out.add[block] = added
+            if block == 0 or new is not None:
+                out.masks[block] = self._slot_mask(held, num_slots)
+        return out
+
+    def _slot_mask(self, held: torch.Tensor, num_slots: int) -> Optional[torch.Tensor]:
+        """Key mask ``(B, 1, 1, N)``: prefix and patch tokens, and the slots that hold prompts; ``None``: all."""
+        slot_valid = torch.arange(num_slots, device=held.device)[None] < held[:, None]
+        if bool(slot_valid.all()):
+            return None
+        batch = held.shape[0]
+        prefix = slot_valid.new_ones(batch, self.num_prefix_tokens)
+        patches = slot_valid.new_ones(batch, self.num_patches)
+        return torch.cat([prefix, slot_valid, patches], dim=1)[:, None, None, :]
 
     def data_config(self) -> Dict[str, Any]:
         config = super().data_config()
