@@ -22,11 +22,7 @@ import io
 import base64
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -38,6 +34,7 @@ import torch
 
 from vpt_lightning import VPTModule
 from vpt_lightning.checkpoint import TaskCheckpoint, trainable_state_dict
+from vpt_lightning.serving.launch import running_server
 from vpt_lightning.serving.multitask import MultiTaskClassifier
 
 NUM_TASKS = 8
@@ -160,35 +157,15 @@ def save_random_tasks(root: Path) -> List[Path]:
     return paths
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def load_test(checkpoints: Sequence[Path], requests: int, clients: int, max_batch_size: int) -> Dict[str, float]:
     from PIL import Image
 
     from vpt_lightning.data.synthetic import SyntheticDataset
 
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vpt_lightning.cli.serve", *map(str, checkpoints), "--port", str(port),
-         "--max-batch-size", str(max_batch_size), "--accelerator", "cpu"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/tasks", timeout=2) as response:
-                    tasks = [t["name"] for t in json.loads(response.read())["tasks"]]
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("vpt-serve did not start")
-                time.sleep(0.5)
+    options = ["--max-batch-size", str(max_batch_size), "--accelerator", "cpu"]
+    with running_server(checkpoints, options, startup_timeout=600) as url:
+        with urllib.request.urlopen(url + "/tasks", timeout=60) as response:
+            tasks = [t["name"] for t in json.loads(response.read())["tasks"]]
         bodies = []
         for i in range(16):  # quickstart-like images as PNG files, base64 in JSON
             array, _ = SyntheticDataset("orientation", 16, seed=9).sample(i)
@@ -214,18 +191,6 @@ def load_test(checkpoints: Sequence[Path], requests: int, clients: int, max_batc
         with ThreadPoolExecutor(max_workers=clients) as pool:
             results = list(pool.map(send, range(requests)))
         elapsed = time.perf_counter() - start
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
     latencies = sorted(t for t, _ in results)
     return {
         "requests": requests,

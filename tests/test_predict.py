@@ -6,14 +6,10 @@ import csv
 
 import pytest
 import torch
-from PIL import Image
-from torchvision import transforms as T
 
-from conftest import save_task_checkpoint, write_image
-from vpt_lightning import VPTModule
+from conftest import save_task_checkpoint, task_probabilities, write_image
 from vpt_lightning.cli.predict import main, parse_checkpoints
 
-IMAGENET = dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +22,6 @@ def tasks(tmp_path_factory):
         write_image(root / "images" / f"{i}.png", seed=i, size=(40, 36))
     (root / "images" / "broken.png").write_bytes(b"\x89PNG not really")
     return root, count, orient
-
-
-def expected_probabilities(path, image_path):
-    """The task's own VPTModule on the image, prepared as in evaluation (resize to 32, ImageNet mean/std)."""
-    module = VPTModule.load_from_checkpoint(path).eval()
-    prepare = T.Compose([T.Resize((32, 32), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(), T.Normalize(**IMAGENET)])
-    with torch.no_grad():
-        return module(prepare(Image.open(image_path).convert("RGB"))[None]).softmax(-1)[0]
 
 
 def read_rows(path):
@@ -52,7 +40,7 @@ def test_every_image_with_every_task_and_the_broken_one_reported(tasks, capsys):
     ]
     for row in rows:
         path = count if row["task"] == "count" else orient
-        probs = expected_probabilities(path, row["path"])
+        probs = task_probabilities(path, row["path"])
         names = list("abcde") if row["task"] == "count" else ["0", "1", "2"]
         top = probs.topk(3)
         assert [row[f"class_{r}"] for r in (1, 2, 3)] == [names[i] for i in top.indices.tolist()]

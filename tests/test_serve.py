@@ -6,11 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -18,21 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-from torchvision import transforms as T
 
-from conftest import save_task_checkpoint, write_image
-from vpt_lightning import VPTModule
+from conftest import save_task_checkpoint, task_probabilities, write_image
+from vpt_lightning.serving.launch import running_server
 
 pytest.importorskip("litserve")
 STARTUP_SECONDS = 240  # spawning LitServe's worker re-imports torch: slow on busy shared cores
-IMAGENET = dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def parse(payload: bytes):
@@ -65,54 +51,10 @@ def server(tmp_path_factory):
     images = [root / f"{i}.png" for i in range(4)]
     for i, path in enumerate(images):
         write_image(path, seed=i, size=(36, 30))
-    port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vpt_lightning.cli.serve", *map(str, ckpts.values()), "--port", str(port),
-         "--max-batch-size", "8", "--batch-timeout", "0.05", "--max-request-bytes", "200000", "--accelerator", "cpu"],
-        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"vpt-serve exited with {proc.returncode}:\n{proc.stdout.read().decode()[-3000:]}")
-            try:
-                if request(url + "/health", timeout=2)[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"vpt-serve did not answer /health within {STARTUP_SECONDS} s")
-            time.sleep(0.5)
+    options = ["--max-batch-size", "8", "--batch-timeout", "0.05", "--max-request-bytes", "200000", "--accelerator", "cpu"]
+    with running_server(list(ckpts.values()), options, startup_timeout=STARTUP_SECONDS, env=env) as url:
         yield url, ckpts, images
-    finally:
-        stop(proc)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Interrupt the server's process group (the server and the workers it spawned); kill it if it lingers."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # leftover workers of the group, if any
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-    proc.stdout.close()
-
-
-def expected(ckpt, image_path):
-    """The task's own VPTModule on the image as evaluation prepares it (resize to 32, ImageNet mean/std)."""
-    module = VPTModule.load_from_checkpoint(ckpt).eval()
-    prepare = T.Compose([T.Resize((32, 32), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(), T.Normalize(**IMAGENET)])
-    with torch.no_grad():
-        return module(prepare(Image.open(image_path).convert("RGB"))[None]).softmax(-1)[0]
 
 
 def test_health_and_tasks_with_their_classes(server):
@@ -125,7 +67,7 @@ def test_health_and_tasks_with_their_classes(server):
 
 def test_concurrent_clients_mixing_tasks_get_each_tasks_own_answer(server):
     url, ckpts, images = server
-    want = {(t, i): expected(ckpts[t], p) for t in ckpts for i, p in enumerate(images)}
+    want = {(t, i): task_probabilities(ckpts[t], p) for t in ckpts for i, p in enumerate(images)}
     jobs = [(t, i, raw) for raw in (False, True) for t in ckpts for i in range(len(images))] * 2  # 32 requests
 
     def send(job):
