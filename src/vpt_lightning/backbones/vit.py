@@ -57,7 +57,8 @@ class SamplePrompts:
         end = start + self.num_slots
         if block in self.prepend:
             prompts, takes = self.prepend[block]
-            slots = torch.where(takes[:, None, None], prompts.to(x.dtype), x[:, start:end])
+            prompts = prompts.to(x.dtype)
+            slots = prompts if bool(takes.all()) else torch.where(takes[:, None, None], prompts, x[:, start:end])
             x = torch.cat([x[:, :start], slots, x[:, end:]], dim=1)
         if block in self.add:
             x = torch.cat([x[:, :end], x[:, end:] + self.add[block].to(x.dtype)], dim=1)
@@ -213,31 +214,33 @@ class PromptedViT(PromptedBackbone):
         present = [int(t) for t in torch.unique(task_index).tolist()]
         num_slots = max((tasks[t].num_prompt_tokens for t in present), default=0)
         batch, device = task_index.shape[0], task_index.device
+        # each present task's prompts of every prompted block, projected once: (sets, n, D)
+        projected = {t: tasks[t].prompts.proj(tasks[t].prompts.tokens) for t in present if tasks[t].prompts is not None}
         out = SamplePrompts(num_slots)
         held = torch.zeros(batch, dtype=torch.long, device=device)  # prompt tokens each sample's slots hold
         for block in range(len(self.vit.blocks)):
-            new, takes, added = None, torch.zeros(batch, dtype=torch.bool, device=device), None
-            for t in present:
-                task = tasks[t]
-                if block not in task.prompt_sets:
-                    continue
-                rows = task_index == t
-                prompts = task.prompts.proj(task.prompts.tokens[task.prompt_sets[block]])  # (n, D), no dropout
-                if task.prompt_config.location == "add":
-                    if added is None:
-                        added = prompts.new_zeros(batch, self.num_patches, self.embed_dim)
-                    added[rows] = added[rows] + prompts
-                    continue
-                if new is None:
-                    new = prompts.new_zeros(batch, num_slots, self.embed_dim)
-                new[rows, : prompts.shape[0]] = prompts
-                takes |= rows
-                held[rows] = prompts.shape[0]
-            if new is not None:
-                out.prepend[block] = (new, takes)
-            if added is not None:
-                out.add[block] = added
-            if block == 0 or new is not None:
+            # per task (rows of small tables, gathered to the batch by task_index): new slots, whether it inserts
+            # at this block, how many tokens; added prompts
+            inserting = [t for t in present if block in tasks[t].prompt_sets]
+            prepend = [t for t in inserting if tasks[t].prompt_config.location == "prepend"]
+            added = [t for t in inserting if tasks[t].prompt_config.location == "add"]
+            if prepend:
+                table = projected[prepend[0]].new_zeros(len(tasks), num_slots, self.embed_dim)
+                inserts = torch.zeros(len(tasks), dtype=torch.bool, device=device)
+                lengths = torch.zeros(len(tasks), dtype=torch.long, device=device)
+                for t in prepend:
+                    prompts = projected[t][tasks[t].prompt_sets[block]]
+                    table[t, : prompts.shape[0]] = prompts
+                    inserts[t], lengths[t] = True, prompts.shape[0]
+                takes = inserts[task_index]
+                out.prepend[block] = (table[task_index], takes)
+                held = torch.where(takes, lengths[task_index], held)
+            if added:
+                table = projected[added[0]].new_zeros(len(tasks), self.num_patches, self.embed_dim)
+                for t in added:
+                    table[t] = table[t] + projected[t][tasks[t].prompt_sets[block]]
+                out.add[block] = table[task_index]
+            if block == 0 or prepend:
                 out.masks[block] = self._slot_mask(held, num_slots)
         return out
 
