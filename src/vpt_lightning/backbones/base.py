@@ -29,7 +29,7 @@ class PromptedBackbone(nn.Module):
         - ``blocks()`` / ``final_norms()``: the ordered blocks and what follows them (tuning methods read these);
         - ``data_config()``: timm's input/normalisation config of the model as built;
         - class-level hooks for weight files (``filter_state_dict``, ``resampled_keys``, ``load_special_file``)
-          and for the identity (``architecture``).
+          and for the identity (``depth``, ``architecture``).
 
     Args:
         model: the timm model.
@@ -116,6 +116,11 @@ class PromptedBackbone(nn.Module):
     def load_special_file(cls, model: nn.Module, path: Path, resize: bool) -> bool:
         """Load a file format the family reads itself (e.g. ViT's ``.npz``); return ``False`` for state dicts."""
         return False
+
+    @classmethod
+    def depth(cls, model: nn.Module) -> int:
+        """The number of blocks of the timm model (the identity's ``depth``)."""
+        return len(getattr(model, "blocks", []))
 
     @classmethod
     def architecture(cls, model: nn.Module) -> Dict[str, Any]:
