@@ -88,6 +88,12 @@ def _stage_blocks(model: nn.Module) -> List[nn.Module]:
     return [block for name in ("layer1", "layer2", "layer3", "layer4") for block in getattr(model, name, [])]
 
 
+# vpt-tune for VPT on ConvNets: the paper's border widths, and the official `tune_vtab.py --train-type prompt_resnet`
+# learning rates (the weight decays are the default ones)
+BORDER_PIXELS = (1, 3, 5, 7, 9, 11)
+PROMPT_LRS = (0.05, 0.025, 0.01, 0.5, 0.25, 0.1, 1.0, 2.5, 5.0)
+
+
 @register_family(ConvNeXt, ResNet)
 class PromptedConvNet(PromptedBackbone):
     """Wrap a timm ``ConvNeXt`` or ``ResNet``; its prompt is a :class:`PixelBorder` of ``prompt.num_tokens`` px.
@@ -108,8 +114,13 @@ class PromptedConvNet(PromptedBackbone):
     as in the official code, where the frozen part of the network stays in eval mode; frozen layers and those
     whose bias alone trains (BitFit) keep their running statistics.
 
+    ``vpt-tune`` sweeps p over :data:`BORDER_PIXELS` and the learning rates of :data:`PROMPT_LRS` for VPT on a
+    ConvNet (:attr:`prompt_grid`); the baselines keep ``conf/tune.yaml``'s grids.
+
     Args: as :class:`PromptedBackbone`.
     """
+
+    prompt_grid = {"num_tokens": BORDER_PIXELS, "base_lr": PROMPT_LRS}
 
     def __init__(
         self,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Type
 
 import timm
 import torch
@@ -13,7 +15,7 @@ from torch import nn
 
 from ..checkpoint import backbone_identity
 from ..dataclass_config import DataclassConfig
-from .base import refuse_resampling
+from .base import PromptedBackbone, refuse_resampling
 from .registry import family_for
 
 
@@ -117,6 +119,26 @@ def load_backbone_weights(model: nn.Module, checkpoint_path: os.PathLike, resize
         parts.append("check backbone.name and backbone.kwargs against the checkpoint")
         raise ValueError("; ".join(parts))
     model.load_state_dict(state_dict, strict=True)
+
+
+@functools.lru_cache(maxsize=32)
+def _family_of(name: str, kwargs_json: str) -> Type[PromptedBackbone]:
+    kwargs = {**json.loads(kwargs_json), "num_classes": 0}
+    try:
+        with torch.device("meta"):  # the architecture alone: no memory, no weights
+            model = timm.create_model(name, pretrained=False, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(f"backbone.name={name!r} is not a timm model; see timm.list_models() for valid names") from err
+        model = timm.create_model(name, pretrained=False, **kwargs)  # an init that needs real tensors
+    return family_for(model)
+
+
+def family_of_config(config: BackboneConfig | Mapping[str, Any]) -> Type[PromptedBackbone]:
+    """The prompted-backbone family of the model a ``backbone`` config builds, without building its weights."""
+    if not isinstance(config, BackboneConfig):
+        config = BackboneConfig.from_mapping(config)
+    return _family_of(config.name, json.dumps(config.kwargs, sort_keys=True))
 
 
 def create_backbone(config: BackboneConfig | Mapping[str, Any]) -> Tuple[nn.Module, Dict[str, Any]]:
