@@ -247,3 +247,51 @@ def test_paper_convnet_configs_name_the_papers_weights(group, name):
     with torch.device("meta"):  # the architecture without weights: the paper's widths
         model = timm.create_model(name, num_classes=0)
     assert model.num_features == {"convnext_base_in22k": 1024, "resnet50_in1k": 2048}[group]
+
+
+# ---- vpt-tune's grids and vpt-report's paper numbers for ConvNets -------------------------------------------------
+def test_vpt_tune_sweeps_the_papers_convnet_grid_for_vpt_only():
+    from vpt_lightning.protocol import grid_points
+
+    cfg = compose(["backbone=convnext_tiny_random", "tuning=vpt_shallow"], config_name="tune")
+    points = grid_points(cfg.protocol, "vpt_shallow")
+    assert sorted({p["num_tokens"] for p in points}) == [1, 3, 5, 7, 9, 11]
+    assert sorted({p["base_lr"] for p in points}) == [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
+    assert len(points) == 6 * 9 * 4
+    linear = compose(["backbone=resnet_tiny_random", "tuning=linear"], config_name="tune")
+    vit = compose(["tuning=vpt_shallow"], config_name="tune")
+    assert linear.protocol.base_lr == vit.protocol.base_lr and len(vit.protocol.base_lr) == 10  # tune.yaml's grid
+    assert linear.protocol.num_tokens is None and vit.protocol.num_tokens is None
+    narrowed = compose(["backbone=convnext_tiny_random", "tuning=vpt_shallow", "protocol.num_tokens=[5]"], config_name="tune")
+    assert {p["num_tokens"] for p in grid_points(narrowed.protocol, "vpt_shallow")} == {5}  # the command line wins
+
+
+def test_report_shows_the_papers_group_means_for_a_convnet_backbone():
+    import csv
+    import statistics
+
+    from vpt_lightning.data.registry import vtab_tasks
+    from vpt_lightning.protocol import mean_std
+    from vpt_lightning.report import build_report
+
+    def summary(task, tuning, backbone):
+        return {"task_name": task, "tuning": tuning, "backbone": backbone, "test_top1_per_seed": {"0": 0.5},
+                "test_top1": mean_std([0.5]), "trainable_params": 10, "trainable_percent": 0.1}
+
+    tasks = [t.config_name for t in vtab_tasks()]
+    summaries = [summary(t, m, "resnet50.tv_in1k") for t in tasks for m in ("vpt_shallow", "partial_3", "mlp_3")]
+    markdown, table = build_report(summaries)
+    rows = {(r["task"], r["tuning"]): r for r in csv.DictReader(table.splitlines())}
+    # Table 5, ResNet-50: VPT 66.25 / 77.32 / 37.52; Partial-1 (= layer4 = our partial_3) 64.34 / 78.64 / 45.78
+    assert rows["VTAB natural (mean of 7)", "vpt_shallow"]["paper_top1"] == "66.25"
+    assert rows["VTAB structured (mean of 8)", "partial_3"]["paper_top1"] == "45.78"
+    assert float(rows["VTAB mean of the 3 group means", "vpt_shallow"]["paper_top1"]) == pytest.approx(
+        statistics.fmean([66.25, 77.32, 37.52]), abs=0.005)
+    assert float(rows["VTAB mean over the 19 tasks", "vpt_shallow"]["paper_top1"]) == pytest.approx(
+        (7 * 66.25 + 4 * 77.32 + 8 * 37.52) / 19, abs=0.005)
+    assert rows["VTAB natural (mean of 7)", "mlp_3"]["paper_top1"] == ""  # the paper has no MLP-3 on ConvNets
+    assert rows["vtab_cifar100", "vpt_shallow"]["paper_top1"] == ""  # never ViT-B's per-task numbers
+    assert "| VTAB specialized (mean of 4) | 50.00 | 50.00 | 50.00 | 77.32 | 78.64 |" in markdown
+    assert "group means for resnet50.tv_in1k" in markdown
+    vit_markdown, _ = build_report([summary(t, "vpt_shallow", "vit_base_patch16_224.orig_in21k") for t in tasks])
+    assert "| vtab_cifar100 | 50.00 ± 0.00 (0.10% params) | 77.7 |" in vit_markdown  # ViT-B's per-task numbers

@@ -1,4 +1,5 @@
-"""The paper's published numbers: test top-1 (%) per task and method, ViT-B/16 supervised on ImageNet-21k.
+"""The paper's published numbers: test top-1 (%) per task and method, ViT-B/16 supervised on ImageNet-21k;
+VTAB-1k group means for other backbones (:data:`GROUP_MEANS`).
 
 Jia et al., "Visual Prompt Tuning", ECCV 2022 (spec §4). Keyed by task config name
 (``vtab_cifar100``, ``fgvc_cub``) and method name (:data:`METHODS`). A plain data module: it imports nothing from
@@ -47,3 +48,44 @@ REFERENCE: Dict[str, Dict[str, float]] = {
 def reference(task: str, method: str) -> Optional[float]:
     """The paper's number for task config name ``task`` and ``method``, ``None`` where it published none."""
     return REFERENCE.get(task, {}).get(method)
+
+
+#: the backbone (timm name) of the per-task numbers above
+REFERENCE_BACKBONE = "vit_base_patch16_224.orig_in21k"
+
+
+def _groups(natural: float, specialized: float, structured: float) -> Dict[str, float]:
+    return {"natural": natural, "specialized": specialized, "structured": structured}
+
+
+_CONVNEXT_VPT = _groups(78.48, 83.00, 44.64)
+_RESNET_VPT = _groups(66.25, 77.32, 37.52)
+
+#: VTAB-1k group means (%) the paper reports for other backbones (it gives no per-task numbers for them), by timm
+#: name and method label. Table 5, ConvNets (VPT_EXTENSIONS §8, from a transcription, not checked against the PDF).
+#: The paper's "VPT" on a ConvNet is the input's pixel border, which ``vpt_shallow`` and ``vpt_deep`` both learn
+#: there. Its "Partial-1" is the official code's last trained unit: ConvNeXt's last block and final norm (our
+#: ``partial_1``), ResNet-50's whole ``layer4``, i.e. its last 3 bottleneck blocks (our ``partial_3``).
+GROUP_MEANS: Dict[str, Dict[str, Dict[str, float]]] = {
+    "convnext_base.fb_in22k": {
+        "full": _groups(77.97, 83.71, 60.41),
+        "linear": _groups(74.48, 81.50, 34.76),
+        "partial_1": _groups(73.76, 81.64, 39.55),
+        "bias": _groups(69.07, 72.81, 25.29),
+        "vpt_shallow": _CONVNEXT_VPT,
+        "vpt_deep": _CONVNEXT_VPT,
+    },
+    "resnet50.tv_in1k": {
+        "full": _groups(59.72, 76.66, 54.08),
+        "linear": _groups(63.75, 77.60, 30.96),
+        "partial_3": _groups(64.34, 78.64, 45.78),
+        "bias": _groups(63.51, 77.22, 33.39),
+        "vpt_shallow": _RESNET_VPT,
+        "vpt_deep": _RESNET_VPT,
+    },
+}
+
+
+def group_means(backbone: Optional[str], method: str) -> Optional[Dict[str, float]]:
+    """The paper's VTAB-1k group means for ``backbone`` (timm name) and ``method``, ``None`` where it gives none."""
+    return GROUP_MEANS.get(backbone or "", {}).get(method)

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .atomic import atomic_path, write_text_atomic
 from .data.registry import TASKS, VTAB_GROUPS, fgvc_tasks, vtab_tasks
-from .paper import METHODS, reference
+from .paper import GROUP_MEANS, METHODS, group_means, reference
 
 MISSING = "—"
 
@@ -80,8 +80,22 @@ def _paper(task: str, tuning: str) -> Optional[float]:
     return reference(task, tuning) if task in TASKS else None
 
 
-def paper_aggregates(tuning: str) -> List[Optional[float]]:
-    """The paper's aggregate values for ``tuning``, computed from its per-task numbers like ours."""
+def group_means_backbone(summaries: Sequence[Dict[str, Any]]) -> Optional[str]:
+    """The backbone of every summary when the paper reports VTAB group means for it (ConvNets), else ``None``."""
+    backbones = {summary.get("backbone") for summary in summaries}
+    return next(iter(backbones)) if len(backbones) == 1 and next(iter(backbones)) in GROUP_MEANS else None
+
+
+def paper_aggregates(tuning: str, backbone: Optional[str] = None) -> List[Optional[float]]:
+    """The paper's aggregate values for ``tuning``: computed from its per-task numbers like ours, or, for a
+    ``backbone`` of :data:`~vpt_lightning.paper.GROUP_MEANS`, its group means (and the means they imply)."""
+    if backbone is not None:
+        groups = group_means(backbone, tuning)
+        if groups is None:
+            return [None] * len(aggregates({}))
+        sizes = {group: len(vtab_tasks(group)) for group in VTAB_GROUPS}
+        over_tasks = sum(groups[g] * sizes[g] for g in VTAB_GROUPS) / sum(sizes.values())
+        return [groups[g] for g in VTAB_GROUPS] + [statistics.fmean(groups.values()), over_tasks, None]
     if tuning not in METHODS:
         return [None] * len(aggregates({}))
     return [value for _, value, _, _ in aggregates({name: _paper(name, tuning) for name in TASKS})]
@@ -95,7 +109,9 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
     """Markdown and CSV text of the report (CSV accuracies in percent, like the paper's)."""
     tasks, tunings, cells = collect(summaries)
     benchmark = any(task in TASKS for task in tasks)  # paper columns only beside the paper's tasks
-    paper_tunings = [t for t in tunings if t in METHODS] if benchmark else []
+    grouped = group_means_backbone(summaries)  # a backbone with only the paper's group means: no per-task numbers
+    paper = (lambda task, tuning: None) if grouped else _paper
+    paper_tunings = [t for t in tunings if (group_means(grouped, t) if grouped else t in METHODS)] if benchmark else []
     header = ["task"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in paper_tunings]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table = io.StringIO()
@@ -108,13 +124,13 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             cell = cells.get((task, tuning))
             if cell is None:
                 row.append(MISSING)
-                writer.writerow([task, tuning, "", "", 0, "", "", _pct(_paper(task, tuning), 1)])
+                writer.writerow([task, tuning, "", "", 0, "", "", _pct(paper(task, tuning), 1)])
                 continue
             test = cell["test_top1"]
             row.append(f"{100 * test['mean']:.2f} ± {100 * test['std']:.2f} ({cell['trainable_percent']:.2f}% params)")
             writer.writerow([task, tuning, _pct(100 * test["mean"]), _pct(100 * test["std"]), len(cell["test_top1_per_seed"]),
-                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}", _pct(_paper(task, tuning), 1)])
-        row += [f"{_paper(task, t):.1f}" if _paper(task, t) is not None else MISSING for t in paper_tunings]
+                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}", _pct(paper(task, tuning), 1)])
+        row += [f"{paper(task, t):.1f}" if paper(task, t) is not None else MISSING for t in paper_tunings]
         md.append("| " + " | ".join(row) + " |")
     per_tuning = {t: {task: 100 * cells[task, t]["test_top1"]["mean"] for task in tasks if (task, t) in cells}
                   for t in tunings}
@@ -124,7 +140,7 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             names = groups.setdefault(summary["task_group"], [])
             names += [summary["task_name"]] if summary["task_name"] not in names else []
     ours = {t: (aggregates(per_tuning[t]) if benchmark else []) + group_aggregates(per_tuning[t], groups) for t in tunings}
-    paper = {t: paper_aggregates(t) + [None] * len(groups) for t in paper_tunings}
+    paper_rows = {t: paper_aggregates(t, grouped) + [None] * len(groups) for t in paper_tunings}
     labels = [label for label, *_ in ours[tunings[0]]]
     if labels:
         agg_header = ["aggregate"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in paper_tunings]
@@ -134,13 +150,14 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             for t in tunings:
                 _, value, present, total = ours[t][i]
                 shown.append(f"{value:.2f}" if value is not None else f"incomplete ({present}/{total})")
-                writer.writerow([label, t, _pct(value), "", "", "", "", _pct(paper[t][i] if t in paper else None)])
-            shown += [f"{paper[t][i]:.2f}" if paper[t][i] is not None else MISSING for t in paper_tunings]
+                writer.writerow([label, t, _pct(value), "", "", "", "", _pct(paper_rows[t][i] if t in paper_rows else None)])
+            shown += [f"{paper_rows[t][i]:.2f}" if paper_rows[t][i] is not None else MISSING for t in paper_tunings]
             md.append(f"| {label} | " + " | ".join(shown) + " |")
     backbones = sorted({str(s.get("backbone")) for s in summaries if s.get("backbone")})
     md.append("")
     md.append("Test top-1 (%) at the last epoch, mean ± std over seeds; means only over complete sets."
-              + (" Paper aggregates computed from its per-task numbers (ViT-B/16 ImageNet-21k)." if benchmark else "")
+              + ((f" Paper: its VTAB-1k group means for {grouped} (it gives no per-task numbers)." if grouped else
+                  " Paper aggregates computed from its per-task numbers (ViT-B/16 ImageNet-21k).") if benchmark else "")
               + (f" Backbone: {', '.join(backbones)}." if backbones else ""))
     return "\n".join(md) + "\n", table.getvalue()
 
