@@ -295,3 +295,43 @@ def test_report_shows_the_papers_group_means_for_a_convnet_backbone():
     assert "group means for resnet50.tv_in1k" in markdown
     vit_markdown, _ = build_report([summary(t, "vpt_shallow", "vit_base_patch16_224.orig_in21k") for t in tasks])
     assert "| vtab_cifar100 | 50.00 ± 0.00 (0.10% params) | 77.7 |" in vit_markdown  # ViT-B's per-task numbers
+
+
+# ---- vpt-train end to end -----------------------------------------------------------------------------------------
+def _vpt_train(args, cwd):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "vpt-train"
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_quickstart_trains_a_tiny_convnext_end_to_end(tmp_path):
+    import json
+
+    args = ["+experiment=quickstart", "backbone=convnext_tiny_random", "+debug=fast", "data.num_train=32",
+            "data.num_val=16", "data.num_test=16", "data.batch_size=16", "task_name=cnx", "run_name=r"]
+    proc = _vpt_train(args, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run = tmp_path / "outputs" / "cnx" / "r"
+    results = json.loads((run / "results.json").read_text())
+    p = 10  # the quickstart's recipe.num_tokens: a 10 px border around its 32 px images
+    assert results["trainable_params"] == 6 * p * (64 + 2 * p) + 64 * 8 + 8 and 0 <= results["test/top1"] <= 1
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert sorted(ckpt["state_dict"]) == ["backbone.border.left_right", "backbone.border.top_bottom", "head.bias", "head.weight"]
+    assert ckpt["vpt_backbone_identity"]["architecture"]["class"] == "ConvNeXt"
+
+
+def test_paper_config_loads_a_local_file_and_a_wrong_one_fails_before_training(tmp_path):
+    proc = _vpt_train(["backbone=resnet50_in1k", "tuning=vpt_shallow", "--cfg", "job"], tmp_path)
+    assert proc.returncode == 0 and "name: resnet50.tv_in1k" in proc.stdout
+    wrong = tiny_model("resnet_tiny_random")  # a ResNet-50 config given a tiny ResNet's weights
+    torch.save(wrong.state_dict(), tmp_path / "wrong.pth")
+    proc = _vpt_train(["backbone=resnet50_in1k", "tuning=vpt_shallow", f"backbone.checkpoint_path={tmp_path / 'wrong.pth'}",
+                       "+debug=fast"], tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "does not fit model ResNet" in out and "shape mismatches: layer1.0.bn1.bias: file (8,) vs model (64,)" in out
+    assert "Epoch 0" not in out
