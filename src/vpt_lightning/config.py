@@ -1,5 +1,5 @@
 """Hydra/OmegaConf plumbing: where the packaged configs live, the ``vpt.asset`` and ``vpt.family_grid``
-resolvers, and ``compose``."""
+resolvers, the schemas, and ``compose``."""
 
 from __future__ import annotations
 
@@ -33,11 +33,14 @@ def family_grid(key: str, default: Any, _root_: DictConfig) -> Any:
 
 
 def register_resolvers() -> None:
-    """Register the package's OmegaConf resolvers (idempotent)."""
+    """Register the package's OmegaConf resolvers and Hydra schemas (idempotent); call before composing."""
+    from .schemas import register_schemas
+
     if not OmegaConf.has_resolver("vpt.asset"):
         OmegaConf.register_new_resolver("vpt.asset", asset_path)
     if not OmegaConf.has_resolver("vpt.family_grid"):
         OmegaConf.register_new_resolver("vpt.family_grid", family_grid)
+    register_schemas()
 
 
 def compose(overrides: Optional[List[str]] = None, config_name: str = "train") -> DictConfig:
@@ -53,5 +56,3 @@ def compose(overrides: Optional[List[str]] = None, config_name: str = "train") -
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=True)
 
-
-register_resolvers()

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .atomic import atomic_path, write_text_atomic
 from .data.registry import TASKS, VTAB_GROUPS, fgvc_tasks, vtab_tasks
+from .methods import get_method
 from .paper import GROUP_MEANS, METHODS, group_means, reference
 
 MISSING = "—"
@@ -40,8 +41,24 @@ def collect(summaries: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[str], 
     present = {task for task, _ in cells}
     benchmarks = {TASKS[t].benchmark for t in present if t in TASKS}
     ordered = [name for name, info in TASKS.items() if info.benchmark in benchmarks] + sorted(present - set(TASKS))
-    tunings = sorted({tuning for _, tuning in cells}, key=lambda t: (METHODS.index(t) if t in METHODS else 99, t))
+    tunings = sorted({tuning for _, tuning in cells}, key=lambda t: (_order(paper_method(t, cells)), t))
     return ordered, tunings, cells
+
+
+def paper_method(tuning: str, cells: Dict[Tuple[str, str], Dict]) -> Optional[str]:
+    """The paper's method key of a run label, through the tuning-method registry (``None`` if the paper has none).
+
+    Summaries record their ``method`` (older ones only the label, which is then taken as the method's name).
+    """
+    method = next((c.get("method", tuning) for (_, t), c in cells.items() if t == tuning), tuning)
+    try:
+        return get_method(method).paper_method
+    except ValueError:  # a label of no registered method (e.g. from a subclass of VPTModule)
+        return None
+
+
+def _order(method: Optional[str]) -> int:
+    return METHODS.index(method) if method in METHODS else len(METHODS)
 
 
 def set_mean(values: Dict[str, Optional[float]], names: Sequence[str]) -> Optional[float]:
@@ -76,8 +93,15 @@ def group_aggregates(means: Dict[str, Optional[float]], groups: Dict[str, List[s
             for group, names in sorted(groups.items())]
 
 
-def _paper(task: str, tuning: str) -> Optional[float]:
-    return reference(task, tuning) if task in TASKS else None
+def _paper(task: str, method: Optional[str]) -> Optional[float]:
+    return reference(task, method) if task in TASKS and method is not None else None
+
+
+def paper_aggregates(method: Optional[str]) -> List[Optional[float]]:
+    """The paper's aggregate values for its ``method``, computed from its per-task numbers like ours."""
+    if method not in METHODS:
+        return [None] * len(aggregates({}))
+    return [value for _, value, _, _ in aggregates({name: _paper(name, method) for name in TASKS})]
 
 
 def group_means_backbone(summaries: Sequence[Dict[str, Any]]) -> Optional[str]:
@@ -86,19 +110,15 @@ def group_means_backbone(summaries: Sequence[Dict[str, Any]]) -> Optional[str]:
     return next(iter(backbones)) if len(backbones) == 1 and next(iter(backbones)) in GROUP_MEANS else None
 
 
-def paper_aggregates(tuning: str, backbone: Optional[str] = None) -> List[Optional[float]]:
-    """The paper's aggregate values for ``tuning``: computed from its per-task numbers like ours, or, for a
-    ``backbone`` of :data:`~vpt_lightning.paper.GROUP_MEANS`, its group means (and the means they imply)."""
-    if backbone is not None:
-        groups = group_means(backbone, tuning)
-        if groups is None:
-            return [None] * len(aggregates({}))
-        sizes = {group: len(vtab_tasks(group)) for group in VTAB_GROUPS}
-        over_tasks = sum(groups[g] * sizes[g] for g in VTAB_GROUPS) / sum(sizes.values())
-        return [groups[g] for g in VTAB_GROUPS] + [statistics.fmean(groups.values()), over_tasks, None]
-    if tuning not in METHODS:
+def paper_group_aggregates(backbone: str, tuning: str) -> List[Optional[float]]:
+    """The paper's aggregate values for a run label on a backbone of :data:`~vpt_lightning.paper.GROUP_MEANS`:
+    its VTAB group means and the means they imply (the 19-task mean weighs each group by its number of tasks)."""
+    groups = group_means(backbone, tuning)
+    if groups is None:
         return [None] * len(aggregates({}))
-    return [value for _, value, _, _ in aggregates({name: _paper(name, tuning) for name in TASKS})]
+    sizes = {group: len(vtab_tasks(group)) for group in VTAB_GROUPS}
+    over_tasks = sum(groups[g] * sizes[g] for g in VTAB_GROUPS) / sum(sizes.values())
+    return [groups[g] for g in VTAB_GROUPS] + [statistics.fmean(groups.values()), over_tasks, None]
 
 
 def _pct(value: Optional[float], digits: int = 2) -> str:
@@ -109,9 +129,16 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
     """Markdown and CSV text of the report (CSV accuracies in percent, like the paper's)."""
     tasks, tunings, cells = collect(summaries)
     benchmark = any(task in TASKS for task in tasks)  # paper columns only beside the paper's tasks
+    paper_of = {t: paper_method(t, cells) for t in tunings}
     grouped = group_means_backbone(summaries)  # a backbone with only the paper's group means: no per-task numbers
-    paper = (lambda task, tuning: None) if grouped else _paper
-    paper_tunings = [t for t in tunings if (group_means(grouped, t) if grouped else t in METHODS)] if benchmark else []
+    if grouped:  # group means by run label: Partial-k's k decides
+        paper_tunings = [t for t in tunings if group_means(grouped, t)] if benchmark else []
+    else:
+        paper_tunings = [t for t in tunings if paper_of[t] in METHODS] if benchmark else []
+
+    def per_task(task: str, tuning: str) -> Optional[float]:
+        return None if grouped else _paper(task, paper_of[tuning])
+
     header = ["task"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in paper_tunings]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table = io.StringIO()
@@ -124,13 +151,13 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             cell = cells.get((task, tuning))
             if cell is None:
                 row.append(MISSING)
-                writer.writerow([task, tuning, "", "", 0, "", "", _pct(paper(task, tuning), 1)])
+                writer.writerow([task, tuning, "", "", 0, "", "", _pct(per_task(task, tuning), 1)])
                 continue
             test = cell["test_top1"]
             row.append(f"{100 * test['mean']:.2f} ± {100 * test['std']:.2f} ({cell['trainable_percent']:.2f}% params)")
             writer.writerow([task, tuning, _pct(100 * test["mean"]), _pct(100 * test["std"]), len(cell["test_top1_per_seed"]),
-                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}", _pct(paper(task, tuning), 1)])
-        row += [f"{paper(task, t):.1f}" if paper(task, t) is not None else MISSING for t in paper_tunings]
+                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}", _pct(per_task(task, tuning), 1)])
+        row += [f"{per_task(task, t):.1f}" if per_task(task, t) is not None else MISSING for t in paper_tunings]
         md.append("| " + " | ".join(row) + " |")
     per_tuning = {t: {task: 100 * cells[task, t]["test_top1"]["mean"] for task in tasks if (task, t) in cells}
                   for t in tunings}
@@ -140,7 +167,8 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             names = groups.setdefault(summary["task_group"], [])
             names += [summary["task_name"]] if summary["task_name"] not in names else []
     ours = {t: (aggregates(per_tuning[t]) if benchmark else []) + group_aggregates(per_tuning[t], groups) for t in tunings}
-    paper_rows = {t: paper_aggregates(t, grouped) + [None] * len(groups) for t in paper_tunings}
+    paper = {t: (paper_group_aggregates(grouped, t) if grouped else paper_aggregates(paper_of[t])) + [None] * len(groups)
+             for t in paper_tunings}
     labels = [label for label, *_ in ours[tunings[0]]]
     if labels:
         agg_header = ["aggregate"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in paper_tunings]
@@ -150,8 +178,8 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             for t in tunings:
                 _, value, present, total = ours[t][i]
                 shown.append(f"{value:.2f}" if value is not None else f"incomplete ({present}/{total})")
-                writer.writerow([label, t, _pct(value), "", "", "", "", _pct(paper_rows[t][i] if t in paper_rows else None)])
-            shown += [f"{paper_rows[t][i]:.2f}" if paper_rows[t][i] is not None else MISSING for t in paper_tunings]
+                writer.writerow([label, t, _pct(value), "", "", "", "", _pct(paper[t][i] if t in paper else None)])
+            shown += [f"{paper[t][i]:.2f}" if paper[t][i] is not None else MISSING for t in paper_tunings]
             md.append(f"| {label} | " + " | ".join(shown) + " |")
     backbones = sorted({str(s.get("backbone")) for s in summaries if s.get("backbone")})
     md.append("")
