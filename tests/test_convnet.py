@@ -96,6 +96,20 @@ def test_module_trains_only_border_and_head(images):
     assert counts["trainable_params"] == 6 * 2 * (64 + 4) + 64 * 5 + 5
 
 
+@pytest.mark.parametrize("group", TINY)
+def test_grad_checkpointing_gives_the_same_border_gradients(group, images):
+    backbone = prompted_backbone(tiny_model(group), {"num_tokens": 2, "dropout": 0.0})
+    grads = []
+    for enable in (False, True):
+        backbone.set_grad_checkpointing(enable)
+        backbone.border.zero_grad()
+        backbone(images).square().sum().backward()
+        grads.append([p.grad.clone() for p in backbone.border.parameters()])
+    assert backbone.model.stages[0].grad_checkpointing if group.startswith("convnext") else backbone.model.grad_checkpointing
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
 def test_frozen_batchnorm_statistics_under_vpt(images):
     module = VPTModule(num_classes=3, backbone=tiny_config("resnet_tiny_random"), prompt={"num_tokens": 1, "dropout": 0.0},
                        optim={"base_lr": 0.1})
