@@ -83,3 +83,5 @@ def test_labels_carry_k_and_default_from_the_method():
     assert parse_tuning({"method": "mlp", "mlp_layers": 2})[1].name == "mlp_2"
     assert parse_tuning({"method": "linear"})[1].name == "linear"
     assert parse_tuning(None)[1].method == "vpt_deep"
+    assert parse_tuning({"name": "full"})[0] is get_method("full")  # a method's name names it
+    assert parse_tuning({"name": "my_run"})[1].method == "vpt_deep"
