@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .atomic import atomic_path, write_text_atomic
 from .data.registry import TASKS, VTAB_GROUPS, fgvc_tasks, vtab_tasks
+from .methods import get_method
 from .paper import BACKBONES, DEFAULT_BACKBONE, METHODS, backbone_key, group_means, reference
 
 MISSING = "—"
@@ -42,8 +43,24 @@ def collect(summaries: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[str], 
     present = {task for task, _ in cells}
     benchmarks = {TASKS[t].benchmark for t in present if t in TASKS}
     ordered = [name for name, info in TASKS.items() if info.benchmark in benchmarks] + sorted(present - set(TASKS))
-    tunings = sorted({tuning for _, tuning in cells}, key=lambda t: (METHODS.index(t) if t in METHODS else 99, t))
+    tunings = sorted({tuning for _, tuning in cells}, key=lambda t: (_order(paper_method(t, cells)), t))
     return ordered, tunings, cells
+
+
+def paper_method(tuning: str, cells: Dict[Tuple[str, str], Dict]) -> Optional[str]:
+    """The paper's method key of a run label, through the tuning-method registry (``None`` if the paper has none).
+
+    Summaries record their ``method`` (older ones only the label, which is then taken as the method's name).
+    """
+    method = next((c.get("method", tuning) for (_, t), c in cells.items() if t == tuning), tuning)
+    try:
+        return get_method(method).paper_method
+    except ValueError:  # a label of no registered method (e.g. from a subclass of VPTModule)
+        return None
+
+
+def _order(method: Optional[str]) -> int:
+    return METHODS.index(method) if method in METHODS else len(METHODS)
 
 
 def set_mean(values: Dict[str, Optional[float]], names: Sequence[str]) -> Optional[float]:
@@ -85,27 +102,33 @@ def report_backbone(summaries: Sequence[Dict[str, Any]]) -> str:
     return keys.pop() if len(keys) == 1 and None not in keys else DEFAULT_BACKBONE
 
 
-def paper_tunings(tunings: Sequence[str], backbone: str = DEFAULT_BACKBONE) -> List[str]:
-    """The tuning strategies of ``tunings`` that the paper reports for ``backbone``."""
-    if backbone == DEFAULT_BACKBONE:
-        return [t for t in tunings if t in METHODS]
-    return [t for t in tunings if group_means(backbone, t) is not None]
+def paper_key(tuning: str, cells: Dict[Tuple[str, str], Dict], backbone: str = DEFAULT_BACKBONE) -> Optional[str]:
+    """What the paper's numbers of a run label are filed under: its method's paper key; for the group means of
+    the other backbones, else the label itself (``partial_1``, ``mlp_3``, ``bias``, ``adapter``)."""
+    method = paper_method(tuning, cells)
+    return method if method is not None or backbone == DEFAULT_BACKBONE else tuning
 
 
-def _paper(task: str, tuning: str, backbone: str = DEFAULT_BACKBONE) -> Optional[float]:
-    return reference(task, tuning) if task in TASKS and backbone == DEFAULT_BACKBONE else None
+def has_paper(key: Optional[str], backbone: str = DEFAULT_BACKBONE) -> bool:
+    """Whether the paper reports ``key`` (a :func:`paper_key`) on ``backbone``."""
+    return key in METHODS if backbone == DEFAULT_BACKBONE else key is not None and group_means(backbone, key) is not None
 
 
-def paper_aggregates(tuning: str, backbone: str = DEFAULT_BACKBONE) -> List[Optional[float]]:
-    """The paper's aggregate values for ``tuning`` on ``backbone``: computed from its per-task numbers like ours
-    (default backbone), or its published VTAB-1k group means and their mean (the others)."""
+def _paper(task: str, method: Optional[str], backbone: str = DEFAULT_BACKBONE) -> Optional[float]:
+    ok = task in TASKS and method is not None and backbone == DEFAULT_BACKBONE
+    return reference(task, method) if ok else None
+
+
+def paper_aggregates(method: Optional[str], backbone: str = DEFAULT_BACKBONE) -> List[Optional[float]]:
+    """The paper's aggregate values for its ``method`` on ``backbone``: computed from its per-task numbers like
+    ours (default backbone), or its published VTAB-1k group means and their mean (the others)."""
     empty: List[Optional[float]] = [None] * len(aggregates({}))
-    if backbone != DEFAULT_BACKBONE:
-        means = group_means(backbone, tuning)
-        return empty if means is None else [*means, statistics.fmean(means)] + empty[4:]
-    if tuning not in METHODS:
+    if not has_paper(method, backbone):
         return empty
-    return [value for _, value, _, _ in aggregates({name: _paper(name, tuning) for name in TASKS})]
+    if backbone != DEFAULT_BACKBONE:
+        means = group_means(backbone, method)
+        return [*means, statistics.fmean(means)] + empty[4:]
+    return [value for _, value, _, _ in aggregates({name: _paper(name, method) for name in TASKS})]
 
 
 def _pct(value: Optional[float], digits: int = 2) -> str:
@@ -117,7 +140,8 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
     tasks, tunings, cells = collect(summaries)
     benchmark = any(task in TASKS for task in tasks)  # paper columns only beside the paper's tasks
     backbone = report_backbone(summaries)
-    with_paper = paper_tunings(tunings, backbone) if benchmark else []
+    paper_of = {t: paper_key(t, cells, backbone) for t in tunings}
+    with_paper = [t for t in tunings if has_paper(paper_of[t], backbone)] if benchmark else []
     header = ["task"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in with_paper]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table = io.StringIO()
@@ -130,13 +154,15 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             cell = cells.get((task, tuning))
             if cell is None:
                 row.append(MISSING)
-                writer.writerow([task, tuning, "", "", 0, "", "", _pct(_paper(task, tuning, backbone), 1)])
+                writer.writerow([task, tuning, "", "", 0, "", "", _pct(_paper(task, paper_of[tuning], backbone), 1)])
                 continue
             test = cell["test_top1"]
             row.append(f"{100 * test['mean']:.2f} ± {100 * test['std']:.2f} ({cell['trainable_percent']:.2f}% params)")
             writer.writerow([task, tuning, _pct(100 * test["mean"]), _pct(100 * test["std"]), len(cell["test_top1_per_seed"]),
-                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}", _pct(_paper(task, tuning, backbone), 1)])
-        row += [f"{_paper(task, t, backbone):.1f}" if _paper(task, t, backbone) is not None else MISSING for t in with_paper]
+                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}",
+                             _pct(_paper(task, paper_of[tuning], backbone), 1)])
+        paper_cells = [_paper(task, paper_of[t], backbone) for t in with_paper]
+        row += [f"{value:.1f}" if value is not None else MISSING for value in paper_cells]
         md.append("| " + " | ".join(row) + " |")
     per_tuning = {t: {task: 100 * cells[task, t]["test_top1"]["mean"] for task in tasks if (task, t) in cells}
                   for t in tunings}
@@ -146,7 +172,7 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             names = groups.setdefault(summary["task_group"], [])
             names += [summary["task_name"]] if summary["task_name"] not in names else []
     ours = {t: (aggregates(per_tuning[t]) if benchmark else []) + group_aggregates(per_tuning[t], groups) for t in tunings}
-    paper = {t: paper_aggregates(t, backbone) + [None] * len(groups) for t in with_paper}
+    paper = {t: paper_aggregates(paper_of[t], backbone) + [None] * len(groups) for t in with_paper}
     labels = [label for label, *_ in ours[tunings[0]]]
     if labels:
         agg_header = ["aggregate"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in with_paper]
