@@ -56,10 +56,12 @@ def reference(task: str, method: str) -> Optional[float]:
 # ---- backbones ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PaperBackbone:
-    """One of the paper's backbones: a label for reports and the timm names (with tag) that are it."""
+    """One of the paper's backbones: a label for reports and the timm names (with tag) that are it; one that
+    timm lacks (``timm_names`` empty) comes from a local file, ``weights_url`` says where to get it."""
 
     label: str
     timm_names: Tuple[str, ...]
+    weights_url: Optional[str] = None
 
 
 DEFAULT_BACKBONE = "vit_b16_in21k"
@@ -67,7 +69,9 @@ BACKBONES: Dict[str, PaperBackbone] = {
     DEFAULT_BACKBONE: PaperBackbone("ViT-B/16 supervised ImageNet-21k", ("vit_base_patch16_224.orig_in21k",)),
     "mae": PaperBackbone("ViT-B/16 MAE", ("vit_base_patch16_224.mae",)),
     # no timm weights: a run says it with backbone.reference=mocov3 (conf/backbone/vit_base_patch16_224_mocov3)
-    "mocov3": PaperBackbone("ViT-B/16 MoCo v3", ()),
+    "mocov3": PaperBackbone(
+        "ViT-B/16 MoCo v3", (), "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/linear-vit-b-300ep.pth.tar"
+    ),
     "swin_b_in21k": PaperBackbone("Swin-B supervised ImageNet-21k", ("swin_base_patch4_window7_224.ms_in22k",)),
     "convnext_b_in21k": PaperBackbone("ConvNeXt-B supervised ImageNet-21k", ("convnext_base.fb_in22k",)),
     "resnet50_in1k": PaperBackbone("ResNet-50 supervised ImageNet-1k", ("resnet50.tv_in1k",)),

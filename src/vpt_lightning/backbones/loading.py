@@ -13,7 +13,7 @@ from torch import nn
 
 from ..checkpoint import backbone_identity
 from ..dataclass_config import DataclassConfig
-from ..paper import backbone_key
+from ..paper import BACKBONES, backbone_key
 from .base import refuse_resampling
 from .registry import family_for
 
@@ -49,7 +49,12 @@ class BackboneConfig(DataclassConfig):
 
     def __post_init__(self) -> None:
         self.kwargs = dict(self.kwargs or {})
-        backbone_key(self.name, self.reference)  # a reference the paper does not have is named
+        paper = backbone_key(self.name, self.reference)  # a reference the paper does not have is named
+        if paper is not None and not BACKBONES[paper].timm_names and not self.checkpoint_path:
+            raise ValueError(
+                f"backbone.reference={paper!r}: timm has no weights for {BACKBONES[paper].label}; set "
+                f"backbone.checkpoint_path to a local copy of {BACKBONES[paper].weights_url}"
+            )
 
 
 def _read_state_dict(path: Path, model: nn.Module, resize: bool = False) -> Dict[str, torch.Tensor]:
