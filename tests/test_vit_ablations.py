@@ -148,7 +148,7 @@ def test_task_checkpoint_holds_only_prompts_and_head(location, tmp_path, images)
         (dict(location="concat_channel", deep=False, dropout=0.1), "pixel prompts, which get no dropout"),
         (dict(location="pad", deep=False, depth=2), "prompt.depth=2 with prompt.location='pad'"),
         (dict(location="add", pool="prompt"), "prompt.pool='prompt' with prompt.location='add'"),
-        (dict(pool="max"), "prompt.pool='max' is not one of ['default', 'token', 'image', 'prompt', 'all']"),
+        (dict(pool="max"), "prompt.pool='max' is not null (the backbone's default) or one of ['token', 'image', 'prompt', 'all']"),
         (dict(pool_norm="none"), "prompt.pool_norm='none' is not one of ['final', 'fresh']"),
     ],
 )
@@ -171,12 +171,12 @@ def test_pools_read_the_right_tokens(vit_kwargs, images):
     p = 5
     vit = make_vit(**vit_kwargs)
     outputs = {pool: PromptedViT(vit, PromptConfig(num_tokens=p, deep=True, pool=pool)) for pool in
-               ("default", "token", "image", "prompt", "all")}
+               (None, "token", "image", "prompt", "all")}
     for model in outputs.values():  # the same prompts everywhere
-        model.prompts.load_state_dict(outputs["default"].prompts.state_dict())
+        model.prompts.load_state_dict(outputs[None].prompts.state_dict())
     feats = {pool: model.eval()(images) for pool, model in outputs.items()}
     # the final tokens by the equations: [prefix, prompts, patches], prompts replaced before every block
-    model, n_prefix = outputs["default"], vit.num_prefix_tokens
+    model, n_prefix = outputs[None], vit.num_prefix_tokens
     tokens = model.prompts.tokens.detach()
     x = model.embed(images)
     for i, block in enumerate(vit.blocks):
@@ -185,7 +185,7 @@ def test_pools_read_the_right_tokens(vit_kwargs, images):
     x = vit.norm(x)
     image, prompt = x[:, n_prefix + p:].mean(1), x[:, n_prefix:n_prefix + p].mean(1)
     torch.testing.assert_close(feats["token"], x[:, 0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(feats["default"], x[:, 0], rtol=1e-5, atol=1e-5)  # timm's global_pool='token'
+    torch.testing.assert_close(feats[None], x[:, 0], rtol=1e-5, atol=1e-5)  # timm's global_pool='token'
     torch.testing.assert_close(feats["image"], image, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(feats["prompt"], prompt, rtol=1e-5, atol=1e-5)
     n_image = x.shape[1] - n_prefix - p
@@ -217,8 +217,8 @@ def test_mae_config_composes_with_the_official_pooling():
     assert (cfg.prompt.pool, cfg.prompt.pool_norm, cfg.prompt.deep) == ("all", "fresh", True)
     linear = compose(["backbone=vit_base_patch16_224_mae", "tuning=linear"])
     assert (linear.prompt.num_tokens, linear.prompt.pool, linear.prompt.pool_norm) == (0, "all", "fresh")
-    timm_own = compose(["backbone=vit_base_patch16_224_mae", "prompt.pool=default", "prompt.pool_norm=final"])
-    assert (timm_own.prompt.pool, timm_own.prompt.pool_norm) == ("default", "final")
+    timm_own = compose(["backbone=vit_base_patch16_224_mae", "prompt.pool=null", "prompt.pool_norm=final"])
+    assert (timm_own.prompt.pool, timm_own.prompt.pool_norm) == (None, "final")
 
 
 def test_mae_official_file_loads_and_pools_as_the_official_code(tmp_path, images):
@@ -332,6 +332,8 @@ def test_report_shows_the_backbones_group_means(backbone, reference, row):
     means = {"mae": (36.02, 60.61, 26.57), "mocov3": (70.27, 83.04, 42.38)}.get(reference or "mae")
     if "swin" not in backbone:
         assert f"| VTAB mean of the 3 group means | 50.00 | {sum(means) / 3:.2f} |" in markdown
+        over_tasks = (7 * means[0] + 4 * means[1] + 8 * means[2]) / 19
+        assert f"| VTAB mean over the 19 tasks | 50.00 | {over_tasks:.2f} |" in markdown
     assert "| vtab_cifar100 | 50.00 ± 0.00 (0.01% params) | — |" in markdown  # no per-task numbers
     assert "group means for" in markdown
 

@@ -96,7 +96,8 @@ def _groups(rows: Dict[str, Sequence[float]]) -> Dict[str, GroupMeans]:
 
 
 #: VTAB-1k group means (%) of the other backbones (paper Tables 2, 4, 5; extensions spec §8). The ConvNets'
-#: "VPT" (learnable padding pixels, shallow) is under ``vpt_shallow``.
+#: "VPT" is the input's pixel border, which ``vpt_shallow`` and ``vpt_deep`` both learn there; ResNet-50's
+#: "Partial-1" is the official code's last unit, its whole ``layer4`` (3 bottleneck blocks: our ``partial_3``).
 GROUP_MEANS: Dict[str, Dict[str, GroupMeans]] = {
     "mae": _groups({
         "full": (59.29, 79.68, 53.82), "linear": (18.87, 53.72, 23.70), "partial_1": (58.44, 78.28, 47.64),
@@ -115,11 +116,11 @@ GROUP_MEANS: Dict[str, Dict[str, GroupMeans]] = {
     }),
     "convnext_b_in21k": _groups({
         "full": (77.97, 83.71, 60.41), "linear": (74.48, 81.50, 34.76), "partial_1": (73.76, 81.64, 39.55),
-        "bias": (69.07, 72.81, 25.29), "vpt_shallow": (78.48, 83.00, 44.64),
+        "bias": (69.07, 72.81, 25.29), "vpt_shallow": (78.48, 83.00, 44.64), "vpt_deep": (78.48, 83.00, 44.64),
     }),
     "resnet50_in1k": _groups({
-        "full": (59.72, 76.66, 54.08), "linear": (63.75, 77.60, 30.96), "partial_1": (64.34, 78.64, 45.78),
-        "bias": (63.51, 77.22, 33.39), "vpt_shallow": (66.25, 77.32, 37.52),
+        "full": (59.72, 76.66, 54.08), "linear": (63.75, 77.60, 30.96), "partial_3": (64.34, 78.64, 45.78),
+        "bias": (63.51, 77.22, 33.39), "vpt_shallow": (66.25, 77.32, 37.52), "vpt_deep": (66.25, 77.32, 37.52),
     }),
 }
 

@@ -17,8 +17,8 @@ LOCATIONS = ("prepend", "add", "add1", "prepend_pixel", "concat_channel", "pad")
 INPUT_LOCATIONS = ("concat_channel", "pad")
 #: locations whose prompts are tokens of the sequence (the only ones ``pool=prompt`` can read)
 TOKEN_LOCATIONS = ("prepend", "prepend_pixel")
-#: which outputs become the pooled feature (spec §4): the backbone's own, or an explicit choice
-POOLS = ("default", "token", "image", "prompt", "all")
+#: which outputs become the pooled feature (spec §4), besides ``None`` (the backbone family's own default)
+POOLS = ("token", "image", "prompt", "all")
 #: what normalises the pooled feature: the backbone's final norm(s), or a fresh parameter-free LayerNorm (MAE)
 POOL_NORMS = ("final", "fresh")
 
@@ -49,10 +49,11 @@ class PromptConfig(DataclassConfig):
         project: if > 0, prompts live in this smaller dimension and a linear layer maps them to the width.
         init: ``xavier_uniform`` (the official init, uniform(-v, v), v = sqrt(6 / (3 * ph * pw + dim)))
             or ``zeros``.
-        pool: the pooled feature (the paper's output ablation): ``default`` = the backbone's own pooling
-            (timm's ``global_pool``; prompt outputs left out), ``token`` = the class token, ``image`` = the mean
-            of the image (patch) tokens, ``prompt`` = the mean of the prompt tokens, ``all`` = the mean of prompt
-            and image tokens (class and register tokens left out, as the official ``imgprompt_pool``).
+        pool: the pooled feature (the paper's output ablation): ``None`` = the backbone family's own default
+            (for ViTs timm's ``global_pool``, prompt outputs left out), ``token`` = the class token, ``image`` =
+            the mean of the image (patch) tokens, ``prompt`` = the mean of the prompt tokens, ``all`` = the mean
+            of prompt and image tokens (class and register tokens left out, as the official ``imgprompt_pool``).
+            Each family accepts the values that apply to it.
         pool_norm: ``final`` = the backbone's final norm(s) as pretrained (timm's ``norm`` / ``fc_norm``);
             ``fresh`` = skip them and standardise the pooled vector with a fresh, frozen LayerNorm (weight 1,
             bias 0), as the official MAE code.
@@ -65,7 +66,7 @@ class PromptConfig(DataclassConfig):
     depth: Any = None  # DepthSpec: None, an int or a list of ints (checked below)
     project: int = -1
     init: str = "xavier_uniform"
-    pool: str = "default"
+    pool: Optional[str] = None
     pool_norm: str = "final"
 
     group = "prompt"
@@ -78,8 +79,8 @@ class PromptConfig(DataclassConfig):
             raise ValueError(f"prompt.deep={self.deep!r} must be true (VPT-Deep) or false (VPT-Shallow)")
         if self.location not in LOCATIONS:
             raise ValueError(f"prompt.location={self.location!r} is not one of {list(LOCATIONS)}")
-        if self.pool not in POOLS:
-            raise ValueError(f"prompt.pool={self.pool!r} is not one of {list(POOLS)}")
+        if self.pool is not None and self.pool not in POOLS:
+            raise ValueError(f"prompt.pool={self.pool!r} is not null (the backbone's default) or one of {list(POOLS)}")
         if self.pool_norm not in POOL_NORMS:
             raise ValueError(f"prompt.pool_norm={self.pool_norm!r} is not one of {list(POOL_NORMS)}")
         self.dropout = number("prompt.dropout", self.dropout, "a number in [0, 1)", lambda v: 0 <= v < 1)
@@ -228,7 +229,8 @@ class PaddingPrompt(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         b, p = images.shape[0], self.pad
         if tuple(images.shape[-2:]) != self.image_size:
-            raise ValueError(f"prompt.location='pad' was built for {self.image_size} images, got {tuple(images.shape[-2:])}")
+            got = tuple(images.shape[-2:])
+            raise ValueError(f"prompt.location='pad' was built for {self.image_size} images, got {got}")
         left_right = ((self.left_right - self.mean) / self.std).to(images.dtype).expand(b, -1, -1, -1)
         top_bottom = ((self.top_bottom - self.mean) / self.std).to(images.dtype).expand(b, -1, -1, -1)
         x = torch.cat([left_right[..., :p], images, left_right[..., p:]], dim=-1)

@@ -34,7 +34,7 @@ class PromptedViT(PromptedBackbone):
     ``[prefix, prompts, patches]``; ``add`` / ``add1`` are added to the tokens; ``concat_channel`` and ``pad``
     change the image before the patch embedding (spec §3).
 
-    Pooling (``prompt.pool``, spec §4) reads the final tokens: ``default`` leaves the prompt outputs out and calls
+    Pooling (``prompt.pool``, spec §4) reads the final tokens: ``None`` leaves the prompt outputs out and calls
     timm's own ``forward_head`` (the class token for ``global_pool='token'``, the mean of the image tokens for
     ``'avg'``), so a prompt-free model equals timm; ``token`` / ``image`` / ``prompt`` / ``all`` pick the class
     token or a mean, then timm's ``fc_norm``. ``prompt.pool_norm='fresh'`` skips the pretrained ``norm`` and
@@ -76,11 +76,15 @@ class PromptedViT(PromptedBackbone):
         self._check_pool(vit, prompt)
         # a fresh LayerNorm without parameters: weight 1 and bias 0 for good (pool_norm='fresh', the official MAE)
         eps = getattr(vit.norm, "eps", getattr(vit.fc_norm, "eps", 1e-6))
-        self.pool_norm = nn.LayerNorm(self.embed_dim, eps=eps, elementwise_affine=False) if prompt.pool_norm == "fresh" else None
+        fresh = prompt.pool_norm == "fresh"
+        self.pool_norm = nn.LayerNorm(self.embed_dim, eps=eps, elementwise_affine=False) if fresh else None
         location = prompt.location if prompt.enabled else None
         patch_size = vit.patch_embed.patch_size
         if location == "pad":
-            self.padding = PaddingPrompt(prompt.num_tokens, self.image_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+            # U(0, 1) pixels normalised like the data (ImageNet mean/std, the data modules' default and the official)
+            self.padding = PaddingPrompt(
+                prompt.num_tokens, self.image_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+            )
             vit.set_input_size(img_size=tuple(s + 2 * prompt.num_tokens for s in self.image_size))
         if location == "concat_channel":
             self.channel_prompt, self.channel_proj = self._channel_prompt(vit, prompt.num_tokens)
@@ -103,7 +107,7 @@ class PromptedViT(PromptedBackbone):
             raise ValueError("prompt.pool='token' needs a class token, but this backbone has none (class_token=False)")
         if prompt.pool == "prompt" and not prompt.adds_tokens:
             raise ValueError("prompt.pool='prompt' needs prompt tokens (prompt.num_tokens > 0)")
-        if prompt.pool not in ("default", "token") and vit.attn_pool is not None:
+        if prompt.pool not in (None, "token") and vit.attn_pool is not None:
             raise ValueError(f"prompt.pool={prompt.pool!r}: this backbone pools by attention (global_pool='map')")
 
     @staticmethod
@@ -114,7 +118,9 @@ class PromptedViT(PromptedBackbone):
         bound = xavier_bound(proj.kernel_size, proj.out_channels)
         height, width = vit.patch_embed.img_size
         prompt = nn.Parameter(torch.empty(1, channels, height, width).uniform_(-bound, bound))
-        widened = nn.Conv2d(proj.in_channels + channels, proj.out_channels, proj.kernel_size, proj.stride, bias=proj.bias is not None)
+        widened = nn.Conv2d(
+            proj.in_channels + channels, proj.out_channels, proj.kernel_size, proj.stride, bias=proj.bias is not None
+        )
         with torch.no_grad():
             widened.weight.uniform_(-bound, bound)
             widened.weight[:, : proj.in_channels] = proj.weight
@@ -163,7 +169,9 @@ class PromptedViT(PromptedBackbone):
             prompts = self.prompts(self.prompt_sets[block], x.shape[0]).to(x.dtype)
         if location in ("add", "add1"):
             if prompts.shape[1] not in (1, x.shape[1]):
-                raise RuntimeError(f"prompt.location='add' needs every token ({prompts.shape[1]}): disable patch dropout")
+                raise RuntimeError(
+                    f"prompt.location='add' needs every token ({prompts.shape[1]}): disable patch dropout"
+                )
             return x + prompts  # every token, the class token too (VPT-Deep: added again at each prompted block)
         # prepend: insert after the prefix tokens, or replace the previous block's prompt outputs (VPT-Deep)
         end = start + prompts.shape[1] if inserted else start
@@ -188,7 +196,7 @@ class PromptedViT(PromptedBackbone):
         return vit.norm_pre(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> final tokens ``[prefix, prompts, patches]`` after the final norm (skipped for ``pool_norm=fresh``)."""
+        """Images -> final tokens ``[prefix, prompts, patches]``, after the final norm unless ``pool_norm=fresh``."""
         first_grad = self._first_block_needing_grad() if torch.is_grad_enabled() else 0
         with torch.set_grad_enabled(torch.is_grad_enabled() and first_grad == 0):
             x = self.embed(x)
@@ -209,7 +217,7 @@ class PromptedViT(PromptedBackbone):
         """Pool the output of :meth:`forward_features` as ``prompt.pool`` says, then the model's head."""
         vit, pool = self.vit, self.prompt_config.pool
         start, end = self.num_prefix_tokens, self.num_prefix_tokens + self.num_prompt_tokens
-        if pool == "default":  # timm's own pooling of [prefix, patches]
+        if pool is None:  # timm's own pooling of [prefix, patches]
             without_prompts = torch.cat([x[:, :start], x[:, end:]], dim=1) if end > start else x
             if self.pool_norm is None:
                 return vit.forward_head(without_prompts, pre_logits=pre_logits)
