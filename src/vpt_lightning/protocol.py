@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .atomic import write_json_atomic, write_text_atomic
 from .methods import get_method
+from .nonfinite import NonFiniteLossError
 from .training import RESULTS_FILE, last_checkpoint, result_config, train
 
 log = logging.getLogger(__name__)
@@ -135,12 +136,20 @@ def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> 
     the selected point (``final/<point>/seed<k>``), so a changed selection never reuses another point's runs.
     """
     protocol = cfg.protocol
+    method = get_method(cfg.tuning.method)
+    if cfg.optim.name != method.optimizer:  # the method's YAML composes its optimizer; the command line overrode it
+        log.warning("tuning=%s trains with optim=%s in the paper's protocol; this run uses optim=%s (overridden)",
+                    cfg.tuning.name, method.optimizer, cfg.optim.name)
     sweep, errors = [], []
-    for point in grid_points(protocol, cfg.tuning.method):
+    for point in grid_points(protocol, method.name):
         # tuning never looks at the test set (and skipping it saves time)
         overrides = {**point_overrides(point), "data.split": "tune", "test": False}
         try:
             result = _run(cfg, out_dir / "sweep" / point_name(point), overrides, train_fn)
+        except NonFiniteLossError as err:  # stopped at a NaN/Inf loss: diverged, not failed
+            log.warning("sweep point %s diverged: %s", point_name(point), err)
+            sweep.append({"point": point, "val/top1": math.nan, "diverged": True})
+            continue
         except Exception as err:  # one bad grid point (e.g. out of memory) must not sink the others
             log.exception("sweep point %s failed", point_name(point))
             errors.append(err)
@@ -160,7 +169,8 @@ def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> 
         "task_name": cfg.task_name,
         "task_group": any_final.get("task_group"),
         "tuning": cfg.tuning.name,
-        "method": cfg.tuning.method,
+        "method": method.name,
+        "optimizer": cfg.optim.name,
         "backbone": cfg.backbone.name,
         "backbone_reference": cfg.backbone.get("reference"),  # which of the paper's backbones (vpt-report)
         "selected": {**best["point"], "val/top1": best["val/top1"]},
