@@ -306,7 +306,7 @@ def test_report_shows_the_papers_group_means_for_a_convnet_backbone():
     assert rows["VTAB natural (mean of 7)", "mlp_3"]["paper_top1"] == ""  # the paper has no MLP-3 on ConvNets
     assert rows["vtab_cifar100", "vpt_shallow"]["paper_top1"] == ""  # never ViT-B's per-task numbers
     assert "| VTAB specialized (mean of 4) | 50.00 | 50.00 | 50.00 | 77.32 | 78.64 |" in markdown
-    assert "group means for resnet50.tv_in1k" in markdown
+    assert "group means for ResNet-50 supervised ImageNet-1k" in markdown
     vit_markdown, _ = build_report([summary(t, "vpt_shallow", "vit_base_patch16_224.orig_in21k") for t in tasks])
     assert "| vtab_cifar100 | 50.00 ± 0.00 (0.10% params) | 77.7 |" in vit_markdown  # ViT-B's per-task numbers
 
