@@ -16,7 +16,6 @@ TASKS = {
     "deep4_late": dict(num_classes=4, prompt={"num_tokens": 4, "depth": [1, 3], "project": 8}),
     "shallow_at2": dict(num_classes=2, prompt={"num_tokens": 6, "deep": False, "depth": 2},
                         tuning={"method": "vpt_shallow"}),
-    "added": dict(num_classes=3, prompt={"num_tokens": 1, "location": "add"}),
     "linear": dict(num_classes=6, prompt={"num_tokens": 0}, tuning={"method": "linear"}),
     "mlp": dict(num_classes=2, prompt={"num_tokens": 0}, tuning={"method": "mlp", "mlp_layers": 2}),
 }
@@ -78,3 +77,16 @@ def test_task_names_unknown_and_duplicate(checkpoints):
         model.task_index(["a", "b"])
     with pytest.raises(ValueError, match="already taken"):
         model.add_task(checkpoints["linear"], "a")
+
+
+def test_a_task_the_gathered_pass_cannot_serve_runs_through_its_own_backbone(checkpoints, tmp_path):
+    added = save_task_checkpoint(tmp_path / "added.ckpt", num_classes=3, prompt={"num_tokens": 1, "location": "add"})
+    model = MultiTaskClassifier.from_checkpoints({"deep10": checkpoints["deep10"], "added": added})
+    names = ["added", "deep10", "added", "deep10"]
+    images = torch.randn(len(names), 3, 32, 32)
+    with torch.no_grad():
+        logits = model(images, model.task_index(names))
+        for name, path in (("added", added), ("deep10", checkpoints["deep10"])):
+            rows = [i for i, n in enumerate(names) if n == name]
+            expected = VPTModule.load_from_checkpoint(path).eval()(images[rows])
+            torch.testing.assert_close(logits[rows, :3], expected, rtol=0, atol=1e-5)

@@ -172,6 +172,7 @@ def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> 
         "method": method.name,
         "optimizer": cfg.optim.name,
         "backbone": cfg.backbone.name,
+        "backbone_reference": cfg.backbone.get("reference"),  # which of the paper's backbones (vpt-report)
         "selected": {**best["point"], "val/top1": best["val/top1"]},
         "sweep": sweep,
         "failed": [point_name(r["point"]) for r in sweep if r.get("failed")],

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..backbones import BackboneConfig, PromptedBackbone, create_backbone, prompted_backbone
+from ..backbones.vit import gathers_prompts
 from ..checkpoint import TaskCheckpoint, identity_differences, read_task_checkpoint
 from ..methods import parse_tuning
 from ..prompt import PromptConfig
@@ -55,8 +56,9 @@ class MultiTaskClassifier(nn.Module):
     Each task adds only its prompts and head (a :class:`TaskClassifier` whose prompted backbone wraps the shared
     timm model). ``forward(images, task_index)`` runs the backbone once for the whole batch: a ViT gathers each
     sample's own prompts (:meth:`~vpt_lightning.backbones.PromptedViT.gather_prompts`; tasks may differ in prompt
-    length, depth and location, shorter prompts are masked out of attention), other families run each task's
-    samples through its own prompted backbone. Each task's head is then applied to its rows.
+    length and depth, shorter prompts are masked out of attention). A batch holding a task whose prompts are not
+    prepended tokens or that pools its own way (``prompt.location`` other than ``prepend``, ``prompt.pool``,
+    ``prompt.pool_norm``), and other families, run each task's samples through its own prompted backbone. Each task's head is then applied to its rows.
 
     Every checkpoint's backbone identity is checked against the shared backbone (a checkpoint made on other
     weights is refused, naming the differences). Checkpoints of a method that changes backbone weights
@@ -173,10 +175,14 @@ class MultiTaskClassifier(nn.Module):
         task_index = task_index.to(images.device)
         present = [int(t) for t in torch.unique(task_index).tolist()]
         backbone = self.backbone
-        if hasattr(backbone, "gather_prompts") and backbone.supports_sample_prompts:
+        # one gathered pass needs a family with per-sample prompts and tasks whose prompts it can gather and whose
+        # output the shared backbone pools (see gathers_prompts); other tasks run through their own backbone
+        gathered = hasattr(backbone, "gather_prompts") and backbone.supports_sample_prompts
+        gathered = gathered and all(gathers_prompts(tasks[t].backbone) for t in present)
+        if gathered:
             prompts = backbone.gather_prompts([t.backbone for t in tasks], task_index)
             features = backbone.forward_head(backbone.forward_features(images, prompts))
-        else:  # a family without per-sample prompts: one pass per task present
+        else:  # one pass per task present
             features = None
             for t in present:
                 rows = task_index == t
