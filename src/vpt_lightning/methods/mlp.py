@@ -29,6 +29,7 @@ class MLP(TuningMethod):
     name = "mlp"
     Config = MLPConfig
     prompts = "none"
+    head_only = True
 
     @classmethod
     def label(cls, config: MLPConfig) -> str:  # type: ignore[override]
