@@ -124,6 +124,9 @@ class VPTModule(pl.LightningModule):
         )
         if backbone_eval:  # intended: Lightning need not warn that the frozen backbone stays in eval mode
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        # True while training on cached backbone features (vpt_lightning.feature_cache): batches then hold the pooled
+        # features, and the backbone step is skipped
+        self.inputs_are_features = False
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
@@ -148,6 +151,9 @@ class VPTModule(pl.LightningModule):
 
     # ---- model ------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of images (or of their pooled backbone features when ``inputs_are_features``)."""
+        if self.inputs_are_features:
+            return self.head(images)
         backbone = self.backbone if self._compiled_backbone is None else self._compiled_backbone
         return self.head(backbone(images))
 
