@@ -44,6 +44,25 @@ REFERENCE: Dict[str, Dict[str, float]] = {
 }
 
 
+# Group means only (no per-task numbers in our sources), ViT-B/16 ImageNet-21k: VTAB-1k group -> top-1 (%).
+# VPT + Bias is VPT-Deep + Bias (paper Table 9 "VPT + other" rows, via the transcription of spec extensions §5,
+# unverified). The paper's Table 1 rows for Adapter, Sidetune, Partial-1 and Mlp-3 are not transcribed in our
+# sources, and the paper has no LoRA row.
+GROUP_REFERENCE: Dict[str, Dict[str, float]] = {
+    "vpt_bias": {"natural": 77.64, "specialized": 82.22, "structured": 53.87},
+}
+
+
 def reference(task: str, method: str) -> Optional[float]:
     """The paper's number for task config name ``task`` and ``method``, ``None`` where it published none."""
     return REFERENCE.get(task, {}).get(method)
+
+
+def group_reference(group: str, method: str) -> Optional[float]:
+    """The paper's mean over a VTAB-1k group (``natural``...) or ``fgvc`` where only means are known, else ``None``."""
+    return GROUP_REFERENCE.get(method, {}).get(group)
+
+
+def has_reference(method: Optional[str]) -> bool:
+    """Whether the paper reports anything for ``method`` (per task or per group)."""
+    return method in METHODS or method in GROUP_REFERENCE

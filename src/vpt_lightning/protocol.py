@@ -163,6 +163,7 @@ def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> 
         "task_name": cfg.task_name,
         "task_group": any_final.get("task_group"),
         "tuning": cfg.tuning.name,
+        "method": cfg.tuning.method,
         "backbone": cfg.backbone.name,
         "selected": {**best["point"], "val/top1": best["val/top1"]},
         "sweep": sweep,

@@ -16,9 +16,26 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .atomic import atomic_path, write_text_atomic
 from .data.registry import TASKS, VTAB_GROUPS, fgvc_tasks, vtab_tasks
-from .paper import METHODS, reference
+from .methods import get_method
+from .paper import METHODS, group_reference, has_reference, reference
 
 MISSING = "—"
+# column order: the paper's table order, then what it lacks (LoRA) and its "VPT + other" rows
+COLUMN_ORDER = ("full", "linear", "partial", "mlp", "sidetune", "bias", "adapter", "lora", "vpt_shallow", "vpt_deep",
+                "vpt_bias")
+
+
+def method_of(summary: Dict[str, Any]) -> str:
+    """The tuning method of a summary (older summaries only carry the label, which is then the method's name)."""
+    return summary.get("method") or summary["tuning"]
+
+
+def paper_key(summary: Dict[str, Any]) -> Optional[str]:
+    """The method's key in :mod:`vpt_lightning.paper` (its registry entry's ``paper_method``), if any."""
+    try:
+        return get_method(method_of(summary)).paper_method
+    except ValueError:  # a method this version does not know
+        return None
 
 
 def collect(summaries: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[str], Dict[Tuple[str, str], Dict]]:
@@ -40,7 +57,9 @@ def collect(summaries: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[str], 
     present = {task for task, _ in cells}
     benchmarks = {TASKS[t].benchmark for t in present if t in TASKS}
     ordered = [name for name, info in TASKS.items() if info.benchmark in benchmarks] + sorted(present - set(TASKS))
-    tunings = sorted({tuning for _, tuning in cells}, key=lambda t: (METHODS.index(t) if t in METHODS else 99, t))
+    methods = {tuning: method_of(summary) for (_, tuning), summary in cells.items()}
+    order = {name: i for i, name in enumerate(COLUMN_ORDER)}
+    tunings = sorted(methods, key=lambda t: (order.get(methods[t], len(order)), t))
     return ordered, tunings, cells
 
 
@@ -76,15 +95,18 @@ def group_aggregates(means: Dict[str, Optional[float]], groups: Dict[str, List[s
             for group, names in sorted(groups.items())]
 
 
-def _paper(task: str, tuning: str) -> Optional[float]:
-    return reference(task, tuning) if task in TASKS else None
+def _paper(task: str, key: Optional[str]) -> Optional[float]:
+    return reference(task, key) if key and task in TASKS else None
 
 
-def paper_aggregates(tuning: str) -> List[Optional[float]]:
-    """The paper's aggregate values for ``tuning``, computed from its per-task numbers like ours."""
-    if tuning not in METHODS:
-        return [None] * len(aggregates({}))
-    return [value for _, value, _, _ in aggregates({name: _paper(name, tuning) for name in TASKS})]
+def paper_aggregates(key: Optional[str]) -> List[Optional[float]]:
+    """The paper's aggregate values for its method ``key``: computed from its per-task numbers like ours, or its
+    published group means where only those are known."""
+    if key in METHODS:
+        return [value for _, value, _, _ in aggregates({name: _paper(name, key) for name in TASKS})]
+    groups = [group_reference(group, key) if key else None for group in VTAB_GROUPS]
+    mean3 = statistics.fmean(groups) if all(v is not None for v in groups) else None  # type: ignore[arg-type]
+    return [*groups, mean3, None, group_reference("fgvc", key) if key else None]
 
 
 def _pct(value: Optional[float], digits: int = 2) -> str:
@@ -94,8 +116,9 @@ def _pct(value: Optional[float], digits: int = 2) -> str:
 def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
     """Markdown and CSV text of the report (CSV accuracies in percent, like the paper's)."""
     tasks, tunings, cells = collect(summaries)
+    keys = {s["tuning"]: paper_key(s) for s in summaries}
     benchmark = any(task in TASKS for task in tasks)  # paper columns only beside the paper's tasks
-    paper_tunings = [t for t in tunings if t in METHODS] if benchmark else []
+    paper_tunings = [t for t in tunings if has_reference(keys[t])] if benchmark else []
     header = ["task"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in paper_tunings]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table = io.StringIO()
@@ -108,13 +131,13 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             cell = cells.get((task, tuning))
             if cell is None:
                 row.append(MISSING)
-                writer.writerow([task, tuning, "", "", 0, "", "", _pct(_paper(task, tuning), 1)])
+                writer.writerow([task, tuning, "", "", 0, "", "", _pct(_paper(task, keys[tuning]), 1)])
                 continue
             test = cell["test_top1"]
             row.append(f"{100 * test['mean']:.2f} ± {100 * test['std']:.2f} ({cell['trainable_percent']:.2f}% params)")
             writer.writerow([task, tuning, _pct(100 * test["mean"]), _pct(100 * test["std"]), len(cell["test_top1_per_seed"]),
-                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}", _pct(_paper(task, tuning), 1)])
-        row += [f"{_paper(task, t):.1f}" if _paper(task, t) is not None else MISSING for t in paper_tunings]
+                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}", _pct(_paper(task, keys[tuning]), 1)])
+        row += [f"{_paper(task, keys[t]):.1f}" if _paper(task, keys[t]) is not None else MISSING for t in paper_tunings]
         md.append("| " + " | ".join(row) + " |")
     per_tuning = {t: {task: 100 * cells[task, t]["test_top1"]["mean"] for task in tasks if (task, t) in cells}
                   for t in tunings}
@@ -124,7 +147,7 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             names = groups.setdefault(summary["task_group"], [])
             names += [summary["task_name"]] if summary["task_name"] not in names else []
     ours = {t: (aggregates(per_tuning[t]) if benchmark else []) + group_aggregates(per_tuning[t], groups) for t in tunings}
-    paper = {t: paper_aggregates(t) + [None] * len(groups) for t in paper_tunings}
+    paper = {t: paper_aggregates(keys[t]) + [None] * len(groups) for t in paper_tunings}
     labels = [label for label, *_ in ours[tunings[0]]]
     if labels:
         agg_header = ["aggregate"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in paper_tunings]
