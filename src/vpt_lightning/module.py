@@ -109,6 +109,8 @@ class VPTModule(pl.LightningModule):
             }
         )
         model, self.backbone_identity = create_backbone(backbone_config)
+        # the backbone's own size, before a method adds adapters or LoRA layers to it
+        self.backbone_size = sum(p.numel() for p in model.parameters())
         self.backbone = self.build_backbone(model)
         self.data_config: Dict[str, Any] = self.backbone.data_config()
         self.backbone.set_grad_checkpointing(grad_checkpointing)
@@ -160,7 +162,7 @@ class VPTModule(pl.LightningModule):
     def parameter_counts(self) -> Dict[str, float]:
         """Trainable and backbone parameter counts, and the trainable share of the backbone in percent."""
         trainable = sum(p.numel() for p in self.trainable_parameters())
-        backbone = sum(p.numel() for p in self.backbone.model.parameters())
+        backbone = self.backbone_size
         return {
             "trainable_params": trainable,
             "backbone_params": backbone,
