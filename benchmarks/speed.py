@@ -31,10 +31,10 @@ import time
 from typing import Dict, List
 
 MODES = {
-    "full": ({"num_tokens": 0}, {"name": "full", "backbone": "full"}, False),
-    "linear": ({"num_tokens": 0}, {"name": "linear"}, True),
-    "vpt_shallow": ({"num_tokens": 10, "deep": False}, {"name": "vpt_shallow"}, True),
-    "vpt_deep": ({"num_tokens": 10, "deep": True}, {"name": "vpt_deep"}, True),
+    "full": ({"num_tokens": 0}, {"method": "full"}, False),
+    "linear": ({"num_tokens": 0}, {"method": "linear"}, True),
+    "vpt_shallow": ({"num_tokens": 10, "deep": False}, {"method": "vpt_shallow"}, True),
+    "vpt_deep": ({"num_tokens": 10, "deep": True}, {"method": "vpt_deep"}, True),
 }
 CONFIGS = [(mode, precision) for mode in MODES for precision in ("fp32", "bf16")]
 

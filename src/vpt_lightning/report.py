@@ -25,19 +25,6 @@ COLUMN_ORDER = ("full", "linear", "partial", "mlp", "sidetune", "bias", "adapter
                 "vpt_bias")
 
 
-def method_of(summary: Dict[str, Any]) -> str:
-    """The tuning method of a summary (older summaries only carry the label, which is then the method's name)."""
-    return summary.get("method") or summary["tuning"]
-
-
-def paper_key(summary: Dict[str, Any]) -> Optional[str]:
-    """The method's key in :mod:`vpt_lightning.paper` (its registry entry's ``paper_method``), if any."""
-    try:
-        return get_method(method_of(summary)).paper_method
-    except ValueError:  # a method this version does not know
-        return None
-
-
 def collect(summaries: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[str], Dict[Tuple[str, str], Dict]]:
     """Tasks, tuning strategies, and ``(task, tuning) -> summary``.
 
@@ -57,10 +44,26 @@ def collect(summaries: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[str], 
     present = {task for task, _ in cells}
     benchmarks = {TASKS[t].benchmark for t in present if t in TASKS}
     ordered = [name for name, info in TASKS.items() if info.benchmark in benchmarks] + sorted(present - set(TASKS))
-    methods = {tuning: method_of(summary) for (_, tuning), summary in cells.items()}
-    order = {name: i for i, name in enumerate(COLUMN_ORDER)}
-    tunings = sorted(methods, key=lambda t: (order.get(methods[t], len(order)), t))
+    tunings = sorted({tuning for _, tuning in cells}, key=lambda t: (_order(method_name(t, cells)), t))
     return ordered, tunings, cells
+
+
+def method_name(tuning: str, cells: Dict[Tuple[str, str], Dict]) -> str:
+    """The tuning method of a run label: summaries record their ``method`` (older ones only the label, which is
+    then taken as the method's name)."""
+    return next((c.get("method", tuning) for (_, t), c in cells.items() if t == tuning), tuning)
+
+
+def paper_method(tuning: str, cells: Dict[Tuple[str, str], Dict]) -> Optional[str]:
+    """The paper's method key of a run label, through the tuning-method registry (``None`` if the paper has none)."""
+    try:
+        return get_method(method_name(tuning, cells)).paper_method
+    except ValueError:  # a label of no registered method (e.g. from a subclass of VPTModule)
+        return None
+
+
+def _order(method: str) -> int:
+    return COLUMN_ORDER.index(method) if method in COLUMN_ORDER else len(COLUMN_ORDER)
 
 
 def set_mean(values: Dict[str, Optional[float]], names: Sequence[str]) -> Optional[float]:
@@ -95,18 +98,18 @@ def group_aggregates(means: Dict[str, Optional[float]], groups: Dict[str, List[s
             for group, names in sorted(groups.items())]
 
 
-def _paper(task: str, key: Optional[str]) -> Optional[float]:
-    return reference(task, key) if key and task in TASKS else None
+def _paper(task: str, method: Optional[str]) -> Optional[float]:
+    return reference(task, method) if task in TASKS and method is not None else None
 
 
-def paper_aggregates(key: Optional[str]) -> List[Optional[float]]:
-    """The paper's aggregate values for its method ``key``: computed from its per-task numbers like ours, or its
+def paper_aggregates(method: Optional[str]) -> List[Optional[float]]:
+    """The paper's aggregate values for its ``method``: computed from its per-task numbers like ours, or its
     published group means where only those are known."""
-    if key in METHODS:
-        return [value for _, value, _, _ in aggregates({name: _paper(name, key) for name in TASKS})]
-    groups = [group_reference(group, key) if key else None for group in VTAB_GROUPS]
+    if method in METHODS:
+        return [value for _, value, _, _ in aggregates({name: _paper(name, method) for name in TASKS})]
+    groups = [group_reference(group, method) if method else None for group in VTAB_GROUPS]
     mean3 = statistics.fmean(groups) if all(v is not None for v in groups) else None  # type: ignore[arg-type]
-    return [*groups, mean3, None, group_reference("fgvc", key) if key else None]
+    return [*groups, mean3, None, group_reference("fgvc", method) if method else None]
 
 
 def _pct(value: Optional[float], digits: int = 2) -> str:
@@ -116,9 +119,9 @@ def _pct(value: Optional[float], digits: int = 2) -> str:
 def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
     """Markdown and CSV text of the report (CSV accuracies in percent, like the paper's)."""
     tasks, tunings, cells = collect(summaries)
-    keys = {s["tuning"]: paper_key(s) for s in summaries}
     benchmark = any(task in TASKS for task in tasks)  # paper columns only beside the paper's tasks
-    paper_tunings = [t for t in tunings if has_reference(keys[t])] if benchmark else []
+    paper_of = {t: paper_method(t, cells) for t in tunings}
+    paper_tunings = [t for t in tunings if has_reference(paper_of[t])] if benchmark else []
     header = ["task"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in paper_tunings]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table = io.StringIO()
@@ -131,13 +134,13 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             cell = cells.get((task, tuning))
             if cell is None:
                 row.append(MISSING)
-                writer.writerow([task, tuning, "", "", 0, "", "", _pct(_paper(task, keys[tuning]), 1)])
+                writer.writerow([task, tuning, "", "", 0, "", "", _pct(_paper(task, paper_of[tuning]), 1)])
                 continue
             test = cell["test_top1"]
             row.append(f"{100 * test['mean']:.2f} ± {100 * test['std']:.2f} ({cell['trainable_percent']:.2f}% params)")
             writer.writerow([task, tuning, _pct(100 * test["mean"]), _pct(100 * test["std"]), len(cell["test_top1_per_seed"]),
-                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}", _pct(_paper(task, keys[tuning]), 1)])
-        row += [f"{_paper(task, keys[t]):.1f}" if _paper(task, keys[t]) is not None else MISSING for t in paper_tunings]
+                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}", _pct(_paper(task, paper_of[tuning]), 1)])
+        row += [f"{_paper(task, paper_of[t]):.1f}" if _paper(task, paper_of[t]) is not None else MISSING for t in paper_tunings]
         md.append("| " + " | ".join(row) + " |")
     per_tuning = {t: {task: 100 * cells[task, t]["test_top1"]["mean"] for task in tasks if (task, t) in cells}
                   for t in tunings}
@@ -147,7 +150,7 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             names = groups.setdefault(summary["task_group"], [])
             names += [summary["task_name"]] if summary["task_name"] not in names else []
     ours = {t: (aggregates(per_tuning[t]) if benchmark else []) + group_aggregates(per_tuning[t], groups) for t in tunings}
-    paper = {t: paper_aggregates(keys[t]) + [None] * len(groups) for t in paper_tunings}
+    paper = {t: paper_aggregates(paper_of[t]) + [None] * len(groups) for t in paper_tunings}
     labels = [label for label, *_ in ours[tunings[0]]]
     if labels:
         agg_header = ["aggregate"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in paper_tunings]

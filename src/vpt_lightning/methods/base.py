@@ -56,6 +56,7 @@ class TuningMethod:
         head_only: the backbone is frozen, has no prompts and nothing of it trains: the head sees a pure function of
             the image, so training may run on cached features (:mod:`vpt_lightning.feature_cache`).
         paper_method: its key in :mod:`vpt_lightning.paper`'s reference numbers, if the paper reports it.
+        label_option: a config field whose value the default label carries (``partial_2`` for Partial-k).
     """
 
     name: ClassVar[str]
@@ -67,11 +68,14 @@ class TuningMethod:
     optimizer: ClassVar[str] = "sgd"
     head_only: ClassVar[bool] = False
     paper_method: ClassVar[Optional[str]] = None
+    label_option: ClassVar[Optional[str]] = None
 
     @classmethod
     def label(cls, config: TuningConfig) -> str:
         """The run's label: ``tuning.name`` if set, else the method's name (with its k for Partial-k, MLP-k)."""
-        return config.name or cls.name
+        if config.name:
+            return config.name
+        return f"{cls.name}_{getattr(config, cls.label_option)}" if cls.label_option else cls.name
 
     @classmethod
     def check_prompt(cls, config: TuningConfig, prompt: PromptConfig) -> None:

@@ -26,16 +26,13 @@ class PartialConfig(TuningConfig):
 @register_method
 class Partial(TuningMethod):
     name = "partial"
+    label_option = "last_blocks"
     Config = PartialConfig
     prompts = "none"
     trains_backbone = True
     lr_grid = "base_lr_tuned_backbone"
     wd_grid = "weight_decay_tuned_backbone"
     optimizer = "adamw"  # the paper trains backbone weights with AdamW (spec extensions §5/§8)
-
-    @classmethod
-    def label(cls, config: PartialConfig) -> str:  # type: ignore[override]
-        return config.name or f"partial_{config.last_blocks}"
 
     @classmethod
     def apply(cls, backbone: PromptedBackbone, config: PartialConfig) -> None:  # type: ignore[override]
