@@ -184,16 +184,16 @@ def test_report_has_a_column_per_method_and_the_papers_group_means_where_it_has_
     from vpt_lightning.protocol import mean_std
     from vpt_lightning.report import build_report
 
-    runs = (("lora_r8", "lora"), ("vpt_bias", "vpt_bias"), ("adapter_8", "adapter"), ("vpt_deep", "vpt_deep"))
+    runs = (("lora_8", "lora"), ("vpt_bias", "vpt_bias"), ("adapter_8", "adapter"), ("vpt_deep", "vpt_deep"))
     summaries = [{"task_name": task.config_name, "tuning": label, "method": method, "test_top1_per_seed": {"1": 0.5},
                   "test_top1": mean_std([0.5]), "trainable_params": 10, "trainable_percent": 0.5}
                  for task in vtab_tasks("natural") for label, method in runs]
     markdown, _ = build_report(summaries)
     header = markdown.splitlines()[0]
-    order = [header.index(f"{label} (ours)") for label in ("adapter_8", "lora_r8", "vpt_deep", "vpt_bias")]
+    order = [header.index(f"{label} (ours)") for label in ("adapter_8", "lora_8", "vpt_deep", "vpt_bias")]
     assert order == sorted(order)  # the paper's order of methods, LoRA beside Adapter, VPT + Bias last
     assert "vpt_deep (paper)" in header and "vpt_bias (paper)" in header
-    assert "lora_r8 (paper)" not in header and "adapter_8 (paper)" not in header  # no ViT-B/16 IN-21k numbers
+    assert "lora_8 (paper)" not in header and "adapter_8 (paper)" not in header  # no ViT-B/16 IN-21k numbers
     rows = {line.split(" | ")[0].strip("| "): line for line in markdown.splitlines()}
     assert rows["VTAB natural (mean of 7)"].endswith("| 77.64 |")  # VPT-Deep + Bias, the paper's group mean
     assert rows["VTAB mean of the 3 group means"].endswith(f"| {(77.64 + 82.22 + 53.87) / 3:.2f} |")

@@ -90,10 +90,7 @@ class AdapterMethod(TuningMethod):
     wd_grid = "weight_decay_tuned_backbone"
     optimizer = "adamw"
     paper_method = "adapter"
-
-    @classmethod
-    def label(cls, config: AdapterConfig) -> str:  # type: ignore[override]
-        return config.name or f"adapter_{config.reduction}"
+    label_option = "reduction"
 
     @classmethod
     def apply(cls, backbone: PromptedBackbone, config: AdapterConfig) -> None:  # type: ignore[override]

@@ -55,10 +55,7 @@ class LoRA(TuningMethod):
     lr_grid = "base_lr_tuned_backbone"
     wd_grid = "weight_decay_tuned_backbone"
     optimizer = "adamw"  # as follow-up papers train LoRA (the VPT paper has no LoRA row)
-
-    @classmethod
-    def label(cls, config: LoRAConfig) -> str:  # type: ignore[override]
-        return config.name or f"lora_r{config.rank}"
+    label_option = "rank"
 
     @classmethod
     def apply(cls, backbone: PromptedBackbone, config: LoRAConfig) -> None:  # type: ignore[override]
