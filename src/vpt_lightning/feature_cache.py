@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
 
 from .atomic import atomic_path
+from .resume import EpochRandomSampler
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -161,7 +162,10 @@ class FeatureDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Optional[Dataset], train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"FeatureDataModule: no dataset for this stage (split={self.split!r})")
-        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train)
+        # the image DataModules' sampler: epoch e's order depends only on (seed, e), as without the cache
+        sampler = EpochRandomSampler(dataset) if train else None
+        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size, sampler=sampler,
+                          generator=sampler.generator if sampler is not None else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, True)
