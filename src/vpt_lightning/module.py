@@ -121,6 +121,8 @@ class VPTModule(pl.LightningModule):
             }
         )
         model, self.backbone_identity = create_backbone(backbone_config)
+        # the backbone's own size, before a method adds adapters or LoRA layers to it
+        self.backbone_size = sum(p.numel() for p in model.parameters())
         self.backbone = self.build_backbone(model)
         self.data_config: Dict[str, Any] = self.backbone.data_config()
         self.backbone.set_grad_checkpointing(grad_checkpointing)
@@ -136,6 +138,9 @@ class VPTModule(pl.LightningModule):
         )
         if backbone_eval:  # intended: Lightning need not warn that the frozen backbone stays in eval mode
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        # True while training on cached backbone features (vpt_lightning.feature_cache): batches then hold the pooled
+        # features, and the backbone step is skipped
+        self.inputs_are_features = False
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
@@ -160,13 +165,16 @@ class VPTModule(pl.LightningModule):
 
     # ---- model ------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of images (or of their pooled backbone features when ``inputs_are_features``)."""
+        if self.inputs_are_features:
+            return self.head(images)
         backbone = self.backbone if self._compiled_backbone is None else self._compiled_backbone
         return self.head(backbone(images))
 
     def parameter_counts(self) -> Dict[str, float]:
         """Trainable and backbone parameter counts, and the trainable share of the backbone in percent."""
         trainable = sum(p.numel() for p in self.trainable_parameters())
-        backbone = sum(p.numel() for p in self.backbone.model.parameters())
+        backbone = self.backbone_size
         return {
             "trainable_params": trainable,
             "backbone_params": backbone,

@@ -86,6 +86,12 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         return 224
 
     @property
+    def deterministic_train_transform(self) -> bool:
+        """Whether a training image always gives the same tensor (no random augmentation). Then head-only methods
+        may train on cached backbone features (:mod:`vpt_lightning.feature_cache`). Default ``False`` (safe)."""
+        return False
+
+    @property
     def mean_std(self):
         """``(mean, std)`` used by the Normalize transform."""
         return resolve_normalization(self.normalization, self.backbone_data_config)

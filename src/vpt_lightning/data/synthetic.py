@@ -235,6 +235,11 @@ class SyntheticDataModule(ImageClassificationDataModule):
         self.task_group = self.task.group
         self.num_train, self.num_val, self.num_test, self.seed = num_train, num_val, num_test, seed
 
+    @property
+    def deterministic_train_transform(self) -> bool:
+        """Image ``i`` depends only on ``(seed, i)``: no augmentation."""
+        return True
+
     def _dataset(self, count: int, offset: int) -> SyntheticDataset:
         mean, std = self.mean_std
         return SyntheticDataset(self.task.name, count, self.seed * 1000 + offset, self.img_size, mean, std)
