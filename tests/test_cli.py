@@ -37,6 +37,13 @@ def test_run_folder_has_config_metrics_checkpoint_results(tmp_path):
     assert 0.0 <= results["test/top1"] <= 1.0 and results["trainable_params"] > 0
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert sorted(ckpt["state_dict"]) == ["backbone.prompts.tokens", "head.bias", "head.weight"]
+    # what vpt-predict / vpt-serve read: the task's name, its class names, the evaluation transform
+    hparams = ckpt["hyper_parameters"]
+    assert hparams["task_name"] == "smoke" and len(hparams["class_names"]) == hparams["num_classes"]
+    assert hparams["eval_transform"] == {
+        "recipe": "vtab", "img_size": 32, "interpolation": "bicubic",
+        "mean": pytest.approx([0.485, 0.456, 0.406]), "std": pytest.approx([0.229, 0.224, 0.225]),
+    }
     assert "test top-1 (%)" in proc.stdout
 
 
@@ -53,7 +60,7 @@ def test_resume_with_run_name_and_last(tmp_path):
     "override, message",
     [
         ("prompt.num_tokens=-3", "prompt.num_tokens=-3 must be an integer >= 0"),
-        ("prompt.location=middle", "prompt.location='middle' is not one of ['prepend', 'add']"),
+        ("prompt.location=middle", "prompt.location='middle' is not one of ['prepend', 'add', 'add1', 'prepend_pixel', 'concat_channel', 'pad']"),
         ("prompt=wide", "Could not find 'prompt/wide'"),
         ("optim.base_lr=0", "optim.base_lr=0"),
         ("prompt=shallow", "tuning=vpt_deep needs prompts at every block (prompt=deep, num_tokens > 0), but "

@@ -1,6 +1,8 @@
 """Result tables in the paper's layout from ``vpt-tune`` summaries: Markdown, CSV and a PNG chart.
 
-Per task and tuning strategy: test top-1 mean ± std over seeds (last epoch) next to the paper's number. VTAB-1k
+Per task and tuning strategy: test top-1 mean ± std over seeds (last epoch) next to the paper's number (the
+paper's backbone that the runs used: per-task numbers for ViT-B/16 ImageNet-21k, VTAB-1k group means for MAE,
+MoCo v3, Swin-B, ConvNeXt-B and ResNet-50; ViT-B/16 ImageNet-21k for a backbone the paper lacks). VTAB-1k
 group means, the mean of the three group means and the mean over the 19 tasks, and the FGVC mean are computed
 only over complete sets: with a task missing, the mean is shown as ``incomplete (k/n)``, never averaged as zero
 or over what happens to be there. Tasks outside the registry (e.g. mini-VTAB) get per-task rows only.
@@ -17,9 +19,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .atomic import atomic_path, write_text_atomic
 from .data.registry import TASKS, VTAB_GROUPS, fgvc_tasks, vtab_tasks
 from .methods import get_method
-from .paper import METHODS, reference
+from .paper import BACKBONES, DEFAULT_BACKBONE, METHODS, backbone_key, group_means, reference
 
 MISSING = "—"
+# column order: the paper's table order, then what it lacks (LoRA) and its "VPT + other" rows
+COLUMN_ORDER = ("full", "linear", "partial", "mlp", "sidetune", "bias", "adapter", "lora", "vpt_shallow", "vpt_deep",
+                "vpt_bias")
 
 
 def collect(summaries: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[str], Dict[Tuple[str, str], Dict]]:
@@ -41,7 +46,7 @@ def collect(summaries: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[str], 
     present = {task for task, _ in cells}
     benchmarks = {TASKS[t].benchmark for t in present if t in TASKS}
     ordered = [name for name, info in TASKS.items() if info.benchmark in benchmarks] + sorted(present - set(TASKS))
-    tunings = sorted({tuning for _, tuning in cells}, key=lambda t: (_order(paper_method(t, cells)), t))
+    tunings = sorted({tuning for _, tuning in cells}, key=lambda t: (_order(method_name(t, cells)), t))
     return ordered, tunings, cells
 
 
@@ -50,15 +55,19 @@ def paper_method(tuning: str, cells: Dict[Tuple[str, str], Dict]) -> Optional[st
 
     Summaries record their ``method`` (older ones only the label, which is then taken as the method's name).
     """
-    method = next((c.get("method", tuning) for (_, t), c in cells.items() if t == tuning), tuning)
     try:
-        return get_method(method).paper_method
+        return get_method(method_name(tuning, cells)).paper_method
     except ValueError:  # a label of no registered method (e.g. from a subclass of VPTModule)
         return None
 
 
-def _order(method: Optional[str]) -> int:
-    return METHODS.index(method) if method in METHODS else len(METHODS)
+def method_name(tuning: str, cells: Dict[Tuple[str, str], Dict]) -> str:
+    """The tuning method of a run label (older summaries only carry the label, then taken as the method's name)."""
+    return next((c.get("method", tuning) for (_, t), c in cells.items() if t == tuning), tuning)
+
+
+def _order(method: str) -> int:
+    return COLUMN_ORDER.index(method) if method in COLUMN_ORDER else len(COLUMN_ORDER)
 
 
 def set_mean(values: Dict[str, Optional[float]], names: Sequence[str]) -> Optional[float]:
@@ -93,14 +102,43 @@ def group_aggregates(means: Dict[str, Optional[float]], groups: Dict[str, List[s
             for group, names in sorted(groups.items())]
 
 
-def _paper(task: str, method: Optional[str]) -> Optional[float]:
-    return reference(task, method) if task in TASKS and method is not None else None
+def report_backbone(summaries: Sequence[Dict[str, Any]]) -> str:
+    """The paper backbone (a key of :data:`~vpt_lightning.paper.BACKBONES`) whose numbers go beside the runs:
+    the one every run used, else (mixed, or a backbone the paper lacks) the default ViT-B/16 ImageNet-21k."""
+    keys = {backbone_key(s.get("backbone"), s.get("backbone_reference")) for s in summaries}
+    return keys.pop() if len(keys) == 1 and None not in keys else DEFAULT_BACKBONE
 
 
-def paper_aggregates(method: Optional[str]) -> List[Optional[float]]:
-    """The paper's aggregate values for its ``method``, computed from its per-task numbers like ours."""
-    if method not in METHODS:
-        return [None] * len(aggregates({}))
+def paper_key(tuning: str, cells: Dict[Tuple[str, str], Dict], backbone: str = DEFAULT_BACKBONE) -> Optional[str]:
+    """What the paper's numbers of a run label are filed under: its method's paper key; for the group means of
+    the other backbones, else the label itself (``partial_1``, ``mlp_3``, ``bias``, ``adapter``)."""
+    method = paper_method(tuning, cells)
+    return method if method is not None or backbone == DEFAULT_BACKBONE else tuning
+
+
+def has_paper(key: Optional[str], backbone: str = DEFAULT_BACKBONE) -> bool:
+    """Whether the paper reports ``key`` (a :func:`paper_key`) on ``backbone``."""
+    if backbone == DEFAULT_BACKBONE and key in METHODS:
+        return True
+    return key is not None and group_means(backbone, key) is not None
+
+
+def _paper(task: str, method: Optional[str], backbone: str = DEFAULT_BACKBONE) -> Optional[float]:
+    ok = task in TASKS and method is not None and backbone == DEFAULT_BACKBONE
+    return reference(task, method) if ok else None
+
+
+def paper_aggregates(method: Optional[str], backbone: str = DEFAULT_BACKBONE) -> List[Optional[float]]:
+    """The paper's aggregate values for its ``method`` on ``backbone``: computed from its per-task numbers like
+    ours (default backbone), or its published VTAB-1k group means and their mean (the others)."""
+    empty: List[Optional[float]] = [None] * len(aggregates({}))
+    if not has_paper(method, backbone):
+        return empty
+    if backbone != DEFAULT_BACKBONE or method not in METHODS:  # group means, their mean, the 19-task mean implied
+        means = group_means(backbone, method)
+        sizes = [len(vtab_tasks(group)) for group in VTAB_GROUPS]
+        over_tasks = sum(m * n for m, n in zip(means, sizes)) / sum(sizes)
+        return [*means, statistics.fmean(means), over_tasks] + empty[5:]
     return [value for _, value, _, _ in aggregates({name: _paper(name, method) for name in TASKS})]
 
 
@@ -112,9 +150,10 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
     """Markdown and CSV text of the report (CSV accuracies in percent, like the paper's)."""
     tasks, tunings, cells = collect(summaries)
     benchmark = any(task in TASKS for task in tasks)  # paper columns only beside the paper's tasks
-    paper_of = {t: paper_method(t, cells) for t in tunings}
-    paper_tunings = [t for t in tunings if paper_of[t] in METHODS] if benchmark else []
-    header = ["task"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in paper_tunings]
+    backbone = report_backbone(summaries)
+    paper_of = {t: paper_key(t, cells, backbone) for t in tunings}
+    with_paper = [t for t in tunings if has_paper(paper_of[t], backbone)] if benchmark else []
+    header = ["task"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in with_paper]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
@@ -126,13 +165,15 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             cell = cells.get((task, tuning))
             if cell is None:
                 row.append(MISSING)
-                writer.writerow([task, tuning, "", "", 0, "", "", _pct(_paper(task, paper_of[tuning]), 1)])
+                writer.writerow([task, tuning, "", "", 0, "", "", _pct(_paper(task, paper_of[tuning], backbone), 1)])
                 continue
             test = cell["test_top1"]
             row.append(f"{100 * test['mean']:.2f} ± {100 * test['std']:.2f} ({cell['trainable_percent']:.2f}% params)")
             writer.writerow([task, tuning, _pct(100 * test["mean"]), _pct(100 * test["std"]), len(cell["test_top1_per_seed"]),
-                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}", _pct(_paper(task, paper_of[tuning]), 1)])
-        row += [f"{_paper(task, paper_of[t]):.1f}" if _paper(task, paper_of[t]) is not None else MISSING for t in paper_tunings]
+                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}",
+                             _pct(_paper(task, paper_of[tuning], backbone), 1)])
+        paper_cells = [_paper(task, paper_of[t], backbone) for t in with_paper]
+        row += [f"{value:.1f}" if value is not None else MISSING for value in paper_cells]
         md.append("| " + " | ".join(row) + " |")
     per_tuning = {t: {task: 100 * cells[task, t]["test_top1"]["mean"] for task in tasks if (task, t) in cells}
                   for t in tunings}
@@ -142,10 +183,10 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             names = groups.setdefault(summary["task_group"], [])
             names += [summary["task_name"]] if summary["task_name"] not in names else []
     ours = {t: (aggregates(per_tuning[t]) if benchmark else []) + group_aggregates(per_tuning[t], groups) for t in tunings}
-    paper = {t: paper_aggregates(paper_of[t]) + [None] * len(groups) for t in paper_tunings}
+    paper = {t: paper_aggregates(paper_of[t], backbone) + [None] * len(groups) for t in with_paper}
     labels = [label for label, *_ in ours[tunings[0]]]
     if labels:
-        agg_header = ["aggregate"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in paper_tunings]
+        agg_header = ["aggregate"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in with_paper]
         md += ["", "| " + " | ".join(agg_header) + " |", "|" + "---|" * len(agg_header)]
         for i, label in enumerate(labels):
             shown = []
@@ -153,14 +194,22 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
                 _, value, present, total = ours[t][i]
                 shown.append(f"{value:.2f}" if value is not None else f"incomplete ({present}/{total})")
                 writer.writerow([label, t, _pct(value), "", "", "", "", _pct(paper[t][i] if t in paper else None)])
-            shown += [f"{paper[t][i]:.2f}" if paper[t][i] is not None else MISSING for t in paper_tunings]
+            shown += [f"{paper[t][i]:.2f}" if paper[t][i] is not None else MISSING for t in with_paper]
             md.append(f"| {label} | " + " | ".join(shown) + " |")
     backbones = sorted({str(s.get("backbone")) for s in summaries if s.get("backbone")})
     md.append("")
     md.append("Test top-1 (%) at the last epoch, mean ± std over seeds; means only over complete sets."
-              + (" Paper aggregates computed from its per-task numbers (ViT-B/16 ImageNet-21k)." if benchmark else "")
+              + (f" {paper_note(backbone)}" if benchmark else "")
               + (f" Backbone: {', '.join(backbones)}." if backbones else ""))
     return "\n".join(md) + "\n", table.getvalue()
+
+
+def paper_note(backbone: str) -> str:
+    """What the paper columns are, for the report's footnote."""
+    label = BACKBONES[backbone].label
+    if backbone == DEFAULT_BACKBONE:
+        return f"Paper aggregates computed from its per-task numbers ({label})."
+    return f"Paper: its VTAB-1k group means for {label} (no per-task numbers; extensions spec §8)."
 
 
 def plot(summaries: Sequence[Dict[str, Any]], path: Path) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Type
 
 import timm
 import torch
@@ -13,7 +15,8 @@ from torch import nn
 
 from ..checkpoint import backbone_identity
 from ..dataclass_config import DataclassConfig
-from .base import refuse_resampling
+from ..paper import BACKBONES, backbone_key
+from .base import PromptedBackbone, refuse_resampling
 from .registry import family_for
 
 
@@ -32,6 +35,8 @@ class BackboneConfig(DataclassConfig):
         resize_embeddings: let a ``checkpoint_path`` made for another patch size or image size load, resampling
             its patch-embedding kernel and position embedding to this model (timm's resampling, logged as a
             warning). Off by default: such a file fails, naming the keys and shapes.
+        reference: which of the paper's backbones this is, for ``vpt-report``'s paper columns (a key of
+            :data:`vpt_lightning.paper.BACKBONES`, e.g. ``mocov3``); ``null``: found from ``name``.
     """
 
     name: str = "vit_base_patch16_224.orig_in21k"
@@ -40,11 +45,18 @@ class BackboneConfig(DataclassConfig):
     kwargs: Dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0
     resize_embeddings: bool = False
+    reference: Optional[str] = None
 
     group = "backbone"
 
     def __post_init__(self) -> None:
         self.kwargs = dict(self.kwargs or {})
+        paper = backbone_key(self.name, self.reference)  # a reference the paper does not have is named
+        if paper is not None and not BACKBONES[paper].timm_names and not self.checkpoint_path:
+            raise ValueError(
+                f"backbone.reference={paper!r}: timm has no weights for {BACKBONES[paper].label}; set "
+                f"backbone.checkpoint_path to a local copy of {BACKBONES[paper].weights_url}"
+            )
 
 
 def _read_state_dict(path: Path, model: nn.Module, resize: bool = False) -> Dict[str, torch.Tensor]:
@@ -117,6 +129,26 @@ def load_backbone_weights(model: nn.Module, checkpoint_path: os.PathLike, resize
         parts.append("check backbone.name and backbone.kwargs against the checkpoint")
         raise ValueError("; ".join(parts))
     model.load_state_dict(state_dict, strict=True)
+
+
+@functools.lru_cache(maxsize=32)
+def _family_of(name: str, kwargs_json: str) -> Type[PromptedBackbone]:
+    kwargs = {**json.loads(kwargs_json), "num_classes": 0}
+    try:
+        with torch.device("meta"):  # the architecture alone: no memory, no weights
+            model = timm.create_model(name, pretrained=False, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(f"backbone.name={name!r} is not a timm model; see timm.list_models() for valid names") from err
+        model = timm.create_model(name, pretrained=False, **kwargs)  # an init that needs real tensors
+    return family_for(model)
+
+
+def family_of_config(config: BackboneConfig | Mapping[str, Any]) -> Type[PromptedBackbone]:
+    """The prompted-backbone family of the model a ``backbone`` config builds, without building its weights."""
+    if not isinstance(config, BackboneConfig):
+        config = BackboneConfig.from_mapping(config)
+    return _family_of(config.name, json.dumps(config.kwargs, sort_keys=True))
 
 
 def create_backbone(config: BackboneConfig | Mapping[str, Any]) -> Tuple[nn.Module, Dict[str, Any]]:
