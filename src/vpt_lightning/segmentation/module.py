@@ -76,7 +76,8 @@ class SegmentationModule(VPTModule):
     ``train/loss``, ``{val,test}/loss``, ``{val,test}/miou`` (single scale, sliding window), ``{val,test}/acc``
     (pixel accuracy) and, with ``segmentation.ms_scales``, ``test/miou_ms`` (multi-scale + flip).
 
-    Args: those of :class:`~vpt_lightning.module.VPTModule`, plus ``segmentation``: :class:`SegmentationConfig`
+    Args: those of :class:`~vpt_lightning.module.VPTModule` (the keyword-only ones such as ``task_name`` pass
+    through), plus ``segmentation``: :class:`SegmentationConfig`
     fields. The tuning method decides what trains in the backbone (``vpt_deep``, ``bias``, ``linear`` = head only);
     a method with its own classifier head (``mlp``) is refused.
     """
@@ -92,6 +93,7 @@ class SegmentationModule(VPTModule):
         backbone_eval: bool = True,
         compile: bool = False,
         grad_checkpointing: bool = False,
+        **kwargs: Any,
     ) -> None:
         if compile:
             raise ValueError("compile=true is not supported for segmentation (the tapped blocks are read by hooks)")
@@ -100,7 +102,8 @@ class SegmentationModule(VPTModule):
             segmentation if isinstance(segmentation, SegmentationConfig)
             else SegmentationConfig.from_mapping(_as_dict(segmentation))
         )
-        super().__init__(num_classes, backbone, prompt, optim, tuning, backbone_eval, compile, grad_checkpointing)
+        super().__init__(num_classes, backbone, prompt, optim, tuning, backbone_eval, compile, grad_checkpointing,
+                         **kwargs)
         if self.tuning_method.build_head.__func__ is not TuningMethod.build_head.__func__:
             raise ValueError(
                 f"tuning={self.tuning_config.name} brings its own classifier head; segmentation uses the SETR-PUP "
