@@ -131,12 +131,14 @@ def backbone_identity(
 ) -> Dict[str, Any]:
     """The identity stored in every task checkpoint: fingerprint, width, depth and architecture decide; the timm
     name, the weights source (``hub``, ``file``, ``random(seed=k)``) and the file's SHA-256 are information."""
+    from .backbones import family_for  # the families register on import of the package
+
     identity: Dict[str, Any] = {"name": name, "kwargs": dict(kwargs), "weights": weights}
     if checkpoint_path:
         identity["checkpoint_sha256"] = file_sha256(Path(checkpoint_path).expanduser())
     identity.update(
         embed_dim=int(getattr(model, "embed_dim", getattr(model, "num_features", 0))),
-        depth=len(getattr(model, "blocks", [])),
+        depth=family_for(model).depth(model),
         architecture=architecture(model, kwargs),
         fingerprint=weights_fingerprint(model),
     )

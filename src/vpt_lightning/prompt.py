@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -32,6 +32,8 @@ class PromptConfig(DataclassConfig):
         project: if > 0, prompts live in this smaller dimension and a linear layer maps them to the width.
         init: ``xavier_uniform`` (the official init, uniform(-v, v), v = sqrt(6 / (3 * ph * pw + dim)))
             or ``zeros``.
+        pool: which output tokens the pooled feature averages; ``None``: the family's default. Each family lists
+            the values it accepts (Swin: ``all``, prompts and image tokens, the official code; ``image``).
     """
 
     num_tokens: int = 10
@@ -41,6 +43,7 @@ class PromptConfig(DataclassConfig):
     depth: DepthSpec = None
     project: int = -1
     init: str = "xavier_uniform"
+    pool: Optional[str] = None
 
     group = "prompt"
 
@@ -60,6 +63,8 @@ class PromptConfig(DataclassConfig):
         self.project = number(
             "prompt.project", self.project, "-1 (off) or a positive dimension", lambda v: v == -1 or v > 0, True
         )
+        if self.pool is not None and not isinstance(self.pool, str):
+            raise ValueError(f"prompt.pool={self.pool!r} must be null (the backbone family's default) or a name")
         valid_depth = "null, an integer or a list of block indices"
         if isinstance(self.depth, (str, int, float)):
             self.depth = number("prompt.depth", self.depth, valid_depth, lambda v: True, integer=True)
@@ -110,9 +115,17 @@ class Prompts(nn.Module):
 
     ``forward(i, batch_size)`` returns the (projected, dropped-out) prompts of the i-th prompted block, expanded
     to the batch. Parameters are stored as one tensor ``tokens`` of shape ``(num_sets, num_tokens, prompt_dim)``.
+    ``init_dim`` replaces the prompt width in the Xavier bound (Swin: the first stage's width for every stage).
     """
 
-    def __init__(self, config: PromptConfig, num_sets: int, dim: int, patch_size: Sequence[int]) -> None:
+    def __init__(
+        self,
+        config: PromptConfig,
+        num_sets: int,
+        dim: int,
+        patch_size: Sequence[int],
+        init_dim: Optional[int] = None,
+    ) -> None:
         super().__init__()
         self.config = config
         prompt_dim = config.project if config.project > 0 else dim
@@ -126,7 +139,8 @@ class Prompts(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         if config.init == "xavier_uniform":
             # as the official code: Xavier-uniform as if the prompt were a patch-embedding output
-            bound = math.sqrt(6.0 / float(3 * int(patch_size[0]) * int(patch_size[1]) + prompt_dim))
+            fan = init_dim or prompt_dim
+            bound = math.sqrt(6.0 / float(3 * int(patch_size[0]) * int(patch_size[1]) + fan))
             nn.init.uniform_(self.tokens, -bound, bound)
 
     @property

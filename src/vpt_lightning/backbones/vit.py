@@ -143,12 +143,6 @@ class PromptedViT(PromptedBackbone):
             x = torch.cat([x[:, :start], x[:, start + self.num_prompt_tokens :]], dim=1)
         return self.vit.norm(x)
 
-    def data_config(self) -> Dict[str, Any]:
-        config = super().data_config()
-        # timm reports the pretrained cfg's input size, even for a model built with another img_size
-        config["input_size"] = (self.vit.patch_embed.proj.in_channels, *self.vit.patch_embed.img_size)
-        return config
-
     # ---- weight files and identity ----------------------------------------------------------------------
     resampled_keys = ("patch_embed.proj.weight", "pos_embed")
 
