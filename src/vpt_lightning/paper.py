@@ -7,7 +7,7 @@ the package, so that any part of it (reports, registries) can read it.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 METHODS = ("full", "linear", "vpt_shallow", "vpt_deep")
 
@@ -47,3 +47,31 @@ REFERENCE: Dict[str, Dict[str, float]] = {
 def reference(task: str, method: str) -> Optional[float]:
     """The paper's number for task config name ``task`` and ``method``, ``None`` where it published none."""
     return REFERENCE.get(task, {}).get(method)
+
+
+#: VTAB-1k group means (Natural, Specialized, Structured) that the paper reports for its other backbones, by
+#: backbone and method label (spec §8, from a transcription: unverified). No per-task numbers exist for them.
+GROUP_MEANS: Dict[str, Dict[str, Tuple[float, float, float]]] = {
+    # Swin-B, ImageNet-21k (Table 2)
+    "swin_base_patch4_window7_224.ms_in22k": {
+        "full": (79.10, 86.21, 59.65),
+        "linear": (73.52, 80.77, 33.52),
+        "mlp_3": (73.56, 75.21, 35.69),
+        "partial_1": (73.11, 81.70, 34.96),
+        "bias": (74.19, 80.14, 42.42),
+        "vpt_shallow": (79.85, 82.45, 37.75),
+        "vpt_deep": (76.78, 84.53, 53.35),
+    },
+}
+#: other timm names of those backbones (timm's deprecated names)
+BACKBONE_ALIASES = {"swin_base_patch4_window7_224_in22k": "swin_base_patch4_window7_224.ms_in22k"}
+
+
+def group_means(backbone: str, method: str) -> Optional[Tuple[float, float, float]]:
+    """The paper's (Natural, Specialized, Structured) means for a backbone (timm name) and method, if reported."""
+    return GROUP_MEANS.get(BACKBONE_ALIASES.get(backbone, backbone), {}).get(method)
+
+
+def has_group_means(backbone: str) -> bool:
+    """Whether the paper reports group means (and no per-task numbers) for this backbone."""
+    return BACKBONE_ALIASES.get(backbone, backbone) in GROUP_MEANS

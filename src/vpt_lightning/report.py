@@ -16,7 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .atomic import atomic_path, write_text_atomic
 from .data.registry import TASKS, VTAB_GROUPS, fgvc_tasks, vtab_tasks
-from .paper import METHODS, reference
+from .backbones.registry import backbone_family
+from .paper import METHODS, group_means, has_group_means, reference
 
 MISSING = "—"
 
@@ -76,15 +77,37 @@ def group_aggregates(means: Dict[str, Optional[float]], groups: Dict[str, List[s
             for group, names in sorted(groups.items())]
 
 
-def _paper(task: str, tuning: str) -> Optional[float]:
-    return reference(task, tuning) if task in TASKS else None
+def paper_backbone(summaries: Sequence[Dict[str, Any]]) -> Optional[str]:
+    """Which of the paper's numbers stand beside ours: ``"vit"`` (its ViT-B/16 per-task numbers) unless a run used
+    another family; the backbone's name when every run used one the paper reports group means for (Swin-B);
+    ``None`` for other backbones (e.g. a random tiny Swin), which the paper never measured."""
+    backbones = {str(s["backbone"]) for s in summaries if s.get("backbone")}
+    if len(backbones) == 1 and has_group_means(next(iter(backbones))):
+        return next(iter(backbones))
+    if all(backbone_family(b) in ("vision_transformer", "") for b in backbones):
+        return "vit"
+    return None
 
 
-def paper_aggregates(tuning: str) -> List[Optional[float]]:
-    """The paper's aggregate values for ``tuning``, computed from its per-task numbers like ours."""
-    if tuning not in METHODS:
-        return [None] * len(aggregates({}))
-    return [value for _, value, _, _ in aggregates({name: _paper(name, tuning) for name in TASKS})]
+def _paper(task: str, tuning: str, source: Optional[str] = "vit") -> Optional[float]:
+    return reference(task, tuning) if source == "vit" and task in TASKS else None
+
+
+def has_paper_numbers(tuning: str, source: Optional[str]) -> bool:
+    """Whether the paper reports ``tuning`` for ``source`` (see :func:`paper_backbone`)."""
+    return tuning in METHODS if source == "vit" else source is not None and group_means(source, tuning) is not None
+
+
+def paper_aggregates(tuning: str, source: Optional[str] = "vit") -> List[Optional[float]]:
+    """The paper's aggregate values for ``tuning``: computed from its per-task numbers like ours (ViT-B), or its
+    printed group means and their mean (other backbones); ``None`` where it has none."""
+    empty: List[Optional[float]] = [None] * len(aggregates({}))
+    if not has_paper_numbers(tuning, source):
+        return empty
+    if source == "vit":
+        return [value for _, value, _, _ in aggregates({name: _paper(name, tuning) for name in TASKS})]
+    means = group_means(source, tuning)
+    return [*means, statistics.fmean(means)] + empty[len(VTAB_GROUPS) + 1:]
 
 
 def _pct(value: Optional[float], digits: int = 2) -> str:
@@ -95,7 +118,8 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
     """Markdown and CSV text of the report (CSV accuracies in percent, like the paper's)."""
     tasks, tunings, cells = collect(summaries)
     benchmark = any(task in TASKS for task in tasks)  # paper columns only beside the paper's tasks
-    paper_tunings = [t for t in tunings if t in METHODS] if benchmark else []
+    source = paper_backbone(summaries)
+    paper_tunings = [t for t in tunings if has_paper_numbers(t, source)] if benchmark else []
     header = ["task"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in paper_tunings]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table = io.StringIO()
@@ -108,13 +132,14 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             cell = cells.get((task, tuning))
             if cell is None:
                 row.append(MISSING)
-                writer.writerow([task, tuning, "", "", 0, "", "", _pct(_paper(task, tuning), 1)])
+                writer.writerow([task, tuning, "", "", 0, "", "", _pct(_paper(task, tuning, source), 1)])
                 continue
             test = cell["test_top1"]
             row.append(f"{100 * test['mean']:.2f} ± {100 * test['std']:.2f} ({cell['trainable_percent']:.2f}% params)")
             writer.writerow([task, tuning, _pct(100 * test["mean"]), _pct(100 * test["std"]), len(cell["test_top1_per_seed"]),
-                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}", _pct(_paper(task, tuning), 1)])
-        row += [f"{_paper(task, t):.1f}" if _paper(task, t) is not None else MISSING for t in paper_tunings]
+                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}", _pct(_paper(task, tuning, source), 1)])
+        row += [f"{_paper(task, t, source):.1f}" if _paper(task, t, source) is not None else MISSING
+                for t in paper_tunings]
         md.append("| " + " | ".join(row) + " |")
     per_tuning = {t: {task: 100 * cells[task, t]["test_top1"]["mean"] for task in tasks if (task, t) in cells}
                   for t in tunings}
@@ -124,7 +149,7 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             names = groups.setdefault(summary["task_group"], [])
             names += [summary["task_name"]] if summary["task_name"] not in names else []
     ours = {t: (aggregates(per_tuning[t]) if benchmark else []) + group_aggregates(per_tuning[t], groups) for t in tunings}
-    paper = {t: paper_aggregates(t) + [None] * len(groups) for t in paper_tunings}
+    paper = {t: paper_aggregates(t, source) + [None] * len(groups) for t in paper_tunings}
     labels = [label for label, *_ in ours[tunings[0]]]
     if labels:
         agg_header = ["aggregate"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in paper_tunings]
@@ -140,7 +165,10 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
     backbones = sorted({str(s.get("backbone")) for s in summaries if s.get("backbone")})
     md.append("")
     md.append("Test top-1 (%) at the last epoch, mean ± std over seeds; means only over complete sets."
-              + (" Paper aggregates computed from its per-task numbers (ViT-B/16 ImageNet-21k)." if benchmark else "")
+              + (" Paper aggregates computed from its per-task numbers (ViT-B/16 ImageNet-21k)."
+                 if benchmark and source == "vit" else "")
+              + (f" Paper: its VTAB-1k group means for {source} (no per-task numbers published)."
+                 if paper_tunings and source not in (None, "vit") else "")
               + (f" Backbone: {', '.join(backbones)}." if backbones else ""))
     return "\n".join(md) + "\n", table.getvalue()
 
