@@ -1,7 +1,8 @@
 """Training-step speed and memory of VPT against full fine-tuning, through VPTModule and a hand-written loop.
 
-    python benchmarks/speed.py                                   # ViT-S/16 and ViT-B/16, batch 8, 224 px
+    python benchmarks/speed.py                                   # ViT-S/16, ViT-B/16 and Swin-B, batch 8, 224 px
     python benchmarks/speed.py --models vit_small_patch16_224 --steps 6
+    python benchmarks/speed.py --models swin_tiny_patch4_window7_224   # VPT on Swin: prompts in every window
 
 Each configuration (model x mode x precision) runs in a fresh process, so that its peak RSS is its own. In it, a
 Lightning ``Trainer`` fits ``VPTModule`` and, after every Lightning step, a minimal hand-written PyTorch step
@@ -31,10 +32,10 @@ import time
 from typing import Dict, List
 
 MODES = {
-    "full": ({"num_tokens": 0}, {"name": "full", "backbone": "full"}, False),
-    "linear": ({"num_tokens": 0}, {"name": "linear"}, True),
-    "vpt_shallow": ({"num_tokens": 10, "deep": False}, {"name": "vpt_shallow"}, True),
-    "vpt_deep": ({"num_tokens": 10, "deep": True}, {"name": "vpt_deep"}, True),
+    "full": ({"num_tokens": 0}, {"method": "full"}, False),
+    "linear": ({"num_tokens": 0}, {"method": "linear"}, True),
+    "vpt_shallow": ({"num_tokens": 10, "deep": False}, {"method": "vpt_shallow"}, True),
+    "vpt_deep": ({"num_tokens": 10, "deep": True}, {"method": "vpt_deep"}, True),
 }
 CONFIGS = [(mode, precision) for mode in MODES for precision in ("fp32", "bf16")]
 
@@ -115,7 +116,8 @@ def run_one(model: str, mode: str, precision: str, batch: int, steps: int, warmu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224"])
+    parser.add_argument("--models", nargs="+",
+                        default=["vit_small_patch16_224", "vit_base_patch16_224", "swin_base_patch4_window7_224"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4, help="timed steps of each runner")
     parser.add_argument("--warmup", type=int, default=1)
