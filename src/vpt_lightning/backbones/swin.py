@@ -35,7 +35,8 @@ def window_attention(block: SwinTransformerBlock, windows: torch.Tensor, num_pro
     pad = (num_prompts, 0, num_prompts, 0)
     bias = F.pad(attn._get_rel_pos_bias(), pad)  # (1, heads, L, L)
     mask = block.attn_mask
-    if mask is not None:  # shifted windows: (nW, N, N) of 0 / -100 -> (1, nW, 1, L, L) beside (batch, nW, ...)
+    if mask is not None:  # shifted windows: a (nW, N, N) mask of 0 / -100, one per window position
+        # (nW, heads, L, L), broadcast over the batch: q, k, v viewed as (batch, nW, heads, L, head_dim)
         num_windows = mask.shape[0]
         bias = bias.unsqueeze(1) + F.pad(mask, pad).unsqueeze(1)  # (nW, heads, L, L)
         q, k, v = (t.reshape(batch, num_windows, *t.shape[1:]) for t in (q, k, v))
@@ -46,7 +47,9 @@ def window_attention(block: SwinTransformerBlock, windows: torch.Tensor, num_pro
     return attn.proj_drop(attn.proj(out))
 
 
-def prompted_block(block: SwinTransformerBlock, x: torch.Tensor, prompts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def prompted_block(
+    block: SwinTransformerBlock, x: torch.Tensor, prompts: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """One timm Swin block on the NHWC map ``x`` (B, H, W, C) and its prompts ``prompts`` (B, p, C).
 
     norm1 -> cyclic shift -> window partition with the prompts prepended to every window -> window attention ->
@@ -67,10 +70,11 @@ def prompted_block(block: SwinTransformerBlock, x: torch.Tensor, prompts: torch.
     windows = window_partition(shifted, block.window_size).reshape(-1, win_h * win_w, dim)
     num_windows = windows.shape[0] // batch
     copies = normed_prompts.unsqueeze(1).expand(batch, num_windows, num_prompts, dim)
-    out = window_attention(block, torch.cat([copies.reshape(batch * num_windows, num_prompts, dim), windows], dim=1), num_prompts, batch)
+    windows = torch.cat([copies.reshape(batch * num_windows, num_prompts, dim), windows], dim=1)
+    out = window_attention(block, windows, num_prompts, batch)
     prompt_out = out[:, :num_prompts].reshape(batch, num_windows, num_prompts, dim).mean(1)
-    image_out = window_reverse(out[:, num_prompts:].reshape(-1, win_h, win_w, dim), block.window_size, padded_h, padded_w)
-    image_out = image_out[:, :height, :width]
+    image_out = out[:, num_prompts:].reshape(-1, win_h, win_w, dim)
+    image_out = window_reverse(image_out, block.window_size, padded_h, padded_w)[:, :height, :width]
     if shift_h or shift_w:
         image_out = torch.roll(image_out, shifts=(shift_h, shift_w), dims=(1, 2))
     tokens = shortcut + block.drop_path1(torch.cat([prompt_out, image_out.reshape(batch, -1, dim)], dim=1))
@@ -118,7 +122,9 @@ class PromptedSwin(PromptedBackbone):
                 "backbone.kwargs.global_pool='' gives one output per token, not per image; use 'avg' (the default)"
             )
         if model.patch_embed.dynamic_img_pad or not model.patch_embed.strict_img_size:
-            raise ValueError("PromptedSwin needs a fixed input size: drop backbone.kwargs strict_img_size / dynamic_img_size")
+            raise ValueError(
+                "PromptedSwin needs a fixed input size: drop backbone.kwargs strict_img_size / dynamic_img_size"
+            )
         super().__init__(model, prompt, freeze_backbone=freeze_backbone, backbone_eval=backbone_eval)
         prompt = self.prompt_config
         if prompt.enabled and prompt.location != "prepend":
@@ -199,8 +205,10 @@ class PromptedSwin(PromptedBackbone):
                 with torch.set_grad_enabled(record):
                     if index in self.prompt_sets:
                         prompts = self._new_prompts(index, x.shape[0], x)
-                    if prompts is None:
-                        x = checkpoint(block, x, use_reentrant=False) if record and self.grad_checkpointing else block(x)
+                    if prompts is None and record and self.grad_checkpointing:
+                        x = checkpoint(block, x, use_reentrant=False)
+                    elif prompts is None:
+                        x = block(x)
                     elif record and self.grad_checkpointing:
                         x, prompts = checkpoint(prompted_block, block, x, prompts, use_reentrant=False)
                     else:
