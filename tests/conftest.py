@@ -45,3 +45,21 @@ def write_image(path: Path, seed: int, size=8, fmt: str = "PNG") -> np.ndarray:
     pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path, format=fmt)
     return pixels
+
+
+def fit_briefly(module, tmp_path: Path, save_to: str = "task.ckpt", **trainer_kwargs) -> Path:
+    """Fit ``module`` for a few steps on the synthetic ``count`` task (16 images, batch 8) on the CPU, without
+    validation or logging, and save a checkpoint; returns its path."""
+    import pytorch_lightning as pl
+
+    from vpt_lightning.data.synthetic import SyntheticDataModule
+
+    data = SyntheticDataModule(task="count", num_train=trainer_kwargs.pop("num_train", 16), num_val=8, num_test=8,
+                               batch_size=8, num_workers=0)
+    options = dict(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, limit_val_batches=0)
+    trainer = pl.Trainer(default_root_dir=tmp_path, **{**options, **trainer_kwargs})
+    trainer.fit(module, datamodule=data)
+    path = tmp_path / save_to
+    trainer.save_checkpoint(path)
+    return path

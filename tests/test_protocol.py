@@ -280,3 +280,15 @@ def test_minivtab_runs_end_to_end_and_reports_group_means(tmp_path):
         assert f"| {task} |" in report
     assert "| natural (mean of 1: minivtab_kind) |" in report and "| structured (mean of 1: minivtab_count) |" in report
     assert (tmp_path / "mv" / "report.png").stat().st_size > 1000
+
+
+def test_report_finds_the_papers_column_through_the_method_registry():
+    """A run label that is no method name (VPT-Deep at p=50 under its own label) gets the paper's VPT-Deep
+    numbers through the method its summary records; Partial-k has no paper column (the paper's table lacks it)."""
+    summaries = [_summary("vtab_cifar100", "deep_p50", [0.7]) | {"method": "vpt_deep"},
+                 _summary("vtab_cifar100", "partial_2", [0.6]) | {"method": "partial"}]
+    markdown, table = build_report(summaries)
+    rows = {(r["task"], r["tuning"]): r for r in csv.DictReader(table.splitlines())}
+    assert rows["vtab_cifar100", "deep_p50"]["paper_top1"] == "78.8"
+    assert rows["vtab_cifar100", "partial_2"]["paper_top1"] == ""
+    assert "deep_p50 (paper)" in markdown and "partial_2 (paper)" not in markdown

@@ -4,7 +4,6 @@ Lightning, and the optimizer as a config node."""
 from __future__ import annotations
 
 import pytest
-import pytorch_lightning as pl
 import timm
 import torch
 from omegaconf import OmegaConf
@@ -21,7 +20,7 @@ from vpt_lightning.checkpoint import (
 from vpt_lightning.config import compose
 from vpt_lightning.data.synthetic import SyntheticDataModule
 
-from conftest import TINY_BACKBONE, make_vit
+from conftest import TINY_BACKBONE, fit_briefly, make_vit
 
 NUM_CLASSES = SyntheticDataModule(task="count", num_train=1, num_val=1, num_test=1).num_classes
 
@@ -60,13 +59,7 @@ def test_a_local_file_loads_as_timms_own_pretrained_cfg_overlay_route_does(tmp_p
 
 def _trained_module(tmp_path, **kwargs) -> tuple:
     module = VPTModule(NUM_CLASSES, TINY_BACKBONE, {"num_tokens": 3}, {"base_lr": 1.0, "warmup_epochs": 0}, **kwargs)
-    data = SyntheticDataModule(task="count", num_train=16, num_val=8, num_test=8, batch_size=8, num_workers=0)
-    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=2, accelerator="cpu", logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(module, datamodule=data)
-    path = tmp_path / "task.ckpt"
-    trainer.save_checkpoint(path)
-    return module, path
+    return module, fit_briefly(module, tmp_path, max_steps=2)
 
 
 def test_a_task_checkpoint_reads_without_lightning_and_rebuilds_the_same_forward(tmp_path, images):
@@ -118,11 +111,8 @@ def test_optim_groups_build_their_optimizer_under_the_same_lr_rule_and_schedule(
     cfg = compose(["+experiment=quickstart", f"optim={group}", "optim.warmup_epochs=1"])
     optim = OptimConfig.from_mapping(OmegaConf.to_container(cfg.optim, resolve=True))
     module = VPTModule(NUM_CLASSES, TINY_BACKBONE, {"num_tokens": 2}, optim)
-    data = SyntheticDataModule(task="count", num_train=32, num_val=8, num_test=8, batch_size=8, num_workers=0)
-    trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=2, accelerator="cpu", logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(module, datamodule=data)
-    optimizer = trainer.optimizers[0]
+    fit_briefly(module, tmp_path, num_train=32, max_steps=-1, max_epochs=2)
+    optimizer = module.trainer.optimizers[0]
     assert type(optimizer) is cls
     group0 = optimizer.param_groups[0]
     assert group0["weight_decay"] == optim.weight_decay
@@ -162,3 +152,23 @@ def test_prompt_config_contradicting_the_method_is_refused_before_training():
     configs = parse_configs(compose(["+experiment=quickstart", "tuning=partial", "tuning.last_blocks=2"]))
     assert configs.method.name == "partial" and configs.tuning.name == "partial_2"
     assert isinstance(configs.prompt, PromptConfig) and not configs.prompt.enabled
+
+
+def test_config_groups_compose_onto_their_schemas_and_are_parsed_once():
+    """The prompt, backbone and tuning nodes are typed by their dataclasses (Hydra ConfigStore schemas), so a
+    wrong key or type fails while composing, naming it, and parsing yields the dataclasses themselves."""
+    from hydra.errors import ConfigCompositionException
+
+    from vpt_lightning.backbones import BackboneConfig
+    from vpt_lightning.methods.partial import PartialConfig
+
+    cfg = compose(["+experiment=quickstart", "tuning=partial"])
+    assert OmegaConf.get_type(cfg.prompt) is PromptConfig and OmegaConf.get_type(cfg.backbone) is BackboneConfig
+    assert OmegaConf.get_type(cfg.tuning) is PartialConfig
+    for override, key in (("prompt.foo=1", "prompt.foo"), ("tuning.mlp_layers=2", "tuning.mlp_layers"),
+                          ("prompt.num_tokens=abc", "prompt.num_tokens")):
+        with pytest.raises(ConfigCompositionException, match=key.replace(".", r"\.")):
+            compose(["+experiment=quickstart", "tuning=partial", override])
+    # range checks stay ours, with the key, the bad value and the valid values
+    with pytest.raises(ValueError, match=r"prompt.num_tokens=-2 must be an integer >= 0"):
+        OmegaConf.to_object(compose(["+experiment=quickstart", "recipe.num_tokens=-2"]).prompt)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
 from vpt_lightning import VPTModule
 from vpt_lightning.config import compose
-from vpt_lightning.data.synthetic import SyntheticDataModule
 from vpt_lightning.methods import get_method, method_names, parse_tuning
+
+from conftest import fit_briefly
 
 HEAD = {"head.weight", "head.bias"}
 
@@ -41,12 +41,7 @@ def test_strategy_trains_exactly_its_parameters_and_checkpoints_only_them(tmp_pa
     assert trainable == expected(module, tuning)
     counts = module.parameter_counts()
     assert counts["trainable_params"] == sum(p.numel() for n, p in module.named_parameters() if n in trainable)
-    data = SyntheticDataModule(task="count", num_train=16, num_val=8, num_test=8, batch_size=8, num_workers=0)
-    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=1, accelerator="cpu", logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(module, datamodule=data)
-    path = tmp_path / "task.ckpt"
-    trainer.save_checkpoint(path)
+    path = fit_briefly(module, tmp_path)
     assert set(torch.load(path, weights_only=False)["state_dict"]) == trainable
     # the backbone trains in train mode only where the strategy tunes it
     module.train()
@@ -88,3 +83,5 @@ def test_labels_carry_k_and_default_from_the_method():
     assert parse_tuning({"method": "mlp", "mlp_layers": 2})[1].name == "mlp_2"
     assert parse_tuning({"method": "linear"})[1].name == "linear"
     assert parse_tuning(None)[1].method == "vpt_deep"
+    assert parse_tuning({"name": "full"})[0] is get_method("full")  # a method's name names it
+    assert parse_tuning({"name": "my_run"})[1].method == "vpt_deep"

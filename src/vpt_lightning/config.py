@@ -1,4 +1,5 @@
-"""Hydra/OmegaConf plumbing: where the packaged configs live, the ``vpt.asset`` resolver, and ``compose``."""
+"""Hydra/OmegaConf plumbing: where the packaged configs live, the ``vpt.asset`` resolver, the schemas, and
+``compose``."""
 
 from __future__ import annotations
 
@@ -21,9 +22,12 @@ def asset_path(name: str) -> str:
 
 
 def register_resolvers() -> None:
-    """Register the package's OmegaConf resolvers (idempotent)."""
+    """Register the package's OmegaConf resolvers and Hydra schemas (idempotent); call before composing."""
+    from .schemas import register_schemas
+
     if not OmegaConf.has_resolver("vpt.asset"):
         OmegaConf.register_new_resolver("vpt.asset", asset_path)
+    register_schemas()
 
 
 def compose(overrides: Optional[List[str]] = None, config_name: str = "train") -> DictConfig:
@@ -39,5 +43,3 @@ def compose(overrides: Optional[List[str]] = None, config_name: str = "train") -
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=True)
 
-
-register_resolvers()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ class PromptConfig(DataclassConfig):
     deep: bool = True
     location: str = "prepend"
     dropout: float = 0.0
-    depth: DepthSpec = None
+    depth: Any = None  # DepthSpec: None, an int or a list of ints (checked below)
     project: int = -1
     init: str = "xavier_uniform"
     pool: Optional[str] = None

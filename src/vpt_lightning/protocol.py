@@ -147,8 +147,12 @@ def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> 
     the selected point (``final/<point>/seed<k>``), so a changed selection never reuses another point's runs.
     """
     protocol = family_protocol(cfg.protocol, cfg.backbone.name)
+    method = get_method(cfg.tuning.method)
+    if cfg.optim.name != method.optimizer:  # the method's YAML composes its optimizer; the command line overrode it
+        log.warning("tuning=%s trains with optim=%s in the paper's protocol; this run uses optim=%s (overridden)",
+                    cfg.tuning.name, method.optimizer, cfg.optim.name)
     sweep, errors = [], []
-    for point in grid_points(protocol, cfg.tuning.method):
+    for point in grid_points(protocol, method.name):
         # tuning never looks at the test set (and skipping it saves time)
         overrides = {**point_overrides(point), "data.split": "tune", "test": False}
         try:
@@ -172,6 +176,8 @@ def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> 
         "task_name": cfg.task_name,
         "task_group": any_final.get("task_group"),
         "tuning": cfg.tuning.name,
+        "method": method.name,
+        "optimizer": cfg.optim.name,
         "backbone": cfg.backbone.name,
         "selected": {**best["point"], "val/top1": best["val/top1"]},
         "sweep": sweep,

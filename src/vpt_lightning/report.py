@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .atomic import atomic_path, write_text_atomic
 from .data.registry import TASKS, VTAB_GROUPS, fgvc_tasks, vtab_tasks
 from .backbones.registry import backbone_family
+from .methods import get_method
 from .paper import METHODS, group_means, has_group_means, reference
 
 MISSING = "—"
@@ -41,8 +42,24 @@ def collect(summaries: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[str], 
     present = {task for task, _ in cells}
     benchmarks = {TASKS[t].benchmark for t in present if t in TASKS}
     ordered = [name for name, info in TASKS.items() if info.benchmark in benchmarks] + sorted(present - set(TASKS))
-    tunings = sorted({tuning for _, tuning in cells}, key=lambda t: (METHODS.index(t) if t in METHODS else 99, t))
+    tunings = sorted({tuning for _, tuning in cells}, key=lambda t: (_order(paper_method(t, cells)), t))
     return ordered, tunings, cells
+
+
+def paper_method(tuning: str, cells: Dict[Tuple[str, str], Dict]) -> Optional[str]:
+    """The paper's method key of a run label, through the tuning-method registry (``None`` if the paper has none).
+
+    Summaries record their ``method`` (older ones only the label, which is then taken as the method's name).
+    """
+    method = next((c.get("method", tuning) for (_, t), c in cells.items() if t == tuning), tuning)
+    try:
+        return get_method(method).paper_method
+    except ValueError:  # a label of no registered method (e.g. from a subclass of VPTModule)
+        return None
+
+
+def _order(method: Optional[str]) -> int:
+    return METHODS.index(method) if method in METHODS else len(METHODS)
 
 
 def set_mean(values: Dict[str, Optional[float]], names: Sequence[str]) -> Optional[float]:
@@ -89,23 +106,26 @@ def paper_backbone(summaries: Sequence[Dict[str, Any]]) -> Optional[str]:
     return None
 
 
-def _paper(task: str, tuning: str, source: Optional[str] = "vit") -> Optional[float]:
-    return reference(task, tuning) if source == "vit" and task in TASKS else None
+def _paper(task: str, method: Optional[str], source: Optional[str] = "vit") -> Optional[float]:
+    return reference(task, method) if source == "vit" and task in TASKS and method is not None else None
 
 
-def has_paper_numbers(tuning: str, source: Optional[str]) -> bool:
-    """Whether the paper reports ``tuning`` for ``source`` (see :func:`paper_backbone`)."""
-    return tuning in METHODS if source == "vit" else source is not None and group_means(source, tuning) is not None
+def has_paper_numbers(tuning: str, method: Optional[str], source: Optional[str]) -> bool:
+    """Whether the paper reports the run label ``tuning`` (its ``method``) for ``source`` (:func:`paper_backbone`):
+    ViT-B per-task numbers by method; other backbones' group means by label (``mlp_3``, ``partial_1``)."""
+    if source == "vit":
+        return method in METHODS
+    return source is not None and group_means(source, tuning) is not None
 
 
-def paper_aggregates(tuning: str, source: Optional[str] = "vit") -> List[Optional[float]]:
-    """The paper's aggregate values for ``tuning``: computed from its per-task numbers like ours (ViT-B), or its
+def paper_aggregates(tuning: str, method: Optional[str], source: Optional[str] = "vit") -> List[Optional[float]]:
+    """The paper's aggregate values for a run label: computed from its per-task numbers like ours (ViT-B), or its
     printed group means and their mean (other backbones); ``None`` where it has none."""
     empty: List[Optional[float]] = [None] * len(aggregates({}))
-    if not has_paper_numbers(tuning, source):
+    if not has_paper_numbers(tuning, method, source):
         return empty
     if source == "vit":
-        return [value for _, value, _, _ in aggregates({name: _paper(name, tuning) for name in TASKS})]
+        return [value for _, value, _, _ in aggregates({name: _paper(name, method) for name in TASKS})]
     means = group_means(source, tuning)
     return [*means, statistics.fmean(means)] + empty[len(VTAB_GROUPS) + 1:]
 
@@ -118,8 +138,9 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
     """Markdown and CSV text of the report (CSV accuracies in percent, like the paper's)."""
     tasks, tunings, cells = collect(summaries)
     benchmark = any(task in TASKS for task in tasks)  # paper columns only beside the paper's tasks
+    paper_of = {t: paper_method(t, cells) for t in tunings}
     source = paper_backbone(summaries)
-    paper_tunings = [t for t in tunings if has_paper_numbers(t, source)] if benchmark else []
+    paper_tunings = [t for t in tunings if has_paper_numbers(t, paper_of[t], source)] if benchmark else []
     header = ["task"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in paper_tunings]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table = io.StringIO()
@@ -132,13 +153,13 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             cell = cells.get((task, tuning))
             if cell is None:
                 row.append(MISSING)
-                writer.writerow([task, tuning, "", "", 0, "", "", _pct(_paper(task, tuning, source), 1)])
+                writer.writerow([task, tuning, "", "", 0, "", "", _pct(_paper(task, paper_of[tuning], source), 1)])
                 continue
             test = cell["test_top1"]
             row.append(f"{100 * test['mean']:.2f} ± {100 * test['std']:.2f} ({cell['trainable_percent']:.2f}% params)")
             writer.writerow([task, tuning, _pct(100 * test["mean"]), _pct(100 * test["std"]), len(cell["test_top1_per_seed"]),
-                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}", _pct(_paper(task, tuning, source), 1)])
-        row += [f"{_paper(task, t, source):.1f}" if _paper(task, t, source) is not None else MISSING
+                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}", _pct(_paper(task, paper_of[tuning], source), 1)])
+        row += [f"{_paper(task, paper_of[t], source):.1f}" if _paper(task, paper_of[t], source) is not None else MISSING
                 for t in paper_tunings]
         md.append("| " + " | ".join(row) + " |")
     per_tuning = {t: {task: 100 * cells[task, t]["test_top1"]["mean"] for task in tasks if (task, t) in cells}
@@ -149,7 +170,7 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             names = groups.setdefault(summary["task_group"], [])
             names += [summary["task_name"]] if summary["task_name"] not in names else []
     ours = {t: (aggregates(per_tuning[t]) if benchmark else []) + group_aggregates(per_tuning[t], groups) for t in tunings}
-    paper = {t: paper_aggregates(t, source) + [None] * len(groups) for t in paper_tunings}
+    paper = {t: paper_aggregates(t, paper_of[t], source) + [None] * len(groups) for t in paper_tunings}
     labels = [label for label, *_ in ours[tunings[0]]]
     if labels:
         agg_header = ["aggregate"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in paper_tunings]

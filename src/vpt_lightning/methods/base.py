@@ -49,6 +49,7 @@ class TuningMethod:
         lr_grid: the key of its learning-rate grid in the protocol config (``protocol.base_lr``...).
         optimizer: its default ``optim`` group.
         paper_method: its key in :mod:`vpt_lightning.paper`'s reference numbers, if the paper reports it.
+        label_option: a config field whose value the default label carries (``partial_2`` for Partial-k).
     """
 
     name: ClassVar[str]
@@ -58,11 +59,14 @@ class TuningMethod:
     lr_grid: ClassVar[str] = "base_lr"
     optimizer: ClassVar[str] = "sgd"
     paper_method: ClassVar[Optional[str]] = None
+    label_option: ClassVar[Optional[str]] = None
 
     @classmethod
     def label(cls, config: TuningConfig) -> str:
         """The run's label: ``tuning.name`` if set, else the method's name (with its k for Partial-k, MLP-k)."""
-        return config.name or cls.name
+        if config.name:
+            return config.name
+        return f"{cls.name}_{getattr(config, cls.label_option)}" if cls.label_option else cls.name
 
     @classmethod
     def check_prompt(cls, config: TuningConfig, prompt: PromptConfig) -> None:

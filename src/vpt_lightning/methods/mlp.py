@@ -27,12 +27,9 @@ class MLPConfig(TuningConfig):
 @register_method
 class MLP(TuningMethod):
     name = "mlp"
+    label_option = "mlp_layers"
     Config = MLPConfig
     prompts = "none"
-
-    @classmethod
-    def label(cls, config: MLPConfig) -> str:  # type: ignore[override]
-        return config.name or f"mlp_{config.mlp_layers}"
 
     @classmethod
     def build_head(cls, in_features: int, num_classes: int, config: MLPConfig) -> nn.Module:  # type: ignore[override]

@@ -26,14 +26,11 @@ class PartialConfig(TuningConfig):
 @register_method
 class Partial(TuningMethod):
     name = "partial"
+    label_option = "last_blocks"
     Config = PartialConfig
     prompts = "none"
     trains_backbone = True
     lr_grid = "base_lr_tuned_backbone"
-
-    @classmethod
-    def label(cls, config: PartialConfig) -> str:  # type: ignore[override]
-        return config.name or f"partial_{config.last_blocks}"
 
     @classmethod
     def apply(cls, backbone: PromptedBackbone, config: PartialConfig) -> None:  # type: ignore[override]

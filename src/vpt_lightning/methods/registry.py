@@ -32,11 +32,22 @@ def get_method(name: str) -> Type[TuningMethod]:
 
 
 def parse_tuning(config: Mapping[str, Any] | TuningConfig | None) -> Tuple[Type[TuningMethod], TuningConfig]:
-    """The method and its validated config from a ``tuning`` mapping (``method`` names it; default ``vpt_deep``)."""
+    """The method and its validated config from a ``tuning`` mapping.
+
+    ``method`` names the method; without it, a ``name`` that is a method's name names it (``{"name": "full"}``),
+    else the method is ``vpt_deep``.
+    """
     if isinstance(config, TuningConfig):
-        return get_method(config.method), config
+        method = get_method(config.method)
+        if type(config) is method.Config:
+            if config.name is None:
+                config.name = method.label(config)
+            return method, config
+        config = config.to_dict()  # e.g. tuning.method changed on the command line: the method's own fields
     values = dict(config or {})
-    method = get_method(values.get("method", TuningConfig.method))
+    if "method" not in values:
+        values["method"] = values["name"] if values.get("name") in _METHODS else TuningConfig.method
+    method = get_method(values["method"])
     parsed = method.Config.from_mapping(values)
     if parsed.name is None:
         parsed.name = method.label(parsed)
