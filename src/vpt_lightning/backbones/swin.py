@@ -24,21 +24,26 @@ from .base import PromptedBackbone
 from .registry import register_family
 
 
-def window_attention(block: SwinTransformerBlock, windows: torch.Tensor, num_prompts: int, batch: int) -> torch.Tensor:
-    """timm's window attention of ``block`` on ``(batch * nW, num_prompts + N, C)`` windows whose first
-    ``num_prompts`` tokens are prompts: the relative position bias and the shift mask are padded with zeros on the
-    prompt rows and columns. Windows are batch-major (index ``b * nW + w``), as ``window_partition`` makes them."""
+def window_attention(block: SwinTransformerBlock, windows: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """timm's window attention of ``block`` on ``(B * nW, N, C)`` windows with the prompts ``(B, p, C)`` prepended
+    to every window of their image: the relative position bias and the shift mask are padded with zeros on the
+    prompt rows and columns. Windows are batch-major (index ``b * nW + w``), as ``window_partition`` makes them.
+    The prompts' q, k, v are computed once per image and copied into its windows (the same numbers as projecting
+    every copy). Returns ``(B * nW, p + N, C)``."""
     attn = block.attn
-    count, length, _ = windows.shape
-    qkv = attn.qkv(windows).reshape(count, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)  # (batch * nW, heads, L, head_dim)
+    batch, num_prompts = prompts.shape[:2]
+    count, num_windows = windows.shape[0], windows.shape[0] // batch
+    image_qkv = attn.qkv(windows)
+    prompt_qkv = attn.qkv(prompts).unsqueeze(1).expand(batch, num_windows, num_prompts, image_qkv.shape[-1])
+    qkv = torch.cat([prompt_qkv.reshape(count, num_prompts, image_qkv.shape[-1]), image_qkv], dim=1)
+    length = qkv.shape[1]
+    q, k, v = qkv.reshape(count, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     pad = (num_prompts, 0, num_prompts, 0)
     bias = F.pad(attn._get_rel_pos_bias(), pad)  # (1, heads, L, L)
     mask = block.attn_mask
     if mask is not None:  # shifted windows: a (nW, N, N) mask of 0 / -100, one per window position
         # (nW, heads, L, L), broadcast over the batch: q, k, v viewed as (batch, nW, heads, L, head_dim)
-        num_windows = mask.shape[0]
-        bias = bias.unsqueeze(1) + F.pad(mask, pad).unsqueeze(1)  # (nW, heads, L, L)
+        bias = bias.unsqueeze(1) + F.pad(mask, pad).unsqueeze(1)
         q, k, v = (t.reshape(batch, num_windows, *t.shape[1:]) for t in (q, k, v))
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=bias.to(q.dtype), dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale
@@ -69,9 +74,7 @@ def prompted_block(
     padded_h, padded_w = shifted.shape[1:3]
     windows = window_partition(shifted, block.window_size).reshape(-1, win_h * win_w, dim)
     num_windows = windows.shape[0] // batch
-    copies = normed_prompts.unsqueeze(1).expand(batch, num_windows, num_prompts, dim)
-    windows = torch.cat([copies.reshape(batch * num_windows, num_prompts, dim), windows], dim=1)
-    out = window_attention(block, windows, num_prompts, batch)
+    out = window_attention(block, windows, normed_prompts)
     prompt_out = out[:, :num_prompts].reshape(batch, num_windows, num_prompts, dim).mean(1)
     image_out = out[:, num_prompts:].reshape(-1, win_h, win_w, dim)
     image_out = window_reverse(image_out, block.window_size, padded_h, padded_w)[:, :height, :width]
