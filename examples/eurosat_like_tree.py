@@ -4,7 +4,8 @@
     vpt-prepare vtab --tasks eurosat --source /tmp/tv --out /tmp/vtab-1k
     vpt-train +experiment=vtab_eurosat data.root=/tmp/vtab-1k backbone=quickstart_vit trainer.max_epochs=5
 
-The images are 64x64 JPEGs, one look per class (a colour and a stripe angle, with noise), so a few epochs learn
+1,400 images, so that VTAB's slices of EuroSAT's single split (train[:800], train[60%:+200], test train[80%:])
+do not overlap. The images are 64x64 JPEGs, one look per class (a colour and a stripe angle, with noise), so a few epochs learn
 them; with the real EuroSAT in that folder the same commands run the paper's task.
 """
 
@@ -20,7 +21,7 @@ CLASSES = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industria
            "Residential", "River", "SeaLake")
 
 
-def write_tree(root: Path, per_class: int = 110, size: int = 64, seed: int = 0) -> int:
+def write_tree(root: Path, per_class: int = 140, size: int = 64, seed: int = 0) -> int:
     """Write ``per_class`` images for each of EuroSAT's 10 classes; returns how many were written."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
@@ -41,7 +42,7 @@ def write_tree(root: Path, per_class: int = 110, size: int = 64, seed: int = 0) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path, help="torchvision's data root to write (the --source of vpt-prepare)")
-    parser.add_argument("--per-class", type=int, default=110)
+    parser.add_argument("--per-class", type=int, default=140)
     args = parser.parse_args()
     print(f"wrote {write_tree(args.root, args.per_class)} images under {args.root / 'eurosat' / '2750'}")
 

@@ -192,12 +192,13 @@ def test_vtab_bad_lists_fail_in_setup_naming_file_and_line(tmp_path, damage, mes
 def test_missing_root_names_folder_and_the_fix(tmp_path):
     root = tmp_path / "nowhere"
     with pytest.raises(DataError, match=r"VTAB-1k folder of task 'cifar100' .*nowhere/cifar' does not exist.*"
-                                        rf"'vpt-prepare vtab --tasks cifar100 --source TORCHVISION_ROOT --out {root}'"):
+                                        rf"'vpt-prepare vtab --tasks cifar100 --source SOURCE_ROOT --out {root}'"):
         VTABDataModule("cifar100", str(root))
-    for task in ("dmlab", "kitti_distance", "smallnorb_azimuth", "resisc45", "clevr_distance"):  # not in torchvision
-        with pytest.raises(DataError, match=rf"vpt-prepare cannot build '{task}' .*TFDS export") as err:
+    for task, source in (("dmlab", "dmlab.tar.gz"), ("kitti_distance", "devkit_object.zip"),
+                         ("smallnorb_azimuth", "NYU"), ("resisc45", "NWPU-RESISC45"), ("clevr_distance", "CLEVR_v1.0"),
+                         ("caltech101", "--official-splits")):
+        with pytest.raises(DataError, match=rf"--tasks {task} .*{source}"):
             VTABDataModule(task, str(root))
-        assert "--tasks" not in str(err.value)
 
 
 def test_corrupt_image_fails_at_load_naming_the_file(tmp_path, capsys):

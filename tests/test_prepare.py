@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vpt_lightning.data import VTABDataModule, get_task
+from vpt_lightning.data import DataError, VTABDataModule, get_task
 from vpt_lightning.data.official_splits import resolve, task_entry
 from vpt_lightning.cli.prepare import main as prepare_main
 
@@ -69,7 +69,7 @@ def test_drawn_split_from_a_local_torchvision_eurosat_copies_the_original_files(
         for i in range(101):
             write_image(source / f"Class{c}" / f"Class{c}_{i}.jpg", seed=c * 1000 + i, size=6, fmt="JPEG")
     out = tmp_path / "vtab-1k"
-    assert prepare_main(["vtab", "--tasks", "eurosat", "--source", str(tmp_path / "src"), "--out", str(out)]) == 0
+    assert prepare_main(["vtab", "--tasks", "eurosat", "--source", str(tmp_path / "src"), "--out", str(out), "--redraw"]) == 0
     lines = {s: (out / "eurosat" / f"{s}.txt").read_text().splitlines() for s in ("train800", "val200", "train800val200", "test")}
     assert [len(lines[s]) for s in ("train800", "val200", "train800val200", "test")] == [800, 200, 1000, 10]
     assert not set(lines["train800"]) & set(lines["val200"]) and not set(lines["train800val200"]) & set(lines["test"])
@@ -82,10 +82,11 @@ def test_drawn_split_from_a_local_torchvision_eurosat_copies_the_original_files(
     dm.setup()
     assert len(dm.train_dataset) == 1000 and len(dm.test_dataset) == 10
     # the same seed draws the same split; another seed another one
-    prepare_main(["vtab", "--tasks", "eurosat", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "again")])
+    prepare_main(["vtab", "--tasks", "eurosat", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "again"),
+                  "--redraw"])
     assert (tmp_path / "again" / "eurosat" / "val200.txt").read_text() == (out / "eurosat" / "val200.txt").read_text()
     prepare_main(["vtab", "--tasks", "eurosat", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "s1"),
-                  "--seed", "1"])
+                  "--seed", "1", "--redraw"])
     assert (tmp_path / "s1" / "eurosat" / "val200.txt").read_text() != (out / "eurosat" / "val200.txt").read_text()
 
 
@@ -112,11 +113,15 @@ def test_a_flat_list_must_hold_the_1000_images():
 
 
 # ---- vpt-prepare ----------------------------------------------------------------------------------------
-def test_prepare_without_data_asks_for_download(tmp_path):
-    with pytest.raises(FileNotFoundError, match="pass --download"):
+def test_prepare_without_data_names_the_missing_folder_or_asks_for_download(tmp_path):
+    with pytest.raises(DataError, match=r"DTD folder '.*/dtd/dtd' does not exist or is not a folder; torchvision's layout"):
         prepare_main(["vtab", "--tasks", "dtd", "--source", str(tmp_path), "--out", str(tmp_path / "out")])
+    with pytest.raises(DataError, match=r"--source '.*/nowhere' does not exist; dmlab expects dmlab.tar.gz"):
+        prepare_main(["vtab", "--tasks", "dmlab", "--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    with pytest.raises(FileNotFoundError, match="pass --download"):
+        prepare_main(["vtab", "--tasks", "dtd", "--source", str(tmp_path), "--out", str(tmp_path / "out"), "--redraw"])
     with pytest.raises(ValueError, match="cannot build 'dmlab' from torchvision"):
-        prepare_main(["vtab", "--tasks", "dmlab", "--source", str(tmp_path), "--out", str(tmp_path / "out")])
+        prepare_main(["vtab", "--tasks", "dmlab", "--source", str(tmp_path), "--out", str(tmp_path / "out"), "--redraw"])
 
 
 def test_prepare_vtab_takes_given_train_val_indices(tmp_path):

@@ -19,7 +19,8 @@ def reference_features(vit, images, prompt_sets, location="prepend"):
 
     ``prompt_sets`` maps block index -> (p, d) prompt tensor. Prepend: the first prompted block inserts the
     prompts after the prefix tokens, every later prompted block *replaces* the previous prompt outputs, blocks
-    without a set pass them on. Add: the prompts are added to the patch tokens. Returns the pooled features.
+    without a set pass them on. Add / add1: the prompts are added to every token (class token included), at
+    each prompted block. Returns the pooled features.
     """
     b = images.shape[0]
     patches = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)  # conv patchify
@@ -37,8 +38,8 @@ def reference_features(vit, images, prompt_sets, location="prepend"):
     for i, block in enumerate(vit.blocks):
         if i in prompt_sets:
             prm = prompt_sets[i].unsqueeze(0).expand(b, -1, -1)
-            if location == "add":
-                x = torch.cat([x[:, :n_prefix], x[:, n_prefix:] + prm], dim=1)
+            if location in ("add", "add1"):
+                x = x + prm  # (b, n_prefix + n_patches or 1, d)
             else:
                 x = torch.cat([x[:, :n_prefix], prm, x[:, n_prefix + p_len :]], dim=1)
                 p_len = prm.shape[1]
@@ -88,13 +89,14 @@ def test_without_prompts_equals_timm(vit_kwargs, images):
         dict(num_tokens=4, deep=True, depth=2),
         dict(num_tokens=4, deep=True, depth=[1, 3]),
         dict(num_tokens=2, deep=False, depth=2),
-        dict(num_tokens=1, deep=True, location="add"),
-        dict(num_tokens=N_PATCHES, deep=False, location="add"),
+        dict(num_tokens=1, deep=True, location="add1"),
+        dict(num_tokens=7, deep=True, location="add"),
+        dict(num_tokens=3, deep=False, location="add"),
         dict(num_tokens=5, deep=True, project=8),
         dict(num_tokens=3, deep=False, depth=1, project=8),
     ],
     ids=[
-        "deep", "shallow", "deep-first2", "deep-list", "shallow-at2", "add-broadcast", "add-per-patch",
+        "deep", "shallow", "deep-first2", "deep-list", "shallow-at2", "add1-deep", "add-deep", "add-shallow",
         "deep-project", "shallow-project",
     ],
 )
@@ -195,7 +197,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(images):
     "prompt, message",
     [
         (dict(num_tokens=-1), "prompt.num_tokens=-1"),
-        (dict(location="middle"), "prompt.location='middle' is not one of ['prepend', 'add']"),
+        (dict(location="middle"), "prompt.location='middle' is not one of ['prepend', 'add', 'add1', 'prepend_pixel', 'concat_channel', 'pad']"),
         (dict(dropout=1.5), "prompt.dropout=1.5"),
         (dict(deep=False, depth=[0, 1]), "prompt.deep=false"),
         (dict(project=0), "prompt.project=0"),
@@ -237,7 +239,6 @@ def test_unknown_prompt_key_is_named():
     [
         (dict(num_tokens=3, depth=9), r"prompt.depth=9 .* must be in \[1, 4\]"),
         (dict(num_tokens=3, depth=[0, 7]), r"block\(s\) \[7\], but the backbone has blocks 0..3"),
-        (dict(num_tokens=5, location="add"), "1 token .* or one per patch \\(64"),
     ],
 )
 def test_prompt_config_checked_against_backbone(prompt, message):

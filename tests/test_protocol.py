@@ -134,6 +134,8 @@ def test_a_diverging_lr_is_flagged_in_a_real_sweep(tmp_path):
                   config_name="tune")
     summary = run_protocol(cfg, tmp_path)
     assert summary["diverged"] == ["lr1e+30_wd0"] and summary["selected"]["base_lr"] == 1.0
+    # it stopped at the NaN loss (NonFiniteLossError): diverged, not failed, and no results.json
+    assert summary["failed"] == [] and not (tmp_path / "sweep" / "lr1e+30_wd0" / "results.json").exists()
     assert "diverged sweep points (not selectable): lr1e+30_wd0" in (tmp_path / "summary.md").read_text()
 
 

@@ -1,13 +1,17 @@
-"""The paper's published numbers: test top-1 (%) per task and method, ViT-B/16 supervised on ImageNet-21k.
+"""The paper's published numbers: test top-1 (%) per task and method for ViT-B/16 supervised on ImageNet-21k
+(the default backbone), and VTAB-1k group means for the other backbones it reports.
 
-Jia et al., "Visual Prompt Tuning", ECCV 2022 (spec §4). Keyed by task config name
-(``vtab_cifar100``, ``fgvc_cub``) and method name (:data:`METHODS`). A plain data module: it imports nothing from
-the package, so that any part of it (reports, registries) can read it.
+Jia et al., "Visual Prompt Tuning", ECCV 2022 (spec §4; extensions spec §8, from a transcription of the paper).
+Per-task numbers are keyed by task config name (``vtab_cifar100``, ``fgvc_cub``) and method name (:data:`METHODS`);
+group means by backbone key (:data:`BACKBONES`) and tuning label (``full``, ``linear``, ``mlp_3``, ``partial_1``,
+``bias``, ``adapter``, ``vpt_shallow``, ``vpt_deep``). A plain data module: it imports nothing from the package,
+so that any part of it (reports, registries, configs) can read it.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
 
 METHODS = ("full", "linear", "vpt_shallow", "vpt_deep")
 
@@ -49,29 +53,79 @@ def reference(task: str, method: str) -> Optional[float]:
     return REFERENCE.get(task, {}).get(method)
 
 
-#: VTAB-1k group means (Natural, Specialized, Structured) that the paper reports for its other backbones, by
-#: backbone and method label (spec §8, from a transcription: unverified). No per-task numbers exist for them.
-GROUP_MEANS: Dict[str, Dict[str, Tuple[float, float, float]]] = {
-    # Swin-B, ImageNet-21k (Table 2)
-    "swin_base_patch4_window7_224.ms_in22k": {
-        "full": (79.10, 86.21, 59.65),
-        "linear": (73.52, 80.77, 33.52),
-        "mlp_3": (73.56, 75.21, 35.69),
-        "partial_1": (73.11, 81.70, 34.96),
-        "bias": (74.19, 80.14, 42.42),
-        "vpt_shallow": (79.85, 82.45, 37.75),
-        "vpt_deep": (76.78, 84.53, 53.35),
-    },
+# ---- backbones ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PaperBackbone:
+    """One of the paper's backbones: a label for reports and the timm names (with tag) that are it; one that
+    timm lacks (``timm_names`` empty) comes from a local file, ``weights_url`` says where to get it."""
+
+    label: str
+    timm_names: Tuple[str, ...]
+    weights_url: Optional[str] = None
+
+
+DEFAULT_BACKBONE = "vit_b16_in21k"
+BACKBONES: Dict[str, PaperBackbone] = {
+    DEFAULT_BACKBONE: PaperBackbone("ViT-B/16 supervised ImageNet-21k", ("vit_base_patch16_224.orig_in21k",)),
+    "mae": PaperBackbone("ViT-B/16 MAE", ("vit_base_patch16_224.mae",)),
+    # no timm weights: a run says it with backbone.reference=mocov3 (conf/backbone/vit_base_patch16_224_mocov3)
+    "mocov3": PaperBackbone(
+        "ViT-B/16 MoCo v3", (), "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/linear-vit-b-300ep.pth.tar"
+    ),
+    "swin_b_in21k": PaperBackbone("Swin-B supervised ImageNet-21k", ("swin_base_patch4_window7_224.ms_in22k",)),
+    "convnext_b_in21k": PaperBackbone("ConvNeXt-B supervised ImageNet-21k", ("convnext_base.fb_in22k",)),
+    "resnet50_in1k": PaperBackbone("ResNet-50 supervised ImageNet-1k", ("resnet50.tv_in1k",)),
 }
-#: other timm names of those backbones (timm's deprecated names)
-BACKBONE_ALIASES = {"swin_base_patch4_window7_224_in22k": "swin_base_patch4_window7_224.ms_in22k"}
 
 
-def group_means(backbone: str, method: str) -> Optional[Tuple[float, float, float]]:
-    """The paper's (Natural, Specialized, Structured) means for a backbone (timm name) and method, if reported."""
-    return GROUP_MEANS.get(BACKBONE_ALIASES.get(backbone, backbone), {}).get(method)
+def backbone_key(name: Optional[str], reference: Optional[str] = None) -> Optional[str]:
+    """The paper backbone of a run: ``reference`` (``backbone.reference``) if given, else the one whose timm
+    names hold ``name``; ``None`` when the paper has no numbers for it."""
+    if reference:
+        if reference not in BACKBONES:
+            raise ValueError(f"backbone.reference={reference!r} is not one of {sorted(BACKBONES)}")
+        return reference
+    return next((key for key, backbone in BACKBONES.items() if name in backbone.timm_names), None)
 
 
-def has_group_means(backbone: str) -> bool:
-    """Whether the paper reports group means (and no per-task numbers) for this backbone."""
-    return BACKBONE_ALIASES.get(backbone, backbone) in GROUP_MEANS
+GroupMeans = Tuple[float, float, float]  # VTAB-1k Natural, Specialized, Structured
+
+
+def _groups(rows: Dict[str, Sequence[float]]) -> Dict[str, GroupMeans]:
+    return {method: (float(v[0]), float(v[1]), float(v[2])) for method, v in rows.items()}
+
+
+#: VTAB-1k group means (%) of the other backbones (paper Tables 2, 4, 5; extensions spec §8). The ConvNets'
+#: "VPT" is the input's pixel border, which ``vpt_shallow`` and ``vpt_deep`` both learn there; ResNet-50's
+#: "Partial-1" is the official code's last unit, its whole ``layer4`` (3 bottleneck blocks: our ``partial_3``).
+GROUP_MEANS: Dict[str, Dict[str, GroupMeans]] = {
+    "mae": _groups({
+        "full": (59.29, 79.68, 53.82), "linear": (18.87, 53.72, 23.70), "partial_1": (58.44, 78.28, 47.64),
+        "bias": (54.55, 75.68, 47.70), "adapter": (54.90, 75.19, 38.98), "vpt_shallow": (39.96, 69.65, 27.50),
+        "vpt_deep": (36.02, 60.61, 26.57),
+    }),
+    "mocov3": _groups({
+        "full": (71.95, 84.72, 51.98), "linear": (67.46, 81.08, 30.33), "partial_1": (72.31, 84.58, 47.89),
+        "bias": (72.89, 81.14, 53.43), "adapter": (74.19, 82.66, 47.69), "vpt_shallow": (67.34, 82.26, 37.55),
+        "vpt_deep": (70.27, 83.04, 42.38),
+    }),
+    "swin_b_in21k": _groups({
+        "full": (79.10, 86.21, 59.65), "linear": (73.52, 80.77, 33.52), "mlp_3": (73.56, 75.21, 35.69),
+        "partial_1": (73.11, 81.70, 34.96), "bias": (74.19, 80.14, 42.42), "vpt_shallow": (79.85, 82.45, 37.75),
+        "vpt_deep": (76.78, 84.53, 53.35),
+    }),
+    "convnext_b_in21k": _groups({
+        "full": (77.97, 83.71, 60.41), "linear": (74.48, 81.50, 34.76), "partial_1": (73.76, 81.64, 39.55),
+        "bias": (69.07, 72.81, 25.29), "vpt_shallow": (78.48, 83.00, 44.64), "vpt_deep": (78.48, 83.00, 44.64),
+    }),
+    "resnet50_in1k": _groups({
+        "full": (59.72, 76.66, 54.08), "linear": (63.75, 77.60, 30.96), "partial_3": (64.34, 78.64, 45.78),
+        "bias": (63.51, 77.22, 33.39), "vpt_shallow": (66.25, 77.32, 37.52), "vpt_deep": (66.25, 77.32, 37.52),
+    }),
+}
+
+
+def group_means(backbone: str, tuning: str) -> Optional[GroupMeans]:
+    """The paper's VTAB-1k group means of ``tuning`` on ``backbone`` (a :data:`BACKBONES` key), if published
+    as such; the default backbone's are computed from its per-task numbers (:func:`reference`) by the report."""
+    return GROUP_MEANS.get(backbone, {}).get(tuning)

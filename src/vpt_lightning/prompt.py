@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .dataclass_config import DataclassConfig, number
 
-LOCATIONS = ("prepend", "add")
+#: where prompts enter (spec §3, the paper's prompt-location ablation and the official ``vit_ablations.py``)
+LOCATIONS = ("prepend", "add", "add1", "prepend_pixel", "concat_channel", "pad")
+#: locations that prompt the input image only (pixel space): VPT-Shallow, no dropout, no projection
+INPUT_LOCATIONS = ("concat_channel", "pad")
+#: locations whose prompts are tokens of the sequence (the only ones ``pool=prompt`` can read)
+TOKEN_LOCATIONS = ("prepend", "prepend_pixel")
+#: which outputs become the pooled feature (spec §4), besides ``None`` (the backbone family's own default)
+POOLS = ("token", "image", "prompt", "all")
+#: what normalises the pooled feature: the backbone's final norm(s), or a fresh parameter-free LayerNorm (MAE)
+POOL_NORMS = ("final", "fresh")
 
 DepthSpec = Union[None, int, Sequence[int]]
 
@@ -23,17 +32,31 @@ class PromptConfig(DataclassConfig):
     Attributes:
         num_tokens: prompt length p per prompted block; 0 disables prompts (a linear probe).
         deep: VPT-Deep (a new prompt set at every prompted block) or VPT-Shallow (one set, inserted once).
-        location: ``prepend`` (between the prefix tokens and the patch tokens, the paper's default) or ``add``
-            (added element-wise to the patch tokens; ``num_tokens`` must then be 1 or the number of patches).
-        dropout: dropout on the prompt tokens before insertion (0.1 in the paper's VPT-Deep VTAB runs).
+        location: where prompts enter (the paper's prompt-location ablation; the official names in brackets):
+            ``prepend`` (default): ``num_tokens`` tokens between the prefix tokens and the patch tokens;
+            ``add``: one learnable vector per token of the sequence (prefix and patch tokens) added to it, so
+            ``num_tokens`` only switches prompts on; ``add1`` (``add-1``): one vector added to every token;
+            ``prepend_pixel``: a learnable 3 x P x (P * num_tokens) pixel strip, patch-embedded by the frozen
+            patch embedding and prepended without position embedding (shallow only);
+            ``concat_channel`` (``below``): ``num_tokens`` extra input channels, with a trainable copy of the
+            patch embedding widened to them (shallow only); ``pad``: a learnable border of ``num_tokens`` pixels
+            around the image, the model resized to the padded image (shallow only).
+        dropout: dropout on the prompt tokens before insertion (0.1 in the paper's VPT-Deep VTAB runs); token
+            locations only (the official code applies none to pixel prompts).
         depth: which blocks get prompts. ``None``: every block (deep) or block 0 (shallow); an int ``k``: the
             first k blocks (deep) or block k (shallow: insert once, later); a list: those block indices.
             Blocks that get no new prompts pass the previous prompt outputs on, as in the official code.
         project: if > 0, prompts live in this smaller dimension and a linear layer maps them to the width.
         init: ``xavier_uniform`` (the official init, uniform(-v, v), v = sqrt(6 / (3 * ph * pw + dim)))
             or ``zeros``.
-        pool: which output tokens the pooled feature averages; ``None``: the family's default. Each family lists
-            the values it accepts (Swin: ``all``, prompts and image tokens, the official code; ``image``).
+        pool: the pooled feature (the paper's output ablation): ``None`` = the backbone family's own default
+            (for ViTs timm's ``global_pool``, prompt outputs left out), ``token`` = the class token, ``image`` =
+            the mean of the image (patch) tokens, ``prompt`` = the mean of the prompt tokens, ``all`` = the mean
+            of prompt and image tokens (class and register tokens left out, as the official ``imgprompt_pool``).
+            Each family accepts the values that apply to it.
+        pool_norm: ``final`` = the backbone's final norm(s) as pretrained (timm's ``norm`` / ``fc_norm``);
+            ``fresh`` = skip them and standardise the pooled vector with a fresh, frozen LayerNorm (weight 1,
+            bias 0), as the official MAE code.
     """
 
     num_tokens: int = 10
@@ -44,6 +67,7 @@ class PromptConfig(DataclassConfig):
     project: int = -1
     init: str = "xavier_uniform"
     pool: Optional[str] = None
+    pool_norm: str = "final"
 
     group = "prompt"
 
@@ -55,6 +79,10 @@ class PromptConfig(DataclassConfig):
             raise ValueError(f"prompt.deep={self.deep!r} must be true (VPT-Deep) or false (VPT-Shallow)")
         if self.location not in LOCATIONS:
             raise ValueError(f"prompt.location={self.location!r} is not one of {list(LOCATIONS)}")
+        if self.pool is not None and self.pool not in POOLS:
+            raise ValueError(f"prompt.pool={self.pool!r} is not null (the backbone's default) or one of {list(POOLS)}")
+        if self.pool_norm not in POOL_NORMS:
+            raise ValueError(f"prompt.pool_norm={self.pool_norm!r} is not one of {list(POOL_NORMS)}")
         self.dropout = number("prompt.dropout", self.dropout, "a number in [0, 1)", lambda v: 0 <= v < 1)
         if self.init not in ("xavier_uniform", "zeros"):
             raise ValueError(f"prompt.init={self.init!r} is not one of ['xavier_uniform', 'zeros']")
@@ -63,8 +91,6 @@ class PromptConfig(DataclassConfig):
         self.project = number(
             "prompt.project", self.project, "-1 (off) or a positive dimension", lambda v: v == -1 or v > 0, True
         )
-        if self.pool is not None and not isinstance(self.pool, str):
-            raise ValueError(f"prompt.pool={self.pool!r} must be null (the backbone family's default) or a name")
         valid_depth = "null, an integer or a list of block indices"
         if isinstance(self.depth, (str, int, float)):
             self.depth = number("prompt.depth", self.depth, valid_depth, lambda v: True, integer=True)
@@ -79,10 +105,33 @@ class PromptConfig(DataclassConfig):
                     f"prompt.depth={self.depth} lists several blocks but prompt.deep=false (VPT-Shallow inserts "
                     "prompts once); give one block index or set prompt.deep=true"
                 )
+        if self.enabled:
+            self._check_location()
+
+    def _check_location(self) -> None:
+        where = f"prompt.location={self.location!r}"
+        if self.location in ("prepend_pixel", *INPUT_LOCATIONS):
+            if self.deep:
+                raise ValueError(f"{where} prompts the input image once: set prompt.deep=false (tuning=vpt_shallow)")
+            if self.project > 0:
+                raise ValueError(f"{where} has pixel prompts, which are not projected: set prompt.project=-1")
+            if self.dropout > 0:
+                raise ValueError(f"{where} has pixel prompts, which get no dropout: set prompt.dropout=0")
+        if self.location in INPUT_LOCATIONS and self.depth not in (None, 0):
+            raise ValueError(f"prompt.depth={self.depth} with {where}: input prompts enter before block 0 only")
+        if self.pool == "prompt" and self.location not in TOKEN_LOCATIONS:
+            raise ValueError(
+                f"prompt.pool='prompt' with {where}: only {list(TOKEN_LOCATIONS)} add prompt tokens to pool"
+            )
 
     @property
     def enabled(self) -> bool:
         return self.num_tokens > 0
+
+    @property
+    def adds_tokens(self) -> bool:
+        """Whether the prompts are extra tokens of the sequence (``num_tokens`` of them)."""
+        return self.enabled and self.location in TOKEN_LOCATIONS
 
     def block_indices(self, num_blocks: int) -> List[int]:
         """The sorted indices of the blocks that receive new prompts, validated against ``num_blocks``."""
@@ -114,8 +163,9 @@ class Prompts(nn.Module):
     """The learnable prompt tokens: one ``(num_tokens, dim)`` set per prompted block.
 
     ``forward(i, batch_size)`` returns the (projected, dropped-out) prompts of the i-th prompted block, expanded
-    to the batch. Parameters are stored as one tensor ``tokens`` of shape ``(num_sets, num_tokens, prompt_dim)``.
-    ``init_dim`` replaces the prompt width in the Xavier bound (Swin: the first stage's width for every stage).
+    to the batch. Parameters are stored as one tensor ``tokens`` of shape ``(num_sets, num_tokens, prompt_dim)``;
+    ``num_tokens`` defaults to ``config.num_tokens`` (``add`` / ``add1`` give their own). ``init_dim`` replaces the
+    prompt width in the Xavier bound (Swin: the first stage's width for every stage).
     """
 
     def __init__(
@@ -124,12 +174,14 @@ class Prompts(nn.Module):
         num_sets: int,
         dim: int,
         patch_size: Sequence[int],
+        num_tokens: Optional[int] = None,
         init_dim: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.config = config
         prompt_dim = config.project if config.project > 0 else dim
-        self.tokens = nn.Parameter(torch.zeros(num_sets, config.num_tokens, prompt_dim))
+        length = config.num_tokens if num_tokens is None else num_tokens
+        self.tokens = nn.Parameter(torch.zeros(num_sets, length, prompt_dim))
         if config.project > 0:
             self.proj = nn.Linear(prompt_dim, dim)
             nn.init.kaiming_normal_(self.proj.weight, a=0, mode="fan_out")
@@ -139,8 +191,7 @@ class Prompts(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         if config.init == "xavier_uniform":
             # as the official code: Xavier-uniform as if the prompt were a patch-embedding output
-            fan = init_dim or prompt_dim
-            bound = math.sqrt(6.0 / float(3 * int(patch_size[0]) * int(patch_size[1]) + fan))
+            bound = xavier_bound(patch_size, init_dim or prompt_dim)
             nn.init.uniform_(self.tokens, -bound, bound)
 
     @property
@@ -152,4 +203,41 @@ class Prompts(nn.Module):
         return self.dropout(self.proj(self.tokens[index]).unsqueeze(0).expand(batch_size, -1, -1))
 
 
-__all__ = ["PromptConfig", "Prompts", "LOCATIONS"]
+def xavier_bound(patch_size: Sequence[int], dim: int) -> float:
+    """The official prompt init bound v = sqrt(6 / (3 * ph * pw + dim)): Xavier-uniform of a patch embedding."""
+    return math.sqrt(6.0 / float(3 * int(patch_size[0]) * int(patch_size[1]) + dim))
+
+
+class PaddingPrompt(nn.Module):
+    """A learnable pixel border around the image (the official ``pad`` location; spec §2, §3).
+
+    ``top_bottom`` is ``(1, C, 2p, W + 2p)`` and ``left_right`` ``(1, C, H, 2p)``, initialised U(0, 1) in pixel
+    space and normalised with ``mean``/``std`` at forward time, so that they live in the space of the normalised
+    input. ``forward(images)`` returns ``(B, C, H + 2p, W + 2p)``: the left/right halves first, then top/bottom.
+    """
+
+    def __init__(
+        self, pad: int, image_size: Tuple[int, int], mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        super().__init__()
+        height, width = image_size
+        channels = len(mean)
+        self.pad = pad
+        self.image_size = (int(height), int(width))
+        self.top_bottom = nn.Parameter(torch.rand(1, channels, 2 * pad, width + 2 * pad))
+        self.left_right = nn.Parameter(torch.rand(1, channels, height, 2 * pad))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        b, p = images.shape[0], self.pad
+        if tuple(images.shape[-2:]) != self.image_size:
+            got = tuple(images.shape[-2:])
+            raise ValueError(f"prompt.location='pad' was built for {self.image_size} images, got {got}")
+        left_right = ((self.left_right - self.mean) / self.std).to(images.dtype).expand(b, -1, -1, -1)
+        top_bottom = ((self.top_bottom - self.mean) / self.std).to(images.dtype).expand(b, -1, -1, -1)
+        x = torch.cat([left_right[..., :p], images, left_right[..., p:]], dim=-1)
+        return torch.cat([top_bottom[..., :p, :], x, top_bottom[..., p:, :]], dim=-2)
+
+
+__all__ = ["PromptConfig", "Prompts", "PaddingPrompt", "LOCATIONS", "POOLS", "POOL_NORMS", "xavier_bound"]

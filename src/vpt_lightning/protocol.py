@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from .atomic import write_json_atomic, write_text_atomic
 from .backbones.registry import backbone_family
 from .methods import get_method
+from .nonfinite import NonFiniteLossError
 from .training import RESULTS_FILE, last_checkpoint, result_config, train
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,10 @@ def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> 
         overrides = {**point_overrides(point), "data.split": "tune", "test": False}
         try:
             result = _run(cfg, out_dir / "sweep" / point_name(point), overrides, train_fn)
+        except NonFiniteLossError as err:  # stopped at a NaN/Inf loss: diverged, not failed
+            log.warning("sweep point %s diverged: %s", point_name(point), err)
+            sweep.append({"point": point, "val/top1": math.nan, "diverged": True})
+            continue
         except Exception as err:  # one bad grid point (e.g. out of memory) must not sink the others
             log.exception("sweep point %s failed", point_name(point))
             errors.append(err)
@@ -179,6 +184,7 @@ def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> 
         "method": method.name,
         "optimizer": cfg.optim.name,
         "backbone": cfg.backbone.name,
+        "backbone_reference": cfg.backbone.get("reference"),  # which of the paper's backbones (vpt-report)
         "selected": {**best["point"], "val/top1": best["val/top1"]},
         "sweep": sweep,
         "failed": [point_name(r["point"]) for r in sweep if r.get("failed")],

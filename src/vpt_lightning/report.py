@@ -1,6 +1,8 @@
 """Result tables in the paper's layout from ``vpt-tune`` summaries: Markdown, CSV and a PNG chart.
 
-Per task and tuning strategy: test top-1 mean ± std over seeds (last epoch) next to the paper's number. VTAB-1k
+Per task and tuning strategy: test top-1 mean ± std over seeds (last epoch) next to the paper's number (the
+paper's backbone that the runs used: per-task numbers for ViT-B/16 ImageNet-21k, VTAB-1k group means for MAE,
+MoCo v3, Swin-B, ConvNeXt-B and ResNet-50; ViT-B/16 ImageNet-21k for a backbone the paper lacks). VTAB-1k
 group means, the mean of the three group means and the mean over the 19 tasks, and the FGVC mean are computed
 only over complete sets: with a task missing, the mean is shown as ``incomplete (k/n)``, never averaged as zero
 or over what happens to be there. Tasks outside the registry (e.g. mini-VTAB) get per-task rows only.
@@ -16,9 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .atomic import atomic_path, write_text_atomic
 from .data.registry import TASKS, VTAB_GROUPS, fgvc_tasks, vtab_tasks
-from .backbones.registry import backbone_family
 from .methods import get_method
-from .paper import METHODS, group_means, has_group_means, reference
+from .paper import BACKBONES, DEFAULT_BACKBONE, METHODS, backbone_key, group_means, reference
 
 MISSING = "—"
 
@@ -94,40 +95,42 @@ def group_aggregates(means: Dict[str, Optional[float]], groups: Dict[str, List[s
             for group, names in sorted(groups.items())]
 
 
-def paper_backbone(summaries: Sequence[Dict[str, Any]]) -> Optional[str]:
-    """Which of the paper's numbers stand beside ours: ``"vit"`` (its ViT-B/16 per-task numbers) unless a run used
-    another family; the backbone's name when every run used one the paper reports group means for (Swin-B);
-    ``None`` for other backbones (e.g. a random tiny Swin), which the paper never measured."""
-    backbones = {str(s["backbone"]) for s in summaries if s.get("backbone")}
-    if len(backbones) == 1 and has_group_means(next(iter(backbones))):
-        return next(iter(backbones))
-    if all(backbone_family(b) in ("vision_transformer", "") for b in backbones):
-        return "vit"
-    return None
+def report_backbone(summaries: Sequence[Dict[str, Any]]) -> str:
+    """The paper backbone (a key of :data:`~vpt_lightning.paper.BACKBONES`) whose numbers go beside the runs:
+    the one every run used, else (mixed, or a backbone the paper lacks) the default ViT-B/16 ImageNet-21k."""
+    keys = {backbone_key(s.get("backbone"), s.get("backbone_reference")) for s in summaries}
+    return keys.pop() if len(keys) == 1 and None not in keys else DEFAULT_BACKBONE
 
 
-def _paper(task: str, method: Optional[str], source: Optional[str] = "vit") -> Optional[float]:
-    return reference(task, method) if source == "vit" and task in TASKS and method is not None else None
+def paper_key(tuning: str, cells: Dict[Tuple[str, str], Dict], backbone: str = DEFAULT_BACKBONE) -> Optional[str]:
+    """What the paper's numbers of a run label are filed under: its method's paper key; for the group means of
+    the other backbones, else the label itself (``partial_1``, ``mlp_3``, ``bias``, ``adapter``)."""
+    method = paper_method(tuning, cells)
+    return method if method is not None or backbone == DEFAULT_BACKBONE else tuning
 
 
-def has_paper_numbers(tuning: str, method: Optional[str], source: Optional[str]) -> bool:
-    """Whether the paper reports the run label ``tuning`` (its ``method``) for ``source`` (:func:`paper_backbone`):
-    ViT-B per-task numbers by method; other backbones' group means by label (``mlp_3``, ``partial_1``)."""
-    if source == "vit":
-        return method in METHODS
-    return source is not None and group_means(source, tuning) is not None
+def has_paper(key: Optional[str], backbone: str = DEFAULT_BACKBONE) -> bool:
+    """Whether the paper reports ``key`` (a :func:`paper_key`) on ``backbone``."""
+    return key in METHODS if backbone == DEFAULT_BACKBONE else key is not None and group_means(backbone, key) is not None
 
 
-def paper_aggregates(tuning: str, method: Optional[str], source: Optional[str] = "vit") -> List[Optional[float]]:
-    """The paper's aggregate values for a run label: computed from its per-task numbers like ours (ViT-B), or its
-    printed group means and their mean (other backbones); ``None`` where it has none."""
+def _paper(task: str, method: Optional[str], backbone: str = DEFAULT_BACKBONE) -> Optional[float]:
+    ok = task in TASKS and method is not None and backbone == DEFAULT_BACKBONE
+    return reference(task, method) if ok else None
+
+
+def paper_aggregates(method: Optional[str], backbone: str = DEFAULT_BACKBONE) -> List[Optional[float]]:
+    """The paper's aggregate values for its ``method`` on ``backbone``: computed from its per-task numbers like
+    ours (default backbone), or its published VTAB-1k group means and their mean (the others)."""
     empty: List[Optional[float]] = [None] * len(aggregates({}))
-    if not has_paper_numbers(tuning, method, source):
+    if not has_paper(method, backbone):
         return empty
-    if source == "vit":
-        return [value for _, value, _, _ in aggregates({name: _paper(name, method) for name in TASKS})]
-    means = group_means(source, tuning)
-    return [*means, statistics.fmean(means)] + empty[len(VTAB_GROUPS) + 1:]
+    if backbone != DEFAULT_BACKBONE:  # the group means, their mean, and the 19-task mean they imply
+        means = group_means(backbone, method)
+        sizes = [len(vtab_tasks(group)) for group in VTAB_GROUPS]
+        over_tasks = sum(m * n for m, n in zip(means, sizes)) / sum(sizes)
+        return [*means, statistics.fmean(means), over_tasks] + empty[5:]
+    return [value for _, value, _, _ in aggregates({name: _paper(name, method) for name in TASKS})]
 
 
 def _pct(value: Optional[float], digits: int = 2) -> str:
@@ -138,10 +141,10 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
     """Markdown and CSV text of the report (CSV accuracies in percent, like the paper's)."""
     tasks, tunings, cells = collect(summaries)
     benchmark = any(task in TASKS for task in tasks)  # paper columns only beside the paper's tasks
-    paper_of = {t: paper_method(t, cells) for t in tunings}
-    source = paper_backbone(summaries)
-    paper_tunings = [t for t in tunings if has_paper_numbers(t, paper_of[t], source)] if benchmark else []
-    header = ["task"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in paper_tunings]
+    backbone = report_backbone(summaries)
+    paper_of = {t: paper_key(t, cells, backbone) for t in tunings}
+    with_paper = [t for t in tunings if has_paper(paper_of[t], backbone)] if benchmark else []
+    header = ["task"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in with_paper]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
@@ -153,14 +156,15 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             cell = cells.get((task, tuning))
             if cell is None:
                 row.append(MISSING)
-                writer.writerow([task, tuning, "", "", 0, "", "", _pct(_paper(task, paper_of[tuning], source), 1)])
+                writer.writerow([task, tuning, "", "", 0, "", "", _pct(_paper(task, paper_of[tuning], backbone), 1)])
                 continue
             test = cell["test_top1"]
             row.append(f"{100 * test['mean']:.2f} ± {100 * test['std']:.2f} ({cell['trainable_percent']:.2f}% params)")
             writer.writerow([task, tuning, _pct(100 * test["mean"]), _pct(100 * test["std"]), len(cell["test_top1_per_seed"]),
-                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}", _pct(_paper(task, paper_of[tuning], source), 1)])
-        row += [f"{_paper(task, paper_of[t], source):.1f}" if _paper(task, paper_of[t], source) is not None else MISSING
-                for t in paper_tunings]
+                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}",
+                             _pct(_paper(task, paper_of[tuning], backbone), 1)])
+        paper_cells = [_paper(task, paper_of[t], backbone) for t in with_paper]
+        row += [f"{value:.1f}" if value is not None else MISSING for value in paper_cells]
         md.append("| " + " | ".join(row) + " |")
     per_tuning = {t: {task: 100 * cells[task, t]["test_top1"]["mean"] for task in tasks if (task, t) in cells}
                   for t in tunings}
@@ -170,10 +174,10 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             names = groups.setdefault(summary["task_group"], [])
             names += [summary["task_name"]] if summary["task_name"] not in names else []
     ours = {t: (aggregates(per_tuning[t]) if benchmark else []) + group_aggregates(per_tuning[t], groups) for t in tunings}
-    paper = {t: paper_aggregates(t, paper_of[t], source) + [None] * len(groups) for t in paper_tunings}
+    paper = {t: paper_aggregates(paper_of[t], backbone) + [None] * len(groups) for t in with_paper}
     labels = [label for label, *_ in ours[tunings[0]]]
     if labels:
-        agg_header = ["aggregate"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in paper_tunings]
+        agg_header = ["aggregate"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in with_paper]
         md += ["", "| " + " | ".join(agg_header) + " |", "|" + "---|" * len(agg_header)]
         for i, label in enumerate(labels):
             shown = []
@@ -181,17 +185,22 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
                 _, value, present, total = ours[t][i]
                 shown.append(f"{value:.2f}" if value is not None else f"incomplete ({present}/{total})")
                 writer.writerow([label, t, _pct(value), "", "", "", "", _pct(paper[t][i] if t in paper else None)])
-            shown += [f"{paper[t][i]:.2f}" if paper[t][i] is not None else MISSING for t in paper_tunings]
+            shown += [f"{paper[t][i]:.2f}" if paper[t][i] is not None else MISSING for t in with_paper]
             md.append(f"| {label} | " + " | ".join(shown) + " |")
     backbones = sorted({str(s.get("backbone")) for s in summaries if s.get("backbone")})
     md.append("")
     md.append("Test top-1 (%) at the last epoch, mean ± std over seeds; means only over complete sets."
-              + (" Paper aggregates computed from its per-task numbers (ViT-B/16 ImageNet-21k)."
-                 if benchmark and source == "vit" else "")
-              + (f" Paper: its VTAB-1k group means for {source} (no per-task numbers published)."
-                 if paper_tunings and source not in (None, "vit") else "")
+              + (f" {paper_note(backbone)}" if benchmark else "")
               + (f" Backbone: {', '.join(backbones)}." if backbones else ""))
     return "\n".join(md) + "\n", table.getvalue()
+
+
+def paper_note(backbone: str) -> str:
+    """What the paper columns are, for the report's footnote."""
+    label = BACKBONES[backbone].label
+    if backbone == DEFAULT_BACKBONE:
+        return f"Paper aggregates computed from its per-task numbers ({label})."
+    return f"Paper: its VTAB-1k group means for {label} (no per-task numbers; extensions spec §8)."
 
 
 def plot(summaries: Sequence[Dict[str, Any]], path: Path) -> None:

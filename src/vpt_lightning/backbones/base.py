@@ -42,8 +42,10 @@ class PromptedBackbone(nn.Module):
     #: state-dict keys (or key suffixes after a dot) that a family's checkpoint filter may resample to the model
     #: (patch / position embeddings, relative position tables)
     resampled_keys: ClassVar[Tuple[str, ...]] = ()
-    #: the values of ``prompt.pool`` the family accepts (the first is its default); empty: none (``null`` only)
+    #: the values of ``prompt.pool`` the family accepts besides ``null``; empty: none
     pools: ClassVar[Tuple[str, ...]] = ()
+    #: what ``prompt.pool=null`` means in the family (``None``: its timm model's own pooling)
+    default_pool: ClassVar[Optional[str]] = None
 
     def __init__(
         self,
@@ -60,7 +62,7 @@ class PromptedBackbone(nn.Module):
             raise ValueError(f"prompt.pool={prompt.pool!r} is not supported by {type(self).__name__}; use {valid}")
         self.model = model
         self.prompt_config = prompt
-        self.pool: Optional[str] = prompt.pool or (self.pools[0] if self.pools else None)
+        self.pool: Optional[str] = prompt.pool or self.default_pool
         self.backbone_eval = backbone_eval
         self.grad_checkpointing = False
         self.num_features: int = int(getattr(model, "num_features"))

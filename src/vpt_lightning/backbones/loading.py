@@ -14,6 +14,7 @@ from torch import nn
 
 from ..checkpoint import backbone_identity
 from ..dataclass_config import DataclassConfig
+from ..paper import BACKBONES, backbone_key
 from .base import refuse_resampling
 from .registry import family_for
 
@@ -33,6 +34,8 @@ class BackboneConfig(DataclassConfig):
         resize_embeddings: let a ``checkpoint_path`` made for another patch size or image size load, resampling
             its patch-embedding kernel and position embedding to this model (timm's resampling, logged as a
             warning). Off by default: such a file fails, naming the keys and shapes.
+        reference: which of the paper's backbones this is, for ``vpt-report``'s paper columns (a key of
+            :data:`vpt_lightning.paper.BACKBONES`, e.g. ``mocov3``); ``null``: found from ``name``.
     """
 
     name: str = "vit_base_patch16_224.orig_in21k"
@@ -41,6 +44,7 @@ class BackboneConfig(DataclassConfig):
     kwargs: Dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0
     resize_embeddings: bool = False
+    reference: Optional[str] = None
 
     group = "backbone"
 
@@ -49,6 +53,12 @@ class BackboneConfig(DataclassConfig):
         self.kwargs = OmegaConf.to_container(self.kwargs, resolve=True) if isinstance(self.kwargs, DictConfig) else dict(
             self.kwargs or {}
         )
+        paper = backbone_key(self.name, self.reference)  # a reference the paper does not have is named
+        if paper is not None and not BACKBONES[paper].timm_names and not self.checkpoint_path:
+            raise ValueError(
+                f"backbone.reference={paper!r}: timm has no weights for {BACKBONES[paper].label}; set "
+                f"backbone.checkpoint_path to a local copy of {BACKBONES[paper].weights_url}"
+            )
 
 
 def _read_state_dict(path: Path, model: nn.Module, resize: bool = False) -> Dict[str, torch.Tensor]:

@@ -109,6 +109,7 @@ class PromptedSwin(PromptedBackbone):
     """
 
     pools = ("all", "image")
+    default_pool = "all"
     resampled_keys = ("patch_embed.proj.weight", "relative_position_bias_table")
 
     def __init__(

@@ -4,45 +4,53 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..prompt import PromptConfig, Prompts
+from ..prompt import INPUT_LOCATIONS, POOLS, PaddingPrompt, PromptConfig, Prompts, xavier_bound
 from .base import PromptedBackbone, refuse_resampling
 from .registry import register_family
 
 # timm VisionTransformer global_pool values that pool the tokens to one vector per image ('' does not)
-POOLS = ("token", "avg", "avgmax", "max", "map", "prr")
+GLOBAL_POOLS = ("token", "avg", "avgmax", "max", "map", "prr")
 NPZ_PREFIXES = ("", "opt/target/", "params/", "params/img/")  # the array-name prefixes timm's .npz loader knows
 NPZ_QUERY = re.compile(r"encoderblock(_0)?/MultiHeadDotProductAttention_\d/query/kernel$")  # block 0's query
 
 
 @register_family(VisionTransformer)
 class PromptedViT(PromptedBackbone):
-    """Wrap a timm ``VisionTransformer`` and insert learnable prompts into its token sequence.
+    """Wrap a timm ``VisionTransformer`` and put learnable prompts into it (every ``prompt.location``).
 
     Nothing of the ViT is copied: the forward pass calls the model's own ``patch_embed``, ``_pos_embed``
-    (class/register tokens and position embedding), ``patch_drop``, ``norm_pre``, ``blocks``, ``norm`` and
-    ``forward_head``. Prompts are inserted after the position embedding (they carry none), right after the
-    prefix tokens (class and register tokens): ``[prefix, prompts, patches]``. Their outputs are removed again
-    before the final norm, so timm's own pooling (``token``, ``avg``, ``map``...) sees exactly the prefix and
-    patch tokens: the class token reads the prompts through attention, an average excludes them. A backbone with a
-    class token but ``global_pool='avg'`` (e.g. MAE) thus averages the image tokens only (prompts and prefix tokens
-    excluded), as timm does; ``global_pool=''`` (one output per token) is refused.
+    (class/register tokens and position embedding), ``patch_drop``, ``norm_pre``, ``blocks``, ``norm``, ``pool``,
+    ``fc_norm``, ``head_drop`` and ``head``. Token prompts (``prepend``, ``prepend_pixel``) are inserted after the
+    position embedding (they carry none), right after the prefix tokens (class and register tokens):
+    ``[prefix, prompts, patches]``; ``add`` / ``add1`` are added to the tokens; ``concat_channel`` and ``pad``
+    change the image before the patch embedding (spec §3).
+
+    Pooling (``prompt.pool``, spec §4) reads the final tokens: ``None`` leaves the prompt outputs out and calls
+    timm's own ``forward_head`` (the class token for ``global_pool='token'``, the mean of the image tokens for
+    ``'avg'``), so a prompt-free model equals timm; ``token`` / ``image`` / ``prompt`` / ``all`` pick the class
+    token or a mean, then timm's ``fc_norm``. ``prompt.pool_norm='fresh'`` skips the pretrained ``norm`` and
+    ``fc_norm`` and standardises the pooled vector instead (the official MAE). ``global_pool=''`` is refused.
 
     Args:
         vit: the timm model. Its own head (if ``num_classes > 0``) is applied by ``forward``; build it with
-            ``num_classes=0`` to get pooled features instead.
+            ``num_classes=0`` to get pooled features instead. ``prompt.location='pad'`` resizes it to the padded
+            image (timm's ``set_input_size``: position embedding resampled).
         prompt: a :class:`PromptConfig` (or a mapping of its fields); ``None`` or ``num_tokens=0``: no prompts.
         freeze_backbone: set ``requires_grad=False`` on every parameter of ``vit``.
         backbone_eval: keep ``vit`` in eval mode even when this module trains (its dropout and drop-path off,
             as the official VPT code); prompt dropout still follows ``self.training``.
     """
+
+    pools = POOLS
 
     def __init__(
         self,
@@ -56,27 +64,71 @@ class PromptedViT(PromptedBackbone):
                 f"PromptedViT needs a timm VisionTransformer (vit_*, deit_*, ... models of "
                 f"timm.models.vision_transformer), got {type(vit).__name__}"
             )
-        if vit.global_pool not in POOLS:
+        if vit.global_pool not in GLOBAL_POOLS:
             raise ValueError(
                 f"backbone.kwargs.global_pool={vit.global_pool!r} gives one output per token, not per image; use one "
-                f"of {list(POOLS)} ('token': the class token, 'avg': the mean of the image tokens)"
+                f"of {list(GLOBAL_POOLS)} ('token': the class token, 'avg': the mean of the image tokens)"
             )
         super().__init__(vit, prompt, freeze_backbone=freeze_backbone, backbone_eval=backbone_eval)
         prompt = self.prompt_config
         self.num_prefix_tokens: int = vit.num_prefix_tokens
-        self.num_patches: int = vit.patch_embed.num_patches
         self.embed_dim: int = vit.embed_dim
-        blocks = prompt.block_indices(len(vit.blocks))
+        #: the size of the images this module takes (the model's own size, before ``pad`` enlarges it)
+        self.image_size: Tuple[int, int] = tuple(vit.patch_embed.img_size)
+        self._check_pool(vit, prompt)
+        # a fresh LayerNorm without parameters: weight 1 and bias 0 for good (pool_norm='fresh', the official MAE)
+        eps = getattr(vit.norm, "eps", getattr(vit.fc_norm, "eps", 1e-6))
+        fresh = prompt.pool_norm == "fresh"
+        self.pool_norm = nn.LayerNorm(self.embed_dim, eps=eps, elementwise_affine=False) if fresh else None
+        location = prompt.location if prompt.enabled else None
+        patch_size = vit.patch_embed.patch_size
+        if location == "pad":
+            # U(0, 1) pixels normalised like the data (ImageNet mean/std, the data modules' default and the official)
+            self.padding = PaddingPrompt(
+                prompt.num_tokens, self.image_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+            )
+            vit.set_input_size(img_size=tuple(s + 2 * prompt.num_tokens for s in self.image_size))
+        if location == "concat_channel":
+            self.channel_prompt, self.channel_proj = self._channel_prompt(vit, prompt.num_tokens)
+        self.num_patches: int = vit.patch_embed.num_patches
+        blocks = prompt.block_indices(len(vit.blocks)) if location not in INPUT_LOCATIONS else []
         # block index -> which prompt set it receives
         self.prompt_sets: Dict[int, int] = {block: i for i, block in enumerate(blocks)}
-        if prompt.location == "add" and prompt.enabled and prompt.num_tokens not in (1, self.num_patches):
-            raise ValueError(
-                f"prompt.num_tokens={prompt.num_tokens} with prompt.location='add': added prompts need 1 token "
-                f"(broadcast to every patch) or one per patch ({self.num_patches} for this backbone)"
-            )
-        self.prompts: Optional[Prompts] = (
-            Prompts(prompt, len(blocks), self.embed_dim, vit.patch_embed.patch_size) if prompt.enabled else None
+        self.prompts: Optional[Prompts] = None
+        if location == "prepend_pixel":  # a pixel strip, patch-embedded by the frozen patch embedding
+            bound = xavier_bound(patch_size, self.embed_dim)
+            strip = torch.empty(1, vit.patch_embed.proj.in_channels, patch_size[0], patch_size[1] * prompt.num_tokens)
+            self.pixel_prompt = nn.Parameter(strip.uniform_(-bound, bound))
+        elif location in ("prepend", "add", "add1"):
+            lengths = {"add": self.num_prefix_tokens + self.num_patches, "add1": 1}
+            self.prompts = Prompts(prompt, len(blocks), self.embed_dim, patch_size, lengths.get(location))
+
+    @staticmethod
+    def _check_pool(vit: VisionTransformer, prompt: PromptConfig) -> None:
+        if prompt.pool == "token" and vit.cls_token is None:
+            raise ValueError("prompt.pool='token' needs a class token, but this backbone has none (class_token=False)")
+        if prompt.pool == "prompt" and not prompt.adds_tokens:
+            raise ValueError("prompt.pool='prompt' needs prompt tokens (prompt.num_tokens > 0)")
+        if prompt.pool not in (None, "token") and vit.attn_pool is not None:
+            raise ValueError(f"prompt.pool={prompt.pool!r}: this backbone pools by attention (global_pool='map')")
+
+    @staticmethod
+    def _channel_prompt(vit: VisionTransformer, channels: int) -> Tuple[nn.Parameter, nn.Conv2d]:
+        """``concat_channel``: the extra input channels and a trainable patch embedding widened to them, its
+        first channels the pretrained kernel and bias, the new ones U(-v, v) like the prompts."""
+        proj = vit.patch_embed.proj
+        bound = xavier_bound(proj.kernel_size, proj.out_channels)
+        height, width = vit.patch_embed.img_size
+        prompt = nn.Parameter(torch.empty(1, channels, height, width).uniform_(-bound, bound))
+        widened = nn.Conv2d(
+            proj.in_channels + channels, proj.out_channels, proj.kernel_size, proj.stride, bias=proj.bias is not None
         )
+        with torch.no_grad():
+            widened.weight.uniform_(-bound, bound)
+            widened.weight[:, : proj.in_channels] = proj.weight
+            if proj.bias is not None:
+                widened.bias.copy_(proj.bias)
+        return prompt, widened
 
     @property
     def vit(self) -> VisionTransformer:
@@ -85,14 +137,16 @@ class PromptedViT(PromptedBackbone):
 
     @property
     def num_prompt_tokens(self) -> int:
-        """Number of prompt tokens the sequence carries after the first prompted block (0 for ``add``)."""
-        cfg = self.prompt_config
-        return cfg.num_tokens if cfg.enabled and cfg.location == "prepend" else 0
+        """Number of prompt tokens the sequence carries after the first prompted block (``prepend``,
+        ``prepend_pixel``; 0 for the other locations)."""
+        return self.prompt_config.num_tokens if self.prompt_config.adds_tokens else 0
 
     def _first_block_needing_grad(self) -> int:
         """Index of the first block from which autograd must record (all before it are frozen and prompt-free)."""
         embedding = [self.vit.patch_embed, self.vit.norm_pre]
         params = [self.vit.pos_embed, self.vit.cls_token, self.vit.reg_token]
+        if self.prompt_config.enabled and self.prompt_config.location in INPUT_LOCATIONS:
+            return 0
         if any(p.requires_grad for m in embedding for p in m.parameters()) or any(
             p is not None and p.requires_grad for p in params
         ):
@@ -103,27 +157,48 @@ class PromptedViT(PromptedBackbone):
                 return i
         return first
 
+    def _pixel_tokens(self, batch_size: int) -> torch.Tensor:
+        """``prepend_pixel``: the pixel strip through the frozen patch projection and norm -> (B, p, D)."""
+        patch_embed = self.vit.patch_embed
+        tokens = patch_embed.proj(self.pixel_prompt).flatten(2).transpose(1, 2)
+        return patch_embed.norm(tokens).expand(batch_size, -1, -1)
+
     def _insert_prompts(self, x: torch.Tensor, block: int, inserted: bool) -> torch.Tensor:
-        prompts = self.prompts(self.prompt_sets[block], x.shape[0]).to(x.dtype)
-        start = self.num_prefix_tokens
-        if self.prompt_config.location == "add":
-            if x.shape[1] - start != self.num_patches and prompts.shape[1] != 1:
-                raise RuntimeError("prompt.location='add' needs every patch token (disable patch dropout)")
-            return torch.cat([x[:, :start], x[:, start:] + prompts], dim=1)
+        location, start = self.prompt_config.location, self.num_prefix_tokens
+        if location == "prepend_pixel":
+            prompts = self._pixel_tokens(x.shape[0]).to(x.dtype)
+        else:
+            prompts = self.prompts(self.prompt_sets[block], x.shape[0]).to(x.dtype)
+        if location in ("add", "add1"):
+            if prompts.shape[1] not in (1, x.shape[1]):
+                raise RuntimeError(
+                    f"prompt.location='add' needs every token ({prompts.shape[1]}): disable patch dropout"
+                )
+            return x + prompts  # every token, the class token too (VPT-Deep: added again at each prompted block)
         # prepend: insert after the prefix tokens, or replace the previous block's prompt outputs (VPT-Deep)
         end = start + prompts.shape[1] if inserted else start
         return torch.cat([x[:, :start], prompts, x[:, end:]], dim=1)
 
+    def _patch_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prompt_config.enabled and self.prompt_config.location == "pad":
+            return self.vit.patch_embed(self.padding(x))
+        if self.prompt_config.enabled and self.prompt_config.location == "concat_channel":
+            x = torch.cat([x, self.channel_prompt.to(x.dtype).expand(x.shape[0], -1, -1, -1)], dim=1)
+            tokens = self.channel_proj(x)
+            flat = self.vit.patch_embed.flatten
+            return self.vit.patch_embed.norm(tokens.flatten(2).transpose(1, 2) if flat else tokens.permute(0, 2, 3, 1))
+        return self.vit.patch_embed(x)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> the token sequence entering block 0 (patch + position embedding, prefix tokens)."""
+        """Images -> the token sequence entering block 0 (patch + position embedding, prefix tokens; input prompts)."""
         vit = self.vit
-        x = vit.patch_embed(x)
+        x = self._patch_embed(x)
         x = vit._pos_embed(x)
         x = vit.patch_drop(x)
         return vit.norm_pre(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> final normed tokens ``[prefix, patches]`` (prompt outputs removed), like timm's."""
+        """Images -> final tokens ``[prefix, prompts, patches]``, after the final norm unless ``pool_norm=fresh``."""
         first_grad = self._first_block_needing_grad() if torch.is_grad_enabled() else 0
         with torch.set_grad_enabled(torch.is_grad_enabled() and first_grad == 0):
             x = self.embed(x)
@@ -138,10 +213,30 @@ class PromptedViT(PromptedBackbone):
                     x = checkpoint(block, x, use_reentrant=False)
                 else:
                     x = block(x)
-        if inserted and self.num_prompt_tokens:
-            start = self.num_prefix_tokens
-            x = torch.cat([x[:, :start], x[:, start + self.num_prompt_tokens :]], dim=1)
-        return self.vit.norm(x)
+        return x if self.pool_norm is not None else self.vit.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool the output of :meth:`forward_features` as ``prompt.pool`` says, then the model's head."""
+        vit, pool = self.vit, self.prompt_config.pool
+        start, end = self.num_prefix_tokens, self.num_prefix_tokens + self.num_prompt_tokens
+        if pool is None:  # timm's own pooling of [prefix, patches]
+            without_prompts = torch.cat([x[:, :start], x[:, end:]], dim=1) if end > start else x
+            if self.pool_norm is None:
+                return vit.forward_head(without_prompts, pre_logits=pre_logits)
+            pooled = vit.pool(without_prompts)
+        elif pool == "token":
+            pooled = x[:, 0]
+        else:  # the mean of some of the tokens after the prefix tokens
+            pooled = {"image": x[:, end:], "prompt": x[:, start:end], "all": x[:, start:]}[pool].mean(1)
+        pooled = vit.head_drop(self.pool_norm(pooled) if self.pool_norm is not None else vit.fc_norm(pooled))
+        return pooled if pre_logits else vit.head(pooled)
+
+    def data_config(self) -> Dict[str, Any]:
+        config = super().data_config()
+        # timm reports the pretrained cfg's input size, even for a model built with another img_size; 'pad'
+        # takes the model's own size and pads it
+        config["input_size"] = (self.vit.patch_embed.proj.in_channels, *self.image_size)
+        return config
 
     # ---- weight files and identity ----------------------------------------------------------------------
     resampled_keys = ("patch_embed.proj.weight", "pos_embed")

@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
+from ..resume import EpochRandomSampler
 from .transforms import NORMALIZATIONS, resolve_normalization
 
 SPLITS = ("tune", "final")
@@ -108,12 +109,14 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             sampler = UnrepeatedDistributedSampler(
                 dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
             )
+        if train:  # epoch e's order depends only on (seed, e): exact on resume (Lightning calls set_epoch)
+            sampler = EpochRandomSampler(dataset)
         workers = self.loader_workers()
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
             sampler=sampler,
+            generator=sampler.generator if train else None,
             drop_last=False,
             num_workers=workers,
             pin_memory=pin,

@@ -127,3 +127,30 @@ def resolve(entries: Sequence[Any], files: Optional[Sequence[str]], splits: Mapp
     if len(set(indices)) != len(indices):
         raise ValueError(f"{source}: an image is listed twice")
     return indices
+
+
+_ID_SPLITS = {"train": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
+_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def identity(item: Any) -> Tuple[str, Any]:
+    """What an item names, comparable across namings: ``(split, index)`` for indices (training split), TFDS ids
+    (``train_16399``, ``validation_12``) and array images written as such (``train_16399.png``), else
+    ``("", file name without its image suffix)`` (``banded_0002.jpg`` and ``dtd/banded/banded_0002.jpg`` match)."""
+    if isinstance(item, int) and not isinstance(item, bool):
+        return "train", item
+    name = PurePosixPath(str(item).replace("\\", "/")).name
+    stem = name[: -len(PurePosixPath(name).suffix)] if PurePosixPath(name).suffix.lower() in _SUFFIXES else name
+    match = TFDS_ID.match(stem)
+    if match and match.group(1) and match.group(1).lower() in _ID_SPLITS:
+        return _ID_SPLITS[match.group(1).lower()], int(match.group(2))
+    return "", stem
+
+
+def compare(given: Sequence[Any], ours: Sequence[str]) -> Tuple[int, bool, List[Any]]:
+    """How many ``given`` items (a split file's entry) ``ours`` (image paths of a prepared list) holds, whether in
+    the same order, and the given items missing from ours."""
+    mine = [identity(path) for path in ours]
+    present = set(mine)
+    missing = [item for item in given if identity(item) not in present]
+    return len(given) - len(missing), [identity(item) for item in given] == mine, missing

@@ -8,18 +8,17 @@ from typing import Optional
 from .base import ImageClassificationDataModule
 from .datasets import ImageListDataset, require_dir, read_list_file
 from .registry import get_task
-from .sources import TORCHVISION_SOURCES
+from .sources import EXACT_SOURCES
 from .transforms import build_transform
 
 LIST_FILES = {"train": "train800.txt", "val": "val200.txt", "trainval": "train800val200.txt", "test": "test.txt"}
 
 
 def build_hint(task: str, root: Path) -> str:
-    """How to get a missing task folder: ``vpt-prepare vtab`` where it covers the task, else the TFDS export."""
-    if task in TORCHVISION_SOURCES:
-        return f"or build it with 'vpt-prepare vtab --tasks {task} --source TORCHVISION_ROOT --out {root}' (add --download)"
-    return (f"vpt-prepare cannot build {task!r} (it covers {sorted(TORCHVISION_SOURCES)}): copy the TFDS export of "
-            f"VTAB-1k (e.g. the folders released with NOAH/SSF) into {root}, see the README's VTAB-1k paragraph")
+    """How to get a missing task folder with ``vpt-prepare vtab``, and where its source files come from."""
+    how = (f"its source: {EXACT_SOURCES[task].get}" if task in EXACT_SOURCES
+           else "torchvision's copy (add --download), with --official-splits vtab_trainval_splits.json or a seeded re-draw")
+    return f"or build it with 'vpt-prepare vtab --tasks {task} --source SOURCE_ROOT --out {root}' ({how})"
 
 
 class VTABDataModule(ImageClassificationDataModule):
