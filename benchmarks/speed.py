@@ -1,7 +1,8 @@
 """Training-step speed and memory of VPT against full fine-tuning, through VPTModule and a hand-written loop.
 
-    python benchmarks/speed.py                                   # ViT-S/16, ViT-B/16 and Swin-B, batch 8, 224 px
+    python benchmarks/speed.py                                   # ViT-S/16, ViT-B/16, ConvNeXt-B, Swin-B, batch 8
     python benchmarks/speed.py --models vit_small_patch16_224 --steps 6
+    python benchmarks/speed.py --models convnext_base             # VPT's pixel border (p = 10 px) vs full
     python benchmarks/speed.py --models swin_tiny_patch4_window7_224   # VPT on Swin: prompts in every window
 
 Each configuration (model x mode x precision) runs in a fresh process, so that its peak RSS is its own. In it, a
@@ -29,15 +30,25 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
+# mode -> prompt, tuning, backbone_eval; on a ConvNet num_tokens is the border's width in pixels (224 -> 244 px)
 MODES = {
     "full": ({"num_tokens": 0}, {"method": "full"}, False),
     "linear": ({"num_tokens": 0}, {"method": "linear"}, True),
     "vpt_shallow": ({"num_tokens": 10, "deep": False}, {"method": "vpt_shallow"}, True),
     "vpt_deep": ({"num_tokens": 10, "deep": True}, {"method": "vpt_deep"}, True),
 }
-CONFIGS = [(mode, precision) for mode in MODES for precision in ("fp32", "bf16")]
+PRECISIONS = ("fp32", "bf16")
+
+
+def configs(model: str) -> List[Tuple[str, str]]:
+    """(mode, precision) pairs for ``model``; ConvNets take prompts only at the input, so VPT-Deep is VPT-Shallow."""
+    from vpt_lightning.backbones.convnet import PromptedConvNet
+    from vpt_lightning.backbones.loading import family_of_config
+
+    modes = [m for m in MODES if not (m == "vpt_deep" and family_of_config({"name": model}) is PromptedConvNet)]
+    return [(mode, precision) for mode in modes for precision in PRECISIONS]
 
 
 def _module(model: str, mode: str, num_classes: int = 100):
@@ -116,8 +127,8 @@ def run_one(model: str, mode: str, precision: str, batch: int, steps: int, warmu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+",
-                        default=["vit_small_patch16_224", "vit_base_patch16_224", "swin_base_patch4_window7_224"])
+    parser.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224", "convnext_base",
+                                                       "swin_base_patch4_window7_224"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4, help="timed steps of each runner")
     parser.add_argument("--warmup", type=int, default=1)
@@ -136,14 +147,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model in args.models:
         rows = {}
-        for mode, precision in CONFIGS:
+        for mode, precision in configs(model):
             cmd = [sys.executable, __file__, "--one", model, mode, precision, "--batch", str(args.batch),
                    "--steps", str(args.steps), "--warmup", str(args.warmup)]
             env = {**os.environ, "TIMM_FUSED_ATTN": forced or ("0" if precision == "bf16" else "1")}
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
             rows[mode, precision] = json.loads(out.strip().splitlines()[-1])
         base = rows["full", "fp32"]
-        for mode, precision in CONFIGS:
+        for mode, precision in configs(model):
             r = rows[mode, precision]
             print(f"| {model} | {mode} | {precision} | {r['lightning_s']:.3f} | {args.batch / r['lightning_s']:.1f} | "
                   f"{r['hand_s']:.3f} | {r['lightning_s'] / r['hand_s']:.2f} | "

@@ -329,14 +329,16 @@ def test_the_tiny_random_config_builds_a_swin_for_the_quickstarts_32_px_images()
 def test_vpt_tune_sweeps_swins_prompt_lengths_with_the_same_lr_grid():
     from vpt_lightning.protocol import grid_points
 
-    cfg = compose(["+experiment=vtab_cifar100", "backbone=swin_base_patch4_window7_224_in22k"], config_name="tune")
-    vit = grid_points(cfg.protocol, "vpt_deep", "vit_base_patch16_224.orig_in21k")
-    for name in (cfg.backbone.name, "swin_base_patch4_window7_224_in22k", "swin_tiny_patch4_window7_224"):
-        swin = grid_points(cfg.protocol, "vpt_deep", name)
-        assert len(swin) == 4 * len(vit) == 4 * 10 * 4 and {p["num_tokens"] for p in swin} == {1, 5, 10, 50}
-        assert {p["base_lr"] for p in swin} == {p["base_lr"] for p in vit}
-    assert {p["num_tokens"] for p in vit} == {None}
-    assert {p["num_tokens"] for p in grid_points(cfg.protocol, "linear", cfg.backbone.name)} == {None}  # no prompts
+    vit = compose(["+experiment=vtab_cifar100"], config_name="tune")
+    vit_points = grid_points(vit.protocol, "vpt_deep")
+    for backbone in ("swin_base_patch4_window7_224_in22k", "swin_tiny_random"):
+        cfg = compose(["+experiment=vtab_cifar100", f"backbone={backbone}"], config_name="tune")
+        swin = grid_points(cfg.protocol, "vpt_deep")
+        assert len(swin) == 4 * len(vit_points) == 4 * 10 * 4 and {p["num_tokens"] for p in swin} == {1, 5, 10, 50}
+        assert {p["base_lr"] for p in swin} == {p["base_lr"] for p in vit_points}
+        linear = compose(["+experiment=vtab_cifar100", f"backbone={backbone}", "tuning=linear"], config_name="tune")
+        assert {p["num_tokens"] for p in grid_points(linear.protocol, "linear")} == {None}  # no prompts
+    assert {p["num_tokens"] for p in vit_points} == {None}
 
 
 def _summary(task: str, tuning: str, top1: float, backbone: str) -> dict:

@@ -1,10 +1,10 @@
-"""Hydra/OmegaConf plumbing: where the packaged configs live, the ``vpt.asset`` resolver, the schemas, and
-``compose``."""
+"""Hydra/OmegaConf plumbing: where the packaged configs live, the ``vpt.asset`` and ``vpt.family_grid``
+resolvers, the schemas, and ``compose``."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,12 +21,25 @@ def asset_path(name: str) -> str:
     return str(path)
 
 
+def family_grid(key: str, default: Any, _root_: DictConfig) -> Any:
+    """``${vpt.family_grid:KEY,DEFAULT}`` in ``conf/tune.yaml``: the backbone family's own sweep values for the
+    tuning method of the config (e.g. ConvNets' border widths for VPT), else ``DEFAULT``."""
+    from .backbones.loading import family_of_config
+    from .methods import get_method
+
+    backbone = OmegaConf.to_container(_root_.backbone, resolve=True)
+    prompts = get_method(_root_.tuning.method).prompts != "none"
+    return family_of_config(backbone).protocol_grid(prompts).get(key, default)
+
+
 def register_resolvers() -> None:
     """Register the package's OmegaConf resolvers and Hydra schemas (idempotent); call before composing."""
     from .schemas import register_schemas
 
     if not OmegaConf.has_resolver("vpt.asset"):
         OmegaConf.register_new_resolver("vpt.asset", asset_path)
+    if not OmegaConf.has_resolver("vpt.family_grid"):
+        OmegaConf.register_new_resolver("vpt.family_grid", family_grid)
     register_schemas()
 
 

@@ -16,12 +16,11 @@ import logging
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .atomic import write_json_atomic, write_text_atomic
-from .backbones.registry import backbone_family
 from .methods import get_method
 from .nonfinite import NonFiniteLossError
 from .training import RESULTS_FILE, last_checkpoint, result_config, train
@@ -30,25 +29,14 @@ log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
 
 
-def family_protocol(protocol: DictConfig, backbone: Optional[str]) -> DictConfig:
-    """``protocol`` with the grids of the backbone's family in place: ``protocol.families.<timm module>`` (e.g.
-    ``swin_transformer``: the prompt lengths of the paper's Swin-B sweep) replaces the keys it names."""
-    overrides = (protocol.get("families") or {}).get(backbone_family(backbone), None) if backbone else None
-    return OmegaConf.merge(protocol, overrides) if overrides else protocol
-
-
-def grid_points(protocol: DictConfig, method: str, backbone: Optional[str] = None) -> List[Dict[str, Any]]:
-    """The sweep's points for a tuning method on a backbone (``backbone.name``; its family's grids replace the
-    defaults, see :func:`family_protocol`): its lr grid (``protocol[<method's lr_grid>]``) x weight decay (x prompt
-    length when ``protocol.num_tokens`` is a list and the method has prompts)."""
-    protocol = family_protocol(protocol, backbone)
-    tuning = get_method(method)
-    grid = tuning.lr_grid
+def grid_points(protocol: DictConfig, method: str) -> List[Dict[str, Any]]:
+    """The sweep's points for a tuning method: its lr grid (``protocol[<method's lr_grid>]``) x weight decay (x
+    prompt length when ``protocol.num_tokens`` is a list)."""
+    grid = get_method(method).lr_grid
     if grid not in protocol:
         raise ValueError(f"tuning.method={method} sweeps protocol.{grid}, which conf/tune.yaml does not define")
     lrs = protocol[grid]
-    sweep_length = protocol.get("num_tokens") and tuning.prompts != "none"
-    lengths = list(protocol.num_tokens) if sweep_length else [None]
+    lengths = list(protocol.num_tokens) if protocol.get("num_tokens") else [None]
     return [
         {"base_lr": float(lr), "weight_decay": float(wd), "num_tokens": p}
         for p, lr, wd in itertools.product(lengths, lrs, protocol.weight_decay)
@@ -147,7 +135,7 @@ def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> 
     is tried again the next time); the protocol stops only when every sweep run failed. Final runs live under
     the selected point (``final/<point>/seed<k>``), so a changed selection never reuses another point's runs.
     """
-    protocol = family_protocol(cfg.protocol, cfg.backbone.name)
+    protocol = cfg.protocol
     method = get_method(cfg.tuning.method)
     if cfg.optim.name != method.optimizer:  # the method's YAML composes its optimizer; the command line overrode it
         log.warning("tuning=%s trains with optim=%s in the paper's protocol; this run uses optim=%s (overridden)",

@@ -29,7 +29,7 @@ class PromptedBackbone(nn.Module):
         - ``blocks()`` / ``final_norms()``: the ordered blocks and what follows them (tuning methods read these);
         - ``data_config()``: timm's input/normalisation config of the model as built;
         - class-level hooks for weight files (``filter_state_dict``, ``resampled_keys``, ``load_special_file``)
-          and for the identity (``architecture``).
+          and for the identity (``depth``, ``architecture``).
 
     Args:
         model: the timm model.
@@ -46,6 +46,9 @@ class PromptedBackbone(nn.Module):
     pools: ClassVar[Tuple[str, ...]] = ()
     #: what ``prompt.pool=null`` means in the family (``None``: its timm model's own pooling)
     default_pool: ClassVar[Optional[str]] = None
+    #: ``vpt-tune``'s sweep values where this family's differ from ``conf/tune.yaml``'s, for the methods that learn
+    #: prompts: protocol key (``base_lr``, ``num_tokens``...) -> values (see :meth:`protocol_grid`)
+    prompt_grid: ClassVar[Dict[str, Tuple[float, ...]]] = {}
 
     def __init__(
         self,
@@ -138,8 +141,14 @@ class PromptedBackbone(nn.Module):
         return False
 
     @classmethod
+    def protocol_grid(cls, prompts: bool) -> Dict[str, List[float]]:
+        """The family's own ``vpt-tune`` sweep values (protocol key -> values) for a method that learns prompts
+        (``prompts``) or not; keys it leaves out keep ``conf/tune.yaml``'s values. Default: :attr:`prompt_grid`."""
+        return {k: list(v) for k, v in cls.prompt_grid.items()} if prompts else {}
+
+    @classmethod
     def depth(cls, model: nn.Module) -> int:
-        """The number of blocks (for the identity)."""
+        """The number of blocks of the timm model (the identity's ``depth``)."""
         return len(getattr(model, "blocks", []))
 
     @classmethod

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Type
 
 import timm
 import torch
@@ -15,7 +17,7 @@ from torch import nn
 from ..checkpoint import backbone_identity
 from ..dataclass_config import DataclassConfig
 from ..paper import BACKBONES, backbone_key
-from .base import refuse_resampling
+from .base import PromptedBackbone, refuse_resampling
 from .registry import family_for
 
 
@@ -146,6 +148,26 @@ def load_backbone_weights(model: nn.Module, checkpoint_path: os.PathLike, resize
     if family_for(model).load_special_file(model, path, resize_embeddings):  # e.g. ViT's original .npz files
         return
     model.load_state_dict(_read_state_dict(path, model, resize_embeddings), strict=True)
+
+
+@functools.lru_cache(maxsize=32)
+def _family_of(name: str, kwargs_json: str) -> Type[PromptedBackbone]:
+    kwargs = {**json.loads(kwargs_json), "num_classes": 0}
+    try:
+        with torch.device("meta"):  # the architecture alone: no memory, no weights
+            model = timm.create_model(name, pretrained=False, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(f"backbone.name={name!r} is not a timm model; see timm.list_models() for valid names") from err
+        model = timm.create_model(name, pretrained=False, **kwargs)  # an init that needs real tensors
+    return family_for(model)
+
+
+def family_of_config(config: BackboneConfig | Mapping[str, Any]) -> Type[PromptedBackbone]:
+    """The prompted-backbone family of the model a ``backbone`` config builds, without building its weights."""
+    if not isinstance(config, BackboneConfig):
+        config = BackboneConfig.from_mapping(config)
+    return _family_of(config.name, json.dumps(config.kwargs, sort_keys=True))
 
 
 def create_backbone(config: BackboneConfig | Mapping[str, Any]) -> Tuple[nn.Module, Dict[str, Any]]:

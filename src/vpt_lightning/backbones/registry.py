@@ -42,15 +42,3 @@ def family_for(model: nn.Module) -> Type["PromptedBackbone"]:
         f"{supported_classes()} (add a module under vpt_lightning/backbones/ with @register_family)"
     )
 
-
-def backbone_family(name: str) -> str:
-    """The timm module that defines a model name (``swin_transformer`` for ``swin_base_patch4_window7_224.ms_in22k``,
-    also for deprecated names), without building it; ``""`` for a name timm does not know."""
-    from timm.models import get_arch_name, get_deprecated_models, model_entrypoint
-
-    arch = get_arch_name(name)
-    arch = get_arch_name(get_deprecated_models().get(arch, arch))
-    try:
-        return model_entrypoint(arch).__module__.rsplit(".", 1)[-1]
-    except (KeyError, RuntimeError):
-        return ""

@@ -110,6 +110,8 @@ class PromptedSwin(PromptedBackbone):
 
     pools = ("all", "image")
     default_pool = "all"
+    #: the paper's Swin-B sweep (spec §1): the prompt length too, with the usual lr and wd grids
+    prompt_grid = {"num_tokens": (1, 5, 10, 50)}
     resampled_keys = ("patch_embed.proj.weight", "relative_position_bias_table")
 
     def __init__(
