@@ -1,10 +1,10 @@
-"""mini-VTAB end to end in one command: vpt-tune over 4 procedural tasks x 5 tuning strategies, then vpt-report.
+"""mini-VTAB end to end in one command: vpt-tune over 4 procedural tasks x 7 tuning strategies, then vpt-report.
 
     python benchmarks/minivtab.py [--out outputs/minivtab]
 
 Tasks (on the packaged pretrained mini ViT): kind (the kind of a single shape: natural-like, close to the upstream
 question) and count, location, orientation (structured-like). Strategies: vpt_deep, vpt_shallow, linear, full,
-bias. Each cell: a 2-point lr sweep on the tune split, the selected lr retrained on train+val, the test top-1 at the
+bias, adapter, lora. Each cell: a 2-point lr sweep on the tune split, the selected lr retrained on train+val, the test top-1 at the
 last epoch. Re-running resumes (finished runs are kept).
 """
 
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 TASKS = "kind,count,location,orientation"
-TUNINGS = "vpt_deep,vpt_shallow,linear,full,bias"
+TUNINGS = "vpt_deep,vpt_shallow,linear,full,bias,adapter,lora"
 
 
 def main() -> None:

@@ -63,3 +63,35 @@ def fit_briefly(module, tmp_path: Path, save_to: str = "task.ckpt", **trainer_kw
     path = tmp_path / save_to
     trainer.save_checkpoint(path)
     return path
+
+
+def save_task_checkpoint(path: Path, num_classes: int = 3, backbone=None, **module_kwargs) -> Path:
+    """A task checkpoint as ``vpt-train`` writes it (Lightning's file, hooks and identity), without training:
+    the prompts and head keep their random init, which every test of the file's use needs."""
+    import pytorch_lightning as pl
+
+    from vpt_lightning import VPTModule
+
+    module = VPTModule(num_classes=num_classes, backbone=backbone or TINY_BACKBONE, **module_kwargs)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(module)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(path)
+    return path
+
+
+def task_probabilities(checkpoint: Path, image_path: Path) -> torch.Tensor:
+    """Class probabilities of a task's own ``VPTModule`` on an image file prepared as evaluation prepares it when
+    the checkpoint records no transform: resize to 32 px (bicubic), ImageNet mean/std."""
+    from torchvision import transforms as T
+
+    from vpt_lightning import VPTModule
+
+    module = VPTModule.load_from_checkpoint(checkpoint).eval()
+    prepare = T.Compose([
+        T.Resize((32, 32), interpolation=T.InterpolationMode.BICUBIC),
+        T.ToTensor(),
+        T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])
+    with torch.no_grad():
+        return module(prepare(Image.open(image_path).convert("RGB"))[None]).softmax(-1)[0]

@@ -37,6 +37,13 @@ def test_run_folder_has_config_metrics_checkpoint_results(tmp_path):
     assert 0.0 <= results["test/top1"] <= 1.0 and results["trainable_params"] > 0
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert sorted(ckpt["state_dict"]) == ["backbone.prompts.tokens", "head.bias", "head.weight"]
+    # what vpt-predict / vpt-serve read: the task's name, its class names, the evaluation transform
+    hparams = ckpt["hyper_parameters"]
+    assert hparams["task_name"] == "smoke" and len(hparams["class_names"]) == hparams["num_classes"]
+    assert hparams["eval_transform"] == {
+        "recipe": "vtab", "img_size": 32, "interpolation": "bicubic",
+        "mean": pytest.approx([0.485, 0.456, 0.406]), "std": pytest.approx([0.229, 0.224, 0.225]),
+    }
     assert "test top-1 (%)" in proc.stdout
 
 

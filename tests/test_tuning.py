@@ -16,7 +16,8 @@ HEAD = {"head.weight", "head.bias"}
 
 
 def build(tuning: str, *overrides: str) -> VPTModule:
-    cfg = compose([f"tuning={tuning}", "backbone=vit_tiny_random", *overrides])
+    # sidetune: a random-init AlexNet (tests download nothing)
+    cfg = compose([f"tuning={tuning}", "backbone=vit_tiny_random", "recipe.side_weights=random", *overrides])
     c = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
     return VPTModule(5, c(cfg.backbone), c(cfg.prompt), c(cfg.optim), tuning=c(cfg.tuning), backbone_eval=cfg.backbone_eval)
 
@@ -31,10 +32,19 @@ def expected(module: VPTModule, tuning: str):
         "bias": {n for n in vit if n.endswith(".bias")} | HEAD,
         "partial": {n for n in vit if n.startswith(("backbone.model.blocks.1.", "backbone.model.norm."))} | HEAD,
         "mlp": {"head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias", "head.4.weight", "head.4.bias"},
+        "vpt_bias": {"backbone.prompts.tokens"} | {n for n in vit if n.endswith(".bias")} | HEAD,
+        "adapter": {f"backbone.model.blocks.{b}.mlp.adapter.{layer}.{t}"
+                    for b in (0, 1) for layer in ("down", "up") for t in ("weight", "bias")} | HEAD,
+        "lora": {f"backbone.model.blocks.{b}.attn.qkv.lora_{ab}.default.weight" for b in (0, 1) for ab in "AB"} | HEAD,
+        "sidetune": {f"backbone.side.{n}" for n, _ in getattr(module.backbone, "side", torch.nn.Module()).named_parameters()}
+        | HEAD,
     }[tuning]
 
 
-@pytest.mark.parametrize("tuning", ["vpt_deep", "vpt_shallow", "linear", "full", "bias", "partial", "mlp"])
+ALL = ["vpt_deep", "vpt_shallow", "linear", "full", "bias", "partial", "mlp", "vpt_bias", "adapter", "lora", "sidetune"]
+
+
+@pytest.mark.parametrize("tuning", ALL)
 def test_strategy_trains_exactly_its_parameters_and_checkpoints_only_them(tmp_path, tuning):
     module = build(tuning)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
@@ -45,7 +55,7 @@ def test_strategy_trains_exactly_its_parameters_and_checkpoints_only_them(tmp_pa
     assert set(torch.load(path, weights_only=False)["state_dict"]) == trainable
     # the backbone trains in train mode only where the strategy tunes it
     module.train()
-    assert module.backbone.vit.training == (tuning in ("full", "bias", "partial"))
+    assert module.backbone.vit.training == (tuning in ("full", "bias", "partial", "vpt_bias"))
 
 
 def test_vpt_shallow_strategy_reads_the_task_prompt_length():
@@ -54,7 +64,7 @@ def test_vpt_shallow_strategy_reads_the_task_prompt_length():
 
 
 def test_bad_tuning_values_are_named():
-    with pytest.raises(ValueError, match=r"tuning.method='some' is not one of \['bias', 'full', 'linear'"):
+    with pytest.raises(ValueError, match=r"tuning.method='some' is not one of \['adapter', 'bias', 'full'"):
         parse_tuning({"method": "some"})
     with pytest.raises(ValueError, match="tuning.last_blocks=0 must be >= 1"):
         parse_tuning({"method": "partial", "last_blocks": 0})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict
-from typing import Any, Dict, List, Mapping, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import torch
@@ -72,6 +72,10 @@ class VPTModule(pl.LightningModule):
         backbone_eval: keep the backbone in eval mode while training (the official code does for VPT).
         compile: ``torch.compile`` the prompted backbone's forward (opt-in; the module's keys do not change).
         grad_checkpointing: recompute block activations in the backward pass (saves memory on ViT-L/H).
+        task_name: the task's name, kept in the checkpoint for ``vpt-predict`` / ``vpt-serve``.
+        class_names: the ``num_classes`` class names in label order, kept in the checkpoint (predictions show them).
+        eval_transform: how evaluation images were prepared (``recipe``, ``img_size``, ``interpolation``, ``mean``,
+            ``std``: the DataModule's :meth:`eval_transform_config`), so that image files are predicted alike.
     """
 
     def __init__(
@@ -84,10 +88,15 @@ class VPTModule(pl.LightningModule):
         backbone_eval: bool = True,
         compile: bool = False,
         grad_checkpointing: bool = False,
+        task_name: Optional[str] = None,
+        class_names: Optional[Sequence[str]] = None,
+        eval_transform: Optional[Mapping[str, Any]] = None,
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes={num_classes!r} must be a positive integer")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
         # validate every config before building anything (configs that are already parsed are taken as they are),
         # and keep them as plain dicts in hparams
         self.prompt_config = _parse(PromptConfig, prompt) if prompt is not None else PromptConfig(0)
@@ -106,9 +115,14 @@ class VPTModule(pl.LightningModule):
                 "backbone_eval": backbone_eval,
                 "compile": compile,
                 "grad_checkpointing": grad_checkpointing,
+                "task_name": task_name,
+                "class_names": [str(c) for c in class_names] if class_names is not None else None,
+                "eval_transform": dict(eval_transform) if eval_transform is not None else None,
             }
         )
         model, self.backbone_identity = create_backbone(backbone_config)
+        # the backbone's own size, before a method adds adapters or LoRA layers to it
+        self.backbone_size = sum(p.numel() for p in model.parameters())
         self.backbone = self.build_backbone(model)
         self.data_config: Dict[str, Any] = self.backbone.data_config()
         self.backbone.set_grad_checkpointing(grad_checkpointing)
@@ -124,6 +138,9 @@ class VPTModule(pl.LightningModule):
         )
         if backbone_eval:  # intended: Lightning need not warn that the frozen backbone stays in eval mode
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        # True while training on cached backbone features (vpt_lightning.feature_cache): batches then hold the pooled
+        # features, and the backbone step is skipped
+        self.inputs_are_features = False
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
@@ -148,13 +165,16 @@ class VPTModule(pl.LightningModule):
 
     # ---- model ------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of images (or of their pooled backbone features when ``inputs_are_features``)."""
+        if self.inputs_are_features:
+            return self.head(images)
         backbone = self.backbone if self._compiled_backbone is None else self._compiled_backbone
         return self.head(backbone(images))
 
     def parameter_counts(self) -> Dict[str, float]:
         """Trainable and backbone parameter counts, and the trainable share of the backbone in percent."""
         trainable = sum(p.numel() for p in self.trainable_parameters())
-        backbone = sum(p.numel() for p in self.backbone.model.parameters())
+        backbone = self.backbone_size
         return {
             "trainable_params": trainable,
             "backbone_params": backbone,

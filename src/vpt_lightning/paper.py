@@ -118,6 +118,10 @@ GROUP_MEANS: Dict[str, Dict[str, GroupMeans]] = {
         "full": (77.97, 83.71, 60.41), "linear": (74.48, 81.50, 34.76), "partial_1": (73.76, 81.64, 39.55),
         "bias": (69.07, 72.81, 25.29), "vpt_shallow": (78.48, 83.00, 44.64), "vpt_deep": (78.48, 83.00, 44.64),
     }),
+    # VPT-Deep + Bias on the default backbone: only its group means are known (paper Table 9 "VPT + other", via
+    # the transcription of extensions spec §5, unverified); the paper's Table 1 rows for Adapter and Sidetune on
+    # this backbone are not transcribed in our sources, and it has no LoRA row
+    DEFAULT_BACKBONE: _groups({"vpt_bias": (77.64, 82.22, 53.87)}),
     "resnet50_in1k": _groups({
         "full": (59.72, 76.66, 54.08), "linear": (63.75, 77.60, 30.96), "partial_3": (64.34, 78.64, 45.78),
         "bias": (63.51, 77.22, 33.39), "vpt_shallow": (66.25, 77.32, 37.52), "vpt_deep": (66.25, 77.32, 37.52),

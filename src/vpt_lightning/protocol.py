@@ -30,16 +30,19 @@ SUMMARY_FILE = "summary.json"
 
 
 def grid_points(protocol: DictConfig, method: str) -> List[Dict[str, Any]]:
-    """The sweep's points for a tuning method: its lr grid (``protocol[<method's lr_grid>]``) x weight decay (x
-    prompt length when ``protocol.num_tokens`` is a list)."""
-    grid = get_method(method).lr_grid
-    if grid not in protocol:
-        raise ValueError(f"tuning.method={method} sweeps protocol.{grid}, which conf/tune.yaml does not define")
-    lrs = protocol[grid]
+    """The sweep's points for a tuning method: its lr grid x its weight-decay grid (``protocol[<method's lr_grid>]``
+    x ``protocol[<method's wd_grid>]``, x prompt length when ``protocol.num_tokens`` is a list)."""
+    entry = get_method(method)
+    grids = []
+    for attribute in ("lr_grid", "wd_grid"):
+        key = getattr(entry, attribute)
+        if key not in protocol:
+            raise ValueError(f"tuning.method={method} sweeps protocol.{key}, which conf/tune.yaml does not define")
+        grids.append(protocol[key])
     lengths = list(protocol.num_tokens) if protocol.get("num_tokens") else [None]
     return [
         {"base_lr": float(lr), "weight_decay": float(wd), "num_tokens": p}
-        for p, lr, wd in itertools.product(lengths, lrs, protocol.weight_decay)
+        for p, lr, wd in itertools.product(lengths, *grids)
     ]
 
 

@@ -22,6 +22,9 @@ from .methods import get_method
 from .paper import BACKBONES, DEFAULT_BACKBONE, METHODS, backbone_key, group_means, reference
 
 MISSING = "—"
+# column order: the paper's table order, then what it lacks (LoRA) and its "VPT + other" rows
+COLUMN_ORDER = ("full", "linear", "partial", "mlp", "sidetune", "bias", "adapter", "lora", "vpt_shallow", "vpt_deep",
+                "vpt_bias")
 
 
 def collect(summaries: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[str], Dict[Tuple[str, str], Dict]]:
@@ -43,7 +46,7 @@ def collect(summaries: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[str], 
     present = {task for task, _ in cells}
     benchmarks = {TASKS[t].benchmark for t in present if t in TASKS}
     ordered = [name for name, info in TASKS.items() if info.benchmark in benchmarks] + sorted(present - set(TASKS))
-    tunings = sorted({tuning for _, tuning in cells}, key=lambda t: (_order(paper_method(t, cells)), t))
+    tunings = sorted({tuning for _, tuning in cells}, key=lambda t: (_order(method_name(t, cells)), t))
     return ordered, tunings, cells
 
 
@@ -52,15 +55,19 @@ def paper_method(tuning: str, cells: Dict[Tuple[str, str], Dict]) -> Optional[st
 
     Summaries record their ``method`` (older ones only the label, which is then taken as the method's name).
     """
-    method = next((c.get("method", tuning) for (_, t), c in cells.items() if t == tuning), tuning)
     try:
-        return get_method(method).paper_method
+        return get_method(method_name(tuning, cells)).paper_method
     except ValueError:  # a label of no registered method (e.g. from a subclass of VPTModule)
         return None
 
 
-def _order(method: Optional[str]) -> int:
-    return METHODS.index(method) if method in METHODS else len(METHODS)
+def method_name(tuning: str, cells: Dict[Tuple[str, str], Dict]) -> str:
+    """The tuning method of a run label (older summaries only carry the label, then taken as the method's name)."""
+    return next((c.get("method", tuning) for (_, t), c in cells.items() if t == tuning), tuning)
+
+
+def _order(method: str) -> int:
+    return COLUMN_ORDER.index(method) if method in COLUMN_ORDER else len(COLUMN_ORDER)
 
 
 def set_mean(values: Dict[str, Optional[float]], names: Sequence[str]) -> Optional[float]:
@@ -111,7 +118,9 @@ def paper_key(tuning: str, cells: Dict[Tuple[str, str], Dict], backbone: str = D
 
 def has_paper(key: Optional[str], backbone: str = DEFAULT_BACKBONE) -> bool:
     """Whether the paper reports ``key`` (a :func:`paper_key`) on ``backbone``."""
-    return key in METHODS if backbone == DEFAULT_BACKBONE else key is not None and group_means(backbone, key) is not None
+    if backbone == DEFAULT_BACKBONE and key in METHODS:
+        return True
+    return key is not None and group_means(backbone, key) is not None
 
 
 def _paper(task: str, method: Optional[str], backbone: str = DEFAULT_BACKBONE) -> Optional[float]:
@@ -125,7 +134,7 @@ def paper_aggregates(method: Optional[str], backbone: str = DEFAULT_BACKBONE) ->
     empty: List[Optional[float]] = [None] * len(aggregates({}))
     if not has_paper(method, backbone):
         return empty
-    if backbone != DEFAULT_BACKBONE:  # the group means, their mean, and the 19-task mean they imply
+    if backbone != DEFAULT_BACKBONE or method not in METHODS:  # group means, their mean, the 19-task mean implied
         means = group_means(backbone, method)
         sizes = [len(vtab_tasks(group)) for group in VTAB_GROUPS]
         over_tasks = sum(m * n for m, n in zip(means, sizes)) / sum(sizes)

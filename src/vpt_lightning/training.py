@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .atomic import write_json_atomic
 from .backbones import BackboneConfig
+from .feature_cache import FeatureCache, cache_refusal, cached_datamodule
 from .methods import TuningConfig, TuningMethod, parse_tuning
 from .module import VPTModule
 from .optim import OptimConfig
@@ -126,12 +127,17 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         backbone_eval=cfg.backbone_eval,
         compile=cfg.get("compile", False),
         grad_checkpointing=cfg.get("grad_checkpointing", False),
+        task_name=cfg.task_name,
+        class_names=getattr(datamodule, "classes", None),
     )
     datamodule.backbone_data_config = module.data_config
+    # how evaluation images are prepared (known once the backbone's data config is): predict image files alike
+    module.hparams["eval_transform"] = datamodule.eval_transform_config()
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger")) or False
     )
     started = time.time()
+    datamodule = use_feature_cache(cfg, configs, module, datamodule, trainer)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if "val/top1" not in trainer.callback_metrics and datamodule.val_dataset is not None:
         # resumed from a checkpoint of a run whose training had finished: fit ran no epoch, so validate here
@@ -145,6 +151,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "fit_seconds": round(time.time() - started, 2),
+        "feature_cache": module.inputs_are_features,
         **module.parameter_counts(),
         **_scalar_metrics(trainer.callback_metrics),
         "config": result_config(cfg),
@@ -158,6 +165,26 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         write_json_atomic(results, run_dir / RESULTS_FILE)
         print_summary(results, run_dir)
     return results
+
+
+def use_feature_cache(cfg: DictConfig, configs: ModelConfigs, module: VPTModule, datamodule: Any,
+                      trainer: pl.Trainer) -> Any:
+    """The DataModule to train on: cached backbone features for head-only runs on deterministic data (see
+    :mod:`vpt_lightning.feature_cache`; ``feature_cache.enabled=false`` turns it off), else ``datamodule``."""
+    settings = cfg.get("feature_cache") or {}
+    if not settings.get("enabled", True):
+        return datamodule
+    reason = cache_refusal(configs.method, datamodule, trainer)
+    if reason is not None:
+        if configs.method.head_only:  # worth saying only where the cache could have served
+            log.info("feature cache not used: %s", reason)
+        return datamodule
+    cache = FeatureCache(settings.get("dir") or Path(cfg.paths.output_dir) / ".feature_cache")
+    module.backbone.to(trainer.strategy.root_device)  # compute the features where training runs
+    cached = cached_datamodule(datamodule, module.backbone, module.backbone_identity, cache, datamodule.loader_workers())
+    module.inputs_are_features = True
+    log.info("feature cache: training the head on cached backbone features (%s)", cache.root)
+    return cached
 
 
 def print_summary(results: Dict[str, Any], run_dir: Path) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
@@ -86,9 +86,27 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         return 224
 
     @property
+    def deterministic_train_transform(self) -> bool:
+        """Whether a training image always gives the same tensor (no random augmentation). Then head-only methods
+        may train on cached backbone features (:mod:`vpt_lightning.feature_cache`). Default ``False`` (safe)."""
+        return False
+
+    @property
     def mean_std(self):
         """``(mean, std)`` used by the Normalize transform."""
         return resolve_normalization(self.normalization, self.backbone_data_config)
+
+    def eval_transform_config(self) -> Dict[str, Any]:
+        """The evaluation transform's settings (:func:`~vpt_lightning.data.transforms.build_transform` arguments),
+        saved in task checkpoints so that ``vpt-predict`` / ``vpt-serve`` prepare image files the same way."""
+        mean, std = self.mean_std
+        return {
+            "recipe": getattr(self, "recipe", "vtab"),
+            "img_size": self.img_size,
+            "interpolation": getattr(self, "interpolation", "bicubic"),
+            "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std],
+        }
 
     def loader_workers(self) -> int:
         """``num_workers``, or when ``None`` the CPUs shared by the node's processes (``trainer.num_devices``), at most 8."""

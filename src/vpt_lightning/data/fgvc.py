@@ -41,6 +41,8 @@ class FGVCDataModule(ImageClassificationDataModule):
     eval Resize(256) -> CenterCrop(224) (scaled with ``img_size``).
     """
 
+    recipe = "fgvc"
+
     def __init__(self, task: str, root: str, task_dir: Optional[str] = None, image_dir: Optional[str] = None,
                  interpolation: str = "bilinear", **kwargs) -> None:
         super().__init__(**kwargs)
@@ -87,7 +89,7 @@ class FGVCDataModule(ImageClassificationDataModule):
 
     def _dataset(self, train: bool, *splits: str) -> ImageListDataset:
         mean, std = self.mean_std
-        return ImageListDataset(self._samples(*splits), build_transform("fgvc", train, self.img_size, mean, std, self.interpolation))
+        return ImageListDataset(self._samples(*splits), build_transform(self.recipe, train, self.img_size, mean, std, self.interpolation))
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.split == "tune":

@@ -90,6 +90,11 @@ class FolderDataModule(ImageClassificationDataModule):
         self._train_samples, self.classes = self._read("train", None)
         self.num_classes = len(self.classes)
 
+    @property
+    def deterministic_train_transform(self) -> bool:
+        """``recipe=vtab`` only resizes; ``fgvc`` crops and flips at random."""
+        return self.recipe == "vtab"
+
     def _source(self, split: str) -> Optional[Path]:
         """The CSV list or folder of ``split`` (``None``: the split is absent)."""
         if self.lists[split]:

@@ -137,22 +137,30 @@ def _task_orientation(rng, size):
     return [bar], label
 
 
+COLOR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan")
+CELLS = ("top-left", "top", "top-right", "left", "centre", "right", "bottom-left", "bottom", "bottom-right")
+
+
 @dataclass(frozen=True)
 class SyntheticTask:
     name: str
     num_classes: int
     make: Callable[[np.random.Generator, int], Tuple[List[Shape], int]]
     group: str  # the VTAB group it resembles (reports average per group), or 'upstream'
+    classes: Tuple[str, ...]  # class names in label order
 
 
 SYNTHETIC_TASKS: Dict[str, SyntheticTask] = {
     t.name: t
     for t in (
-        SyntheticTask("shapes", 36, _task_shapes, "upstream"),
-        SyntheticTask("kind", 6, _task_kind, "natural"),
-        SyntheticTask("count", 5, _task_count, "structured"),
-        SyntheticTask("location", 9, _task_location, "structured"),
-        SyntheticTask("orientation", 8, _task_orientation, "structured"),
+        SyntheticTask("shapes", 36, _task_shapes, "upstream", tuple(f"{c} {k}" for k in KINDS for c in COLOR_NAMES)),
+        SyntheticTask("kind", 6, _task_kind, "natural", KINDS),
+        SyntheticTask("count", 5, _task_count, "structured", tuple(str(n) for n in range(1, 6))),
+        SyntheticTask("location", 9, _task_location, "structured", CELLS),
+        SyntheticTask(
+            "orientation", 8, _task_orientation, "structured",
+            tuple(f"{22.5 * b:g}-{22.5 * (b + 1):g} deg" for b in range(8)),
+        ),
     )
 }
 
@@ -223,8 +231,14 @@ class SyntheticDataModule(ImageClassificationDataModule):
         super().__init__(**kwargs)
         self.task = get_synthetic_task(task)
         self.num_classes = self.task.num_classes
+        self.classes = list(self.task.classes)
         self.task_group = self.task.group
         self.num_train, self.num_val, self.num_test, self.seed = num_train, num_val, num_test, seed
+
+    @property
+    def deterministic_train_transform(self) -> bool:
+        """Image ``i`` depends only on ``(seed, i)``: no augmentation."""
+        return True
 
     def _dataset(self, count: int, offset: int) -> SyntheticDataset:
         mean, std = self.mean_std

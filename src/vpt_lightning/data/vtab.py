@@ -59,6 +59,11 @@ class VTABDataModule(ImageClassificationDataModule):
                 + build_hint(self.task.name, self.root),
             )
 
+    @property
+    def deterministic_train_transform(self) -> bool:
+        """The VTAB recipe only resizes: a training image is a pure function of its file."""
+        return True
+
     def _dataset(self, split: str, train: bool) -> ImageListDataset:
         samples = read_list_file(self.task_dir / LIST_FILES[split], self.task_dir, self.num_classes)
         mean, std = self.mean_std

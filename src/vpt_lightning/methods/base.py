@@ -14,6 +14,7 @@ from ..prompt import PromptConfig
 PROMPT_NEEDS = {
     "deep": (lambda p: p.enabled and p.deep, "prompts at every block (prompt=deep, num_tokens > 0)"),
     "shallow": (lambda p: p.enabled and not p.deep, "prompts inserted once (prompt=shallow, num_tokens > 0)"),
+    "some": (lambda p: p.enabled, "prompts (prompt=deep or prompt=shallow, num_tokens > 0)"),
     "none": (lambda p: not p.enabled, "no prompts (prompt=none)"),
     "any": (lambda p: True, "any prompt config"),
 }
@@ -43,11 +44,17 @@ class TuningMethod:
     Class attributes:
         name: registry key (``tuning.method``) and default label.
         Config: its config dataclass (a :class:`TuningConfig` subclass with its own options).
-        prompts: the prompt config it needs: ``deep``, ``shallow``, ``none`` or ``any`` (checked before training).
+        prompts: the prompt config it needs: ``deep``, ``shallow``, ``some`` (either), ``none`` or ``any`` (checked
+            before training).
         trains_backbone: whether backbone weights change (then a task checkpoint carries them and the backbone
             cannot be shared with other tasks).
         lr_grid: the key of its learning-rate grid in the protocol config (``protocol.base_lr``...).
-        optimizer: its default ``optim`` group.
+        wd_grid: the key of its weight-decay grid in the protocol config (``protocol.weight_decay``...).
+        optimizer: its default ``optim`` group (``conf/tuning/<name>.yaml`` composes it; ``optim=...`` on the
+            command line overrides it): the paper's SGD for prompts and frozen-backbone heads, AdamW where backbone
+            weights or adapters train.
+        head_only: the backbone is frozen, has no prompts and nothing of it trains: the head sees a pure function of
+            the image, so training may run on cached features (:mod:`vpt_lightning.feature_cache`).
         paper_method: its key in :mod:`vpt_lightning.paper`'s reference numbers, if the paper reports it.
         label_option: a config field whose value the default label carries (``partial_2`` for Partial-k).
     """
@@ -57,7 +64,9 @@ class TuningMethod:
     prompts: ClassVar[str] = "none"
     trains_backbone: ClassVar[bool] = False
     lr_grid: ClassVar[str] = "base_lr"
+    wd_grid: ClassVar[str] = "weight_decay"
     optimizer: ClassVar[str] = "sgd"
+    head_only: ClassVar[bool] = False
     paper_method: ClassVar[Optional[str]] = None
     label_option: ClassVar[Optional[str]] = None
 

@@ -11,6 +11,8 @@ class Bias(TuningMethod):
     prompts = "none"
     trains_backbone = True
     lr_grid = "base_lr_tuned_backbone"
+    wd_grid = "weight_decay_tuned_backbone"
+    optimizer = "adamw"  # the paper trains backbone weights with AdamW (spec extensions §5/§8)
 
     @classmethod
     def apply(cls, backbone: PromptedBackbone, config: TuningConfig) -> None:

@@ -13,6 +13,8 @@ class Full(TuningMethod):
     prompts = "none"
     trains_backbone = True
     lr_grid = "base_lr_tuned_backbone"
+    wd_grid = "weight_decay_tuned_backbone"
+    optimizer = "adamw"  # the paper trains backbone weights with AdamW (spec extensions §5/§8)
     paper_method = "full"
 
     @classmethod

@@ -8,4 +8,5 @@ from .registry import register_method
 class Linear(TuningMethod):
     name = "linear"
     prompts = "none"
+    head_only = True
     paper_method = "linear"

@@ -30,6 +30,7 @@ class MLP(TuningMethod):
     label_option = "mlp_layers"
     Config = MLPConfig
     prompts = "none"
+    head_only = True
 
     @classmethod
     def build_head(cls, in_features: int, num_classes: int, config: MLPConfig) -> nn.Module:  # type: ignore[override]

@@ -1,0 +1,82 @@
+"""``vpt-predict CKPT... --images DIR|CSV [--task NAME] --out predictions.csv``: classify image files with trained
+tasks (one shared backbone), top-k classes with their probabilities."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import pytorch_lightning as pl
+
+from ..serving.images import ImageError
+from ..serving.multitask import MultiTaskClassifier
+from ..serving.predict import list_images, predict_images, write_predictions
+
+
+def parse_checkpoints(values: Sequence[str]) -> Union[List[Path], Dict[str, Path]]:
+    """``PATH`` or ``NAME=PATH`` arguments -> a list of paths, or names -> paths when every one is named."""
+    pairs: List[Tuple[Optional[str], Path]] = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        pairs.append((name, Path(path)) if sep and not Path(value).exists() else (None, Path(value)))
+    if all(name for name, _ in pairs):
+        return {name: path for name, path in pairs}  # type: ignore[misc]
+    if any(name for name, _ in pairs):
+        raise ValueError("name every checkpoint (NAME=PATH) or none (names then come from the checkpoints)")
+    return [path for _, path in pairs]
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                        help="task checkpoints (checkpoints/last.ckpt of vpt-train), optionally NAME=PATH")
+    parser.add_argument("--top-k", type=int, default=5, help="classes reported per image (default 5)")
+
+
+def load_model(values: Sequence[str]) -> MultiTaskClassifier:
+    return MultiTaskClassifier.from_checkpoints(parse_checkpoints(values))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="vpt-predict", description=__doc__)
+    add_model_arguments(parser)
+    parser.add_argument("--images", required=True, type=Path,
+                        help="a folder of images, or a CSV with a 'path' column (and optionally 'task')")
+    parser.add_argument("--task", help="the task for every image (default: the CSV's 'task' column, else every task)")
+    parser.add_argument("--out", type=Path, default=Path("predictions.csv"), help="the CSV written (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers reading images (default 0)")
+    parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, mps (default auto)")
+    parser.add_argument("--devices", default="1", help="Lightning devices (default 1)")
+    parser.add_argument("--precision", default="32-true", help="Lightning precision: 32-true, bf16-mixed, 16-mixed...")
+    parser.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping it")
+    parser.add_argument("--no-progress-bar", action="store_true")
+    args = parser.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1:
+        parser.error(f"--top-k ({args.top_k}) and --batch-size ({args.batch_size}) must be >= 1")
+    try:
+        model = load_model(args.checkpoints)
+        items = list_images(args.images, model.task_names, args.task)
+        trainer = pl.Trainer(
+            accelerator=args.accelerator, devices=int(args.devices) if args.devices.isdigit() else args.devices,
+            precision=args.precision, logger=False, enable_model_summary=False,
+            enable_progress_bar=not args.no_progress_bar,
+        )
+        predictions, skipped = predict_images(
+            model, items, args.top_k, args.batch_size, args.num_workers, args.strict, trainer
+        )
+    except (ValueError, FileNotFoundError) as err:  # ImageError is a ValueError: --strict stops on it
+        kind = "unreadable image" if isinstance(err, ImageError) else "error"
+        print(f"vpt-predict: {kind}: {err}", file=sys.stderr)
+        return 1
+    for path, reason in skipped:
+        print(f"vpt-predict: skipped unreadable image {reason}", file=sys.stderr)
+    write_predictions(predictions, args.top_k, args.out)
+    print(f"{len(predictions)} predictions ({len(model.task_names)} task(s): {', '.join(model.task_names)}) "
+          f"written to {args.out}" + (f"; {len(skipped)} unreadable image(s) skipped" if skipped else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

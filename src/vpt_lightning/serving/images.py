@@ -1,0 +1,86 @@
+"""Images in, predictions out: decoding image bytes, each task's evaluation transform, top-k classes.
+
+Shared by ``vpt-predict`` and ``vpt-serve`` so that a file and an HTTP upload are prepared exactly alike, and as in
+evaluation after training (the transform settings saved in the task checkpoint).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
+from .multitask import MultiTaskClassifier, TaskInfo
+
+#: images with more pixels than this are refused (PIL's decompression-bomb guard, made an error)
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+class ImageError(ValueError):
+    """Bytes that are not a readable image (``too_large``: an image beyond :data:`MAX_IMAGE_PIXELS`)."""
+
+    def __init__(self, message: str, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
+
+
+def decode_image(data: bytes, source: str = "image") -> Image.Image:
+    """Decode image bytes (any format PIL reads) to RGB; :class:`ImageError` names ``source`` and the reason."""
+    if not data:
+        raise ImageError(f"{source}: empty, not an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise ImageError(
+                        f"{source}: {image.width}x{image.height} pixels is more than {MAX_IMAGE_PIXELS}", too_large=True
+                    )
+                return image.convert("RGB")
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(f"{source}: too large an image ({err})", too_large=True) from err
+    except UnidentifiedImageError as err:
+        raise ImageError(f"{source}: not an image (no format PIL reads recognises it)") from err
+    except Exception as err:  # PIL raises many types for broken files: name the source and the reason
+        raise ImageError(f"{source}: not a readable image ({type(err).__name__}: {err})") from err
+
+
+def eval_transform(info: TaskInfo, model: MultiTaskClassifier) -> Callable[[Image.Image], torch.Tensor]:
+    """The task's evaluation transform (saved at training); checkpoints without one: resize to the backbone's input
+    size, ImageNet mean/std (the training default)."""
+    settings: Mapping[str, Any] = info.eval_transform or {}
+    size = settings.get("img_size") or model.backbone.data_config()["input_size"][-1]
+    return build_transform(
+        settings.get("recipe", "vtab"),
+        train=False,
+        img_size=int(size),
+        mean=settings.get("mean", IMAGENET_MEAN),
+        std=settings.get("std", IMAGENET_STD),
+        interpolation=settings.get("interpolation", "bicubic"),
+    )
+
+
+def task_transforms(model: MultiTaskClassifier) -> Dict[str, Callable[[Image.Image], torch.Tensor]]:
+    """Each task's evaluation transform, by task name."""
+    return {name: eval_transform(info, model) for name, info in model.infos.items()}
+
+
+def top_k(probabilities: torch.Tensor, info: TaskInfo, k: int) -> List[Dict[str, Any]]:
+    """The ``k`` most probable classes of one image of task ``info`` (fewer if it has fewer classes)."""
+    values, indices = probabilities[: info.num_classes].float().topk(min(k, info.num_classes))
+    return [
+        {"index": int(i), "class": info.class_names[int(i)], "probability": float(p)}
+        for p, i in zip(values.tolist(), indices.tolist())
+    ]
+
+
+def check_top_k(k: Optional[int]) -> int:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"top_k={k!r} must be a positive integer")
+    return k

@@ -1,0 +1,218 @@
+"""``MultiTaskClassifier``: many task checkpoints on one shared frozen backbone; a batch may mix tasks."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..backbones import BackboneConfig, PromptedBackbone, create_backbone, prompted_backbone
+from ..backbones.vit import gathers_prompts
+from ..checkpoint import TaskCheckpoint, identity_differences, read_task_checkpoint
+from ..methods import parse_tuning
+from ..prompt import PromptConfig
+
+TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass
+class TaskInfo:
+    """What a served task is: its name, classes, tuning method, checkpoint file and evaluation transform."""
+
+    name: str
+    class_names: List[str]
+    method: str
+    path: Path
+    eval_transform: Optional[Dict[str, Any]]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "method": self.method, "num_classes": self.num_classes, "classes": self.class_names}
+
+
+class TaskClassifier(nn.Module):
+    """One task: its prompted backbone (wrapping the shared timm model) and its head; keys as in ``VPTModule``."""
+
+    def __init__(self, backbone: PromptedBackbone, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+
+class MultiTaskClassifier(nn.Module):
+    """Classify a batch in which every image may belong to another task, with one copy of the frozen backbone.
+
+    Each task adds only its prompts and head (a :class:`TaskClassifier` whose prompted backbone wraps the shared
+    timm model). ``forward(images, task_index)`` runs the backbone once for the whole batch: a ViT gathers each
+    sample's own prompts (:meth:`~vpt_lightning.backbones.PromptedViT.gather_prompts`; tasks may differ in prompt
+    length and depth, shorter prompts are masked out of attention). A batch holding a task whose prompts are not
+    prepended tokens or that pools its own way (``prompt.location`` other than ``prepend``, ``prompt.pool``,
+    ``prompt.pool_norm``), and other families, run each task's samples through its own prompted backbone. Each task's head is then applied to its rows.
+
+    Every checkpoint's backbone identity is checked against the shared backbone (a checkpoint made on other
+    weights is refused, naming the differences). Checkpoints of a method that changes backbone weights
+    (``trains_backbone``: full, partial, bias) are refused: they need their own backbone copy; load them with
+    ``VPTModule.load_from_checkpoint``.
+
+    Args:
+        backbone: the shared backbone's :class:`~vpt_lightning.backbones.BackboneConfig` (e.g. the ``backbone``
+            hparams of a task checkpoint; :meth:`from_checkpoints` takes the first one's).
+    """
+
+    def __init__(self, backbone: Union[BackboneConfig, Mapping[str, Any]]) -> None:
+        super().__init__()
+        config = backbone if isinstance(backbone, BackboneConfig) else BackboneConfig.from_mapping(dict(backbone))
+        model, self.identity = create_backbone(config)
+        self.backbone_config = config
+        self.backbone: PromptedBackbone = prompted_backbone(model, None)  # the shared model, without prompts
+        self.tasks = nn.ModuleDict()
+        self.infos: Dict[str, TaskInfo] = {}
+        self.eval()
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        checkpoints: Union[Sequence[os.PathLike], Mapping[str, os.PathLike]],
+        backbone: Union[BackboneConfig, Mapping[str, Any], None] = None,
+    ) -> "MultiTaskClassifier":
+        """Load task checkpoints (a list, or names -> paths) on the backbone of the first one (or ``backbone``)."""
+        items = list(checkpoints.items()) if isinstance(checkpoints, Mapping) else [(None, p) for p in checkpoints]
+        if not items:
+            raise ValueError("no task checkpoint given")
+        read = [(name, read_task_checkpoint(path)) for name, path in items]
+        model = cls(backbone if backbone is not None else read[0][1].hparams["backbone"])
+        for name, checkpoint in read:
+            model.add_task(checkpoint, name)
+        return model
+
+    @property
+    def model(self) -> nn.Module:
+        """The shared frozen timm model."""
+        return self.backbone.model
+
+    @property
+    def task_names(self) -> List[str]:
+        return list(self.tasks.keys())
+
+    def add_task(self, checkpoint: Union[TaskCheckpoint, os.PathLike], name: Optional[str] = None) -> str:
+        """Load a task checkpoint onto the shared backbone; returns its name (``name``, else the checkpoint's
+        ``task_name``, else its run folder's name)."""
+        if not isinstance(checkpoint, TaskCheckpoint):
+            checkpoint = read_task_checkpoint(checkpoint)
+        path, hparams = checkpoint.path, checkpoint.hparams
+        name = name or hparams.get("task_name") or default_task_name(path)
+        if not TASK_NAME.match(name):
+            raise ValueError(f"task name {name!r} ({str(path)!r}) may hold only letters, digits, '_' and '-'")
+        if name in self.tasks:
+            raise ValueError(
+                f"task name {name!r} of {str(path)!r} is already taken by {str(self.infos[name].path)!r}; name the "
+                "tasks explicitly (NAME=PATH on the command line, a mapping in Python)"
+            )
+        method, tuning = parse_tuning(hparams.get("tuning"))
+        if method.trains_backbone:
+            raise ValueError(
+                f"{str(path)!r}: tuning={tuning.name} changes backbone weights, so it cannot share the frozen backbone "
+                "with other tasks; load it alone with VPTModule.load_from_checkpoint"
+            )
+        if checkpoint.identity is None:
+            raise ValueError(f"{str(path)!r} records no backbone identity, so it cannot be checked against the backbone")
+        differences = identity_differences(checkpoint.identity, self.identity)
+        if differences:
+            raise ValueError(
+                f"{str(path)!r} was trained on another backbone than the shared one ({self.backbone_config.name}, "
+                f"weights {self.identity.get('weights')}); differences: {'; '.join(differences)}"
+            )
+        task = self._build_task(checkpoint, method, tuning)
+        num_classes = int(hparams["num_classes"])
+        class_names = hparams.get("class_names") or [str(i) for i in range(num_classes)]
+        self.tasks[name] = task
+        self.infos[name] = TaskInfo(name, list(class_names), tuning.name or method.name, path, hparams.get("eval_transform"))
+        return name
+
+    def _build_task(self, checkpoint: TaskCheckpoint, method: Any, tuning: Any) -> TaskClassifier:
+        hparams, path = checkpoint.hparams, checkpoint.path
+        shared_keys = list(self.model.state_dict())
+        backbone = prompted_backbone(self.model, PromptConfig.from_mapping(hparams.get("prompt") or {"num_tokens": 0}))
+        method.apply(backbone, tuning)
+        if list(self.model.state_dict()) != shared_keys or any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError(f"{str(path)!r}: tuning={tuning.name} changes the backbone's modules; it cannot share it")
+        task = TaskClassifier(backbone, method.build_head(backbone.num_features, int(hparams["num_classes"]), tuning))
+        expected = {k for k in task.state_dict() if not k.startswith("backbone.model.")}
+        missing, unexpected = sorted(expected - set(checkpoint.state_dict)), sorted(set(checkpoint.state_dict) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"{str(path)!r} does not fit the model its hparams describe: missing {missing}, unexpected {unexpected}"
+            )
+        task.load_state_dict(checkpoint.state_dict, strict=False)
+        return task.requires_grad_(False).eval().to(self.model_device())
+
+    def model_device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def task_index(self, names: Sequence[str]) -> torch.Tensor:
+        """Task names -> the ``task_index`` tensor of :meth:`forward`; an unknown name lists the valid ones."""
+        positions = {name: i for i, name in enumerate(self.tasks)}
+        unknown = sorted({n for n in names if n not in positions})
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; the tasks are {self.task_names}")
+        return torch.tensor([positions[n] for n in names], dtype=torch.long)
+
+    def forward(self, images: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, C_max)``: row ``b`` holds the logits of task ``task_index[b]`` in its first ``C`` columns
+        and ``-inf`` after them (so a softmax over the row gives that task's probabilities)."""
+        tasks: List[TaskClassifier] = list(self.tasks.values())
+        task_index = task_index.to(images.device)
+        present = [int(t) for t in torch.unique(task_index).tolist()]
+        backbone = self.backbone
+        # one gathered pass needs a family with per-sample prompts and tasks whose prompts it can gather and whose
+        # output the shared backbone pools (see gathers_prompts); other tasks run through their own backbone
+        gathered = hasattr(backbone, "gather_prompts") and backbone.supports_sample_prompts
+        gathered = gathered and all(gathers_prompts(tasks[t].backbone) for t in present)
+        if gathered:
+            prompts = backbone.gather_prompts([t.backbone for t in tasks], task_index)
+            features = backbone.forward_head(backbone.forward_features(images, prompts))
+        else:  # one pass per task present
+            features = None
+            for t in present:
+                rows = task_index == t
+                out = tasks[t].backbone(images[rows])
+                if features is None:
+                    features = out.new_empty(images.shape[0], out.shape[1])
+                features[rows] = out
+        widths = [self.infos[name].num_classes for name in self.tasks]
+        logits = features.new_full((images.shape[0], max(widths[t] for t in present)), float("-inf"))
+        for t in present:
+            rows = task_index == t
+            logits[rows, : widths[t]] = tasks[t].head(features[rows]).to(logits.dtype)
+        return logits
+
+    def memory_bytes(self) -> Dict[str, int]:
+        """Bytes of the shared backbone and of each task's own tensors (prompts and head)."""
+        def size(tensors):
+            return sum(t.numel() * t.element_size() for t in tensors)
+
+        shared = size(self.model.state_dict().values())
+        per_task = {
+            name: size(v for k, v in task.state_dict().items() if not k.startswith("backbone.model."))
+            for name, task in self.tasks.items()
+        }
+        return {"backbone": shared, **{f"task:{k}": v for k, v in per_task.items()}}
+
+
+def default_task_name(path: Path) -> str:
+    """A task's name from its file: the run's task folder for ``<task>/<run>/checkpoints/last.ckpt``, else the stem."""
+    path = Path(path)
+    if path.parent.name == "checkpoints" and len(path.parents) >= 3:
+        return path.parents[2].name
+    return path.stem
