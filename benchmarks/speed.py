@@ -1,8 +1,9 @@
 """Training-step speed and memory of VPT against full fine-tuning, through VPTModule and a hand-written loop.
 
-    python benchmarks/speed.py                                   # ViT-S/16, ViT-B/16, ConvNeXt-B, batch 8, 224 px
+    python benchmarks/speed.py                                   # ViT-S/16, ViT-B/16, ConvNeXt-B, Swin-B, batch 8
     python benchmarks/speed.py --models vit_small_patch16_224 --steps 6
     python benchmarks/speed.py --models convnext_base             # VPT's pixel border (p = 10 px) vs full
+    python benchmarks/speed.py --models swin_tiny_patch4_window7_224   # VPT on Swin: prompts in every window
 
 Each configuration (model x mode x precision) runs in a fresh process, so that its peak RSS is its own. In it, a
 Lightning ``Trainer`` fits ``VPTModule`` and, after every Lightning step, a minimal hand-written PyTorch step
@@ -126,7 +127,8 @@ def run_one(model: str, mode: str, precision: str, batch: int, steps: int, warmu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224", "convnext_base"])
+    parser.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224", "convnext_base",
+                                                       "swin_base_patch4_window7_224"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4, help="timed steps of each runner")
     parser.add_argument("--warmup", type=int, default=1)

@@ -164,7 +164,8 @@ class Prompts(nn.Module):
 
     ``forward(i, batch_size)`` returns the (projected, dropped-out) prompts of the i-th prompted block, expanded
     to the batch. Parameters are stored as one tensor ``tokens`` of shape ``(num_sets, num_tokens, prompt_dim)``;
-    ``num_tokens`` defaults to ``config.num_tokens`` (``add`` / ``add1`` give their own).
+    ``num_tokens`` defaults to ``config.num_tokens`` (``add`` / ``add1`` give their own). ``init_dim`` replaces the
+    prompt width in the Xavier bound (Swin: the first stage's width for every stage).
     """
 
     def __init__(
@@ -174,6 +175,7 @@ class Prompts(nn.Module):
         dim: int,
         patch_size: Sequence[int],
         num_tokens: Optional[int] = None,
+        init_dim: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -189,7 +191,8 @@ class Prompts(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         if config.init == "xavier_uniform":
             # as the official code: Xavier-uniform as if the prompt were a patch-embedding output
-            nn.init.uniform_(self.tokens, -xavier_bound(patch_size, prompt_dim), xavier_bound(patch_size, prompt_dim))
+            bound = xavier_bound(patch_size, init_dim or prompt_dim)
+            nn.init.uniform_(self.tokens, -bound, bound)
 
     @property
     def num_sets(self) -> int:

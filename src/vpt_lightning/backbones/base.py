@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Mapping, Tuple, Union
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from timm.data import resolve_model_data_config
@@ -39,8 +39,13 @@ class PromptedBackbone(nn.Module):
             official VPT code; prompt dropout still follows ``self.training``.
     """
 
-    #: state-dict keys that a family's checkpoint filter may resample to the model (patch / position embeddings)
+    #: state-dict keys (or key suffixes after a dot) that a family's checkpoint filter may resample to the model
+    #: (patch / position embeddings, relative position tables)
     resampled_keys: ClassVar[Tuple[str, ...]] = ()
+    #: the values of ``prompt.pool`` the family accepts besides ``null``; empty: none
+    pools: ClassVar[Tuple[str, ...]] = ()
+    #: what ``prompt.pool=null`` means in the family (``None``: its timm model's own pooling)
+    default_pool: ClassVar[Optional[str]] = None
     #: ``vpt-tune``'s sweep values where this family's differ from ``conf/tune.yaml``'s, for the methods that learn
     #: prompts: protocol key (``base_lr``, ``num_tokens``...) -> values (see :meth:`protocol_grid`)
     prompt_grid: ClassVar[Dict[str, Tuple[float, ...]]] = {}
@@ -55,8 +60,12 @@ class PromptedBackbone(nn.Module):
         super().__init__()
         if not isinstance(prompt, PromptConfig):
             prompt = PromptConfig.from_mapping(prompt) if prompt is not None else PromptConfig(num_tokens=0)
+        if prompt.pool is not None and prompt.pool not in self.pools:
+            valid = f"one of {list(self.pools)} or null" if self.pools else "null (the backbone's own pooling decides)"
+            raise ValueError(f"prompt.pool={prompt.pool!r} is not supported by {type(self).__name__}; use {valid}")
         self.model = model
         self.prompt_config = prompt
+        self.pool: Optional[str] = prompt.pool or self.default_pool
         self.backbone_eval = backbone_eval
         self.grad_checkpointing = False
         self.num_features: int = int(getattr(model, "num_features"))
@@ -95,13 +104,24 @@ class PromptedBackbone(nn.Module):
         """The model's blocks in forward order (Partial-k trains the last k)."""
         return list(getattr(self.model, "blocks"))
 
+    def last_blocks(self, k: int) -> List[nn.Module]:
+        """What Partial-k trains before :meth:`final_norms`: the last ``k`` blocks (and, in families with stages,
+        the stage transitions between them)."""
+        blocks = self.blocks()
+        return blocks[len(blocks) - k :]
+
     def final_norms(self) -> List[nn.Module]:
         """Modules after the last block that Partial-k trains with it (final norm, ``fc_norm``)."""
         return [m for m in (getattr(self.model, n, None) for n in ("norm", "fc_norm")) if isinstance(m, nn.Module)]
 
     def data_config(self) -> Dict[str, Any]:
         """timm's data config (input size, interpolation, mean/std, crop) of the model as built."""
-        return dict(resolve_model_data_config(self.model))
+        config = dict(resolve_model_data_config(self.model))
+        patch_embed = getattr(self.model, "patch_embed", None)
+        if getattr(patch_embed, "img_size", None):
+            # timm reports the pretrained cfg's input size, even for a model built with another img_size
+            config["input_size"] = (patch_embed.proj.in_channels, *patch_embed.img_size)
+        return config
 
     # ---- weight files and identity (class level: used before a wrapper exists) ---------------------------
     @classmethod
@@ -144,8 +164,8 @@ def refuse_resampling(path: Path, resized: List[str], allow: bool) -> None:
     what = "; ".join(resized)
     if not allow:
         raise ValueError(
-            f"backbone.checkpoint_path={str(path)!r} was made for another patch size or image size ({what}); set "
-            "backbone.kwargs (patch_size, img_size) to the checkpoint's, or backbone.resize_embeddings=true to "
-            "resample them to this model"
+            f"backbone.checkpoint_path={str(path)!r} was made for another patch size, image size or window size "
+            f"({what}); set backbone.kwargs (patch_size, img_size, window_size) to the checkpoint's, or "
+            "backbone.resize_embeddings=true to resample them to this model"
         )
     log.warning("backbone.checkpoint_path=%r: resampling to this model (resize_embeddings=true): %s", str(path), what)

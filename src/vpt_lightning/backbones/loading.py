@@ -11,6 +11,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Type
 
 import timm
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..checkpoint import backbone_identity
@@ -50,7 +51,10 @@ class BackboneConfig(DataclassConfig):
     group = "backbone"
 
     def __post_init__(self) -> None:
-        self.kwargs = dict(self.kwargs or {})
+        # plain containers: timm takes lists (Swin's depths), not OmegaConf's ListConfig
+        self.kwargs = OmegaConf.to_container(self.kwargs, resolve=True) if isinstance(self.kwargs, DictConfig) else dict(
+            self.kwargs or {}
+        )
         paper = backbone_key(self.name, self.reference)  # a reference the paper does not have is named
         if paper is not None and not BACKBONES[paper].timm_names and not self.checkpoint_path:
             raise ValueError(
@@ -64,7 +68,7 @@ def _read_state_dict(path: Path, model: nn.Module, resize: bool = False) -> Dict
 
     timm's filters convert layouts (e.g. a linear patch embedding, MAE/DINO/CLIP key names) by returning views of
     the file's tensors, but resample patch and position embeddings (the family's ``resampled_keys``) to the model
-    as new tensors; those need ``resize`` (``backbone.resize_embeddings``).
+    (and Swin's relative position tables) as new tensors; those need ``resize`` (``backbone.resize_embeddings``).
     """
     try:
         state_dict = timm.models.load_state_dict(str(path), use_ema=False)
@@ -76,35 +80,36 @@ def _read_state_dict(path: Path, model: nn.Module, resize: bool = False) -> Dict
     family = family_for(model)
     # the family's own timm converter may pop keys from its argument: give it a copy, so that every tensor of the
     # file stays alive for the check below
-    filtered = family.filter_state_dict(dict(state_dict), model)
+    try:
+        filtered = family.filter_state_dict(dict(state_dict), model)
+    except Exception as err:  # timm's filters assume a file of the model's layout (Swin's looks up every table)
+        check_keys(path, model, state_dict)  # name the keys that do not fit, if that is why
+        raise ValueError(
+            f"backbone.checkpoint_path={str(path)!r} could not be converted for {type(model).__name__} by its timm "
+            f"filter ({type(err).__name__}: {err}); check backbone.name and backbone.kwargs against the checkpoint"
+        ) from err
     storages = {t.untyped_storage().data_ptr() for t in state_dict.values()}
     expected = model.state_dict()
     resized = []
-    for key in family.resampled_keys:
-        value = filtered.get(key)
-        if value is not None and key in expected and value.untyped_storage().data_ptr() not in storages:
+    resampled = [k for k in filtered if any(k == r or k.endswith("." + r) for r in family.resampled_keys)]
+    for key in resampled:
+        value = filtered[key]
+        if key in expected and value.untyped_storage().data_ptr() not in storages:
             source = next((t for k, t in state_dict.items() if k == key or k.endswith("." + key)), None)
             shape = tuple(source.shape) if source is not None else "another shape"
             resized.append(f"{key}: file {shape} vs model {tuple(expected[key].shape)}")
+    check_keys(path, model, filtered)  # a file of another model fails naming its keys, before any resampling
     refuse_resampling(path, resized, resize)
     return filtered
 
 
-def load_backbone_weights(model: nn.Module, checkpoint_path: os.PathLike, resize_embeddings: bool = False) -> None:
-    """Load a local weights file into ``model``, failing clearly on any key or shape mismatch.
+def check_keys(path: Path, model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
+    """Fail naming the missing, unexpected and mis-shaped keys when ``state_dict`` does not fit ``model``.
 
-    Classifier keys (``head.*``) of the file are ignored when the model has no head of that shape, so an
-    ImageNet classifier checkpoint loads into a ``num_classes=0`` backbone. A file made for another patch size
-    or image size needs ``resize_embeddings`` (see :class:`BackboneConfig`).
+    Classifier keys (``head.*``) that the model lacks or holds in another shape are dropped from ``state_dict``.
     """
-    path = Path(checkpoint_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone.checkpoint_path={str(path)!r} does not exist")
-    if family_for(model).load_special_file(model, path, resize_embeddings):  # e.g. ViT's original .npz files
-        return
-    state_dict = _read_state_dict(path, model, resize_embeddings)
     expected = model.state_dict()
-    head_keys = {k for k in state_dict if k.startswith("head.")}
+    head_keys = [k for k in state_dict if k.startswith("head.")]
     for key in head_keys:
         if key not in expected or expected[key].shape != state_dict[key].shape:
             del state_dict[key]
@@ -128,7 +133,21 @@ def load_backbone_weights(model: nn.Module, checkpoint_path: os.PathLike, resize
             parts.append(f"shape mismatches: {show(mismatched)}")
         parts.append("check backbone.name and backbone.kwargs against the checkpoint")
         raise ValueError("; ".join(parts))
-    model.load_state_dict(state_dict, strict=True)
+
+
+def load_backbone_weights(model: nn.Module, checkpoint_path: os.PathLike, resize_embeddings: bool = False) -> None:
+    """Load a local weights file into ``model``, failing clearly on any key or shape mismatch.
+
+    Classifier keys (``head.*``) of the file are ignored when the model has no head of that shape, so an
+    ImageNet classifier checkpoint loads into a ``num_classes=0`` backbone. A file made for another patch size
+    or image size needs ``resize_embeddings`` (see :class:`BackboneConfig`).
+    """
+    path = Path(checkpoint_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone.checkpoint_path={str(path)!r} does not exist")
+    if family_for(model).load_special_file(model, path, resize_embeddings):  # e.g. ViT's original .npz files
+        return
+    model.load_state_dict(_read_state_dict(path, model, resize_embeddings), strict=True)
 
 
 @functools.lru_cache(maxsize=32)

@@ -41,3 +41,4 @@ def family_for(model: nn.Module) -> Type["PromptedBackbone"]:
         f"no prompted-backbone family for the timm model class {type(model).__name__}; supported classes: "
         f"{supported_classes()} (add a module under vpt_lightning/backbones/ with @register_family)"
     )
+

@@ -15,7 +15,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..prompt import INPUT_LOCATIONS, PaddingPrompt, PromptConfig, Prompts, xavier_bound
+from ..prompt import INPUT_LOCATIONS, POOLS, PaddingPrompt, PromptConfig, Prompts, xavier_bound
 from .base import PromptedBackbone, refuse_resampling
 from .registry import register_family
 
@@ -88,6 +88,8 @@ class PromptedViT(PromptedBackbone):
         backbone_eval: keep ``vit`` in eval mode even when this module trains (its dropout and drop-path off,
             as the official VPT code); prompt dropout still follows ``self.training``.
     """
+
+    pools = POOLS
 
     def __init__(
         self,

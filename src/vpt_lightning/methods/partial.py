@@ -39,5 +39,5 @@ class Partial(TuningMethod):
         blocks = backbone.blocks()
         if config.last_blocks > len(blocks):
             raise ValueError(f"tuning.last_blocks={config.last_blocks} exceeds the backbone's {len(blocks)} blocks")
-        trained = blocks[len(blocks) - config.last_blocks :] + backbone.final_norms()
+        trained = backbone.last_blocks(config.last_blocks) + backbone.final_norms()
         unfreeze(backbone.model, module_names(backbone.model, trained))
