@@ -18,7 +18,7 @@ from torch import nn
 
 from ..backbones.base import PromptedBackbone
 from ..dataclass_config import number
-from .base import TuningConfig, TuningMethod
+from .base import AdamWRecipe, TuningConfig
 from .registry import register_method
 
 INITS = ("learn", "official")
@@ -82,13 +82,10 @@ def mlp_width(block: nn.Module) -> int:
 
 
 @register_method
-class AdapterMethod(TuningMethod):
+class AdapterMethod(AdamWRecipe):
     name = "adapter"
     Config = AdapterConfig
     prompts = "none"
-    lr_grid = "base_lr_tuned_backbone"
-    wd_grid = "weight_decay_tuned_backbone"
-    optimizer = "adamw"
     paper_method = "adapter"
     label_option = "reduction"
 

@@ -98,6 +98,20 @@ class TuningMethod:
         return nn.Linear(in_features, num_classes)
 
 
+class AdamWRecipe(TuningMethod):
+    """Methods the paper trains with AdamW on the official fine-tuning lr x wd grid (spec extensions §5/§8)."""
+
+    lr_grid = "base_lr_tuned_backbone"
+    wd_grid = "weight_decay_tuned_backbone"
+    optimizer = "adamw"
+
+
+class FineTuningMethod(AdamWRecipe):
+    """Methods that train backbone weights (full, partial, bias): AdamW, and the backbone cannot be shared."""
+
+    trains_backbone = True
+
+
 def module_names(root: nn.Module, modules: List[nn.Module]) -> List[str]:
     """Names of ``modules`` relative to ``root`` (for timm's freeze/unfreeze helpers)."""
     names: Dict[int, str] = {id(m): n for n, m in root.named_modules()}

@@ -3,18 +3,14 @@
 from timm.utils.model import unfreeze
 
 from ..backbones.base import PromptedBackbone
-from .base import TuningConfig, TuningMethod
+from .base import FineTuningMethod, TuningConfig
 from .registry import register_method
 
 
 @register_method
-class Full(TuningMethod):
+class Full(FineTuningMethod):
     name = "full"
     prompts = "none"
-    trains_backbone = True
-    lr_grid = "base_lr_tuned_backbone"
-    wd_grid = "weight_decay_tuned_backbone"
-    optimizer = "adamw"  # the paper trains backbone weights with AdamW (spec extensions §5/§8)
     paper_method = "full"
 
     @classmethod

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..backbones.base import PromptedBackbone
 from ..dataclass_config import number
-from .base import TuningConfig, TuningMethod
+from .base import AdamWRecipe, TuningConfig
 from .registry import register_method
 
 
@@ -48,13 +48,10 @@ def linear_names(model: nn.Module) -> List[str]:
 
 
 @register_method
-class LoRA(TuningMethod):
+class LoRA(AdamWRecipe):
     name = "lora"
     Config = LoRAConfig
     prompts = "none"
-    lr_grid = "base_lr_tuned_backbone"
-    wd_grid = "weight_decay_tuned_backbone"
-    optimizer = "adamw"  # as follow-up papers train LoRA (the VPT paper has no LoRA row)
     label_option = "rank"
 
     @classmethod

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from timm.utils.model import unfreeze
 
 from ..backbones.base import PromptedBackbone
-from .base import TuningConfig, TuningMethod, module_names
+from .base import FineTuningMethod, TuningConfig, module_names
 from .registry import register_method
 
 
@@ -24,15 +24,11 @@ class PartialConfig(TuningConfig):
 
 
 @register_method
-class Partial(TuningMethod):
+class Partial(FineTuningMethod):
     name = "partial"
     label_option = "last_blocks"
     Config = PartialConfig
     prompts = "none"
-    trains_backbone = True
-    lr_grid = "base_lr_tuned_backbone"
-    wd_grid = "weight_decay_tuned_backbone"
-    optimizer = "adamw"  # the paper trains backbone weights with AdamW (spec extensions §5/§8)
 
     @classmethod
     def apply(cls, backbone: PromptedBackbone, config: PartialConfig) -> None:  # type: ignore[override]
