@@ -197,3 +197,36 @@ def test_report_has_a_column_per_method_and_the_papers_group_means_where_it_has_
     rows = {line.split(" | ")[0].strip("| "): line for line in markdown.splitlines()}
     assert rows["VTAB natural (mean of 7)"].endswith("| 77.64 |")  # VPT-Deep + Bias, the paper's group mean
     assert rows["VTAB mean of the 3 group means"].endswith(f"| {(77.64 + 82.22 + 53.87) / 3:.2f} |")
+
+
+# ---- every method through vpt-tune and vpt-report, offline on the quickstart -----------------------------------
+def test_every_method_runs_through_vpt_tune_and_vpt_report_on_the_quickstart(tmp_path):
+    import csv
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    tiny = ["+experiment=quickstart", "+debug=fast", "data.num_train=32", "data.num_val=16", "data.num_test=16",
+            "data.batch_size=16", "protocol.base_lr=[1]", "protocol.weight_decay=[0]",
+            "protocol.base_lr_tuned_backbone=[0.001]", "protocol.weight_decay_tuned_backbone=[0]", "protocol.seeds=[1]"]
+    proc = subprocess.run([str(bin_dir / "vpt-tune"), "-m", *tiny, "task_name=demo", f"tuning={','.join(method_names())}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = {}
+    for path in (tmp_path / "outputs" / "demo" / "protocol").glob("*/summary.json"):
+        summary = json.loads(path.read_text())
+        summaries[summary["method"]] = summary
+    assert sorted(summaries) == method_names()
+    for name, summary in summaries.items():  # each ran the paper's optimizer for its method, on its own grid
+        assert summary["optimizer"] == get_method(name).optimizer
+        assert summary["selected"]["base_lr"] == (0.001 if get_method(name).optimizer == "adamw" else 1)
+    report = subprocess.run([str(bin_dir / "vpt-report"), "outputs"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "outputs" / "report.csv").open()))
+    demo = {r["tuning"]: r for r in rows if r["task"] == "demo"}
+    assert sorted(demo) == sorted(s["tuning"] for s in summaries.values())  # a column per method
+    for summary in summaries.values():
+        assert float(demo[summary["tuning"]]["test_top1_mean"]) == pytest.approx(100 * summary["test_top1"]["mean"], abs=0.01)
