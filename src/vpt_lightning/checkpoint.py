@@ -8,8 +8,9 @@ server reads it with :func:`read_task_checkpoint` and checks it with :func:`chec
 
 from __future__ import annotations
 
-import hashlib
 import os
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
@@ -17,11 +18,21 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
-IDENTITY_KEY = "vpt_backbone_identity"
-# timm.create_model arguments that only act while training, so they are no part of the backbone's identity
-TRAINING_ONLY_KWARGS = frozenset(
-    {"drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"}
+from .backbones.identity import (  # noqa: F401  (re-exported: the identity lives with the backbones)
+    TRAINING_ONLY_KWARGS,
+    architecture,
+    backbone_identity,
+    check_backbone_identity,
+    file_sha256,
+    identity_differences,
+    weights_fingerprint,
 )
+
+IDENTITY_KEY = "vpt_backbone_identity"
+# how to rebuild the head (vpt_lightning.heads), for heads other than the tuning method's
+HEAD_KEY = "vpt_task_head"
+# what weights-only unpickling names when a file asks for a class or function: "Unsupported global: GLOBAL exec"
+REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
 # ---- the trainable state --------------------------------------------------------------------------------
@@ -59,124 +70,46 @@ class TaskCheckpoint:
     state_dict: Dict[str, torch.Tensor]
     hparams: Dict[str, Any]
     identity: Optional[Dict[str, Any]]
+    head: Optional[Dict[str, Any]] = None
 
 
 def read_task_checkpoint(path: os.PathLike) -> TaskCheckpoint:
     """Read a task checkpoint (``last.ckpt`` of ``vpt-train``) on the CPU, without Lightning.
 
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for one that is not a task
-    checkpoint. The file is unpickled: read only checkpoints you trust.
+    The file is read with ``torch.load(weights_only=True)``: tensors and plain values only, so a file carrying a
+    pickled payload (code run on loading) is refused with a ``ValueError`` naming the file and what was refused,
+    and the payload never runs. Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file
+    for one that is not a task checkpoint.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"task checkpoint {str(path)!r} does not exist")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file: name it
-        raise ValueError(f"{str(path)!r} could not be read as a checkpoint: {err}") from err
+    raw = load_weights_only(path)
     if not isinstance(raw, dict) or "state_dict" not in raw or "hyper_parameters" not in raw:
         raise ValueError(
             f"{str(path)!r} is not a vpt-lightning task checkpoint (no 'state_dict' and 'hyper_parameters'); "
             "give a checkpoints/last.ckpt written by vpt-train or VPTModule"
         )
-    return TaskCheckpoint(path, dict(raw["state_dict"]), dict(raw["hyper_parameters"]), raw.get(IDENTITY_KEY))
-
-
-# ---- the backbone's identity ------------------------------------------------------------------------------
-def file_sha256(path: os.PathLike, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def weights_fingerprint(model: nn.Module, values_per_tensor: int = 4096) -> str:
-    """A cheap digest of a model's weights: names, shapes and an evenly strided sample of every tensor.
-
-    The sample spans the whole tensor (every value of tensors up to ``values_per_tensor`` values), so another
-    checkpoint, another random init or a fine-tuned copy gets another fingerprint, while ViT-H still takes well
-    under a second. The sampled values are hashed exactly (on the CPU, as float32), so the fingerprint does not
-    depend on the device.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        if tensor.is_floating_point():
-            flat = tensor.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // values_per_tensor)]
-            digest.update(sample.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def architecture(model: nn.Module, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
-    """What decides the backbone's function besides its weights: the ``timm.create_model`` kwargs (training-only
-    rates left out) and the family's settings that leave no trace in the weight names and shapes."""
-    from .backbones import family_for  # the families register on import of the package
-
-    return {
-        "kwargs": {k: v for k, v in sorted(kwargs.items()) if k not in TRAINING_ONLY_KWARGS},
-        **family_for(model).architecture(model),
-    }
-
-
-def backbone_identity(
-    model: nn.Module,
-    name: str,
-    kwargs: Mapping[str, Any],
-    weights: str,
-    checkpoint_path: Optional[os.PathLike] = None,
-) -> Dict[str, Any]:
-    """The identity stored in every task checkpoint: fingerprint, width, depth and architecture decide; the timm
-    name, the weights source (``hub``, ``file``, ``random(seed=k)``) and the file's SHA-256 are information."""
-    from .backbones import family_for  # the families register on import of the package
-
-    identity: Dict[str, Any] = {"name": name, "kwargs": dict(kwargs), "weights": weights}
-    if checkpoint_path:
-        identity["checkpoint_sha256"] = file_sha256(Path(checkpoint_path).expanduser())
-    identity.update(
-        embed_dim=int(getattr(model, "embed_dim", getattr(model, "num_features", 0))),
-        depth=family_for(model).depth(model),
-        architecture=architecture(model, kwargs),
-        fingerprint=weights_fingerprint(model),
+    return TaskCheckpoint(
+        path, dict(raw["state_dict"]), dict(raw["hyper_parameters"]), raw.get(IDENTITY_KEY), raw.get(HEAD_KEY)
     )
-    return identity
 
 
-def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> List[str]:
-    """What differs between two identities (fingerprint, width, depth, architecture); empty when they match."""
-    diffs = [
-        f"{k}: checkpoint {saved.get(k)!r} vs current {current.get(k)!r}"
-        for k in ("fingerprint", "embed_dim", "depth")
-        if saved.get(k) != current.get(k)
-    ]
-    saved_arch, current_arch = saved.get("architecture") or {}, current.get("architecture") or {}
-    diffs += [
-        f"architecture.{k}: checkpoint {saved_arch.get(k)!r} vs current {current_arch.get(k)!r}"
-        for k in sorted(set(saved_arch) | set(current_arch))
-        if saved_arch.get(k) != current_arch.get(k)
-    ]
-    if not saved_arch:
-        diffs.append("architecture: not recorded in the checkpoint (written by an older version)")
-    return diffs
-
-
-def check_backbone_identity(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
-    """Raise a ``ValueError`` naming the differences when a task checkpoint's backbone is not this one.
-
-    The weights fingerprint, width, depth and architecture decide, so the same weights from another source (hub,
-    a local file in another format, a random init saved to a file) are accepted; the name, weights source and
-    file hash are shown in the error only as information.
-    """
-    diffs = identity_differences(saved, current)
-    if diffs:
-        info = [
-            f"{k}: checkpoint {saved.get(k)!r}, current {current.get(k)!r}"
-            for k in ("name", "weights", "checkpoint_sha256")
-        ]
-        raise ValueError(
-            "this task checkpoint was trained on another backbone; load it with the same backbone weights and "
-            f"architecture as in training. Differences: {'; '.join(diffs)}. For information: {'; '.join(info)}"
-        )
+def load_weights_only(path: os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with errors that name the file: what unpickling refused
+    (a class or function outside torch's allow-list of tensors and plain containers), or why it is unreadable."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = REFUSED_GLOBAL.search(str(err))
+        if found:
+            raise ValueError(
+                f"{str(path)!r} was refused: it asks to unpickle {found.group(1)!r}, which is not a tensor or plain "
+                "value (read with torch.load(weights_only=True)); a task checkpoint never needs it, so the file was "
+                "not loaded and nothing in it ran"
+            ) from None
+        reason = str(err).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip()
+        raise ValueError(f"{str(path)!r} could not be read as a checkpoint: {reason}") from None
+    except Exception as err:  # a truncated or foreign file: name it
+        raise ValueError(f"{str(path)!r} could not be read as a checkpoint: {err}") from err

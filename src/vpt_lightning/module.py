@@ -13,11 +13,13 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from .backbones import BackboneConfig, PromptedBackbone, create_backbone, prompted_backbone
-from .checkpoint import IDENTITY_KEY, check_backbone_identity, trainable_state_keys
+from .backbones import BackboneConfig, PromptedBackbone, prompted_backbone
+from .checkpoint import HEAD_KEY, IDENTITY_KEY, check_backbone_identity, trainable_state_keys
+from .heads import describe_head
 from .methods import TuningConfig, parse_tuning
 from .optim import OptimConfig
 from .prompt import PromptConfig
+from .task_model import TaskModel, TaskSpec, build_task_model
 
 
 def _as_dict(cfg: Any) -> Dict[str, Any]:
@@ -48,6 +50,10 @@ class VPTModule(pl.LightningModule):
 
     The learning rate is logged by the ``vpt-train`` CLI's ``LearningRateMonitor`` (as ``lr``); library users
     add ``pytorch_lightning.callbacks.LearningRateMonitor`` to their ``Trainer`` callbacks.
+
+    The network is a :class:`~vpt_lightning.task_model.TaskModel` (``self.task``: the same ``backbone`` and ``head``
+    modules, with the class names, eval transform and backbone identity), which ``task.save_pretrained(dir)`` shares
+    as a package; this module adds the training (steps, optimisation, metrics, small checkpoints).
 
     Hooks for subclasses (override, no need to copy the module):
         - :meth:`build_head` -> the classifier ``nn.Module`` on the pooled features.
@@ -120,15 +126,24 @@ class VPTModule(pl.LightningModule):
                 "eval_transform": dict(eval_transform) if eval_transform is not None else None,
             }
         )
-        model, self.backbone_identity = create_backbone(backbone_config)
-        # the backbone's own size, before a method adds adapters or LoRA layers to it
-        self.backbone_size = sum(p.numel() for p in model.parameters())
-        self.backbone = self.build_backbone(model)
+        spec = TaskSpec(
+            num_classes, backbone_config.to_dict(), self.prompt_config.to_dict(), self.tuning_config.to_dict(),
+            task_name=task_name, class_names=self.hparams["class_names"], eval_transform=self.hparams["eval_transform"],
+        )
+        # the network is the task's (one factory); this module's hooks build its backbone and head, so a subclass's
+        # head ends up in the task. The task is kept outside the module tree: its backbone and head are this module's
+        # own submodules, so the state-dict keys stay ``backbone.*`` and ``head.*`` (the task's keys too).
+        task = build_task_model(spec, backbone=backbone_config, backbone_eval=backbone_eval,
+                                build_backbone=self._build_task_backbone, build_head=self.build_head)
+        self.__dict__["task"]: TaskModel = task
+        self.head = task.head
+        spec.head = describe_head(task.head, self.tuning_method, self.tuning_config, task.backbone.num_features,
+                                  num_classes)
+        self.backbone_identity = task.identity
         self.data_config: Dict[str, Any] = self.backbone.data_config()
         self.backbone.set_grad_checkpointing(grad_checkpointing)
         # the compiled forward is kept outside the module tree, so state-dict keys stay the same
         self.__dict__["_compiled_backbone"] = torch.compile(self.backbone) if compile else None
-        self.head = self.build_head(self.backbone.num_features, num_classes)
         self.criterion = self.build_loss()
         metrics = MetricCollection(
             {
@@ -143,6 +158,27 @@ class VPTModule(pl.LightningModule):
         self.inputs_are_features = False
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+
+    def _build_task_backbone(self, model: nn.Module) -> PromptedBackbone:
+        # the backbone's own size, before a method adds adapters or LoRA layers to it
+        self.backbone_size = sum(p.numel() for p in model.parameters())
+        backbone = self.build_backbone(model)
+        self.backbone = backbone  # registered now: build_head hooks may read self.backbone
+        return backbone
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # ``module.backbone = ...`` / ``module.head = ...`` replace the task's too (they are the same modules)
+        super().__setattr__(name, value)
+        task = self.__dict__.get("task")
+        if task is not None and name in ("backbone", "head"):
+            setattr(task, name, value)
+
+    def set_eval_transform(self, eval_transform: Optional[Mapping[str, Any]]) -> None:
+        """Record how evaluation images are prepared (the DataModule's ``eval_transform_config()``), in the
+        hparams (checkpoints) and the task (packages)."""
+        value = dict(eval_transform) if eval_transform is not None else None
+        self.hparams["eval_transform"] = value
+        self.task.spec.eval_transform = value
 
     # ---- hooks ------------------------------------------------------------------------------------------
     def build_backbone(self, model: nn.Module) -> PromptedBackbone:
@@ -271,6 +307,8 @@ class VPTModule(pl.LightningModule):
         keep = set(self.trainable_state_keys())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint[IDENTITY_KEY] = dict(self.backbone_identity)
+        if self.task.spec.head is not None:
+            checkpoint[HEAD_KEY] = dict(self.task.spec.head)
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         saved = checkpoint.get(IDENTITY_KEY)

@@ -15,7 +15,7 @@ from .base import PromptedBackbone
 from .registry import family_for, register_family, supported_classes
 
 for _module in pkgutil.iter_modules(__path__):
-    if _module.name not in ("base", "registry", "loading"):
+    if _module.name not in ("base", "registry", "loading", "identity", "pin"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 from .loading import BackboneConfig, create_backbone, load_backbone_weights  # noqa: E402

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..checkpoint import backbone_identity
+from .identity import backbone_identity
 from ..dataclass_config import DataclassConfig
 from ..paper import BACKBONES, backbone_key
 from .base import PromptedBackbone, refuse_resampling

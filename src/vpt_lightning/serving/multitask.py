@@ -1,4 +1,4 @@
-"""``MultiTaskClassifier``: many task checkpoints on one shared frozen backbone; a batch may mix tasks."""
+"""``MultiTaskClassifier``: many tasks (packages or checkpoints) on one shared frozen backbone; a batch may mix tasks."""
 
 from __future__ import annotations
 
@@ -12,17 +12,20 @@ import torch
 from torch import nn
 
 from ..backbones import BackboneConfig, PromptedBackbone, create_backbone, prompted_backbone
+from ..backbones.identity import identity_differences
+from ..backbones.pin import backbone_pin
 from ..backbones.vit import gathers_prompts
-from ..checkpoint import TaskCheckpoint, identity_differences, read_task_checkpoint
+from ..checkpoint import TaskCheckpoint
 from ..methods import parse_tuning
-from ..prompt import PromptConfig
+from ..task_model import TaskModel, TaskRecord, TaskSpec, assemble
+from ..task_sources import read_task
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 @dataclass
 class TaskInfo:
-    """What a served task is: its name, classes, tuning method, checkpoint file and evaluation transform."""
+    """What a served task is: its name, classes, tuning method, source (package or checkpoint) and eval transform."""
 
     name: str
     class_names: List[str]
@@ -38,22 +41,14 @@ class TaskInfo:
         return {"name": self.name, "method": self.method, "num_classes": self.num_classes, "classes": self.class_names}
 
 
-class TaskClassifier(nn.Module):
-    """One task: its prompted backbone (wrapping the shared timm model) and its head; keys as in ``VPTModule``."""
-
-    def __init__(self, backbone: PromptedBackbone, head: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+# the per-task module of earlier versions: a task is a TaskModel (prompted backbone + head, keys as in VPTModule)
+TaskClassifier = TaskModel
 
 
 class MultiTaskClassifier(nn.Module):
     """Classify a batch in which every image may belong to another task, with one copy of the frozen backbone.
 
-    Each task adds only its prompts and head (a :class:`TaskClassifier` whose prompted backbone wraps the shared
+    Each task adds only its prompts and head (a :class:`~vpt_lightning.task_model.TaskModel` whose prompted backbone wraps the shared
     timm model). ``forward(images, task_index)`` runs the backbone once for the whole batch: a ViT gathers each
     sample's own prompts (:meth:`~vpt_lightning.backbones.PromptedViT.gather_prompts`; tasks may differ in prompt
     length and depth, shorter prompts are masked out of attention). A batch holding a task whose prompts are not
@@ -81,20 +76,32 @@ class MultiTaskClassifier(nn.Module):
         self.eval()
 
     @classmethod
+    def from_sources(
+        cls,
+        sources: Union[Sequence[Union[str, os.PathLike]], Mapping[str, Union[str, os.PathLike]]],
+        backbone: Any = None,
+    ) -> "MultiTaskClassifier":
+        """Load tasks (a list, or names -> sources) on one shared backbone: the pinned ``backbone`` (see
+        :func:`~vpt_lightning.backbones.pin.backbone_pin`: a config, a ``conf/backbone`` name, a YAML or weights
+        file), else the first task's. A source is a package folder, a Hub repo id, a ``.ckpt`` or a run folder."""
+        items = list(sources.items()) if isinstance(sources, Mapping) else [(None, p) for p in sources]
+        if not items:
+            raise ValueError("no task given")
+        read = [(name, read_task(source)) for name, source in items]
+        first = read[0][1].spec.backbone
+        model = cls(backbone_pin(backbone, first) if backbone is not None else first)
+        for name, record in read:
+            model.add_task(record, name)
+        return model
+
+    @classmethod
     def from_checkpoints(
         cls,
         checkpoints: Union[Sequence[os.PathLike], Mapping[str, os.PathLike]],
         backbone: Union[BackboneConfig, Mapping[str, Any], None] = None,
     ) -> "MultiTaskClassifier":
-        """Load task checkpoints (a list, or names -> paths) on the backbone of the first one (or ``backbone``)."""
-        items = list(checkpoints.items()) if isinstance(checkpoints, Mapping) else [(None, p) for p in checkpoints]
-        if not items:
-            raise ValueError("no task checkpoint given")
-        read = [(name, read_task_checkpoint(path)) for name, path in items]
-        model = cls(backbone if backbone is not None else read[0][1].hparams["backbone"])
-        for name, checkpoint in read:
-            model.add_task(checkpoint, name)
-        return model
+        """:meth:`from_sources` (task checkpoints, packages or run folders; a list or names -> paths)."""
+        return cls.from_sources(checkpoints, backbone)
 
     @property
     def model(self) -> nn.Module:
@@ -105,13 +112,16 @@ class MultiTaskClassifier(nn.Module):
     def task_names(self) -> List[str]:
         return list(self.tasks.keys())
 
-    def add_task(self, checkpoint: Union[TaskCheckpoint, os.PathLike], name: Optional[str] = None) -> str:
-        """Load a task checkpoint onto the shared backbone; returns its name (``name``, else the checkpoint's
+    def add_task(self, source: Union[TaskRecord, TaskCheckpoint, str, os.PathLike], name: Optional[str] = None) -> str:
+        """Load a task (a package, Hub repo id, ``.ckpt``, run folder, or one already read) onto the shared
+        backbone as a :class:`~vpt_lightning.task_model.TaskModel`; returns its name (``name``, else the task's
         ``task_name``, else its run folder's name)."""
-        if not isinstance(checkpoint, TaskCheckpoint):
-            checkpoint = read_task_checkpoint(checkpoint)
-        path, hparams = checkpoint.path, checkpoint.hparams
-        name = name or hparams.get("task_name") or default_task_name(path)
+        if isinstance(source, TaskCheckpoint):
+            spec = TaskSpec.from_mapping({**source.hparams, "head": source.head}, origin=repr(str(source.path)))
+            source = TaskRecord(source.path, spec, source.state_dict, source.identity, {})
+        record = source if isinstance(source, TaskRecord) else read_task(source)
+        path, spec = record.origin, record.spec
+        name = name or spec.task_name or default_task_name(path)
         if not TASK_NAME.match(name):
             raise ValueError(f"task name {name!r} ({str(path)!r}) may hold only letters, digits, '_' and '-'")
         if name in self.tasks:
@@ -119,43 +129,27 @@ class MultiTaskClassifier(nn.Module):
                 f"task name {name!r} of {str(path)!r} is already taken by {str(self.infos[name].path)!r}; name the "
                 "tasks explicitly (NAME=PATH on the command line, a mapping in Python)"
             )
-        method, tuning = parse_tuning(hparams.get("tuning"))
+        method, tuning = parse_tuning(spec.tuning)
         if method.trains_backbone:
             raise ValueError(
                 f"{str(path)!r}: tuning={tuning.name} changes backbone weights, so it cannot share the frozen backbone "
-                "with other tasks; load it alone with VPTModule.load_from_checkpoint"
+                "with other tasks; load it alone with vpt_lightning.task_sources.load_task (or VPTModule.load_from_checkpoint)"
             )
-        if checkpoint.identity is None:
+        if record.identity is None:
             raise ValueError(f"{str(path)!r} records no backbone identity, so it cannot be checked against the backbone")
-        differences = identity_differences(checkpoint.identity, self.identity)
+        differences = identity_differences(record.identity, self.identity)
         if differences:
             raise ValueError(
                 f"{str(path)!r} was trained on another backbone than the shared one ({self.backbone_config.name}, "
                 f"weights {self.identity.get('weights')}); differences: {'; '.join(differences)}"
             )
-        task = self._build_task(checkpoint, method, tuning)
-        num_classes = int(hparams["num_classes"])
-        class_names = hparams.get("class_names") or [str(i) for i in range(num_classes)]
-        self.tasks[name] = task
-        self.infos[name] = TaskInfo(name, list(class_names), tuning.name or method.name, path, hparams.get("eval_transform"))
-        return name
-
-    def _build_task(self, checkpoint: TaskCheckpoint, method: Any, tuning: Any) -> TaskClassifier:
-        hparams, path = checkpoint.hparams, checkpoint.path
         shared_keys = list(self.model.state_dict())
-        backbone = prompted_backbone(self.model, PromptConfig.from_mapping(hparams.get("prompt") or {"num_tokens": 0}))
-        method.apply(backbone, tuning)
+        task = assemble(record, model=self.model, identity=self.identity)
         if list(self.model.state_dict()) != shared_keys or any(p.requires_grad for p in self.model.parameters()):
             raise ValueError(f"{str(path)!r}: tuning={tuning.name} changes the backbone's modules; it cannot share it")
-        task = TaskClassifier(backbone, method.build_head(backbone.num_features, int(hparams["num_classes"]), tuning))
-        expected = {k for k in task.state_dict() if not k.startswith("backbone.model.")}
-        missing, unexpected = sorted(expected - set(checkpoint.state_dict)), sorted(set(checkpoint.state_dict) - expected)
-        if missing or unexpected:
-            raise ValueError(
-                f"{str(path)!r} does not fit the model its hparams describe: missing {missing}, unexpected {unexpected}"
-            )
-        task.load_state_dict(checkpoint.state_dict, strict=False)
-        return task.requires_grad_(False).eval().to(self.model_device())
+        self.tasks[name] = task.requires_grad_(False).eval().to(self.model_device())
+        self.infos[name] = TaskInfo(name, task.class_names, task.method_name, Path(path), task.eval_transform)
+        return name
 
     def model_device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -171,7 +165,7 @@ class MultiTaskClassifier(nn.Module):
     def forward(self, images: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, C_max)``: row ``b`` holds the logits of task ``task_index[b]`` in its first ``C`` columns
         and ``-inf`` after them (so a softmax over the row gives that task's probabilities)."""
-        tasks: List[TaskClassifier] = list(self.tasks.values())
+        tasks: List[TaskModel] = list(self.tasks.values())
         task_index = task_index.to(images.device)
         present = [int(t) for t in torch.unique(task_index).tolist()]
         backbone = self.backbone

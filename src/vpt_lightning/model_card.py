@@ -1,0 +1,100 @@
+"""The model card (``README.md``) of a task package: Hugging Face Hub front matter and a body that says what the
+task is, how it was trained, how well it does and how to cite the method."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+CITATION = """@inproceedings{jia2022vpt,
+  title     = {Visual Prompt Tuning},
+  author    = {Jia, Menglin and Tang, Luming and Chen, Bor-Chun and Cardie, Claire and Belongie, Serge and
+               Hariharan, Bharath and Lim, Ser-Nam},
+  booktitle = {European Conference on Computer Vision (ECCV)},
+  year      = {2022}
+}"""
+
+
+
+def base_model(backbone: Dict[str, Any], identity: Dict[str, Any]) -> Optional[str]:
+    """The Hub repo of the backbone's weights when they came from the Hub (timm's ``hf_hub_id``), else ``None``."""
+    if identity.get("weights") != "hub":
+        return None
+    try:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(backbone["name"])
+        hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    except Exception:  # an unknown name or tag: no link rather than a wrong one
+        return None
+    return hub_id or None
+
+
+def task_model_card(task: Any) -> ModelCard:
+    """The card of a :class:`~vpt_lightning.task_model.TaskModel` (its spec, identity and ``task.info``: metrics, parameter counts, command)."""
+    spec, info = task.spec, task.info
+    metrics: Dict[str, float] = dict(info.get("metrics") or {})
+    name = spec.task_name or "task"
+    method = task.method_name
+    results: List[EvalResult] = [
+        EvalResult(
+            task_type="image-classification", dataset_type=name, dataset_name=name, dataset_split=split,
+            metric_type="accuracy", metric_name=f"{split} top-1", metric_value=round(100 * float(metrics[key]), 2),
+        )
+        for split, key in (("validation", "val/top1"), ("test", "test/top1"))
+        if key in metrics
+    ]
+    data = ModelCardData(
+        library_name="vpt-lightning",
+        base_model=base_model(spec.backbone, task.identity),
+        tags=["visual-prompt-tuning", "vpt", "image-classification", "timm", method],
+        datasets=list(info.get("datasets") or [name]),
+        metrics=["accuracy"],
+        pipeline_tag="image-classification",
+        license="apache-2.0",
+        model_name=f"{name} ({method})" if results else None,
+        eval_results=results or None,
+    )
+    trainable = info.get("trainable_params")
+    if trainable is None:
+        trainable = sum(task.state_dict()[k].numel() for k in task.trained_state_keys())
+    rows = [f"| {key} | {_figure(key, value)} |" for key, value in sorted(metrics.items())]
+    command = info.get("command")
+    lines = [
+        f"# {name}: {method} on {spec.backbone.get('name')}",
+        "",
+        f"A task trained with vpt-lightning by **{method}** (Visual Prompt Tuning, "
+        "Jia et al., ECCV 2022): the frozen backbone is not part of this package, only the trained tensors "
+        f"({trainable:,} trainable parameters"
+        + (f", {float(info['trainable_percent']):.2f}% of the backbone)." if "trainable_percent" in info else ").")
+        + f" Prompts: {spec.prompt.get('num_tokens', 0)} tokens, deep={spec.prompt.get('deep')}.",
+        "",
+        f"Backbone: `{spec.backbone.get('name')}` (weights: {task.identity.get('weights')}, fingerprint "
+        f"`{task.identity.get('fingerprint')}`); {spec.num_classes} classes.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from vpt_lightning.task_model import TaskModel",
+        "task = TaskModel.from_pretrained(\"PATH_OR_REPO_ID\")  # backbone=... pins the frozen backbone",
+        "logits = task(images)  # images prepared as in config.json's eval_transform",
+        "```",
+        "",
+        "or `vpt-predict PATH_OR_REPO_ID --images DIR`, `vpt-serve PATH_OR_REPO_ID`.",
+        "",
+        "## Results",
+        "",
+    ]
+    lines += (["| metric | value |", "|---|---|", *rows] if rows else ["No evaluation was recorded."])
+    lines += ["", "## Training", ""]
+    lines += [f"```\n{command}\n```" if command else "Trained in Python (no vpt-train command recorded)."]
+    lines += ["", "## Citation", "", "```bibtex", CITATION, "```", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _figure(key: str, value: Any) -> str:
+    if "top" in key or "acc" in key:
+        return f"{100 * float(value):.2f} %"
+    return f"{float(value):.4f}"
+
