@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,8 @@ from .prompt import PromptConfig
 
 log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
+# the task package of a run folder (TaskModel.save_pretrained)
+PACKAGE_DIR = "task"
 # config keys that do not change what a run computes (where it writes, how it loads data, what it prints)
 NOT_RESULT_KEYS = {
     "data": ("root", "task_dir", "image_dir", "num_workers", "persistent_workers", "pin_memory", "eval_batch_size"),
@@ -149,7 +153,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     module = build_module(cfg, configs, datamodule)
     datamodule.backbone_data_config = module.data_config
     # how evaluation images are prepared (known once the backbone's data config is): predict image files alike
-    module.hparams["eval_transform"] = datamodule.eval_transform_config()
+    module.set_eval_transform(datamodule.eval_transform_config())
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger")) or False
     )
@@ -179,9 +183,39 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         results.update(_scalar_metrics(test_metrics[0] if test_metrics else {}))
     results = {k: v for k, v in results.items() if not k.startswith("train/loss_step")}
     if trainer.is_global_zero:
+        write_task_package(cfg, module, results, run_dir)
         write_json_atomic(results, run_dir / RESULTS_FILE)
         print_summary(results, run_dir)
     return results
+
+
+def training_command(cfg: DictConfig) -> str:
+    """The command line that trained a run: the CLI and its Hydra overrides (else the process's own arguments)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+        cli = "vpt-tune" if hydra_cfg.job.config_name == "tune" else "vpt-train"
+        return shlex.join([cli, *hydra_cfg.overrides.task])
+    except (ImportError, ValueError):  # not inside a Hydra job (train() called from Python)
+        return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def write_task_package(cfg: DictConfig, module: VPTModule, results: Dict[str, Any], run_dir: Path) -> Optional[Path]:
+    """Write the run's task package (``<run>/task/``: safetensors + config.json + model card) unless
+    ``package=false``; classification only (a segmentation head is not rebuilt by name)."""
+    if not cfg.get("package", True) or cfg.get("task_type", "classification") != "classification":
+        return None
+    task = module.task
+    task.info = {
+        "metrics": {k: float(v) for k, v in results.items() if k.startswith(("val/", "test/"))},
+        **{k: results[k] for k in ("trainable_params", "backbone_params", "trainable_percent", "epochs") if k in results},
+        "command": training_command(cfg),
+        "datasets": [str(cfg.task_name)],
+    }
+    folder = run_dir / PACKAGE_DIR
+    task.save_pretrained(folder)
+    return folder
 
 
 def use_feature_cache(cfg: DictConfig, configs: ModelConfigs, module: VPTModule, datamodule: Any,

@@ -71,7 +71,8 @@ def _read_state_dict(path: Path, model: nn.Module, resize: bool = False) -> Dict
     (and Swin's relative position tables) as new tensors; those need ``resize`` (``backbone.resize_embeddings``).
     """
     try:
-        state_dict = timm.models.load_state_dict(str(path), use_ema=False)
+        # never unpickles code: torch.load(weights_only=True) (safetensors files are not pickles)
+        state_dict = timm.models.load_state_dict(str(path), use_ema=False, weights_only=True)
     except Exception as err:  # unpickling/format errors: say which file
         raise ValueError(f"backbone.checkpoint_path={str(path)!r} could not be read as a weights file: {err}") from err
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):

@@ -1,4 +1,4 @@
-"""``vpt-predict CKPT... --images DIR|CSV [--task NAME] --out predictions.csv``: classify image files with trained
+"""``vpt-predict TASK... --images DIR|CSV [--task NAME] --out predictions.csv``: classify image files with trained
 tasks (one shared backbone), top-k classes with their probabilities."""
 
 from __future__ import annotations
@@ -6,36 +6,35 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 
 from ..serving.images import ImageError
-from ..serving.multitask import MultiTaskClassifier
+from ..serving.multitask import MultiTaskClassifier, load_tasks, parse_sources
 from ..serving.predict import list_images, predict_images, write_predictions
 
 
-def parse_checkpoints(values: Sequence[str]) -> Union[List[Path], Dict[str, Path]]:
-    """``PATH`` or ``NAME=PATH`` arguments -> a list of paths, or names -> paths when every one is named."""
-    pairs: List[Tuple[Optional[str], Path]] = []
-    for value in values:
-        name, sep, path = value.partition("=")
-        pairs.append((name, Path(path)) if sep and not Path(value).exists() else (None, Path(value)))
-    if all(name for name, _ in pairs):
-        return {name: path for name, path in pairs}  # type: ignore[misc]
-    if any(name for name, _ in pairs):
-        raise ValueError("name every checkpoint (NAME=PATH) or none (names then come from the checkpoints)")
-    return [path for _, path in pairs]
+def parse_checkpoints(values: Sequence[str]) -> Union[List[str], Dict[str, str]]:
+    """``SOURCE`` or ``NAME=SOURCE`` arguments (see :func:`vpt_lightning.serving.multitask.parse_sources`)."""
+    return parse_sources(values)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoints", nargs="+", metavar="CKPT",
-                        help="task checkpoints (checkpoints/last.ckpt of vpt-train), optionally NAME=PATH")
+    parser.add_argument("checkpoints", nargs="+", metavar="TASK",
+                        help="tasks: package folders (<run>/task of vpt-train), Hub repo ids, .ckpt files or run "
+                             "folders, optionally NAME=TASK")
     parser.add_argument("--top-k", type=int, default=5, help="classes reported per image (default 5)")
+    parser.add_argument("--backbone", metavar="NAME_OR_FILE",
+                        help="pin the frozen backbone instead of the tasks' own config: a packaged backbone config "
+                             "name (quickstart_vit...), a .yaml/.json of backbone fields, or a weights file")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE_OR_MODULE",
+                        help="import your own module first (a .py file or a dotted name), e.g. the one that "
+                             "registers a custom head with vpt_lightning.heads.register_head; repeatable")
 
 
-def load_model(values: Sequence[str]) -> MultiTaskClassifier:
-    return MultiTaskClassifier.from_checkpoints(parse_checkpoints(values))
+def load_model(values: Sequence[str], backbone: Optional[str] = None, imports: Sequence[str] = ()) -> MultiTaskClassifier:
+    return load_tasks(values, backbone, imports)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -56,7 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         parser.error(f"--top-k ({args.top_k}) and --batch-size ({args.batch_size}) must be >= 1")
     try:
-        model = load_model(args.checkpoints)
+        model = load_model(args.checkpoints, args.backbone, args.imports)
         items = list_images(args.images, model.task_names, args.task)
         trainer = pl.Trainer(
             accelerator=args.accelerator, devices=int(args.devices) if args.devices.isdigit() else args.devices,

@@ -32,7 +32,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"vpt-serve needs LitServe: pip install 'vpt-lightning[serve]' ({err})", file=sys.stderr)
         return 1
     try:
-        model = load_model(args.checkpoints)
+        model = load_model(args.checkpoints, args.backbone, args.imports)
     except (ValueError, FileNotFoundError) as err:
         print(f"vpt-serve: error: {err}", file=sys.stderr)
         return 1

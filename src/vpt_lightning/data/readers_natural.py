@@ -24,6 +24,42 @@ def _image_from_array(array: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array))
 
 
+# the globals a pickle of numpy arrays needs (numpy 1.x and 2.x module names, pickle protocols 2-5; protocol 2
+# written by Python 3 stores bytes through _codecs.encode, a pure str -> bytes conversion)
+ARRAY_GLOBALS = frozenset({
+    ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+})
+
+
+class ArrayUnpickler(pickle.Unpickler):
+    """An unpickler of plain containers and numpy arrays only: any other class or function a file names is
+    refused before it is looked up, so a payload in a downloaded pickle never runs."""
+
+    def __init__(self, handle, path: Path) -> None:
+        super().__init__(handle, encoding="latin1")
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in ARRAY_GLOBALS:
+            return super().find_class(module, name)
+        raise DataError(
+            f"{self.path}: refused to unpickle {module}.{name} (only numpy arrays and plain values are read from "
+            "CIFAR-100's pickles); the file is not torchvision's cifar-100-python file, nothing in it ran"
+        )
+
+
+def read_array_pickle(path: Path) -> dict:
+    """A pickle of numpy arrays and plain values (torchvision's CIFAR files), read with :class:`ArrayUnpickler`."""
+    with open(path, "rb") as handle:
+        entry = ArrayUnpickler(handle, Path(path)).load()
+    if not isinstance(entry, dict):
+        raise DataError(f"{path}: holds a {type(entry).__name__}, not the dict of a CIFAR-100 file")
+    return entry
+
+
 def read_cifar100(source: Path) -> Splits:
     """CIFAR-100 (TFDS ``cifar100`` 3.0.2): key = the example's index in its file, label = the fine label.
 
@@ -43,8 +79,7 @@ def read_cifar100(source: Path) -> Splits:
         else:
             path = require_file(pickled / split, "CIFAR-100 file", f"expected {binary}/{split}.bin or torchvision's "
                                 "cifar-100-python folder (vpt-prepare vtab --download fetches it)")
-            with open(path, "rb") as handle:
-                entry = pickle.load(handle, encoding="latin1")
+            entry = read_array_pickle(path)
             labels, pixels = np.asarray(entry["fine_labels"]), np.asarray(entry["data"], dtype=np.uint8)
         images = pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         splits[split] = SourceSplit(list(range(len(labels))), [int(v) for v in labels], array_names(split, len(labels)),

@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from ..backbones.identity import identity_differences
 from ..backbones.pin import backbone_pin
 from ..backbones.vit import gathers_prompts
 from ..checkpoint import TaskCheckpoint
+from ..heads import import_user_code
 from ..methods import parse_tuning
 from ..task_model import TaskModel, TaskRecord, TaskSpec, assemble
 from ..task_sources import read_task
@@ -204,9 +205,37 @@ class MultiTaskClassifier(nn.Module):
         return {"backbone": shared, **{f"task:{k}": v for k, v in per_task.items()}}
 
 
+def parse_sources(values: Sequence[str]) -> Union[List[str], Dict[str, str]]:
+    """``SOURCE`` or ``NAME=SOURCE`` arguments -> a list of sources, or names -> sources when every one is named."""
+    pairs: List[Tuple[Optional[str], str]] = []
+    for value in values:
+        name, sep, source = value.partition("=")
+        pairs.append((name, source) if sep and not Path(value).exists() else (None, value))
+    if all(name for name, _ in pairs):
+        return {name: source for name, source in pairs}  # type: ignore[misc]
+    if any(name for name, _ in pairs):
+        raise ValueError("name every task (NAME=SOURCE) or none (names then come from the tasks)")
+    return [source for _, source in pairs]
+
+
+def load_tasks(values: Sequence[str], backbone: Any = None, imports: Sequence[str] = ()) -> MultiTaskClassifier:
+    """What ``vpt-predict`` and ``vpt-serve`` serve: the tasks of ``SOURCE``/``NAME=SOURCE`` arguments (package
+    folders, Hub repo ids, ``.ckpt`` files, run folders) on one backbone, pinned by ``backbone`` (``--backbone``).
+
+    ``imports``: the operator's own modules (``.py`` files or dotted names) to import first, so that the heads they
+    register (:func:`vpt_lightning.heads.register_head`) can be rebuilt; a task never chooses code to import.
+    """
+    for target in imports:
+        import_user_code(target)
+    return MultiTaskClassifier.from_sources(parse_sources(values), backbone)
+
+
 def default_task_name(path: Path) -> str:
-    """A task's name from its file: the run's task folder for ``<task>/<run>/checkpoints/last.ckpt``, else the stem."""
+    """A task's name from its source: the run's task folder for ``<task>/<run>/checkpoints/last.ckpt`` and
+    ``<task>/<run>/task``, else the file's stem or the folder's name."""
     path = Path(path)
     if path.parent.name == "checkpoints" and len(path.parents) >= 3:
         return path.parents[2].name
-    return path.stem
+    if path.is_dir() and path.name == "task" and len(path.parents) >= 2:
+        return path.parents[1].name
+    return re.sub(r"[^A-Za-z0-9_-]", "_", path.stem if path.is_file() else path.name)

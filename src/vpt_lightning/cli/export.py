@@ -1,0 +1,82 @@
+"""``vpt-export``: convert a trained task for sharing.
+
+    vpt-export hub CKPT_OR_RUN --out DIR [--push OWNER/NAME]   # a task package (safetensors + config.json + card)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+from ..heads import import_user_code
+from ..task_sources import load_task
+
+RESULTS_FILE = "results.json"
+
+
+def run_info(source: Path) -> Dict[str, Any]:
+    """What a run folder's ``results.json`` says about the task (metrics, parameter counts) for its model card;
+    empty when ``source`` is not in a run folder."""
+    source = Path(source)
+    candidates = [source / RESULTS_FILE, source.parent / RESULTS_FILE]
+    if source.parent.name == "checkpoints":
+        candidates.append(source.parent.parent / RESULTS_FILE)
+    for path in candidates:
+        if path.is_file():
+            results = json.loads(path.read_text())
+            info: Dict[str, Any] = {"metrics": {k: float(v) for k, v in results.items()
+                                                if k.startswith(("val/", "test/")) and isinstance(v, (int, float))}}
+            info.update({k: results[k] for k in ("trainable_params", "backbone_params", "trainable_percent", "epochs")
+                         if k in results})
+            if results.get("task_name"):
+                info["datasets"] = [str(results["task_name"])]
+            return info
+    return {}
+
+
+def export_hub(args: argparse.Namespace) -> int:
+    for target in args.imports:
+        import_user_code(target)
+    task = load_task(args.source, backbone=args.backbone)
+    if not task.info:
+        task.info = run_info(Path(args.source))
+    task.save_pretrained(args.out)
+    print(f"vpt-export: task package written to {args.out} ({', '.join(sorted(p.name for p in args.out.iterdir()))})")
+    if args.push:
+        url = task.push_to_hub(args.push, private=args.private)
+        print(f"vpt-export: pushed to {url}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vpt-export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{hub}")
+    hub = commands.add_parser("hub", help="a task package folder (and optionally push it to the Hugging Face Hub)")
+    hub.add_argument("source", metavar="CKPT_OR_RUN",
+                     help="a task checkpoint (.ckpt), a vpt-train run folder or a task package")
+    hub.add_argument("--out", required=True, type=Path, help="the package folder written")
+    hub.add_argument("--push", metavar="OWNER/NAME", help="also upload the package to this Hub model repo")
+    hub.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    hub.add_argument("--backbone", metavar="NAME_OR_FILE", help="pin the frozen backbone (as vpt-predict --backbone)")
+    hub.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE_OR_MODULE",
+                     help="import your own module first (e.g. one registering a custom head)")
+    hub.set_defaults(run=export_hub)
+    # further formats register here as subcommands with their own set_defaults(run=...)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"vpt-export: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
