@@ -15,8 +15,11 @@ from torch import nn
 from vpt_lightning import VPTModule
 from vpt_lightning.config import asset_path
 from vpt_lightning.data.synthetic import SyntheticDataModule
+from vpt_lightning.heads import register_head
 
 
+# registered by name, so that the task's package can be loaded and served: vpt-serve --import examples/custom_head.py
+@register_head("examples.cosine")
 class CosineHead(nn.Module):
     """A cosine-similarity classifier with a learnable temperature."""
 

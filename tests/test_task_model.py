@@ -324,11 +324,15 @@ def test_vpt_serve_serves_the_run_package_and_a_custom_head_package(quickstart_r
     from vpt_lightning.serving.launch import running_server
 
     import_user_code(str(ROOT / "examples" / "custom_head.py"))
-    example = sys.modules["vpt_user_custom_head"]
+    example = sys.modules["custom_head"]
+    from vpt_lightning.backbones.pin import backbone_pin
+
     torch.manual_seed(0)
-    module = example.CosineVPT(num_classes=3, backbone=TINY_BACKBONE, prompt={"num_tokens": 2},
-                               optim={"base_lr": 1.0, "warmup_epochs": 0}, task_name="cosine",
-                               class_names=["x", "y", "z"])
+    classes = {f"k{i}" for i in range(NUM_CLASSES)}
+    module = example.CosineVPT(num_classes=NUM_CLASSES, backbone=backbone_pin("quickstart_vit"),  # shared backbone
+                               prompt={"num_tokens": 2}, optim={"base_lr": 1.0, "warmup_epochs": 0},
+                               task_name="cosine", class_names=sorted(classes))
+    fit_briefly(module, tmp_path, max_steps=2)
     module.task.save_pretrained(tmp_path / "cosine")
     assert json.loads((tmp_path / "cosine" / "config.json").read_text())["head"]["source"] == "registry"
     write_image(tmp_path / "a.png", seed=1, size=32)
@@ -336,8 +340,8 @@ def test_vpt_serve_serves_the_run_package_and_a_custom_head_package(quickstart_r
     options = ["--import", str(ROOT / "examples" / "custom_head.py"), "--accelerator", "cpu"]
     with running_server([quickstart_run / "task", tmp_path / "cosine"], options, startup_timeout=240,
                         env=SRC_ENV) as url:
-        for task, classes in (("quickstart", None), ("cosine", {"x", "y", "z"})):
+        for task, names in (("quickstart", None), ("cosine", classes)):
             status, body = _post(url + "/predict", {"task": task, "image": image, "top_k": 2})
             assert status == 200, body
             assert body["task"] == task and len(body["predictions"]) == 2
-            assert classes is None or {p["class"] for p in body["predictions"]} <= classes
+            assert names is None or {p["class"] for p in body["predictions"]} <= names

@@ -14,7 +14,6 @@ A package's ``config.json`` says how to rebuild its head, never by importing a m
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Type, TypeVar
@@ -98,18 +97,27 @@ def build_head(spec: Optional[Mapping[str, Any]], method: Any, tuning: Any, in_f
 
 
 def import_user_code(target: str) -> None:
-    """Import the operator's own module that registers heads: a ``.py`` file path or a dotted module name."""
+    """Import the operator's own module that registers heads: a ``.py`` file path or a dotted module name.
+
+    A file is imported under its own name with its folder put on ``sys.path`` (so worker processes, which
+    re-import the classes of the model they receive, find it too); another module of that name is refused.
+    """
     path = Path(target).expanduser()
     if target.endswith(".py") or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"--import {target!r}: no such file")
-        name = f"vpt_user_{path.stem}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise ValueError(f"--import {target!r} is not an importable Python file")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+        path = path.resolve()
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))
+        try:
+            module = importlib.import_module(path.stem)
+        except ImportError as err:
+            raise ValueError(f"--import {target!r} could not be imported: {err}") from err
+        found = Path(getattr(module, "__file__", "") or "").resolve()
+        if found != path:
+            raise ValueError(
+                f"--import {target!r}: the module name {path.stem!r} is already taken by {str(found)!r}; rename the file"
+            )
         return
     try:
         importlib.import_module(target)
