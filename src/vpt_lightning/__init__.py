@@ -6,6 +6,7 @@ Public API::
     from vpt_lightning.backbones import prompted_backbone      # any registered timm family
     from vpt_lightning.methods import get_method               # tuning methods by name
     from vpt_lightning.checkpoint import read_task_checkpoint  # task checkpoints without Lightning
+    from vpt_lightning import TaskModel, load_task, register_head  # task packages: save/load/push, custom heads
 """
 
 from .backbones import BackboneConfig, PromptedBackbone, PromptedViT, create_backbone, load_backbone_weights
@@ -13,6 +14,9 @@ from .backbones import prompted_backbone
 from .module import VPTModule
 from .optim import OptimConfig
 from .prompt import PromptConfig, Prompts
+from .heads import register_head
+from .task_model import TaskModel
+from .task_sources import load_task
 
 __version__ = "0.1.0"
 
@@ -23,8 +27,11 @@ __all__ = [
     "PromptedBackbone",
     "PromptedViT",
     "Prompts",
+    "TaskModel",
     "VPTModule",
     "create_backbone",
     "load_backbone_weights",
+    "load_task",
     "prompted_backbone",
+    "register_head",
 ]

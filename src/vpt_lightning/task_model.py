@@ -182,8 +182,6 @@ class TaskModel(
     # ---- packages ---------------------------------------------------------------------------------------
     def package_config(self) -> Dict[str, Any]:
         """The ``config.json`` of this task's package."""
-        from . import __version__
-
         if self.spec.head is None:
             method, tuning = parse_tuning(self.spec.tuning)
             self.spec.head = heads.describe_head(self.head, method, tuning, self.backbone.num_features, self.num_classes)
@@ -195,7 +193,7 @@ class TaskModel(
         return {
             "format": PACKAGE_FORMAT,
             "format_version": PACKAGE_FORMAT_VERSION,
-            "vpt_lightning_version": __version__,
+            "vpt_lightning_version": package_version(),
             **self.spec.to_dict(),
             "backbone_identity": self.identity,
             **{k: v for k, v in self.info.items() if k in INFO_KEYS},
@@ -251,6 +249,16 @@ class TaskModel(
             k: kwargs[k] for k in ("revision", "cache_dir", "force_download", "token", "local_files_only") if k in kwargs
         })
         return super().from_pretrained(str(folder), backbone=backbone, **kwargs)
+
+
+def package_version() -> str:
+    """The installed vpt-lightning version (written into packages)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vpt-lightning")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
 
 
 # config.json keys filled from TaskModel.info (training's record of the task)
