@@ -345,3 +345,18 @@ def test_vpt_serve_serves_the_run_package_and_a_custom_head_package(quickstart_r
             assert status == 200, body
             assert body["task"] == task and len(body["predictions"]) == 2
             assert names is None or {p["class"] for p in body["predictions"]} <= names
+
+
+def test_a_package_trained_on_a_weights_file_missing_here_says_to_pin_the_backbone(tmp_path, images):
+    from safetensors.torch import save_file
+
+    source = build_task_model({"num_classes": 3, "backbone": TINY_BACKBONE, "prompt": {"num_tokens": 2}})
+    save_file(source.backbone.model.state_dict(), str(tmp_path / "mine.safetensors"))
+    task = build_task_model({"num_classes": 3, "backbone": {**TINY_BACKBONE, "checkpoint_path": str(tmp_path / "mine.safetensors")},
+                             "prompt": {"num_tokens": 2}}).eval()
+    task.save_pretrained(tmp_path / "pkg")
+    (tmp_path / "mine.safetensors").rename(tmp_path / "copy.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"mine\.safetensors', which is not on this machine; pin the backbone"):
+        TaskModel.from_pretrained(tmp_path / "pkg")
+    pinned = TaskModel.from_pretrained(tmp_path / "pkg", backbone=str(tmp_path / "copy.safetensors"))
+    torch.testing.assert_close(pinned(images), task(images), rtol=0, atol=1e-6)

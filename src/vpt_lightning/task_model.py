@@ -32,7 +32,7 @@ from . import heads
 from .atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from .backbones import BackboneConfig, PromptedBackbone, create_backbone, prompted_backbone
 from .backbones.identity import check_backbone_identity
-from .backbones.pin import backbone_pin
+from .backbones.pin import backbone_pin, own_backbone
 from .checkpoint import trainable_state_keys
 from .methods import parse_tuning
 from .model_card import task_model_card
@@ -177,7 +177,7 @@ class TaskModel(
     def trained_state_dict(self) -> Dict[str, torch.Tensor]:
         """The trained tensors on the CPU, contiguous (what ``model.safetensors`` holds)."""
         state = self.state_dict()
-        return {k: state[k].detach().to("cpu").contiguous() for k in self.trained_state_keys()}
+        return {k: state[k].detach().to("cpu").clone().contiguous() for k in self.trained_state_keys()}
 
     # ---- packages ---------------------------------------------------------------------------------------
     def package_config(self) -> Dict[str, Any]:
@@ -395,7 +395,10 @@ def assemble(record: TaskRecord, backbone: Any = None, model: Optional[nn.Module
     """Build the network a record describes (on the pinned ``backbone``, or wrapping ``model``), check the
     backbone identity and load the trained tensors; every mismatch is named with the source."""
     origin = repr(str(record.origin))
-    pin = backbone_pin(backbone, record.spec.backbone) if model is None else None
+    pin = None
+    if model is None:
+        pin = backbone_pin(backbone, record.spec.backbone) if backbone is not None else own_backbone(record.spec.backbone,
+                                                                                                      origin)
     task = build_task_model(record.spec, backbone=pin, model=model, identity=identity)
     check_identity(record.identity, task.identity, origin)
     own = task.state_dict()

@@ -69,3 +69,23 @@ def _read_mapping(path: Path) -> Dict[str, Any]:
     if not isinstance(values, dict):
         raise ValueError(f"--backbone {str(path)!r} holds no mapping of backbone fields")
     return {k: v for k, v in values.items() if k != "defaults"}
+
+
+def own_backbone(config: Mapping[str, Any], origin: str) -> BackboneConfig:
+    """A task's own ``backbone`` entry, made loadable here: a weights file shipped with vpt-lightning (the quickstart
+    backbone) is found in this installation; another weights file that is not on this machine is named, with the
+    way out (pin the backbone)."""
+    from ..config import ASSET_DIR
+
+    parsed = BackboneConfig.from_mapping(dict(config))
+    if not parsed.checkpoint_path or Path(parsed.checkpoint_path).expanduser().is_file():
+        return parsed
+    recorded = Path(parsed.checkpoint_path)
+    if recorded.parent.name == ASSET_DIR.name and (ASSET_DIR / recorded.name).is_file():
+        parsed.checkpoint_path = str(ASSET_DIR / recorded.name)
+        return parsed
+    raise FileNotFoundError(
+        f"{origin} was trained on the backbone weights file {str(recorded)!r}, which is not on this machine; pin the "
+        "backbone with --backbone NAME_OR_FILE (backbone= in Python): a packaged config name, a .yaml/.json of "
+        "backbone fields, or your copy of the weights file"
+    )
