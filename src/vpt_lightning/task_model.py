@@ -81,7 +81,7 @@ class TaskSpec:
                 raise ValueError(f"class_names has {len(self.class_names)} names but num_classes={self.num_classes}")
         self.backbone = _plain(self.backbone, BackboneConfig)
         self.prompt = _plain(self.prompt, PromptConfig)
-        self.tuning = _plain(self.tuning, None)
+        self.tuning = parse_tuning(_plain(self.tuning, None))[1].to_dict()  # validated, the method's defaults filled
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], origin: str = "the task") -> "TaskSpec":

@@ -3,7 +3,9 @@
 A subclass of :class:`~vpt_lightning.module.VPTModule`: the backbone, prompts, tuning methods, optimizer configs,
 schedule and small task checkpoints are the classification module's; only the head (SETR-PUP on tapped block
 outputs), the loss (pixel cross-entropy with an ignore index, auxiliary heads weighted), the metrics (mIoU) and
-inference (sliding window, optional multi-scale + flip at test) differ.
+inference (sliding window, optional multi-scale + flip at test) differ. It swaps the task's head through the
+``build_head`` hook, so ``module.task`` holds the prompted backbone and the SETR-PUP head; ``vpt-train`` writes
+task packages for classification runs only (a SETR-PUP task is used through this module).
 """
 
 from __future__ import annotations

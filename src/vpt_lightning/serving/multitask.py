@@ -214,7 +214,7 @@ def parse_sources(values: Sequence[str]) -> Union[List[str], Dict[str, str]]:
     if all(name for name, _ in pairs):
         return {name: source for name, source in pairs}  # type: ignore[misc]
     if any(name for name, _ in pairs):
-        raise ValueError("name every task (NAME=SOURCE) or none (names then come from the tasks)")
+        raise ValueError("name every checkpoint or package (NAME=SOURCE) or none (names then come from the tasks)")
     return [source for _, source in pairs]
 
 
