@@ -83,6 +83,10 @@ def test_vpt_tune_command_writes_a_summary(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "outputs" / "demo" / "protocol" / "vpt_deep" / "summary.json").read_text())
     assert list(summary["test_top1_per_seed"]) == ["3"] and "test top-1 at the last epoch" in proc.stdout
+    # the final run carries its task package (vpt-train's <run>/task/), loadable like any package
+    packages = list((tmp_path / "outputs" / "demo" / "protocol" / "vpt_deep" / "final").glob("*/seed3/task"))
+    assert len(packages) == 1 and sorted(p.name for p in packages[0].iterdir()) == ["README.md", "config.json",
+                                                                                    "model.safetensors"]
 
 
 def _summary(task, tuning, tests, percent=0.5):

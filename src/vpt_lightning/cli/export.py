@@ -54,7 +54,7 @@ def export_hub(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpt-export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{hub}")
+    commands = parser.add_subparsers(dest="command", required=True)
     hub = commands.add_parser("hub", help="a task package folder (and optionally push it to the Hugging Face Hub)")
     hub.add_argument("source", metavar="CKPT_OR_RUN",
                      help="a task checkpoint (.ckpt), a vpt-train run folder or a task package")
