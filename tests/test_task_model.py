@@ -249,12 +249,23 @@ def test_predict_and_serve_refuse_a_payload_checkpoint_and_never_run_it(tmp_path
     marker = tmp_path / "marker"
     evil = _payload_checkpoint(tmp_path / "evil.ckpt", marker, real)
     write_image(tmp_path / "images" / "a.png", seed=0)
-    predict = _cli("vpt_lightning.cli.predict", str(evil), "--images", str(tmp_path / "images"), "--out",
-                   str(tmp_path / "p.csv"), "--no-progress-bar")
-    serve = _cli("vpt_lightning.cli.serve", str(evil), "--port", "1", "--accelerator", "cpu")
-    for proc in (predict, serve):
-        assert proc.returncode == 1, proc.stderr[-2000:]
-        assert "evil.ckpt' was refused: it asks to unpickle 'exec'" in proc.stderr and "Traceback" not in proc.stderr
+    commands = [  # both at once: each spends most of its time importing torch
+        ["vpt_lightning.cli.predict", str(evil), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "p.csv"),
+         "--no-progress-bar"],
+        ["vpt_lightning.cli.serve", str(evil), "--port", "1", "--accelerator", "cpu"],  # fails before listening
+    ]
+    procs = [subprocess.Popen([sys.executable, "-m", *c], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=SRC_ENV) for c in commands]
+    try:
+        outputs = [proc.communicate(timeout=300) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, (_, stderr) in zip(procs, outputs):
+        assert proc.returncode == 1, stderr[-2000:]
+        assert "evil.ckpt' was refused: it asks to unpickle 'exec'" in stderr and "Traceback" not in stderr
     assert not marker.exists() and not (tmp_path / "p.csv").exists()
 
 
