@@ -371,3 +371,19 @@ def test_a_package_trained_on_a_weights_file_missing_here_says_to_pin_the_backbo
         TaskModel.from_pretrained(tmp_path / "pkg")
     pinned = TaskModel.from_pretrained(tmp_path / "pkg", backbone=str(tmp_path / "copy.safetensors"))
     torch.testing.assert_close(pinned(images), task(images), rtol=0, atol=1e-6)
+
+
+def test_runs_write_their_package_unless_package_false_and_never_for_segmentation(tmp_path):
+    from omegaconf import OmegaConf
+
+    from vpt_lightning.training import write_task_package
+
+    module = VPTModule(NUM_CLASSES, TINY_BACKBONE, {"num_tokens": 2})
+    results = {"val/top1": 0.25, "trainable_params": 5, "global_step": 3}
+    for cfg in ({"package": False, "task_name": "t"}, {"task_type": "segmentation", "task_name": "t"}):
+        assert write_task_package(OmegaConf.create(cfg), module, results, tmp_path) is None
+    assert not (tmp_path / "task").exists()
+    folder = write_task_package(OmegaConf.create({"task_name": "t"}), module, results, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    assert folder == tmp_path / "task" and config["metrics"] == {"val/top1": 0.25} and config["trainable_params"] == 5
+    assert config["datasets"] == ["t"] and "global_step" not in config
