@@ -387,3 +387,16 @@ def test_runs_write_their_package_unless_package_false_and_never_for_segmentatio
     config = json.loads((folder / "config.json").read_text())
     assert folder == tmp_path / "task" and config["metrics"] == {"val/top1": 0.25} and config["trainable_params"] == 5
     assert config["datasets"] == ["t"] and "global_step" not in config
+
+
+@pytest.mark.parametrize("tuning", [{}, {"method": "mlp"}])
+def test_describing_the_head_leaves_the_random_state_alone(tuning):
+    """VPTModule describes its head for packages; that must not shift what is trained after it (seeded runs)."""
+    from vpt_lightning.heads import describe_head
+    from vpt_lightning.methods import parse_tuning
+
+    method, config = parse_tuning(tuning)
+    head = method.build_head(32, 3, config)
+    before = torch.random.get_rng_state()
+    assert describe_head(head, method, config, 32, 3) == {"source": "method"}
+    assert torch.equal(before, torch.random.get_rng_state())

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Type, TypeVar
 
+import torch
 from torch import nn
 
 H = TypeVar("H", bound=type)
@@ -66,7 +67,10 @@ def describe_head(head: nn.Module, method: Any, tuning: Any, in_features: int, n
     if name is not None:
         options = head.head_options() if hasattr(head, "head_options") else {}
         return {"source": "registry", "name": name, "options": dict(options)}
-    default = method.build_head(in_features, num_classes, tuning)
+    # the method's head for comparison only: on the meta device and outside the global RNG, so describing a head
+    # never changes what is trained after it
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        default = method.build_head(in_features, num_classes, tuning)
     same = type(default) is type(head) and {k: tuple(v.shape) for k, v in default.state_dict().items()} == {
         k: tuple(v.shape) for k, v in head.state_dict().items()
     }
