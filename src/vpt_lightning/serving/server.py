@@ -25,12 +25,13 @@ import hmac
 import ipaddress
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import threading
 import time
 import warnings
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Union
 
 import litserve as ls
 import torch
@@ -54,6 +55,21 @@ API_KEY_ENV = "LIT_SERVER_API_KEY"
 API_KEY_HEADER = "X-API-Key"
 
 
+class Sample(NamedTuple):
+    """A decoded request: its transformed image, task index and number of classes to return."""
+
+    image: torch.Tensor
+    task: int
+    k: int
+
+
+class Refused(NamedTuple):
+    """A request refused while decoding: the HTTP status and the message."""
+
+    status: int
+    detail: str
+
+
 class MultiTaskAPI(ls.LitAPI):
     """LitServe API: decode and transform each request's image for its task, classify batches of mixed tasks."""
 
@@ -71,14 +87,30 @@ class MultiTaskAPI(ls.LitAPI):
         self.max_image_pixels = max_image_pixels
 
     def setup(self, device: str) -> None:
-        exit_with_parent()
+        if multiprocessing.parent_process() is not None:  # LitServe's inference worker
+            exit_with_parent()
         set_pixel_limit(self.max_image_pixels)
         self.model = self.model.to(device).eval()
         self.transforms = task_transforms(self.model)
         self.task_index = {name: i for i, name in enumerate(self.model.task_names)}
         self.names = self.model.task_names
 
-    def decode_request(self, request) -> Tuple[torch.Tensor, int, int]:  # unannotated: LitServe passes the JSON
+    def authorize(self) -> None:
+        """LitServe's per-route check, a no-op: :class:`ApiKeyMiddleware` checks the key on every route but
+        ``/health`` (LitServe's own check, on its environment variable, would guard ``/health`` and not ``/tasks``)."""
+
+    def decode_request(self, request) -> Union[Sample, Refused]:  # unannotated: LitServe passes the JSON
+        """The request's transformed image, task and k, or why it is refused: refusals travel through the batch
+        as values, since an exception here would fail every request LitServe batched with this one."""
+        try:
+            return self._decode(request)
+        except HTTPException as err:
+            return Refused(err.status_code, str(err.detail))
+        except Exception as err:  # a transform failing on an odd image: this request's error, not the batch's
+            log.exception("decoding a request failed")
+            return Refused(400, f"the image could not be prepared ({type(err).__name__}: {err})")
+
+    def _decode(self, request: Any) -> Sample:
         if not isinstance(request, dict):
             raise HTTPException(400, f"the JSON body must be an object with 'task' and 'image', got {type(request).__name__}")
         task = request.get("task")
@@ -103,27 +135,35 @@ class MultiTaskAPI(ls.LitAPI):
             image = decode_image(data, "image", self.max_image_pixels)
         except ImageError as err:
             raise HTTPException(413 if err.too_large else 400, str(err)) from None
-        return self.transforms[task](image), self.task_index[task], k
+        return Sample(self.transforms[task](image), self.task_index[task], k)
 
-    def batch(self, inputs: List[Tuple[torch.Tensor, int, int]]) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
-        images, tasks, ks = zip(*inputs)
-        return torch.stack(images), torch.tensor(tasks, dtype=torch.long), list(ks)
+    def batch(self, inputs: List[Union[Sample, Refused]]) -> List[Union[Sample, Refused]]:
+        return list(inputs)
 
-    def predict(self, batch: Tuple[torch.Tensor, torch.Tensor, List[int]]) -> List[Dict[str, Any]]:
-        images, tasks, ks = batch
-        device = next(self.model.model.parameters()).device
-        with torch.inference_mode():
-            probabilities = self.model(images.to(device), tasks.to(device)).float().softmax(dim=-1).cpu()
-        out = []
-        for probs, t, k in zip(probabilities, tasks.tolist(), ks):
-            info = self.model.infos[self.names[t]]
-            out.append({"task": info.name, "predictions": top_k(probs, info, k)})
-        return out
+    def predict(self, batch: Union[List[Union[Sample, Refused]], Sample, Refused]) -> Any:
+        """Classify the batch's valid samples in one pass; refused ones keep their place (a single request when
+        LitServe does not batch, ``max_batch_size=1``)."""
+        single = not isinstance(batch, list)
+        items = [batch] if single else batch
+        valid = [i for i, x in enumerate(items) if isinstance(x, Sample)]
+        out: List[Any] = list(items)
+        if valid:
+            images = torch.stack([items[i].image for i in valid])
+            tasks = torch.tensor([items[i].task for i in valid], dtype=torch.long)
+            device = next(self.model.model.parameters()).device
+            with torch.inference_mode():
+                probabilities = self.model(images.to(device), tasks.to(device)).float().softmax(dim=-1).cpu()
+            for i, probs in zip(valid, probabilities):
+                info = self.model.infos[self.names[items[i].task]]
+                out[i] = {"task": info.name, "predictions": top_k(probs, info, items[i].k)}
+        return out[0] if single else out
 
-    def unbatch(self, output: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    def unbatch(self, output: List[Any]) -> List[Any]:
         return output
 
-    def encode_response(self, output: Dict[str, Any]):  # unannotated: FastAPI sends the dict as JSON
+    def encode_response(self, output: Any):  # unannotated: FastAPI sends the dict as JSON, a Response as it is
+        if isinstance(output, Refused):
+            return JSONResponse({"detail": output.detail}, status_code=output.status)
         return output
 
 
@@ -282,6 +322,14 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def exposure_warning(host: str, api_key: Optional[str]) -> Optional[str]:
+    """The warning for a server reachable from other hosts without an API key (None when there is nothing to say)."""
+    if api_key or is_loopback(host):
+        return None
+    return (f"listening on {host} without an API key: anyone who reaches this host can use the server "
+            f"(set --api-key or the environment variable {API_KEY_ENV})")
+
+
 def build_server(
     model: MultiTaskClassifier,
     default_top_k: int = 5,
@@ -332,15 +380,14 @@ def build_server(
 
 
 def serve(model: MultiTaskClassifier, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
-          **server_options: Any) -> None:
+          warn_exposure: bool = True, **server_options: Any) -> None:
     """Build the server and run it until SIGTERM or SIGINT (Ctrl+C), then stop it gracefully: the requests in
-    flight are answered, every process it started has ended when this returns."""
+    flight are answered, every process it started has ended when this returns. Warns when ``host`` is not a
+    loopback address and no API key is set."""
     server_options["api_key"] = resolve_api_key(server_options.get("api_key"))
-    if not server_options["api_key"] and not is_loopback(host):
-        warnings.warn(
-            f"vpt-serve listens on {host} without an API key: anyone who reaches this host can use it "
-            f"(set --api-key or {API_KEY_ENV})", stacklevel=2,
-        )
+    warning = exposure_warning(host, server_options["api_key"])
+    if warning and warn_exposure:
+        warnings.warn(warning, stacklevel=2)
     server = build_server(model, **server_options)
     owner = os.getpid()
     stopping = False
