@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 PREDICT_PATH = "/predict"
 TASKS_PATH = "/tasks"
 HEALTH_PATH = "/health"
+UI_PATH = "/ui"
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 RAW_TYPES = ("image/", "application/octet-stream")
 #: the environment variable LitServe reads its API key from (``litserve.server.LIT_SERVER_API_KEY``)
@@ -341,17 +342,20 @@ def build_server(
     api_key: Optional[str] = None,
     docs: bool = False,
     ui: bool = False,
+    server_url: str = "http://127.0.0.1:8000",
     accelerator: str = "auto",
     devices: Any = 1,
     timeout: float = 30,
     shutdown_timeout: float = 5,
 ) -> ls.LitServer:
     """The LitServer: the API, the request-body middleware, the ``/tasks`` route, the API key on every route but
-    ``/health`` (``api_key``), the API docs (only with ``docs``) and the demo page (``ui``, mounted at ``/ui``)."""
+    ``/health`` (``api_key``), the API docs (only with ``docs``) and the demo page (``ui``, mounted at ``/ui``; it
+    classifies through ``server_url``'s ``/predict``, and with a key Gradio's login page asks for it)."""
     api = MultiTaskAPI(model, default_top_k, max_batch_size, batch_timeout, max_image_pixels)
     middlewares: List[Any] = [(RequestBodyMiddleware, {"max_bytes": max_request_bytes, "read_timeout": read_timeout})]
     if api_key:  # added last: the outermost, so that nothing answers before the key is checked
-        middlewares.append((ApiKeyMiddleware, {"api_key": api_key}))
+        open_ui = {"open_paths": (HEALTH_PATH, UI_PATH), "open_prefixes": (UI_PATH + "/",)} if ui else {}
+        middlewares.append((ApiKeyMiddleware, {"api_key": api_key, **open_ui}))
     server = GracefulLitServer(
         api,
         accelerator=accelerator,
@@ -375,7 +379,7 @@ def build_server(
     if ui:
         from .demo import mount_demo
 
-        mount_demo(server.app, model, api_key=api_key)
+        mount_demo(server.app, model, server_url + PREDICT_PATH, api_key=api_key, max_file_bytes=max_request_bytes)
     return server
 
 
@@ -388,6 +392,10 @@ def serve(model: MultiTaskClassifier, host: str = "127.0.0.1", port: int = 8000,
     warning = exposure_warning(host, server_options["api_key"])
     if warning and warn_exposure:
         warnings.warn(warning, stacklevel=2)
+    if server_options.get("ui"):
+        from .demo import local_url
+
+        server_options.setdefault("server_url", local_url(host, port))
     server = build_server(model, **server_options)
     owner = os.getpid()
     stopping = False
