@@ -248,3 +248,35 @@ def test_a_refused_request_does_not_fail_the_others_of_its_batch(tmp_path):
     assert outputs[2].status_code == 413
     single = api.encode_response(api.predict(api.decode_request(good)))  # max_batch_size=1: LitServe does not batch
     assert [p["index"] for p in single["predictions"]] == top.indices.tolist()
+
+
+def test_api_key_flag_docs_flag_and_exposure_warning(tmp_path, capsys, monkeypatch):
+    """In process (no server run): --api-key guards every route but /health, --docs brings the docs back, and
+    the command line warns off loopback without a key and refuses two different keys."""
+    from starlette.testclient import TestClient
+
+    from vpt_lightning.cli.serve import main
+    from vpt_lightning.serving.multitask import MultiTaskClassifier
+    from vpt_lightning.serving.server import build_server
+
+    monkeypatch.delenv("LIT_SERVER_API_KEY", raising=False)
+    torch.manual_seed(0)
+    ckpt = save_task_checkpoint(tmp_path / "count.ckpt", num_classes=5, task_name="count")
+    model = MultiTaskClassifier.from_checkpoints([ckpt])
+    guarded = TestClient(build_server(model, api_key="k1", accelerator="cpu").app)
+    assert guarded.get("/tasks").status_code == 401
+    assert guarded.get("/tasks", headers={"X-API-Key": "k2"}).status_code == 401
+    assert guarded.get("/tasks", headers={"X-API-Key": "k1"}).json()["tasks"][0]["name"] == "count"
+    assert guarded.get("/docs", headers={"X-API-Key": "k1"}).status_code == 404
+    documented = TestClient(build_server(model, docs=True, accelerator="cpu").app)
+    assert documented.get("/docs").status_code == 200 and documented.get("/openapi.json").status_code == 200
+    assert documented.get("/tasks").status_code == 200  # no key set: open
+
+    assert main([str(tmp_path / "missing.ckpt"), "--host", "0.0.0.0"]) == 1
+    err = capsys.readouterr().err
+    assert "vpt-serve: warning: listening on 0.0.0.0 without an API key" in err
+    assert main([str(tmp_path / "missing.ckpt"), "--host", "0.0.0.0", "--api-key", "k1"]) == 1
+    assert "warning" not in capsys.readouterr().err
+    monkeypatch.setenv("LIT_SERVER_API_KEY", "k2")
+    assert main([str(ckpt), "--api-key", "k1"]) == 1
+    assert "--api-key and the environment variable LIT_SERVER_API_KEY hold different keys" in capsys.readouterr().err
