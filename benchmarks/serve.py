@@ -11,8 +11,9 @@
 2. Memory for N tasks (``--model-memory``, VPT-Deep 50 tokens, 100 classes): the shared backbone's bytes, each
    task's own bytes (prompts + head), and the bytes of the distinct tensors the model holds (a shared tensor once).
 3. Load test: ``vpt-serve`` in a subprocess on localhost with the given task checkpoints (default: two random tasks
-   on the quickstart backbone), ``--requests`` POSTs from ``--clients`` concurrent clients mixing the tasks:
-   requests/s, p50/p99 latency, failed requests.
+   on the quickstart backbone), ``--requests`` POSTs (default 2,000) from ``--clients`` (16) concurrent clients
+   mixing the tasks, every ``--bad-every``-th (10th) a malformed one: requests/s, p50/p99 latency of the good
+   requests and of all, lost requests, 5xx answers and wrong answers (all three must be 0).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import statistics
 import tempfile
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
@@ -34,7 +34,8 @@ import torch
 
 from vpt_lightning import VPTModule
 from vpt_lightning.checkpoint import TaskCheckpoint, trainable_state_dict
-from vpt_lightning.serving.launch import running_server
+from vpt_lightning.serving.launch import bad_requests, running_server
+from vpt_lightning.serving.launch import load_test as launch_load_test
 from vpt_lightning.serving.multitask import MultiTaskClassifier
 
 NUM_TASKS = 8
@@ -157,7 +158,11 @@ def save_random_tasks(root: Path) -> List[Path]:
     return paths
 
 
-def load_test(checkpoints: Sequence[Path], requests: int, clients: int, max_batch_size: int) -> Dict[str, float]:
+def load_test(checkpoints: Sequence[Path], requests: int, clients: int, max_batch_size: int,
+              bad_every: int) -> Dict[str, Any]:
+    """``requests`` POSTs from ``clients`` threads, mixing the tasks and raw/JSON uploads; every ``bad_every``-th
+    request is a malformed one (launch.bad_requests: broken image, unknown or non-string task, nested JSON, a
+    64 M-pixel PNG bomb...)."""
     from PIL import Image
 
     from vpt_lightning.data.synthetic import SyntheticDataset
@@ -166,40 +171,19 @@ def load_test(checkpoints: Sequence[Path], requests: int, clients: int, max_batc
     with running_server(checkpoints, options, startup_timeout=600) as url:
         with urllib.request.urlopen(url + "/tasks", timeout=60) as response:
             tasks = [t["name"] for t in json.loads(response.read())["tasks"]]
-        bodies = []
-        for i in range(16):  # quickstart-like images as PNG files, base64 in JSON
+        good = []
+        for i in range(16):  # quickstart-like images as PNG files: raw bytes, or base64 in JSON
             array, _ = SyntheticDataset("orientation", 16, seed=9).sample(i)
             buffer = io.BytesIO()
             Image.fromarray((array * 255).astype("uint8")).save(buffer, format="PNG")
-            encoded = base64.b64encode(buffer.getvalue()).decode()
-            bodies.append(json.dumps({"task": tasks[i % len(tasks)], "image": encoded}).encode())
-
-        def send(i: int):
-            start = time.perf_counter()
-            req = urllib.request.Request(url + "/predict", data=bodies[i % len(bodies)],
-                                         headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(req, timeout=60) as response:
-                    ok = response.status == 200 and "predictions" in json.loads(response.read())
-            except Exception:
-                ok = False
-            return time.perf_counter() - start, ok
-
-        for i in range(2 * clients):  # warm-up
-            send(i)
-        start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=clients) as pool:
-            results = list(pool.map(send, range(requests)))
-        elapsed = time.perf_counter() - start
-    latencies = sorted(t for t, _ in results)
-    return {
-        "requests": requests,
-        "clients": clients,
-        "requests_per_s": requests / elapsed,
-        "p50_ms": 1000 * latencies[len(latencies) // 2],
-        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-        "failed": sum(not ok for _, ok in results),
-    }
+            if i % 2:
+                good.append((buffer.getvalue(), "image/png"))
+            else:
+                encoded = base64.b64encode(buffer.getvalue()).decode()
+                good.append((json.dumps({"task": tasks[i % len(tasks)], "image": encoded}).encode(), "application/json"))
+        bad = bad_requests(tasks[0])
+        launch_load_test(url, good[:4], bad, tasks[-1], requests=2 * clients, clients=clients, bad_every=0)  # warm-up
+        return launch_load_test(url, good, bad, tasks[-1], requests=requests, clients=clients, bad_every=bad_every)
 
 
 def main() -> None:
@@ -211,7 +195,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--checkpoints", type=Path, nargs="*", help="task checkpoints served in the load test")
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--bad-every", type=int, default=10, help="every N-th request is malformed (0: none)")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "memory", "load"])
     args = parser.parse_args()
@@ -231,12 +216,15 @@ def main() -> None:
     if "load" not in args.skip:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoints = args.checkpoints or save_random_tasks(Path(tmp))
-            result = load_test(checkpoints, args.requests, args.clients, args.max_batch_size)
-        print(f"\n| load test: {result['requests']} requests, {result['clients']} clients, "
+            result = load_test(checkpoints, args.requests, args.clients, args.max_batch_size, args.bad_every)
+        print(f"\n| load test: {result['requests']} requests ({result['bad']} malformed), {result['clients']} clients, "
               f"{len(checkpoints)} tasks mixed | value |\n|---|---|")
-        for key in ("requests_per_s", "p50_ms", "p99_ms", "failed"):
+        for key in ("requests_per_s", "p50_ms", "p99_ms", "p50_all_ms", "p99_all_ms", "lost", "server_errors"):
             value = result[key]
             print(f"| {key} | {value:.1f} |" if isinstance(value, float) else f"| {key} | {value} |")
+        print(f"| wrong answers (a good request not 200, a bad one not its 4xx) | {len(result['wrong'])} |")
+        if result["wrong"]:
+            print("wrong answers (first 10):", result["wrong"][:10])
 
 
 if __name__ == "__main__":

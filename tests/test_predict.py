@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,3 +80,76 @@ def test_bad_arguments_are_named(tasks, capsys):
     assert "--task 'nope' is not one of the loaded tasks ['count']" in capsys.readouterr().err
     with pytest.raises(ValueError, match="name every checkpoint"):
         parse_checkpoints([f"a={count}", str(orient)])
+
+
+def test_csv_paths_must_stay_inside_the_root(tasks, tmp_path, capsys):
+    root, count, _ = tasks
+    outside = tmp_path / "secret.png"
+    write_image(outside, seed=5, size=(20, 20))
+    folder = root / "lists"
+    folder.mkdir(exist_ok=True)
+    for name, line in [("absolute.csv", str(outside)), ("dotdot.csv", "../images/0.png"),
+                       ("far.csv", "../../../../../../etc/passwd")]:
+        listing = folder / name
+        listing.write_text(f"path\n{line}\n")
+        out = tmp_path / f"{name}.out.csv"
+        assert main([str(count), "--images", str(listing), "--out", str(out), "--no-progress-bar"]) == 1
+        err = capsys.readouterr().err
+        assert "paths must be relative and stay inside the root folder" in err and f"line 2: {line!r}" in err, err
+        assert not out.exists()
+    # --root: paths are relative to the folder given and confined to it
+    out = tmp_path / "rooted.csv"
+    listing = folder / "rooted.csv"
+    listing.write_text("path\nimages/0.png\n")
+    assert main([str(count), "--images", str(listing), "--root", str(root), "--out", str(out), "--no-progress-bar"]) == 0
+    assert [r["path"] for r in read_rows(out)] == [str(root.resolve() / "images" / "0.png")]
+    listing.write_text("path\nlists/../images/x.png\n")  # inside the root once resolved: allowed (and missing)
+    assert main([str(count), "--images", str(listing), "--root", str(root), "--out", str(out), "--no-progress-bar"]) == 0
+    assert "x.png: cannot be read (No such file or directory)" in capsys.readouterr().err
+
+
+def run_cli(args, timeout=120):
+    """vpt-predict in a subprocess with a timeout: a hang is a failure, not a stuck test run."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "vpt_lightning.cli.predict", *map(str, args), "--no-progress-bar"],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_fifos_and_devices_are_reported_never_read(tasks, tmp_path):
+    root, count, _ = tasks
+    folder = tmp_path / "odd"
+    write_image(folder / "ok.png", seed=3, size=(20, 20))
+    os.mkfifo(folder / "pipe.png")  # opening it for reading would wait for a writer for ever
+    (folder / "zero.png").symlink_to("/dev/zero")  # reading it would never end
+    (folder / "list.csv").write_text("path\nok.png\npipe.png\n")
+    (folder / "devices.csv").write_text(f"path\n{(folder / 'ok.png').relative_to('/')}\ndev/zero\n")
+    runs = [([folder / "list.csv"], ("pipe.png",)),  # this one hung vpt-predict, past SIGTERM
+            ([folder / "devices.csv", "--root", "/"], ("zero",)), ([folder], ("pipe.png", "zero.png"))]
+    for source, reported in runs:
+        out = tmp_path / "odd.csv"
+        done = run_cli([count, "--images", *source, "--out", out])
+        assert done.returncode == 0, done.stderr
+        for name in reported:
+            kind = "a FIFO" if name == "pipe.png" else "a character device"
+            assert f"{name}: {kind}, not a regular file: not read" in done.stderr, done.stderr
+        assert [Path(r["path"]).name for r in read_rows(out)] == ["ok.png"]
+
+
+def test_files_over_the_size_cap_are_not_read(tasks, tmp_path, capsys):
+    root, count, _ = tasks
+    folder = tmp_path / "big"
+    write_image(folder / "small.png", seed=3, size=(20, 20))
+    write_image(folder / "large.png", seed=4, size=(200, 200))
+    size = (folder / "large.png").stat().st_size
+    out = tmp_path / "big.csv"
+    assert main([str(count), "--images", str(folder), "--max-file-bytes", str(size - 1), "--out", str(out),
+                 "--no-progress-bar"]) == 0
+    assert f"large.png: {size} bytes is over the limit of {size - 1} (--max-file-bytes)" in capsys.readouterr().err
+    assert [Path(r["path"]).name for r in read_rows(out)] == ["small.png"]
+    assert main([str(count), "--images", str(folder), "--max-image-pixels", "1000", "--out", str(out),
+                 "--no-progress-bar"]) == 0
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if "large.png" in line)
+    assert "40000 pixels" in line and "the limit of 1000" in line
+    assert "small.png" not in err

@@ -10,9 +10,9 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 
-from ..serving.images import ImageError
+from ..serving.images import MAX_IMAGE_PIXELS, ImageError
 from ..serving.multitask import MultiTaskClassifier, load_tasks, parse_sources
-from ..serving.predict import list_images, predict_images, write_predictions
+from ..serving.predict import MAX_FILE_BYTES, list_images, predict_images, write_predictions
 
 
 def parse_checkpoints(values: Sequence[str]) -> Union[List[str], Dict[str, str]]:
@@ -42,6 +42,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_model_arguments(parser)
     parser.add_argument("--images", required=True, type=Path,
                         help="a folder of images, or a CSV with a 'path' column (and optionally 'task')")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="the folder a CSV's relative paths are read from and must stay inside (default: the "
+                             "CSV's folder); absolute paths and paths escaping it are refused")
+    parser.add_argument("--max-file-bytes", type=int, default=MAX_FILE_BYTES,
+                        help="larger image files are reported, not read (default %(default)s = 64 MiB)")
+    parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                        help="larger images (width x height, from the header) are reported, not decoded "
+                             "(default %(default)s = 4096 x 4096)")
     parser.add_argument("--task", help="the task for every image (default: the CSV's 'task' column, else every task)")
     parser.add_argument("--out", type=Path, default=Path("predictions.csv"), help="the CSV written (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -52,18 +60,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping it")
     parser.add_argument("--no-progress-bar", action="store_true")
     args = parser.parse_args(argv)
-    if args.top_k < 1 or args.batch_size < 1:
-        parser.error(f"--top-k ({args.top_k}) and --batch-size ({args.batch_size}) must be >= 1")
+    for name in ("top_k", "batch_size", "max_file_bytes", "max_image_pixels"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
         model = load_model(args.checkpoints, args.backbone, args.imports)
-        items = list_images(args.images, model.task_names, args.task)
+        items = list_images(args.images, model.task_names, args.task, args.root)
         trainer = pl.Trainer(
             accelerator=args.accelerator, devices=int(args.devices) if args.devices.isdigit() else args.devices,
             precision=args.precision, logger=False, enable_model_summary=False,
             enable_progress_bar=not args.no_progress_bar,
         )
         predictions, skipped = predict_images(
-            model, items, args.top_k, args.batch_size, args.num_workers, args.strict, trainer
+            model, items, args.top_k, args.batch_size, args.num_workers, args.strict, trainer,
+            args.max_file_bytes, args.max_image_pixels,
         )
     except (ValueError, FileNotFoundError) as err:  # ImageError is a ValueError: --strict stops on it
         kind = "unreadable image" if isinstance(err, ImageError) else "error"

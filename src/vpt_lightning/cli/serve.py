@@ -1,16 +1,23 @@
 """``vpt-serve CKPT... --host 127.0.0.1 --port N``: an HTTP server (LitServe) classifying images with trained tasks
-on one shared backbone; requests of different tasks are batched together."""
+on one shared backbone; requests of different tasks are batched together. SIGTERM or Ctrl+C stops it gracefully:
+the requests in flight are answered, then every process it started ends."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
+from ..serving.images import MAX_IMAGE_PIXELS
 from .predict import add_model_arguments, load_model
+
+API_KEY_ENV, API_KEY_HEADER = "LIT_SERVER_API_KEY", "X-API-Key"  # as in serving.server (importable without LitServe)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Serve until SIGTERM / Ctrl+C, then end the process with status 0; returns 1 (without serving) on bad
+    arguments or checkpoints."""
     parser = argparse.ArgumentParser(prog="vpt-serve", description=__doc__)
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default %(default)s)")
@@ -20,29 +27,67 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="seconds to wait for a batch to fill (default %(default)s)")
     parser.add_argument("--max-request-bytes", type=int, default=16 * 2**20,
                         help="larger request bodies get 413 (default 16 MiB)")
+    parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                        help="larger images (width x height, read from the header before decoding) get 413 "
+                             "(default %(default)s = 4096 x 4096)")
+    parser.add_argument("--read-timeout", type=float, default=30,
+                        help="seconds a client has to send its whole request body, else 408 (default %(default)s)")
+    parser.add_argument("--api-key", default=None,
+                        help=f"require the header '{API_KEY_HEADER}: KEY' on every route but /health "
+                             f"(default: the environment variable {API_KEY_ENV}, else no key)")
+    parser.add_argument("--docs", action="store_true", help="serve the API docs (/docs, /redoc, /openapi.json)")
+    parser.add_argument("--ui", action="store_true",
+                        help="a demo page at /ui (Gradio, pip install 'vpt-lightning[demo]'): upload an image, see "
+                             "the top-5 classes")
+    parser.add_argument("--shutdown-timeout", type=float, default=5,
+                        help="seconds given to the requests in flight on SIGTERM / Ctrl+C (default %(default)s)")
     parser.add_argument("--accelerator", default="auto", help="LitServe accelerator: auto, cpu, cuda, mps")
     parser.add_argument("--devices", default="1", help="devices (default 1)")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
-    if args.top_k < 1 or args.max_batch_size < 1 or args.max_request_bytes < 1:
-        parser.error("--top-k, --max-batch-size and --max-request-bytes must be >= 1")
+    for name in ("top_k", "max_batch_size", "max_request_bytes", "max_image_pixels"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.read_timeout <= 0 or args.shutdown_timeout <= 0:
+        parser.error("--read-timeout and --shutdown-timeout must be > 0 seconds")
     try:
-        from ..serving.server import serve
+        from ..serving.server import exposure_warning, resolve_api_key, serve
     except ImportError as err:
         print(f"vpt-serve needs LitServe: pip install 'vpt-lightning[serve]' ({err})", file=sys.stderr)
         return 1
+    if args.ui:
+        try:
+            import gradio  # noqa: F401
+        except ImportError as err:
+            print(f"vpt-serve --ui needs Gradio: pip install 'vpt-lightning[demo]' ({err})", file=sys.stderr)
+            return 1
+    try:
+        api_key = resolve_api_key(args.api_key)
+    except ValueError as err:
+        print(f"vpt-serve: error: {err}", file=sys.stderr)
+        return 1
+    warning = exposure_warning(args.host, api_key)
+    if warning:
+        print(f"vpt-serve: warning: {warning}", file=sys.stderr, flush=True)
     try:
         model = load_model(args.checkpoints, args.backbone, args.imports)
     except (ValueError, FileNotFoundError) as err:
         print(f"vpt-serve: error: {err}", file=sys.stderr)
         return 1
-    print(f"vpt-serve: {len(model.task_names)} task(s) {model.task_names} on http://{args.host}:{args.port}", flush=True)
+    print(f"vpt-serve: {len(model.task_names)} task(s) {model.task_names} on http://{args.host}:{args.port}"
+          + (f" (demo page: http://{args.host}:{args.port}/ui)" if args.ui else ""), flush=True)
     serve(
         model, host=args.host, port=args.port, log_level=args.log_level, default_top_k=args.top_k,
         max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout, max_request_bytes=args.max_request_bytes,
-        accelerator=args.accelerator, devices=int(args.devices) if args.devices.isdigit() else args.devices,
+        max_image_pixels=args.max_image_pixels, read_timeout=args.read_timeout, api_key=api_key, docs=args.docs,
+        ui=args.ui, shutdown_timeout=args.shutdown_timeout, accelerator=args.accelerator, warn_exposure=False,
+        devices=int(args.devices) if args.devices.isdigit() else args.devices,
     )
-    return 0
+    # every process of the server has ended and nothing is left to write: end now. The interpreter's own teardown
+    # after LitServe (native code, no Python frame) took ~9 s on a loaded 2-core machine, past a 10 s stop budget.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -16,37 +16,57 @@ from PIL import Image, UnidentifiedImageError
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
 from .multitask import MultiTaskClassifier, TaskInfo
 
-#: images with more pixels than this are refused (PIL's decompression-bomb guard, made an error)
-MAX_IMAGE_PIXELS = 64_000_000
+#: images with more pixels than this are refused before decoding (``--max-image-pixels``; 4096 x 4096)
+MAX_IMAGE_PIXELS = 16 * 2**20
+#: the formats read (PIL's names); any other (EPS, PSD, ICO, ...) is refused without running its decoder
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 class ImageError(ValueError):
-    """Bytes that are not a readable image (``too_large``: an image beyond :data:`MAX_IMAGE_PIXELS`)."""
+    """Bytes that are not a readable image (``too_large``: an image beyond the pixel limit)."""
 
     def __init__(self, message: str, too_large: bool = False) -> None:
         super().__init__(message)
         self.too_large = too_large
 
 
-def decode_image(data: bytes, source: str = "image") -> Image.Image:
-    """Decode image bytes (any format PIL reads) to RGB; :class:`ImageError` names ``source`` and the reason."""
+def set_pixel_limit(max_pixels: int) -> None:
+    """Make PIL's own decompression-bomb guard agree with ``max_pixels`` (it warns past the limit and raises past
+    twice it; :func:`decode_image` turns the warning into an error too)."""
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels={max_pixels} must be >= 1")
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def decode_image(data: bytes, source: str = "image", max_pixels: Optional[int] = None) -> Image.Image:
+    """Decode image bytes to RGB; :class:`ImageError` names ``source`` and the reason.
+
+    Only :data:`IMAGE_FORMATS` are read (a GIF or multi-page TIFF gives its first frame). The size in the header
+    is checked against ``max_pixels`` (default :data:`MAX_IMAGE_PIXELS`) before any pixel is decoded.
+    """
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if not data:
         raise ImageError(f"{source}: empty, not an image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                if image.width * image.height > MAX_IMAGE_PIXELS:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:  # reads the header only
+                if image.width * image.height > limit:
                     raise ImageError(
-                        f"{source}: {image.width}x{image.height} pixels is more than {MAX_IMAGE_PIXELS}", too_large=True
+                        f"{source}: {image.width}x{image.height} = {image.width * image.height} pixels is more than "
+                        f"the limit of {limit}", too_large=True,
                     )
+                if getattr(image, "n_frames", 1) > 1:
+                    image.seek(0)  # GIF, multi-page TIFF: the first frame
                 return image.convert("RGB")
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"{source}: too large an image ({err})", too_large=True) from err
+        raise ImageError(f"{source}: more pixels than the limit of {limit} ({err})", too_large=True) from err
     except UnidentifiedImageError as err:
-        raise ImageError(f"{source}: not an image (no format PIL reads recognises it)") from err
+        raise ImageError(
+            f"{source}: not an image in a format read here ({', '.join(IMAGE_FORMATS)})"
+        ) from err
     except Exception as err:  # PIL raises many types for broken files: name the source and the reason
         raise ImageError(f"{source}: not a readable image ({type(err).__name__}: {err})") from err
 

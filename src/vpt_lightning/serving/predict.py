@@ -6,6 +6,7 @@ import csv
 import io
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -15,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..atomic import write_text_atomic
-from .images import ImageError, decode_image, task_transforms, top_k
+from .images import MAX_IMAGE_PIXELS, ImageError, decode_image, set_pixel_limit, task_transforms, top_k
 from .multitask import MultiTaskClassifier
 
 log = logging.getLogger(__name__)
@@ -29,11 +30,20 @@ class ImageItem:
     task: str
 
 
-def list_images(source: os.PathLike, tasks: Sequence[str], task: Optional[str] = None) -> List[ImageItem]:
-    """The images of a folder (every non-hidden file below it, sorted) or of a CSV file (a ``path`` column,
-    relative to the CSV's folder, and an optional ``task`` column), each with its task.
+#: image files larger than this are reported, not read (``vpt-predict --max-file-bytes``)
+MAX_FILE_BYTES = 64 * 2**20
 
-    A row's ``task`` wins, else ``task``; without either, every image is classified by every task.
+
+def list_images(
+    source: os.PathLike, tasks: Sequence[str], task: Optional[str] = None, root: Optional[os.PathLike] = None
+) -> List[ImageItem]:
+    """The images of a folder (every non-hidden entry below it that is not a folder, sorted) or of a CSV file (a
+    ``path`` column and an optional ``task`` column), each with its task.
+
+    A CSV's paths must be relative and stay inside ``root`` (default: the CSV's folder) once resolved (``..`` and
+    symbolic links followed): an absolute path or one escaping the root is refused with a ``ValueError`` naming the
+    rows, before anything is read. A row's ``task`` wins, else ``task``; without either, every image is classified
+    by every task.
     """
     source = Path(source).expanduser()
     if task is not None and task not in tasks:
@@ -42,14 +52,31 @@ def list_images(source: os.PathLike, tasks: Sequence[str], task: Optional[str] =
     if source.is_dir():
         rows = [
             (p, None) for p in sorted(source.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts)
+            if not p.is_dir() and not any(part.startswith(".") for part in p.relative_to(source).parts)
         ]
     elif source.is_file():
+        base = Path(root).expanduser() if root is not None else source.parent
+        if not base.is_dir():
+            raise FileNotFoundError(f"--root {str(base)!r} is not a folder")
+        base = base.resolve()
         with open(source, newline="") as handle:
             reader = csv.DictReader(handle)
             if "path" not in (reader.fieldnames or []):
                 raise ValueError(f"{str(source)!r}: a CSV of images needs a 'path' column (and optionally 'task')")
-            rows = [(source.parent / r["path"], (r.get("task") or "").strip() or None) for r in reader]
+            listed = [((r.get("path") or "").strip(), (r.get("task") or "").strip() or None) for r in reader]
+        refused = []
+        rows = []
+        for line, (name, row_task) in enumerate(listed, start=2):
+            path = Path(name)
+            if not name or path.is_absolute() or not (base / path).resolve().is_relative_to(base):
+                refused.append(f"line {line}: {name!r}")
+            rows.append((base / path, row_task))
+        if refused:
+            shown = "; ".join(refused[:5]) + (f"; and {len(refused) - 5} more" if len(refused) > 5 else "")
+            raise ValueError(
+                f"{str(source)!r}: paths must be relative and stay inside the root folder {str(base)!r} "
+                f"(--root DIR to choose another): {shown}"
+            )
         unknown = sorted({t for _, t in rows if t is not None and t not in tasks})
         if unknown:
             raise ValueError(f"{str(source)!r}: task(s) {unknown} in column 'task' are not among the tasks {list(tasks)}")
@@ -64,15 +91,44 @@ def list_images(source: os.PathLike, tasks: Sequence[str], task: Optional[str] =
     return items
 
 
+FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+              stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+
+
+def read_image_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; anything else (a FIFO, a device, a socket, a larger
+    file) raises :class:`ImageError` without being read. The file is opened non-blocking (opening a FIFO does not
+    wait for a writer) and checked on the open descriptor, so that it cannot be swapped in between."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise ImageError(f"{path}: cannot be read ({err.strerror or err})") from err
+    with os.fdopen(fd, "rb", buffering=0) as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = FILE_KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
+            raise ImageError(f"{path}: {kind}, not a regular file: not read")
+        if info.st_size > max_bytes:
+            raise ImageError(f"{path}: {info.st_size} bytes is over the limit of {max_bytes} (--max-file-bytes)")
+        os.set_blocking(fd, True)
+        data = handle.read(max_bytes + 1)  # the file may have grown since fstat
+    if len(data) > max_bytes:
+        raise ImageError(f"{path}: over the limit of {max_bytes} bytes (--max-file-bytes)")
+    return data
+
+
 class ImageFiles(Dataset):
     """Reads, decodes and transforms each item's image for its task; an unreadable one becomes an error entry
     (``strict``: raises :class:`ImageError` naming the file instead)."""
 
-    def __init__(self, items: Sequence[ImageItem], model: MultiTaskClassifier, strict: bool = False) -> None:
+    def __init__(self, items: Sequence[ImageItem], model: MultiTaskClassifier, strict: bool = False,
+                 max_file_bytes: int = MAX_FILE_BYTES, max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
         self.items = list(items)
         self.transforms = task_transforms(model)
         self.task_index = {name: i for i, name in enumerate(model.task_names)}
         self.strict = strict
+        self.max_file_bytes = max_file_bytes
+        self.max_image_pixels = max_image_pixels
 
     def __len__(self) -> int:
         return len(self.items)
@@ -80,11 +136,9 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> Dict[str, Any]:
         item = self.items[index]
         try:
-            try:
-                data = item.path.read_bytes()
-            except OSError as err:
-                raise ImageError(f"{item.path}: cannot be read ({err.strerror or err})") from err
-            image = self.transforms[item.task](decode_image(data, str(item.path)))
+            data = read_image_file(item.path, self.max_file_bytes)
+            set_pixel_limit(self.max_image_pixels)  # here: DataLoader workers are other processes
+            image = self.transforms[item.task](decode_image(data, str(item.path), self.max_image_pixels))
         except ImageError as err:
             if self.strict:
                 raise
@@ -128,10 +182,13 @@ def predict_images(
     num_workers: int = 0,
     strict: bool = False,
     trainer: Optional[pl.Trainer] = None,
+    max_file_bytes: int = MAX_FILE_BYTES,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> Tuple[List[Dict[str, Any]], List[Tuple[Path, str]]]:
     """Classify ``items`` with ``Trainer.predict``; returns the predictions (``path``, ``task``, ``top``: the top-k
     classes with probabilities) in item order and the ``(path, reason)`` of the unreadable images (skipped)."""
-    loader = DataLoader(ImageFiles(items, model, strict), batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    files = ImageFiles(items, model, strict, max_file_bytes, max_image_pixels)
+    loader = DataLoader(files, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     trainer = trainer or pl.Trainer(accelerator="cpu", logger=False, enable_model_summary=False)
     outputs = trainer.predict(MultiTaskPredictor(model), dataloaders=loader) or []
     predictions: Dict[int, Dict[str, Any]] = {}
