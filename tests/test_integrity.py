@@ -130,6 +130,15 @@ def test_an_unreadable_results_file_stops_vpt_tune_naming_it(folder, content):
     assert bad.read_text() == content
 
 
+def test_temp_files_of_a_killed_run_are_removed_when_the_protocol_takes_its_folders(folder):
+    stale = [folder / ".summary.k1lled_1.tmp.json", folder / "sweep" / "lr2_wd0" / ".results.a8Bc_d9x.tmp.json",
+             folder / "sweep" / "lr2_wd0" / "checkpoints" / ".last.q7w_e2rT.tmp.ckpt"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    run_protocol(tune(), folder)  # every run finished: nothing trains, the folders are only checked
+    assert not any(p.exists() for p in stale) and (folder / "summary.json").is_file()
+
+
 def test_a_crafted_checkpoint_is_refused_on_resume_and_its_payload_never_runs(folder, tmp_path, monkeypatch):
     # the worst case: an environment that tells torch.load to unpickle anything unless told otherwise
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
