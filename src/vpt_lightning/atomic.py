@@ -56,7 +56,7 @@ def fsync_path(path: Path, directory: bool = False) -> None:
 @contextmanager
 def atomic_path(path: Path, mode: Optional[int] = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is synced and replaces ``path``, on an exception it
-    is removed (``path`` keeps its old content).
+    is removed (``path`` keeps its old content; an ``OSError``, e.g. a full disk, names ``path``).
 
     The temporary name keeps ``path``'s suffix (writers such as matplotlib pick the format from it). The folder
     is created. The file gets ``mode`` if given, else ``0o666`` less the umask, like any newly created file.
@@ -72,6 +72,10 @@ def atomic_path(path: Path, mode: Optional[int] = None) -> Iterator[Path]:
         fsync_path(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent, directory=True)  # make the rename itself durable
+    except OSError as err:
+        if err.filename in (None, str(tmp)):  # name the file being written (e.g. "No space left on device: '...'")
+            err.filename = str(path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
