@@ -96,6 +96,9 @@ def test_stale_temp_files_of_killed_writes_are_removed_and_nothing_else(tmp_path
     for path in keep:
         path.parent.mkdir(exist_ok=True)
         path.write_text("keep")
-    removed = remove_stale_temp_files(tmp_path)
+    deeper = tmp_path / "a" / "b" / ".x.abcdefgh.tmp"  # below the depth asked for: not this folder's writes
+    deeper.parent.mkdir(parents=True)
+    deeper.write_text("keep")
+    removed = remove_stale_temp_files(tmp_path, depth=1)
     assert sorted(removed) == sorted([stale, stale_json]) and not stale.exists() and not stale_json.exists()
-    assert all(p.read_text() == "keep" for p in keep)
+    assert all(p.read_text() == "keep" for p in [*keep, deeper])

@@ -226,3 +226,25 @@ def test_default_run_folder_names_differ_within_one_second():
         if int(time.time()) == second:
             break
     assert names[0] != names[1] and re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d{6}", names[0])
+
+
+def test_a_lock_ends_with_its_process_not_with_a_forked_child_such_as_a_loader_worker(tmp_path):
+    import fcntl
+
+    ready, started = os.pipe()
+    with folder_lock(tmp_path):
+        child = os.fork()
+        if child == 0:  # a DataLoader worker would be forked like this, inheriting the lock file's descriptor
+            os.write(started, b"1")  # the fork has returned here: the at-fork hooks have run
+            time.sleep(10)
+            os._exit(0)
+    assert os.read(ready, 1) == b"1"
+    try:
+        fd = os.open(tmp_path / ".lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if the child still held it
+        finally:
+            os.close(fd)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)

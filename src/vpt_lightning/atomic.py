@@ -81,24 +81,28 @@ def atomic_path(path: Path, mode: Optional[int] = None) -> Iterator[Path]:
             tmp.unlink()
 
 
-def remove_stale_temp_files(folder: Path, recursive: bool = True) -> List[Path]:
-    """Delete the temporary files :func:`atomic_path` left in ``folder`` when a process was killed mid-write.
+def remove_stale_temp_files(folder: Path, depth: int = 1) -> List[Path]:
+    """Delete the temporary files :func:`atomic_path` left in ``folder`` (and its subfolders down to ``depth``
+    levels, e.g. a run's ``checkpoints/``) when a process was killed mid-write.
 
     Call it only while holding the folder's lock (:mod:`vpt_lightning.locking`): a live writer's temporary
     file would otherwise be taken from under it. Returns the removed paths.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    candidates = folder.rglob(".*") if recursive else folder.glob(".*")
-    removed = []
-    for candidate in candidates:
-        if TEMP_NAME.match(candidate.name) and candidate.is_file() and not candidate.is_symlink():
-            try:
-                candidate.unlink()
-            except FileNotFoundError:  # pragma: no cover
-                continue
-            removed.append(candidate)
+    removed: List[Path] = []
+    levels = [folder] if folder.is_dir() else []
+    for level in range(depth + 1):
+        subfolders = []
+        for current in levels:
+            for entry in current.iterdir():
+                if entry.is_symlink():
+                    continue
+                if entry.is_dir():
+                    subfolders.append(entry)
+                elif TEMP_NAME.match(entry.name) and entry.is_file():
+                    entry.unlink(missing_ok=True)
+                    removed.append(entry)
+        levels = subfolders
     if removed:
         log.info("removed %d temporary file(s) of an interrupted write in %s: %s", len(removed), folder,
                  ", ".join(str(p.relative_to(folder)) for p in removed))

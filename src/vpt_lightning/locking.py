@@ -26,6 +26,21 @@ LOCK_FILE = ".lock"
 _held: Dict[Path, int] = {}  # lock file -> open descriptor, for the locks this process holds
 
 
+def _close_inherited_locks() -> None:
+    """In a forked child (e.g. a DataLoader worker): close the copies of the parent's lock files, so that the lock
+    ends with the parent, not with the last of its children."""
+    for fd in _held.values():
+        try:
+            os.close(fd)
+        except OSError:  # pragma: no cover
+            pass
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class FolderLockedError(RuntimeError):
     """Another process holds the folder's lock (its PID is in the message)."""
 

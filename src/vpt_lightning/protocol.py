@@ -176,7 +176,7 @@ def _in_locked_protocol_folder(protocol_fn: Callable[..., Dict[str, Any]]) -> Ca
     @functools.wraps(protocol_fn)
     def locked(cfg: DictConfig, out_dir: Path, *args: Any, **kwargs: Any) -> Dict[str, Any]:
         with folder_lock(Path(out_dir), "protocol"):
-            remove_stale_temp_files(Path(out_dir), recursive=False)
+            remove_stale_temp_files(Path(out_dir), depth=0)
             return protocol_fn(cfg, Path(out_dir), *args, **kwargs)
 
     return locked
