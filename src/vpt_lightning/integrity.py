@@ -87,13 +87,24 @@ def composed_config(cfg: DictConfig) -> Dict[str, Any]:
     return composed
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as the plain types ``torch.load(weights_only=True)`` reads (anything else as its ``str``)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    return str(value)
+
+
 class RecordRunConfig(Callback):
     """Store the run's config in every checkpoint it writes (``checkpoint["vpt_run_config"]``), as plain values
     that ``torch.load(weights_only=True)`` reads: ``result`` (what ``results.json`` records and resumes compare)
     and ``composed`` (the whole composed config)."""
 
     def __init__(self, result: Mapping[str, Any], composed: Optional[Mapping[str, Any]] = None) -> None:
-        self.record = {"result": dict(result), "composed": dict(composed) if composed is not None else None}
+        self.record = {"result": _plain(result), "composed": _plain(composed) if composed is not None else None}
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: Dict[str, Any]) -> None:
         checkpoint[RUN_CONFIG_KEY] = self.record
@@ -163,7 +174,7 @@ def check_resume(path: Path, config: Mapping[str, Any], ignore: Iterable[str] = 
     if not isinstance(record, Mapping) or not isinstance(record.get("result"), Mapping):
         log.warning("%s records no run config (written by an older version): resuming it unchecked", path)
         return checkpoint
-    ignored = list(ignore)
+    ignored, config = list(ignore), _plain(config)  # as it was recorded
     diffs = config_differences(record["result"], config, ignored)
     if diffs:
         raise ConfigMismatchError(
