@@ -30,3 +30,12 @@ class PoisonBatch(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
             batch[0].fill_(float("nan"))
+
+
+class Heartbeat(Callback):
+    """Append a line per finished training batch to ``$HEARTBEAT_FILE`` (test_faults.py kills runs by progress)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if os.environ.get("HEARTBEAT_FILE"):
+            with open(os.environ["HEARTBEAT_FILE"], "a") as f:
+                f.write(f"{trainer.default_root_dir} {trainer.global_step}\n")

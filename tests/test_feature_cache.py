@@ -96,3 +96,36 @@ def test_image_files_are_part_of_the_key_and_augmenting_data_is_refused_with_a_r
                                  f"run_dir={tmp_path / 'out' / 'run'}", "test=false"]))
     assert results["feature_cache"] is False
     assert any("feature cache not used" in r.getMessage() and "augments" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failing_cache_write_is_logged_and_training_goes_on_without_the_cache(tmp_path, caplog):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder should be")  # a real failure: the folder cannot be made
+    with caplog.at_level(logging.WARNING, logger="vpt_lightning.feature_cache"):
+        cached, cached_state = _run(tmp_path, "cached", "tuning=linear", f"feature_cache.dir={blocker / 'cache'}")
+    assert f"feature cache: could not write {blocker / 'cache'}" in caplog.text and "NotADirectoryError" in caplog.text
+    assert (tmp_path / "cached" / "results.json").is_file() and cached["feature_cache"] is True
+    plain, plain_state = _run(tmp_path, "plain", "tuning=linear", "feature_cache.enabled=false")
+    for key, value in plain_state.items():  # trained as well as without any cache
+        torch.testing.assert_close(cached_state[key], value, atol=1e-5, rtol=0)
+
+
+def test_a_full_disk_during_a_cache_write_leaves_no_file_and_returns_the_features(tmp_path, monkeypatch, caplog):
+    import errno
+
+    import vpt_lightning.feature_cache as feature_cache
+
+    model, identity = create_backbone(BackboneConfig(name="vit_tiny_patch16_224", kwargs=dict(
+        img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2), init_seed=0))
+    backbone, data = prompted_backbone(model, None), SyntheticDataset("count", 6, seed=1)
+
+    def disk_full(obj, f, *args, **kwargs):
+        with open(f, "wb") as handle:
+            handle.write(b"part of a tensor file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(feature_cache.torch, "save", disk_full)
+    with caplog.at_level(logging.WARNING, logger="vpt_lightning.feature_cache"):
+        served = FeatureCache(tmp_path).features(backbone, identity, data, batch_size=3)
+    assert "No space left on device" in caplog.text and list(tmp_path.iterdir()) == []
+    torch.testing.assert_close(served.tensors[0], compute_features(backbone, data, 3)[0])

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vpt_lightning.config import compose
 from vpt_lightning.data.registry import vtab_tasks
@@ -149,12 +150,12 @@ def test_a_failing_sweep_point_is_skipped_and_retried_later(tmp_path):
 
     def flaky_train(job):
         if job.optim.base_lr == 2:
-            raise RuntimeError("out of memory")
+            raise torch.OutOfMemoryError("out of memory")
         return train(job)
 
     summary = run_protocol(cfg, tmp_path, flaky_train)
     assert summary["failed"] == ["lr2_wd0"] and summary["selected"]["base_lr"] == 0.5
-    assert "RuntimeError: out of memory" in json.dumps(summary["sweep"])
+    assert "OutOfMemoryError: out of memory" in json.dumps(summary["sweep"])
     retried = []
     run_protocol(cfg, tmp_path, lambda job: retried.append((job.optim.base_lr, job.data.split)) or train(job))
     assert [lr for lr, split in retried if split == "tune"] == [2]  # the finished point is kept, the failed one runs again

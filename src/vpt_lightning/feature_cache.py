@@ -7,7 +7,8 @@ stores them under a key of (backbone identity, split contents, transform) and se
 epoch, grid point and seed as a :class:`FeatureDataModule`; the :class:`~vpt_lightning.VPTModule` then skips its
 backbone (``inputs_are_features``). Training is still Lightning's, so metrics, checkpoints and ``results.json`` keep
 their form. A changed backbone, split or transform gives another key, hence a fresh computation; files are written
-atomically, so a crash never leaves half a cache. :func:`cache_refusal` says why a run cannot use it (augmenting
+atomically, so a crash never leaves half a cache, and a write that fails (a full disk) is logged while training
+goes on with the features in memory. :func:`cache_refusal` says why a run cannot use it (augmenting
 transforms, prompts, trained backbone weights...), and ``vpt-train`` logs that reason.
 """
 
@@ -124,10 +125,17 @@ class FeatureCache:
             log.warning("feature cache %s is unreadable (%s): computing it again", path, err)
             return None
 
-    def store(self, key: str, features: torch.Tensor, labels: torch.Tensor) -> Path:
+    def store(self, key: str, features: torch.Tensor, labels: torch.Tensor) -> Optional[Path]:
+        """Write a split's features; ``None`` when the write fails (a full disk, a read-only folder): the failure
+        is logged and the caller trains on the features in memory, without the cache."""
         path = self.path(key)
-        with atomic_path(path) as tmp:
-            torch.save({"key": key, "features": features, "labels": labels}, tmp)
+        try:
+            with atomic_path(path) as tmp:
+                torch.save({"key": key, "features": features, "labels": labels}, tmp)
+        except OSError as err:
+            log.warning("feature cache: could not write %s (%s: %s); training goes on with these features in memory, "
+                        "uncached (the next run computes them again)", path, type(err).__name__, err)
+            return None
         return path
 
     def features(self, backbone: nn.Module, identity: Mapping[str, Any], dataset: Dataset, batch_size: int,
@@ -137,7 +145,9 @@ class FeatureCache:
         cached = self.load(key)
         if cached is None:
             cached = compute_features(backbone, dataset, batch_size, num_workers)
-            log.info("feature cache: computed %d features -> %s", len(cached[1]), self.store(key, *cached))
+            stored = self.store(key, *cached)
+            if stored is not None:
+                log.info("feature cache: computed %d features -> %s", len(cached[1]), stored)
         else:
             log.info("feature cache: read %d features from %s", len(cached[1]), self.path(key))
         return TensorDataset(*cached)

@@ -2,31 +2,45 @@
 
 Selection takes the best validation top-1 **at the last epoch** (ties: the smaller learning rate, then the
 smaller weight decay); the final runs train on train+val and report the test top-1 **at the last epoch**,
-averaged over seeds. Every run has its own folder; a run with ``results.json`` is never repeated (unless its recorded
-config differs from the job's: then the protocol stops and names the differences), and one that stopped half-way
-resumes from its ``checkpoints/last.ckpt``. Runs that diverge (non-finite loss) or fail are never selected.
+averaged over seeds. Every run has its own folder; a run with ``results.json`` is never repeated, and one that stopped
+half-way resumes from its ``checkpoints/last.ckpt``. Runs that diverge (non-finite loss) or run out of memory are
+never selected.
+
+Nothing is reused that does not fit: a finished run or a checkpoint of another configuration, an unreadable
+``results.json`` and a truncated or unsafe checkpoint each stop the protocol with an error naming the file and the
+difference (:mod:`vpt_lightning.integrity`); ``protocol.restart=true`` (``vpt-tune --force``) starts such a run
+afresh instead. One process at a time works in a protocol folder and in each run folder (:mod:`vpt_lightning.locking`).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import json
 import logging
 import math
+import shutil
 import statistics
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .atomic import write_json_atomic, write_text_atomic
+from .atomic import remove_stale_temp_files, write_json_atomic, write_text_atomic
+from .integrity import (RESTART_HINT, ConfigMismatchError, RunIntegrityError, check_resume, config_differences,
+                        describe_differences, read_results)
+from .locking import LOCK_FILE, folder_lock
 from .methods import get_method
 from .nonfinite import NonFiniteLossError
 from .training import RESULTS_FILE, last_checkpoint, result_config, train
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
+# what a sweep point may fail with and still leave the others to run: the training itself failing (a NaN loss is
+# 'diverged', caught apart); errors about the run folder, the config or the data stop the protocol
+TRAINING_FAILURES = (torch.OutOfMemoryError,)
 
 
 def grid_points(protocol: DictConfig, method: str) -> List[Dict[str, Any]]:
@@ -81,24 +95,13 @@ def mean_std(values: Sequence[float]) -> Dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: Dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
-def check_same_config(recorded: Dict[str, Any], job: Dict[str, Any], run_dir: Path) -> None:
+def check_same_config(recorded: Dict[str, Any], job: Dict[str, Any], results_file: Path) -> None:
     """Refuse to reuse a finished run whose result-determining config differs from the job's."""
-    old, new = _flatten(recorded), _flatten(job)
-    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    diffs = config_differences(recorded, job)
     if diffs:
-        raise ValueError(
-            f"{run_dir} holds a finished run of another configuration ({'; '.join(diffs[:6])}"
-            f"{' ...' if len(diffs) > 6 else ''}); use another paths.output_dir, or delete that folder to re-run it"
-        )
+        raise ConfigMismatchError(
+            f"{results_file} holds a finished run of another configuration ({describe_differences(diffs)}); use "
+            f"another paths.output_dir, or delete that folder to re-run it ({RESTART_HINT})", Path(results_file))
 
 
 def _job(cfg: DictConfig, run_dir: Path, overrides: Dict[str, Any]) -> DictConfig:
@@ -112,15 +115,51 @@ def _job(cfg: DictConfig, run_dir: Path, overrides: Dict[str, Any]) -> DictConfi
 
 
 def _run(cfg: DictConfig, run_dir: Path, overrides: Dict[str, Any], train_fn: Callable) -> Dict[str, Any]:
-    """Run one job in ``run_dir`` unless it already finished; resume it if it stopped half-way."""
-    job = _job(cfg, run_dir, overrides)
+    """Run one job in ``run_dir`` unless it already finished; resume it if it stopped half-way.
+
+    Holds the run folder's lock; a finished run or a checkpoint that does not fit the job raises (see
+    :func:`_reusable_result`) unless ``protocol.restart`` is set, which clears the folder and trains afresh.
+    """
+    with folder_lock(run_dir, "run"):
+        remove_stale_temp_files(run_dir)
+        job = _job(cfg, run_dir, overrides)
+        try:
+            result = _reusable_result(job, run_dir)
+        except RunIntegrityError as err:
+            if not cfg.protocol.get("restart", False):
+                raise
+            log.warning("protocol.restart: starting %s afresh: %s", run_dir, err)
+            clear_run_folder(run_dir)
+            job, result = _job(cfg, run_dir, overrides), None
+        return result if result is not None else train_fn(job)
+
+
+def _reusable_result(job: DictConfig, run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The finished result of ``run_dir`` if it has one of the job's config (else ``None``: train or resume it).
+
+    Raises :class:`~vpt_lightning.integrity.RunIntegrityError` naming the file for an unreadable ``results.json``,
+    a finished run of another config, and a checkpoint that is unreadable, unsafe or of another config.
+    """
     done = run_dir / RESULTS_FILE
     if done.is_file():
-        result = json.loads(done.read_text())
+        result = read_results(done)
         if "config" in result:
-            check_same_config(result["config"], result_config(job), run_dir)
+            check_same_config(result["config"], result_config(job), done)
         return result
-    return train_fn(job)
+    if job.ckpt_path is not None:
+        check_resume(Path(job.ckpt_path), result_config(job))
+    return None
+
+
+def clear_run_folder(run_dir: Path) -> None:
+    """Delete what a run folder holds (its lock file stays: this process holds it)."""
+    for entry in Path(run_dir).iterdir():
+        if entry.name == LOCK_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _sweep_entry(point: Dict[str, Any], result: Dict[str, Any]) -> Dict[str, Any]:
@@ -131,12 +170,26 @@ def _sweep_entry(point: Dict[str, Any], result: Dict[str, Any]) -> Dict[str, Any
     return entry
 
 
+def _in_locked_protocol_folder(protocol_fn: Callable[..., Dict[str, Any]]) -> Callable[..., Dict[str, Any]]:
+    """Run ``protocol_fn`` holding the protocol folder's lock, after clearing the temporary files of a killed write."""
+
+    @functools.wraps(protocol_fn)
+    def locked(cfg: DictConfig, out_dir: Path, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        with folder_lock(Path(out_dir), "protocol"):
+            remove_stale_temp_files(Path(out_dir), depth=0)
+            return protocol_fn(cfg, Path(out_dir), *args, **kwargs)
+
+    return locked
+
+
+@_in_locked_protocol_folder
 def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> Dict[str, Any]:
     """Sweep, select and run the final seeds for the task of ``cfg``; write ``summary.json`` and ``summary.md``.
 
-    A sweep run that raises is logged, listed under ``failed`` in the summary and left out of the selection (it
-    is tried again the next time); the protocol stops only when every sweep run failed. Final runs live under
-    the selected point (``final/<point>/seed<k>``), so a changed selection never reuses another point's runs.
+    A sweep run that diverges or runs out of memory is logged, listed under ``diverged``/``failed`` in the summary
+    and left out of the selection (a failed one is tried again the next time); the protocol stops when every sweep
+    run failed, and at any other error (a run folder that does not fit, a config or data error). Final runs live
+    under the selected point (``final/<point>/seed<k>``), so a changed selection never reuses another point's runs.
     """
     protocol = cfg.protocol
     method = get_method(cfg.tuning.method)
@@ -153,7 +206,7 @@ def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> 
             log.warning("sweep point %s diverged: %s", point_name(point), err)
             sweep.append({"point": point, "val/top1": math.nan, "diverged": True})
             continue
-        except Exception as err:  # one bad grid point (e.g. out of memory) must not sink the others
+        except TRAINING_FAILURES as err:  # one grid point out of memory must not sink the others
             log.exception("sweep point %s failed", point_name(point))
             errors.append(err)
             sweep.append({"point": point, "failed": f"{type(err).__name__}: {err}"})

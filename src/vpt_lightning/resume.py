@@ -14,7 +14,8 @@ random has to be saved:
   (data code in the main process, validation loaders' worker seeds) no longer depends on what the previous
   epochs, a sanity check or a restore consumed.
 - :class:`AtomicCheckpointIO` writes a checkpoint to a temporary file in the same folder, syncs it, then
-  renames it over the old one, so a kill during the write leaves the previous ``last.ckpt`` intact.
+  renames it over the old one, so a kill during the write leaves the previous ``last.ckpt`` intact; it reads
+  checkpoints with ``torch.load(weights_only=True)`` only.
 
 Known limit: persistent loader workers (``num_workers > 0``) keep their own RNG streams from the epoch they
 were started in; data code that draws random numbers *in the workers* (e.g. random crops) is therefore exact on
@@ -27,7 +28,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sized
+from typing import Any, Dict, Iterator, Optional, Sized
 
 import numpy as np
 import pytorch_lightning as pl
@@ -38,6 +39,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torch.utils.data import RandomSampler
 
 from .atomic import atomic_path
+from .integrity import load_checkpoint
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -122,12 +124,16 @@ def restart_stale_iterators(trainer: pl.Trainer) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` that never leaves a half-written checkpoint at the target path.
+    """``TorchCheckpointIO`` that never leaves a half-written checkpoint at the target path and never unpickles
+    anything but tensors and plain values.
 
     Lightning's own write goes through an fsspec transaction whose temporary file lives in the system temp
     folder; when that is another file system than the run folder, the final move is a copy into the target,
     which a kill interrupts half-way. Here the temporary file is in the target's folder, is fsynced, then
-    ``os.replace``-d over the target (atomic on POSIX and Windows). Remote paths use Lightning's write.
+    ``os.replace``-d over the target (atomic on POSIX and Windows; :func:`vpt_lightning.atomic.atomic_path`).
+    Reads (``ckpt_path=...`` resumes) use ``torch.load(weights_only=True)`` whatever Lightning asks for, so a
+    checkpoint with a pickle payload is refused before any of it runs, and a truncated one gets an error naming
+    the file (:func:`vpt_lightning.integrity.load_checkpoint`). Remote paths use Lightning's own I/O.
     Wired as a trainer plugin in ``conf/trainer/default.yaml`` (FSDP's full state dict goes through it too;
     its sharded checkpoints are folders written by FSDP itself).
     """
@@ -135,23 +141,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        target = Path(path)
-        with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:
             torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(target.parent)
 
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (no-op where folders cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+    def load_checkpoint(self, path: Any, map_location: Optional[Any] = None,
+                        weights_only: Optional[bool] = None) -> Dict[str, Any]:
+        if map_location is None:
+            map_location = lambda storage, loc: storage  # noqa: E731 - Lightning's default
+        if not _is_local_file_protocol(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return load_checkpoint(Path(path), map_location=map_location)

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import shlex
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Callable, Dict, List, Optional, Type
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .atomic import write_json_atomic
+from .atomic import remove_stale_temp_files, write_json_atomic
 from .backbones import BackboneConfig
 from .feature_cache import FeatureCache, cache_refusal, cached_datamodule
+from .integrity import RecordRunConfig, check_resume, composed_config
+from .locking import folder_lock
 from .methods import TuningConfig, TuningMethod, parse_tuning
 from .module import VPTModule
 from .optim import OptimConfig
@@ -33,6 +36,8 @@ NOT_RESULT_KEYS = {
 }
 SEGMENTATION_KEYS = ("task_type", "segmentation")  # recorded only by runs that set them
 RESULT_GROUPS = ("backbone", "prompt", "tuning", "optim", "data", "trainer", "seed", "backbone_eval", "grad_checkpointing")
+# what an explicit vpt-train resume may change: train a finished or interrupted run for longer
+RESUME_MAY_CHANGE = ("trainer.max_epochs", "trainer.max_steps")
 
 
 @dataclass
@@ -143,6 +148,25 @@ def build_module(cfg: DictConfig, configs: ModelConfigs, datamodule: Any) -> VPT
     raise ValueError(f"task_type={task_type!r} is not one of ['classification', 'segmentation']")
 
 
+def _in_locked_run_folder(train_fn: Callable[[DictConfig], Dict[str, Any]]) -> Callable[[DictConfig], Dict[str, Any]]:
+    """Run ``train_fn`` holding the run folder's lock (a second process on the folder fails at once, naming the
+    holder), after clearing the temporary files of a killed write and checking that the checkpoint it resumes
+    from is readable, safe and of this run's configuration (:func:`vpt_lightning.integrity.check_resume`)."""
+
+    @functools.wraps(train_fn)
+    def locked(cfg: DictConfig) -> Dict[str, Any]:
+        run_dir = Path(cfg.run_dir)
+        with folder_lock(run_dir, "run"):
+            remove_stale_temp_files(run_dir)
+            ckpt_path = resolve_ckpt_path(cfg)
+            if ckpt_path is not None:
+                check_resume(Path(ckpt_path), result_config(cfg), ignore=RESUME_MAY_CHANGE)
+            return train_fn(cfg)
+
+    return locked
+
+
+@_in_locked_run_folder
 def train(cfg: DictConfig) -> Dict[str, Any]:
     """Run one training job described by a composed ``train`` config; returns (and writes) its results."""
     configs = parse_configs(cfg)
@@ -155,7 +179,8 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     # how evaluation images are prepared (known once the backbone's data config is): predict image files alike
     module.set_eval_transform(datamodule.eval_transform_config())
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger")) or False
+        cfg.trainer, logger=_instantiate_all(cfg.get("logger")) or False,
+        callbacks=_instantiate_all(cfg.get("callbacks")) + [RecordRunConfig(result_config(cfg), composed_config(cfg))],
     )
     started = time.time()
     datamodule = use_feature_cache(cfg, configs, module, datamodule, trainer)

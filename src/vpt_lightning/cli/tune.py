@@ -1,24 +1,41 @@
-"""``vpt-tune``: sweep -> select on val -> final runs over seeds, for one task and tuning strategy."""
+"""``vpt-tune``: sweep -> select on val -> final runs over seeds, for one task and tuning strategy.
+
+``--force`` (anywhere on the command line) is ``protocol.restart=true``: a run folder whose files do not fit the
+job (another config, unreadable, unsafe) is started afresh instead of stopping the protocol.
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from ..config import register_resolvers
+from ..integrity import RunIntegrityError
+from ..locking import FolderLockedError
 from ..protocol import run_protocol, summary_markdown
 
 register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="tune")
-def main(cfg: DictConfig) -> float:
+def _main(cfg: DictConfig) -> float:
     """Run the protocol in the Hydra run folder (re-running the same command resumes it)."""
-    summary = run_protocol(cfg, Path(cfg.run_dir))
+    try:
+        summary = run_protocol(cfg, Path(cfg.run_dir))
+    except (RunIntegrityError, FolderLockedError) as err:  # the user's to fix: the message, not a traceback
+        sys.exit(f"vpt-tune: error: {err}")
     print(summary_markdown(summary), flush=True)
     return float(summary["test_top1"]["mean"])
+
+
+def main() -> None:
+    """The console script: ``--force`` becomes ``protocol.restart=true``, the rest goes to Hydra."""
+    if "--force" in sys.argv[1:]:
+        sys.argv = [sys.argv[0], *(a for a in sys.argv[1:] if a != "--force"), "protocol.restart=true"]
+    _main()
 
 
 if __name__ == "__main__":
