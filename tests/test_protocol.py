@@ -88,6 +88,8 @@ def test_vpt_tune_command_writes_a_summary(tmp_path):
     packages = list((tmp_path / "outputs" / "demo" / "protocol" / "vpt_deep" / "final").glob("*/seed3/task"))
     assert len(packages) == 1 and sorted(p.name for p in packages[0].iterdir()) == ["README.md", "config.json",
                                                                                     "model.safetensors"]
+    # the tune-split grid points are only compared: they write no package
+    assert not list((tmp_path / "outputs" / "demo" / "protocol" / "vpt_deep" / "sweep").glob("*/task"))
 
 
 def _summary(task, tuning, tests, percent=0.5):

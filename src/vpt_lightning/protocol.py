@@ -199,7 +199,8 @@ def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> 
     sweep, errors = [], []
     for point in grid_points(protocol, method.name):
         # tuning never looks at the test set (and skipping it saves time)
-        overrides = {**point_overrides(point), "data.split": "tune", "test": False}
+        # tune-split points are only compared: no task package (the final runs write theirs)
+        overrides = {**point_overrides(point), "data.split": "tune", "test": False, "package": False}
         try:
             result = _run(cfg, out_dir / "sweep" / point_name(point), overrides, train_fn)
         except NonFiniteLossError as err:  # stopped at a NaN/Inf loss: diverged, not failed
