@@ -16,13 +16,14 @@ import logging
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .atomic import write_json_atomic, write_text_atomic
 from .methods import get_method
 from .nonfinite import NonFiniteLossError
+from .search import optuna_sweep, search_kind
 from .training import RESULTS_FILE, last_checkpoint, result_config, train
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,9 @@ def point_overrides(point: Dict[str, Any]) -> Dict[str, Any]:
 def select_best(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """The run with the highest last-epoch ``val/top1``; ties go to the smaller lr, then the smaller wd.
 
-    Runs marked ``diverged`` or ``failed`` are never selected.
+    Runs marked ``diverged``, ``failed`` or ``pruned`` (stopped early by an Optuna pruner) are never selected.
     """
-    usable = [r for r in runs if not r.get("diverged") and not r.get("failed")]
+    usable = [r for r in runs if not r.get("diverged") and not r.get("failed") and not r.get("pruned")]
     if not usable:
         raise ValueError(f"no usable sweep run to select from ({len(runs)} run(s), all diverged or failed)")
     return min(usable, key=lambda r: (-r["val/top1"], r["point"]["base_lr"], r["point"]["weight_decay"]))
@@ -131,6 +132,22 @@ def _sweep_entry(point: Dict[str, Any], result: Dict[str, Any]) -> Dict[str, Any
     return entry
 
 
+def _sweep_point(cfg: DictConfig, out_dir: Path, point: Dict[str, Any], train_fn: Callable,
+                 extra: Dict[str, Any] | None = None) -> Tuple[Dict[str, Any], Exception | None]:
+    """Run one sweep point; its sweep entry and, when it raised, the error."""
+    # tuning never looks at the test set (and skipping it saves time)
+    overrides = {**point_overrides(point), "data.split": "tune", "test": False, **(extra or {})}
+    try:
+        result = _run(cfg, out_dir / "sweep" / point_name(point), overrides, train_fn)
+    except NonFiniteLossError as err:  # stopped at a NaN/Inf loss: diverged, not failed
+        log.warning("sweep point %s diverged: %s", point_name(point), err)
+        return {"point": point, "val/top1": math.nan, "diverged": True}, None
+    except Exception as err:  # one bad grid point (e.g. out of memory) must not sink the others
+        log.exception("sweep point %s failed", point_name(point))
+        return {"point": point, "failed": f"{type(err).__name__}: {err}"}, err
+    return _sweep_entry(point, result), None
+
+
 def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> Dict[str, Any]:
     """Sweep, select and run the final seeds for the task of ``cfg``; write ``summary.json`` and ``summary.md``.
 
@@ -143,22 +160,17 @@ def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> 
     if cfg.optim.name != method.optimizer:  # the method's YAML composes its optimizer; the command line overrode it
         log.warning("tuning=%s trains with optim=%s in the paper's protocol; this run uses optim=%s (overridden)",
                     cfg.tuning.name, method.optimizer, cfg.optim.name)
-    sweep, errors = [], []
-    for point in grid_points(protocol, method.name):
-        # tuning never looks at the test set (and skipping it saves time)
-        overrides = {**point_overrides(point), "data.split": "tune", "test": False}
-        try:
-            result = _run(cfg, out_dir / "sweep" / point_name(point), overrides, train_fn)
-        except NonFiniteLossError as err:  # stopped at a NaN/Inf loss: diverged, not failed
-            log.warning("sweep point %s diverged: %s", point_name(point), err)
-            sweep.append({"point": point, "val/top1": math.nan, "diverged": True})
-            continue
-        except Exception as err:  # one bad grid point (e.g. out of memory) must not sink the others
-            log.exception("sweep point %s failed", point_name(point))
-            errors.append(err)
-            sweep.append({"point": point, "failed": f"{type(err).__name__}: {err}"})
-            continue
-        sweep.append(_sweep_entry(point, result))
+    points = grid_points(protocol, method.name)
+    search_info: Dict[str, Any] = {"kind": "grid"}
+    if search_kind(protocol) == "optuna":  # the same points as an Optuna study shared by workers (search.py)
+        sweep, errors, search_info = optuna_sweep(
+            cfg, out_dir, points, lambda point, extra: _sweep_point(cfg, out_dir, point, train_fn, extra))
+    else:
+        sweep, errors = [], []
+        for point in points:
+            entry, error = _sweep_point(cfg, out_dir, point, train_fn)
+            sweep.append(entry)
+            errors += [error] if error is not None else []
     if errors and len(errors) == len(sweep):
         raise errors[0]
     best = select_best(sweep)
@@ -178,6 +190,7 @@ def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> 
         "backbone_reference": cfg.backbone.get("reference"),  # which of the paper's backbones (vpt-report)
         "selected": {**best["point"], "val/top1": best["val/top1"]},
         "sweep": sweep,
+        "search": search_info,
         "failed": [point_name(r["point"]) for r in sweep if r.get("failed")],
         "diverged": [point_name(r["point"]) for r in sweep if r.get("diverged")],
         "test_top1_per_seed": {seed: float(r["test/top1"]) for seed, r in finals.items()},
