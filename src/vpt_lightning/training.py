@@ -19,6 +19,7 @@ from .methods import TuningConfig, TuningMethod, parse_tuning
 from .module import VPTModule
 from .optim import OptimConfig
 from .prompt import PromptConfig
+from .tracking import log_config, log_results
 
 log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
@@ -153,6 +154,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger")) or False
     )
+    log_config(trainer.loggers, cfg)
     started = time.time()
     datamodule = use_feature_cache(cfg, configs, module, datamodule, trainer)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -180,6 +182,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     results = {k: v for k, v in results.items() if not k.startswith("train/loss_step")}
     if trainer.is_global_zero:
         write_json_atomic(results, run_dir / RESULTS_FILE)
+        log_results(trainer.loggers, results, trainer.global_step, cfg)
         print_summary(results, run_dir)
     return results
 

@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from ..config import register_resolvers
 from ..protocol import run_protocol, summary_markdown
+from ..tracking import log_protocol_summary
 
 register_resolvers()
 
@@ -17,6 +18,7 @@ register_resolvers()
 def main(cfg: DictConfig) -> float:
     """Run the protocol in the Hydra run folder (re-running the same command resumes it)."""
     summary = run_protocol(cfg, Path(cfg.run_dir))
+    log_protocol_summary(cfg, summary)
     print(summary_markdown(summary), flush=True)
     return float(summary["test_top1"]["mean"])
 
