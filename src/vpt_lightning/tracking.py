@@ -108,7 +108,8 @@ def mlflow_parent_run(tracking_uri: str, experiment_name: str, group: str,
 
 def flat_config(cfg: DictConfig) -> Dict[str, Any]:
     """The composed config (Hydra's own node left out) as ``config/<dotted key>`` -> value."""
-    tree = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    tree = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+            for key in cfg if key != "hydra"}  # Hydra's own node resolves only inside a Hydra app
     flat: Dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -118,7 +119,7 @@ def flat_config(cfg: DictConfig) -> Dict[str, Any]:
         else:
             flat[f"config/{prefix}"] = node if isinstance(node, (int, float, str, bool)) or node is None else str(node)
 
-    walk({k: v for k, v in tree.items() if k != "hydra"}, "")
+    walk(tree, "")
     return flat
 
 
