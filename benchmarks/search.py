@@ -1,9 +1,9 @@
 """Grid vs Optuna on the quickstart: the selected point's test top-1 and the wall time of the protocol.
 
-    python benchmarks/search.py [--epochs 4] [--lrs 0.1,0.3,1] [--wds 0,0.001] [--seeds 42] [--out DIR]
+    python benchmarks/search.py [--epochs 3] [--train 200] [--lrs 0.1,0.3,1] [--wds 0,0.001] [--seeds 42] [--out DIR]
 
 VPT-Deep on the quickstart task (``+experiment=quickstart``: the packaged mini ViT, the synthetic ``orientation``
-task, here 1,000 train / 500 val / 1,000 test images) through ``vpt-tune``'s protocol three times, each in a fresh
+task, by default 200 train / 100 val / 500 test images) through ``vpt-tune``'s protocol three times, each in a fresh
 folder and study:
 
 - ``grid``: every lr x wd point (``protocol.search=grid``, today's default);
@@ -29,8 +29,8 @@ from vpt_lightning.config import compose
 from vpt_lightning.protocol import run_protocol
 
 
-def protocol(out: Path, search: list, epochs: int, lrs: str, wds: str, seeds: str) -> dict:
-    overrides = ["+experiment=quickstart", "data.num_train=1000", "data.num_val=500", "data.num_test=1000",
+def protocol(out: Path, search: list, epochs: int, lrs: str, wds: str, seeds: str, train: int) -> dict:
+    overrides = ["+experiment=quickstart", f"data.num_train={train}", f"data.num_val={train // 2}", "data.num_test=500",
                  f"trainer.max_epochs={epochs}", f"protocol.base_lr=[{lrs}]", f"protocol.weight_decay=[{wds}]",
                  f"protocol.seeds=[{seeds}]", f"paths.output_dir={out}", "trainer.enable_progress_bar=false",
                  "+trainer.enable_model_summary=false", "task_name=search_benchmark", *search]
@@ -51,7 +51,8 @@ def protocol(out: Path, search: list, epochs: int, lrs: str, wds: str, seeds: st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train", type=int, default=200, help="training images (val: half as many; test: 500)")
     parser.add_argument("--lrs", default="0.1,0.3,1")
     parser.add_argument("--wds", default="0,0.001")
     parser.add_argument("--seeds", default="42")
@@ -70,7 +71,7 @@ def main() -> None:
     for name, search in modes.items():
         folder = args.out / ("tpe" if "TPE" in name else "grid_pruned" if "pruning" in name else "grid")
         shutil.rmtree(folder, ignore_errors=True)
-        results[name] = protocol(folder, search, args.epochs, args.lrs, args.wds, args.seeds)
+        results[name] = protocol(folder, search, args.epochs, args.lrs, args.wds, args.seeds, args.train)
         print(name, json.dumps(results[name]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
