@@ -1,11 +1,11 @@
 """The pictures behind ``vpt-viz``: what the VPT paper and its readers look at, drawn from runs of this package.
 
 - :func:`tsne_figure`: t-SNE of the final pooled features of a test split, coloured by class, beside the frozen
-  backbone's own pooled features (the paper's Fig. 7 style comparison of VPT with the linear probe);
+  backbone's own pooled features (the paper's t-SNE comparison of VPT with the linear probe);
 - :func:`attention_figure`: per block, the attention of the class token to the patches and of the prompts to the
   patches, from timm's :class:`~timm.utils.AttentionExtract` (softmax outputs caught at ``attn_drop``);
 - :func:`ablation_figure`: test top-1 against prompt length and prompt depth from ``vpt-tune`` summaries, seeds as
-  error bars (the paper's Fig. 6 / Sec. 4.3 ablations);
+  error bars (the paper's prompt length and depth ablations, Sec. 4.3);
 - :func:`curves_figure`: training loss and val top-1 per epoch from a run's ``csv/metrics.csv``.
 
 Each returns the numbers it drew, so that they can be checked; :func:`save_figure` writes the PNG atomically.
