@@ -23,7 +23,7 @@ import math
 import shutil
 import statistics
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -34,6 +34,7 @@ from .integrity import (RESTART_HINT, ConfigMismatchError, RunIntegrityError, ch
 from .locking import LOCK_FILE, folder_lock
 from .methods import get_method
 from .nonfinite import NonFiniteLossError
+from .search import optuna_sweep, search_kind
 from .training import RESULTS_FILE, last_checkpoint, result_config, train
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,9 @@ def point_overrides(point: Dict[str, Any]) -> Dict[str, Any]:
 def select_best(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """The run with the highest last-epoch ``val/top1``; ties go to the smaller lr, then the smaller wd.
 
-    Runs marked ``diverged`` or ``failed`` are never selected.
+    Runs marked ``diverged``, ``failed`` or ``pruned`` (stopped early by an Optuna pruner) are never selected.
     """
-    usable = [r for r in runs if not r.get("diverged") and not r.get("failed")]
+    usable = [r for r in runs if not r.get("diverged") and not r.get("failed") and not r.get("pruned")]
     if not usable:
         raise ValueError(f"no usable sweep run to select from ({len(runs)} run(s), all diverged or failed)")
     return min(usable, key=lambda r: (-r["val/top1"], r["point"]["base_lr"], r["point"]["weight_decay"]))
@@ -170,6 +171,23 @@ def _sweep_entry(point: Dict[str, Any], result: Dict[str, Any]) -> Dict[str, Any
     return entry
 
 
+def _sweep_point(cfg: DictConfig, out_dir: Path, point: Dict[str, Any], train_fn: Callable,
+                 extra: Dict[str, Any] | None = None) -> Tuple[Dict[str, Any], Exception | None]:
+    """Run one sweep point; its sweep entry and, when it raised, the error."""
+    # tuning never looks at the test set (and skipping it saves time)
+    # tune-split points are only compared: no task package (the final runs write theirs)
+    overrides = {**point_overrides(point), "data.split": "tune", "test": False, "package": False, **(extra or {})}
+    try:
+        result = _run(cfg, out_dir / "sweep" / point_name(point), overrides, train_fn)
+    except NonFiniteLossError as err:  # stopped at a NaN/Inf loss: diverged, not failed
+        log.warning("sweep point %s diverged: %s", point_name(point), err)
+        return {"point": point, "val/top1": math.nan, "diverged": True}, None
+    except TRAINING_FAILURES as err:  # one grid point out of memory must not sink the others
+        log.exception("sweep point %s failed", point_name(point))
+        return {"point": point, "failed": f"{type(err).__name__}: {err}"}, err
+    return _sweep_entry(point, result), None
+
+
 def _in_locked_protocol_folder(protocol_fn: Callable[..., Dict[str, Any]]) -> Callable[..., Dict[str, Any]]:
     """Run ``protocol_fn`` holding the protocol folder's lock, after clearing the temporary files of a killed write."""
 
@@ -196,23 +214,17 @@ def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> 
     if cfg.optim.name != method.optimizer:  # the method's YAML composes its optimizer; the command line overrode it
         log.warning("tuning=%s trains with optim=%s in the paper's protocol; this run uses optim=%s (overridden)",
                     cfg.tuning.name, method.optimizer, cfg.optim.name)
-    sweep, errors = [], []
-    for point in grid_points(protocol, method.name):
-        # tuning never looks at the test set (and skipping it saves time)
-        # tune-split points are only compared: no task package (the final runs write theirs)
-        overrides = {**point_overrides(point), "data.split": "tune", "test": False, "package": False}
-        try:
-            result = _run(cfg, out_dir / "sweep" / point_name(point), overrides, train_fn)
-        except NonFiniteLossError as err:  # stopped at a NaN/Inf loss: diverged, not failed
-            log.warning("sweep point %s diverged: %s", point_name(point), err)
-            sweep.append({"point": point, "val/top1": math.nan, "diverged": True})
-            continue
-        except TRAINING_FAILURES as err:  # one grid point out of memory must not sink the others
-            log.exception("sweep point %s failed", point_name(point))
-            errors.append(err)
-            sweep.append({"point": point, "failed": f"{type(err).__name__}: {err}"})
-            continue
-        sweep.append(_sweep_entry(point, result))
+    points = grid_points(protocol, method.name)
+    search_info: Dict[str, Any] = {"kind": "grid"}
+    if search_kind(protocol) == "optuna":  # the same points as an Optuna study shared by workers (search.py)
+        sweep, errors, search_info = optuna_sweep(
+            cfg, out_dir, points, lambda point, extra: _sweep_point(cfg, out_dir, point, train_fn, extra))
+    else:
+        sweep, errors = [], []
+        for point in points:
+            entry, error = _sweep_point(cfg, out_dir, point, train_fn)
+            sweep.append(entry)
+            errors += [error] if error is not None else []
     if errors and len(errors) == len(sweep):
         raise errors[0]
     best = select_best(sweep)
@@ -232,6 +244,7 @@ def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> 
         "backbone_reference": cfg.backbone.get("reference"),  # which of the paper's backbones (vpt-report)
         "selected": {**best["point"], "val/top1": best["val/top1"]},
         "sweep": sweep,
+        "search": search_info,
         "failed": [point_name(r["point"]) for r in sweep if r.get("failed")],
         "diverged": [point_name(r["point"]) for r in sweep if r.get("diverged")],
         "test_top1_per_seed": {seed: float(r["test/top1"]) for seed, r in finals.items()},

@@ -24,6 +24,7 @@ from .methods import TuningConfig, TuningMethod, parse_tuning
 from .module import VPTModule
 from .optim import OptimConfig
 from .prompt import PromptConfig
+from .tracking import log_config, log_results
 
 log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
@@ -182,6 +183,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         cfg.trainer, logger=_instantiate_all(cfg.get("logger")) or False,
         callbacks=_instantiate_all(cfg.get("callbacks")) + [RecordRunConfig(result_config(cfg), composed_config(cfg))],
     )
+    log_config(trainer.loggers, cfg)
     started = time.time()
     datamodule = use_feature_cache(cfg, configs, module, datamodule, trainer)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -210,6 +212,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     if trainer.is_global_zero:
         write_task_package(cfg, module, results, run_dir)
         write_json_atomic(results, run_dir / RESULTS_FILE)
+        log_results(trainer.loggers, results, trainer.global_step, cfg)
         print_summary(results, run_dir)
     return results
 

@@ -16,6 +16,7 @@ from ..config import register_resolvers
 from ..integrity import RunIntegrityError
 from ..locking import FolderLockedError
 from ..protocol import run_protocol, summary_markdown
+from ..tracking import log_protocol_summary
 
 register_resolvers()
 
@@ -27,6 +28,7 @@ def _main(cfg: DictConfig) -> float:
         summary = run_protocol(cfg, Path(cfg.run_dir))
     except (RunIntegrityError, FolderLockedError) as err:  # the user's to fix: the message, not a traceback
         sys.exit(f"vpt-tune: error: {err}")
+    log_protocol_summary(cfg, summary)
     print(summary_markdown(summary), flush=True)
     return float(summary["test_top1"]["mean"])
 

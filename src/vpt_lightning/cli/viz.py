@@ -1,0 +1,94 @@
+"""``vpt-viz``: PNG figures of runs and protocols (t-SNE, attention maps, prompt ablations, training curves).
+
+    vpt-viz tsne RUN_OR_CHECKPOINT [--split test] [--max-samples 500]
+    vpt-viz attention RUN_OR_CHECKPOINT --images DIR [--num-images 3]
+    vpt-viz ablation SUMMARY_DIR [SUMMARY_DIR ...]
+    vpt-viz curves RUN
+
+Each writes ``--out`` (default: ``<run>/viz/<kind>.png``, or ``<SUMMARY_DIR>/ablation.png``) and, when the run
+logged to TensorBoard or MLflow, adds the figure there too. Needs ``pip install 'vpt-lightning[viz]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vpt-viz", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="kind", required=True)
+    tsne = sub.add_parser("tsne", help="t-SNE of the final pooled features beside the frozen backbone's")
+    tsne.add_argument("path", type=Path, help="a vpt-train run folder, or its checkpoints/last.ckpt")
+    tsne.add_argument("--split", default="test", choices=["test", "val", "train"])
+    tsne.add_argument("--max-samples", type=int, default=500)
+    attention = sub.add_parser("attention", help="class-token and prompt attention to the patches, per block")
+    attention.add_argument("path", type=Path, help="a vpt-train run folder, or a task checkpoint")
+    attention.add_argument("--images", type=Path, required=True, help="a folder of image files")
+    attention.add_argument("--num-images", type=int, default=3)
+    ablation = sub.add_parser("ablation", help="test top-1 against prompt length and depth from vpt-tune summaries")
+    ablation.add_argument("dirs", type=Path, nargs="+", help="folders holding vpt-tune summary.json files")
+    curves = sub.add_parser("curves", help="training loss and val top-1 per epoch")
+    curves.add_argument("path", type=Path, help="a vpt-train run folder (with csv/metrics.csv)")
+    for p in (tsne, attention, ablation, curves):
+        p.add_argument("--out", type=Path, default=None, help="the PNG to write")
+    return parser
+
+
+def _loader(datamodule, split: str):
+    datamodule.setup("fit" if split in ("train", "val") else "test")
+    if split == "train":
+        return datamodule.train_dataloader()
+    return datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Draw and write the figure ``args.kind`` asks for; returns the PNG's path."""
+    from .. import viz
+
+    run_dir: Optional[Path] = None
+    if args.kind == "tsne":
+        module, run_dir = viz.load_task_for_viz(args.path)
+        if run_dir is None:
+            raise FileNotFoundError(f"{str(args.path)!r}: a t-SNE needs the run folder (its data config)")
+        datamodule = viz.run_datamodule(run_dir, module)
+        figure, _ = viz.tsne_figure(module, _loader(datamodule, args.split), module.hparams.get("class_names"),
+                                    args.max_samples, f"t-SNE of the {args.split} split's pooled features")
+        out = args.out or run_dir / "viz" / f"tsne_{args.split}.png"
+    elif args.kind == "attention":
+        module, run_dir = viz.load_task_for_viz(args.path)
+        images, shown, names = viz.load_images(args.images, module, args.num_images)
+        figure, _ = viz.attention_figure(module, images, shown, names)
+        out = args.out or (run_dir or args.path.parent) / "viz" / "attention.png"
+    elif args.kind == "ablation":
+        from ..protocol import find_summaries
+
+        summaries = find_summaries(args.dirs)
+        if not summaries:
+            raise FileNotFoundError(f"no summary.json below {[str(d) for d in args.dirs]} (run vpt-tune first)")
+        figure, _ = viz.ablation_figure(summaries)
+        out = args.out or args.dirs[0] / "ablation.png"
+    else:
+        figure, _ = viz.curves_figure(args.path)
+        run_dir = args.path
+        out = args.out or args.path / "viz" / "curves.png"
+    viz.save_figure(figure, out)
+    print(f"wrote {out}")
+    for where in viz.log_image(run_dir, args.kind, out):
+        print(f"logged to {where}")
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        print(f"vpt-viz {args.kind}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""``vpt-tune protocol.search=optuna``: the sweep's lr x weight decay (x prompt length) points as an Optuna study.
+
+The paper's protocol (Jia et al., ECCV 2022, Sec. 4.1 and the supplement's grid) picks the best validation top-1
+over a grid; this module runs that grid, or a TPE search over the same values, in an Optuna study kept in any
+RDB storage (a SQLite file in the protocol folder by default, PostgreSQL for several machines). Several
+processes or machines started with the same ``protocol.storage`` and ``protocol.study`` share the study:
+
+- ``protocol.sampler=grid``: :class:`optuna.samplers.GridSampler` over the grid. Optuna documents that its
+  ``GridSampler`` may hand the same point to two concurrent workers, so the process that creates the study also
+  enqueues every grid point once, and workers only take enqueued trials (Optuna moves a waiting trial to running
+  in one database transaction, so two workers never get the same one): every point runs exactly once.
+- ``protocol.sampler=tpe``: :class:`optuna.samplers.TPESampler` over the same values, ``protocol.n_trials``
+  trials in total among all workers.
+
+With ``protocol.pruning=true`` (default) a :class:`optuna.pruners.MedianPruner` stops a run whose val top-1 at an
+epoch is below the median of the other runs at that epoch (:class:`OptunaPruning` reports it from Lightning). Pruned
+points are never selected. When the study holds no more work, the worker waits for the other workers' running
+trials and returns the sweep in :mod:`vpt_lightning.protocol`'s format, so selection, final runs and
+``vpt-report`` work as for a grid.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+SEARCHES = ("grid", "optuna")
+SAMPLERS = ("grid", "tpe")
+ENQUEUED_ATTR = "vpt_enqueued_points"  # study user attribute: set once every grid point is enqueued
+PRUNED_ATTR = "pruned_at_epoch"  # trial user attribute, set by OptunaPruning
+SPARE_ATTR = "spare"  # a trial that found the queue empty (another worker took the last point)
+PARAMS = ("base_lr", "weight_decay", "num_tokens")
+
+# run_point(point, extra_overrides) -> (sweep entry in protocol's format, the exception if the run failed)
+RunPoint = Callable[[Dict[str, Any], Dict[str, Any]], Tuple[Dict[str, Any], Optional[BaseException]]]
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("protocol.search=optuna needs Optuna: pip install 'vpt-lightning[optuna]'") from err
+    return optuna
+
+
+def search_kind(protocol: DictConfig) -> str:
+    """``protocol.search`` (``grid`` when absent), checked."""
+    kind = protocol.get("search") or "grid"
+    if kind not in SEARCHES:
+        raise ValueError(f"protocol.search={kind!r} is not one of {list(SEARCHES)}")
+    return kind
+
+
+def storage_url(protocol: DictConfig, out_dir: Path) -> str:
+    """``protocol.storage``, else a SQLite file ``optuna.db`` in the protocol folder."""
+    url = protocol.get("storage")
+    if url:
+        return str(url)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(out_dir).resolve() / 'optuna.db'}"
+
+
+def search_space(points: List[Dict[str, Any]]) -> Dict[str, List[Any]]:
+    """The grid's values per parameter, in the grid's order (``num_tokens`` only when swept)."""
+    space: Dict[str, List[Any]] = {}
+    for name in PARAMS:
+        values = [p[name] for p in points if p.get(name) is not None]
+        if values:
+            space[name] = list(dict.fromkeys(values))
+    return space
+
+
+def _distributions(space: Dict[str, List[Any]]) -> Dict[str, Any]:
+    optuna = _optuna()
+    return {name: optuna.distributions.CategoricalDistribution(values) for name, values in space.items()}
+
+
+def _point(params: Dict[str, Any]) -> Dict[str, Any]:
+    return {
+        "base_lr": float(params["base_lr"]),
+        "weight_decay": float(params["weight_decay"]),
+        "num_tokens": int(params["num_tokens"]) if params.get("num_tokens") is not None else None,
+    }
+
+
+def _sampler(name: str, space: Dict[str, List[Any]], seed: int):
+    optuna = _optuna()
+    if name == "grid":
+        return optuna.samplers.GridSampler(space, seed=seed)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    raise ValueError(f"protocol.sampler={name!r} is not one of {list(SAMPLERS)}")
+
+
+def _pruner(enabled: bool):
+    optuna = _optuna()
+    # the first 2 runs always finish (they make the median); no run is stopped before its second epoch
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1) if enabled else optuna.pruners.NopPruner()
+
+
+def open_study(url: str, name: str, sampler: Any, pruner: Any, attempts: int = 20) -> Tuple[Any, bool]:
+    """Create the study, or load it when another process created it; returns ``(study, created_here)``.
+
+    Processes that start together race to create the study (and, for a new SQLite file, its tables); the loser
+    of that race gets an integrity or locking error from the database and retries until the study can be loaded.
+    """
+    optuna = _optuna()
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(attempts):
+        try:
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+            try:
+                study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
+                                            direction="maximize")
+                return study, True
+            except optuna.exceptions.DuplicatedStudyError:
+                return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner), False
+        except (IntegrityError, OperationalError, KeyError) as err:
+            # KeyError: the study row exists but its direction is not written yet (created a moment ago)
+            if attempt == attempts - 1:
+                raise
+            log.info("opening study %s failed (%s); retrying", name, type(err).__name__)
+            time.sleep(0.2 + 0.3 * attempt)
+    raise AssertionError("unreachable")
+
+
+def _engine_kwargs(url: str) -> Dict[str, Any]:
+    # SQLite: wait for a writer instead of failing at once when several processes share the file
+    return {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+
+
+def _enqueue_grid(study: Any, points: List[Dict[str, Any]]) -> None:
+    for point in points:
+        study.enqueue_trial({k: v for k, v in point.items() if v is not None})
+    study.set_user_attr(ENQUEUED_ATTR, len(points))
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float, poll: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
+        time.sleep(poll)
+
+
+def _states(study: Any, *names: str) -> List[Any]:
+    optuna = _optuna()
+    return study.get_trials(deepcopy=False, states=tuple(getattr(optuna.trial.TrialState, n) for n in names))
+
+
+def _frozen(study: Any, number: int) -> Any:
+    """The stored state of trial ``number`` (its system and user attributes as written so far)."""
+    return study.get_trials(deepcopy=False)[number]
+
+
+def _tell(study: Any, trial: Any, **kwargs: Any) -> None:
+    """``study.tell`` that tolerates the ``RuntimeError`` GridSampler raises after the last grid point: it calls
+    ``study.stop()`` outside ``optimize`` (documented in ``GridSampler``); the trial's state is written anyway."""
+    try:
+        study.tell(trial, **kwargs)
+    except RuntimeError as err:
+        if "stop" not in str(err):
+            raise
+
+
+def pruning_callback(url: str, study_name: str, trial_number: int, pruning: bool) -> Dict[str, Any]:
+    """The ``callbacks.optuna_pruning`` config entry that reports a run's val top-1 to its trial."""
+    return {"_target_": f"{__name__}.OptunaPruning", "storage": url, "study": study_name, "trial_number": trial_number,
+            "pruning": pruning}
+
+
+def optuna_sweep(cfg: DictConfig, out_dir: Path, points: List[Dict[str, Any]], run_point: RunPoint,
+                 wait_timeout: float = 24 * 3600.0) -> Tuple[List[Dict[str, Any]], List[BaseException], Dict[str, Any]]:
+    """Run this worker's share of the study, wait for the others, return ``(sweep, errors, search_info)``.
+
+    ``points`` is the grid (:func:`vpt_lightning.protocol.grid_points`); ``run_point(point, overrides)`` runs one
+    sweep point with extra config overrides (the pruning callback) and returns its sweep entry and error.
+    """
+    optuna = _optuna()
+    protocol = cfg.protocol
+    sampler_name = protocol.get("sampler") or "grid"
+    if sampler_name not in SAMPLERS:
+        raise ValueError(f"protocol.sampler={sampler_name!r} is not one of {list(SAMPLERS)}")
+    n_trials = protocol.get("n_trials")
+    if sampler_name == "tpe":
+        n_trials = int(n_trials) if n_trials is not None else math.ceil(len(points) / 3)
+        if n_trials < 1:
+            raise ValueError(f"protocol.n_trials={n_trials} must be a positive number of trials")
+    url = storage_url(protocol, out_dir)
+    name = protocol.get("study") or f"{cfg.task_name}-{cfg.tuning.name}-{sampler_name}"
+    space = search_space(points)
+    pruning = bool(protocol.get("pruning", True))
+    study, created = open_study(url, name, _sampler(sampler_name, space, int(cfg.seed)), _pruner(pruning))
+    log.info("optuna study %r in %s (%s)", name, url, "created" if created else "joined")
+    if sampler_name == "grid":
+        if created:
+            _enqueue_grid(study, points)
+        else:  # the creator enqueues the grid right after creating the study
+            _wait_for(lambda: ENQUEUED_ATTR in study.user_attrs, f"study {name!r} to enqueue its grid", 600, 0.5)
+    distributions = _distributions(space)
+    errors: List[BaseException] = []
+    while True:
+        if sampler_name == "grid" and not _states(study, "WAITING"):
+            break
+        if sampler_name == "tpe" and len(_states(study, "RUNNING", "COMPLETE", "PRUNED")) >= n_trials:
+            break
+        trial = study.ask(distributions)
+        if sampler_name == "grid" and "fixed_params" not in _frozen(study, trial.number).system_attrs:
+            # another worker took the last enqueued point between our check and our ask: not a grid point to run
+            trial.set_user_attr(SPARE_ATTR, True)
+            _tell(study, trial, state=optuna.trial.TrialState.FAIL)
+            break
+        point = _point(trial.params)
+        overrides = {"callbacks.optuna_pruning": pruning_callback(url, name, trial.number, pruning)}
+        entry, error = run_point(point, overrides)
+        trial_now = _frozen(study, trial.number)  # with the pruning callback's attributes
+        if error is not None:
+            errors.append(error)
+            _tell(study, trial, state=optuna.trial.TrialState.FAIL)
+        elif entry.get("diverged") or not math.isfinite(entry.get("val/top1", math.nan)):
+            _tell(study, trial, state=optuna.trial.TrialState.FAIL)
+        elif PRUNED_ATTR in trial_now.user_attrs:
+            _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            _tell(study, trial, values=entry["val/top1"])
+    _wait_for(lambda: not _states(study, "RUNNING", "WAITING"), f"the other workers of study {name!r}", wait_timeout)
+    sweep = sweep_from_study(study)
+    info = {"kind": "optuna", "sampler": sampler_name, "study": name, "storage": url, "n_trials": len(sweep),
+            "pruned": [e["point"] for e in sweep if e.get("pruned")]}
+    return sweep, errors, info
+
+
+def sweep_from_study(study: Any) -> List[Dict[str, Any]]:
+    """Every finished, non-spare trial of ``study`` as a sweep entry (``point``, ``val/top1``; ``pruned`` or
+    ``failed`` when so), one per point (the first trial of a point that TPE proposed twice)."""
+    optuna = _optuna()
+    state = optuna.trial.TrialState
+    sweep, seen = [], set()
+    for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if trial.user_attrs.get(SPARE_ATTR) or not trial.state.is_finished() or not trial.params:
+            continue
+        point = _point(trial.params)
+        key = tuple(point.values())
+        if key in seen:
+            continue
+        seen.add(key)
+        entry: Dict[str, Any] = {"point": point, "trial": trial.number}
+        if trial.state == state.COMPLETE:
+            entry["val/top1"] = float(trial.value)
+        elif trial.state == state.PRUNED:
+            reported = trial.intermediate_values
+            entry["val/top1"] = float(reported[max(reported)]) if reported else math.nan
+            entry["pruned"] = int(trial.user_attrs.get(PRUNED_ATTR, -1))
+        else:
+            entry["failed"] = "trial failed or diverged (see its run folder)"
+        sweep.append(entry)
+    return sweep
+
+
+class OptunaPruning(pl.Callback):
+    """Report ``monitor`` (val top-1) to an Optuna trial after every validation epoch and stop the run when the
+    study's pruner says so (the trial gets the ``pruned_at_epoch`` user attribute; the search marks it pruned).
+
+    Built from plain values (storage URL, study name, trial number) so that the config of a run can carry it.
+    """
+
+    def __init__(self, storage: str, study: str, trial_number: int, pruning: bool = True,
+                 monitor: str = "val/top1") -> None:
+        optuna = _optuna()
+        self.monitor = monitor
+        storage_ = optuna.storages.RDBStorage(storage, engine_kwargs=_engine_kwargs(storage))
+        self.study = optuna.load_study(study_name=study, storage=storage_, pruner=_pruner(pruning))
+        trial_id = storage_.get_trial_id_from_study_id_trial_number(self.study._study_id, trial_number)
+        self.trial = optuna.trial.Trial(self.study, trial_id)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.monitor])
+        epoch = trainer.current_epoch
+        if not math.isfinite(value):
+            return
+        self.trial.report(value, step=epoch)
+        if self.trial.should_prune():
+            log.info("optuna: pruning trial %d at epoch %d (%s=%.4f)", self.trial.number, epoch, self.monitor, value)
+            self.trial.set_user_attr(PRUNED_ATTR, epoch)
+            trainer.should_stop = True

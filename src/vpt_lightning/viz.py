@@ -1,0 +1,398 @@
+"""The pictures behind ``vpt-viz``: what the VPT paper and its readers look at, drawn from runs of this package.
+
+- :func:`tsne_figure`: t-SNE of the final pooled features of a test split, coloured by class, beside the frozen
+  backbone's own pooled features (the paper's t-SNE comparison of VPT with the linear probe);
+- :func:`attention_figure`: per block, the attention of the class token to the patches and of the prompts to the
+  patches, from timm's :class:`~timm.utils.AttentionExtract` (softmax outputs caught at ``attn_drop``);
+- :func:`ablation_figure`: test top-1 against prompt length and prompt depth from ``vpt-tune`` summaries, seeds as
+  error bars (the paper's prompt length and depth ablations, Sec. 4.3);
+- :func:`curves_figure`: training loss and val top-1 per epoch from a run's ``csv/metrics.csv``.
+
+Each returns the numbers it drew, so that they can be checked; :func:`save_figure` writes the PNG atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .atomic import write_bytes_atomic
+from .module import VPTModule
+from .training import last_checkpoint
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("vpt-viz needs matplotlib and scikit-learn: pip install 'vpt-lightning[viz]'") from err
+    return plt
+
+
+def save_figure(figure: Any, path: Path, dpi: int = 90) -> Path:
+    """Write ``figure`` as a PNG (atomically) and close it."""
+    plt = _pyplot()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(figure)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(buffer.getvalue(), Path(path))
+    return Path(path)
+
+
+# ---- loading a trained task ---------------------------------------------------------------------------------
+def load_task_for_viz(path: Path) -> Tuple[VPTModule, Optional[Path]]:
+    """The trained model of a run folder (its ``checkpoints/last.ckpt``) or of a checkpoint file, in eval mode,
+    and the run folder when there is one (its ``.hydra/config.yaml`` says which data the run trained on).
+
+    The one place where ``vpt-viz`` loads models: switch it to task packages here.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        ckpt = last_checkpoint(path)
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"{str(path)!r} is not a run folder: {str(ckpt)!r} does not exist")
+        run_dir: Optional[Path] = path
+    elif path.is_file():
+        ckpt, run_dir = path, (path.parent.parent if path.parent.name == "checkpoints" else None)
+    else:
+        raise FileNotFoundError(f"{str(path)!r} does not exist (give a run folder or a task checkpoint)")
+    module = VPTModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=False)
+    return module.eval(), run_dir
+
+
+def run_datamodule(run_dir: Path, module: VPTModule) -> Any:
+    """The run's DataModule, from its composed config (``.hydra/config.yaml``), preparing images as at training."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from .config import register_resolvers
+
+    config = Path(run_dir) / ".hydra" / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{str(config)!r} does not exist: a t-SNE needs the run's data (a vpt-train run folder)")
+    register_resolvers()
+    data = OmegaConf.load(config).data
+    datamodule = instantiate(data)
+    datamodule.backbone_data_config = module.data_config
+    return datamodule
+
+
+# ---- t-SNE ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def pooled_features(module: VPTModule, loader: Any, max_samples: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(prompted features, frozen backbone features, labels)`` of up to ``max_samples`` images: the pooled
+    feature the head reads, and the same timm model's own pooled feature without prompts (the linear probe's)."""
+    prompted, frozen, labels = [], [], []
+    timm_model = module.backbone.model
+    seen = 0
+    for images, targets in loader:
+        prompted.append(module.backbone(images))
+        frozen.append(timm_model.forward_head(timm_model.forward_features(images), pre_logits=True))
+        labels.append(targets)
+        seen += len(targets)
+        if seen >= max_samples:
+            break
+    cut = slice(0, max_samples)
+    return (torch.cat(prompted)[cut].numpy(), torch.cat(frozen)[cut].numpy(), torch.cat(labels)[cut].numpy())
+
+
+def tsne_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
+    """scikit-learn's t-SNE of ``features`` to 2-D (PCA init, perplexity 30 or fewer for small sets)."""
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30, max(2, (len(features) - 1) // 3)))
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
+
+
+def tsne_figure(module: VPTModule, loader: Any, class_names: Optional[Sequence[str]] = None,
+                max_samples: int = 500, title: str = "") -> Tuple[Any, Dict[str, np.ndarray]]:
+    """Two t-SNE panels (frozen backbone | this task's prompted features), points coloured by class."""
+    plt = _pyplot()
+    prompted, frozen, labels = pooled_features(module, loader, max_samples)
+    data = {"frozen": tsne_embedding(frozen), "prompted": tsne_embedding(prompted), "labels": labels,
+            "frozen_features": frozen, "prompted_features": prompted}
+    figure, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    method = module.tuning_config.method
+    for ax, key, name in zip(axes, ("frozen", "prompted"), ("frozen backbone (linear probe's features)",
+                                                            f"{method} ({module.prompt_config.num_tokens} prompts)")):
+        points = data[key]
+        scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10" if labels.max() < 10 else "tab20",
+                             s=8, alpha=0.85)
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles, _ = scatter.legend_elements(num=None)
+    names = [str(class_names[i]) if class_names else str(i) for i in np.unique(labels)]
+    figure.legend(handles, names, loc="center right", fontsize=7, title="class", title_fontsize=8)
+    figure.suptitle(title or "t-SNE of the final pooled features", fontsize=11)
+    figure.subplots_adjust(right=0.86)
+    return figure, data
+
+
+# ---- attention ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def attention_maps(module: VPTModule, images: torch.Tensor) -> Dict[str, Any]:
+    """Per block, the softmax attention of every token (timm's :class:`~timm.utils.AttentionExtract` with hooks
+    on ``attn_drop``; fused attention is switched off meanwhile, which computes the same outputs).
+
+    Returns ``attention`` (blocks, batch, heads, tokens, tokens), ``cls_to_patches`` (blocks, batch, grid_h,
+    grid_w, averaged over heads), ``prompts_to_patches`` (the same, averaged over heads and prompts; ``None``
+    without prompt tokens) and the token layout (``num_prefix``, ``num_prompts``, ``grid``).
+    """
+    from timm.utils import AttentionExtract
+
+    backbone = module.backbone
+    vit = backbone.model
+    if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
+        raise ValueError(f"vpt-viz attention needs a ViT backbone, not {type(vit).__name__}")
+    attns = [block.attn for block in vit.blocks]
+    fused = [getattr(a, "fused_attn", False) for a in attns]
+    for a in attns:
+        a.fused_attn = False
+    try:
+        extractor = AttentionExtract(backbone, names=["model.blocks.*.attn.attn_drop"], method="hook")
+        caught = extractor(images)
+    finally:
+        for a, was in zip(attns, fused):
+            a.fused_attn = was
+    attention = torch.stack([caught[name] for name in extractor.names])  # blocks, B, heads, N, N
+    start = backbone.num_prefix_tokens
+    prompts = backbone.num_prompt_tokens
+    grid = tuple(vit.patch_embed.grid_size)
+    patches = attention[..., start + prompts:]
+    if patches.shape[-1] != grid[0] * grid[1]:
+        raise ValueError(f"{patches.shape[-1]} patch tokens do not make the {grid} grid (a location other than "
+                         "'prepend'?)")
+    cls = patches[:, :, :, 0].mean(2).reshape(*patches.shape[:2], *grid)
+    prompt_rows = patches[:, :, :, start:start + prompts].mean(dim=(2, 3)) if prompts else None
+    return {
+        "attention": attention, "cls_to_patches": cls,
+        "prompts_to_patches": prompt_rows.reshape(*patches.shape[:2], *grid) if prompt_rows is not None else None,
+        "num_prefix": start, "num_prompts": prompts, "grid": grid,
+    }
+
+
+def attention_figure(module: VPTModule, images: torch.Tensor, shown: Optional[np.ndarray] = None,
+                     names: Sequence[str] = ()) -> Tuple[Any, Dict[str, Any]]:
+    """For each image: the image, then per block the class token's and the prompts' attention to the patches."""
+    plt = _pyplot()
+    maps = attention_maps(module, images)
+    blocks, batch = maps["cls_to_patches"].shape[:2]
+    rows = 2 if maps["prompts_to_patches"] is not None else 1
+    figure, axes = plt.subplots(batch * rows, blocks + 1, figsize=(1.3 * (blocks + 1), 1.4 * batch * rows),
+                                squeeze=False)
+    for b in range(batch):
+        for r in range(rows):
+            ax = axes[b * rows + r, 0]
+            if r == 0 and shown is not None:
+                ax.imshow(shown[b])
+                ax.set_title(names[b] if b < len(names) else f"image {b}", fontsize=7)
+            ax.axis("off")
+            key = "cls_to_patches" if r == 0 else "prompts_to_patches"
+            for k in range(blocks):
+                ax = axes[b * rows + r, k + 1]
+                ax.imshow(maps[key][k, b].numpy(), cmap="viridis")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if b == 0 and r == 0:
+                    ax.set_title(f"block {k}", fontsize=7)
+                if k == 0:
+                    ax.set_ylabel("[CLS]" if r == 0 else "prompts", fontsize=7)
+    figure.suptitle("attention to the patches: class token (top), prompts (bottom), per block", fontsize=9)
+    return figure, maps
+
+
+def load_images(folder: Path, module: VPTModule, count: int) -> Tuple[torch.Tensor, np.ndarray, List[str]]:
+    """Up to ``count`` images of ``folder`` (sorted), prepared as the run's evaluation images, and as shown."""
+    from PIL import Image
+
+    from .data.transforms import build_transform
+
+    suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in suffixes)[:count]
+    if not files:
+        raise FileNotFoundError(f"no image files ({', '.join(sorted(suffixes))}) in {str(folder)!r}")
+    # the run's evaluation transform (kept in the checkpoint), as vpt-predict prepares image files
+    settings = module.hparams.get("eval_transform") or {}
+    transform = build_transform(settings.get("recipe", "vtab"), train=False,
+                                img_size=int(settings.get("img_size") or module.data_config["input_size"][-1]),
+                                mean=settings.get("mean", (0.485, 0.456, 0.406)),
+                                std=settings.get("std", (0.229, 0.224, 0.225)),
+                                interpolation=settings.get("interpolation", "bicubic"))
+    pil = [Image.open(p).convert("RGB") for p in files]
+    batch = torch.stack([transform(img) for img in pil])
+    size = batch.shape[-2:]
+    shown = np.stack([np.asarray(img.resize((size[1], size[0]))) for img in pil])
+    return batch, shown, [p.name for p in files]
+
+
+# ---- ablation -------------------------------------------------------------------------------------------------
+def _final_prompt(summary: Dict[str, Any]) -> Dict[str, Any]:
+    """The prompt config of a summary's final runs (their ``results.json``)."""
+    folder = Path(summary["path"]).parent / "final"
+    for result in sorted(folder.glob("*/seed*/results.json")):
+        config = json.loads(result.read_text()).get("config", {})
+        return {**config.get("prompt", {}), "backbone_depth": config.get("backbone", {}).get("kwargs", {}).get("depth")}
+    return {}
+
+
+def ablation_points(summaries: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, List[Tuple[float, float, float, List[float]]]]]:
+    """``{"length"|"depth": {series: [(x, mean, std, per-seed test top-1s)]}}`` from ``vpt-tune`` summaries: x is
+    the prompt length (the selected one when the sweep swept it) or the number of prompted blocks; a series is a
+    task / tuning pair. Summaries that share everything but the other axis make one line."""
+    table: Dict[str, Dict[Any, List[Tuple[float, float, float, List[float]]]]] = {"length": defaultdict(list),
+                                                                                   "depth": defaultdict(list)}
+    for summary in summaries:
+        prompt = _final_prompt(summary)
+        length = summary["selected"].get("num_tokens") or prompt.get("num_tokens")
+        depth = prompt.get("depth")
+        blocks = prompt.get("backbone_depth")
+        depth = (depth if isinstance(depth, int) else len(depth) if isinstance(depth, list)
+                 else (blocks if prompt.get("deep", True) else 1))
+        seeds = [float(v) for v in summary["test_top1_per_seed"].values()]
+        entry = (statistics.fmean(seeds), statistics.stdev(seeds) if len(seeds) > 1 else 0.0, seeds)
+        series = f"{summary['task_name']} / {summary['tuning']}"
+        if length is not None:
+            table["length"][(series, depth)].append((float(length), *entry))
+        if depth is not None:
+            table["depth"][(series, length)].append((float(depth), *entry))
+    out: Dict[str, Dict[str, List[Tuple[float, float, float, List[float]]]]] = {}
+    for axis, lines in table.items():
+        other = "depth" if axis == "length" else "p"
+        out[axis] = {f"{series} ({other}={value})": sorted(points) for (series, value), points in lines.items()
+                     if len({p[0] for p in points}) > 1}
+    return out
+
+
+def ablation_figure(summaries: Sequence[Dict[str, Any]]) -> Tuple[Any, Dict[str, Any]]:
+    """Test top-1 (mean over seeds, standard deviation as error bars) against prompt length and prompt depth."""
+    plt = _pyplot()
+    data = ablation_points(summaries)
+    if not any(data.values()):
+        raise ValueError(f"{len(summaries)} summaries, but none differ in prompt length or depth only: run vpt-tune "
+                         "with several recipe.num_tokens / prompt.depth values (or protocol.num_tokens=[...])")
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, axis, label in zip(axes, ("length", "depth"), ("prompt length p", "prompted blocks (depth)")):
+        for name, points in data[axis].items():
+            xs, means, stds = zip(*[(p[0], 100 * p[1], 100 * p[2]) for p in points])
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=name)
+        ax.set_xlabel(label)
+        ax.set_ylabel("test top-1 (%)")
+        if axis == "length" and data[axis]:
+            ax.set_xscale("log")
+        if data[axis]:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no summaries vary this", ha="center", va="center", transform=ax.transAxes)
+        ax.grid(alpha=0.3)
+    figure.suptitle("test top-1 at the last epoch, mean ± std over seeds", fontsize=10)
+    return figure, data
+
+
+# ---- curves ---------------------------------------------------------------------------------------------------
+def epoch_curves(run_dir: Path) -> Dict[str, List[Tuple[int, float]]]:
+    """Per epoch, from the run's ``csv/metrics.csv``: ``train/loss_epoch`` and ``val/top1`` as ``(epoch, value)``."""
+    path = Path(run_dir) / "csv" / "metrics.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist (the run needs the csv logger: logger=[csv,...])")
+    curves: Dict[str, List[Tuple[int, float]]] = {"train/loss_epoch": [], "val/top1": []}
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            for key in curves:
+                if row.get(key) not in (None, "") and row.get("epoch") not in (None, ""):
+                    curves[key].append((int(float(row["epoch"])), float(row[key])))
+    if not any(curves.values()):
+        raise ValueError(f"{str(path)!r} holds no per-epoch train/loss_epoch or val/top1")
+    return curves
+
+
+def curves_figure(run_dir: Path) -> Tuple[Any, Dict[str, List[Tuple[int, float]]]]:
+    """Training loss and val top-1 against the epoch."""
+    plt = _pyplot()
+    curves = epoch_curves(run_dir)
+    figure, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for ax, key, label, scale in zip(axes, ("train/loss_epoch", "val/top1"), ("training loss", "val top-1 (%)"),
+                                     (1, 100)):
+        if curves[key]:
+            epochs, values = zip(*curves[key])
+            ax.plot(epochs, [scale * v for v in values], marker="o", markersize=3)
+        else:
+            ax.text(0.5, 0.5, "not logged (no val split)", ha="center", va="center", transform=ax.transAxes)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    figure.suptitle(f"{Path(run_dir).parent.name}/{Path(run_dir).name}", fontsize=10)
+    return figure, curves
+
+
+# ---- logging --------------------------------------------------------------------------------------------------
+def log_image(run_dir: Optional[Path], tag: str, png: Path) -> List[str]:
+    """Add the PNG to the run's trackers where the run logged to them: its TensorBoard folder (an image summary)
+    and its MLflow run (an artifact, found by the run's name in the store its config names). Returns where."""
+    if run_dir is None:
+        return []
+    logged = []
+    tensorboard = Path(run_dir) / "tensorboard"
+    if tensorboard.is_dir():
+        try:
+            from PIL import Image
+            from torch.utils.tensorboard import SummaryWriter
+
+            pixels = np.asarray(Image.open(png).convert("RGB"))
+            with SummaryWriter(str(tensorboard)) as writer:
+                writer.add_image(f"viz/{tag}", pixels, dataformats="HWC")
+            logged.append(f"tensorboard ({tensorboard})")
+        except ImportError:
+            pass
+    config = Path(run_dir) / ".hydra" / "config.yaml"
+    if config.is_file():
+        from omegaconf import OmegaConf
+
+        from .config import register_resolvers
+
+        register_resolvers()
+        saved = OmegaConf.load(config)
+        if OmegaConf.select(saved, "logger.mlflow") is not None:
+            settings = {key: OmegaConf.select(saved, f"logger.mlflow.{key}", throw_on_resolution_failure=False)
+                        for key in ("tracking_uri", "experiment_name")}
+            logged += _log_mlflow_artifact(run_dir, settings, png)
+    return logged
+
+
+def _log_mlflow_artifact(run_dir: Path, settings: Dict[str, Any], png: Path) -> List[str]:
+    from .tracking import _absolute_sqlite, run_label
+
+    uri = settings.get("tracking_uri")
+    if not uri:
+        return []
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        return []
+    client = MlflowClient(tracking_uri=_absolute_sqlite(str(uri)))
+    experiment = client.get_experiment_by_name(str(settings.get("experiment_name", "vpt-lightning")))
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`mlflow.runName` = '{run_label(run_dir)}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return []
+    client.log_artifact(runs[0].info.run_id, str(png), artifact_path="viz")
+    return [f"mlflow run {runs[0].info.run_id}"]
+

@@ -1,0 +1,120 @@
+"""vpt-tune protocol.search=optuna: a shared Optuna study (grid exactly once among workers, TPE, median pruning)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+optuna = pytest.importorskip("optuna")
+
+from vpt_lightning.config import compose  # noqa: E402
+from vpt_lightning.protocol import grid_points, point_name, run_protocol  # noqa: E402
+from vpt_lightning.search import PRUNED_ATTR, SPARE_ATTR, OptunaPruning, open_study, search_space  # noqa: E402
+from vpt_lightning.training import train  # noqa: E402
+
+TINY = ["backbone=vit_tiny_random", "+debug=fast", "data.num_train=32", "data.num_val=16", "data.num_test=16",
+        "data.batch_size=16", "protocol.base_lr=[0.5,2]", "protocol.weight_decay=[0,0.001]", "protocol.seeds=[1]"]
+
+
+def _points(study):
+    return sorted((t.params["base_lr"], t.params["weight_decay"]) for t in study.get_trials()
+                  if not t.user_attrs.get(SPARE_ATTR))
+
+
+def test_two_processes_share_one_sqlite_study_and_run_every_grid_point_once(tmp_path):
+    db = tmp_path / "shared.db"
+    exe = Path(sys.executable).parent / "vpt-tune"
+    common = TINY + ["protocol.search=optuna", f"protocol.storage=sqlite:///{db}", "protocol.study=shared"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([str(exe), *common, f"paths.output_dir={tmp_path / f'worker{k}'}"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    # every grid point ran exactly once over both workers (one run folder each) and is one trial of the study
+    runs = sorted(p.parent.name for p in tmp_path.glob("worker*/train/protocol/vpt_deep/sweep/*/results.json"))
+    assert runs == ["lr0.5_wd0", "lr0.5_wd0.001", "lr2_wd0", "lr2_wd0.001"]
+    study = optuna.load_study(study_name="shared", storage=f"sqlite:///{db}")
+    assert _points(study) == [(0.5, 0.0), (0.5, 0.001), (2.0, 0.0), (2.0, 0.001)]
+    # both workers select from the whole study: the same point, with the val top-1 its run recorded
+    summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("worker*/**/summary.json"))]
+    assert len(summaries) == 2 and summaries[0]["selected"] == summaries[1]["selected"]
+    recorded = {p.parent.name: json.loads(p.read_text())["val/top1"]
+                for p in tmp_path.glob("worker*/train/protocol/vpt_deep/sweep/*/results.json")}
+    assert {point_name(e["point"]): e["val/top1"] for e in summaries[0]["sweep"]} == pytest.approx(recorded)
+    assert summaries[0]["search"]["sampler"] == "grid" and summaries[0]["search"]["study"] == "shared"
+
+
+def test_tpe_runs_n_trials_and_the_protocol_selects_and_reruns_from_the_study(tmp_path):
+    cfg = compose(TINY + ["protocol.search=optuna", "protocol.sampler=tpe", "protocol.n_trials=2"], config_name="tune")
+    calls = []
+
+    def counting_train(job):
+        calls.append(job.data.split)
+        return train(job)
+
+    summary = run_protocol(cfg, tmp_path, counting_train)
+    assert calls == ["tune", "tune", "final"] and len(summary["sweep"]) == 2
+    study = optuna.load_study(study_name="train-vpt_deep-tpe", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == 2 and summary["search"]["storage"].endswith("optuna.db")
+    best = max(summary["sweep"], key=lambda e: (e["val/top1"], -e["point"]["base_lr"], -e["point"]["weight_decay"]))
+    assert summary["selected"]["base_lr"] == best["point"]["base_lr"]
+    # the same command again: the study is complete, the final run is finished, nothing is trained
+    calls.clear()
+    again = run_protocol(cfg, tmp_path, counting_train)
+    assert calls == [] and again["selected"] == summary["selected"] and len(study.trials) == 2
+
+
+def test_opening_a_study_from_many_threads_at_once_creates_it_once(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    space = {"base_lr": [0.5, 2.0], "weight_decay": [0.0]}
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: open_study(url, "race", optuna.samplers.GridSampler(space),
+                                                     optuna.pruners.NopPruner()), range(4)))
+    assert sum(created for _, created in results) == 1
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["race"]
+
+
+def test_search_space_is_the_grid():
+    cfg = compose(["protocol.num_tokens=[5,10]"], config_name="tune")
+    points = grid_points(cfg.protocol, "vpt_deep")
+    space = search_space(points)
+    assert space["num_tokens"] == [5, 10] and len(space["base_lr"]) * len(space["weight_decay"]) * 2 == len(points)
+    with pytest.raises(ValueError, match="protocol.search='random'"):
+        run_protocol(compose(TINY + ["protocol.search=random"], config_name="tune"), Path("/nonexistent"))
+
+
+def test_pruning_callback_stops_a_run_below_the_median(tmp_path):
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    study = optuna.create_study(storage=url, study_name="p", direction="maximize")
+    for good in (0.8, 0.9):  # two finished runs make the median: 0.85 at epochs 0..2
+        trial = study.ask()
+        for epoch in range(3):
+            trial.report(good, step=epoch)
+        study.tell(trial, good)
+    trial = study.ask()
+    callback = OptunaPruning(url, "p", trial.number)
+    trainer = SimpleNamespace(sanity_checking=False, callback_metrics={"val/top1": torch.tensor(0.2)},
+                              current_epoch=0, should_stop=False)
+    callback.on_validation_end(trainer, None)
+    assert not trainer.should_stop  # epoch 0 is the warm-up: never pruned
+    trainer.current_epoch = 1
+    callback.on_validation_end(trainer, None)
+    assert trainer.should_stop
+    frozen = study.get_trials()[trial.number]
+    assert frozen.user_attrs[PRUNED_ATTR] == 1 and frozen.intermediate_values == pytest.approx({0: 0.2, 1: 0.2})
+    # a run at the median goes on
+    trial = study.ask()
+    callback = OptunaPruning(url, "p", trial.number)
+    trainer = SimpleNamespace(sanity_checking=False, callback_metrics={"val/top1": torch.tensor(0.95)},
+                              current_epoch=1, should_stop=False)
+    callback.on_validation_end(trainer, None)
+    assert not trainer.should_stop

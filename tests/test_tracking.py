@@ -1,0 +1,146 @@
+"""logger=[csv,tensorboard,wandb,mlflow]: what each tracker wrote, read back with the tracker's own library, offline.
+
+One small ``vpt-tune`` protocol (2 sweep points, 1 final seed, 2 epochs of 2 batches) logs to all four; every run's
+per-epoch val top-1 in each tracker equals the run's ``csv/metrics.csv``, its config and final results are there,
+and the runs are grouped (MLflow parent/child, W&B group, a TensorBoard folder per run).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tensorboard")
+pytest.importorskip("mlflow")
+pytest.importorskip("wandb")
+
+GROUP = "train/vpt_deep"
+RUNS = ["sweep/lr0.5_wd0", "sweep/lr2_wd0", "final/lr2_wd0/seed1"]
+
+
+@pytest.fixture(scope="module")
+def protocol_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tracked")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    # offline by our default (no WANDB_MODE set here on purpose); never a login prompt or a network call
+    env.update(WANDB_SILENT="true", WANDB_DISABLE_CODE="true", WANDB_API_KEY="", PYTHONWARNINGS="ignore")
+    cmd = [str(Path(sys.executable).parent / "vpt-tune"), "backbone=vit_tiny_random", "+debug=fast",
+           "trainer.max_epochs=2", "data.num_train=32", "data.num_val=16", "data.num_test=16", "data.batch_size=16",
+           "protocol.base_lr=[0.5,2]", "protocol.weight_decay=[0]", "protocol.seeds=[1]",
+           "logger=[csv,tensorboard,wandb,mlflow]", f"paths.output_dir={out}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("upload it with: wandb sync ") == len(RUNS)
+    return out / "train" / "protocol" / "vpt_deep"
+
+
+def _keys(run: Path):
+    """The per-epoch metric and the final result compared for a run: val top-1 for sweep runs; final runs train on
+    train+val (no validation), so their epoch train loss and test top-1."""
+    return ("val/top1", "val/top1") if "sweep" in run.parts else ("train/loss_epoch", "test/top1")
+
+
+def _csv_series(run: Path) -> list:
+    key = _keys(run)[0]
+    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+def _selected_lr(protocol_dir: Path) -> float:
+    return json.loads((protocol_dir / "summary.json").read_text())["selected"]["base_lr"]
+
+
+def test_tensorboard_event_files_hold_the_epoch_metrics_config_and_results(protocol_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    if _selected_lr(protocol_dir) != 2.0:
+        pytest.skip("the tiny sweep selected another point than the one RUNS names")
+    for name in RUNS:
+        run = protocol_dir / name
+        events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+        epoch_key, result_key = _keys(run)
+        assert [e.value for e in events.Scalars(epoch_key)] == pytest.approx(_csv_series(run))
+        results = json.loads((run / "results.json").read_text())
+        assert events.Scalars(f"results/{result_key}")[-1].value == pytest.approx(results[result_key])
+        hparams = plugin_data_pb2.HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+        logged = hparams.session_start_info.hparams
+        assert logged["config/optim.base_lr"].number_value == pytest.approx(results["config"]["optim"]["base_lr"])
+        assert logged["config/tuning.method"].string_value == "vpt_deep"
+
+
+def test_mlflow_store_has_a_parent_run_with_one_child_per_run(protocol_dir):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{protocol_dir.parents[2] / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vpt-lightning")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("vpt.group") == GROUP]
+    assert len(parents) == 1
+    parent = parents[0]
+    summary = json.loads((protocol_dir / "summary.json").read_text())
+    assert parent.data.metrics["test/top1_mean"] == pytest.approx(summary["test_top1"]["mean"])
+    assert parent.info.status == "FINISHED"
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    expected = ["final/" + p.relative_to(protocol_dir / "final").as_posix() for p in protocol_dir.glob("final/*/seed*")]
+    assert sorted(children) == sorted(["sweep/lr0.5_wd0", "sweep/lr2_wd0", *expected])
+    for name, child in children.items():
+        run = protocol_dir / name
+        epoch_key, result_key = _keys(run)
+        history = client.get_metric_history(child.info.run_id, epoch_key)
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(_csv_series(run))
+        results = json.loads((run / "results.json").read_text())
+        assert child.data.metrics[f"results/{result_key}"] == pytest.approx(results[result_key])
+        assert float(child.data.params["config/optim.base_lr"]) == results["config"]["optim"]["base_lr"]
+        assert child.data.params["config/data.split"] == ("tune" if name.startswith("sweep") else "final")
+
+
+def read_wandb_records(path: Path) -> list:
+    """The records of a W&B run file (``run-<id>.wandb``): W&B's LevelDB-log framing (a 7-byte file header, 32 KiB
+    blocks of chunks with a 7-byte header: crc32, length, type full/first/middle/last) around its protobuf
+    ``Record`` messages (``wandb.proto.wandb_internal_pb2``)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, records, pending = path.read_bytes(), 32768, 7, [], b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # the rest of a block too small for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:
+            break
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # full or last chunk: a whole record
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+            pending = b""
+    return records
+
+
+def test_wandb_offline_run_folders_hold_group_config_metrics_and_results(protocol_dir):
+    runs = sorted(protocol_dir.glob("**/wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 3
+    for path in runs:
+        run = path.parents[2]
+        records = read_wandb_records(path)
+        kinds = {r.WhichOneof("record_type") for r in records}
+        assert {"run", "config", "history", "exit"} <= kinds
+        info = next(r.run for r in records if r.HasField("run"))
+        assert info.run_group == GROUP and info.display_name == run.relative_to(protocol_dir).as_posix()
+        config = {u.key: json.loads(u.value_json) for r in records if r.HasField("config") for u in r.config.update}
+        results = json.loads((run / "results.json").read_text())
+        assert config["config/optim.base_lr"] == results["config"]["optim"]["base_lr"]
+        history = [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+                   for r in records if r.HasField("history")]
+        epoch_key, result_key = _keys(run)
+        assert [h[epoch_key] for h in history if epoch_key in h] == pytest.approx(_csv_series(run))
+        final = [h[f"results/{result_key}"] for h in history if f"results/{result_key}" in h]
+        assert final == pytest.approx([results[result_key]])

@@ -1,0 +1,141 @@
+"""vpt-viz: each PNG from a real (short) quickstart run, with the plotted numbers checked where they can be."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+from vpt_lightning import viz  # noqa: E402
+from vpt_lightning.cli.viz import main as vpt_viz  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """One quickstart run (VPT-Deep, p=10, on the packaged mini ViT): 2 epochs of 2 batches, csv + TensorBoard."""
+    out = tmp_path_factory.mktemp("viz_run")
+    cmd = [str(Path(sys.executable).parent / "vpt-train"), "+experiment=quickstart", "+debug=fast",
+           "trainer.max_epochs=2", "data.num_test=64", "logger=[csv,tensorboard]", f"paths.output_dir={out}",
+           "run_name=r"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return out / "quickstart" / "r"
+
+
+def _check_png(path: Path, min_size=(300, 150)) -> None:
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width >= min_size[0] and image.height >= min_size[1]
+        assert np.asarray(image.convert("L")).std() > 5  # not a blank canvas
+    assert path.stat().st_size < 400_000
+
+
+def test_curves_png_plots_the_runs_metrics_csv(run_dir):
+    vpt_viz(["curves", str(run_dir)])
+    _check_png(run_dir / "viz" / "curves.png")
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    expected = {key: [(int(r["epoch"]), float(r[key])) for r in rows if r.get(key)]
+                for key in ("train/loss_epoch", "val/top1")}
+    assert viz.epoch_curves(run_dir) == expected and [e for e, _ in expected["val/top1"]] == [0, 1]
+    # the figure is also added to the run's TensorBoard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert "viz/curves" in events.Tags()["images"]
+
+
+def test_attention_maps_are_softmax_rows_from_the_trained_model(run_dir, tmp_path):
+    module, found = viz.load_task_for_viz(run_dir)
+    assert found == run_dir and module.prompt_config.num_tokens == 10
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 32, 32)
+    reference = module.backbone(images)  # fused attention, no hooks
+    maps = viz.attention_maps(module, images)
+    attention = maps["attention"]
+    depth, tokens = len(module.backbone.model.blocks), 1 + 10 + 64  # class token, prompts, 8 x 8 patches
+    assert attention.shape == (depth, 2, 3, tokens, tokens)
+    assert torch.allclose(attention.sum(-1), torch.ones(depth, 2, 3, tokens), atol=1e-5)
+    assert torch.allclose(maps["cls_to_patches"], attention[:, :, :, 0, 11:].mean(2).reshape(depth, 2, 8, 8))
+    assert torch.allclose(maps["prompts_to_patches"], attention[:, :, :, 1:11, 11:].mean((2, 3)).reshape(depth, 2, 8, 8))
+    # extraction leaves the model as it was: same features, fused attention switched back on
+    assert torch.allclose(module.backbone(images), reference, atol=1e-5)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k in range(3):
+        Image.fromarray(np.random.default_rng(k).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    vpt_viz(["attention", str(run_dir), "--images", str(folder), "--num-images", "2"])
+    _check_png(run_dir / "viz" / "attention.png", (400, 300))
+
+
+def test_tsne_png_compares_prompted_and_frozen_features(run_dir):
+    module, _ = viz.load_task_for_viz(run_dir)
+    datamodule = viz.run_datamodule(run_dir, module)
+    datamodule.setup("test")
+    prompted, frozen, labels = viz.pooled_features(module, datamodule.test_dataloader(), 40)
+    images, targets = next(iter(datamodule.test_dataloader()))
+    with torch.no_grad():  # independent: the timm model alone (num_classes=0: its pooled features) and the head input
+        assert np.allclose(frozen, module.backbone.model(images)[:40].numpy(), atol=1e-5)
+        assert np.allclose(prompted, module.backbone(images)[:40].numpy(), atol=1e-5)
+    assert np.array_equal(labels, targets[:40].numpy()) and not np.allclose(prompted, frozen)
+    vpt_viz(["tsne", str(run_dir), "--split", "test", "--max-samples", "64"])
+    _check_png(run_dir / "viz" / "tsne_test.png", (500, 200))
+
+
+def _protocol(root: Path, name: str, num_tokens: int, depth, seeds: dict) -> None:
+    """A vpt-tune protocol folder as the protocol writes it (summary.json, final runs' results.json)."""
+    folder = root / name
+    (folder / "final" / "lr1_wd0" / "seed1").mkdir(parents=True)
+    config = {"prompt": {"num_tokens": num_tokens, "deep": True, "depth": depth}, "backbone": {"kwargs": {"depth": 6}}}
+    (folder / "final" / "lr1_wd0" / "seed1" / "results.json").write_text(json.dumps({"config": config}))
+    summary = {"task_name": "quickstart", "tuning": "vpt_deep", "selected": {"base_lr": 1.0, "weight_decay": 0.0,
+               "num_tokens": None, "val/top1": 0.5}, "test_top1_per_seed": seeds}
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_ablation_png_plots_seed_means_and_stds(tmp_path):
+    per_seed = {(1, None): {"1": 0.5, "2": 0.6}, (10, None): {"1": 0.7, "2": 0.75, "3": 0.8},
+                (50, None): {"1": 0.72, "2": 0.7}, (10, 2): {"1": 0.6, "2": 0.62}, (10, 4): {"1": 0.66, "2": 0.7}}
+    for (p, depth), seeds in per_seed.items():
+        _protocol(tmp_path, f"p{p}_d{depth}", p, depth, seeds)
+    vpt_viz(["ablation", str(tmp_path)])
+    _check_png(tmp_path / "ablation.png")
+    from vpt_lightning.protocol import find_summaries
+
+    data = viz.ablation_points(find_summaries([tmp_path]))
+    (name, length_line), = data["length"].items()
+    assert name == "quickstart / vpt_deep (depth=6)"
+    assert [v for x, m, s, _ in length_line for v in (x, m, s)] == pytest.approx(
+        [v for p in (1, 10, 50) for v in (p, statistics.fmean(per_seed[(p, None)].values()),
+                                          statistics.stdev(per_seed[(p, None)].values()))])
+    (name, depth_line), = data["depth"].items()
+    assert name == "quickstart / vpt_deep (p=10)" and [x for x, *_ in depth_line] == [2, 4, 6]
+    assert depth_line[2][3] == list(per_seed[(10, None)].values())
+
+
+def test_vpt_viz_errors_name_the_problem_without_a_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        vpt_viz(["curves", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "metrics.csv" in err and "does not exist" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        vpt_viz(["tsne", str(tmp_path)])
+    assert "is not a run folder" in capsys.readouterr().err
+    _protocol(tmp_path / "one", "p10", 10, None, {"1": 0.5})
+    with pytest.raises(SystemExit):
+        vpt_viz(["ablation", str(tmp_path / "one")])
+    assert "none differ in prompt length or depth" in capsys.readouterr().err
