@@ -29,26 +29,30 @@ def _points(study):
 
 
 def test_two_processes_share_one_sqlite_study_and_run_every_grid_point_once(tmp_path):
-    db = tmp_path / "shared.db"
+    # the same command twice on one machine: one protocol folder, the study in it (the default storage)
     exe = Path(sys.executable).parent / "vpt-tune"
-    common = TINY + ["protocol.search=optuna", f"protocol.storage=sqlite:///{db}", "protocol.study=shared"]
+    command = [str(exe), *TINY, "protocol.search=optuna", f"paths.output_dir={tmp_path / 'out'}"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([str(exe), *common, f"paths.output_dir={tmp_path / f'worker{k}'}"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in range(2)]
+    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
-    # every grid point ran exactly once over both workers (one run folder each) and is one trial of the study
-    runs = sorted(p.parent.name for p in tmp_path.glob("worker*/train/protocol/vpt_deep/sweep/*/results.json"))
+    folder = tmp_path / "out" / "train" / "protocol" / "vpt_deep"
+    # every grid point ran exactly once over both workers and is one trial of the study
+    runs = sorted(p.parent.name for p in folder.glob("sweep/*/results.json"))
     assert runs == ["lr0.5_wd0", "lr0.5_wd0.001", "lr2_wd0", "lr2_wd0.001"]
-    study = optuna.load_study(study_name="shared", storage=f"sqlite:///{db}")
+    study = optuna.load_study(study_name="train-vpt_deep-grid", storage=f"sqlite:///{folder / 'optuna.db'}")
     assert _points(study) == [(0.5, 0.0), (0.5, 0.001), (2.0, 0.0), (2.0, 0.001)]
-    # both workers select from the whole study: the same point, with the val top-1 its run recorded
-    summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("worker*/**/summary.json"))]
-    assert len(summaries) == 2 and summaries[0]["selected"] == summaries[1]["selected"]
-    recorded = {p.parent.name: json.loads(p.read_text())["val/top1"]
-                for p in tmp_path.glob("worker*/train/protocol/vpt_deep/sweep/*/results.json")}
-    assert {point_name(e["point"]): e["val/top1"] for e in summaries[0]["sweep"]} == pytest.approx(recorded)
-    assert summaries[0]["search"]["sampler"] == "grid" and summaries[0]["search"]["study"] == "shared"
+    # both workers select from the whole study: the same point, with the val top-1 its run recorded; the final run
+    # is trained by one of them (the other waits for its folder, then reuses it)
+    summary = json.loads((folder / "summary.json").read_text())
+    sel = summary["selected"]
+    line = f"selected on val (last epoch): base_lr {sel['base_lr']:g}, weight_decay {sel['weight_decay']:g}"
+    assert all(line in o for o in outputs)
+    assert len(list(folder.glob("final/*/seed1/results.json"))) == 1
+    recorded = {p.parent.name: json.loads(p.read_text())["val/top1"] for p in folder.glob("sweep/*/results.json")}
+    assert {point_name(e["point"]): e["val/top1"] for e in summary["sweep"]} == pytest.approx(recorded)
+    assert summary["search"]["sampler"] == "grid"
 
 
 def test_tpe_runs_n_trials_and_the_protocol_selects_and_reruns_from_the_study(tmp_path):

@@ -10,6 +10,7 @@ rank-zero process locks: the other ranks work in the same folder on its behalf.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -21,6 +22,8 @@ try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no advisory locks, folders are not guarded
     fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 _held: Dict[Path, int] = {}  # lock file -> open descriptor, for the locks this process holds
@@ -63,9 +66,10 @@ def lock_holder(folder: Path) -> str:
 
 
 @contextmanager
-def folder_lock(folder: Path, what: str = "run") -> Iterator[None]:
+def folder_lock(folder: Path, what: str = "run", wait: bool = False) -> Iterator[None]:
     """Hold ``<folder>/.lock`` exclusively for the block (creating the folder); fail at once if another process
-    holds it, with :class:`FolderLockedError` naming that process. ``what`` names the folder's role in messages."""
+    holds it, with :class:`FolderLockedError` naming that process (``wait=True``: wait until it is released, as
+    workers of one shared search do). ``what`` names the folder's role in messages."""
     folder = Path(folder).resolve()
     lock_path = folder / LOCK_FILE
     if fcntl is None or not _launcher_rank_is_zero() or lock_path in _held:
@@ -76,12 +80,15 @@ def folder_lock(folder: Path, what: str = "run") -> Iterator[None]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.close(fd)
         holder = lock_holder(folder) or "a process that has not written its PID yet"
-        raise FolderLockedError(
-            f"the {what} folder {str(folder)!r} is in use by another process ({holder}); wait for it to finish or "
-            f"stop it, or use another folder. The lock ({lock_path}) is released as soon as that process ends."
-        ) from None
+        if not wait:
+            os.close(fd)
+            raise FolderLockedError(
+                f"the {what} folder {str(folder)!r} is in use by another process ({holder}); wait for it to finish "
+                f"or stop it, or use another folder. The lock ({lock_path}) is released as soon as that process ends."
+            ) from None
+        log.info("waiting for the %s folder %s, in use by %s", what, folder, holder)
+        fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
         try:

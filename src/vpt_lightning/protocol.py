@@ -118,10 +118,11 @@ def _job(cfg: DictConfig, run_dir: Path, overrides: Dict[str, Any]) -> DictConfi
 def _run(cfg: DictConfig, run_dir: Path, overrides: Dict[str, Any], train_fn: Callable) -> Dict[str, Any]:
     """Run one job in ``run_dir`` unless it already finished; resume it if it stopped half-way.
 
-    Holds the run folder's lock; a finished run or a checkpoint that does not fit the job raises (see
+    Holds the run folder's lock (workers of one shared Optuna search, which may share the protocol folder, wait for
+    it: the first trains the run, the others then find it finished); a finished run or a checkpoint that does not fit the job raises (see
     :func:`_reusable_result`) unless ``protocol.restart`` is set, which clears the folder and trains afresh.
     """
-    with folder_lock(run_dir, "run"):
+    with folder_lock(run_dir, "run", wait=search_kind(cfg.protocol) == "optuna"):
         remove_stale_temp_files(run_dir)
         job = _job(cfg, run_dir, overrides)
         try:
@@ -189,10 +190,15 @@ def _sweep_point(cfg: DictConfig, out_dir: Path, point: Dict[str, Any], train_fn
 
 
 def _in_locked_protocol_folder(protocol_fn: Callable[..., Dict[str, Any]]) -> Callable[..., Dict[str, Any]]:
-    """Run ``protocol_fn`` holding the protocol folder's lock, after clearing the temporary files of a killed write."""
+    """Run ``protocol_fn`` holding the protocol folder's lock, after clearing the temporary files of a killed write.
+
+    An Optuna search is shared: its workers may run the same command in one protocol folder (the study hands each
+    point to one worker, and each run folder keeps its own lock), so it holds no lock on the protocol folder."""
 
     @functools.wraps(protocol_fn)
     def locked(cfg: DictConfig, out_dir: Path, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        if search_kind(cfg.protocol) == "optuna":
+            return protocol_fn(cfg, Path(out_dir), *args, **kwargs)
         with folder_lock(Path(out_dir), "protocol"):
             remove_stale_temp_files(Path(out_dir), depth=0)
             return protocol_fn(cfg, Path(out_dir), *args, **kwargs)
