@@ -6,7 +6,7 @@ import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..prompt import INPUT_LOCATIONS, POOLS, PaddingPrompt, PromptConfig, Prompts, xavier_bound
 from .base import PromptedBackbone, refuse_resampling
+from .prompts_as_keys import block_with_prompt_keys, takes_prompt_keys
 from .registry import register_family
 
 # timm VisionTransformer global_pool values that pool the tokens to one vector per image ('' does not)
@@ -202,13 +203,15 @@ class PromptedViT(PromptedBackbone):
         tokens = patch_embed.proj(self.pixel_prompt).flatten(2).transpose(1, 2)
         return patch_embed.norm(tokens).expand(batch_size, -1, -1)
 
-    def _insert_prompts(self, x: torch.Tensor, block: int, inserted: bool) -> torch.Tensor:
-        location, start = self.prompt_config.location, self.num_prefix_tokens
-        if location == "prepend_pixel":
-            prompts = self._pixel_tokens(x.shape[0]).to(x.dtype)
-        else:
-            prompts = self.prompts(self.prompt_sets[block], x.shape[0]).to(x.dtype)
-        if location in ("add", "add1"):
+    def _block_prompts(self, block: int, like: torch.Tensor) -> torch.Tensor:
+        """The prompts that ``block`` receives, ``(B, p, D)`` (``add``: one per token; ``add1``: one)."""
+        if self.prompt_config.location == "prepend_pixel":
+            return self._pixel_tokens(like.shape[0]).to(like.dtype)
+        return self.prompts(self.prompt_sets[block], like.shape[0]).to(like.dtype)
+
+    def _insert_prompts(self, x: torch.Tensor, prompts: torch.Tensor, inserted: bool) -> torch.Tensor:
+        start = self.num_prefix_tokens
+        if self.prompt_config.location in ("add", "add1"):
             if prompts.shape[1] not in (1, x.shape[1]):
                 raise RuntimeError(
                     f"prompt.location='add' needs every token ({prompts.shape[1]}): disable patch dropout"
@@ -217,6 +220,40 @@ class PromptedViT(PromptedBackbone):
         # prepend: insert after the prefix tokens, or replace the previous block's prompt outputs (VPT-Deep)
         end = start + prompts.shape[1] if inserted else start
         return torch.cat([x[:, :start], prompts, x[:, end:]], dim=1)
+
+    def _remove_prompts(self, x: torch.Tensor) -> torch.Tensor:
+        """``[prefix, prompts, patches]`` -> ``[prefix, patches]``."""
+        start = self.num_prefix_tokens
+        return torch.cat([x[:, :start], x[:, start + self.num_prompt_tokens :]], dim=1)
+
+    # ---- prompts as keys and values (prompt.kv_only) ------------------------------------------------------
+    def discarded_prompt_outputs(self) -> List[int]:
+        """The blocks whose prompt outputs nothing reads: the next block replaces them with new prompts, or the
+        last block when the pooled feature leaves the prompts out (``prompt.pool`` not ``prompt`` / ``all``).
+        Empty for ``prompt.kv_only=false`` and for prompts that are not tokens."""
+        cfg = self.prompt_config
+        if cfg.kv_only == "false" or not cfg.adds_tokens or not self.prompt_sets:
+            return []
+        last = len(self.vit.blocks) - 1
+        blocks = [i for i in range(min(self.prompt_sets), last) if i + 1 in self.prompt_sets]
+        return blocks + ([last] if cfg.pool not in ("prompt", "all") else [])
+
+    def block_paths(self) -> List[str]:
+        """How each block runs in the next forward pass: ``kv`` (prompts only as keys and values, see
+        :mod:`~vpt_lightning.backbones.prompts_as_keys`) or ``full`` (every token through the block's own forward).
+        A block whose prompt outputs are thrown away runs ``kv`` unless that would not be exact (not timm's own
+        ``Block`` / ``Attention``, hooks on them, dropout drawing in train mode)."""
+        discarded = set(self.discarded_prompt_outputs())
+        return [
+            "kv" if i in discarded and takes_prompt_keys(block) else "full" for i, block in enumerate(self.vit.blocks)
+        ]
+
+    @property
+    def feature_prompt_tokens(self) -> int:
+        """Prompt tokens in the output of :meth:`forward_features`: none when the pooled feature leaves them out
+        and ``prompt.kv_only=auto`` (their last outputs are never computed), else :attr:`num_prompt_tokens`."""
+        last = len(self.vit.blocks) - 1
+        return 0 if last in self.discarded_prompt_outputs() else self.num_prompt_tokens
 
     def _patch_embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.prompt_config.enabled and self.prompt_config.location == "pad":
@@ -237,8 +274,10 @@ class PromptedViT(PromptedBackbone):
         return vit.norm_pre(x)
 
     def forward_features(self, x: torch.Tensor, sample_prompts: Optional[SamplePrompts] = None) -> torch.Tensor:
-        """Images -> final tokens ``[prefix, prompts, patches]``, after the final norm unless ``pool_norm=fresh``.
+        """Images -> final tokens ``[prefix, prompts, patches]``, after the final norm unless ``pool_norm=fresh``;
+        ``[prefix, patches]`` when the pooled feature leaves the prompts out (:attr:`feature_prompt_tokens` is 0).
 
+        Blocks run as :meth:`block_paths` says: ``kv`` blocks take their prompts as keys and values only.
         ``sample_prompts`` (from :meth:`gather_prompts`, on a shared backbone without prompts of its own) gives each
         sample its own task's prompts (a batch that mixes tasks); their slots are removed again before the final
         norm, so the output is ``[prefix, patches]`` for timm's pooling.
@@ -246,32 +285,56 @@ class PromptedViT(PromptedBackbone):
         first_grad = self._first_block_needing_grad() if torch.is_grad_enabled() else 0
         with torch.set_grad_enabled(torch.is_grad_enabled() and first_grad == 0):
             x = self.embed(x)
-        start = self.num_prefix_tokens
         if sample_prompts is not None:
-            x = sample_prompts.open_slots(x, start)
-        inserted, mask = False, None
+            return self._forward_sample_prompts(x, sample_prompts, first_grad)
+        paths = self.block_paths()
+        tokens = self.prompt_config.adds_tokens
+        carried = False  # whether x holds prompt tokens after the prefix tokens
         for i, block in enumerate(self.vit.blocks):
             record = torch.is_grad_enabled() and i >= first_grad
             with torch.set_grad_enabled(record):
-                if sample_prompts is not None:
-                    x = sample_prompts.insert(x, i, start)
-                    mask = sample_prompts.masks.get(i, mask)
-                elif i in self.prompt_sets:
-                    x = self._insert_prompts(x, i, inserted)
-                    inserted = True
+                new = self._block_prompts(i, x) if i in self.prompt_sets else None
+                if paths[i] == "kv":  # the prompts enter as keys and values; x leaves without them
+                    if new is None:  # the previous block's prompt outputs, carried on
+                        new = x[:, self.num_prefix_tokens : self.num_prefix_tokens + self.num_prompt_tokens]
+                    x = self._remove_prompts(x) if carried else x
+                    carried = False
+                    x = self._run(record, block_with_prompt_keys, block, x, new, self.num_prefix_tokens)
+                    continue
+                if new is not None:
+                    x = self._insert_prompts(x, new, carried)
+                    carried = carried or tokens
+                x = self._run(record, block, x)
+        if carried and not self.feature_prompt_tokens:
+            x = self._remove_prompts(x)
+        return x if self.pool_norm is not None else self.vit.norm(x)
+
+    def _run(self, record: bool, fn: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``fn(*args)``, recomputed in the backward pass when recording with gradient checkpointing."""
+        if record and self.grad_checkpointing:
+            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        return fn(*args, **kwargs)
+
+    def _forward_sample_prompts(self, x: torch.Tensor, sample_prompts: SamplePrompts, first_grad: int) -> torch.Tensor:
+        """The blocks with each sample's own prompts (:class:`SamplePrompts`), every token through every block."""
+        start = self.num_prefix_tokens
+        x = sample_prompts.open_slots(x, start)
+        mask = None
+        for i, block in enumerate(self.vit.blocks):
+            record = torch.is_grad_enabled() and i >= first_grad
+            with torch.set_grad_enabled(record):
+                x = sample_prompts.insert(x, i, start)
+                mask = sample_prompts.masks.get(i, mask)
                 kwargs = {} if mask is None else {"attn_mask": mask}
-                if record and self.grad_checkpointing:
-                    x = checkpoint(block, x, use_reentrant=False, **kwargs)
-                else:
-                    x = block(x, **kwargs)
-        if sample_prompts is not None and sample_prompts.num_slots:
+                x = self._run(record, block, x, **kwargs)
+        if sample_prompts.num_slots:
             x = torch.cat([x[:, :start], x[:, start + sample_prompts.num_slots :]], dim=1)
         return x if self.pool_norm is not None else self.vit.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool the output of :meth:`forward_features` as ``prompt.pool`` says, then the model's head."""
         vit, pool = self.vit, self.prompt_config.pool
-        start, end = self.num_prefix_tokens, self.num_prefix_tokens + self.num_prompt_tokens
+        start, end = self.num_prefix_tokens, self.num_prefix_tokens + self.feature_prompt_tokens
         if pool is None:  # timm's own pooling of [prefix, patches]
             without_prompts = torch.cat([x[:, :start], x[:, end:]], dim=1) if end > start else x
             if self.pool_norm is None:

@@ -1,0 +1,97 @@
+"""Prompts as keys and values only: a timm ViT ``Block`` whose prompt outputs are thrown away.
+
+In VPT-Deep every block's prompt outputs are replaced by the next block's fresh prompts (and the last block's are
+left out of the pooled feature), so nothing reads them. The queries, output projection, LayerScale, MLP and
+drop-paths of such a block need only run over the image tokens; the prompts still change every image token
+through the keys and values of attention. The image-token outputs are the same as those of the block run over the
+full ``[prefix, prompts, patches]`` sequence (up to float rounding), at a cost that hardly grows with the prompt
+length. Everything is the block's own timm modules; only the attention call itself is written here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
+from torch import nn
+from torch.nn.modules import module as torch_module
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether forward hooks would run around ``module``'s own forward (its own or global ones)."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks
+    )
+
+
+def dropout_active(module: nn.Module) -> bool:
+    """Whether ``module`` (in train mode) holds a dropout with p > 0, whose random draws depend on the row count."""
+    return module.training and any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules())
+
+
+def takes_prompt_keys(block: nn.Module) -> bool:
+    """Whether :func:`block_with_prompt_keys` gives ``block``'s own image-token outputs exactly: a timm ``Block``
+    with timm's ``Attention`` (not a subclass, nor another block or attention type), no hooks on either (they
+    would not run), and no dropout drawing random numbers (in train mode). Drop-paths draw one number per sample
+    and stay exact."""
+    return (
+        type(block) is Block
+        and type(block.attn) is Attention
+        and not has_hooks(block)
+        and not has_hooks(block.attn)
+        and not dropout_active(block)
+    )
+
+
+def _prompt_keys_values(attn: Attention, prompts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values ``(b, heads, p, head_dim)`` of normed prompts: the key and value rows of ``attn.qkv`` only,
+    when it is a plain ``nn.Linear`` (else the whole module, e.g. a LoRA layer, and the queries dropped)."""
+    batch, length, _ = prompts.shape
+    qkv = attn.qkv
+    if type(qkv) is nn.Linear and not has_hooks(qkv):
+        rows = slice(attn.num_heads * attn.head_dim, None)
+        kv = F.linear(prompts, qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows])
+        kv = kv.reshape(batch, length, 2, attn.num_heads, attn.head_dim)
+    else:
+        kv = qkv(prompts).reshape(batch, length, 3, attn.num_heads, attn.head_dim)[:, :, 1:]
+    k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.k_norm(k), v
+
+
+def block_with_prompt_keys(block: Block, x: torch.Tensor, prompts: torch.Tensor, start: int) -> torch.Tensor:
+    """One timm ``Block`` on the image tokens ``x`` ``(B, N, D)`` with ``prompts`` ``(B, p, D)`` as extra keys and
+    values, placed after the first ``start`` tokens (where the full sequence has them). Returns ``(B, N, D)``: the
+    block's outputs for the image tokens, as if it had run over ``[x[:, :start], prompts, x[:, start:]]``.
+
+    A prompt tensor that is one set expanded over the batch (no per-sample dropout) has its keys and values
+    computed once.
+    """
+    attn = block.attn
+    batch, length, _ = x.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    shared = batch > 1 and prompts.stride(0) == 0
+    normed = block.norm1(x)
+    qkv = attn.qkv(normed).reshape(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    prompt_k, prompt_v = _prompt_keys_values(attn, block.norm1(prompts[:1] if shared else prompts))
+    if shared:
+        prompt_k, prompt_v = (t.expand(batch, -1, -1, -1) for t in (prompt_k, prompt_v))
+    k = torch.cat([k[:, :, :start], prompt_k, k[:, :, start:]], dim=2)
+    v = torch.cat([v[:, :, :start], prompt_v, v[:, :, start:]], dim=2)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=attn.scale)
+    out = out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+    out = getattr(attn, "norm", nn.Identity())(out)
+    gate: Optional[nn.Module] = getattr(attn, "gate", None)
+    if gate is not None:
+        out = out * gate(normed).sigmoid()
+    out = attn.proj_drop(attn.proj(out))
+    x = x + block.drop_path1(block.ls1(out))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
