@@ -160,3 +160,75 @@ def test_kv_only_is_checked_and_composes():
         PromptConfig(kv_only="always")
     assert compose(["tuning=vpt_deep"]).prompt.kv_only == "auto"
     assert PromptConfig.from_mapping(compose(["tuning=vpt_deep", "prompt.kv_only=false"]).prompt).kv_only == "false"
+
+
+# ---- Swin: the prompts as keys and values inside every window ------------------------------------------------
+def swin_run(backbone, images: torch.Tensor, kv: bool):
+    backbone.prompt_config.kv_only = "auto" if kv else "false"
+    rows: List[int] = []
+    handles = [b.mlp.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[1])) for b in backbone.blocks()]
+    backbone.zero_grad()
+    try:
+        out = backbone(images.double())
+        out.pow(2).sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return out.detach(), {n: p.grad.clone() for n, p in backbone.prompt_parameters().items()}, rows
+
+
+SWIN_CASES = {  # prompt config -> block paths (the tiny Swin: 2 + 2 + 2 blocks, shifted windows in blocks 1, 3)
+    "deep-pool-all": ({"num_tokens": 3}, ["kv"] * 5 + ["full"]),
+    "deep-pool-image": ({"num_tokens": 3, "pool": "image"}, ["kv"] * 6),
+    "depth-0-1-4": ({"num_tokens": 2, "depth": [0, 1, 4], "pool": "image"}, ["kv", "full", "full", "kv", "full", "kv"]),
+    "shallow": ({"num_tokens": 3, "deep": False}, ["full"] * 6),
+}
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("case", sorted(SWIN_CASES))
+def test_swin_kv_equals_the_full_path_in_float64(case, batch):
+    from test_prompted_swin import make_swin
+
+    from vpt_lightning.backbones import prompted_backbone
+
+    prompt, paths = SWIN_CASES[case]
+    backbone = prompted_backbone(make_swin().double(), prompt).double()
+    with torch.no_grad():
+        for prompts in backbone.prompts.values():
+            prompts.tokens.mul_(5.0)
+    assert backbone.block_paths() == paths
+    torch.manual_seed(7)
+    images = torch.randn(batch, 3, 32, 32)
+    out_kv, grads_kv, rows_kv = swin_run(backbone, images, kv=True)
+    out_full, grads_full, rows_full = swin_run(backbone, images, kv=False)
+    assert (out_kv - out_full).abs().max() <= 1e-10 and out_kv.abs().max() > 0
+    for name, grad in grads_full.items():
+        assert grad.abs().max() > 0 and ((grads_kv[name] - grad).norm() / grad.norm()) <= 1e-10, name
+    image_rows = [64, 64, 16, 16, 4, 4]  # tokens per image in each stage
+    first = min(backbone.prompt_sets)
+    assert rows_kv == [n if path == "kv" or i < first else n + prompt["num_tokens"]
+                       for i, (n, path) in enumerate(zip(image_rows, paths))]
+    assert rows_full == [n + prompt["num_tokens"] if i >= first else n for i, n in enumerate(image_rows)]
+
+
+def test_swin_kv_in_float32_and_with_grad_checkpointing():
+    from test_prompted_swin import make_swin
+
+    from vpt_lightning.backbones import prompted_backbone
+
+    backbone = prompted_backbone(make_swin(), {"num_tokens": 4, "pool": "image"})
+    torch.manual_seed(3)
+    images = torch.randn(2, 3, 32, 32)
+    results = []
+    for kv, checkpointing in ((False, False), (True, False), (True, True)):
+        backbone.prompt_config.kv_only = "auto" if kv else "false"
+        backbone.set_grad_checkpointing(checkpointing)
+        backbone.zero_grad()
+        out = backbone(images)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), backbone.prompts["0"].tokens.grad.clone()))
+    (out_full, grad_full), *others = results
+    for out, grad in others:
+        assert (out - out_full).abs().max() <= 1e-5
+        assert (grad - grad_full).norm() / grad_full.norm() <= 1e-5

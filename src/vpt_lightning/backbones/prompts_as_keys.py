@@ -49,19 +49,24 @@ def takes_prompt_keys(block: nn.Module) -> bool:
     )
 
 
-def _prompt_keys_values(attn: Attention, prompts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values ``(b, heads, p, head_dim)`` of normed prompts: the key and value rows of ``attn.qkv`` only,
-    when it is a plain ``nn.Linear`` (else the whole module, e.g. a LoRA layer, and the queries dropped)."""
-    batch, length, _ = prompts.shape
-    qkv = attn.qkv
-    if type(qkv) is nn.Linear and not has_hooks(qkv):
-        rows = slice(attn.num_heads * attn.head_dim, None)
-        kv = F.linear(prompts, qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows])
-        kv = kv.reshape(batch, length, 2, attn.num_heads, attn.head_dim)
-    else:
-        kv = qkv(prompts).reshape(batch, length, 3, attn.num_heads, attn.head_dim)[:, :, 1:]
-    k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
-    return attn.k_norm(k), v
+def project_qkv(qkv: nn.Module, tokens: torch.Tensor, heads: int, queries: bool = True) -> Tuple[torch.Tensor, ...]:
+    """An attention's ``qkv`` layer on ``tokens`` ``(b, n, D)``: ``(q, k, v)`` if ``queries``, else ``(k, v)``, each
+    ``(b, heads, n, head_dim)``. A plain ``nn.Linear`` computes just the rows of its weight that are needed, the
+    queries in a tensor of their own (so autograd keeps no more than for the concatenated sequence); another
+    module (a LoRA layer, one with hooks) runs whole and its outputs are split."""
+    batch, length, _ = tokens.shape
+    if type(qkv) is not nn.Linear or has_hooks(qkv):
+        out = qkv(tokens).reshape(batch, length, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return out if queries else out[1:]
+    width = qkv.out_features // 3
+
+    def rows(first: int, count: int) -> torch.Tensor:
+        part = slice(first * width, (first + count) * width)
+        out = F.linear(tokens, qkv.weight[part], None if qkv.bias is None else qkv.bias[part])
+        return out.reshape(batch, length, count, heads, -1).permute(2, 0, 3, 1, 4)
+
+    keys_values = tuple(rows(1, 2).unbind(0))
+    return (rows(0, 1)[0], *keys_values) if queries else keys_values
 
 
 def block_with_prompt_keys(block: Block, x: torch.Tensor, prompts: torch.Tensor, start: int) -> torch.Tensor:
@@ -77,10 +82,10 @@ def block_with_prompt_keys(block: Block, x: torch.Tensor, prompts: torch.Tensor,
     heads, head_dim = attn.num_heads, attn.head_dim
     shared = batch > 1 and prompts.stride(0) == 0
     normed = block.norm1(x)
-    qkv = attn.qkv(normed).reshape(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    q, k, v = project_qkv(attn.qkv, normed, heads)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    prompt_k, prompt_v = _prompt_keys_values(attn, block.norm1(prompts[:1] if shared else prompts))
+    prompt_k, prompt_v = project_qkv(attn.qkv, block.norm1(prompts[:1] if shared else prompts), heads, queries=False)
+    prompt_k = attn.k_norm(prompt_k)
     if shared:
         prompt_k, prompt_v = (t.expand(batch, -1, -1, -1) for t in (prompt_k, prompt_v))
     k = torch.cat([k[:, :, :start], prompt_k, k[:, :, start:]], dim=2)
