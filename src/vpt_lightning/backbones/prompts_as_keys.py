@@ -60,19 +60,18 @@ def project_qkv(qkv: nn.Module, tokens: torch.Tensor, heads: int, queries: bool 
         return out if queries else out[1:]
     width = qkv.out_features // 3
 
-    def rows(first: int, count: int) -> torch.Tensor:
-        part = slice(first * width, (first + count) * width)
-        out = F.linear(tokens, qkv.weight[part], None if qkv.bias is None else qkv.bias[part])
-        return out.reshape(batch, length, count, heads, -1).permute(2, 0, 3, 1, 4)
+    def part(index: int) -> torch.Tensor:  # each of q, k, v its own tensor: no unbind/stack in backward
+        rows = slice(index * width, (index + 1) * width)
+        out = F.linear(tokens, qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows])
+        return out.reshape(batch, length, heads, -1).transpose(1, 2)
 
-    keys_values = tuple(rows(1, 2).unbind(0))
-    return (rows(0, 1)[0], *keys_values) if queries else keys_values
+    return tuple(part(i) for i in ((0, 1, 2) if queries else (1, 2)))
 
 
-def block_with_prompt_keys(block: Block, x: torch.Tensor, prompts: torch.Tensor, start: int) -> torch.Tensor:
-    """One timm ``Block`` on the image tokens ``x`` ``(B, N, D)`` with ``prompts`` ``(B, p, D)`` as extra keys and
-    values, placed after the first ``start`` tokens (where the full sequence has them). Returns ``(B, N, D)``: the
-    block's outputs for the image tokens, as if it had run over ``[x[:, :start], prompts, x[:, start:]]``.
+def block_with_prompt_keys(block: Block, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """One timm ``Block`` on the image tokens ``x`` ``(B, N, D)`` (prefix and patch tokens) with ``prompts``
+    ``(B, p, D)`` as extra keys and values. Returns ``(B, N, D)``: the block's outputs for the image tokens, as if
+    it had run over ``[prefix, prompts, patches]`` (attention does not depend on the order of its keys).
 
     A prompt tensor that is one set expanded over the batch (no per-sample dropout) has its keys and values
     computed once.
@@ -88,8 +87,7 @@ def block_with_prompt_keys(block: Block, x: torch.Tensor, prompts: torch.Tensor,
     prompt_k = attn.k_norm(prompt_k)
     if shared:
         prompt_k, prompt_v = (t.expand(batch, -1, -1, -1) for t in (prompt_k, prompt_v))
-    k = torch.cat([k[:, :, :start], prompt_k, k[:, :, start:]], dim=2)
-    v = torch.cat([v[:, :, :start], prompt_v, v[:, :, start:]], dim=2)
+    k, v = torch.cat([prompt_k, k], dim=2), torch.cat([prompt_v, v], dim=2)  # the order of keys changes nothing
     dropout = attn.attn_drop.p if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=attn.scale)
     out = out.transpose(1, 2).reshape(batch, length, heads * head_dim)

@@ -299,7 +299,7 @@ class PromptedViT(PromptedBackbone):
                         new = x[:, self.num_prefix_tokens : self.num_prefix_tokens + self.num_prompt_tokens]
                     x = self._remove_prompts(x) if carried else x
                     carried = False
-                    x = self._run(record, block_with_prompt_keys, block, x, new, self.num_prefix_tokens)
+                    x = self._run(record, block_with_prompt_keys, block, x, new)
                     continue
                 if new is not None:
                     x = self._insert_prompts(x, new, carried)
