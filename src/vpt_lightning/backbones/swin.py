@@ -178,16 +178,11 @@ class PromptedSwin(PromptedBackbone):
     #: the paper's Swin-B sweep (spec §1): the prompt length too, with the usual lr and wd grids
     prompt_grid = {"num_tokens": (1, 5, 10, 50)}
     resampled_keys = ("patch_embed.proj.weight", "relative_position_bias_table")
+    model_hint = " (swin_* models)"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        prompt: Union[PromptConfig, Mapping[str, Any], None] = None,
-        freeze_backbone: bool = True,
-        backbone_eval: bool = True,
-    ) -> None:
-        if not isinstance(model, SwinTransformer):
-            raise TypeError(f"PromptedSwin needs a timm SwinTransformer (swin_* models), got {type(model).__name__}")
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        super().check_model(model)
         if not model.global_pool:
             raise ValueError(
                 "backbone.kwargs.global_pool='' gives one output per token, not per image; use 'avg' (the default)"
@@ -196,6 +191,14 @@ class PromptedSwin(PromptedBackbone):
             raise ValueError(
                 "PromptedSwin needs a fixed input size: drop backbone.kwargs strict_img_size / dynamic_img_size"
             )
+
+    def __init__(
+        self,
+        model: nn.Module,
+        prompt: Union[PromptConfig, Mapping[str, Any], None] = None,
+        freeze_backbone: bool = True,
+        backbone_eval: bool = True,
+    ) -> None:
         super().__init__(model, prompt, freeze_backbone=freeze_backbone, backbone_eval=backbone_eval)
         prompt = self.prompt_config
         if prompt.enabled and prompt.location != "prepend":

@@ -88,6 +88,16 @@ class PromptedViT(PromptedBackbone):
     """
 
     pools = POOLS
+    model_hint = " (vit_*, deit_*, ... models of timm.models.vision_transformer)"
+
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        super().check_model(model)
+        if model.global_pool not in GLOBAL_POOLS:
+            raise ValueError(
+                f"backbone.kwargs.global_pool={model.global_pool!r} gives one output per token, not per image; use "
+                f"one of {list(GLOBAL_POOLS)} ('token': the class token, 'avg': the mean of the image tokens)"
+            )
 
     def __init__(
         self,
@@ -96,16 +106,6 @@ class PromptedViT(PromptedBackbone):
         freeze_backbone: bool = True,
         backbone_eval: bool = True,
     ) -> None:
-        if not isinstance(vit, VisionTransformer):
-            raise TypeError(
-                f"PromptedViT needs a timm VisionTransformer (vit_*, deit_*, ... models of "
-                f"timm.models.vision_transformer), got {type(vit).__name__}"
-            )
-        if vit.global_pool not in GLOBAL_POOLS:
-            raise ValueError(
-                f"backbone.kwargs.global_pool={vit.global_pool!r} gives one output per token, not per image; use one "
-                f"of {list(GLOBAL_POOLS)} ('token': the class token, 'avg': the mean of the image tokens)"
-            )
         super().__init__(vit, prompt, freeze_backbone=freeze_backbone, backbone_eval=backbone_eval)
         prompt = self.prompt_config
         self.num_prefix_tokens: int = vit.num_prefix_tokens
