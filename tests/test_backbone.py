@@ -238,3 +238,21 @@ def test_fingerprint_sees_a_change_anywhere_in_a_tensor():
     with torch.no_grad():
         wide.blocks[2].mlp.fc2.weight.view(-1)[-30000:] += 1e-4
     assert weights_fingerprint(wide) != before
+
+
+@pytest.mark.parametrize(
+    "family, message",
+    [
+        ("PromptedViT", "PromptedViT needs a timm VisionTransformer (vit_*"),
+        ("PromptedSwin", "PromptedSwin needs a timm SwinTransformer (swin_* models), got Linear"),
+        ("PromptedConvNet", "PromptedConvNet needs a timm ConvNeXt or ResNet, got Linear"),
+    ],
+)
+def test_the_base_constructor_checks_the_model_class_of_every_family(family, message):
+    import importlib
+
+    module = {"PromptedViT": "vit", "PromptedSwin": "swin", "PromptedConvNet": "convnet"}[family]
+    cls = getattr(importlib.import_module(f"vpt_lightning.backbones.{module}"), family)
+    with pytest.raises(TypeError) as err:
+        cls(torch.nn.Linear(2, 2))
+    assert str(err.value).startswith(message)

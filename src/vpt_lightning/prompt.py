@@ -21,6 +21,9 @@ TOKEN_LOCATIONS = ("prepend", "prepend_pixel")
 POOLS = ("token", "image", "prompt", "all")
 #: what normalises the pooled feature: the backbone's final norm(s), or a fresh parameter-free LayerNorm (MAE)
 POOL_NORMS = ("final", "fresh")
+#: ``prompt.kv_only``: ``auto`` = prompts enter only as keys and values of attention in every block whose prompt
+#: outputs nothing reads (exact); ``false`` = every block runs over prompts and image tokens alike (the official way)
+KV_ONLY = ("auto", "false")
 
 DepthSpec = Union[None, int, Sequence[int]]
 
@@ -57,6 +60,11 @@ class PromptConfig(DataclassConfig):
         pool_norm: ``final`` = the backbone's final norm(s) as pretrained (timm's ``norm`` / ``fc_norm``);
             ``fresh`` = skip them and standardise the pooled vector with a fresh, frozen LayerNorm (weight 1,
             bias 0), as the official MAE code.
+        kv_only: ``auto`` (default): a block whose prompt outputs are thrown away (the next block replaces them
+            with its own prompts, or it is the last block and the pooled feature leaves them out) lets its prompts
+            in only as keys and values of attention: queries, projection and MLP run over the image tokens alone.
+            The outputs are the same (up to float rounding) at a cost that hardly grows with the prompt length.
+            ``false``: every block runs over prompts and image tokens alike, as the official code.
     """
 
     num_tokens: int = 10
@@ -68,6 +76,7 @@ class PromptConfig(DataclassConfig):
     init: str = "xavier_uniform"
     pool: Optional[str] = None
     pool_norm: str = "final"
+    kv_only: Any = "auto"  # "auto" or false (YAML's false is a bool: both spellings are taken)
 
     group = "prompt"
 
@@ -83,6 +92,13 @@ class PromptConfig(DataclassConfig):
             raise ValueError(f"prompt.pool={self.pool!r} is not null (the backbone's default) or one of {list(POOLS)}")
         if self.pool_norm not in POOL_NORMS:
             raise ValueError(f"prompt.pool_norm={self.pool_norm!r} is not one of {list(POOL_NORMS)}")
+        if self.kv_only is False or str(self.kv_only).lower() == "false":
+            self.kv_only = "false"
+        if self.kv_only not in KV_ONLY:
+            raise ValueError(
+                f"prompt.kv_only={self.kv_only!r} is not one of ['auto', false] (auto: prompts as keys and values "
+                "wherever that is exact; false: the official path over prompts and image tokens)"
+            )
         self.dropout = number("prompt.dropout", self.dropout, "a number in [0, 1)", lambda v: 0 <= v < 1)
         if self.init not in ("xavier_uniform", "zeros"):
             raise ValueError(f"prompt.init={self.init!r} is not one of ['xavier_uniform', 'zeros']")
@@ -240,4 +256,4 @@ class PaddingPrompt(nn.Module):
         return torch.cat([top_bottom[..., :p, :], x, top_bottom[..., p:, :]], dim=-2)
 
 
-__all__ = ["PromptConfig", "Prompts", "PaddingPrompt", "LOCATIONS", "POOLS", "POOL_NORMS", "xavier_bound"]
+__all__ = ["PromptConfig", "Prompts", "PaddingPrompt", "LOCATIONS", "POOLS", "POOL_NORMS", "KV_ONLY", "xavier_bound"]

@@ -12,6 +12,7 @@ from timm.data import resolve_model_data_config
 from torch import nn
 
 from ..prompt import PromptConfig
+from .registry import classes_of
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class PromptedBackbone(nn.Module):
     #: ``vpt-tune``'s sweep values where this family's differ from ``conf/tune.yaml``'s, for the methods that learn
     #: prompts: protocol key (``base_lr``, ``num_tokens``...) -> values (see :meth:`protocol_grid`)
     prompt_grid: ClassVar[Dict[str, Tuple[float, ...]]] = {}
+    #: what the class check's error adds after the registered timm classes' names (e.g. which model names)
+    model_hint: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -58,6 +61,7 @@ class PromptedBackbone(nn.Module):
         backbone_eval: bool = True,
     ) -> None:
         super().__init__()
+        self.check_model(model)
         if not isinstance(prompt, PromptConfig):
             prompt = PromptConfig.from_mapping(prompt) if prompt is not None else PromptConfig(num_tokens=0)
         if prompt.pool is not None and prompt.pool not in self.pools:
@@ -73,6 +77,15 @@ class PromptedBackbone(nn.Module):
             self.model.requires_grad_(False)
         if backbone_eval:
             self.model.eval()
+
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        """Refuse a model that is not of a timm class registered for this family (``@register_family``).
+        Families extend it with their own checks of the model's settings (call this first)."""
+        classes = next((tuple(classes_of(k)) for k in cls.__mro__ if classes_of(k)), ())
+        if classes and not isinstance(model, classes):
+            names = " or ".join(c.__name__ for c in classes)
+            raise TypeError(f"{cls.__name__} needs a timm {names}{cls.model_hint}, got {type(model).__name__}")
 
     # ---- the forward contract ---------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract

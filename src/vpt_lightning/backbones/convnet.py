@@ -129,8 +129,6 @@ class PromptedConvNet(PromptedBackbone):
         freeze_backbone: bool = True,
         backbone_eval: bool = True,
     ) -> None:
-        if not isinstance(model, (ConvNeXt, ResNet)):
-            raise TypeError(f"PromptedConvNet needs a timm ConvNeXt or ResNet, got {type(model).__name__}")
         super().__init__(model, prompt, freeze_backbone=freeze_backbone, backbone_eval=backbone_eval)
         self.border: Optional[PixelBorder] = None
         if self.prompt_config.enabled:

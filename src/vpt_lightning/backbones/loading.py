@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Type
 
+import numpy as np
 import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -202,3 +204,60 @@ def create_backbone(config: BackboneConfig | Mapping[str, Any]) -> Tuple[nn.Modu
     else:
         weights = "hub" if use_hub else f"random(seed={config.init_seed})"
     return model, backbone_identity(model, config.name, config.kwargs, weights, config.checkpoint_path)
+
+
+# ---- the original Google ViT .npz files (read by timm's own loader, after this check) -------------------------
+NPZ_PREFIXES = ("", "opt/target/", "params/", "params/img/")  # the array-name prefixes timm's .npz loader knows
+NPZ_QUERY = re.compile(r"encoderblock(_0)?/MultiHeadDotProductAttention_\d/query/kernel$")  # block 0's query
+
+
+def check_npz(path: Path, model: nn.Module, resize: bool) -> None:
+    """Compare an original Google ViT ``.npz`` with the model before timm's loader (which ignores extra blocks
+    and resamples embeddings silently): blocks, width, heads, class token, patch size and position grid."""
+    try:
+        with np.load(path) as arrays:
+            names = set(arrays.files)
+            prefix = next((p for p in NPZ_PREFIXES if f"{p}embedding/kernel" in names), "")
+            pos_keys = [f"{prefix}Transformer/posembed_input/pos_embedding", f"{prefix}pos_embedding"]
+            pos_key = next((k for k in pos_keys if k in names), None)
+            query = sorted(k for k in names if NPZ_QUERY.search(k))
+            stacked = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale"  # big_vision: blocks stacked on axis 0
+            wanted = (f"{prefix}embedding/kernel", pos_key, stacked, *query[:1])
+            shapes = {k: arrays[k].shape for k in wanted if k in names}
+    except Exception as err:  # not a zip of arrays, pickled data...: say which file
+        raise ValueError(f"backbone.checkpoint_path={str(path)!r} could not be read as an .npz file: {err}") from err
+    kernel = shapes.get(f"{prefix}embedding/kernel")
+    if kernel is None:
+        raise ValueError(f"backbone.checkpoint_path={str(path)!r} lacks the array 'embedding/kernel' of a ViT .npz")
+    pos = shapes.get(pos_key)
+    heads = shapes[query[0]][-2] if query else None
+    if stacked in shapes:
+        depth = shapes[stacked][0]
+    else:
+        block = re.compile(re.escape(prefix) + r"Transformer/encoderblock_(\d+)/")
+        depth = len({m.group(1) for m in map(block.match, names) if m})
+    problems = []
+    if depth != len(model.blocks):
+        problems.append(f"{depth} Transformer/encoderblock_* blocks vs model depth {len(model.blocks)}")
+    if kernel[-1] != model.embed_dim:
+        problems.append(f"embedding/kernel {tuple(kernel)} (width {kernel[-1]}) vs model embed_dim {model.embed_dim}")
+    num_heads = getattr(model.blocks[0].attn, "num_heads", None) if len(model.blocks) else None
+    if heads is not None and num_heads is not None and heads != num_heads:
+        problems.append(f"{query[0]} {heads} heads vs model num_heads {num_heads}")
+    if (f"{prefix}cls" in names) != (model.cls_token is not None):
+        has = "has" if f"{prefix}cls" in names else "lacks"
+        problems.append(f"file {has} a class token ('cls') vs model class_token={model.cls_token is not None}")
+    if pos is None and model.pos_embed is not None:
+        problems.append("file lacks the position embedding 'Transformer/posembed_input/pos_embedding'")
+    if problems:
+        raise ValueError(
+            f"backbone.checkpoint_path={str(path)!r} does not fit model {type(model).__name__}: "
+            + "; ".join(problems) + "; check backbone.name and backbone.kwargs against the checkpoint"
+        )
+    resized = []
+    patch = tuple(model.patch_embed.proj.weight.shape[-2:])
+    if tuple(kernel[:2]) != patch:
+        resized.append(f"embedding/kernel: file {tuple(kernel)} (patch {tuple(kernel[:2])}) vs model patch {patch}")
+    if pos is not None and model.pos_embed is not None and tuple(pos) != tuple(model.pos_embed.shape):
+        resized.append(f"{pos_key}: file {tuple(pos)} vs model {tuple(model.pos_embed.shape)}")
+    refuse_resampling(path, resized, resize)

@@ -32,6 +32,11 @@ def supported_classes() -> List[str]:
     return sorted(cls.__name__ for cls in _FAMILIES)
 
 
+def classes_of(family: type) -> List[type]:
+    """The timm model classes registered for ``family``."""
+    return [cls for cls, registered in _FAMILIES.items() if registered is family]
+
+
 def family_for(model: nn.Module) -> Type["PromptedBackbone"]:
     """The family class for a timm model (its class or nearest registered base class)."""
     for cls in type(model).__mro__:

@@ -15,12 +15,19 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, window_partition, window_reverse
+from timm.models.swin_transformer import (
+    SwinTransformer,
+    SwinTransformerBlock,
+    WindowAttention,
+    window_partition,
+    window_reverse,
+)
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..prompt import PromptConfig, Prompts
 from .base import PromptedBackbone
+from .prompts_as_keys import dropout_active, project_qkv
 from .registry import register_family
 
 
@@ -85,6 +92,64 @@ def prompted_block(
     return tokens[:, num_prompts:].reshape(batch, height, width, dim), tokens[:, :num_prompts]
 
 
+def window_attention_with_prompt_keys(
+    block: SwinTransformerBlock, windows: torch.Tensor, prompts: torch.Tensor
+) -> torch.Tensor:
+    """:func:`window_attention` with the prompts ``(B, p, C)`` as keys and values only: the window's queries
+    ``(B * nW, N)`` attend to ``p + N`` keys (relative position bias and shift mask padded with zeros on the prompt
+    columns). The prompts' keys and values are computed once per image. Returns ``(B * nW, N, C)``."""
+    attn = block.attn
+    batch, num_prompts = prompts.shape[:2]
+    count, length = windows.shape[:2]
+    num_windows, heads = count // batch, attn.num_heads
+    q, k, v = project_qkv(attn.qkv, windows, heads)
+    prompt_kv = project_qkv(attn.qkv, prompts, heads, queries=False)  # (B, heads, p, d) each
+    k, v = (
+        torch.cat([pk.unsqueeze(1).expand(batch, num_windows, *pk.shape[1:]).reshape(count, *pk.shape[1:]), t], dim=2)
+        for pk, t in zip(prompt_kv, (k, v))
+    )
+    bias = F.pad(attn._get_rel_pos_bias(), (num_prompts, 0))  # (1, heads, N, p + N)
+    mask = block.attn_mask
+    if mask is not None:  # shifted windows: (nW, N, N), one per window position; broadcast over the batch
+        bias = bias.unsqueeze(1) + F.pad(mask, (num_prompts, 0)).unsqueeze(1)
+        q, k, v = (t.reshape(batch, num_windows, *t.shape[1:]) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias.to(q.dtype), dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale
+    )
+    out = out.reshape(count, heads, length, -1).transpose(1, 2).reshape(count, length, -1)
+    return attn.proj_drop(attn.proj(out))
+
+
+def block_with_prompt_keys(block: SwinTransformerBlock, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """:func:`prompted_block` for a block whose prompt outputs are thrown away: the prompts enter every window as
+    keys and values only; queries, projection, MLP and drop-paths run over the image tokens (no window averaging
+    of prompt outputs). Returns the new ``x`` ``(B, H, W, C)``, equal to :func:`prompted_block`'s."""
+    batch, height, width, dim = x.shape
+    win_h, win_w = block.window_size
+    shift_h, shift_w = block.shift_size
+    shifted = block.norm1(x)
+    if shift_h or shift_w:
+        shifted = torch.roll(shifted, shifts=(-shift_h, -shift_w), dims=(1, 2))
+    pad_h, pad_w = (win_h - height % win_h) % win_h, (win_w - width % win_w) % win_w
+    shifted = F.pad(shifted, (0, 0, 0, pad_w, 0, pad_h))
+    padded_h, padded_w = shifted.shape[1:3]
+    windows = window_partition(shifted, block.window_size).reshape(-1, win_h * win_w, dim)
+    out = window_attention_with_prompt_keys(block, windows, block.norm1(prompts))
+    image_out = window_reverse(out.reshape(-1, win_h, win_w, dim), block.window_size, padded_h, padded_w)
+    image_out = image_out[:, :height, :width]
+    if shift_h or shift_w:
+        image_out = torch.roll(image_out, shifts=(shift_h, shift_w), dims=(1, 2))
+    tokens = (x + block.drop_path1(image_out)).reshape(batch, height * width, dim)
+    tokens = tokens + block.drop_path2(block.mlp(block.norm2(tokens)))
+    return tokens.reshape(batch, height, width, dim)
+
+
+def takes_prompt_keys(block: nn.Module) -> bool:
+    """Whether :func:`block_with_prompt_keys` is exact for ``block``: timm's own ``SwinTransformerBlock`` and
+    ``WindowAttention``, and no dropout drawing random numbers (train mode)."""
+    return type(block) is SwinTransformerBlock and type(block.attn) is WindowAttention and not dropout_active(block)
+
+
 def merge_prompts(downsample: nn.Module, prompts: torch.Tensor) -> torch.Tensor:
     """Prompts (B, p, C) through a stage's patch merging, as 2x2 blocks of four identical copies: timm's own
     ``PatchMerging`` (norm and reduction of the 4C channels) on the prompts tiled 4x along the channels."""
@@ -113,16 +178,11 @@ class PromptedSwin(PromptedBackbone):
     #: the paper's Swin-B sweep (spec §1): the prompt length too, with the usual lr and wd grids
     prompt_grid = {"num_tokens": (1, 5, 10, 50)}
     resampled_keys = ("patch_embed.proj.weight", "relative_position_bias_table")
+    model_hint = " (swin_* models)"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        prompt: Union[PromptConfig, Mapping[str, Any], None] = None,
-        freeze_backbone: bool = True,
-        backbone_eval: bool = True,
-    ) -> None:
-        if not isinstance(model, SwinTransformer):
-            raise TypeError(f"PromptedSwin needs a timm SwinTransformer (swin_* models), got {type(model).__name__}")
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        super().check_model(model)
         if not model.global_pool:
             raise ValueError(
                 "backbone.kwargs.global_pool='' gives one output per token, not per image; use 'avg' (the default)"
@@ -131,6 +191,14 @@ class PromptedSwin(PromptedBackbone):
             raise ValueError(
                 "PromptedSwin needs a fixed input size: drop backbone.kwargs strict_img_size / dynamic_img_size"
             )
+
+    def __init__(
+        self,
+        model: nn.Module,
+        prompt: Union[PromptConfig, Mapping[str, Any], None] = None,
+        freeze_backbone: bool = True,
+        backbone_eval: bool = True,
+    ) -> None:
         super().__init__(model, prompt, freeze_backbone=freeze_backbone, backbone_eval=backbone_eval)
         prompt = self.prompt_config
         if prompt.enabled and prompt.location != "prepend":
@@ -189,6 +257,29 @@ class PromptedSwin(PromptedBackbone):
                 return index
         return first
 
+    def discarded_prompt_outputs(self) -> List[int]:
+        """Flat indices of the blocks whose prompt outputs nothing reads: the next block replaces them with new
+        prompts, or the last block when ``prompt.pool='image'``. Empty for ``prompt.kv_only=false``."""
+        cfg = self.prompt_config
+        if cfg.kv_only == "false" or not self.prompt_sets:
+            return []
+        last = len(self.block_positions) - 1
+        blocks = [i for i in range(min(self.prompt_sets), last) if i + 1 in self.prompt_sets]
+        return blocks + ([last] if self.pool == "image" else [])
+
+    def block_paths(self) -> List[str]:
+        """How each block runs in the next forward pass: ``kv`` (prompts as keys and values only, in every window)
+        or ``full`` (prompts through the whole block, their outputs averaged over the windows)."""
+        discarded = set(self.discarded_prompt_outputs())
+        return ["kv" if i in discarded and takes_prompt_keys(block) else "full" for i, block in enumerate(self.blocks())]
+
+    @property
+    def feature_prompt_tokens(self) -> int:
+        """Prompt tokens in the output of :meth:`forward_features`: none when ``prompt.pool='image'`` and
+        ``prompt.kv_only=auto`` (their last outputs are never computed), else :attr:`num_prompt_tokens`."""
+        last = len(self.block_positions) - 1
+        return 0 if last in self.discarded_prompt_outputs() else self.num_prompt_tokens
+
     def _new_prompts(self, index: int, batch: int, like: torch.Tensor) -> torch.Tensor:
         stage, i = self.prompt_sets[index]
         return self.prompts[stage](i, batch).to(like.dtype)
@@ -200,6 +291,7 @@ class PromptedSwin(PromptedBackbone):
         with torch.set_grad_enabled(grad and first_grad == 0):
             x = self.model.patch_embed(x)
         prompts: Optional[torch.Tensor] = None
+        paths = self.block_paths()
         index = 0
         for stage in self.model.layers:
             with torch.set_grad_enabled(grad and index >= first_grad):
@@ -215,19 +307,25 @@ class PromptedSwin(PromptedBackbone):
                         x = checkpoint(block, x, use_reentrant=False)
                     elif prompts is None:
                         x = block(x)
+                    elif paths[index] == "kv":  # prompt outputs thrown away: the prompts as keys and values only
+                        if record and self.grad_checkpointing:
+                            x = checkpoint(block_with_prompt_keys, block, x, prompts, use_reentrant=False)
+                        else:
+                            x = block_with_prompt_keys(block, x, prompts)
+                        prompts = None
                     elif record and self.grad_checkpointing:
                         x, prompts = checkpoint(prompted_block, block, x, prompts, use_reentrant=False)
                     else:
                         x, prompts = prompted_block(block, x, prompts)
                 index += 1
         tokens = self.model.norm(x).flatten(1, 2)
-        if prompts is not None:
+        if prompts is not None and self.feature_prompt_tokens:
             tokens = torch.cat([self.model.norm(prompts), tokens], dim=1)
         return tokens
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """timm's head (its pooling, e.g. the mean) over ``prompt.pool``'s tokens of :meth:`forward_features`."""
-        tokens = x if self.pool == "all" else x[:, self.num_prompt_tokens :]
+        tokens = x if self.pool == "all" else x[:, self.feature_prompt_tokens :]
         return self.model.forward_head(tokens.unsqueeze(1), pre_logits=pre_logits)  # a 1 x N NHWC map
 
     # ---- identity ---------------------------------------------------------------------------------------

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import inspect
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import VisionTransformer
@@ -16,13 +14,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..prompt import INPUT_LOCATIONS, POOLS, PaddingPrompt, PromptConfig, Prompts, xavier_bound
-from .base import PromptedBackbone, refuse_resampling
+from .base import PromptedBackbone
+from .loading import check_npz
+from .prompts_as_keys import block_with_prompt_keys, takes_prompt_keys
 from .registry import register_family
 
 # timm VisionTransformer global_pool values that pool the tokens to one vector per image ('' does not)
 GLOBAL_POOLS = ("token", "avg", "avgmax", "max", "map", "prr")
-NPZ_PREFIXES = ("", "opt/target/", "params/", "params/img/")  # the array-name prefixes timm's .npz loader knows
-NPZ_QUERY = re.compile(r"encoderblock(_0)?/MultiHeadDotProductAttention_\d/query/kernel$")  # block 0's query
 
 
 @dataclass
@@ -90,6 +88,16 @@ class PromptedViT(PromptedBackbone):
     """
 
     pools = POOLS
+    model_hint = " (vit_*, deit_*, ... models of timm.models.vision_transformer)"
+
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        super().check_model(model)
+        if model.global_pool not in GLOBAL_POOLS:
+            raise ValueError(
+                f"backbone.kwargs.global_pool={model.global_pool!r} gives one output per token, not per image; use "
+                f"one of {list(GLOBAL_POOLS)} ('token': the class token, 'avg': the mean of the image tokens)"
+            )
 
     def __init__(
         self,
@@ -98,16 +106,6 @@ class PromptedViT(PromptedBackbone):
         freeze_backbone: bool = True,
         backbone_eval: bool = True,
     ) -> None:
-        if not isinstance(vit, VisionTransformer):
-            raise TypeError(
-                f"PromptedViT needs a timm VisionTransformer (vit_*, deit_*, ... models of "
-                f"timm.models.vision_transformer), got {type(vit).__name__}"
-            )
-        if vit.global_pool not in GLOBAL_POOLS:
-            raise ValueError(
-                f"backbone.kwargs.global_pool={vit.global_pool!r} gives one output per token, not per image; use one "
-                f"of {list(GLOBAL_POOLS)} ('token': the class token, 'avg': the mean of the image tokens)"
-            )
         super().__init__(vit, prompt, freeze_backbone=freeze_backbone, backbone_eval=backbone_eval)
         prompt = self.prompt_config
         self.num_prefix_tokens: int = vit.num_prefix_tokens
@@ -202,13 +200,15 @@ class PromptedViT(PromptedBackbone):
         tokens = patch_embed.proj(self.pixel_prompt).flatten(2).transpose(1, 2)
         return patch_embed.norm(tokens).expand(batch_size, -1, -1)
 
-    def _insert_prompts(self, x: torch.Tensor, block: int, inserted: bool) -> torch.Tensor:
-        location, start = self.prompt_config.location, self.num_prefix_tokens
-        if location == "prepend_pixel":
-            prompts = self._pixel_tokens(x.shape[0]).to(x.dtype)
-        else:
-            prompts = self.prompts(self.prompt_sets[block], x.shape[0]).to(x.dtype)
-        if location in ("add", "add1"):
+    def _block_prompts(self, block: int, like: torch.Tensor) -> torch.Tensor:
+        """The prompts that ``block`` receives, ``(B, p, D)`` (``add``: one per token; ``add1``: one)."""
+        if self.prompt_config.location == "prepend_pixel":
+            return self._pixel_tokens(like.shape[0]).to(like.dtype)
+        return self.prompts(self.prompt_sets[block], like.shape[0]).to(like.dtype)
+
+    def _insert_prompts(self, x: torch.Tensor, prompts: torch.Tensor, inserted: bool) -> torch.Tensor:
+        start = self.num_prefix_tokens
+        if self.prompt_config.location in ("add", "add1"):
             if prompts.shape[1] not in (1, x.shape[1]):
                 raise RuntimeError(
                     f"prompt.location='add' needs every token ({prompts.shape[1]}): disable patch dropout"
@@ -217,6 +217,40 @@ class PromptedViT(PromptedBackbone):
         # prepend: insert after the prefix tokens, or replace the previous block's prompt outputs (VPT-Deep)
         end = start + prompts.shape[1] if inserted else start
         return torch.cat([x[:, :start], prompts, x[:, end:]], dim=1)
+
+    def _remove_prompts(self, x: torch.Tensor) -> torch.Tensor:
+        """``[prefix, prompts, patches]`` -> ``[prefix, patches]``."""
+        start = self.num_prefix_tokens
+        return torch.cat([x[:, :start], x[:, start + self.num_prompt_tokens :]], dim=1)
+
+    # ---- prompts as keys and values (prompt.kv_only) ------------------------------------------------------
+    def discarded_prompt_outputs(self) -> List[int]:
+        """The blocks whose prompt outputs nothing reads: the next block replaces them with new prompts, or the
+        last block when the pooled feature leaves the prompts out (``prompt.pool`` not ``prompt`` / ``all``).
+        Empty for ``prompt.kv_only=false`` and for prompts that are not tokens."""
+        cfg = self.prompt_config
+        if cfg.kv_only == "false" or not cfg.adds_tokens or not self.prompt_sets:
+            return []
+        last = len(self.vit.blocks) - 1
+        blocks = [i for i in range(min(self.prompt_sets), last) if i + 1 in self.prompt_sets]
+        return blocks + ([last] if cfg.pool not in ("prompt", "all") else [])
+
+    def block_paths(self) -> List[str]:
+        """How each block runs in the next forward pass: ``kv`` (prompts only as keys and values, see
+        :mod:`~vpt_lightning.backbones.prompts_as_keys`) or ``full`` (every token through the block's own forward).
+        A block whose prompt outputs are thrown away runs ``kv`` unless that would not be exact (not timm's own
+        ``Block`` / ``Attention``, hooks on them, dropout drawing in train mode)."""
+        discarded = set(self.discarded_prompt_outputs())
+        return [
+            "kv" if i in discarded and takes_prompt_keys(block) else "full" for i, block in enumerate(self.vit.blocks)
+        ]
+
+    @property
+    def feature_prompt_tokens(self) -> int:
+        """Prompt tokens in the output of :meth:`forward_features`: none when the pooled feature leaves them out
+        and ``prompt.kv_only=auto`` (their last outputs are never computed), else :attr:`num_prompt_tokens`."""
+        last = len(self.vit.blocks) - 1
+        return 0 if last in self.discarded_prompt_outputs() else self.num_prompt_tokens
 
     def _patch_embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.prompt_config.enabled and self.prompt_config.location == "pad":
@@ -237,8 +271,10 @@ class PromptedViT(PromptedBackbone):
         return vit.norm_pre(x)
 
     def forward_features(self, x: torch.Tensor, sample_prompts: Optional[SamplePrompts] = None) -> torch.Tensor:
-        """Images -> final tokens ``[prefix, prompts, patches]``, after the final norm unless ``pool_norm=fresh``.
+        """Images -> final tokens ``[prefix, prompts, patches]``, after the final norm unless ``pool_norm=fresh``;
+        ``[prefix, patches]`` when the pooled feature leaves the prompts out (:attr:`feature_prompt_tokens` is 0).
 
+        Blocks run as :meth:`block_paths` says: ``kv`` blocks take their prompts as keys and values only.
         ``sample_prompts`` (from :meth:`gather_prompts`, on a shared backbone without prompts of its own) gives each
         sample its own task's prompts (a batch that mixes tasks); their slots are removed again before the final
         norm, so the output is ``[prefix, patches]`` for timm's pooling.
@@ -246,32 +282,56 @@ class PromptedViT(PromptedBackbone):
         first_grad = self._first_block_needing_grad() if torch.is_grad_enabled() else 0
         with torch.set_grad_enabled(torch.is_grad_enabled() and first_grad == 0):
             x = self.embed(x)
-        start = self.num_prefix_tokens
         if sample_prompts is not None:
-            x = sample_prompts.open_slots(x, start)
-        inserted, mask = False, None
+            return self._forward_sample_prompts(x, sample_prompts, first_grad)
+        paths = self.block_paths()
+        tokens = self.prompt_config.adds_tokens
+        carried = False  # whether x holds prompt tokens after the prefix tokens
         for i, block in enumerate(self.vit.blocks):
             record = torch.is_grad_enabled() and i >= first_grad
             with torch.set_grad_enabled(record):
-                if sample_prompts is not None:
-                    x = sample_prompts.insert(x, i, start)
-                    mask = sample_prompts.masks.get(i, mask)
-                elif i in self.prompt_sets:
-                    x = self._insert_prompts(x, i, inserted)
-                    inserted = True
+                new = self._block_prompts(i, x) if i in self.prompt_sets else None
+                if paths[i] == "kv":  # the prompts enter as keys and values; x leaves without them
+                    if new is None:  # the previous block's prompt outputs, carried on
+                        new = x[:, self.num_prefix_tokens : self.num_prefix_tokens + self.num_prompt_tokens]
+                    x = self._remove_prompts(x) if carried else x
+                    carried = False
+                    x = self._run(record, block_with_prompt_keys, block, x, new)
+                    continue
+                if new is not None:
+                    x = self._insert_prompts(x, new, carried)
+                    carried = carried or tokens
+                x = self._run(record, block, x)
+        if carried and not self.feature_prompt_tokens:
+            x = self._remove_prompts(x)
+        return x if self.pool_norm is not None else self.vit.norm(x)
+
+    def _run(self, record: bool, fn: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``fn(*args)``, recomputed in the backward pass when recording with gradient checkpointing."""
+        if record and self.grad_checkpointing:
+            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        return fn(*args, **kwargs)
+
+    def _forward_sample_prompts(self, x: torch.Tensor, sample_prompts: SamplePrompts, first_grad: int) -> torch.Tensor:
+        """The blocks with each sample's own prompts (:class:`SamplePrompts`), every token through every block."""
+        start = self.num_prefix_tokens
+        x = sample_prompts.open_slots(x, start)
+        mask = None
+        for i, block in enumerate(self.vit.blocks):
+            record = torch.is_grad_enabled() and i >= first_grad
+            with torch.set_grad_enabled(record):
+                x = sample_prompts.insert(x, i, start)
+                mask = sample_prompts.masks.get(i, mask)
                 kwargs = {} if mask is None else {"attn_mask": mask}
-                if record and self.grad_checkpointing:
-                    x = checkpoint(block, x, use_reentrant=False, **kwargs)
-                else:
-                    x = block(x, **kwargs)
-        if sample_prompts is not None and sample_prompts.num_slots:
+                x = self._run(record, block, x, **kwargs)
+        if sample_prompts.num_slots:
             x = torch.cat([x[:, :start], x[:, start + sample_prompts.num_slots :]], dim=1)
         return x if self.pool_norm is not None else self.vit.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool the output of :meth:`forward_features` as ``prompt.pool`` says, then the model's head."""
         vit, pool = self.vit, self.prompt_config.pool
-        start, end = self.num_prefix_tokens, self.num_prefix_tokens + self.num_prompt_tokens
+        start, end = self.num_prefix_tokens, self.num_prefix_tokens + self.feature_prompt_tokens
         if pool is None:  # timm's own pooling of [prefix, patches]
             without_prompts = torch.cat([x[:, :start], x[:, end:]], dim=1) if end > start else x
             if self.pool_norm is None:
@@ -385,55 +445,3 @@ def gathers_prompts(backbone: PromptedViT) -> bool:
     cfg = backbone.prompt_config
     prompts_ok = not cfg.enabled or cfg.location == "prepend"
     return prompts_ok and getattr(cfg, "pool", None) is None and getattr(backbone, "pool_norm", None) is None
-
-
-def check_npz(path: Path, model: VisionTransformer, resize: bool) -> None:
-    """Compare an original Google ViT ``.npz`` with the model before timm's loader (which ignores extra blocks
-    and resamples embeddings silently): blocks, width, heads, class token, patch size and position grid."""
-    try:
-        with np.load(path) as arrays:
-            names = set(arrays.files)
-            prefix = next((p for p in NPZ_PREFIXES if f"{p}embedding/kernel" in names), "")
-            pos_keys = [f"{prefix}Transformer/posembed_input/pos_embedding", f"{prefix}pos_embedding"]
-            pos_key = next((k for k in pos_keys if k in names), None)
-            query = sorted(k for k in names if NPZ_QUERY.search(k))
-            stacked = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale"  # big_vision: blocks stacked on axis 0
-            wanted = (f"{prefix}embedding/kernel", pos_key, stacked, *query[:1])
-            shapes = {k: arrays[k].shape for k in wanted if k in names}
-    except Exception as err:  # not a zip of arrays, pickled data...: say which file
-        raise ValueError(f"backbone.checkpoint_path={str(path)!r} could not be read as an .npz file: {err}") from err
-    kernel = shapes.get(f"{prefix}embedding/kernel")
-    if kernel is None:
-        raise ValueError(f"backbone.checkpoint_path={str(path)!r} lacks the array 'embedding/kernel' of a ViT .npz")
-    pos = shapes.get(pos_key)
-    heads = shapes[query[0]][-2] if query else None
-    if stacked in shapes:
-        depth = shapes[stacked][0]
-    else:
-        block = re.compile(re.escape(prefix) + r"Transformer/encoderblock_(\d+)/")
-        depth = len({m.group(1) for m in map(block.match, names) if m})
-    problems = []
-    if depth != len(model.blocks):
-        problems.append(f"{depth} Transformer/encoderblock_* blocks vs model depth {len(model.blocks)}")
-    if kernel[-1] != model.embed_dim:
-        problems.append(f"embedding/kernel {tuple(kernel)} (width {kernel[-1]}) vs model embed_dim {model.embed_dim}")
-    num_heads = getattr(model.blocks[0].attn, "num_heads", None) if len(model.blocks) else None
-    if heads is not None and num_heads is not None and heads != num_heads:
-        problems.append(f"{query[0]} {heads} heads vs model num_heads {num_heads}")
-    if (f"{prefix}cls" in names) != (model.cls_token is not None):
-        has = "has" if f"{prefix}cls" in names else "lacks"
-        problems.append(f"file {has} a class token ('cls') vs model class_token={model.cls_token is not None}")
-    if pos is None and model.pos_embed is not None:
-        problems.append("file lacks the position embedding 'Transformer/posembed_input/pos_embedding'")
-    if problems:
-        raise ValueError(
-            f"backbone.checkpoint_path={str(path)!r} does not fit model {type(model).__name__}: "
-            + "; ".join(problems) + "; check backbone.name and backbone.kwargs against the checkpoint"
-        )
-    resized = []
-    patch = tuple(model.patch_embed.proj.weight.shape[-2:])
-    if tuple(kernel[:2]) != patch:
-        resized.append(f"embedding/kernel: file {tuple(kernel)} (patch {tuple(kernel[:2])}) vs model patch {patch}")
-    if pos is not None and model.pos_embed is not None and tuple(pos) != tuple(model.pos_embed.shape):
-        resized.append(f"{pos_key}: file {tuple(pos)} vs model {tuple(model.pos_embed.shape)}")
-    refuse_resampling(path, resized, resize)
