@@ -24,7 +24,7 @@ EPOCHS = 10
 DATA = {"num_train": 2000, "num_val": 500, "num_test": 1000}  # the quickstart's own sizes
 
 
-def run(args, cwd: Path, timeout: int = 600) -> str:
+def run(args, cwd: Path, timeout: int = 3600) -> str:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     result = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
