@@ -1,0 +1,115 @@
+"""``vpt-export onnx TASK --out task.onnx``: export a trained task (backbone + prompts + head, images -> logits,
+dynamic batch) to ONNX and check it with onnxruntime against PyTorch on images put through the task's own eval
+transform; exit 1 when the largest logit difference is above the tolerance (1e-4 in fp32).
+
+:func:`add_onnx_subcommand` adds the subcommand to a ``vpt-export`` parser; the model loader is a parameter, so any
+task format can be plugged in (:func:`load_task_checkpoint` reads a ``vpt-train`` ``.ckpt``). Standalone:
+``python -m vpt_lightning.cli.export_onnx onnx TASK --out task.onnx``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+from torch import nn
+
+#: loads a task (a path or repo id as typed on the command line) as an ``nn.Module``: images -> logits
+ModelLoader = Callable[[str], nn.Module]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+def load_task_checkpoint(source: str) -> nn.Module:
+    """A ``VPTModule`` from a ``vpt-train`` task checkpoint (``checkpoints/last.ckpt``), on the CPU, in eval mode."""
+    from ..module import VPTModule
+
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"task checkpoint {str(path)!r} does not exist (give a .ckpt written by vpt-train)")
+    return VPTModule.load_from_checkpoint(str(path), map_location="cpu").eval()
+
+
+def list_check_images(folder: Path, limit: int) -> List[Path]:
+    """Up to ``limit`` image files of ``folder`` (by suffix, sorted); a clear error when there are none."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--images {str(folder)!r} is not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"--images {str(folder)!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files[:limit]
+
+
+def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("task", metavar="TASK", help="the trained task to export (a task checkpoint .ckpt)")
+    parser.add_argument("--out", type=Path, required=True, help="the .onnx file written")
+    parser.add_argument("--images", type=Path,
+                        help="a folder of images to check the export on (default: random RGB images)")
+    parser.add_argument("--num-images", type=int, default=8, help="images checked (default %(default)s)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="largest accepted logit difference, onnxruntime vs PyTorch (default 1e-4)")
+
+
+def run_onnx(args: argparse.Namespace, load_model: ModelLoader = load_task_checkpoint) -> int:
+    """Export, check at the full batch and at batch 1, print the largest logit difference; 0, or 1 on failure."""
+    try:
+        from ..onnx_export import (
+            DEFAULT_OPSET, MAX_LOGIT_DIFF, check_onnx, eval_transform_settings, export_onnx, model_input_size,
+            prepare_images, random_images, saved_eval_transform,
+        )
+    except ImportError as err:
+        print(f"vpt-export: error: {err}", file=sys.stderr)
+        return 1
+    tolerance = MAX_LOGIT_DIFF if args.tolerance is None else args.tolerance
+    if args.num_images < 1:
+        print(f"vpt-export: error: --num-images={args.num_images} must be >= 1", file=sys.stderr)
+        return 1
+    try:
+        model = load_model(args.task)
+        settings = eval_transform_settings(saved_eval_transform(model), model_input_size(model))
+        if args.images is not None:
+            sources = list_check_images(args.images, args.num_images)
+            what = f"{len(sources)} image(s) of {args.images}"
+        else:
+            sources = random_images(args.num_images, settings["img_size"])
+            what = f"{len(sources)} random RGB image(s)"
+        images = prepare_images(sources, settings)
+        path = export_onnx(model, args.out, settings, opset=args.opset or DEFAULT_OPSET)
+        diff = max(check_onnx(model, path, images), check_onnx(model, path, images[:1]))
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as err:
+        print(f"vpt-export: error: {err}", file=sys.stderr)
+        return 1
+    print(f"max |logit difference| onnxruntime vs PyTorch: {diff:.3g} on {what} through the task's eval transform "
+          f"({settings['recipe']}, {settings['img_size']} px), batches of {len(images)} and 1")
+    if not diff <= tolerance:  # also catches NaN
+        print(f"vpt-export: error: {path} differs from PyTorch by {diff:.3g}, above the tolerance {tolerance:g}; "
+              "do not use it", file=sys.stderr)
+        return 1
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def add_onnx_subcommand(subparsers: argparse._SubParsersAction, load_model: ModelLoader = load_task_checkpoint):
+    """Add ``onnx`` to a ``vpt-export`` parser's subcommands; ``load_model(TASK)`` loads the task.
+
+    Dispatch with ``args.run(args)`` (set as the parser's default)."""
+    parser = subparsers.add_parser("onnx", help="export a task to ONNX, checked with onnxruntime",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_onnx_arguments(parser)
+    parser.set_defaults(run=lambda args: run_onnx(args, load_model))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None, load_model: ModelLoader = load_task_checkpoint) -> int:
+    parser = argparse.ArgumentParser(prog="vpt-export", description="export trained tasks")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_onnx_subcommand(subparsers, load_model)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
