@@ -18,7 +18,8 @@ pytest.importorskip("onnxscript")
 import onnx  # noqa: E402
 
 from vpt_lightning import VPTModule  # noqa: E402
-from vpt_lightning.cli.export_onnx import main as export_main  # noqa: E402
+from vpt_lightning.cli.export import main as export_main  # noqa: E402
+from vpt_lightning.task_sources import load_task  # noqa: E402
 from vpt_lightning.config import asset_path  # noqa: E402
 from vpt_lightning.data.synthetic import SyntheticDataModule, SyntheticDataset  # noqa: E402
 from vpt_lightning.onnx_export import (  # noqa: E402
@@ -113,6 +114,11 @@ def test_cli_exports_a_vpt_shallow_checkpoint_and_prints_the_difference(tmp_path
     module = VPTModule.load_from_checkpoint(checkpoint).eval()
     with torch.no_grad():
         np.testing.assert_allclose(onnx_logits(out, image), module(image).numpy(), atol=MAX_LOGIT_DIFF, rtol=0)
+    # the same task as a package (what vpt-train leaves in <run>/task) exports to the same graph's logits
+    load_task(checkpoint).save_pretrained(tmp_path / "package")
+    code = export_main(["onnx", str(tmp_path / "package"), "--out", str(tmp_path / "pkg.onnx"), "--num-images", "2"])
+    assert code == 0, capsys.readouterr().err
+    np.testing.assert_allclose(onnx_logits(tmp_path / "pkg.onnx", image), onnx_logits(out, image), atol=1e-6, rtol=0)
 
 
 class DriftingModel(nn.Module):
@@ -132,7 +138,7 @@ class DriftingModel(nn.Module):
 
 def test_cli_fails_with_a_clear_message_above_the_tolerance(tmp_path, capsys):
     code = export_main(["onnx", "drifting", "--out", str(tmp_path / "m.onnx"), "--num-images", "2"],
-                       load_model=lambda source: DriftingModel())
+                       onnx_loader=lambda source: DriftingModel())
     printed = capsys.readouterr()
     assert code == 1
     assert "above the tolerance 0.0001" in printed.err and "Traceback" not in printed.err

@@ -142,7 +142,7 @@ def test_a_repo_id_offline_gets_a_clear_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match=r"'someone/no-such-task' is no local folder, and the Hub repo"):
         TaskModel.from_pretrained("someone/no-such-task")
-    with pytest.raises(FileNotFoundError, match="no such task package folder"):
+    with pytest.raises(FileNotFoundError, match="does not exist: give a task package folder"):
         load_task("./not/a/folder/at/all")
 
 

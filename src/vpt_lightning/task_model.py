@@ -354,7 +354,9 @@ def package_folder(source: Union[str, os.PathLike], revision: Optional[str] = No
     if path.exists():
         raise ValueError(f"{str(source)!r} is a file, not a task package folder")
     if not REPO_ID.match(str(source)):
-        raise FileNotFoundError(f"{str(source)!r}: no such task package folder (nor a Hub repo id OWNER/NAME)")
+        raise FileNotFoundError(
+            f"{str(source)!r} does not exist: give a task package folder (<run>/task), a .ckpt file, a run folder or "
+            "a Hub repo id OWNER/NAME")
     from huggingface_hub import snapshot_download
 
     try:

@@ -1,6 +1,7 @@
 """``vpt-export``: convert a trained task for sharing.
 
     vpt-export hub CKPT_OR_RUN --out DIR [--push OWNER/NAME]   # a task package (safetensors + config.json + card)
+    vpt-export onnx TASK --out task.onnx                       # one ONNX graph, checked with onnxruntime
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from .export_onnx import ModelLoader, add_onnx_subcommand
 from ..heads import import_user_code
 from ..task_sources import load_task
 
@@ -51,7 +53,8 @@ def export_hub(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(onnx_loader: Optional[ModelLoader] = None) -> argparse.ArgumentParser:
+    """The ``vpt-export`` parser; ``onnx_loader`` replaces how ``onnx`` loads its task (tests, other formats)."""
     parser = argparse.ArgumentParser(prog="vpt-export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -65,12 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE_OR_MODULE",
                      help="import your own module first (e.g. one registering a custom head)")
     hub.set_defaults(run=export_hub)
-    # further formats register here as subcommands with their own set_defaults(run=...)
+    add_onnx_subcommand(commands, onnx_loader)
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None, onnx_loader: Optional[ModelLoader] = None) -> int:
+    args = build_parser(onnx_loader).parse_args(argv)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as err:

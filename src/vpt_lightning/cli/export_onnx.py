@@ -2,9 +2,7 @@
 dynamic batch) to ONNX and check it with onnxruntime against PyTorch on images put through the task's own eval
 transform; exit 1 when the largest logit difference is above the tolerance (1e-4 in fp32).
 
-:func:`add_onnx_subcommand` adds the subcommand to a ``vpt-export`` parser; the model loader is a parameter, so any
-task format can be plugged in (:func:`load_task_checkpoint` reads a ``vpt-train`` ``.ckpt``). Standalone:
-``python -m vpt_lightning.cli.export_onnx onnx TASK --out task.onnx``.
+:func:`add_onnx_subcommand` adds the subcommand to ``vpt-export``'s parser (:mod:`vpt_lightning.cli.export`).
 """
 
 from __future__ import annotations
@@ -22,14 +20,15 @@ ModelLoader = Callable[[str], nn.Module]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
 
-def load_task_checkpoint(source: str) -> nn.Module:
-    """A ``VPTModule`` from a ``vpt-train`` task checkpoint (``checkpoints/last.ckpt``), on the CPU, in eval mode."""
-    from ..module import VPTModule
+def load_for_export(args: argparse.Namespace) -> nn.Module:
+    """The task named on the command line (package, repo id, ``.ckpt`` or run folder), in eval mode, after the
+    operator's own modules (``--import``) and on the pinned backbone (``--backbone``) if given."""
+    from ..heads import import_user_code
+    from ..task_sources import load_task
 
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"task checkpoint {str(path)!r} does not exist (give a .ckpt written by vpt-train)")
-    return VPTModule.load_from_checkpoint(str(path), map_location="cpu").eval()
+    for target in args.imports:
+        import_user_code(target)
+    return load_task(args.task, backbone=args.backbone).eval()
 
 
 def list_check_images(folder: Path, limit: int) -> List[Path]:
@@ -43,7 +42,11 @@ def list_check_images(folder: Path, limit: int) -> List[Path]:
 
 
 def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("task", metavar="TASK", help="the trained task to export (a task checkpoint .ckpt)")
+    parser.add_argument("task", metavar="TASK",
+                        help="the trained task: a package folder (<run>/task), a Hub repo id, a .ckpt or a run folder")
+    parser.add_argument("--backbone", metavar="NAME_OR_FILE", help="pin the frozen backbone (as vpt-predict --backbone)")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE_OR_MODULE",
+                        help="import your own module first (e.g. one registering a custom head)")
     parser.add_argument("--out", type=Path, required=True, help="the .onnx file written")
     parser.add_argument("--images", type=Path,
                         help="a folder of images to check the export on (default: random RGB images)")
@@ -53,7 +56,7 @@ def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest accepted logit difference, onnxruntime vs PyTorch (default 1e-4)")
 
 
-def run_onnx(args: argparse.Namespace, load_model: ModelLoader = load_task_checkpoint) -> int:
+def run_onnx(args: argparse.Namespace, load_model: Optional[ModelLoader] = None) -> int:
     """Export, check at the full batch and at batch 1, print the largest logit difference; 0, or 1 on failure."""
     try:
         from ..onnx_export import (
@@ -68,7 +71,7 @@ def run_onnx(args: argparse.Namespace, load_model: ModelLoader = load_task_check
         print(f"vpt-export: error: --num-images={args.num_images} must be >= 1", file=sys.stderr)
         return 1
     try:
-        model = load_model(args.task)
+        model = load_model(args.task) if load_model is not None else load_for_export(args)
         settings = eval_transform_settings(saved_eval_transform(model), model_input_size(model))
         if args.images is not None:
             sources = list_check_images(args.images, args.num_images)
@@ -92,8 +95,9 @@ def run_onnx(args: argparse.Namespace, load_model: ModelLoader = load_task_check
     return 0
 
 
-def add_onnx_subcommand(subparsers: argparse._SubParsersAction, load_model: ModelLoader = load_task_checkpoint):
-    """Add ``onnx`` to a ``vpt-export`` parser's subcommands; ``load_model(TASK)`` loads the task.
+def add_onnx_subcommand(subparsers: argparse._SubParsersAction, load_model: Optional[ModelLoader] = None):
+    """Add ``onnx`` to a ``vpt-export`` parser's subcommands; ``load_model(TASK)`` loads the task (default: any task
+    source through :func:`vpt_lightning.task_sources.load_task`).
 
     Dispatch with ``args.run(args)`` (set as the parser's default)."""
     parser = subparsers.add_parser("onnx", help="export a task to ONNX, checked with onnxruntime",
@@ -101,15 +105,3 @@ def add_onnx_subcommand(subparsers: argparse._SubParsersAction, load_model: Mode
     add_onnx_arguments(parser)
     parser.set_defaults(run=lambda args: run_onnx(args, load_model))
     return parser
-
-
-def main(argv: Optional[Sequence[str]] = None, load_model: ModelLoader = load_task_checkpoint) -> int:
-    parser = argparse.ArgumentParser(prog="vpt-export", description="export trained tasks")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    add_onnx_subcommand(subparsers, load_model)
-    args = parser.parse_args(argv)
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
