@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 
 from pathlib import Path
 
@@ -95,3 +96,26 @@ def task_probabilities(checkpoint: Path, image_path: Path) -> torch.Tensor:
     ])
     with torch.no_grad():
         return module(prepare(Image.open(image_path).convert("RGB"))[None]).softmax(-1)[0]
+
+
+def read_wandb_records(path: Path) -> list:
+    """The records of a W&B run file (``run-<id>.wandb``): W&B's LevelDB-log framing (a 7-byte file header, 32 KiB
+    blocks of chunks with a 7-byte header: crc32, length, type full/first/middle/last) around its protobuf
+    ``Record`` messages (``wandb.proto.wandb_internal_pb2``)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, records, pending = path.read_bytes(), 32768, 7, [], b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # the rest of a block too small for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:
+            break
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # full or last chunk: a whole record
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+            pending = b""
+    return records

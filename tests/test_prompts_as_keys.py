@@ -130,6 +130,9 @@ def test_hooks_dropout_and_other_blocks_fall_back_to_the_full_path(images):
     handle = model.vit.blocks[2].attn.register_forward_pre_hook(lambda m, a: None)
     assert model.block_paths() == ["kv", "kv", "full", "kv"]
     handle.remove()
+    handle = model.vit.blocks[3].attn.attn_drop.register_forward_hook(lambda m, a, o: None)  # AttentionExtract's
+    assert model.block_paths() == ["kv", "kv", "kv", "full"]  # the fused kv path never calls attn_drop
+    handle.remove()
     # dropout draws depend on the rows: a training backbone with dropout runs the full path (eval mode: kv)
     dropping = PromptedViT(make_vit(num_classes=4, proj_drop_rate=0.1), PromptConfig(num_tokens=P), backbone_eval=False)
     assert dropping.train().block_paths() == ["full"] * 4 and dropping.eval().block_paths() == ["kv"] * 4

@@ -10,12 +10,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import read_wandb_records
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
@@ -100,29 +100,6 @@ def test_mlflow_store_has_a_parent_run_with_one_child_per_run(protocol_dir):
         assert child.data.metrics[f"results/{result_key}"] == pytest.approx(results[result_key])
         assert float(child.data.params["config/optim.base_lr"]) == results["config"]["optim"]["base_lr"]
         assert child.data.params["config/data.split"] == ("tune" if name.startswith("sweep") else "final")
-
-
-def read_wandb_records(path: Path) -> list:
-    """The records of a W&B run file (``run-<id>.wandb``): W&B's LevelDB-log framing (a 7-byte file header, 32 KiB
-    blocks of chunks with a 7-byte header: crc32, length, type full/first/middle/last) around its protobuf
-    ``Record`` messages (``wandb.proto.wandb_internal_pb2``)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data, block, pos, records, pending = path.read_bytes(), 32768, 7, [], b""
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # the rest of a block too small for a header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0 and length == 0:
-            break
-        pending += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # full or last chunk: a whole record
-            records.append(wandb_internal_pb2.Record.FromString(pending))
-            pending = b""
-    return records
 
 
 def test_wandb_offline_run_folders_hold_group_config_metrics_and_results(protocol_dir):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from conftest import read_wandb_records
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -22,15 +23,27 @@ from vpt_lightning import viz  # noqa: E402
 from vpt_lightning.cli.viz import main as vpt_viz  # noqa: E402
 
 
+# never a login prompt or a network call: W&B offline, in the training subprocess and in vpt-viz run here
+_OFFLINE_WANDB = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_CODE": "true", "WANDB_API_KEY": ""}
+
+
+@pytest.fixture(autouse=True)
+def _offline_wandb(monkeypatch):
+    for key, value in _OFFLINE_WANDB.items():
+        monkeypatch.setenv(key, value)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """One quickstart run (VPT-Deep, p=10, on the packaged mini ViT): 2 epochs of 2 batches, csv + TensorBoard."""
+    """One quickstart run (VPT-Deep, p=10, on the packaged mini ViT): 2 epochs of 2 batches, csv + TensorBoard +
+    W&B (offline)."""
     out = tmp_path_factory.mktemp("viz_run")
     cmd = [str(Path(sys.executable).parent / "vpt-train"), "+experiment=quickstart", "+debug=fast",
-           "trainer.max_epochs=2", "data.num_test=64", "logger=[csv,tensorboard]", f"paths.output_dir={out}",
+           "trainer.max_epochs=2", "data.num_test=64", "logger=[csv,tensorboard,wandb]", f"paths.output_dir={out}",
            "run_name=r"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(_OFFLINE_WANDB, PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out / "quickstart" / "r"
 
@@ -44,8 +57,9 @@ def _check_png(path: Path, min_size=(300, 150)) -> None:
     assert path.stat().st_size < 400_000
 
 
-def test_curves_png_plots_the_runs_metrics_csv(run_dir):
+def test_curves_png_plots_the_runs_metrics_csv_and_is_logged_to_its_trackers(run_dir, capsys):
     vpt_viz(["curves", str(run_dir)])
+    out = capsys.readouterr().out
     _check_png(run_dir / "viz" / "curves.png")
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
     expected = {key: [(int(r["epoch"]), float(r[key])) for r in rows if r.get(key)]
@@ -56,6 +70,28 @@ def test_curves_png_plots_the_runs_metrics_csv(run_dir):
 
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0}).Reload()
     assert "viz/curves" in events.Tags()["images"]
+    # and to W&B: a viz run (wandb does not resume offline runs) beside the run's own, in the run folder
+    logged = []  # (folder, run record, image entry) of every W&B run file in the run folder holding viz/curves
+    run_files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(run_files) == 2  # the training run's and the viz run's
+    for path in run_files:
+        records = read_wandb_records(path)
+        info = next(r.run for r in records if r.HasField("run"))
+        files = {f.path for r in records if r.HasField("files") for f in r.files.files}
+        for record in records:  # an image's fields are history items with the nested key ("viz/curves", field)
+            image = {i.nested_key[1]: json.loads(i.value_json) for i in record.history.item
+                     if list(i.nested_key[:1]) == ["viz/curves"] and len(i.nested_key) == 2}
+            if image:
+                logged.append((path.parent, info, image, files))
+    assert len(logged) == 1, logged
+    (folder, info, image, files), = logged
+    assert info.display_name == "r" and info.job_type == "viz" and info.project == "vpt-lightning"
+    assert f"wandb sync {folder}" in out
+    # the image entry points to the PNG wandb copied into the run's files (media/images/...): the same pixels
+    assert image["_type"] == "image-file" and image["path"].startswith("media/images/") and image["path"] in files
+    with Image.open(folder / "files" / image["path"]) as copied, Image.open(run_dir / "viz" / "curves.png") as drawn:
+        assert copied.size == drawn.size == (image["width"], image["height"])
+        assert np.array_equal(np.asarray(copied.convert("RGB")), np.asarray(drawn.convert("RGB")))
 
 
 def test_attention_maps_are_softmax_rows_from_the_trained_model(run_dir, tmp_path):

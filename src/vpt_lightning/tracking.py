@@ -152,14 +152,18 @@ def log_results(loggers: Iterable[Any], results: Mapping[str, Any], step: int, c
 def _finish_wandb(logger: Any) -> None:
     from pytorch_lightning.loggers import WandbLogger
 
-    if not isinstance(logger, WandbLogger):
-        return
-    run = logger.experiment
+    if isinstance(logger, WandbLogger):
+        finish_wandb_run(logger.experiment)
+
+
+def finish_wandb_run(run: Any) -> Path:
+    """Finish a W&B run; when offline, print the ``wandb sync`` command that uploads it. Returns its folder."""
     offline = run.settings.mode in ("offline", "dryrun") or getattr(run.settings, "_offline", False)
     folder = Path(run.dir).parent  # .../wandb/offline-run-<time>-<id>/files -> the run folder
     run.finish()
     if offline:
         print(f"W&B run saved offline; upload it with: wandb sync {folder}", flush=True)
+    return folder
 
 
 def log_protocol_summary(cfg: DictConfig, summary: Mapping[str, Any]) -> None:

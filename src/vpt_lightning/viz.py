@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -343,8 +344,9 @@ def curves_figure(run_dir: Path) -> Tuple[Any, Dict[str, List[Tuple[int, float]]
 
 # ---- logging --------------------------------------------------------------------------------------------------
 def log_image(run_dir: Optional[Path], tag: str, png: Path) -> List[str]:
-    """Add the PNG to the run's trackers where the run logged to them: its TensorBoard folder (an image summary)
-    and its MLflow run (an artifact, found by the run's name in the store its config names). Returns where."""
+    """Add the PNG to the run's trackers where the run logged to them: its TensorBoard folder (an image summary),
+    its MLflow run (an artifact, found by the run's name in the store its config names) and W&B (an image in a
+    ``viz`` run beside the run's own, see :func:`_log_wandb_image`). Returns where."""
     if run_dir is None:
         return []
     logged = []
@@ -372,6 +374,10 @@ def log_image(run_dir: Optional[Path], tag: str, png: Path) -> List[str]:
             settings = {key: OmegaConf.select(saved, f"logger.mlflow.{key}", throw_on_resolution_failure=False)
                         for key in ("tracking_uri", "experiment_name")}
             logged += _log_mlflow_artifact(run_dir, settings, png)
+        if OmegaConf.select(saved, "logger.wandb") is not None:
+            settings = {key: OmegaConf.select(saved, key, throw_on_resolution_failure=False)
+                        for key in ("logger.wandb.project", "logger.wandb.entity", "tracking.group")}
+            logged += _log_wandb_image(run_dir, settings, tag, png)
     return logged
 
 
@@ -396,3 +402,24 @@ def _log_mlflow_artifact(run_dir: Path, settings: Dict[str, Any], png: Path) -> 
     client.log_artifact(runs[0].info.run_id, str(png), artifact_path="viz")
     return [f"mlflow run {runs[0].info.run_id}"]
 
+
+
+def _log_wandb_image(run_dir: Path, settings: Dict[str, Any], tag: str, png: Path) -> List[str]:
+    """Log the PNG as a ``wandb.Image`` under ``viz/<tag>`` to a new W&B run of the run's project and group, named
+    after the run, ``job_type="viz"``, saved in the run folder; offline unless ``WANDB_MODE`` is set, as training.
+
+    Not the run's own W&B run: wandb (0.31) does not resume offline runs (``wandb.init(id=..., resume="allow")``
+    or ``"must"`` starts a fresh offline run with the same id, without its name, group or steps)."""
+    from .tracking import finish_wandb_run, run_label
+
+    try:
+        import wandb
+    except ImportError:
+        return []
+    os.environ.setdefault("WANDB_MODE", "offline")
+    group = settings.get("tracking.group")
+    run = wandb.init(dir=str(run_dir), project=str(settings.get("logger.wandb.project") or "vpt-lightning"),
+                     entity=settings.get("logger.wandb.entity"), group=str(group) if group else None,
+                     name=run_label(run_dir), job_type="viz", reinit="create_new")
+    run.log({f"viz/{tag}": wandb.Image(str(png))})
+    return [f"wandb run {run.id} ({finish_wandb_run(run)})"]

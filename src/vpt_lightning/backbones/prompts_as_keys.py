@@ -37,14 +37,16 @@ def dropout_active(module: nn.Module) -> bool:
 
 def takes_prompt_keys(block: nn.Module) -> bool:
     """Whether :func:`block_with_prompt_keys` gives ``block``'s own image-token outputs exactly: a timm ``Block``
-    with timm's ``Attention`` (not a subclass, nor another block or attention type), no hooks on either (they
-    would not run), and no dropout drawing random numbers (in train mode). Drop-paths draw one number per sample
-    and stay exact."""
+    with timm's ``Attention`` (not a subclass, nor another block or attention type), no hooks on either nor on the
+    attention's ``attn_drop`` (they would not run: the fused attention skips ``attn_drop``, where timm's
+    ``AttentionExtract`` catches the attention maps), and no dropout drawing random numbers (in train mode).
+    Drop-paths draw one number per sample and stay exact."""
     return (
         type(block) is Block
         and type(block.attn) is Attention
         and not has_hooks(block)
         and not has_hooks(block.attn)
+        and not has_hooks(block.attn.attn_drop)
         and not dropout_active(block)
     )
 

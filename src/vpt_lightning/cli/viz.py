@@ -6,7 +6,7 @@
     vpt-viz curves RUN
 
 Each writes ``--out`` (default: ``<run>/viz/<kind>.png``, or ``<SUMMARY_DIR>/ablation.png``) and, when the run
-logged to TensorBoard or MLflow, adds the figure there too. Needs ``pip install 'vpt-lightning[viz]'``.
+logged to TensorBoard, MLflow or W&B, adds the figure there too. Needs ``pip install 'vpt-lightning[viz]'``.
 """
 
 from __future__ import annotations
