@@ -11,12 +11,26 @@ import vpt_lightning
 PACKAGE = Path(vpt_lightning.__file__).parent
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _import_nodes(path: Path) -> list:
+    """The import statements of ``path`` at any nesting level, but those for type checkers only (under
+    ``if TYPE_CHECKING:``), which never run and so make no cycle."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
+                   for stmt in block.body for n in ast.walk(stmt)}
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in typing_only]
+
+
 def _imports(path: Path) -> set:
     """Modules of the package that ``path`` imports (dotted names relative to the package), any nesting level."""
     module = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
     package = module.rsplit(".", 1)[0] if path.name != "__init__.py" else module.rsplit(".", 1)[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _import_nodes(path):
         if isinstance(node, ast.ImportFrom) and node.level:
             base = package.split(".")[: len(package.split(".")) - (node.level - 1)] if package else []
             target = ".".join(base + ([node.module] if node.module else []))
@@ -70,7 +84,7 @@ def _imported_names(path: Path) -> list:
     module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _import_nodes(path):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - (node.level - 1)] if package else []
