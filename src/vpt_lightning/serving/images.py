@@ -30,19 +30,12 @@ class ImageError(ValueError):
         self.too_large = too_large
 
 
-def set_pixel_limit(max_pixels: int) -> None:
-    """Make PIL's own decompression-bomb guard agree with ``max_pixels`` (it warns past the limit and raises past
-    twice it; :func:`decode_image` turns the warning into an error too)."""
-    if max_pixels < 1:
-        raise ValueError(f"max_pixels={max_pixels} must be >= 1")
-    Image.MAX_IMAGE_PIXELS = max_pixels
-
-
 def decode_image(data: bytes, source: str = "image", max_pixels: Optional[int] = None) -> Image.Image:
     """Decode image bytes to RGB; :class:`ImageError` names ``source`` and the reason.
 
     Only :data:`IMAGE_FORMATS` are read (a GIF or multi-page TIFF gives its first frame). The size in the header
-    is checked against ``max_pixels`` (default :data:`MAX_IMAGE_PIXELS`) before any pixel is decoded.
+    is checked against ``max_pixels`` (default :data:`MAX_IMAGE_PIXELS`) before any pixel is decoded (PIL's own
+    process-wide decompression-bomb limit is left as it is: a library call must not change it for its caller).
     """
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if not data:

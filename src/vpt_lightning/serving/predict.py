@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..atomic import write_text_atomic
-from .images import MAX_IMAGE_PIXELS, ImageError, decode_image, set_pixel_limit, task_transforms, top_k
+from .images import MAX_IMAGE_PIXELS, ImageError, decode_image, task_transforms, top_k
 from .multitask import MultiTaskClassifier
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,6 @@ class ImageFiles(Dataset):
         item = self.items[index]
         try:
             data = read_image_file(item.path, self.max_file_bytes)
-            set_pixel_limit(self.max_image_pixels)  # here: DataLoader workers are other processes
             image = self.transforms[item.task](decode_image(data, str(item.path), self.max_image_pixels))
         except ImageError as err:
             if self.strict:

@@ -40,7 +40,7 @@ from starlette.datastructures import QueryParams
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .images import MAX_IMAGE_PIXELS, ImageError, check_top_k, decode_image, set_pixel_limit, task_transforms, top_k
+from .images import MAX_IMAGE_PIXELS, ImageError, check_top_k, decode_image, task_transforms, top_k
 from .multitask import MultiTaskClassifier
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,6 @@ class MultiTaskAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         if multiprocessing.parent_process() is not None:  # LitServe's inference worker
             exit_with_parent()
-        set_pixel_limit(self.max_image_pixels)
         self.model = self.model.to(device).eval()
         self.transforms = task_transforms(self.model)
         self.task_index = {name: i for i, name in enumerate(self.model.task_names)}
