@@ -32,6 +32,8 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+from speed import saved_activation_bytes  # the same count as the speed table's memory column
+
 NUM_CLASSES = 100
 
 
@@ -67,26 +69,6 @@ def train_step(module, optimizer, images, labels, precision: str) -> float:
     loss.backward()
     optimizer.step()
     return time.perf_counter() - start
-
-
-def activation_bytes(module, images, labels, precision: str) -> int:
-    """Bytes of the tensors autograd saves for backward in one forward pass (unique storages, no parameters)."""
-    import torch
-
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    storages: Dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with autocast(precision):
-            loss = module.criterion(module(images), labels)
-    del loss
-    return sum(storages.values())
 
 
 def set_kv(module, kv: bool) -> None:
@@ -166,8 +148,8 @@ def run_length(args: argparse.Namespace, p: int, full, full_optimizer) -> Dict[s
     row["kv_over_full"] = round(row["kv_s"] / row["full_s"], 3)
     for name in ("kv", "concat"):
         set_kv(vpt, name == "kv")
-        row[f"act_bytes_{name}"] = activation_bytes(vpt, images, labels, args.precision)
-    row["act_bytes_full"] = activation_bytes(full, images, labels, args.precision)
+        row[f"act_bytes_{name}"] = saved_activation_bytes(vpt, images, labels, args.precision)
+    row["act_bytes_full"] = saved_activation_bytes(full, images, labels, args.precision)
     row["act_ratio"] = round(row["act_bytes_kv"] / row["act_bytes_concat"], 3)
     if p in args.rss:
         for checkpointing in (False, True):

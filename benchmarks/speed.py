@@ -61,6 +61,12 @@ def _module(model: str, mode: str, num_classes: int = 100):
 
 def saved_activation_mb(module, images, labels, precision: str) -> float:
     """MB of the tensors autograd saves for backward in one training forward (parameters not counted)."""
+    return saved_activation_bytes(module, images, labels, precision) / 2**20
+
+
+def saved_activation_bytes(module, images, labels, precision: str) -> int:
+    """Bytes of the tensors autograd saves for backward in one training forward (unique storages, parameters not
+    counted)."""
     import torch
 
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
@@ -76,7 +82,7 @@ def saved_activation_mb(module, images, labels, precision: str) -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = module.criterion(module(images), labels)
     del loss
-    return sum(storages.values()) / 2**20
+    return sum(storages.values())
 
 
 def run_one(model: str, mode: str, precision: str, batch: int, steps: int, warmup: int) -> Dict:
