@@ -59,6 +59,21 @@ def window_attention(block: SwinTransformerBlock, windows: torch.Tensor, prompts
     return attn.proj_drop(attn.proj(out))
 
 
+def shifted_windows(block: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+    """``norm1``, the cyclic shift, padding to whole windows and the window partition of a Swin block's input
+    ``(B, H, W, C)``: windows ``(B * nW, wh * ww, C)`` and the padded height and width."""
+    win_h, win_w = block.window_size
+    shift_h, shift_w = block.shift_size
+    height, width, dim = x.shape[1:]
+    shifted = block.norm1(x)
+    if shift_h or shift_w:
+        shifted = torch.roll(shifted, shifts=(-shift_h, -shift_w), dims=(1, 2))
+    pad_h, pad_w = (win_h - height % win_h) % win_h, (win_w - width % win_w) % win_w
+    shifted = F.pad(shifted, (0, 0, 0, pad_w, 0, pad_h))
+    padded_h, padded_w = shifted.shape[1:3]
+    return window_partition(shifted, block.window_size).reshape(-1, win_h * win_w, dim), padded_h, padded_w
+
+
 def prompted_block(
     block: SwinTransformerBlock, x: torch.Tensor, prompts: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -73,13 +88,8 @@ def prompted_block(
     win_h, win_w = block.window_size
     shift_h, shift_w = block.shift_size
     shortcut = torch.cat([prompts, x.reshape(batch, height * width, dim)], dim=1)
-    normed_prompts, shifted = block.norm1(prompts), block.norm1(x)
-    if shift_h or shift_w:
-        shifted = torch.roll(shifted, shifts=(-shift_h, -shift_w), dims=(1, 2))
-    pad_h, pad_w = (win_h - height % win_h) % win_h, (win_w - width % win_w) % win_w
-    shifted = F.pad(shifted, (0, 0, 0, pad_w, 0, pad_h))
-    padded_h, padded_w = shifted.shape[1:3]
-    windows = window_partition(shifted, block.window_size).reshape(-1, win_h * win_w, dim)
+    normed_prompts = block.norm1(prompts)
+    windows, padded_h, padded_w = shifted_windows(block, x)
     num_windows = windows.shape[0] // batch
     out = window_attention(block, windows, normed_prompts)
     prompt_out = out[:, :num_prompts].reshape(batch, num_windows, num_prompts, dim).mean(1)
@@ -127,13 +137,7 @@ def block_with_prompt_keys(block: SwinTransformerBlock, x: torch.Tensor, prompts
     batch, height, width, dim = x.shape
     win_h, win_w = block.window_size
     shift_h, shift_w = block.shift_size
-    shifted = block.norm1(x)
-    if shift_h or shift_w:
-        shifted = torch.roll(shifted, shifts=(-shift_h, -shift_w), dims=(1, 2))
-    pad_h, pad_w = (win_h - height % win_h) % win_h, (win_w - width % win_w) % win_w
-    shifted = F.pad(shifted, (0, 0, 0, pad_w, 0, pad_h))
-    padded_h, padded_w = shifted.shape[1:3]
-    windows = window_partition(shifted, block.window_size).reshape(-1, win_h * win_w, dim)
+    windows, padded_h, padded_w = shifted_windows(block, x)
     out = window_attention_with_prompt_keys(block, windows, block.norm1(prompts))
     image_out = window_reverse(out.reshape(-1, win_h, win_w, dim), block.window_size, padded_h, padded_w)
     image_out = image_out[:, :height, :width]
