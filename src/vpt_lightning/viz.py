@@ -219,12 +219,12 @@ def load_images(folder: Path, module: VPTModule, count: int) -> Tuple[torch.Tens
     """Up to ``count`` images of ``folder`` (sorted), prepared as the run's evaluation images, and as shown."""
     from PIL import Image
 
+    from .data.folder import IMAGE_SUFFIXES  # the image files a folder dataset reads
     from .data.transforms import build_transform
 
-    suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in suffixes)[:count]
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
     if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(sorted(suffixes))}) in {str(folder)!r}")
+        raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {str(folder)!r}")
     # the run's evaluation transform (kept in the checkpoint), as vpt-predict prepares image files
     settings = module.hparams.get("eval_transform") or {}
     transform = build_transform(settings.get("recipe", "vtab"), train=False,
