@@ -92,7 +92,7 @@ def test_pad_resizes_the_model_and_pads_the_normalized_image(images):
         pad.top_bottom.copy_(MEAN.expand_as(pad.top_bottom))
         pad.left_right.copy_(MEAN.expand_as(pad.left_right))
     torch.testing.assert_close(model(images), vit(F.pad(images, (p, p, p, p))), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match=r"prompt.location='pad' was built for \(32, 32\) images, got \(36, 36\)"):
+    with pytest.raises(ValueError, match=r"pixel border prompt was built for 32x32 images with 3 channels .*got \(3, 36, 36\)"):
         model(canvas)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -224,36 +224,4 @@ def xavier_bound(patch_size: Sequence[int], dim: int) -> float:
     return math.sqrt(6.0 / float(3 * int(patch_size[0]) * int(patch_size[1]) + dim))
 
 
-class PaddingPrompt(nn.Module):
-    """A learnable pixel border around the image (the official ``pad`` location; spec §2, §3).
-
-    ``top_bottom`` is ``(1, C, 2p, W + 2p)`` and ``left_right`` ``(1, C, H, 2p)``, initialised U(0, 1) in pixel
-    space and normalised with ``mean``/``std`` at forward time, so that they live in the space of the normalised
-    input. ``forward(images)`` returns ``(B, C, H + 2p, W + 2p)``: the left/right halves first, then top/bottom.
-    """
-
-    def __init__(
-        self, pad: int, image_size: Tuple[int, int], mean: Sequence[float], std: Sequence[float]
-    ) -> None:
-        super().__init__()
-        height, width = image_size
-        channels = len(mean)
-        self.pad = pad
-        self.image_size = (int(height), int(width))
-        self.top_bottom = nn.Parameter(torch.rand(1, channels, 2 * pad, width + 2 * pad))
-        self.left_right = nn.Parameter(torch.rand(1, channels, height, 2 * pad))
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        b, p = images.shape[0], self.pad
-        if tuple(images.shape[-2:]) != self.image_size:
-            got = tuple(images.shape[-2:])
-            raise ValueError(f"prompt.location='pad' was built for {self.image_size} images, got {got}")
-        left_right = ((self.left_right - self.mean) / self.std).to(images.dtype).expand(b, -1, -1, -1)
-        top_bottom = ((self.top_bottom - self.mean) / self.std).to(images.dtype).expand(b, -1, -1, -1)
-        x = torch.cat([left_right[..., :p], images, left_right[..., p:]], dim=-1)
-        return torch.cat([top_bottom[..., :p, :], x, top_bottom[..., p:, :]], dim=-2)
-
-
-__all__ = ["PromptConfig", "Prompts", "PaddingPrompt", "LOCATIONS", "POOLS", "POOL_NORMS", "KV_ONLY", "xavier_bound"]
+__all__ = ["PromptConfig", "Prompts", "LOCATIONS", "POOLS", "POOL_NORMS", "KV_ONLY", "xavier_bound"]

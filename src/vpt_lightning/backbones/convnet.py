@@ -1,17 +1,16 @@
 """The ConvNet family: ``PromptedConvNet``, a timm ConvNeXt or ResNet whose prompt is a learnable pixel border.
 
 VPT on ConvNets (paper Sec. 4, Table 5; VPT_EXTENSIONS §2): the prompt is ``p`` learnable pixels padded around
-each side of the input image, so a 224 px image enters the network at 224 + 2p px. The pixels are stored in
-[0, 1] image space (the official init is U(0, 1)) and normalised with the data's mean/std in the forward pass, so
-that they live in the same space as the normalised image. The input is the only place a ConvNet takes prompts.
+each side of the input image, so a 224 px image enters the network at 224 + 2p px: a
+:class:`~vpt_lightning.backbones.pixel_border.PixelBorder`, the same module as the ViT location ``pad`` (pixels in
+[0, 1] image space, normalised like the images). The input is the only place a ConvNet takes prompts.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
-import torchvision.transforms.functional as TF
 from timm.models.convnext import ConvNeXt
 from timm.models.resnet import ResNet
 from torch import nn
@@ -19,66 +18,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..prompt import PromptConfig
 from .base import PromptedBackbone
+from .pixel_border import PixelBorder
 from .registry import register_family
-
-
-class PixelBorder(nn.Module):
-    """``pixels`` learnable pixels padded around each side of a ``(channels, height, width)`` image.
-
-    Two tensors in [0, 1] image space, laid out as the official ``prompt_embeddings_tb`` / ``_lr``:
-    ``top_bottom`` ``(1, C, 2p, W + 2p)`` (rows ``:p`` above the image, ``p:`` below) and ``left_right``
-    ``(1, C, H, 2p)`` (columns ``:p`` left, ``p:`` right): ``2pC(H + W + 2p)`` values (6p(448 + 2p) at 224 px).
-    ``forward`` normalises them with ``mean``/``std`` (kept out of the state dict) and pads a batch of normalised
-    images to ``(H + 2p, W + 2p)``; every image gets the same border.
-
-    Args:
-        pixels: ``p`` >= 1.
-        image_size: ``(channels, height, width)`` of the images the border surrounds.
-        mean, std: per-channel normalisation of the images (the data config's).
-        init: ``uniform`` (U(0, 1), the official init) or ``zeros``.
-    """
-
-    def __init__(
-        self,
-        pixels: int,
-        image_size: Sequence[int],
-        mean: Sequence[float],
-        std: Sequence[float],
-        init: str = "uniform",
-    ) -> None:
-        super().__init__()
-        channels, height, width = (int(v) for v in image_size)
-        if len(mean) != channels or len(std) != channels:
-            raise ValueError(f"the data config's mean {tuple(mean)} / std {tuple(std)} do not have {channels} channels")
-        self.pixels = int(pixels)
-        self.image_size = (channels, height, width)
-        p = self.pixels
-        self.top_bottom = nn.Parameter(torch.zeros(1, channels, 2 * p, width + 2 * p))
-        self.left_right = nn.Parameter(torch.zeros(1, channels, height, 2 * p))
-        if init == "uniform":
-            nn.init.uniform_(self.top_bottom, 0.0, 1.0)
-            nn.init.uniform_(self.left_right, 0.0, 1.0)
-        elif init != "zeros":
-            raise ValueError(f"pixel border init {init!r} is not one of ['uniform', 'zeros']")
-        self.mean: List[float] = [float(v) for v in mean]
-        self.std: List[float] = [float(v) for v in std]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[1:]) != self.image_size:
-            raise ValueError(
-                f"the prompt border was built for {self.image_size[1]}x{self.image_size[2]} images with "
-                f"{self.image_size[0]} channels (the backbone's data config input_size), got {tuple(x.shape[1:])}; "
-                "give the data that size (data.img_size), or build the backbone for this size "
-                "(backbone.kwargs.pretrained_cfg_overlay.input_size=[C, H, W])"
-            )
-        p, batch = self.pixels, x.shape[0]
-        left_right = TF.normalize(self.left_right, self.mean, self.std).to(x.dtype).expand(batch, -1, -1, -1)
-        top_bottom = TF.normalize(self.top_bottom, self.mean, self.std).to(x.dtype).expand(batch, -1, -1, -1)
-        x = torch.cat([left_right[..., :p], x, left_right[..., p:]], dim=-1)
-        return torch.cat([top_bottom[:, :, :p], x, top_bottom[:, :, p:]], dim=-2)
-
-    def extra_repr(self) -> str:
-        return f"pixels={self.pixels}, image_size={self.image_size}"
 
 
 def _stage_blocks(model: nn.Module) -> List[nn.Module]:
@@ -132,11 +73,10 @@ class PromptedConvNet(PromptedBackbone):
         super().__init__(model, prompt, freeze_backbone=freeze_backbone, backbone_eval=backbone_eval)
         self.border: Optional[PixelBorder] = None
         if self.prompt_config.enabled:
-            config = self.data_config()
-            image_size = tuple(int(v) for v in config["input_size"])
+            image_size = tuple(int(v) for v in self.data_config()["input_size"])
             check_border_config(self.prompt_config, image_size)
             init = "zeros" if self.prompt_config.init == "zeros" else "uniform"
-            self.border = PixelBorder(self.prompt_config.num_tokens, image_size, config["mean"], config["std"], init)
+            self.border = PixelBorder(self.prompt_config.num_tokens, image_size, init=init)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (normalised) -> the border padded around them -> the model's ``forward_features``."""

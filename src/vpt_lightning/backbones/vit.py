@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..prompt import INPUT_LOCATIONS, POOLS, PaddingPrompt, PromptConfig, Prompts, xavier_bound
+from ..prompt import INPUT_LOCATIONS, POOLS, PromptConfig, Prompts, xavier_bound
 from .base import PromptedBackbone
 from .loading import check_npz
+from .pixel_border import PixelBorder
 from .prompts_as_keys import block_with_prompt_keys, takes_prompt_keys
 from .registry import register_family
 
@@ -119,11 +119,10 @@ class PromptedViT(PromptedBackbone):
         self.pool_norm = nn.LayerNorm(self.embed_dim, eps=eps, elementwise_affine=False) if fresh else None
         location = prompt.location if prompt.enabled else None
         patch_size = vit.patch_embed.patch_size
-        if location == "pad":
-            # U(0, 1) pixels normalised like the data (ImageNet mean/std, the data modules' default and the official)
-            self.padding = PaddingPrompt(
-                prompt.num_tokens, self.image_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-            )
+        if location == "pad":  # the ConvNets' pixel border (U(0, 1) pixels, normalised like the images)
+            init = "zeros" if prompt.init == "zeros" else "uniform"
+            channels = vit.patch_embed.proj.in_channels
+            self.padding = PixelBorder(prompt.num_tokens, (channels, *self.image_size), init=init)
             vit.set_input_size(img_size=tuple(s + 2 * prompt.num_tokens for s in self.image_size))
         if location == "concat_channel":
             self.channel_prompt, self.channel_proj = self._channel_prompt(vit, prompt.num_tokens)
