@@ -175,10 +175,11 @@ class VPTModule(pl.LightningModule):
 
     def set_eval_transform(self, eval_transform: Optional[Mapping[str, Any]]) -> None:
         """Record how evaluation images are prepared (the DataModule's ``eval_transform_config()``), in the
-        hparams (checkpoints) and the task (packages)."""
+        hparams (checkpoints) and the task (packages); pixel prompts take its mean/std."""
         value = dict(eval_transform) if eval_transform is not None else None
         self.hparams["eval_transform"] = value
         self.task.spec.eval_transform = value
+        self.task.sync_image_normalization()
 
     # ---- hooks ------------------------------------------------------------------------------------------
     def build_backbone(self, model: nn.Module) -> PromptedBackbone:

@@ -138,6 +138,14 @@ class TaskModel(
         # filled by training (vpt-train) or read from a package: metrics, parameter counts, command, datasets
         self.info: Dict[str, Any] = {}
         self.__dict__["_trained_keys"] = None
+        self.sync_image_normalization()
+
+    def sync_image_normalization(self) -> None:
+        """Normalise pixel prompts (a ConvNet's border, a ViT's ``pad``) like the images: with the mean/std of
+        ``spec.eval_transform`` when it has them (the DataModule's ``data.normalization``)."""
+        settings = self.spec.eval_transform or {}
+        if settings.get("mean") is not None and settings.get("std") is not None:
+            self.backbone.set_image_normalization(settings["mean"], settings["std"])
 
     # ---- what the task is -------------------------------------------------------------------------------
     @property

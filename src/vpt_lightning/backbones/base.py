@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 
 from ..prompt import PromptConfig
+from .pixel_border import PixelBorder
 from .registry import classes_of
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,14 @@ class PromptedBackbone(nn.Module):
     def final_norms(self) -> List[nn.Module]:
         """Modules after the last block that Partial-k trains with it (final norm, ``fc_norm``)."""
         return [m for m in (getattr(self.model, n, None) for n in ("norm", "fc_norm")) if isinstance(m, nn.Module)]
+
+    def set_image_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """The per-channel mean/std the input images are normalised with (the DataModule's ``data.normalization``):
+        pixel prompts (:class:`~vpt_lightning.backbones.pixel_border.PixelBorder`) are normalised alike. Until
+        called they use ImageNet's, as the official code."""
+        for module in self.modules():
+            if isinstance(module, PixelBorder):
+                module.set_normalization(mean, std)
 
     def data_config(self) -> Dict[str, Any]:
         """timm's data config (input size, interpolation, mean/std, crop) of the model as built."""
