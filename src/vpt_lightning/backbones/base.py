@@ -4,18 +4,49 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, ContextManager, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.data import resolve_model_data_config
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..prompt import PromptConfig
 from .pixel_border import PixelBorder
 from .registry import classes_of
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FrozenPrefix:
+    """Where autograd starts in one forward pass of a block-by-block family (ViT, Swin).
+
+    The stem (embeddings) and the blocks before ``first`` are frozen and see no prompt, so they run without
+    autograd: nothing is recorded for a backward pass that could not reach them. Made by
+    :meth:`PromptedBackbone.frozen_prefix` at the start of ``forward_features``.
+
+    Attributes:
+        grad: whether autograd is on for this pass.
+        first: the index of the first block that records (0 when autograd is off: there is nothing to switch).
+    """
+
+    grad: bool
+    first: int
+
+    def records(self, index: int) -> bool:
+        """Whether block ``index`` (and the stage transition before it) runs with autograd."""
+        return self.grad and index >= self.first
+
+    def stem(self) -> ContextManager[None]:
+        """The context for the stem: autograd only when block 0 records."""
+        return torch.set_grad_enabled(self.records(0))
+
+    def block(self, index: int) -> ContextManager[None]:
+        """The context for block ``index``."""
+        return torch.set_grad_enabled(self.records(index))
 
 
 class PromptedBackbone(nn.Module):
@@ -108,6 +139,41 @@ class PromptedBackbone(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass (saves memory on large models)."""
         self.grad_checkpointing = enable
+
+    # ---- the frozen prefix (block-by-block families) ------------------------------------------------------
+    def frozen_prefix(self) -> FrozenPrefix:
+        """Where autograd starts in the forward pass about to run (see :class:`FrozenPrefix`)."""
+        grad = torch.is_grad_enabled()
+        return FrozenPrefix(grad, self._first_block_needing_grad() if grad else 0)
+
+    def _first_block_needing_grad(self) -> int:
+        """Index of the first block from which autograd must record: 0 when the stem trains, else the first block
+        that gets prompts (:meth:`_first_prompted_block`) or has a trainable parameter, whichever comes first."""
+        if any(p is not None and p.requires_grad for p in self._stem_parameters()):
+            return 0
+        first = self._first_prompted_block()
+        for index, modules in enumerate(self._block_modules()[:first]):
+            if any(p.requires_grad for m in modules for p in m.parameters()):
+                return index
+        return first
+
+    def _stem_parameters(self) -> Iterable[Optional[nn.Parameter]]:
+        """The parameters used before block 0 (embeddings, tokens); default: all of the model's (no frozen prefix)."""
+        return self.model.parameters()
+
+    def _first_prompted_block(self) -> int:
+        """The index of the first block that gets prompts (0 for prompts at the input; the number of blocks if none)."""
+        return 0
+
+    def _block_modules(self) -> List[List[nn.Module]]:
+        """For each block in forward order, the modules that run with it (the block, a stage transition before it)."""
+        return [[block] for block in self.blocks()]
+
+    def _run(self, record: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, recomputed in the backward pass when ``record``ing with gradient checkpointing."""
+        if record and self.grad_checkpointing:
+            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        return fn(*args, **kwargs)
 
     # ---- what tuning methods read -----------------------------------------------------------------------
     def prompt_parameters(self) -> Dict[str, nn.Parameter]:

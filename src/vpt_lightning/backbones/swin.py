@@ -23,7 +23,6 @@ from timm.models.swin_transformer import (
     window_reverse,
 )
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..prompt import PromptConfig, Prompts
 from .base import PromptedBackbone
@@ -250,16 +249,16 @@ class PromptedSwin(PromptedBackbone):
     def final_norms(self) -> List[nn.Module]:
         return [self.model.norm]
 
-    def _first_block_needing_grad(self) -> int:
-        """Flat index of the first block from which autograd must record (all before it are frozen and prompt-free)."""
-        if any(p.requires_grad for p in self.model.patch_embed.parameters()):
-            return 0
-        first = min(self.prompt_sets, default=len(self.block_positions))
-        for index, (stage, j) in enumerate(self.block_positions[:first]):
-            modules = [self.model.layers[stage].blocks[j]] + ([self.model.layers[stage].downsample] if j == 0 else [])
-            if any(p.requires_grad for m in modules for p in m.parameters()):
-                return index
-        return first
+    def _stem_parameters(self) -> List[nn.Parameter]:
+        return list(self.model.patch_embed.parameters())
+
+    def _first_prompted_block(self) -> int:
+        return min(self.prompt_sets, default=len(self.block_positions))
+
+    def _block_modules(self) -> List[List[nn.Module]]:
+        """Each block, with its stage's patch merging before a stage's first block."""
+        layers = self.model.layers
+        return [[layers[s].blocks[j]] + ([layers[s].downsample] if j == 0 else []) for s, j in self.block_positions]
 
     def discarded_prompt_outputs(self) -> List[int]:
         """Flat indices of the blocks whose prompt outputs nothing reads: the next block replaces them with new
@@ -290,37 +289,29 @@ class PromptedSwin(PromptedBackbone):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> final normed tokens ``(B, p + H·W, C)``: prompt outputs first, then the image tokens."""
-        grad = torch.is_grad_enabled()
-        first_grad = self._first_block_needing_grad() if grad else 0
-        with torch.set_grad_enabled(grad and first_grad == 0):
+        prefix = self.frozen_prefix()
+        with prefix.stem():
             x = self.model.patch_embed(x)
         prompts: Optional[torch.Tensor] = None
         paths = self.block_paths()
         index = 0
         for stage in self.model.layers:
-            with torch.set_grad_enabled(grad and index >= first_grad):
+            with prefix.block(index):
                 x = stage.downsample(x)
                 if prompts is not None and index not in self.prompt_sets:  # (else replaced right away)
                     prompts = merge_prompts(stage.downsample, prompts)
             for block in stage.blocks:
-                record = grad and index >= first_grad
-                with torch.set_grad_enabled(record):
+                record = prefix.records(index)
+                with prefix.block(index):
                     if index in self.prompt_sets:
                         prompts = self._new_prompts(index, x.shape[0], x)
-                    if prompts is None and record and self.grad_checkpointing:
-                        x = checkpoint(block, x, use_reentrant=False)
-                    elif prompts is None:
-                        x = block(x)
+                    if prompts is None:
+                        x = self._run(record, block, x)
                     elif paths[index] == "kv":  # prompt outputs thrown away: the prompts as keys and values only
-                        if record and self.grad_checkpointing:
-                            x = checkpoint(block_with_prompt_keys, block, x, prompts, use_reentrant=False)
-                        else:
-                            x = block_with_prompt_keys(block, x, prompts)
+                        x = self._run(record, block_with_prompt_keys, block, x, prompts)
                         prompts = None
-                    elif record and self.grad_checkpointing:
-                        x, prompts = checkpoint(prompted_block, block, x, prompts, use_reentrant=False)
                     else:
-                        x, prompts = prompted_block(block, x, prompts)
+                        x, prompts = self._run(record, prompted_block, block, x, prompts)
                 index += 1
         tokens = self.model.norm(x).flatten(1, 2)
         if prompts is not None and self.feature_prompt_tokens:

@@ -10,7 +10,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..prompt import INPUT_LOCATIONS, POOLS, PromptConfig, Prompts, xavier_bound
 from .base import PromptedBackbone
@@ -177,21 +176,16 @@ class PromptedViT(PromptedBackbone):
         ``prepend_pixel``; 0 for the other locations)."""
         return self.prompt_config.num_tokens if self.prompt_config.adds_tokens else 0
 
-    def _first_block_needing_grad(self) -> int:
-        """Index of the first block from which autograd must record (all before it are frozen and prompt-free)."""
-        embedding = [self.vit.patch_embed, self.vit.norm_pre]
-        params = [self.vit.pos_embed, self.vit.cls_token, self.vit.reg_token]
+    def _stem_parameters(self) -> List[Optional[nn.Parameter]]:
+        """Patch embedding, ``norm_pre``, position embedding, class and register tokens (the frozen prefix's)."""
+        vit = self.vit
+        modules = [*vit.patch_embed.parameters(), *vit.norm_pre.parameters()]
+        return modules + [vit.pos_embed, vit.cls_token, vit.reg_token]
+
+    def _first_prompted_block(self) -> int:
         if self.prompt_config.enabled and self.prompt_config.location in INPUT_LOCATIONS:
             return 0
-        if any(p.requires_grad for m in embedding for p in m.parameters()) or any(
-            p is not None and p.requires_grad for p in params
-        ):
-            return 0
-        first = min(self.prompt_sets, default=len(self.vit.blocks))
-        for i, block in enumerate(self.vit.blocks[:first]):
-            if any(p.requires_grad for p in block.parameters()):
-                return i
-        return first
+        return min(self.prompt_sets, default=len(self.vit.blocks))
 
     def _pixel_tokens(self, batch_size: int) -> torch.Tensor:
         """``prepend_pixel``: the pixel strip through the frozen patch projection and norm -> (B, p, D)."""
@@ -278,17 +272,17 @@ class PromptedViT(PromptedBackbone):
         sample its own task's prompts (a batch that mixes tasks); their slots are removed again before the final
         norm, so the output is ``[prefix, patches]`` for timm's pooling.
         """
-        first_grad = self._first_block_needing_grad() if torch.is_grad_enabled() else 0
-        with torch.set_grad_enabled(torch.is_grad_enabled() and first_grad == 0):
+        prefix = self.frozen_prefix()
+        with prefix.stem():
             x = self.embed(x)
         if sample_prompts is not None:
-            return self._forward_sample_prompts(x, sample_prompts, first_grad)
+            return self._forward_sample_prompts(x, sample_prompts, prefix.first)
         paths = self.block_paths()
         tokens = self.prompt_config.adds_tokens
         carried = False  # whether x holds prompt tokens after the prefix tokens
         for i, block in enumerate(self.vit.blocks):
-            record = torch.is_grad_enabled() and i >= first_grad
-            with torch.set_grad_enabled(record):
+            record = prefix.records(i)
+            with prefix.block(i):
                 new = self._block_prompts(i, x) if i in self.prompt_sets else None
                 if paths[i] == "kv":  # the prompts enter as keys and values; x leaves without them
                     if new is None:  # the previous block's prompt outputs, carried on
@@ -304,12 +298,6 @@ class PromptedViT(PromptedBackbone):
         if carried and not self.feature_prompt_tokens:
             x = self._remove_prompts(x)
         return x if self.pool_norm is not None else self.vit.norm(x)
-
-    def _run(self, record: bool, fn: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``fn(*args)``, recomputed in the backward pass when recording with gradient checkpointing."""
-        if record and self.grad_checkpointing:
-            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
-        return fn(*args, **kwargs)
 
     def _forward_sample_prompts(self, x: torch.Tensor, sample_prompts: SamplePrompts, first_grad: int) -> torch.Tensor:
         """The blocks with each sample's own prompts (:class:`SamplePrompts`), every token through every block."""
