@@ -179,8 +179,7 @@ class PromptedViT(PromptedBackbone):
     def _stem_parameters(self) -> List[Optional[nn.Parameter]]:
         """Patch embedding, ``norm_pre``, position embedding, class and register tokens (the frozen prefix's)."""
         vit = self.vit
-        modules = [*vit.patch_embed.parameters(), *vit.norm_pre.parameters()]
-        return modules + [vit.pos_embed, vit.cls_token, vit.reg_token]
+        return [*vit.patch_embed.parameters(), *vit.norm_pre.parameters(), vit.pos_embed, vit.cls_token, vit.reg_token]
 
     def _first_prompted_block(self) -> int:
         if self.prompt_config.enabled and self.prompt_config.location in INPUT_LOCATIONS:
