@@ -15,9 +15,13 @@ import io
 import os
 import re
 import sys
-import tomllib
 from pathlib import Path
 from typing import Dict, List
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (the docs extra brings tomli there)
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "src" / "vpt_lightning" / "conf"
