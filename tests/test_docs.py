@@ -25,7 +25,8 @@ import os
 import re
 import shlex
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -66,7 +67,8 @@ class Block:
 
     @property
     def where(self) -> str:
-        return f"{self.path.relative_to(ROOT)}:{self.line}"
+        path = self.path.relative_to(ROOT) if self.path.is_relative_to(ROOT) else self.path.name
+        return f"{path}:{self.line}"
 
 
 def extract_blocks(path: Path) -> List[Block]:
@@ -167,10 +169,8 @@ class Tally:
     shell: int = 0
     commands: int = 0
     composed: int = 0
-    not_run: List[str] = None
-
-    def __post_init__(self):
-        self.not_run = []
+    not_run: List[str] = field(default_factory=list)
+    seconds: Dict[str, Tuple[float, float]] = field(default_factory=dict)  # wall and CPU time of each block run
 
 
 def run_document(path: Path, workdir: Path, tally: Tally, namespace: Dict) -> None:
@@ -188,10 +188,12 @@ def run_document(path: Path, workdir: Path, tally: Tally, namespace: Dict) -> No
                     compose_command(argv)
                     tally.composed += 1
             continue
+        started = time.perf_counter(), time.process_time()
         with chdir(workdir):
             if block.lang == "python":
                 exec(compile(block.code, block.where, "exec"), namespace)
                 tally.python += 1
+                tally.seconds[block.where] = (time.perf_counter() - started[0], time.process_time() - started[1])
                 continue
             extra = shlex.split(value) if kind == "run-with" else []
             for argv in commands(block.code):
@@ -202,6 +204,7 @@ def run_document(path: Path, workdir: Path, tally: Tally, namespace: Dict) -> No
                 run_console_script(argv + extra if argv[0] in COMPOSED else argv)
                 tally.commands += 1
             tally.shell += 1
+            tally.seconds[block.where] = (time.perf_counter() - started[0], time.process_time() - started[1])
 
 
 def nav_pages() -> List[Path]:
@@ -224,9 +227,13 @@ def nav_pages() -> List[Path]:
 
 
 def report(name: str, tally: Tally) -> str:
-    lines = [f"{name}: ran {tally.python} python and {tally.shell} shell blocks ({tally.commands} commands); "
-             f"{len(tally.not_run)} blocks not run ({tally.composed} of their commands composed):"]
-    return "\n".join(lines + [f"  not run: {item}" for item in tally.not_run])
+    slowest = sorted(tally.seconds.items(), key=lambda item: -item[1][1])[:5]
+    wall, cpu = (sum(times[i] for times in tally.seconds.values()) for i in (0, 1))
+    lines = [f"{name}: ran {tally.python} python and {tally.shell} shell blocks ({tally.commands} commands) in "
+             f"{wall:.0f} s ({cpu:.0f} s CPU); {len(tally.not_run)} blocks not run ({tally.composed} of their "
+             "commands composed):"]
+    lines += [f"  not run: {item}" for item in tally.not_run]
+    return "\n".join(lines + [f"  slowest: {where} {w:.1f} s ({c:.1f} s CPU)" for where, (w, c) in slowest])
 
 
 @pytest.fixture
