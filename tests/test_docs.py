@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import re
 import shlex
@@ -238,8 +239,9 @@ def report(name: str, tally: Tally) -> str:
 
 @pytest.fixture
 def offline(monkeypatch):
-    """No network (the Hub and timm read their caches only, W&B stays offline), and the registries that the pages
-    extend (a backbone family, a tuning method, a head) restored afterwards, so no other test sees their classes."""
+    """No network (the Hub and timm read their caches only, W&B stays offline); afterwards the registries that the
+    pages extend (a backbone family, a tuning method, a head) and the root logger's handlers are restored, so no
+    other test sees the pages' classes or writes into their run folders' logs."""
     for var, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline"}.items():
         monkeypatch.setenv(var, value)
     import vpt_lightning.backbones.registry
@@ -249,11 +251,17 @@ def offline(monkeypatch):
     saved = [(module, name, dict(value)) for module in (vpt_lightning.backbones.registry,
                                                         vpt_lightning.methods.registry, vpt_lightning.heads)
              for name, value in vars(module).items() if isinstance(value, dict) and name.startswith("_")]
+    root_handlers, root_level = logging.root.handlers[:], logging.root.level  # Hydra's runs add handlers
     yield
     for module, name, value in saved:
         registry = getattr(module, name)
         registry.clear()
         registry.update(value)
+    for handler in logging.root.handlers[:]:
+        if handler not in root_handlers and not type(handler).__module__.startswith("_pytest"):
+            logging.root.removeHandler(handler)
+            handler.close()
+    logging.root.setLevel(root_level)
 
 
 def test_readme_code_runs_as_written(tmp_path, offline, capsys):
