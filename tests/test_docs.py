@@ -333,6 +333,8 @@ def test_block_runner_refuses_what_it_cannot_run(tmp_path):
         run("<!-- not-run: x -->\n```bash\nvpt-train\n```\n")
     with pytest.raises(AssertionError, match="exited with 2"):
         run("```bash\nvpt-report --no-such-option\n```\n")
+    with pytest.raises(AssertionError, match="prompt.no_such_key=1` exited"):  # run-with adds its arguments
+        run("<!-- run-with: prompt.no_such_key=1 -->\n```bash\nvpt-train +experiment=quickstart --cfg job\n```\n")
     tally = run("text\n\n<!-- not-run: needs a GPU and VTAB-1k -->\n```bash\n"
                 "vpt-train +experiment=vtab_cifar100 data.root=DIR trainer=gpu  # comment\n"
                 "vpt-tune -m +experiment=vtab_cifar100,vtab_svhn tuning=vpt_deep,linear\n"
