@@ -42,13 +42,13 @@ def _imports(path: Path) -> set:
 
 
 def _graph(folder: str) -> dict:
-    modules = {".".join(p.relative_to(PACKAGE).with_suffix("").parts): p for p in (PACKAGE / folder).glob("*.py")}
+    modules = {".".join(p.relative_to(PACKAGE).with_suffix("").parts): p for p in (PACKAGE / folder).rglob("*.py")}
     return {m: {t for t in _imports(p) if t in modules and t != m} for m, p in modules.items() if not m.endswith("__init__")}
 
 
 def test_data_modules_import_no_cycle_and_no_cli():
     graph = _graph("data")
-    assert "data.prepare" in graph and "data.vtab" in graph
+    assert "data.vtab_prep.prepare" in graph and "data.vtab" in graph
     done, stack = set(), []
 
     def visit(node):
@@ -63,10 +63,22 @@ def test_data_modules_import_no_cycle_and_no_cli():
 
     for node in graph:
         visit(node)
-    for path in (PACKAGE / "data").glob("*.py"):
+    for path in (PACKAGE / "data").rglob("*.py"):
         tree = ast.parse(path.read_text())
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert "argparse" not in names and not any("cli" in t for t in _imports(path)), path.name
+
+
+def test_the_vtab_preparation_is_apart_from_the_datamodules():
+    """data/vtab_prep/ (the offline builder behind ``vpt-prepare vtab``) is used by the prepare CLI; of the
+    DataModules only data/vtab.py reads it, and only its source catalogue (for the hint of a missing folder)."""
+    graph = _package_graph()
+    prep = {m for m in graph if m.startswith("data.vtab_prep.")}
+    assert {"data.vtab_prep.prepare", "data.vtab_prep.sources", "data.vtab_prep.tfds_order"} <= prep
+    users = {m: {t for t in ts if t in prep} for m, ts in graph.items() if m not in prep and not m.startswith("cli.")}
+    assert {m: ts for m, ts in users.items() if ts} == {"data.vtab": {"data.vtab_prep.sources"}}
+    assert not [p.name for p in (PACKAGE / "data").glob("*.py") if p.stem in  # nothing left at the old place
+                {"prepare", "sources", "tfds_order", "tfrecord", "source_split", "official_splits"}]
 
 
 def test_paper_numbers_are_a_leaf_module():

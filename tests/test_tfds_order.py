@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-from vpt_lightning.data.sources import EXACT_SOURCES
-from vpt_lightning.data.tfds_order import Slice, tfds_order, tfds_sort_key
+from vpt_lightning.data.vtab_prep.sources import EXACT_SOURCES
+from vpt_lightning.data.vtab_prep.tfds_order import Slice, tfds_order, tfds_sort_key
 
 
 def test_sort_key_is_the_md5_of_the_split_name_then_the_key():
