@@ -84,6 +84,7 @@ def mlp_width(block: nn.Module) -> int:
 @register_method
 class AdapterMethod(AdamWRecipe):
     name = "adapter"
+    report_order = 22
     Config = AdapterConfig
     prompts = "none"
     paper_method = "adapter"

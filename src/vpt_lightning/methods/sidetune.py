@@ -96,6 +96,7 @@ class SideNetwork(nn.Module):
 @register_method
 class Sidetune(TuningMethod):
     name = "sidetune"
+    report_order = 20
     Config = SidetuneConfig
     prompts = "none"
     paper_method = "sidetune"
