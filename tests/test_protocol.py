@@ -301,3 +301,33 @@ def test_report_finds_the_papers_column_through_the_method_registry():
     assert rows["vtab_cifar100", "deep_p50"]["paper_top1"] == "78.8"
     assert rows["vtab_cifar100", "partial_2"]["paper_top1"] == ""
     assert "deep_p50 (paper)" in markdown and "partial_2 (paper)" not in markdown
+
+
+def test_report_columns_come_from_the_method_registry(monkeypatch):
+    """The column order is the registry's (each method's ``report_order``): a newly registered method takes its
+    place without the report knowing it; a label of no registered method comes last."""
+    from vpt_lightning.methods import TuningMethod, get_method, method_names, methods_in_report_order, registry
+    from vpt_lightning.report import results_table, to_csv, to_markdown
+
+    order = methods_in_report_order()
+    assert sorted(order) == method_names()
+    assert len({get_method(name).report_order for name in order}) == len(order)  # no tie among our methods
+    # the paper's Table 1: Full, head-oriented, backbone-oriented, VPT
+    assert [m for m in order if m in ("full", "linear", "partial", "mlp", "sidetune", "bias", "adapter", "vpt_deep")] \
+        == ["full", "linear", "partial", "mlp", "sidetune", "bias", "adapter", "vpt_deep"]
+
+    class Probe(TuningMethod):
+        name = "probe"
+        report_order = (get_method("mlp").report_order + get_method("sidetune").report_order) / 2
+
+    monkeypatch.setitem(registry._METHODS, "probe", Probe)
+    runs = (("vpt_deep", "vpt_deep"), ("zz_custom", "zz_custom"), ("probe_1", "probe"), ("mlp_3", "mlp"))
+    table = results_table([_summary("vtab_cifar100", label, [0.5]) | {"method": method} for label, method in runs])
+    assert table.tunings == ["mlp_3", "probe_1", "vpt_deep", "zz_custom"]
+    assert table.paper_columns == ["vpt_deep"] and table.paper["vtab_cifar100", "vpt_deep"] == 78.8
+    markdown, text = to_markdown(table), to_csv(table)
+    assert markdown.splitlines()[0] == ("| task | mlp_3 (ours) | probe_1 (ours) | vpt_deep (ours) | zz_custom (ours) "
+                                        "| vpt_deep (paper) |")
+    assert [r["tuning"] for r in csv.DictReader(text.splitlines()) if r["task"] == "vtab_cifar100"] == table.tunings
+    assert (markdown, text) == build_report([_summary("vtab_cifar100", label, [0.5]) | {"method": method}
+                                             for label, method in runs])
