@@ -4,7 +4,10 @@ paper.py is a leaf."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
+
+import pytest
 
 import vpt_lightning
 
@@ -167,3 +170,70 @@ def test_the_whole_package_has_no_import_cycle():
 
 def test_the_cycle_check_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+# ---- the README's layout section against the tree --------------------------------------------------------------
+ROOT = PACKAGE.parents[1]
+NAMED_FILE = re.compile(r"[\w/]+\.(?:py|safetensors|yaml)\b")
+
+
+def _layout_section() -> list:
+    """The lines of the README's layout block (the fenced block that starts with ``src/vpt_lightning/``)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index("src/vpt_lightning/")
+    assert lines[start - 1] == "```", "the layout section is a fenced block starting with src/vpt_lightning/"
+    return lines[start + 1: lines.index("```", start)]
+
+
+def _layout_entries(lines: list) -> dict:
+    """Path (relative to the package; a folder ends with ``/``) -> the paths its entry names. An entry is a line
+    indented by 2 (the package) or 4 (inside the folder above); its text goes on over the more indented lines below.
+    A file named in a folder's entry is in that folder; in a module's entry, beside it."""
+    entries, folder, current = {}, "", None
+    for line in lines:
+        head = re.match(r"^( +)(\S+)", line)
+        indent = len(head.group(1)) if head else 0
+        if head and indent in (2, 4):
+            assert indent == 2 or folder, f"a nested entry needs a folder above it: {line!r}"
+            name = (folder if indent == 4 else "") + head.group(2)
+            folder = name if indent == 2 and name.endswith("/") else (folder if indent == 4 else "")
+            current, text = name, line[len(head.group(0)):]
+            entries[current] = set()
+        else:
+            assert current is not None and indent > 4, f"not an entry nor a continuation: {line!r}"
+            text = line
+        base = current if current.endswith("/") else current.rpartition("/")[0] + "/" * ("/" in current)
+        entries[current] |= {base + name for name in NAMED_FILE.findall(text)}
+    return entries
+
+
+def _scripts() -> list:
+    import tomllib
+
+    return sorted(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
+
+
+def test_the_readme_layout_section_matches_the_tree():
+    lines = _layout_section()
+    entries = _layout_entries(lines)
+    named = set(entries) | {path for paths in entries.values() for path in paths}
+    missing = [path for path in sorted(named) if not (PACKAGE / path).exists()]
+    assert not missing, f"the README's layout section names paths that do not exist: {missing}"
+    packages = {str(p.parent.relative_to(PACKAGE)) + "/" for p in PACKAGE.rglob("__init__.py") if p.parent != PACKAGE}
+    assert not packages - set(entries), f"subpackages missing from the README's layout section: {packages - set(entries)}"
+    modules = {p.name for p in PACKAGE.glob("*.py")} | {f"{folder}/{p.name}" for folder in ("methods", "backbones")
+                                                        for p in (PACKAGE / folder).glob("*.py")}
+    modules = {m for m in modules if not m.endswith("__init__.py")}
+    assert not modules - named, f"modules missing from the README's layout section: {sorted(modules - named)}"
+    text = "\n".join(lines)
+    commands = [name for name in _scripts() if not re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text)]
+    assert not commands, f"console scripts missing from the README's layout section: {commands}"
+
+
+def test_the_layout_check_finds_what_is_wrong():
+    entries = _layout_entries(["  methods/        a.py, b.py;", "                  c.py", "  data/           x.py",
+                               "    vtab_prep/    y.py", "  module.py       VPTModule;  atomic.py  writes"])
+    assert entries == {"methods/": {"methods/a.py", "methods/b.py", "methods/c.py"}, "data/": {"data/x.py"},
+                       "data/vtab_prep/": {"data/vtab_prep/y.py"}, "module.py": {"atomic.py"}}
+    with pytest.raises(AssertionError, match="not an entry nor a continuation"):
+        _layout_entries(["  methods/  a.py", "   b.py"])
