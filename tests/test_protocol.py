@@ -229,7 +229,7 @@ def test_report_of_the_papers_per_task_numbers_gives_its_aggregates(tmp_path):
                  for name in TASKS for method in ("vpt_deep", "full")]
     markdown, table = build_report(summaries)
     rows = {(r["task"], r["tuning"]): r for r in csv.DictReader(table.splitlines())}
-    # spec §4: mean of group means 71.96 (full 68.96), mean over 19 tasks 69.43 (65.57), FGVC 89.11 (88.54); the
+    # paper Table 1: mean of group means 71.96 (full 68.96), mean over 19 tasks 69.43 (65.57), FGVC 89.11 (88.54); the
     # paper's per-task numbers are rounded to 0.1, so means of them differ from its printed means by < 0.05
     for label, deep, full in (("VTAB mean of the 3 group means", 71.96, 68.96), ("VTAB mean over the 19 tasks", 69.43, 65.57),
                               ("FGVC mean of 5", 89.11, 88.54), ("VTAB structured (mean of 8)", 54.98, 47.64)):

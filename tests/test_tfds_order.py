@@ -31,7 +31,7 @@ def test_cifar100_slices_are_the_examples_tfds_wrote():
 
 
 @pytest.mark.parametrize("task, sizes, expected", [
-    # VPT_EXTENSIONS.md §7, from task_adaptation/data/*.py and the TFDS split sizes
+    # from task_adaptation/data/*.py and the TFDS split sizes
     ("pets", {"train": 3680}, {"val200": (2944, 3144)}),
     ("svhn", {"train": 73257}, {"val200": (65931, 66131)}),
     ("eurosat", {"train": 27000}, {"val200": (16200, 16400), "test": (21600, 27000)}),

@@ -272,7 +272,7 @@ def paper_note(backbone: str) -> str:
     label = BACKBONES[backbone].label
     if backbone == DEFAULT_BACKBONE:
         return f"Paper aggregates computed from its per-task numbers ({label})."
-    return f"Paper: its VTAB-1k group means for {label} (no per-task numbers; extensions spec §8)."
+    return f"Paper: its VTAB-1k group means for {label} (no per-task numbers; paper Tables 2, 4, 5)."
 
 
 def to_png(table: ResultsTable, path: Path) -> None:

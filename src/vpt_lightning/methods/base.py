@@ -103,7 +103,7 @@ class TuningMethod:
 
 
 class AdamWRecipe(TuningMethod):
-    """Methods the paper trains with AdamW on the official fine-tuning lr x wd grid (spec extensions §5/§8)."""
+    """Methods the paper trains with AdamW (Appendix A) on the official fine-tuning lr x wd grid (tune_vtab.py)."""
 
     lr_grid = "base_lr_tuned_backbone"
     wd_grid = "weight_decay_tuned_backbone"
