@@ -6,6 +6,9 @@ MoCo v3, Swin-B, ConvNeXt-B and ResNet-50; ViT-B/16 ImageNet-21k for a backbone 
 group means, the mean of the three group means and the mean over the 19 tasks, and the FGVC mean are computed
 only over complete sets: with a task missing, the mean is shown as ``incomplete (k/n)``, never averaged as zero
 or over what happens to be there. Tasks outside the registry (e.g. mini-VTAB) get per-task rows only.
+
+The table is built once (:func:`results_table`, a :class:`ResultsTable`) and written by :func:`to_markdown`,
+:func:`to_csv` and :func:`to_png`; its columns follow the method registry's report order.
 """
 
 from __future__ import annotations
