@@ -67,7 +67,7 @@ def test_border_is_padded_around_the_image_and_normalised(group, pixels, images)
     canvas = (canvas - MEAN) / STD
     canvas[:, :, p : p + 32, p : p + 32] = images
     torch.testing.assert_close(backbone(images), reference(model, canvas), rtol=0, atol=1e-5)
-    # spec §9.4: a border of mean-coloured pixels normalises to 0, i.e. zero-padding the normalised image
+    # a border of mean-coloured pixels normalises to 0, i.e. zero-padding the normalised image
     with torch.no_grad():
         backbone.border.top_bottom.copy_(MEAN.expand_as(tb))
         backbone.border.left_right.copy_(MEAN.expand_as(lr))
@@ -79,7 +79,7 @@ def test_border_parameter_count_follows_the_formula(pixels):
     border = PixelBorder(pixels, (3, 224, 224), MEAN.flatten().tolist(), STD.flatten().tolist())
     count = sum(t.numel() for t in border.parameters())
     assert count == 2 * pixels * 3 * (224 + 224 + 2 * pixels) == 6 * pixels * (448 + 2 * pixels)
-    assert {1: 2700, 5: 13740, 11: 31020}.get(pixels, count) == count  # the spec's figures
+    assert {1: 2700, 5: 13740, 11: 31020}.get(pixels, count) == count  # 6p(448 + 2p): the official resnet.py's tb + lr
     assert not border.state_dict().keys() - {"top_bottom", "left_right"}  # mean/std are no state
 
 

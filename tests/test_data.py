@@ -58,7 +58,7 @@ def test_registry_has_19_vtab_tasks_in_7_4_8_groups_and_5_fgvc():
     assert {t.name: t.num_classes for t in fgvc_tasks()} == {
         "cub": 200, "nabirds": 555, "oxford_flowers": 102, "stanford_dogs": 120, "stanford_cars": 196}
     assert get_task("vtab_svhn").num_classes == 10 and get_task("sun397").default_prompt_length == 5
-    # the paper's VPT-Deep group means (spec §4) follow from the per-task numbers
+    # the paper's VPT-Deep group means (paper Table 1) follow from the per-task numbers
     natural = np.mean([REFERENCE[t.config_name]["vpt_deep"] for t in vtab_tasks("natural")])
     assert natural == pytest.approx(78.48, abs=0.01)
     with pytest.raises(KeyError, match="unknown vtab task 'cifar10'; valid names: .*'cifar100'"):
@@ -79,7 +79,7 @@ def test_every_task_has_a_composable_experiment(task):
     assert cfg.recipe.num_tokens == info.default_prompt_length
     assert cfg.backbone.name == "vit_base_patch16_224.orig_in21k"
     assert (cfg.trainer.max_epochs, cfg.optim.warmup_epochs) == (100, 10)
-    # spec §4: the published SUN397, DMLab and EuroSAT recipes; a batch of 64 elsewhere
+    # the official hyper-parameter release's SUN397, DMLab and EuroSAT recipes; a batch of 64 elsewhere
     published = {"vtab_sun397": (25.0, 1e-4, 128), "vtab_dmlab": (1.0, 1e-3, 64), "vtab_eurosat": (1.0, 1e-3, 64)}
     if task in published:
         assert (cfg.optim.base_lr, cfg.optim.weight_decay, cfg.data.batch_size) == pytest.approx(published[task])

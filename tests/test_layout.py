@@ -4,7 +4,10 @@ paper.py is a leaf."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
+
+import pytest
 
 import vpt_lightning
 
@@ -42,13 +45,13 @@ def _imports(path: Path) -> set:
 
 
 def _graph(folder: str) -> dict:
-    modules = {".".join(p.relative_to(PACKAGE).with_suffix("").parts): p for p in (PACKAGE / folder).glob("*.py")}
+    modules = {".".join(p.relative_to(PACKAGE).with_suffix("").parts): p for p in (PACKAGE / folder).rglob("*.py")}
     return {m: {t for t in _imports(p) if t in modules and t != m} for m, p in modules.items() if not m.endswith("__init__")}
 
 
 def test_data_modules_import_no_cycle_and_no_cli():
     graph = _graph("data")
-    assert "data.prepare" in graph and "data.vtab" in graph
+    assert "data.vtab_prep.prepare" in graph and "data.vtab" in graph
     done, stack = set(), []
 
     def visit(node):
@@ -63,10 +66,22 @@ def test_data_modules_import_no_cycle_and_no_cli():
 
     for node in graph:
         visit(node)
-    for path in (PACKAGE / "data").glob("*.py"):
+    for path in (PACKAGE / "data").rglob("*.py"):
         tree = ast.parse(path.read_text())
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert "argparse" not in names and not any("cli" in t for t in _imports(path)), path.name
+
+
+def test_the_vtab_preparation_is_apart_from_the_datamodules():
+    """data/vtab_prep/ (the offline builder behind ``vpt-prepare vtab``) is used by the prepare CLI; of the
+    DataModules only data/vtab.py reads it, and only its source catalogue (for the hint of a missing folder)."""
+    graph = _package_graph()
+    prep = {m for m in graph if m.startswith("data.vtab_prep.")}
+    assert {"data.vtab_prep.prepare", "data.vtab_prep.sources", "data.vtab_prep.tfds_order"} <= prep
+    users = {m: {t for t in ts if t in prep} for m, ts in graph.items() if m not in prep and not m.startswith("cli.")}
+    assert {m: ts for m, ts in users.items() if ts} == {"data.vtab": {"data.vtab_prep.sources"}}
+    assert not [p.name for p in (PACKAGE / "data").glob("*.py") if p.stem in  # nothing left at the old place
+                {"prepare", "sources", "tfds_order", "tfrecord", "source_split", "official_splits"}]
 
 
 def test_paper_numbers_are_a_leaf_module():
@@ -155,3 +170,109 @@ def test_the_whole_package_has_no_import_cycle():
 
 def test_the_cycle_check_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+# ---- the README's layout section against the tree --------------------------------------------------------------
+ROOT = PACKAGE.parents[1]
+NAMED_FILE = re.compile(r"[\w/]+\.(?:py|safetensors|yaml)\b")
+
+
+def _layout_section() -> list:
+    """The lines of the README's layout block (the fenced block that starts with ``src/vpt_lightning/``)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index("src/vpt_lightning/")
+    assert lines[start - 1] == "```", "the layout section is a fenced block starting with src/vpt_lightning/"
+    return lines[start + 1: lines.index("```", start)]
+
+
+def _layout_entries(lines: list) -> dict:
+    """Path (relative to the package; a folder ends with ``/``) -> the paths its entry names. An entry is a line
+    indented by 2 (the package) or 4 (inside the folder above); its text goes on over the more indented lines below.
+    A file named in a folder's entry is in that folder; in a module's entry, beside it."""
+    entries, folder, current = {}, "", None
+    for line in lines:
+        head = re.match(r"^( +)(\S+)", line)
+        indent = len(head.group(1)) if head else 0
+        if head and indent in (2, 4):
+            assert indent == 2 or folder, f"a nested entry needs a folder above it: {line!r}"
+            name = (folder if indent == 4 else "") + head.group(2)
+            folder = name if indent == 2 and name.endswith("/") else (folder if indent == 4 else "")
+            current, text = name, line[len(head.group(0)):]
+            entries[current] = set()
+        else:
+            assert current is not None and indent > 4, f"not an entry nor a continuation: {line!r}"
+            text = line
+        base = current if current.endswith("/") else current.rpartition("/")[0] + "/" * ("/" in current)
+        entries[current] |= {base + name for name in NAMED_FILE.findall(text)}
+    return entries
+
+
+def _scripts() -> list:
+    import tomllib
+
+    return sorted(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
+
+
+def test_the_readme_layout_section_matches_the_tree():
+    lines = _layout_section()
+    entries = _layout_entries(lines)
+    named = set(entries) | {path for paths in entries.values() for path in paths}
+    missing = [path for path in sorted(named) if not (PACKAGE / path).exists()]
+    assert not missing, f"the README's layout section names paths that do not exist: {missing}"
+    packages = {str(p.parent.relative_to(PACKAGE)) + "/" for p in PACKAGE.rglob("__init__.py") if p.parent != PACKAGE}
+    assert not packages - set(entries), f"subpackages missing from the README's layout section: {packages - set(entries)}"
+    modules = {p.name for p in PACKAGE.glob("*.py")} | {f"{folder}/{p.name}" for folder in ("methods", "backbones")
+                                                        for p in (PACKAGE / folder).glob("*.py")}
+    modules = {m for m in modules if not m.endswith("__init__.py")}
+    assert not modules - named, f"modules missing from the README's layout section: {sorted(modules - named)}"
+    text = "\n".join(lines)
+    commands = [name for name in _scripts() if not re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text)]
+    assert not commands, f"console scripts missing from the README's layout section: {commands}"
+
+
+def test_the_layout_check_finds_what_is_wrong():
+    entries = _layout_entries(["  methods/        a.py, b.py;", "                  c.py", "  data/           x.py",
+                               "    vtab_prep/    y.py", "  module.py       VPTModule;  atomic.py  writes"])
+    assert entries == {"methods/": {"methods/a.py", "methods/b.py", "methods/c.py"}, "data/": {"data/x.py"},
+                       "data/vtab_prep/": {"data/vtab_prep/y.py"}, "module.py": {"atomic.py"}}
+    with pytest.raises(AssertionError, match="not an entry nor a continuation"):
+        _layout_entries(["  methods/  a.py", "   b.py"])
+
+
+# ---- what the docstrings and comments cite ----------------------------------------------------------------------
+# Documents users do not have (notes kept outside the repository); cite the paper (Jia et al., ECCV 2022: "paper
+# §4.2", "Table 5", "Appendix A") or the official code's file (KMnP/vpt: ``src/models/vit_prompt/vit.py``) instead.
+OUTSIDE_DOCUMENTS = re.compile("|".join([r"\bspec\s+§", r"\bspec\s+extensions", r"\bextensions\s+spec", "VPT_" + "SPEC",
+                                         "VPT_" + "EXTENSIONS", r"\bDESIGN\.md", r"\bENVIRONMENT\.md", "/work/" + "shared"]))
+# lines that other work of issue 22 removes (the single source of prompt lengths and of method facts rewrites the
+# task experiments and conf/tuning/full.yaml; a pixel-border module replaces prompt.PaddingPrompt): drop with them
+IN_FLIGHT = (re.compile(r"conf/experiment/(vtab|fgvc)_\w+\.yaml: +num_tokens: \d+ +# spec §4"),
+             re.compile(r"conf/tuning/full\.yaml:# Full fine-tuning: every backbone weight trains \(use the lower lr grid, spec §2\)"),
+             re.compile(r'prompt\.py: +"""A learnable pixel border around the image \(the official ``pad`` location; spec §2, §3\)\.'))
+
+
+def _cited_outside(paths) -> list:
+    """``path:line`` of every reference to a document outside the repository in ``paths``."""
+    found = []
+    for path in paths:
+        text = path.read_text(errors="replace")
+        lines = text.splitlines()
+        for match in OUTSIDE_DOCUMENTS.finditer(text):
+            where = next((path.relative_to(base) for base in (PACKAGE, ROOT) if path.is_relative_to(base)), path)
+            found.append(f"{where.as_posix()}:{lines[text.count(chr(10), 0, match.start())]}")
+    return [line for line in found if not any(p.fullmatch(line) for p in IN_FLIGHT)]
+
+
+def test_docstrings_and_comments_cite_the_paper_and_the_official_code_only():
+    files = [p for folder in (PACKAGE, ROOT / "examples", ROOT / "benchmarks", ROOT / "tests", ROOT / "docs")
+             for p in folder.rglob("*") if p.suffix in (".py", ".yaml", ".yml", ".md", ".toml", ".txt")
+             and p.is_file() and p.name != Path(__file__).name]
+    files += [ROOT / "README.md", ROOT / "pyproject.toml"]
+    assert len(files) > 100 and any(p.suffix == ".yaml" for p in files)
+    assert _cited_outside(files) == []
+
+
+def test_the_citation_check_finds_an_outside_document(tmp_path):
+    path = tmp_path / "mod.py"
+    path.write_text('"""Prompts (spec\n§1).""" # see DESIGN.md\n# paper §4.2, Table 2; official src/models/vit_prompt/vit.py\n')
+    assert _cited_outside([path]) == [f'{path.as_posix()}:"""Prompts (spec', f'{path.as_posix()}:§1).""" # see DESIGN.md']

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from vpt_lightning.data import DataError, VTABDataModule, get_task
-from vpt_lightning.data.official_splits import resolve, task_entry
+from vpt_lightning.data.vtab_prep.official_splits import resolve, task_entry
 from vpt_lightning.cli.prepare import main as prepare_main
 
 from conftest import write_image
@@ -241,8 +241,8 @@ def test_prepare_split_file_without_the_task_lists_its_names_and_the_file(tmp_pa
 
 
 def test_prepare_names_the_missing_module_of_a_dataset():
-    from vpt_lightning.data.prepare import _require_modules
-    from vpt_lightning.data.sources import TORCHVISION_SOURCES
+    from vpt_lightning.data.vtab_prep.prepare import _require_modules
+    from vpt_lightning.data.vtab_prep.sources import TORCHVISION_SOURCES
 
     assert TORCHVISION_SOURCES["svhn"].requires == ("scipy",) and TORCHVISION_SOURCES["patch_camelyon"].requires == ("h5py",)
     with pytest.raises(ModuleNotFoundError, match=r"torchvision needs \['no_such_module_vpt'\] to read 'svhn': pip install "

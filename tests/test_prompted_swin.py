@@ -1,4 +1,4 @@
-"""VPT on Swin (spec §1): PromptedSwin against timm with prompts off, against a per-image computation written here
+"""VPT on Swin (paper §4.2): PromptedSwin against timm with prompts off, against a per-image computation written here
 from the equations (windows, relative position bias, shift mask, patch merging), batch independence, parameter
 counts, training only prompts and head, weight files, and the configs."""
 

@@ -229,7 +229,7 @@ def test_report_of_the_papers_per_task_numbers_gives_its_aggregates(tmp_path):
                  for name in TASKS for method in ("vpt_deep", "full")]
     markdown, table = build_report(summaries)
     rows = {(r["task"], r["tuning"]): r for r in csv.DictReader(table.splitlines())}
-    # spec §4: mean of group means 71.96 (full 68.96), mean over 19 tasks 69.43 (65.57), FGVC 89.11 (88.54); the
+    # paper Table 1: mean of group means 71.96 (full 68.96), mean over 19 tasks 69.43 (65.57), FGVC 89.11 (88.54); the
     # paper's per-task numbers are rounded to 0.1, so means of them differ from its printed means by < 0.05
     for label, deep, full in (("VTAB mean of the 3 group means", 71.96, 68.96), ("VTAB mean over the 19 tasks", 69.43, 65.57),
                               ("FGVC mean of 5", 89.11, 88.54), ("VTAB structured (mean of 8)", 54.98, 47.64)):
@@ -301,3 +301,33 @@ def test_report_finds_the_papers_column_through_the_method_registry():
     assert rows["vtab_cifar100", "deep_p50"]["paper_top1"] == "78.8"
     assert rows["vtab_cifar100", "partial_2"]["paper_top1"] == ""
     assert "deep_p50 (paper)" in markdown and "partial_2 (paper)" not in markdown
+
+
+def test_report_columns_come_from_the_method_registry(monkeypatch):
+    """The column order is the registry's (each method's ``report_order``): a newly registered method takes its
+    place without the report knowing it; a label of no registered method comes last."""
+    from vpt_lightning.methods import TuningMethod, get_method, method_names, methods_in_report_order, registry
+    from vpt_lightning.report import results_table, to_csv, to_markdown
+
+    order = methods_in_report_order()
+    assert sorted(order) == method_names()
+    assert len({get_method(name).report_order for name in order}) == len(order)  # no tie among our methods
+    # the paper's Table 1: Full, head-oriented, backbone-oriented, VPT
+    assert [m for m in order if m in ("full", "linear", "partial", "mlp", "sidetune", "bias", "adapter", "vpt_deep")] \
+        == ["full", "linear", "partial", "mlp", "sidetune", "bias", "adapter", "vpt_deep"]
+
+    class Probe(TuningMethod):
+        name = "probe"
+        report_order = (get_method("mlp").report_order + get_method("sidetune").report_order) / 2
+
+    monkeypatch.setitem(registry._METHODS, "probe", Probe)
+    runs = (("vpt_deep", "vpt_deep"), ("zz_custom", "zz_custom"), ("probe_1", "probe"), ("mlp_3", "mlp"))
+    table = results_table([_summary("vtab_cifar100", label, [0.5]) | {"method": method} for label, method in runs])
+    assert table.tunings == ["mlp_3", "probe_1", "vpt_deep", "zz_custom"]
+    assert table.paper_columns == ["vpt_deep"] and table.paper["vtab_cifar100", "vpt_deep"] == 78.8
+    markdown, text = to_markdown(table), to_csv(table)
+    assert markdown.splitlines()[0] == ("| task | mlp_3 (ours) | probe_1 (ours) | vpt_deep (ours) | zz_custom (ours) "
+                                        "| vpt_deep (paper) |")
+    assert [r["tuning"] for r in csv.DictReader(text.splitlines()) if r["task"] == "vtab_cifar100"] == table.tunings
+    assert (markdown, text) == build_report([_summary("vtab_cifar100", label, [0.5]) | {"method": method}
+                                             for label, method in runs])

@@ -224,7 +224,7 @@ def test_a_package_whose_weights_are_a_pickle_is_refused_and_never_runs(tmp_path
 
 def test_cifar_pickles_allow_only_numpy_arrays(tmp_path):
     from vpt_lightning.data.datasets import DataError
-    from vpt_lightning.data.readers_natural import read_array_pickle
+    from vpt_lightning.data.vtab_prep.readers_natural import read_array_pickle
 
     good = {"data": np.arange(12, dtype=np.uint8).reshape(2, 6), "fine_labels": [3, 1], "filenames": [b"a", b"b"]}
     for protocol in (2, 4, 5):

@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-from vpt_lightning.data.sources import EXACT_SOURCES
-from vpt_lightning.data.tfds_order import Slice, tfds_order, tfds_sort_key
+from vpt_lightning.data.vtab_prep.sources import EXACT_SOURCES
+from vpt_lightning.data.vtab_prep.tfds_order import Slice, tfds_order, tfds_sort_key
 
 
 def test_sort_key_is_the_md5_of_the_split_name_then_the_key():
@@ -31,7 +31,7 @@ def test_cifar100_slices_are_the_examples_tfds_wrote():
 
 
 @pytest.mark.parametrize("task, sizes, expected", [
-    # VPT_EXTENSIONS.md §7, from task_adaptation/data/*.py and the TFDS split sizes
+    # from task_adaptation/data/*.py and the TFDS split sizes
     ("pets", {"train": 3680}, {"val200": (2944, 3144)}),
     ("svhn", {"train": 73257}, {"val200": (65931, 66131)}),
     ("eurosat", {"train": 27000}, {"val200": (16200, 16400), "test": (21600, 27000)}),

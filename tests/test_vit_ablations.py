@@ -1,5 +1,5 @@
-"""ViT ablations (spec §3, §4): prompt locations, output pooling, the MAE and MoCo v3 backbones, their configs
-and the paper's numbers for them in vpt-report."""
+"""ViT ablations (paper Figs. 5 and 8, Table 4): prompt locations, output pooling, the MAE and MoCo v3 backbones,
+their configs and the paper's numbers for them in vpt-report."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def test_pad_resizes_the_model_and_pads_the_normalized_image(images):
     canvas[..., p:-p, :p], canvas[..., p:-p, -p:] = lr[..., :p], lr[..., p:]
     canvas[..., :p, :], canvas[..., -p:, :] = tb[..., :p, :], tb[..., p:, :]
     torch.testing.assert_close(model(images), vit(canvas), rtol=1e-5, atol=1e-5)  # timm itself on the padded image
-    # a border at the ImageNet mean normalises to 0: zero-padding the normalised image (spec §9.4)
+    # a border at the ImageNet mean normalises to 0: zero-padding the normalised image
     with torch.no_grad():
         pad.top_bottom.copy_(MEAN.expand_as(pad.top_bottom))
         pad.left_right.copy_(MEAN.expand_as(pad.left_right))

@@ -74,7 +74,7 @@ def test_cifar100_from_torchvision_pickles_in_tfds_order(tmp_path, capsys):
 
 
 def test_cifar100_binary_and_pickle_read_alike(tmp_path):
-    from vpt_lightning.data.readers_natural import read_cifar100
+    from vpt_lightning.data.vtab_prep.readers_natural import read_cifar100
 
     images, fine = _arrays(5, 3, 32), [7, 0, 99, 42, 7]
     for root in ("bin", "py"):
@@ -324,7 +324,7 @@ def test_kitti_closest_vehicle_distance_in_tfds_drive_split(tmp_path):
     # VTAB: the last of the edges [-100, 8, 20, 999] strictly below the depth (1000 without a vehicle)
     label = lambda z: 3 if z is None else 0 if z <= 8 else 1 if z <= 20 else 2
     assert [label(z) for z in (5.0, 8.0, 19.99, 20.0, 60.0, None)] == [0, 0, 1, 1, 2, 3]
-    from vpt_lightning.data.readers_structured import read_kitti
+    from vpt_lightning.data.vtab_prep.readers_structured import read_kitti
 
     splits = read_kitti(tmp_path)
     assert sum(len(s) for s in splits.values()) == 2200 and (len(splits["validation"]), len(splits["test"])) == (220, 220)
@@ -340,7 +340,7 @@ def test_kitti_split_is_tfds_own_drive_split(tmp_path):
     import os
 
     write_kitti(tmp_path, drives=30, per_drive=3)
-    from vpt_lightning.data.readers_structured import kitti_splits
+    from vpt_lightning.data.vtab_prep.readers_structured import kitti_splits
 
     mapping = tmp_path / "kitti" / "mapping"
     devkit = [(os.path.join("mapping", name), io.BytesIO((mapping / name).read_bytes()))
@@ -462,7 +462,7 @@ def write_tfrecord(path: Path, payloads) -> None:
 
 
 def test_crc32c_matches_the_standard_check_value():
-    from vpt_lightning.data.tfrecord import crc32c
+    from vpt_lightning.data.vtab_prep.tfrecord import crc32c
 
     assert _crc32c_bitwise(b"123456789") == 0xE3069283 == crc32c(b"123456789")
 
@@ -507,9 +507,9 @@ def write_fundus(path: Path, seed: int, size=(120, 160)) -> None:
 
 
 def test_retinopathy_splits_from_the_kaggle_csvs(tmp_path):
-    from vpt_lightning.data.prepare import exact_indices
-    from vpt_lightning.data.readers_specialized import read_retinopathy
-    from vpt_lightning.data.sources import EXACT_SOURCES
+    from vpt_lightning.data.vtab_prep.prepare import exact_indices
+    from vpt_lightning.data.vtab_prep.readers_specialized import read_retinopathy
+    from vpt_lightning.data.vtab_prep.sources import EXACT_SOURCES
 
     root = tmp_path / "diabetic_retinopathy"
     train = [(f"{i}_{'left' if i % 2 else 'right'}", i % 5) for i in range(810)]
@@ -540,7 +540,7 @@ def test_retinopathy_splits_from_the_kaggle_csvs(tmp_path):
 def test_btgraham_300_equals_tfds_processing(tmp_path):
     pytest.importorskip("cv2")
     dr = pytest.importorskip("tensorflow_datasets.image_classification.diabetic_retinopathy_detection")
-    from vpt_lightning.data.readers_specialized import btgraham_300
+    from vpt_lightning.data.vtab_prep.readers_specialized import btgraham_300
 
     for seed, size in ((0, (120, 160)), (1, (700, 900))):
         path = tmp_path / f"{seed}.jpeg"
@@ -556,7 +556,7 @@ def test_btgraham_300_equals_tfds_processing(tmp_path):
 
 # ---- SUN397: TFDS's split lists ---------------------------------------------------------------------------
 def test_sun397_uses_tfds_split_lists(tmp_path, monkeypatch):
-    import vpt_lightning.data.readers_natural as natural
+    import vpt_lightning.data.vtab_prep.readers_natural as natural
 
     classes = ["/a/abbey", "/b/beach", "/c/church/outdoor"]
     lists_ = {"train": [f"{classes[i % 3]}/sun_tr{i:05d}.jpg" for i in range(1000)],
@@ -575,7 +575,7 @@ def test_sun397_uses_tfds_split_lists(tmp_path, monkeypatch):
 
 def test_sun397_split_lists_ship_with_tensorflow_datasets():
     pytest.importorskip("tensorflow_datasets")
-    from vpt_lightning.data.readers_natural import sun397_split_lists
+    from vpt_lightning.data.vtab_prep.readers_natural import sun397_split_lists
 
     lists_ = sun397_split_lists()
     assert {k: len(v) for k, v in lists_.items()} == {"train": 76128, "validation": 10875, "test": 21750}
@@ -584,8 +584,8 @@ def test_sun397_split_lists_ship_with_tensorflow_datasets():
 
 def test_every_vtab_task_has_a_route():
     from vpt_lightning.data import vtab_tasks
-    from vpt_lightning.data.prepare import route
-    from vpt_lightning.data.sources import EXACT_SOURCES, TORCHVISION_SOURCES
+    from vpt_lightning.data.vtab_prep.prepare import route
+    from vpt_lightning.data.vtab_prep.sources import EXACT_SOURCES, TORCHVISION_SOURCES
 
     assert {t.name for t in vtab_tasks()} - set(EXACT_SOURCES) == {"caltech101"}
     assert "caltech101" in TORCHVISION_SOURCES and route("caltech101") == "redrawn"

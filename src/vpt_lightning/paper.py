@@ -1,7 +1,8 @@
 """The paper's published numbers: test top-1 (%) per task and method for ViT-B/16 supervised on ImageNet-21k
 (the default backbone), and VTAB-1k group means for the other backbones it reports.
 
-Jia et al., "Visual Prompt Tuning", ECCV 2022 (spec §4; extensions spec §8, from a transcription of the paper).
+Jia et al., "Visual Prompt Tuning", ECCV 2022: Table 1 and its appendix's per-task tables; Tables 2, 4 and 5 for the
+other backbones (those from a transcription of the paper).
 Per-task numbers are keyed by task config name (``vtab_cifar100``, ``fgvc_cub``) and method name (:data:`METHODS`);
 group means by backbone key (:data:`BACKBONES`) and tuning label (``full``, ``linear``, ``mlp_3``, ``partial_1``,
 ``bias``, ``adapter``, ``vpt_shallow``, ``vpt_deep``). A plain data module: it imports nothing from the package,
@@ -95,7 +96,7 @@ def _groups(rows: Dict[str, Sequence[float]]) -> Dict[str, GroupMeans]:
     return {method: (float(v[0]), float(v[1]), float(v[2])) for method, v in rows.items()}
 
 
-#: VTAB-1k group means (%) of the other backbones (paper Tables 2, 4, 5; extensions spec §8). The ConvNets'
+#: VTAB-1k group means (%) of the other backbones (paper Tables 2, 4, 5). The ConvNets'
 #: "VPT" is the input's pixel border, which ``vpt_shallow`` and ``vpt_deep`` both learn there; ResNet-50's
 #: "Partial-1" is the official code's last unit, its whole ``layer4`` (3 bottleneck blocks: our ``partial_3``).
 GROUP_MEANS: Dict[str, Dict[str, GroupMeans]] = {
@@ -118,8 +119,8 @@ GROUP_MEANS: Dict[str, Dict[str, GroupMeans]] = {
         "full": (77.97, 83.71, 60.41), "linear": (74.48, 81.50, 34.76), "partial_1": (73.76, 81.64, 39.55),
         "bias": (69.07, 72.81, 25.29), "vpt_shallow": (78.48, 83.00, 44.64), "vpt_deep": (78.48, 83.00, 44.64),
     }),
-    # VPT-Deep + Bias on the default backbone: only its group means are known (paper Table 9 "VPT + other", via
-    # the transcription of extensions spec §5, unverified); the paper's Table 1 rows for Adapter and Sidetune on
+    # VPT-Deep + Bias on the default backbone: only its group means are known (the paper's "VPT + other" appendix
+    # table, from a transcription, unverified); the paper's Table 1 rows for Adapter and Sidetune on
     # this backbone are not transcribed in our sources, and it has no LoRA row
     DEFAULT_BACKBONE: _groups({"vpt_bias": (77.64, 82.22, 53.87)}),
     "resnet50_in1k": _groups({
@@ -136,7 +137,7 @@ def group_means(backbone: str, tuning: str) -> Optional[GroupMeans]:
 
 
 #: Table 3: ADE20K val mIoU (%) single-scale / multi-scale and tunable parameters (M), SETR-PUP on ViT-L/16
-#: ImageNet-21k (VPT_EXTENSIONS.md §6). Keyed by tuning-method name (``linear`` = the paper's "Head only");
+#: ImageNet-21k (paper §4.4). Keyed by tuning-method name (``linear`` = the paper's "Head only");
 #: the DeepLab v3+ row is the paper's fully fine-tuned ResNet-101 reference.
 SEGMENTATION_TASK = "ade20k_setr_pup"
 SEGMENTATION: Dict[str, Dict[str, object]] = {

@@ -1,4 +1,4 @@
-"""Prompt configuration and the learnable prompt tokens of VPT (spec §1)."""
+"""Prompt configuration and the learnable prompt tokens of VPT (paper §3.2)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from torch import nn
 
 from .dataclass_config import DataclassConfig, number
 
-#: where prompts enter (spec §3, the paper's prompt-location ablation and the official ``vit_ablations.py``)
+#: where prompts enter (the paper's prompt-location ablation, §4.3 and Fig. 5, and the official ``vit_ablations.py``)
 LOCATIONS = ("prepend", "add", "add1", "prepend_pixel", "concat_channel", "pad")
 #: locations that prompt the input image only (pixel space): VPT-Shallow, no dropout, no projection
 INPUT_LOCATIONS = ("concat_channel", "pad")
 #: locations whose prompts are tokens of the sequence (the only ones ``pool=prompt`` can read)
 TOKEN_LOCATIONS = ("prepend", "prepend_pixel")
-#: which outputs become the pooled feature (spec §4), besides ``None`` (the backbone family's own default)
+#: which outputs become the pooled feature (paper Fig. 8), besides ``None`` (the backbone family's own default)
 POOLS = ("token", "image", "prompt", "all")
 #: what normalises the pooled feature: the backbone's final norm(s), or a fresh parameter-free LayerNorm (MAE)
 POOL_NORMS = ("final", "fresh")

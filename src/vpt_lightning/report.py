@@ -6,6 +6,9 @@ MoCo v3, Swin-B, ConvNeXt-B and ResNet-50; ViT-B/16 ImageNet-21k for a backbone 
 group means, the mean of the three group means and the mean over the 19 tasks, and the FGVC mean are computed
 only over complete sets: with a task missing, the mean is shown as ``incomplete (k/n)``, never averaged as zero
 or over what happens to be there. Tasks outside the registry (e.g. mini-VTAB) get per-task rows only.
+
+The table is built once (:func:`results_table`, a :class:`ResultsTable`) and written by :func:`to_markdown`,
+:func:`to_csv` and :func:`to_png`; its columns follow the method registry's report order.
 """
 
 from __future__ import annotations
@@ -13,18 +16,16 @@ from __future__ import annotations
 import csv
 import io
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .atomic import atomic_path, write_text_atomic
 from .data.registry import TASKS, VTAB_GROUPS, fgvc_tasks, vtab_tasks
-from .methods import get_method
+from .methods import get_method, methods_in_report_order
 from .paper import BACKBONES, DEFAULT_BACKBONE, METHODS, backbone_key, group_means, reference
 
 MISSING = "—"
-# column order: the paper's table order, then what it lacks (LoRA) and its "VPT + other" rows
-COLUMN_ORDER = ("full", "linear", "partial", "mlp", "sidetune", "bias", "adapter", "lora", "vpt_shallow", "vpt_deep",
-                "vpt_bias")
 
 
 def collect(summaries: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[str], Dict[Tuple[str, str], Dict]]:
@@ -67,7 +68,9 @@ def method_name(tuning: str, cells: Dict[Tuple[str, str], Dict]) -> str:
 
 
 def _order(method: str) -> int:
-    return COLUMN_ORDER.index(method) if method in COLUMN_ORDER else len(COLUMN_ORDER)
+    """The column position of a method: the registry's report order; labels of no registered method last."""
+    order = methods_in_report_order()
+    return order.index(method) if method in order else len(order)
 
 
 def set_mean(values: Dict[str, Optional[float]], names: Sequence[str]) -> Optional[float]:
@@ -146,35 +149,44 @@ def _pct(value: Optional[float], digits: int = 2) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
-    """Markdown and CSV text of the report (CSV accuracies in percent, like the paper's)."""
+@dataclass(frozen=True)
+class Aggregate:
+    """One aggregate row: per run label, our mean (``None``: incomplete) with how many of how many tasks it has, and
+    the paper's value for the labels with a paper column."""
+
+    label: str
+    ours: Dict[str, Tuple[Optional[float], int, int]]
+    paper: Dict[str, Optional[float]]
+
+
+@dataclass(frozen=True)
+class ResultsTable:
+    """What ``vpt-report`` shows of classification runs, built once by :func:`results_table` and written by
+    :func:`to_markdown`, :func:`to_csv` and :func:`to_png`.
+
+    Rows are tasks (registry order); columns are run labels (the method registry's report order), then the
+    paper's number for the labels it reports.
+    """
+
+    tasks: List[str]
+    tunings: List[str]
+    paper_columns: List[str]
+    cells: Dict[Tuple[str, str], Dict[str, Any]]  # (task, label) -> its vpt-tune summary
+    paper: Dict[Tuple[str, str], Optional[float]]  # (task, label) -> the paper's per-task number
+    aggregates: List[Aggregate]
+    benchmark: bool  # some task is a benchmark task: paper columns and the benchmark's means
+    backbone: str  # the paper backbone whose numbers are shown (a key of paper.BACKBONES)
+    backbones: List[str]  # the backbones the runs used
+
+
+def results_table(summaries: Sequence[Dict[str, Any]]) -> ResultsTable:
+    """The report's table of ``vpt-tune`` summaries: per-task cells, the paper's numbers and the aggregates."""
     tasks, tunings, cells = collect(summaries)
     benchmark = any(task in TASKS for task in tasks)  # paper columns only beside the paper's tasks
     backbone = report_backbone(summaries)
     paper_of = {t: paper_key(t, cells, backbone) for t in tunings}
     with_paper = [t for t in tunings if has_paper(paper_of[t], backbone)] if benchmark else []
-    header = ["task"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in with_paper]
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    table = io.StringIO()
-    writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["task", "tuning", "test_top1_mean", "test_top1_std", "seeds", "trainable_params",
-                     "trainable_percent", "paper_top1"])
-    for task in tasks:
-        row = [task]
-        for tuning in tunings:
-            cell = cells.get((task, tuning))
-            if cell is None:
-                row.append(MISSING)
-                writer.writerow([task, tuning, "", "", 0, "", "", _pct(_paper(task, paper_of[tuning], backbone), 1)])
-                continue
-            test = cell["test_top1"]
-            row.append(f"{100 * test['mean']:.2f} ± {100 * test['std']:.2f} ({cell['trainable_percent']:.2f}% params)")
-            writer.writerow([task, tuning, _pct(100 * test["mean"]), _pct(100 * test["std"]), len(cell["test_top1_per_seed"]),
-                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}",
-                             _pct(_paper(task, paper_of[tuning], backbone), 1)])
-        paper_cells = [_paper(task, paper_of[t], backbone) for t in with_paper]
-        row += [f"{value:.1f}" if value is not None else MISSING for value in paper_cells]
-        md.append("| " + " | ".join(row) + " |")
+    paper = {(task, t): _paper(task, paper_of[t], backbone) for task in tasks for t in tunings}
     per_tuning = {t: {task: 100 * cells[task, t]["test_top1"]["mean"] for task in tasks if (task, t) in cells}
                   for t in tunings}
     groups: Dict[str, List[str]] = {}  # tasks outside the registry, by the group their runs reported
@@ -183,25 +195,79 @@ def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
             names = groups.setdefault(summary["task_group"], [])
             names += [summary["task_name"]] if summary["task_name"] not in names else []
     ours = {t: (aggregates(per_tuning[t]) if benchmark else []) + group_aggregates(per_tuning[t], groups) for t in tunings}
-    paper = {t: paper_aggregates(paper_of[t], backbone) + [None] * len(groups) for t in with_paper}
-    labels = [label for label, *_ in ours[tunings[0]]]
-    if labels:
-        agg_header = ["aggregate"] + [f"{t} (ours)" for t in tunings] + [f"{t} (paper)" for t in with_paper]
-        md += ["", "| " + " | ".join(agg_header) + " |", "|" + "---|" * len(agg_header)]
-        for i, label in enumerate(labels):
-            shown = []
-            for t in tunings:
-                _, value, present, total = ours[t][i]
-                shown.append(f"{value:.2f}" if value is not None else f"incomplete ({present}/{total})")
-                writer.writerow([label, t, _pct(value), "", "", "", "", _pct(paper[t][i] if t in paper else None)])
-            shown += [f"{paper[t][i]:.2f}" if paper[t][i] is not None else MISSING for t in with_paper]
-            md.append(f"| {label} | " + " | ".join(shown) + " |")
+    paper_rows = {t: paper_aggregates(paper_of[t], backbone) + [None] * len(groups) for t in with_paper}
+    rows = [Aggregate(label, {t: tuple(ours[t][i][1:]) for t in tunings}, {t: paper_rows[t][i] for t in with_paper})
+            for i, (label, *_) in enumerate(ours[tunings[0]])]
     backbones = sorted({str(s.get("backbone")) for s in summaries if s.get("backbone")})
+    return ResultsTable(tasks, tunings, with_paper, cells, paper, rows, benchmark, backbone, backbones)
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _md_cell(cell: Optional[Dict[str, Any]]) -> str:
+    if cell is None:
+        return MISSING
+    test = cell["test_top1"]
+    return f"{100 * test['mean']:.2f} ± {100 * test['std']:.2f} ({cell['trainable_percent']:.2f}% params)"
+
+
+def to_markdown(table: ResultsTable) -> str:
+    """The table in Markdown: per task ``mean ± std (trainable %)``, the paper's numbers, the aggregates, a note."""
+    columns = [f"{t} (ours)" for t in table.tunings] + [f"{t} (paper)" for t in table.paper_columns]
+    md = [_md_row(["task"] + columns), "|" + "---|" * (1 + len(columns))]
+    for task in table.tasks:
+        row = [task]
+        row += [_md_cell(table.cells.get((task, tuning))) for tuning in table.tunings]
+        row += [f"{value:.1f}" if value is not None else MISSING
+                for value in (table.paper[task, t] for t in table.paper_columns)]
+        md.append(_md_row(row))
+    if table.aggregates:
+        md += ["", _md_row(["aggregate"] + columns), "|" + "---|" * (1 + len(columns))]
+        for aggregate in table.aggregates:
+            shown = [f"{value:.2f}" if value is not None else f"incomplete ({present}/{total})"
+                     for value, present, total in (aggregate.ours[t] for t in table.tunings)]
+            shown += [f"{aggregate.paper[t]:.2f}" if aggregate.paper[t] is not None else MISSING
+                      for t in table.paper_columns]
+            md.append(_md_row([aggregate.label] + shown))
     md.append("")
     md.append("Test top-1 (%) at the last epoch, mean ± std over seeds; means only over complete sets."
-              + (f" {paper_note(backbone)}" if benchmark else "")
-              + (f" Backbone: {', '.join(backbones)}." if backbones else ""))
-    return "\n".join(md) + "\n", table.getvalue()
+              + (f" {paper_note(table.backbone)}" if table.benchmark else "")
+              + (f" Backbone: {', '.join(table.backbones)}." if table.backbones else ""))
+    return "\n".join(md) + "\n"
+
+
+CSV_HEADER = ["task", "tuning", "test_top1_mean", "test_top1_std", "seeds", "trainable_params", "trainable_percent",
+              "paper_top1"]
+
+
+def to_csv(table: ResultsTable) -> str:
+    """The table in long CSV form: a line per (task, label), then per (aggregate, label); accuracies in percent,
+    like the paper's."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(CSV_HEADER)
+    for task in table.tasks:
+        for tuning in table.tunings:
+            cell, paper = table.cells.get((task, tuning)), _pct(table.paper[task, tuning], 1)
+            if cell is None:
+                writer.writerow([task, tuning, "", "", 0, "", "", paper])
+                continue
+            test = cell["test_top1"]
+            writer.writerow([task, tuning, _pct(100 * test["mean"]), _pct(100 * test["std"]), len(cell["test_top1_per_seed"]),
+                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}", paper])
+    for aggregate in table.aggregates:
+        for tuning in table.tunings:
+            value = aggregate.ours[tuning][0]
+            writer.writerow([aggregate.label, tuning, _pct(value), "", "", "", "", _pct(aggregate.paper.get(tuning))])
+    return text.getvalue()
+
+
+def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
+    """Markdown and CSV text of the report (CSV accuracies in percent, like the paper's)."""
+    table = results_table(summaries)
+    return to_markdown(table), to_csv(table)
 
 
 def paper_note(backbone: str) -> str:
@@ -209,17 +275,17 @@ def paper_note(backbone: str) -> str:
     label = BACKBONES[backbone].label
     if backbone == DEFAULT_BACKBONE:
         return f"Paper aggregates computed from its per-task numbers ({label})."
-    return f"Paper: its VTAB-1k group means for {label} (no per-task numbers; extensions spec §8)."
+    return f"Paper: its VTAB-1k group means for {label} (no per-task numbers; paper Tables 2, 4, 5)."
 
 
-def plot(summaries: Sequence[Dict[str, Any]], path: Path) -> None:
-    """Grouped bars: test top-1 per task, one bar per tuning strategy (error bars: std over seeds)."""
+def to_png(table: ResultsTable, path: Path) -> None:
+    """The table as grouped bars: test top-1 per task, one bar per run label (error bars: std over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks, tunings, cells = collect(summaries)
+    tasks, tunings, cells = table.tasks, table.tunings, table.cells
     width = 0.8 / max(1, len(tunings))
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks)), 4))
     for i, tuning in enumerate(tunings):
@@ -248,10 +314,11 @@ def write_report(
     paths = {"md": out_dir / "report.md"}
     markdown = ""
     if summaries:
-        markdown, table = build_report(summaries)
+        table = results_table(summaries)
+        markdown = to_markdown(table)
         paths.update(csv=out_dir / "report.csv", png=out_dir / "report.png")
-        write_text_atomic(table, paths["csv"])
-        plot(summaries, paths["png"])
+        write_text_atomic(to_csv(table), paths["csv"])
+        to_png(table, paths["png"])
     if segmentation:
         markdown += ("\n" if markdown else "") + segmentation_report(segmentation)
     write_text_atomic(markdown, paths["md"])

@@ -1,6 +1,6 @@
 """The ConvNet family: ``PromptedConvNet``, a timm ConvNeXt or ResNet whose prompt is a learnable pixel border.
 
-VPT on ConvNets (paper Sec. 4, Table 5; VPT_EXTENSIONS §2): the prompt is ``p`` learnable pixels padded around
+VPT on ConvNets (paper §4.4, Table 5; official resnet.py): the prompt is ``p`` learnable pixels padded around
 each side of the input image, so a 224 px image enters the network at 224 + 2p px: a
 :class:`~vpt_lightning.backbones.pixel_border.PixelBorder`, the same module as the ViT location ``pad`` (pixels in
 [0, 1] image space, normalised like the images). The input is the only place a ConvNet takes prompts.

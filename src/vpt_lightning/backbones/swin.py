@@ -1,8 +1,8 @@
 """The Swin family: ``PromptedSwin``, a timm SwinTransformer with VPT prompts inside every attention window.
 
 The prompts of a block are copied into each of its windows, attend there with zero relative-position bias and
-zero shift mask on their rows and columns, and their outputs are averaged over the windows of each image (spec
-§1; the official ``PromptedSwinTransformer``, but with the windows in batch-major order, so that one image's
+zero shift mask on their rows and columns, and their outputs are averaged over the windows of each image (paper
+§4.2; the official ``PromptedSwinTransformer``, but with the windows in batch-major order, so that one image's
 output never depends on the other images of its batch). Patch merging carries the prompts on, tiled 4x along the
 channels. Everything else is timm's own modules: ``patch_embed``, each block's ``norm1``, ``attn`` (qkv, relative
 position bias table, proj), ``mlp``, ``norm2`` and drop-paths, each stage's ``downsample``, the final ``norm`` and
@@ -164,7 +164,7 @@ def merge_prompts(downsample: nn.Module, prompts: torch.Tensor) -> torch.Tensor:
 
 @register_family(SwinTransformer)
 class PromptedSwin(PromptedBackbone):
-    """Wrap a timm ``SwinTransformer`` and attend learnable prompts inside its windows (VPT on Swin, spec §1).
+    """Wrap a timm ``SwinTransformer`` and attend learnable prompts inside its windows (VPT on Swin, paper §4.2).
 
     Blocks are numbered across stages (``prompt.depth`` and Partial-k count them so: Swin-B has 2+2+18+2 = 24).
     VPT-Deep gives every prompted block a new set of width C_s (12,032·p parameters for Swin-B); a block without a
@@ -178,7 +178,7 @@ class PromptedSwin(PromptedBackbone):
 
     pools = ("all", "image")
     default_pool = "all"
-    #: the paper's Swin-B sweep (spec §1): the prompt length too, with the usual lr and wd grids
+    #: the paper's Swin-B sweep (§4.2, Table 2): the prompt length too, with the usual lr and wd grids
     prompt_grid = {"num_tokens": (1, 5, 10, 50)}
     resampled_keys = ("patch_embed.proj.weight", "relative_position_bias_table")
     model_hint = " (swin_* models)"
@@ -205,7 +205,7 @@ class PromptedSwin(PromptedBackbone):
         super().__init__(model, prompt, freeze_backbone=freeze_backbone, backbone_eval=backbone_eval)
         prompt = self.prompt_config
         if prompt.enabled and prompt.location != "prepend":
-            raise ValueError(f"prompt.location={prompt.location!r}: Swin takes prompts only as 'prepend' (spec §1)")
+            raise ValueError(f"prompt.location={prompt.location!r}: Swin takes prompts only as 'prepend'")
         #: (stage, block within the stage) of every block, in forward order
         self.block_positions: List[Tuple[int, int]] = [
             (s, j) for s, stage in enumerate(model.layers) for j in range(len(stage.blocks))

@@ -68,9 +68,9 @@ class PromptedViT(PromptedBackbone):
     ``fc_norm``, ``head_drop`` and ``head``. Token prompts (``prepend``, ``prepend_pixel``) are inserted after the
     position embedding (they carry none), right after the prefix tokens (class and register tokens):
     ``[prefix, prompts, patches]``; ``add`` / ``add1`` are added to the tokens; ``concat_channel`` and ``pad``
-    change the image before the patch embedding (spec §3).
+    change the image before the patch embedding (paper Fig. 5; the official ``vit_prompt/vit_ablations.py``).
 
-    Pooling (``prompt.pool``, spec §4) reads the final tokens: ``None`` leaves the prompt outputs out and calls
+    Pooling (``prompt.pool``, paper Fig. 8) reads the final tokens: ``None`` leaves the prompt outputs out and calls
     timm's own ``forward_head`` (the class token for ``global_pool='token'``, the mean of the image tokens for
     ``'avg'``), so a prompt-free model equals timm; ``token`` / ``image`` / ``prompt`` / ``all`` pick the class
     token or a mean, then timm's ``fc_norm``. ``prompt.pool_norm='fresh'`` skips the pretrained ``norm`` and

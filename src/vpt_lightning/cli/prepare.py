@@ -15,8 +15,8 @@ from typing import Optional, Sequence
 
 from ..data.datasets import DataError, check_images
 from ..data.fgvc import FGVCDataModule, make_train_val_split
-from ..data.official_splits import compare, read_split_file, task_entry
-from ..data.prepare import prepare_vtab_task, route
+from ..data.vtab_prep.official_splits import compare, read_split_file, task_entry
+from ..data.vtab_prep.prepare import prepare_vtab_task, route
 from ..data.registry import get_task, vtab_tasks
 from ..data.vtab import LIST_FILES, VTABDataModule
 

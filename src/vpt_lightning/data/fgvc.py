@@ -37,7 +37,7 @@ class FGVCDataModule(ImageClassificationDataModule):
 
     Splits: ``tune`` = train / val (``trainer.test`` evaluates val too); ``final`` = train+val / test, no
     validation. Class ids of the JSON files (1-based in some releases) are mapped to ``0..C-1`` in sorted order,
-    as the official code does. Transforms (spec §2): train Resize(256) -> RandomCrop(224) -> horizontal flip;
+    as the official code does; its transforms too: train Resize(256) -> RandomCrop(224) -> horizontal flip;
     eval Resize(256) -> CenterCrop(224) (scaled with ``img_size``).
     """
 

@@ -1,4 +1,4 @@
-"""Image transforms of the paper's recipes (spec §2), built from torchvision pieces.
+"""Image transforms of the paper's recipes (paper Appendix A; official ``src/data/``), built from torchvision pieces.
 
 Two recipes:
 - ``vtab``: resize straight to the input size (no crop, no augmentation), for train and eval alike.

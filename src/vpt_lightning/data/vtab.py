@@ -8,8 +8,8 @@ from typing import Optional
 from .base import ImageClassificationDataModule
 from .datasets import ImageListDataset, require_dir, read_list_file
 from .registry import get_task
-from .sources import EXACT_SOURCES
 from .transforms import build_transform
+from .vtab_prep.sources import EXACT_SOURCES
 
 LIST_FILES = {"train": "train800.txt", "val": "val200.txt", "trainval": "train800val200.txt", "test": "test.txt"}
 

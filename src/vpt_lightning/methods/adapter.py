@@ -4,7 +4,7 @@ Only the adapters and the head train; the backbone stays frozen. ``tuning.init``
 
 - ``learn`` (default): ``W_down`` random (PyTorch's Linear init), ``W_up`` and ``b_up`` zero, so every adapter starts
   as the identity and all four tensors learn;
-- ``official``: all four tensors zero, as the official VPT code (spec extensions §5). Then GELU(0) = 0 and
+- ``official``: all four tensors zero, as the official ``vit_adapter/vit.py``. Then GELU(0) = 0 and
   ``W_up = 0`` keep the gradients of ``W_down``, ``b_down`` and ``W_up`` at exactly 0: only ``b_up`` ever learns, and
   the adapter is one learnable bias vector after each MLP. Use it to reproduce the paper's Adapter rows.
 """
@@ -84,6 +84,7 @@ def mlp_width(block: nn.Module) -> int:
 @register_method
 class AdapterMethod(AdamWRecipe):
     name = "adapter"
+    report_order = 22
     Config = AdapterConfig
     prompts = "none"
     paper_method = "adapter"

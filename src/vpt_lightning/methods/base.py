@@ -57,6 +57,9 @@ class TuningMethod:
             the image, so training may run on cached features (:mod:`vpt_lightning.feature_cache`).
         paper_method: its key in :mod:`vpt_lightning.paper`'s reference numbers, if the paper reports it.
         label_option: a config field whose value the default label carries (``partial_2`` for Partial-k).
+        report_order: where its column stands in ``vpt-report``'s tables, lowest first (ties by name): the paper's
+            Table 1 order (Full 0; head-oriented 10-19; backbone-oriented 20-29; VPT 30-39); a method without one
+            comes last.
     """
 
     name: ClassVar[str]
@@ -69,6 +72,7 @@ class TuningMethod:
     head_only: ClassVar[bool] = False
     paper_method: ClassVar[Optional[str]] = None
     label_option: ClassVar[Optional[str]] = None
+    report_order: ClassVar[float] = float("inf")
 
     @classmethod
     def label(cls, config: TuningConfig) -> str:
@@ -99,7 +103,7 @@ class TuningMethod:
 
 
 class AdamWRecipe(TuningMethod):
-    """Methods the paper trains with AdamW on the official fine-tuning lr x wd grid (spec extensions §5/§8)."""
+    """Methods the paper trains with AdamW (Appendix A) on the official fine-tuning lr x wd grid (tune_vtab.py)."""
 
     lr_grid = "base_lr_tuned_backbone"
     wd_grid = "weight_decay_tuned_backbone"

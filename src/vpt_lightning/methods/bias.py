@@ -8,6 +8,7 @@ from .registry import register_method
 @register_method
 class Bias(FineTuningMethod):
     name = "bias"
+    report_order = 21
     prompts = "none"
 
     @classmethod

@@ -10,6 +10,7 @@ from .registry import register_method
 @register_method
 class Full(FineTuningMethod):
     name = "full"
+    report_order = 0
     prompts = "none"
     paper_method = "full"
 

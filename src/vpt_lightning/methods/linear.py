@@ -7,6 +7,7 @@ from .registry import register_method
 @register_method
 class Linear(TuningMethod):
     name = "linear"
+    report_order = 10
     prompts = "none"
     head_only = True
     paper_method = "linear"

@@ -50,6 +50,7 @@ def linear_names(model: nn.Module) -> List[str]:
 @register_method
 class LoRA(AdamWRecipe):
     name = "lora"
+    report_order = 23
     Config = LoRAConfig
     prompts = "none"
     label_option = "rank"

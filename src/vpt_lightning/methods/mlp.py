@@ -27,6 +27,7 @@ class MLPConfig(TuningConfig):
 @register_method
 class MLP(TuningMethod):
     name = "mlp"
+    report_order = 12
     label_option = "mlp_layers"
     Config = MLPConfig
     prompts = "none"

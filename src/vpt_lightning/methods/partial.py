@@ -26,6 +26,7 @@ class PartialConfig(TuningConfig):
 @register_method
 class Partial(FineTuningMethod):
     name = "partial"
+    report_order = 11
     label_option = "last_blocks"
     Config = PartialConfig
     prompts = "none"

@@ -23,6 +23,11 @@ def method_names() -> List[str]:
     return sorted(_METHODS)
 
 
+def methods_in_report_order() -> List[str]:
+    """The registered method names in the order of ``vpt-report``'s columns (:attr:`TuningMethod.report_order`)."""
+    return sorted(_METHODS, key=lambda name: (_METHODS[name].report_order, name))
+
+
 def get_method(name: str) -> Type[TuningMethod]:
     """The method registered as ``name``; a ``ValueError`` lists the valid names."""
     try:

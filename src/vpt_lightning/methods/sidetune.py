@@ -1,6 +1,6 @@
 """Sidetune (Zhang et al. 2020): a trainable AlexNet side network mixed with the frozen backbone's features.
 
-As the official VPT code (spec extensions §5): the side network is torchvision's AlexNet ``features`` + ``avgpool``
+As the official VPT code (``vit_models.py``): the side network is torchvision's AlexNet ``features`` + ``avgpool``
 (6x6), flattened to 9216 values and projected to the backbone's feature width by a bias-free linear layer;
 the head sees ``sigmoid(alpha) * backbone(x) + (1 - sigmoid(alpha)) * side(x)`` with the scalar ``alpha`` starting at
 0. The AlexNet features, the projection, ``alpha`` and the head train; the backbone stays frozen.
@@ -96,6 +96,7 @@ class SideNetwork(nn.Module):
 @register_method
 class Sidetune(TuningMethod):
     name = "sidetune"
+    report_order = 20
     Config = SidetuneConfig
     prompts = "none"
     paper_method = "sidetune"

@@ -13,6 +13,7 @@ from .registry import register_method
 @register_method
 class VPTBias(TuningMethod):
     name = "vpt_bias"
+    report_order = 32
     prompts = "some"
     trains_backbone = True
     paper_method = "vpt_bias"  # the official code trains it like VPT: SGD on the prompt lr grid

@@ -7,5 +7,6 @@ from .registry import register_method
 @register_method
 class VPTDeep(TuningMethod):
     name = "vpt_deep"
+    report_order = 31
     prompts = "deep"
     paper_method = "vpt_deep"

@@ -7,5 +7,6 @@ from .registry import register_method
 @register_method
 class VPTShallow(TuningMethod):
     name = "vpt_shallow"
+    report_order = 30
     prompts = "shallow"
     paper_method = "vpt_shallow"

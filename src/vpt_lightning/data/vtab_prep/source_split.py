@@ -8,7 +8,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 from PIL import Image
 
-from .datasets import DataError
+from ..datasets import DataError
 from .tfds_order import Key
 
 

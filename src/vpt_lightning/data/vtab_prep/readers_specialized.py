@@ -9,7 +9,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 from PIL import Image
 
-from .datasets import DataError, require_dir
+from ..datasets import DataError, require_dir
 from .source_split import SourceSplit, array_names, require_file
 
 Splits = Dict[str, SourceSplit]

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Iterable, List, Sequence
 import numpy as np
 from PIL import Image
 
-from .datasets import DataError, require_dir
+from ..datasets import DataError, require_dir
 from .source_split import SourceSplit, array_names, require_file
 from .tfrecord import parse_example, records
 

@@ -3,7 +3,7 @@
 Two kinds of source:
 
 - :data:`EXACT_SOURCES`: readers that rebuild each TFDS example's key from the source files, so that the TFDS order
-  (:mod:`.tfds_order`) and VTAB's slices (``task_adaptation/data/<task>.py``, spec §7) give VTAB-1k's own
+  (:mod:`.tfds_order`) and VTAB's slices (``task_adaptation/data/<task>.py``) give VTAB-1k's own
   train800, val200 and test examples.
 - :data:`TORCHVISION_SOURCES`: torchvision's copies, for the authors' split file (``--official-splits``) and for
   seeded re-draws (``--redraw``), and for Caltech101, whose TFDS split cannot be rebuilt offline (TFDS picks 30

@@ -16,15 +16,15 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from PIL import Image
 from torch.utils.data import ConcatDataset
 
-from ..atomic import atomic_path, write_text_atomic
-from .datasets import DataError
+from ...atomic import atomic_path, write_text_atomic
+from ..datasets import DataError
+from ..registry import TaskInfo, get_task
+from ..vtab import LIST_FILES
 from .official_splits import read_split_file, resolve, task_entry
-from .registry import TaskInfo, get_task
 from .source_split import SourceSplit
 from .sources import EXACT_SOURCES, TORCHVISION_SOURCES, ExactSource
 from .tfds_order import tfds_order
 from .torchvision_items import item_files, item_labels
-from .vtab import LIST_FILES
 
 ROUTES = ("exact", "authors", "redrawn")
 

@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple, Union
 
-from .datasets import DataError
+from ..datasets import DataError
 
 Value = Union[List[bytes], List[int], List[float]]
 

@@ -14,7 +14,7 @@ from typing import Dict, List
 import numpy as np
 from PIL import Image
 
-from .datasets import DataError, require_dir
+from ..datasets import DataError, require_dir
 from .source_split import SourceSplit, array_names, require_file
 
 Splits = Dict[str, SourceSplit]

@@ -24,8 +24,8 @@ import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .datasets import read_json_object
-from .registry import TaskInfo, normalise_name
+from ..datasets import read_json_object
+from ..registry import TaskInfo, normalise_name
 
 TRAIN_KEYS = ("train", "train800")
 VAL_KEYS = ("val", "val200")
