@@ -1,0 +1,170 @@
+"""One forward pass of a shared ViT over a batch that mixes tasks, each sample with its own task's prompts and
+weight updates.
+
+The batch is sorted by task, so that each task's samples are a contiguous group of rows. Every block then runs its
+norms, ``qkv``, output projection, LayerScale and MLP once over the image tokens (prefix and patch tokens) of the
+whole batch; only the attention itself runs per group, with the group's keys and values:
+
+- a task whose prompts are replaced by the next block's (VPT-Deep) or whose prompt outputs nothing reads (the last
+  block: the pooled feature leaves the prompts out) adds its prompts as keys and values only, the path of
+  :mod:`~vpt_lightning.backbones.prompts_as_keys`: a task's prompts cost keys, not query rows, and tasks of
+  different prompt lengths need no padding or mask;
+- a task whose prompt outputs are read later (VPT-Shallow, a ``prompt.depth`` subset) carries them as extra rows of
+  its own group through the full block;
+- LoRA and Adapter tasks add their updates to their own rows of the shared modules' outputs
+  (:mod:`~vpt_lightning.serving.task_updates`).
+
+Attention does not depend on the order of its keys, so each row's output equals its task's own forward pass up to
+float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from ..backbones.base import PromptedBackbone
+from ..backbones.prompts_as_keys import takes_prompt_keys
+from ..backbones.vit import PromptedViT
+from .task_updates import Group, Routing, Update, routed_updates
+
+
+def joins_with_prompts(backbone: PromptedBackbone) -> bool:
+    """Whether a task's prompted backbone can join :func:`mixed_features`: a ViT with prepended prompt tokens (or
+    none) and timm's own pooling (no ``prompt.pool``, no fresh ``pool_norm``)."""
+    cfg = backbone.prompt_config
+    prompts_ok = not cfg.enabled or cfg.location == "prepend"
+    return (isinstance(backbone, PromptedViT) and prompts_ok and cfg.pool is None
+            and getattr(backbone, "pool_norm", None) is None)
+
+
+def shares_blocks(shared: PromptedBackbone) -> bool:
+    """Whether the shared backbone's blocks can run :func:`mixed_features`: a ViT of timm's own ``Block`` and
+    ``Attention`` (see :func:`~vpt_lightning.backbones.prompts_as_keys.takes_prompt_keys`)."""
+    return isinstance(shared, PromptedViT) and all(takes_prompt_keys(block) for block in shared.vit.blocks)
+
+
+def task_groups(task_index: torch.Tensor, first: Sequence[bool]) -> Tuple[torch.Tensor, List[Group]]:
+    """The order that makes each task's samples contiguous (tasks with ``first[t]`` before the others, so that
+    their rows share one attention call where no prompt differs) and the groups ``(task, start, end)``."""
+    ranks = torch.tensor([0 if f else 1 for f in first], device=task_index.device)
+    key = ranks[task_index] * len(first) + task_index
+    order = torch.argsort(key, stable=True)
+    tasks, counts = torch.unique_consecutive(task_index[order], return_counts=True)
+    groups, start = [], 0
+    for task, count in zip(tasks.tolist(), counts.tolist()):
+        groups.append((task, start, start + count))
+        start += count
+    return order, groups
+
+
+def _heads(attn: nn.Module, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q, k, v`` ``(b, heads, n, head_dim)`` of ``tokens`` ``(b, n, D)`` through the attention's own ``qkv``
+    (a module call, so routed updates apply), ``q_norm`` and ``k_norm``."""
+    batch, length, _ = tokens.shape
+    q, k, v = attn.qkv(tokens).reshape(batch, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def _finish(block: Block, x: torch.Tensor, out: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+    """The rest of the block after attention: ``out`` ``(b, heads, n, head_dim)`` -> the block's outputs."""
+    attn = block.attn
+    out = out.transpose(1, 2).reshape(x.shape)
+    out = getattr(attn, "norm", nn.Identity())(out)
+    gate: Optional[nn.Module] = getattr(attn, "gate", None)
+    if gate is not None:
+        out = out * gate(normed).sigmoid()
+    out = attn.proj_drop(attn.proj(out))
+    x = x + block.drop_path1(block.ls1(out))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def _mixed_block(block: Block, x: torch.Tensor, groups: Sequence[Group], keys_only: Mapping[int, torch.Tensor],
+                 carried: Mapping[int, torch.Tensor], routing: Routing) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
+    """One block over the sorted image tokens ``x`` ``(B, N, D)``. ``keys_only``: group -> prompts ``(1 or b, p, D)``
+    that enter as keys and values only; ``carried``: group -> prompt rows ``(b, c, D)`` that run through the full
+    block with the group's image tokens. Returns the image tokens' and the carried rows' outputs."""
+    attn = block.attn
+    normed = block.norm1(x)
+    with routing.rows(groups):
+        q, k, v = _heads(attn, normed)
+    outs: List[torch.Tensor] = []
+    carried_attn: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+    plain_start: Optional[int] = None  # the first row of a run of groups whose keys are their own image tokens
+
+    def attend(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q_, k_, v_, scale=attn.scale)
+
+    for g, (task, start, end) in enumerate(groups):
+        rows = end - start
+        if g not in keys_only and g not in carried:
+            plain_start = start if plain_start is None else plain_start
+            continue
+        if plain_start is not None:
+            outs.append(attend(q[plain_start:start], k[plain_start:start], v[plain_start:start]))
+            plain_start = None
+        if g in keys_only:
+            prompts = keys_only[g]
+            with routing.rows([(task, 0, prompts.shape[0])]):
+                _, prompt_k, prompt_v = _heads(attn, block.norm1(prompts))
+            prompt_k, prompt_v = (t.expand(rows, -1, -1, -1) for t in (prompt_k, prompt_v))
+        else:
+            prompt_normed = block.norm1(carried[g])
+            with routing.rows([(task, 0, rows)]):
+                prompt_q, prompt_k, prompt_v = _heads(attn, prompt_normed)
+        keys, values = torch.cat([prompt_k, k[start:end]], dim=2), torch.cat([prompt_v, v[start:end]], dim=2)
+        outs.append(attend(q[start:end], keys, values))
+        if g in carried:
+            carried_attn[g] = (attend(prompt_q, keys, values), prompt_normed)
+    if plain_start is not None:
+        outs.append(attend(q[plain_start:], k[plain_start:], v[plain_start:]))
+    with routing.rows(groups):
+        x = _finish(block, x, torch.cat(outs) if len(outs) > 1 else outs[0], normed)
+    carried_out = {}
+    for g, (out, prompt_normed) in carried_attn.items():
+        task, start, end = groups[g]
+        with routing.rows([(task, 0, end - start)]):
+            carried_out[g] = _finish(block, carried[g], out, prompt_normed)
+    return x, carried_out
+
+
+def mixed_features(shared: PromptedViT, tasks: Sequence[PromptedViT], updates: Sequence[Mapping[str, Update]],
+                   images: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
+    """Pooled features ``(B, num_features)`` of a mixed batch, row ``b`` through ``tasks[task_index[b]]``: its
+    prompts (in evaluation: no prompt dropout) and the ``updates[task]`` of its method, in one pass of ``shared``
+    (a backbone without prompts on the model the tasks share, see :func:`shares_blocks`; every present task must
+    pass :func:`joins_with_prompts`)."""
+    vit = shared.vit
+    order, groups = task_groups(task_index, [not t.prompt_sets for t in tasks])
+    identity = bool((order == torch.arange(len(order), device=order.device)).all())
+    x = shared.embed(images if identity else images[order])
+    routing = Routing(groups)
+    last = len(vit.blocks) - 1
+    carried: Dict[int, torch.Tensor] = {}
+    present = {task: updates[task] for task, _, _ in groups if updates[task]}
+    with routed_updates(vit, present, routing):
+        for i, block in enumerate(vit.blocks):
+            keys_only: Dict[int, torch.Tensor] = {}
+            full: Dict[int, torch.Tensor] = {}
+            for g, (task, start, end) in enumerate(groups):
+                own = tasks[task]
+                entering = carried.get(g)
+                if i in own.prompt_sets:  # new prompts (replacing the previous block's prompt outputs)
+                    entering = own.prompts(own.prompt_sets[i], 1).to(x.dtype)
+                if entering is None:
+                    continue
+                if i == last or i + 1 in own.prompt_sets:  # nothing reads this block's prompt outputs
+                    keys_only[g] = entering
+                else:
+                    full[g] = entering.expand(end - start, -1, -1)
+            x, carried = _mixed_block(block, x, groups, keys_only, full, routing)
+        features = shared.forward_head(vit.norm(x))
+    if identity:
+        return features
+    out = torch.empty_like(features)
+    out[order] = features
+    return out
