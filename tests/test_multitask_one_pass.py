@@ -29,13 +29,13 @@ TASKS = {
 NO_CARRIED_PROMPTS = ["deep1", "deep20", "lora_qkv", "lora_mlp", "adapter", "linear"]
 
 
-def random_task_checkpoint(path: Path, seed: int, **kwargs) -> Path:
+def random_task_checkpoint(path: Path, seed: int, backbone=TINY_BACKBONE, **kwargs) -> Path:
     """A task checkpoint whose trained tensors are all random (LoRA's B and the adapters' up-projections start at
     zero, which would hide a missing update)."""
     import pytorch_lightning as pl
 
     torch.manual_seed(seed)
-    module = VPTModule(backbone=TINY_BACKBONE, **kwargs)
+    module = VPTModule(backbone=backbone, **kwargs)
     with torch.no_grad():
         for p in module.parameters():
             if p.requires_grad:
@@ -144,3 +144,23 @@ def test_routed_updates_refuse_rows_the_routing_does_not_cover(served):
         with pytest.raises(RuntimeError, match="3 rows but the routing covers"):
             served.model.blocks[0].attn.qkv(torch.randn(3, 5, 32))
     assert not served.model.blocks[0].attn.qkv._forward_hooks  # removed on exit
+
+
+SWIN = {"name": "swin_tiny_patch4_window7_224", "init_seed": 0,
+        "kwargs": {"img_size": 32, "window_size": 4, "embed_dim": 32, "depths": [2, 2], "num_heads": [2, 4]}}
+
+
+def test_swin_tasks_run_one_pass_per_task_and_a_lora_task_joins_them(tmp_path):
+    """Swin has no one-pass path: each task's rows run through the task's own copy, a LoRA task among them."""
+    deep = random_task_checkpoint(tmp_path / "deep.ckpt", 1, num_classes=3, backbone=SWIN, prompt={"num_tokens": 3})
+    lora = random_task_checkpoint(tmp_path / "lora.ckpt", 2, num_classes=4, backbone=SWIN, prompt={"num_tokens": 0},
+                                  tuning={"method": "lora", "rank": 2})
+    model = MultiTaskClassifier.from_checkpoints({"deep": deep, "lora": lora})
+    assert model.updates == {"deep": None, "lora": None}
+    assert not any("lora" in k for k in model.model.state_dict())
+    names = ["lora", "deep", "lora"]
+    images = torch.randn(len(names), 3, 32, 32)
+    with torch.no_grad():
+        logits = model(images, model.task_index(names))
+    torch.testing.assert_close(logits[[0, 2], :4], own_logits(lora, images[[0, 2]]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits[[1], :3], own_logits(deep, images[[1]]), rtol=0, atol=1e-5)
