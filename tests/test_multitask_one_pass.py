@@ -164,3 +164,22 @@ def test_swin_tasks_run_one_pass_per_task_and_a_lora_task_joins_them(tmp_path):
         logits = model(images, model.task_index(names))
     torch.testing.assert_close(logits[[0, 2], :4], own_logits(lora, images[[0, 2]]), rtol=0, atol=1e-5)
     torch.testing.assert_close(logits[[1], :3], own_logits(deep, images[[1]]), rtol=0, atol=1e-5)
+
+
+def test_a_global_forward_hook_sends_each_task_through_its_own_backbone(served):
+    """The one pass does not call the blocks' forward, so a global hook (e.g. a profiler's) makes it step aside."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    names = ["deep20", "lora_qkv", "adapter", "deep20"]
+    images = torch.randn(len(names), 3, 32, 32)
+    with torch.no_grad():
+        expected = served(images, served.task_index(names))
+        seen = []
+        handle = register_module_forward_hook(lambda m, i, o: seen.append(m))
+        try:
+            logits = served(images, served.task_index(names))
+        finally:
+            handle.remove()
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    blocks = [m for m in seen if type(m).__name__ == "Block"]
+    assert len(blocks) == 3 * 4 and not any(b is s for b in blocks for s in served.model.blocks)

@@ -182,7 +182,8 @@ class MultiTaskClassifier(nn.Module):
         updates = list(self.updates.values())
         task_index = task_index.to(images.device)
         present = [int(t) for t in torch.unique(task_index).tolist()]
-        one_pass = [t for t in present if updates[t] is not None]
+        # forward hooks on the shared blocks or global ones would not run in the one pass: then each task runs alone
+        one_pass = [t for t in present if updates[t] is not None] if shares_blocks(self.backbone) else []
         features: Optional[torch.Tensor] = None
         if one_pass:  # every sample of these tasks in one pass of the shared backbone
             rows = torch.isin(task_index, torch.tensor(one_pass, device=images.device))
@@ -195,7 +196,7 @@ class MultiTaskClassifier(nn.Module):
                 features = out.new_empty(images.shape[0], out.shape[1])
                 features[rows] = out
         for t in present:  # the other tasks: one pass each, through the task's own backbone
-            if updates[t] is not None:
+            if t in one_pass:
                 continue
             rows = task_index == t
             out = tasks[t].backbone(images[rows])
