@@ -25,8 +25,9 @@ TASKS = {
                      tuning={"method": "lora", "rank": 3, "target_modules": ["fc1", "fc2"]}),
     "adapter": dict(num_classes=4, prompt={"num_tokens": 0}, tuning={"method": "adapter", "reduction": 4}),
     "linear": dict(num_classes=2, prompt={"num_tokens": 0}, tuning={"method": "linear"}),
+    "deep200": dict(num_classes=3, prompt={"num_tokens": 200}),
 }
-NO_CARRIED_PROMPTS = ["deep1", "deep20", "lora_qkv", "lora_mlp", "adapter", "linear"]
+NO_CARRIED_PROMPTS = ["deep1", "deep20", "deep200", "lora_qkv", "lora_mlp", "adapter", "linear"]
 
 
 def random_task_checkpoint(path: Path, seed: int, backbone=TINY_BACKBONE, **kwargs) -> Path:
@@ -66,7 +67,7 @@ def test_every_task_joins_the_one_pass_and_each_row_equals_its_task_alone(served
     assert all(served.updates[name] is not None for name in TASKS)
     assert set(served.updates["lora_qkv"]) == {f"blocks.{i}.attn.qkv" for i in range(4)}
     assert len(served.updates["lora_mlp"]) == 8 and len(served.updates["adapter"]) == 4
-    names = [list(TASKS)[i % len(TASKS)] for i in (4, 0, 3, 7, 1, 6, 2, 5, 0, 4, 6, 3, 1, 5, 7, 2, 4)]
+    names = [list(TASKS)[i % len(TASKS)] for i in (4, 0, 3, 7, 8, 1, 6, 2, 5, 0, 4, 6, 8, 3, 1, 5, 7, 2, 4)]
     torch.manual_seed(1)
     images = torch.randn(len(names), 3, 32, 32)
     with torch.no_grad():
