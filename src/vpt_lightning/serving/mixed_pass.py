@@ -71,9 +71,9 @@ def _heads(attn: nn.Module, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.T
 
 
 def _finish(block: Block, x: torch.Tensor, out: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
-    """The rest of the block after attention: ``out`` ``(b, heads, n, head_dim)`` -> the block's outputs."""
+    """The rest of the block after attention: ``out`` ``(b, n, heads, head_dim)`` -> the block's outputs."""
     attn = block.attn
-    out = out.transpose(1, 2).reshape(x.shape)
+    out = out.reshape(x.shape)
     out = getattr(attn, "norm", nn.Identity())(out)
     gate: Optional[nn.Module] = getattr(attn, "gate", None)
     if gate is not None:
@@ -92,12 +92,24 @@ def _mixed_block(block: Block, x: torch.Tensor, groups: Sequence[Group], keys_on
     normed = block.norm1(x)
     with routing.rows(groups):
         q, k, v = _heads(attn, normed)
-    outs: List[torch.Tensor] = []
+    # the attention outputs of every row, (B, N, heads, head_dim): each call writes its rows (the CPU and flash
+    # kernels return this layout transposed, so the writes are plain copies and no concatenation is needed)
+    merged: Optional[torch.Tensor] = None
     carried_attn: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
     plain_start: Optional[int] = None  # the first row of a run of groups whose keys are their own image tokens
 
     def attend(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
         return F.scaled_dot_product_attention(q_, k_, v_, scale=attn.scale)
+
+    def write(start: int, end: int, out: torch.Tensor) -> None:
+        nonlocal merged
+        out = out.transpose(1, 2)
+        if start == 0 and end == x.shape[0]:
+            merged = out
+            return
+        if merged is None:
+            merged = out.new_empty(x.shape[0], *out.shape[1:])
+        merged[start:end] = out
 
     for g, (task, start, end) in enumerate(groups):
         rows = end - start
@@ -105,7 +117,7 @@ def _mixed_block(block: Block, x: torch.Tensor, groups: Sequence[Group], keys_on
             plain_start = start if plain_start is None else plain_start
             continue
         if plain_start is not None:
-            outs.append(attend(q[plain_start:start], k[plain_start:start], v[plain_start:start]))
+            write(plain_start, start, attend(q[plain_start:start], k[plain_start:start], v[plain_start:start]))
             plain_start = None
         if g in keys_only:
             prompts = keys_only[g]
@@ -117,18 +129,18 @@ def _mixed_block(block: Block, x: torch.Tensor, groups: Sequence[Group], keys_on
             with routing.rows([(task, 0, rows)]):
                 prompt_q, prompt_k, prompt_v = _heads(attn, prompt_normed)
         keys, values = torch.cat([prompt_k, k[start:end]], dim=2), torch.cat([prompt_v, v[start:end]], dim=2)
-        outs.append(attend(q[start:end], keys, values))
+        write(start, end, attend(q[start:end], keys, values))
         if g in carried:
             carried_attn[g] = (attend(prompt_q, keys, values), prompt_normed)
     if plain_start is not None:
-        outs.append(attend(q[plain_start:], k[plain_start:], v[plain_start:]))
+        write(plain_start, x.shape[0], attend(q[plain_start:], k[plain_start:], v[plain_start:]))
     with routing.rows(groups):
-        x = _finish(block, x, torch.cat(outs) if len(outs) > 1 else outs[0], normed)
+        x = _finish(block, x, merged, normed)
     carried_out = {}
     for g, (out, prompt_normed) in carried_attn.items():
         task, start, end = groups[g]
         with routing.rows([(task, 0, end - start)]):
-            carried_out[g] = _finish(block, carried[g], out, prompt_normed)
+            carried_out[g] = _finish(block, carried[g], out.transpose(1, 2), prompt_normed)
     return x, carried_out
 
 
