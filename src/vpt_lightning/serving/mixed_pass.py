@@ -62,12 +62,19 @@ def task_groups(task_index: torch.Tensor, first: Sequence[bool]) -> Tuple[torch.
     return order, groups
 
 
-def _heads(attn: nn.Module, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``q, k, v`` ``(b, heads, n, head_dim)`` of ``tokens`` ``(b, n, D)`` through the attention's own ``qkv``
-    (a module call, so routed updates apply), ``q_norm`` and ``k_norm``."""
+def _heads(attn: nn.Module, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``q`` ``(b, heads, n, head_dim)`` and the keys and values stacked ``(2, b, heads, n, head_dim)`` of
+    ``tokens`` ``(b, n, D)`` through the attention's own ``qkv`` (a module call, so routed updates apply),
+    ``q_norm`` and ``k_norm`` (without a ``k_norm``, the keys and values are one view of the ``qkv`` output)."""
     batch, length, _ = tokens.shape
-    q, k, v = attn.qkv(tokens).reshape(batch, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    return attn.q_norm(q), attn.k_norm(k), v
+    return _split(attn, attn.qkv(tokens))
+
+
+def _split(attn: nn.Module, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    batch, length = qkv.shape[:2]
+    qkv = qkv.reshape(batch, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    kv = qkv[1:] if isinstance(attn.k_norm, nn.Identity) else torch.stack([attn.k_norm(qkv[1]), qkv[2]])
+    return attn.q_norm(qkv[0]), kv
 
 
 def _finish(block: Block, x: torch.Tensor, out: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
@@ -83,19 +90,56 @@ def _finish(block: Block, x: torch.Tensor, out: torch.Tensor, normed: torch.Tens
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
+def _prompt_heads(block: Block, groups: Sequence[Group], keys_only: Mapping[int, torch.Tensor],
+                  routing: Routing) -> Dict[int, torch.Tensor]:
+    """Keys and values ``(2, 1 or b, heads, p, head_dim)`` of every group's keys-only prompts, all groups' prompt
+    rows through one ``norm1`` and one ``qkv`` call."""
+    attn = block.attn
+    order = [g for g in range(len(groups)) if g in keys_only]
+    if not order:
+        return {}
+    rows = [keys_only[g].reshape(-1, keys_only[g].shape[-1]) for g in order]
+    spans, start = [], 0
+    for g, r in zip(order, rows):
+        spans.append((groups[g][0], start, start + r.shape[0]))
+        start += r.shape[0]
+    with routing.rows(spans):
+        projected = attn.qkv(block.norm1(torch.cat(rows) if len(rows) > 1 else rows[0]))
+    heads = {}
+    for g, (_, begin, end) in zip(order, spans):
+        batch, length, _ = keys_only[g].shape
+        heads[g] = _split(attn, projected[begin:end].reshape(batch, length, -1))[1]
+    return heads
+
+
 def _mixed_block(block: Block, x: torch.Tensor, groups: Sequence[Group], keys_only: Mapping[int, torch.Tensor],
                  carried: Mapping[int, torch.Tensor], routing: Routing) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
     """One block over the sorted image tokens ``x`` ``(B, N, D)``. ``keys_only``: group -> prompts ``(1 or b, p, D)``
     that enter as keys and values only; ``carried``: group -> prompt rows ``(b, c, D)`` that run through the full
     block with the group's image tokens. Returns the image tokens' and the carried rows' outputs."""
     attn = block.attn
+    batch, length, _ = x.shape
     normed = block.norm1(x)
     with routing.rows(groups):
-        q, k, v = _heads(attn, normed)
+        q, kv = _heads(attn, normed)
+    prompt_heads = _prompt_heads(block, groups, keys_only, routing)
+    carried_heads: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for g, rows in carried.items():
+        with routing.rows([(groups[g][0], 0, rows.shape[0])]):
+            carried_normed = block.norm1(rows)
+            carried_heads[g] = (carried_normed, *_heads(attn, carried_normed))
+    # one buffer of keys and values (2, B, heads, P + N, head_dim): every row's image keys at the end (one copy for
+    # the batch), each group's prompt keys in the p slots just before them; a group attends to its own slice
+    longest = max([t.shape[3] for t in prompt_heads.values()] + [t[2].shape[3] for t in carried_heads.values()],
+                  default=0)
+    if longest:
+        buffer = kv.new_empty(2, batch, kv.shape[2], longest + length, kv.shape[4])
+        buffer[:, :, :, longest:] = kv
+    k, v = kv[0], kv[1]
     # the attention outputs of every row, (B, N, heads, head_dim): each call writes its rows (the CPU and flash
     # kernels return this layout transposed, so the writes are plain copies and no concatenation is needed)
     merged: Optional[torch.Tensor] = None
-    carried_attn: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+    carried_attn: Dict[int, torch.Tensor] = {}
     plain_start: Optional[int] = None  # the first row of a run of groups whose keys are their own image tokens
 
     def attend(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
@@ -104,43 +148,36 @@ def _mixed_block(block: Block, x: torch.Tensor, groups: Sequence[Group], keys_on
     def write(start: int, end: int, out: torch.Tensor) -> None:
         nonlocal merged
         out = out.transpose(1, 2)
-        if start == 0 and end == x.shape[0]:
+        if start == 0 and end == batch:
             merged = out
             return
         if merged is None:
-            merged = out.new_empty(x.shape[0], *out.shape[1:])
+            merged = out.new_empty(batch, *out.shape[1:])
         merged[start:end] = out
 
     for g, (task, start, end) in enumerate(groups):
-        rows = end - start
-        if g not in keys_only and g not in carried:
+        if g not in prompt_heads and g not in carried_heads:
             plain_start = start if plain_start is None else plain_start
             continue
         if plain_start is not None:
             write(plain_start, start, attend(q[plain_start:start], k[plain_start:start], v[plain_start:start]))
             plain_start = None
-        if g in keys_only:
-            prompts = keys_only[g]
-            with routing.rows([(task, 0, prompts.shape[0])]):
-                _, prompt_k, prompt_v = _heads(attn, block.norm1(prompts))
-            prompt_k, prompt_v = (t.expand(rows, -1, -1, -1) for t in (prompt_k, prompt_v))
-        else:
-            prompt_normed = block.norm1(carried[g])
-            with routing.rows([(task, 0, rows)]):
-                prompt_q, prompt_k, prompt_v = _heads(attn, prompt_normed)
-        keys, values = torch.cat([prompt_k, k[start:end]], dim=2), torch.cat([prompt_v, v[start:end]], dim=2)
+        prompt_kv = prompt_heads[g] if g in prompt_heads else carried_heads[g][2]
+        first = longest - prompt_kv.shape[3]
+        buffer[:, start:end, :, first:longest] = prompt_kv
+        keys, values = buffer[0, start:end, :, first:], buffer[1, start:end, :, first:]
         write(start, end, attend(q[start:end], keys, values))
-        if g in carried:
-            carried_attn[g] = (attend(prompt_q, keys, values), prompt_normed)
+        if g in carried_heads:
+            carried_attn[g] = attend(carried_heads[g][1], keys, values)
     if plain_start is not None:
-        write(plain_start, x.shape[0], attend(q[plain_start:], k[plain_start:], v[plain_start:]))
+        write(plain_start, batch, attend(q[plain_start:], k[plain_start:], v[plain_start:]))
     with routing.rows(groups):
         x = _finish(block, x, merged, normed)
     carried_out = {}
-    for g, (out, prompt_normed) in carried_attn.items():
+    for g, out in carried_attn.items():
         task, start, end = groups[g]
         with routing.rows([(task, 0, end - start)]):
-            carried_out[g] = _finish(block, carried[g], out.transpose(1, 2), prompt_normed)
+            carried_out[g] = _finish(block, carried[g], out.transpose(1, 2), carried_heads[g][0])
     return x, carried_out
 
 
