@@ -66,7 +66,6 @@ def _heads(attn: nn.Module, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.T
     """``q`` ``(b, heads, n, head_dim)`` and the keys and values stacked ``(2, b, heads, n, head_dim)`` of
     ``tokens`` ``(b, n, D)`` through the attention's own ``qkv`` (a module call, so routed updates apply),
     ``q_norm`` and ``k_norm`` (without a ``k_norm``, the keys and values are one view of the ``qkv`` output)."""
-    batch, length, _ = tokens.shape
     return _split(attn, attn.qkv(tokens))
 
 

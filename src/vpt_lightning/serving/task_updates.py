@@ -63,7 +63,7 @@ def task_updates(shared: nn.Module, task_model: nn.Module) -> Optional[Dict[str,
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # without peft (the lora extra) no task holds a LoRA layer
-        LoraLayer = ()  # type: ignore[assignment,misc]  # noqa: N806
+        LoraLayer = ()  # type: ignore[assignment,misc]
 
     shared_modules = dict(shared.named_modules())
     updates: Dict[str, Update] = {}
