@@ -5,9 +5,13 @@
 
 1. Throughput (``MultiTaskClassifier`` forward on ``--model``, batch ``--batch``, fp32, no autograd): a
    batch of one task, against the same batch spread over 8 tasks (a) of the same prompt length (only the gathering of
-   prompts differs) and (b) of prompt lengths 1..50 (padded to the longest, shorter ones masked out of attention),
-   and against running each task's rows separately (one prompt set per pass, the batch split 8 ways). Medians of
-   alternated repeats.
+   prompts differs) and (b) of prompt lengths 1..50 (each task's prompts enter its own samples' attention as keys and
+   values: no padding), and against running each task's rows separately (one prompt set per pass, the batch split
+   8 ways). Medians of alternated repeats.
+1b. Prompt lengths (``--lengths``, default 1,10,50,100,200, VPT-Deep tasks, batch ``--length-batch``): each task's
+   batch alone against the batch spread evenly over all of them, and over them plus a LoRA and an Adapter task;
+   ``mixed/single`` is the time of the batch had each sample cost its own task's single-task batch (the mean of the
+   single-task times) over the mixed batch's time.
 2. Memory for N tasks (``--model-memory``, VPT-Deep 50 tokens, 100 classes): the shared backbone's bytes, each
    task's own bytes (prompts + head), and the bytes of the distinct tensors the model holds (a shared tensor once).
 3. Load test: ``vpt-serve`` in a subprocess on localhost with the given task checkpoints (default: two random tasks
@@ -58,10 +62,11 @@ def backbone_config(model: str) -> Dict[str, Any]:
     return quickstart_backbone() if model == "quickstart" else {"name": model}
 
 
-def task_checkpoint(backbone: Dict[str, Any], num_tokens: int, num_classes: int, seed: int) -> TaskCheckpoint:
-    """An in-memory task checkpoint (random prompts and head) of VPT-Deep on ``backbone``."""
+def task_checkpoint(backbone: Dict[str, Any], num_tokens: int, num_classes: int, seed: int,
+                    tuning: Any = None) -> TaskCheckpoint:
+    """An in-memory task checkpoint (random prompts and head) of VPT-Deep on ``backbone`` (or of ``tuning``)."""
     torch.manual_seed(seed)
-    module = VPTModule(num_classes, backbone, prompt={"num_tokens": num_tokens})
+    module = VPTModule(num_classes, backbone, prompt={"num_tokens": num_tokens}, tuning=tuning)
     state = trainable_state_dict(module, module.backbone.model)
     return TaskCheckpoint(Path(f"task{seed}.ckpt"), state, dict(module.hparams), dict(module.backbone_identity))
 
@@ -113,6 +118,39 @@ def throughput(model_name: str, batch: int, repeats: int) -> Dict[str, float]:
         for name, fn in runs.items():
             results[name].append(timed(fn, 1))
     return {name: batch / statistics.median(times) for name, times in results.items()}
+
+
+def length_mix(model_name: str, batch: int, lengths: Sequence[int], repeats: int) -> List[Dict[str, Any]]:
+    """Throughput of each VPT-Deep task of ``lengths`` alone and of batches mixing them (and a LoRA and an Adapter
+    task), alternated; rows of ``{"run", "img_s", "mixed_over_single"}``."""
+    backbone = backbone_config(model_name)
+    model = MultiTaskClassifier(backbone)
+    for p in lengths:
+        model.add_task(task_checkpoint(backbone, p, 10, seed=p), f"p{p}")
+    others = {"lora": {"method": "lora", "rank": 8}, "adapter": {"method": "adapter", "reduction": 8}}
+    for name, tuning in others.items():
+        checkpoint = task_checkpoint(backbone, 0, 10, seed=1, tuning=tuning)
+        model.add_task(clone(checkpoint, 7), name)  # random LoRA B and adapter up-projections, not zeros
+    images = torch.randn(batch, *model.backbone.data_config()["input_size"])
+    prompted = [f"p{p}" for p in lengths]
+    runs = {f"p={p} alone": model.task_index([f"p{p}"] * batch) for p in lengths}
+    runs[f"mixed p={','.join(map(str, lengths))}"] = model.task_index([prompted[i % len(prompted)] for i in range(batch)])
+    every = prompted + list(others)
+    runs["mixed, + LoRA + Adapter"] = model.task_index([every[i % len(every)] for i in range(batch)])
+    times: Dict[str, List[float]] = {k: [] for k in runs}
+    with torch.inference_mode():
+        for index in runs.values():  # warm-up
+            model(images, index)
+        for _ in range(repeats):  # alternate, so that load drifts on the shared machine hit every run alike
+            for name, index in runs.items():
+                start = time.perf_counter()
+                model(images, index)
+                times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    single = statistics.mean(median[f"p={p} alone"] for p in lengths)
+    rows = [{"run": name, "img_s": batch / t, "mixed_over_single": single / t if name.startswith("mixed") else None}
+            for name, t in median.items()]
+    return rows
 
 
 def unique_tensor_bytes(module: torch.nn.Module) -> int:
@@ -191,6 +229,9 @@ def main() -> None:
     parser.add_argument("--model", default="quickstart", help="backbone of the throughput test: quickstart or a timm name")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--lengths", default="1,10,50,100,200", help="prompt lengths of the prompt-length mix")
+    parser.add_argument("--length-model", default="vit_small_patch16_224", help="backbone of the prompt-length mix")
+    parser.add_argument("--length-batch", type=int, default=20)
     parser.add_argument("--model-memory", default="vit_base_patch16_224", help="backbone of the memory test")
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--checkpoints", type=Path, nargs="*", help="task checkpoints served in the load test")
@@ -198,7 +239,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--bad-every", type=int, default=10, help="every N-th request is malformed (0: none)")
     parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "memory", "load"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "lengths", "memory", "load"])
     args = parser.parse_args()
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     if "throughput" not in args.skip:
@@ -207,6 +248,12 @@ def main() -> None:
         print(f"\n| {args.model}, batch {args.batch}, fp32 | img/s | vs one task |\n|---|---|---|")
         for name, rate in rates.items():
             print(f"| {name} | {rate:.1f} | {rate / base:.2f}x |")
+    if "lengths" not in args.skip:
+        lengths = [int(v) for v in args.lengths.split(",")]
+        print(f"\n| {args.length_model}, batch {args.length_batch}, fp32, no autograd | img/s | mixed/single |\n|---|---|---|")
+        for row in length_mix(args.length_model, args.length_batch, lengths, args.repeats):
+            ratio = "" if row["mixed_over_single"] is None else f"{row['mixed_over_single']:.2f}x"
+            print(f"| {row['run']} | {row['img_s']:.1f} | {ratio} |")
     if "memory" not in args.skip:
         print(f"\n| {args.model_memory}, VPT-Deep p=50, 100 classes | backbone MB | per task MB | backbone + N x task MB "
               "| tensors the model holds MB |\n|---|---|---|---|---|")

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -20,43 +18,6 @@ from .registry import register_family
 
 # timm VisionTransformer global_pool values that pool the tokens to one vector per image ('' does not)
 GLOBAL_POOLS = ("token", "avg", "avgmax", "max", "map", "prr")
-
-
-@dataclass
-class SamplePrompts:
-    """Each sample's own prompts for one forward pass of a shared ViT: a batch that mixes tasks.
-
-    Built by :meth:`PromptedViT.gather_prompts`. The sequence carries ``num_slots`` prompt slots right after the
-    prefix tokens (the longest prepended prompt of the batch). A sample's slots that hold no prompt of its task (a
-    shorter prompt, a prompt inserted only at a later block, or none at all) are masked out of attention as keys,
-    so they change no other token; they are removed before the final norm like the prompts.
-
-    Attributes:
-        num_slots: prompt slots in the sequence.
-        prepend: block -> ``(prompts (B, num_slots, D), takes (B,) bool)``: the samples of ``takes`` get these new
-            prompts in their slots at that block (replacing the previous block's prompt outputs, as VPT-Deep).
-        masks: block -> the boolean key mask ``(B, 1, 1, N)`` (``True``: attended) from that block on, ``None`` when
-            every slot of every sample holds a prompt.
-    """
-
-    num_slots: int
-    prepend: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    masks: Dict[int, Optional[torch.Tensor]] = field(default_factory=dict)
-
-    def open_slots(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Insert ``num_slots`` empty prompt slots after the ``start`` prefix tokens."""
-        empty = x.new_zeros(x.shape[0], self.num_slots, x.shape[2])
-        return torch.cat([x[:, :start], empty, x[:, start:]], dim=1)
-
-    def insert(self, x: torch.Tensor, block: int, start: int) -> torch.Tensor:
-        """The sequence entering ``block``: new prompts in the slots of the samples that take them."""
-        end = start + self.num_slots
-        if block in self.prepend:
-            prompts, takes = self.prepend[block]
-            prompts = prompts.to(x.dtype)
-            slots = prompts if bool(takes.all()) else torch.where(takes[:, None, None], prompts, x[:, start:end])
-            x = torch.cat([x[:, :start], slots, x[:, end:]], dim=1)
-        return x
 
 
 @register_family(VisionTransformer)
@@ -262,20 +223,15 @@ class PromptedViT(PromptedBackbone):
         x = vit.patch_drop(x)
         return vit.norm_pre(x)
 
-    def forward_features(self, x: torch.Tensor, sample_prompts: Optional[SamplePrompts] = None) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> final tokens ``[prefix, prompts, patches]``, after the final norm unless ``pool_norm=fresh``;
         ``[prefix, patches]`` when the pooled feature leaves the prompts out (:attr:`feature_prompt_tokens` is 0).
 
         Blocks run as :meth:`block_paths` says: ``kv`` blocks take their prompts as keys and values only.
-        ``sample_prompts`` (from :meth:`gather_prompts`, on a shared backbone without prompts of its own) gives each
-        sample its own task's prompts (a batch that mixes tasks); their slots are removed again before the final
-        norm, so the output is ``[prefix, patches]`` for timm's pooling.
         """
         prefix = self.frozen_prefix()
         with prefix.stem():
             x = self.embed(x)
-        if sample_prompts is not None:
-            return self._forward_sample_prompts(x, sample_prompts, prefix.first)
         paths = self.block_paths()
         tokens = self.prompt_config.adds_tokens
         carried = False  # whether x holds prompt tokens after the prefix tokens
@@ -298,21 +254,6 @@ class PromptedViT(PromptedBackbone):
             x = self._remove_prompts(x)
         return x if self.pool_norm is not None else self.vit.norm(x)
 
-    def _forward_sample_prompts(self, x: torch.Tensor, sample_prompts: SamplePrompts, first_grad: int) -> torch.Tensor:
-        """The blocks with each sample's own prompts (:class:`SamplePrompts`), every token through every block."""
-        start = self.num_prefix_tokens
-        x = sample_prompts.open_slots(x, start)
-        mask = None
-        for i, block in enumerate(self.vit.blocks):
-            record = torch.is_grad_enabled() and i >= first_grad
-            with torch.set_grad_enabled(record):
-                x = sample_prompts.insert(x, i, start)
-                mask = sample_prompts.masks.get(i, mask)
-                kwargs = {} if mask is None else {"attn_mask": mask}
-                x = self._run(record, block, x, **kwargs)
-        if sample_prompts.num_slots:
-            x = torch.cat([x[:, :start], x[:, start + sample_prompts.num_slots :]], dim=1)
-        return x if self.pool_norm is not None else self.vit.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool the output of :meth:`forward_features` as ``prompt.pool`` says, then the model's head."""
@@ -329,60 +270,6 @@ class PromptedViT(PromptedBackbone):
             pooled = {"image": x[:, end:], "prompt": x[:, start:end], "all": x[:, start:]}[pool].mean(1)
         pooled = vit.head_drop(self.pool_norm(pooled) if self.pool_norm is not None else vit.fc_norm(pooled))
         return pooled if pre_logits else vit.head(pooled)
-
-    # ---- per-sample prompts: many tasks on one shared backbone ------------------------------------------
-    @property
-    def supports_sample_prompts(self) -> bool:
-        """Whether every block takes an attention mask (timm's ``Block``), which :class:`SamplePrompts` needs."""
-        return all("attn_mask" in inspect.signature(block.forward).parameters for block in self.vit.blocks)
-
-    def gather_prompts(self, tasks: Sequence["PromptedViT"], task_index: torch.Tensor) -> SamplePrompts:
-        """Sample ``b`` gets the prompts of ``tasks[task_index[b]]``; every task must wrap this module's ViT.
-
-        Tasks may differ in prompt length, depth and projection; their prompts must be prepended tokens (or none,
-        see :func:`gathers_prompts`). The prompts are taken as in evaluation (no dropout).
-        """
-        if any(task.vit is not self.vit for task in tasks):
-            raise ValueError("gather_prompts: every task must wrap the same timm model as this PromptedViT")
-        present = [int(t) for t in torch.unique(task_index).tolist()]
-        other = sorted({tasks[t].prompt_config.location for t in present if not gathers_prompts(tasks[t])})
-        if other:
-            raise ValueError(f"gather_prompts handles prepended prompts (or none), not prompt.location={other}")
-        num_slots = max((tasks[t].num_prompt_tokens for t in present), default=0)
-        batch, device = task_index.shape[0], task_index.device
-        # each present task's prompts of every prompted block, projected once: (sets, n, D)
-        projected = {t: tasks[t].prompts.proj(tasks[t].prompts.tokens) for t in present if tasks[t].prompt_sets}
-        out = SamplePrompts(num_slots)
-        held = torch.zeros(batch, dtype=torch.long, device=device)  # prompt tokens each sample's slots hold
-        for block in range(len(self.vit.blocks)):
-            # per task (rows of small tables, gathered to the batch by task_index): new slots, whether it inserts
-            # at this block, how many tokens; added prompts
-            inserting = [t for t in present if block in tasks[t].prompt_sets]
-            prepend = inserting
-            if prepend:
-                table = projected[prepend[0]].new_zeros(len(tasks), num_slots, self.embed_dim)
-                inserts = torch.zeros(len(tasks), dtype=torch.bool, device=device)
-                lengths = torch.zeros(len(tasks), dtype=torch.long, device=device)
-                for t in prepend:
-                    prompts = projected[t][tasks[t].prompt_sets[block]]
-                    table[t, : prompts.shape[0]] = prompts
-                    inserts[t], lengths[t] = True, prompts.shape[0]
-                takes = inserts[task_index]
-                out.prepend[block] = (table[task_index], takes)
-                held = torch.where(takes, lengths[task_index], held)
-            if block == 0 or prepend:
-                out.masks[block] = self._slot_mask(held, num_slots)
-        return out
-
-    def _slot_mask(self, held: torch.Tensor, num_slots: int) -> Optional[torch.Tensor]:
-        """Key mask ``(B, 1, 1, N)``: prefix and patch tokens, and the slots that hold prompts; ``None``: all."""
-        slot_valid = torch.arange(num_slots, device=held.device)[None] < held[:, None]
-        if bool(slot_valid.all()):
-            return None
-        batch = held.shape[0]
-        prefix = slot_valid.new_ones(batch, self.num_prefix_tokens)
-        patches = slot_valid.new_ones(batch, self.num_patches)
-        return torch.cat([prefix, slot_valid, patches], dim=1)[:, None, None, :]
 
     def data_config(self) -> Dict[str, Any]:
         config = super().data_config()
@@ -424,10 +311,3 @@ class PromptedViT(PromptedBackbone):
             "global_pool": model.global_pool,
         }
 
-
-def gathers_prompts(backbone: PromptedViT) -> bool:
-    """Whether :meth:`PromptedViT.gather_prompts` can give a task's prompts per sample and the shared backbone pool its
-    output: prepended prompt tokens (or none) and timm's own pooling (no ``prompt.pool``, no fresh ``pool_norm``)."""
-    cfg = backbone.prompt_config
-    prompts_ok = not cfg.enabled or cfg.location == "prepend"
-    return prompts_ok and getattr(cfg, "pool", None) is None and getattr(backbone, "pool_norm", None) is None

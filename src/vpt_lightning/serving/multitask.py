@@ -14,12 +14,14 @@ from torch import nn
 from ..backbones import BackboneConfig, PromptedBackbone, create_backbone, prompted_backbone
 from ..backbones.identity import identity_differences
 from ..backbones.pin import backbone_pin
-from ..backbones.vit import gathers_prompts
 from ..checkpoint import TaskCheckpoint
 from ..heads import import_user_code
 from ..methods import parse_tuning
 from ..task_model import TaskModel, TaskRecord, TaskSpec, assemble
 from ..task_sources import read_task
+from .mixed_pass import joins_with_prompts, mixed_features, shares_blocks
+from .shared_weights import weight_sharing_copy
+from .task_updates import Update, task_updates
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -49,12 +51,17 @@ TaskClassifier = TaskModel
 class MultiTaskClassifier(nn.Module):
     """Classify a batch in which every image may belong to another task, with one copy of the frozen backbone.
 
-    Each task adds only its prompts and head (a :class:`~vpt_lightning.task_model.TaskModel` whose prompted backbone wraps the shared
-    timm model). ``forward(images, task_index)`` runs the backbone once for the whole batch: a ViT gathers each
-    sample's own prompts (:meth:`~vpt_lightning.backbones.PromptedViT.gather_prompts`; tasks may differ in prompt
-    length and depth, shorter prompts are masked out of attention). A batch holding a task whose prompts are not
-    prepended tokens or that pools its own way (``prompt.location`` other than ``prepend``, ``prompt.pool``,
-    ``prompt.pool_norm``), and other families, run each task's samples through its own prompted backbone. Each task's head is then applied to its rows.
+    Each task is a :class:`~vpt_lightning.task_model.TaskModel` built on a weight-sharing copy of the shared timm
+    model (:mod:`~vpt_lightning.serving.shared_weights`): its method may add modules to its copy (LoRA, adapters)
+    but never changes the model the other tasks use, and the frozen weights are held once.
+    ``forward(images, task_index)`` runs a ViT once over the whole batch (:mod:`~vpt_lightning.serving.mixed_pass`):
+    each sample's prompts enter its attention as keys and values (or as rows of its own, where their outputs are
+    read later, as in VPT-Shallow), so tasks of different prompt lengths need no padding; each LoRA or Adapter
+    task's update is added to its own samples' rows (:mod:`~vpt_lightning.serving.task_updates`); linear and MLP
+    tasks differ only in their heads. A task the pass cannot serve exactly (``prompt.location`` other than
+    ``prepend``, ``prompt.pool``, ``prompt.pool_norm``, another method changing the model's structure, blocks
+    other than timm's ``Block``) and other families (Swin, ConvNets) run each task's samples through the task's own
+    backbone. Each task's head is then applied to its rows.
 
     Every checkpoint's backbone identity is checked against the shared backbone (a checkpoint made on other
     weights is refused, naming the differences). Checkpoints of a method that changes backbone weights
@@ -74,6 +81,9 @@ class MultiTaskClassifier(nn.Module):
         self.backbone: PromptedBackbone = prompted_backbone(model, None)  # the shared model, without prompts
         self.tasks = nn.ModuleDict()
         self.infos: Dict[str, TaskInfo] = {}
+        # task name -> the additions its method makes to the shared model's modules (see task_updates); None: the
+        # task does not join the one pass and runs through its own backbone
+        self.updates: Dict[str, Optional[Dict[str, Update]]] = {}
         self.eval()
 
     @classmethod
@@ -144,10 +154,12 @@ class MultiTaskClassifier(nn.Module):
                 f"{str(path)!r} was trained on another backbone than the shared one ({self.backbone_config.name}, "
                 f"weights {self.identity.get('weights')}); differences: {'; '.join(differences)}"
             )
-        shared_keys = list(self.model.state_dict())
-        task = assemble(record, model=self.model, identity=self.identity)
-        if list(self.model.state_dict()) != shared_keys or any(p.requires_grad for p in self.model.parameters()):
-            raise ValueError(f"{str(path)!r}: tuning={tuning.name} changes the backbone's modules; it cannot share it")
+        task = assemble(record, model=weight_sharing_copy(self.model), identity=self.identity)
+        if any(p.requires_grad for p in self.model.parameters()):
+            self.model.requires_grad_(False)
+            raise ValueError(f"{str(path)!r}: tuning={tuning.name} unfreezes backbone weights; it cannot share them")
+        joins = shares_blocks(self.backbone) and joins_with_prompts(task.backbone)
+        self.updates[name] = task_updates(self.model, task.backbone.model) if joins else None
         self.tasks[name] = task.requires_grad_(False).eval().to(self.model_device())
         self.infos[name] = TaskInfo(name, task.class_names, task.method_name, Path(path), task.eval_transform)
         return name
@@ -167,24 +179,30 @@ class MultiTaskClassifier(nn.Module):
         """Logits ``(B, C_max)``: row ``b`` holds the logits of task ``task_index[b]`` in its first ``C`` columns
         and ``-inf`` after them (so a softmax over the row gives that task's probabilities)."""
         tasks: List[TaskModel] = list(self.tasks.values())
+        updates = list(self.updates.values())
         task_index = task_index.to(images.device)
         present = [int(t) for t in torch.unique(task_index).tolist()]
-        backbone = self.backbone
-        # one gathered pass needs a family with per-sample prompts and tasks whose prompts it can gather and whose
-        # output the shared backbone pools (see gathers_prompts); other tasks run through their own backbone
-        gathered = hasattr(backbone, "gather_prompts") and backbone.supports_sample_prompts
-        gathered = gathered and all(gathers_prompts(tasks[t].backbone) for t in present)
-        if gathered:
-            prompts = backbone.gather_prompts([t.backbone for t in tasks], task_index)
-            features = backbone.forward_head(backbone.forward_features(images, prompts))
-        else:  # one pass per task present
-            features = None
-            for t in present:
-                rows = task_index == t
-                out = tasks[t].backbone(images[rows])
-                if features is None:
-                    features = out.new_empty(images.shape[0], out.shape[1])
+        # forward hooks on the shared blocks or global ones would not run in the one pass: then each task runs alone
+        one_pass = [t for t in present if updates[t] is not None] if shares_blocks(self.backbone) else []
+        features: Optional[torch.Tensor] = None
+        if one_pass:  # every sample of these tasks in one pass of the shared backbone
+            rows = torch.isin(task_index, torch.tensor(one_pass, device=images.device))
+            every = bool(rows.all())
+            out = mixed_features(self.backbone, [t.backbone for t in tasks], [u or {} for u in updates],
+                                 images if every else images[rows], task_index if every else task_index[rows])
+            if every:
+                features = out
+            else:
+                features = out.new_empty(images.shape[0], out.shape[1])
                 features[rows] = out
+        for t in present:  # the other tasks: one pass each, through the task's own backbone
+            if t in one_pass:
+                continue
+            rows = task_index == t
+            out = tasks[t].backbone(images[rows])
+            if features is None:
+                features = out.new_empty(images.shape[0], out.shape[1])
+            features[rows] = out
         widths = [self.infos[name].num_classes for name in self.tasks]
         logits = features.new_full((images.shape[0], max(widths[t] for t in present)), float("-inf"))
         for t in present:
@@ -197,9 +215,11 @@ class MultiTaskClassifier(nn.Module):
         def size(tensors):
             return sum(t.numel() * t.element_size() for t in tensors)
 
-        shared = size(self.model.state_dict().values())
-        per_task = {
-            name: size(v for k, v in task.state_dict().items() if not k.startswith("backbone.model."))
+        shared_tensors = self.model.state_dict().values()
+        shared = size(shared_tensors)
+        held = {t.data_ptr() for t in shared_tensors}
+        per_task = {  # what the task holds besides the shared weights: prompts, head, LoRA or adapter tensors...
+            name: size(v for v in task.state_dict().values() if v.data_ptr() not in held)
             for name, task in self.tasks.items()
         }
         return {"backbone": shared, **{f"task:{k}": v for k, v in per_task.items()}}
