@@ -1,5 +1,5 @@
-"""Hydra/OmegaConf plumbing: where the packaged configs live, the ``vpt.asset`` and ``vpt.family_grid``
-resolvers, the schemas, and ``compose``."""
+"""Hydra/OmegaConf plumbing: where the packaged configs live, the ``vpt.asset``, ``vpt.family_grid`` and
+``vpt.prompt_length`` resolvers, the schemas, and ``compose``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,14 @@ def family_grid(key: str, default: Any, _root_: DictConfig) -> Any:
     return family_of_config(backbone).protocol_grid(prompts).get(key, default)
 
 
+def prompt_length(task: str, benchmark: Optional[str] = None) -> int:
+    """``${vpt.prompt_length:TASK,BENCHMARK}`` in the VTAB/FGVC experiments: the task's VPT-Deep prompt length from
+    the task table (:mod:`vpt_lightning.data.registry`), the one place it is written."""
+    from .data.registry import get_task
+
+    return get_task(str(task), benchmark).default_prompt_length
+
+
 def register_resolvers() -> None:
     """Register the package's OmegaConf resolvers and Hydra schemas (idempotent); call before composing."""
     from .schemas import register_schemas
@@ -40,6 +48,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("vpt.asset", asset_path)
     if not OmegaConf.has_resolver("vpt.family_grid"):
         OmegaConf.register_new_resolver("vpt.family_grid", family_grid)
+    if not OmegaConf.has_resolver("vpt.prompt_length"):
+        OmegaConf.register_new_resolver("vpt.prompt_length", prompt_length)
     register_schemas()
 
 
