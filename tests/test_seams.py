@@ -172,3 +172,35 @@ def test_config_groups_compose_onto_their_schemas_and_are_parsed_once():
     # range checks stay ours, with the key, the bad value and the valid values
     with pytest.raises(ValueError, match=r"prompt.num_tokens=-2 must be an integer >= 0"):
         OmegaConf.to_object(compose(["+experiment=quickstart", "recipe.num_tokens=-2"]).prompt)
+
+
+def test_a_config_dataclass_or_a_mapping_is_coerced_in_one_place():
+    """``plain_mapping`` and ``DataclassConfig.parse`` are the one coercion of "a dataclass, a DictConfig or a
+    mapping"; no other module of the package writes its own (``asdict``, ``is_dataclass``, ``hasattr(.., "to_dict")``)."""
+    import re
+    from pathlib import Path
+
+    import vpt_lightning
+    from vpt_lightning.dataclass_config import plain_mapping
+
+    prompt = PromptConfig(num_tokens=4)
+    assert plain_mapping(prompt) == prompt.to_dict() and plain_mapping(None) == {}
+    node = OmegaConf.create({"num_tokens": "${n}", "n": 7})
+    assert plain_mapping(node) == {"num_tokens": 7, "n": 7}  # interpolations resolved
+    source = {"num_tokens": 3}
+    assert plain_mapping(source) == source and plain_mapping(source) is not source
+    with pytest.raises(TypeError, match="expected a config dataclass or a mapping, got list"):
+        plain_mapping([1, 2])
+    assert PromptConfig.parse(prompt) is prompt
+    typed = compose(["+experiment=quickstart"]).prompt  # a DictConfig typed by the PromptConfig schema
+    assert PromptConfig.parse(typed) == PromptConfig.from_mapping(OmegaConf.to_container(typed, resolve=True))
+    assert PromptConfig.parse({"num_tokens": 5}).num_tokens == 5 and PromptConfig.parse(None) == PromptConfig()
+    with pytest.raises(ValueError, match=r"unknown prompt option\(s\) \['tokens'\]"):
+        PromptConfig.parse({"tokens": 5})
+
+    package = Path(vpt_lightning.__file__).parent
+    copies = re.compile(r"is_dataclass\(|__dataclass_fields__|hasattr\(\w+, \"to_dict\"\)|asdict\((?!self\))")
+    for path in sorted(package.rglob("*.py")):
+        if path.name != "dataclass_config.py":
+            found = [line.strip() for line in path.read_text().splitlines() if copies.search(line)]
+            assert not found, f"{path.relative_to(package)} coerces a config itself: {found}"

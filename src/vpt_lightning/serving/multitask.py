@@ -68,7 +68,7 @@ class MultiTaskClassifier(nn.Module):
 
     def __init__(self, backbone: Union[BackboneConfig, Mapping[str, Any]]) -> None:
         super().__init__()
-        config = backbone if isinstance(backbone, BackboneConfig) else BackboneConfig.from_mapping(dict(backbone))
+        config = BackboneConfig.parse(backbone)
         model, self.identity = create_backbone(config)
         self.backbone_config = config
         self.backbone: PromptedBackbone = prompted_backbone(model, None)  # the shared model, without prompts
