@@ -24,12 +24,12 @@ def asset_path(name: str) -> str:
 def family_grid(key: str, default: Any, _root_: DictConfig) -> Any:
     """``${vpt.family_grid:KEY,DEFAULT}`` in ``conf/tune.yaml``: the backbone family's own sweep values for the
     tuning method of the config (e.g. ConvNets' border widths for VPT), else ``DEFAULT``."""
-    from .backbones.loading import family_of_config
+    from .backbones.loading import family_class_of_config
     from .methods import get_method
 
     backbone = OmegaConf.to_container(_root_.backbone, resolve=True)
     prompts = get_method(_root_.tuning.method).prompts != "none"
-    return family_of_config(backbone).protocol_grid(prompts).get(key, default)
+    return family_class_of_config(backbone).protocol_grid(prompts).get(key, default)
 
 
 def prompt_length(task: str, benchmark: Optional[str] = None) -> int:

@@ -25,7 +25,7 @@ TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 @dataclass
-class TaskInfo:
+class ServedTask:
     """What a served task is: its name, classes, tuning method, source (package or checkpoint) and eval transform."""
 
     name: str
@@ -73,7 +73,7 @@ class MultiTaskClassifier(nn.Module):
         self.backbone_config = config
         self.backbone: PromptedBackbone = prompted_backbone(model, None)  # the shared model, without prompts
         self.tasks = nn.ModuleDict()
-        self.infos: Dict[str, TaskInfo] = {}
+        self.infos: Dict[str, ServedTask] = {}
         self.eval()
 
     @classmethod
@@ -149,7 +149,7 @@ class MultiTaskClassifier(nn.Module):
         if list(self.model.state_dict()) != shared_keys or any(p.requires_grad for p in self.model.parameters()):
             raise ValueError(f"{str(path)!r}: tuning={tuning.name} changes the backbone's modules; it cannot share it")
         self.tasks[name] = task.requires_grad_(False).eval().to(self.model_device())
-        self.infos[name] = TaskInfo(name, task.class_names, task.method_name, Path(path), task.eval_transform)
+        self.infos[name] = ServedTask(name, task.class_names, task.method_name, Path(path), task.eval_transform)
         return name
 
     def model_device(self) -> torch.device:
