@@ -125,3 +125,28 @@ def test_labels_carry_k_and_default_from_the_method():
     assert parse_tuning(None)[1].method == "vpt_deep"
     assert parse_tuning({"name": "full"})[0] is get_method("full")  # a method's name names it
     assert parse_tuning({"name": "my_run"})[1].method == "vpt_deep"
+
+
+def test_the_hparams_search_grids_are_the_protocol_grids():
+    """conf/hparams_search/*.yaml spell the grids of conf/tune.yaml as Hydra sweeper strings (a sweeper option cannot
+    read another config); they must stay the same numbers."""
+    from vpt_lightning.config import CONFIG_DIR
+
+    protocol = compose([], config_name="tune").protocol
+    for name, (lr_key, wd_key) in {"vpt_grid": ("base_lr", "weight_decay"),
+                                   "tuned_backbone_grid": ("base_lr_tuned_backbone", "weight_decay_tuned_backbone")}.items():
+        params = OmegaConf.load(CONFIG_DIR / "hparams_search" / f"{name}.yaml").hydra.sweeper.params
+        for sweep_key, grid_key in (("optim.base_lr", lr_key), ("optim.weight_decay", wd_key)):
+            assert [float(v) for v in str(params[sweep_key]).split(",")] == list(protocol[grid_key]), (name, sweep_key)
+
+
+def test_the_python_api_takes_backbone_eval_from_the_method_too():
+    from conftest import TINY_BACKBONE
+
+    def module(**kwargs):
+        return VPTModule(3, TINY_BACKBONE, {"num_tokens": 0}, {"base_lr": 0.1}, **kwargs)
+
+    assert module(tuning={"method": "full"}).hparams.backbone_eval is False
+    assert module(tuning={"method": "linear"}).hparams.backbone_eval is True
+    assert module(tuning={"method": "full"}, backbone_eval=True).hparams.backbone_eval is True
+    assert module(tuning={"method": "full"}).backbone.backbone_eval is False

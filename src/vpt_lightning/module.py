@@ -59,7 +59,8 @@ class VPTModule(pl.LightningModule):
         tuning: the tuning method (``method``: a name of :mod:`vpt_lightning.methods`, default ``vpt_deep``) and its
             options: what trains besides the prompts (nothing for VPT and the linear probe; all weights, the biases
             or the last k blocks for the baselines) and the head.
-        backbone_eval: keep the backbone in eval mode while training (the official code does for VPT).
+        backbone_eval: keep the backbone in eval mode while training (the official code does for VPT); ``None``: the
+            tuning method's default (true unless it trains backbone weights).
         compile: ``torch.compile`` the prompted backbone's forward (opt-in; the module's keys do not change).
         grad_checkpointing: recompute block activations in the backward pass (saves memory on ViT-L/H).
         task_name: the task's name, kept in the checkpoint for ``vpt-predict`` / ``vpt-serve``.
@@ -75,7 +76,7 @@ class VPTModule(pl.LightningModule):
         prompt: Union[PromptConfig, Mapping[str, Any], None] = None,
         optim: Union[OptimConfig, Mapping[str, Any], None] = None,
         tuning: Union[TuningConfig, Mapping[str, Any], None] = None,
-        backbone_eval: bool = True,
+        backbone_eval: Optional[bool] = None,
         compile: bool = False,
         grad_checkpointing: bool = False,
         task_name: Optional[str] = None,
@@ -93,6 +94,8 @@ class VPTModule(pl.LightningModule):
         self.optim_config = OptimConfig.parse(optim)
         self.tuning_method, self.tuning_config = parse_tuning(tuning)
         backbone_config = BackboneConfig.parse(backbone)
+        if backbone_eval is None:
+            backbone_eval = not self.tuning_method.trains_backbone
         self.save_hyperparameters(
             {
                 "num_classes": num_classes,

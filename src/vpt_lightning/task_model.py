@@ -149,8 +149,7 @@ class TaskModel(
 
     @property
     def method_name(self) -> str:
-        method, tuning = parse_tuning(self.spec.tuning)
-        return tuning.name or method.name
+        return parse_tuning(self.spec.tuning)[1].name  # tuning.name, else the method's label (parse_tuning fills it)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, num_classes)`` of a batch of prepared images."""

@@ -125,7 +125,7 @@ def build_module(cfg: DictConfig, configs: ModelConfigs, datamodule: Any) -> VPT
         prompt=configs.prompt,
         optim=configs.optim,
         tuning=configs.tuning,
-        backbone_eval=cfg.backbone_eval,
+        backbone_eval=cfg.get("backbone_eval"),  # tuning=<method> sets it; None: the method's default all the same
         compile=cfg.get("compile", False),
         grad_checkpointing=cfg.get("grad_checkpointing", False),
         task_name=cfg.task_name,

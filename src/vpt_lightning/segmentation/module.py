@@ -92,7 +92,7 @@ class SegmentationModule(VPTModule):
         optim: Any = None,
         tuning: Any = None,
         segmentation: Union[SegmentationConfig, Mapping[str, Any], None] = None,
-        backbone_eval: bool = True,
+        backbone_eval: Optional[bool] = None,
         compile: bool = False,
         grad_checkpointing: bool = False,
         **kwargs: Any,
