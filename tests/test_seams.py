@@ -176,7 +176,8 @@ def test_config_groups_compose_onto_their_schemas_and_are_parsed_once():
 
 def test_a_config_dataclass_or_a_mapping_is_coerced_in_one_place():
     """``plain_mapping`` and ``DataclassConfig.parse`` are the one coercion of "a dataclass, a DictConfig or a
-    mapping"; no other module of the package writes its own (``asdict``, ``is_dataclass``, ``hasattr(.., "to_dict")``)."""
+    mapping"; no other module of the package writes its own (``asdict``, ``is_dataclass``,
+    ``hasattr(.., "to_dict")``)."""
     import re
     from pathlib import Path
 
@@ -222,7 +223,8 @@ def test_no_two_exported_classes_or_functions_share_a_name():
         for name in getattr(module, "__all__", []):
             value = getattr(module, name)
             if isinstance(value, type) or callable(value):
-                owners.setdefault(getattr(value, "__name__", name), set()).add(f"{value.__module__}.{value.__qualname__}")
+                where = f"{value.__module__}.{value.__qualname__}"
+                owners.setdefault(getattr(value, "__name__", name), set()).add(where)
     assert {name: where for name, where in owners.items() if len(where) > 1} == {}
 
     from vpt_lightning.backbones import family_class_of_model

@@ -105,7 +105,8 @@ def test_tuning_yamls_hold_no_second_copy_of_a_method_fact():
         method = get_method(path.stem)
         assert raw.pop("defaults") == [f"/schema/method/{method.name}"], path.name
         assert set(raw) <= {"tuning"}, f"{path.name}: {sorted(raw)} repeat what the method class sets"
-        defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(method.Config)}
+        defaults = {f.name: f.default if f.default is not MISSING else f.default_factory()
+                    for f in fields(method.Config)}
         for key, value in raw.get("tuning", {}).items():
             assert key not in ("method", "name"), f"{path.name}: tuning.{key} repeats the method class"
             assert key in defaults and value != defaults[key], f"{path.name}: tuning.{key}={value} repeats the default"
@@ -133,8 +134,9 @@ def test_the_hparams_search_grids_are_the_protocol_grids():
     from vpt_lightning.config import CONFIG_DIR
 
     protocol = compose([], config_name="tune").protocol
-    for name, (lr_key, wd_key) in {"vpt_grid": ("base_lr", "weight_decay"),
-                                   "tuned_backbone_grid": ("base_lr_tuned_backbone", "weight_decay_tuned_backbone")}.items():
+    grids = {"vpt_grid": ("base_lr", "weight_decay"),
+             "tuned_backbone_grid": ("base_lr_tuned_backbone", "weight_decay_tuned_backbone")}
+    for name, (lr_key, wd_key) in grids.items():
         params = OmegaConf.load(CONFIG_DIR / "hparams_search" / f"{name}.yaml").hydra.sweeper.params
         for sweep_key, grid_key in (("optim.base_lr", lr_key), ("optim.weight_decay", wd_key)):
             assert [float(v) for v in str(params[sweep_key]).split(",")] == list(protocol[grid_key]), (name, sweep_key)
