@@ -45,9 +45,9 @@ PRECISIONS = ("fp32", "bf16")
 def configs(model: str) -> List[Tuple[str, str]]:
     """(mode, precision) pairs for ``model``; ConvNets take prompts only at the input, so VPT-Deep is VPT-Shallow."""
     from vpt_lightning.backbones.convnet import PromptedConvNet
-    from vpt_lightning.backbones.loading import family_of_config
+    from vpt_lightning.backbones.loading import family_class_of_config
 
-    modes = [m for m in MODES if not (m == "vpt_deep" and family_of_config({"name": model}) is PromptedConvNet)]
+    modes = [m for m in MODES if not (m == "vpt_deep" and family_class_of_config({"name": model}) is PromptedConvNet)]
     return [(mode, precision) for mode in modes for precision in PRECISIONS]
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
@@ -85,6 +86,22 @@ def test_every_task_has_a_composable_experiment(task):
         assert (cfg.optim.base_lr, cfg.optim.weight_decay, cfg.data.batch_size) == pytest.approx(published[task])
     else:
         assert cfg.data.batch_size == 64
+
+
+def test_prompt_lengths_are_written_once_in_the_task_table():
+    """The experiments read each task's prompt length from the registry (``${vpt.prompt_length:...}``); none of their
+    YAML files writes a number for it, and a command-line value still wins."""
+    from vpt_lightning.config import CONFIG_DIR
+
+    for path in sorted((CONFIG_DIR / "experiment").glob("*.yaml")):
+        value = (OmegaConf.to_container(OmegaConf.load(path)).get("recipe") or {}).get("num_tokens")
+        if path.stem.startswith(("vtab_", "fgvc_")):
+            assert value is None or str(value).startswith("${vpt.prompt_length:"), f"{path.name}: num_tokens={value}"
+    cfg = compose(["+experiment=vtab_clevr_distance"])
+    assert (cfg.recipe.num_tokens, cfg.prompt.num_tokens) == (200, 200)
+    cfg = compose(["+experiment=vtab_clevr_distance", "recipe.num_tokens=7"])
+    assert (cfg.recipe.num_tokens, cfg.prompt.num_tokens) == (7, 7)
+    assert compose(["+experiment=vtab_clevr_distance", "prompt.num_tokens=3"]).prompt.num_tokens == 3
 
 
 def test_loader_settings_compose_from_the_command_line():

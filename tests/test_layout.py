@@ -244,11 +244,6 @@ def test_the_layout_check_finds_what_is_wrong():
 # §4.2", "Table 5", "Appendix A") or the official code's file (KMnP/vpt: ``src/models/vit_prompt/vit.py``) instead.
 OUTSIDE_DOCUMENTS = re.compile("|".join([r"\bspec\s+§", r"\bspec\s+extensions", r"\bextensions\s+spec", "VPT_" + "SPEC",
                                          "VPT_" + "EXTENSIONS", r"\bDESIGN\.md", r"\bENVIRONMENT\.md", "/work/" + "shared"]))
-# lines that other work of issue 22 removes (the single source of prompt lengths and of method facts rewrites the
-# task experiments and conf/tuning/full.yaml; a pixel-border module replaces prompt.PaddingPrompt): drop with them
-IN_FLIGHT = (re.compile(r"conf/experiment/(vtab|fgvc)_\w+\.yaml: +num_tokens: \d+ +# spec §4"),
-             re.compile(r"conf/tuning/full\.yaml:# Full fine-tuning: every backbone weight trains \(use the lower lr grid, spec §2\)"),
-             re.compile(r'prompt\.py: +"""A learnable pixel border around the image \(the official ``pad`` location; spec §2, §3\)\.'))
 
 
 def _cited_outside(paths) -> list:
@@ -260,7 +255,7 @@ def _cited_outside(paths) -> list:
         for match in OUTSIDE_DOCUMENTS.finditer(text):
             where = next((path.relative_to(base) for base in (PACKAGE, ROOT) if path.is_relative_to(base)), path)
             found.append(f"{where.as_posix()}:{lines[text.count(chr(10), 0, match.start())]}")
-    return [line for line in found if not any(p.fullmatch(line) for p in IN_FLIGHT)]
+    return found
 
 
 def test_docstrings_and_comments_cite_the_paper_and_the_official_code_only():

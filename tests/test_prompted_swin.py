@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vpt_lightning import VPTModule
-from vpt_lightning.backbones import create_backbone, family_for, prompted_backbone
+from vpt_lightning.backbones import create_backbone, family_class_of_model, prompted_backbone
 from vpt_lightning.backbones.swin import PromptedSwin, prompted_block
 from vpt_lightning.checkpoint import read_task_checkpoint
 from vpt_lightning.config import compose
@@ -319,7 +319,7 @@ def test_the_paper_config_composes_and_refuses_a_file_of_another_swin(tmp_path):
 def test_the_tiny_random_config_builds_a_swin_for_the_quickstarts_32_px_images():
     cfg = compose(["+experiment=quickstart", "backbone=swin_tiny_random"])
     model, identity = create_backbone(cfg.backbone)  # OmegaConf lists (depths) reach timm as lists
-    assert family_for(model) is PromptedSwin and identity["depth"] == 4
+    assert family_class_of_model(model) is PromptedSwin and identity["depth"] == 4
     backbone = prompted_backbone(model, {"num_tokens": 10})
     assert backbone.data_config()["input_size"] == (3, 32, 32)
     assert backbone(torch.zeros(2, 3, 32, 32)).shape == (2, 64)

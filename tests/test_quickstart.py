@@ -75,6 +75,20 @@ def test_packaged_backbone_loads_and_is_not_random():
     assert dict(cfg.backbone.kwargs) == QUICKSTART_ARCH["kwargs"]
 
 
+def test_the_quickstart_architecture_and_schedule_are_written_once():
+    """The pretraining script reads the architecture from conf/backbone/quickstart_vit.yaml and steps the package's
+    warm-up + cosine schedule (vpt_lightning.schedule): its source holds no copy of either."""
+    import inspect
+
+    import vpt_lightning.quickstart as quickstart
+
+    source = inspect.getsource(quickstart)
+    for key in QUICKSTART_ARCH["kwargs"]:
+        assert f'"{key}"' not in source and f"{key}=" not in source, f"quickstart.py repeats the architecture's {key}"
+    assert "math.cos" not in source and "warmup_cosine_factor(" in source
+    assert QUICKSTART_ARCH == {"name": compose([]).backbone.name, "kwargs": dict(compose([]).backbone.kwargs)}
+
+
 def test_pretraining_script_writes_a_loadable_backbone(tmp_path):
     out = tmp_path / "qs.safetensors"
     accuracy = pretrain_backbone(out, num_samples=64, epochs=1, batch_size=16, max_steps=2)

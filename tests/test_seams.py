@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from vpt_lightning import OptimConfig, PromptConfig, PromptedViT, VPTModule
-from vpt_lightning.backbones import create_backbone, family_for, prompted_backbone, supported_classes
+from vpt_lightning.backbones import create_backbone, family_class_of_model, prompted_backbone, supported_classes
 from vpt_lightning.checkpoint import (
     check_backbone_identity,
     identity_differences,
@@ -27,7 +27,7 @@ NUM_CLASSES = SyntheticDataModule(task="count", num_train=1, num_val=1, num_test
 
 def test_a_vit_gets_the_vit_family_and_an_unknown_class_is_refused_by_name():
     vit = make_vit()
-    assert family_for(vit) is PromptedViT
+    assert family_class_of_model(vit) is PromptedViT
     assert isinstance(prompted_backbone(vit, {"num_tokens": 2}), PromptedViT)
     assert "VisionTransformer" in supported_classes()
     with pytest.raises(TypeError, match=r"no prompted-backbone family for the timm model class Linear; supported"):
@@ -38,7 +38,7 @@ def test_a_subclass_of_a_registered_timm_class_finds_its_family():
     class MyViT(timm.models.vision_transformer.VisionTransformer):
         pass
 
-    assert family_for(MyViT(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2)) is PromptedViT
+    assert family_class_of_model(MyViT(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2)) is PromptedViT
 
 
 def test_a_local_file_loads_as_timms_own_pretrained_cfg_overlay_route_does(tmp_path, images):
@@ -172,3 +172,88 @@ def test_config_groups_compose_onto_their_schemas_and_are_parsed_once():
     # range checks stay ours, with the key, the bad value and the valid values
     with pytest.raises(ValueError, match=r"prompt.num_tokens=-2 must be an integer >= 0"):
         OmegaConf.to_object(compose(["+experiment=quickstart", "recipe.num_tokens=-2"]).prompt)
+
+
+def test_a_config_dataclass_or_a_mapping_is_coerced_in_one_place():
+    """``plain_mapping`` and ``DataclassConfig.parse`` are the one coercion of "a dataclass, a DictConfig or a
+    mapping"; no other module of the package writes its own (``asdict``, ``is_dataclass``,
+    ``hasattr(.., "to_dict")``)."""
+    import re
+    from pathlib import Path
+
+    import vpt_lightning
+    from vpt_lightning.dataclass_config import plain_mapping
+
+    prompt = PromptConfig(num_tokens=4)
+    assert plain_mapping(prompt) == prompt.to_dict() and plain_mapping(None) == {}
+    node = OmegaConf.create({"num_tokens": "${n}", "n": 7})
+    assert plain_mapping(node) == {"num_tokens": 7, "n": 7}  # interpolations resolved
+    source = {"num_tokens": 3}
+    assert plain_mapping(source) == source and plain_mapping(source) is not source
+    with pytest.raises(TypeError, match="expected a config dataclass or a mapping, got list"):
+        plain_mapping([1, 2])
+    assert PromptConfig.parse(prompt) is prompt
+    typed = compose(["+experiment=quickstart"]).prompt  # a DictConfig typed by the PromptConfig schema
+    assert PromptConfig.parse(typed) == PromptConfig.from_mapping(OmegaConf.to_container(typed, resolve=True))
+    assert PromptConfig.parse({"num_tokens": 5}).num_tokens == 5 and PromptConfig.parse(None) == PromptConfig()
+    with pytest.raises(ValueError, match=r"unknown prompt option\(s\) \['tokens'\]"):
+        PromptConfig.parse({"tokens": 5})
+
+    package = Path(vpt_lightning.__file__).parent
+    copies = re.compile(r"is_dataclass\(|__dataclass_fields__|hasattr\(\w+, \"to_dict\"\)|asdict\((?!self\))")
+    for path in sorted(package.rglob("*.py")):
+        if path.name != "dataclass_config.py":
+            found = [line.strip() for line in path.read_text().splitlines() if copies.search(line)]
+            assert not found, f"{path.relative_to(package)} coerces a config itself: {found}"
+
+
+def test_no_two_exported_classes_or_functions_share_a_name():
+    """Each name exported by the package's ``__all__`` lists means one object (``TaskInfo`` once meant a benchmark
+    task's facts and a served task); the old names of renamed objects still import, with a DeprecationWarning."""
+    import importlib
+    import pkgutil
+
+    import vpt_lightning
+
+    owners = {}
+    packages = ["vpt_lightning"] + [f"vpt_lightning.{m.name}" for m in pkgutil.iter_modules(vpt_lightning.__path__)
+                                    if m.ispkg and m.name not in ("cli", "conf")]
+    for package in packages:
+        module = importlib.import_module(package)
+        for name in getattr(module, "__all__", []):
+            value = getattr(module, name)
+            if isinstance(value, type) or callable(value):
+                where = f"{value.__module__}.{value.__qualname__}"
+                owners.setdefault(getattr(value, "__name__", name), set()).add(where)
+    assert {name: where for name, where in owners.items() if len(where) > 1} == {}
+
+    from vpt_lightning.backbones import family_class_of_model
+    from vpt_lightning.backbones.loading import family_class_of_config
+    from vpt_lightning.serving import ServedTask
+
+    import vpt_lightning.backbones as backbones
+    import vpt_lightning.backbones.loading as loading
+    import vpt_lightning.serving as serving
+
+    for module, old, new in ((backbones, "family_for", family_class_of_model), (serving, "TaskInfo", ServedTask),
+                             (loading, "family_of_config", family_class_of_config)):
+        with pytest.warns(DeprecationWarning, match=f"{old} is now .*{new.__name__}"):
+            assert getattr(module, old) is new
+    assert family_class_of_config({"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 32}}) is PromptedViT
+
+
+def test_fitting_state_dict_returns_a_new_mapping_and_leaves_its_argument_alone():
+    from pathlib import Path
+
+    from vpt_lightning.backbones.loading import fitting_state_dict
+
+    model = make_vit()  # no classifier: num_classes=0
+    state = {**model.state_dict(), "head.weight": torch.zeros(10, 32), "head.bias": torch.zeros(10)}
+    before = dict(state)
+    fitted = fitting_state_dict(Path("w.safetensors"), model, state)
+    assert set(fitted) == set(model.state_dict()) and fitted is not state
+    assert state.keys() == before.keys() and all(state[k] is before[k] for k in before)  # untouched
+    del state["blocks.0.norm1.weight"]
+    with pytest.raises(ValueError, match=r"'w.safetensors' does not fit model VisionTransformer; missing keys: "
+                                         r"blocks\.0\.norm1\.weight"):
+        fitting_state_dict(Path("w.safetensors"), model, state)

@@ -1,5 +1,5 @@
-"""Hydra/OmegaConf plumbing: where the packaged configs live, the ``vpt.asset`` and ``vpt.family_grid``
-resolvers, the schemas, and ``compose``."""
+"""Hydra/OmegaConf plumbing: where the packaged configs live, the ``vpt.asset``, ``vpt.family_grid`` and
+``vpt.prompt_length`` resolvers, the schemas, and ``compose``."""
 
 from __future__ import annotations
 
@@ -24,12 +24,20 @@ def asset_path(name: str) -> str:
 def family_grid(key: str, default: Any, _root_: DictConfig) -> Any:
     """``${vpt.family_grid:KEY,DEFAULT}`` in ``conf/tune.yaml``: the backbone family's own sweep values for the
     tuning method of the config (e.g. ConvNets' border widths for VPT), else ``DEFAULT``."""
-    from .backbones.loading import family_of_config
+    from .backbones.loading import family_class_of_config
     from .methods import get_method
 
     backbone = OmegaConf.to_container(_root_.backbone, resolve=True)
     prompts = get_method(_root_.tuning.method).prompts != "none"
-    return family_of_config(backbone).protocol_grid(prompts).get(key, default)
+    return family_class_of_config(backbone).protocol_grid(prompts).get(key, default)
+
+
+def prompt_length(task: str, benchmark: Optional[str] = None) -> int:
+    """``${vpt.prompt_length:TASK,BENCHMARK}`` in the VTAB/FGVC experiments: the task's VPT-Deep prompt length from
+    the task table (:mod:`vpt_lightning.data.registry`), the one place it is written."""
+    from .data.registry import get_task
+
+    return get_task(str(task), benchmark).default_prompt_length
 
 
 def register_resolvers() -> None:
@@ -40,6 +48,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("vpt.asset", asset_path)
     if not OmegaConf.has_resolver("vpt.family_grid"):
         OmegaConf.register_new_resolver("vpt.family_grid", family_grid)
+    if not OmegaConf.has_resolver("vpt.prompt_length"):
+        OmegaConf.register_new_resolver("vpt.prompt_length", prompt_length)
     register_schemas()
 
 

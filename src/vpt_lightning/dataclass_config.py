@@ -1,10 +1,13 @@
-"""A small base for the dataclasses behind the config groups: build from a mapping, dump to a dict."""
+"""A small base for the dataclasses behind the config groups: build from a mapping, dump to a dict, and the one
+coercion of "a config dataclass, a DictConfig or a mapping" (:func:`plain_mapping`, :meth:`DataclassConfig.parse`)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, fields
-from typing import Any, Callable, ClassVar, Mapping, Optional, Type, TypeVar, Union
+from dataclasses import asdict, fields, is_dataclass
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Type, TypeVar, Union
+
+from omegaconf import OmegaConf
 
 T = TypeVar("T", bound="DataclassConfig")
 
@@ -24,8 +27,37 @@ class DataclassConfig:
             raise ValueError(f"unknown {cls.group} option(s) {unknown}; valid keys are {sorted(known)}")
         return cls(**cfg)
 
+    @classmethod
+    def parse(cls: Type[T], config: Any) -> T:
+        """``config`` as this dataclass: taken as it is when it already is one, converted when it is a DictConfig
+        typed by this schema (``conf/train.yaml``, :mod:`vpt_lightning.schemas`), else built from its mapping with
+        :meth:`from_mapping` (``None``: the defaults)."""
+        if isinstance(config, cls):
+            return config
+        if OmegaConf.is_config(config):
+            node_type = OmegaConf.get_type(config)
+            if isinstance(node_type, type) and issubclass(node_type, cls):
+                return OmegaConf.to_object(config)  # type: ignore[return-value]
+        return cls.from_mapping(plain_mapping(config))
+
     def to_dict(self) -> dict:
         return asdict(self)  # type: ignore[call-overload]
+
+
+def plain_mapping(config: Any) -> Dict[str, Any]:
+    """A plain ``dict`` of a config dataclass (its ``to_dict``), any other dataclass instance, a DictConfig
+    (interpolations resolved) or a mapping; ``None`` gives ``{}``."""
+    if config is None:
+        return {}
+    if isinstance(config, DataclassConfig):
+        return config.to_dict()
+    if is_dataclass(config) and not isinstance(config, type):
+        return asdict(config)
+    if OmegaConf.is_config(config):
+        return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
+    if isinstance(config, Mapping):
+        return dict(config)
+    raise TypeError(f"expected a config dataclass or a mapping, got {type(config).__name__}: {config!r}")
 
 
 def number(key: str, value: Any, valid: str, test: Callable[[float], bool], integer: bool = False) -> Union[int, float]:

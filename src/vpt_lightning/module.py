@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import pytorch_lightning as pl
@@ -20,21 +19,6 @@ from .methods import TuningConfig, parse_tuning
 from .optim import OptimConfig
 from .prompt import PromptConfig
 from .task_model import TaskModel, TaskSpec, build_task_model
-
-
-def _as_dict(cfg: Any) -> Dict[str, Any]:
-    """Plain dict of a dataclass, DictConfig or mapping (for hparams that pickle and print cleanly)."""
-    if cfg is None:
-        return {}
-    if hasattr(cfg, "to_dict"):
-        return cfg.to_dict()
-    if hasattr(cfg, "__dataclass_fields__"):
-        return asdict(cfg)
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return dict(cfg)
 
 
 class VPTModule(pl.LightningModule):
@@ -75,7 +59,8 @@ class VPTModule(pl.LightningModule):
         tuning: the tuning method (``method``: a name of :mod:`vpt_lightning.methods`, default ``vpt_deep``) and its
             options: what trains besides the prompts (nothing for VPT and the linear probe; all weights, the biases
             or the last k blocks for the baselines) and the head.
-        backbone_eval: keep the backbone in eval mode while training (the official code does for VPT).
+        backbone_eval: keep the backbone in eval mode while training (the official code does for VPT); ``None``: the
+            tuning method's default (true unless it trains backbone weights).
         compile: ``torch.compile`` the prompted backbone's forward (opt-in; the module's keys do not change).
         grad_checkpointing: recompute block activations in the backward pass (saves memory on ViT-L/H).
         task_name: the task's name, kept in the checkpoint for ``vpt-predict`` / ``vpt-serve``.
@@ -91,7 +76,7 @@ class VPTModule(pl.LightningModule):
         prompt: Union[PromptConfig, Mapping[str, Any], None] = None,
         optim: Union[OptimConfig, Mapping[str, Any], None] = None,
         tuning: Union[TuningConfig, Mapping[str, Any], None] = None,
-        backbone_eval: bool = True,
+        backbone_eval: Optional[bool] = None,
         compile: bool = False,
         grad_checkpointing: bool = False,
         task_name: Optional[str] = None,
@@ -105,12 +90,12 @@ class VPTModule(pl.LightningModule):
             raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
         # validate every config before building anything (configs that are already parsed are taken as they are),
         # and keep them as plain dicts in hparams
-        self.prompt_config = _parse(PromptConfig, prompt) if prompt is not None else PromptConfig(0)
-        self.optim_config = _parse(OptimConfig, optim)
-        self.tuning_method, self.tuning_config = parse_tuning(
-            tuning if isinstance(tuning, TuningConfig) else _as_dict(tuning)
-        )
-        backbone_config = _parse(BackboneConfig, backbone)
+        self.prompt_config = PromptConfig.parse(prompt) if prompt is not None else PromptConfig(0)
+        self.optim_config = OptimConfig.parse(optim)
+        self.tuning_method, self.tuning_config = parse_tuning(tuning)
+        backbone_config = BackboneConfig.parse(backbone)
+        if backbone_eval is None:
+            backbone_eval = not self.tuning_method.trains_backbone
         self.save_hyperparameters(
             {
                 "num_classes": num_classes,
@@ -320,7 +305,3 @@ class VPTModule(pl.LightningModule):
         for key, value in self.state_dict().items():
             state.setdefault(key, value)
 
-
-def _parse(cls: Any, config: Any) -> Any:
-    """``config`` as the dataclass ``cls``: taken as it is when already parsed, else built from its mapping."""
-    return config if isinstance(config, cls) else cls.from_mapping(_as_dict(config))

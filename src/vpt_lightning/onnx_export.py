@@ -25,6 +25,7 @@ from PIL import Image
 from torch import nn
 
 from .atomic import atomic_path
+from .dataclass_config import plain_mapping
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
 
 #: the largest logit difference (fp32) between onnxruntime and PyTorch that :func:`check_onnx` callers accept
@@ -90,10 +91,8 @@ def saved_eval_transform(model: nn.Module) -> Optional[Mapping[str, Any]]:
     """The eval transform settings saved with a task (``model.eval_transform`` or ``hparams['eval_transform']``,
     a mapping of :func:`~vpt_lightning.data.transforms.build_transform` arguments; ``None`` when it has none)."""
     for source in (getattr(model, "eval_transform", None), (getattr(model, "hparams", None) or {}).get("eval_transform")):
-        if hasattr(source, "to_dict"):
-            source = source.to_dict()
-        if isinstance(source, Mapping):
-            return source
+        if source is not None:
+            return plain_mapping(source)
     return None
 
 

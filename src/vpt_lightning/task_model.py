@@ -79,9 +79,10 @@ class TaskSpec:
             self.class_names = [str(c) for c in self.class_names]
             if len(self.class_names) != self.num_classes:
                 raise ValueError(f"class_names has {len(self.class_names)} names but num_classes={self.num_classes}")
-        self.backbone = _plain(self.backbone, BackboneConfig)
-        self.prompt = _plain(self.prompt, PromptConfig)
-        self.tuning = parse_tuning(_plain(self.tuning, None))[1].to_dict()  # validated, the method's defaults filled
+        # validated (a bad key or value is named now) and stored as plain dicts; the method's defaults filled
+        self.backbone = BackboneConfig.parse(self.backbone).to_dict()
+        self.prompt = PromptConfig.parse(self.prompt).to_dict()
+        self.tuning = parse_tuning(self.tuning)[1].to_dict()
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], origin: str = "the task") -> "TaskSpec":
@@ -97,16 +98,6 @@ class TaskSpec:
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
-
-
-def _plain(value: Any, cls: Any) -> Dict[str, Any]:
-    if value is None:
-        return {}
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if cls is not None and isinstance(value, Mapping):
-        return cls.from_mapping(dict(value)).to_dict()  # validated: a bad key or value is named now
-    return dict(value)
 
 
 class TaskModel(
@@ -166,8 +157,7 @@ class TaskModel(
 
     @property
     def method_name(self) -> str:
-        method, tuning = parse_tuning(self.spec.tuning)
-        return tuning.name or method.name
+        return parse_tuning(self.spec.tuning)[1].name  # tuning.name, else the method's label (parse_tuning fills it)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, num_classes)`` of a batch of prepared images."""

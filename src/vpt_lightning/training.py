@@ -56,18 +56,12 @@ def parse_configs(cfg: DictConfig) -> ModelConfigs:
     """Parse and check the model and optimiser groups before anything is built (errors name the key and valid
     values; a prompt group that contradicts the tuning method is refused)."""
 
-    def parsed(key: str, cls: Any) -> Any:
-        # a node typed by its schema (conf/train.yaml, schemas.py) becomes the dataclass itself; a plain node
-        # (e.g. a config composed without the schemas) goes through the dataclass's mapping constructor
-        node = cfg[key]
-        if OmegaConf.get_type(node) is not dict and issubclass(OmegaConf.get_type(node), cls):
-            return OmegaConf.to_object(node)
-        return cls.from_mapping(OmegaConf.to_container(node, resolve=True))
-
-    prompt = parsed("prompt", PromptConfig)
-    backbone = parsed("backbone", BackboneConfig)
-    method, tuning = parse_tuning(parsed("tuning", TuningConfig))
-    optim = OptimConfig.from_mapping(OmegaConf.to_container(cfg.optim, resolve=True))
+    # a node typed by its schema (conf/train.yaml, schemas.py) becomes the dataclass itself; a plain node
+    # (e.g. a config composed without the schemas) goes through the dataclass's mapping constructor
+    prompt = PromptConfig.parse(cfg.prompt)
+    backbone = BackboneConfig.parse(cfg.backbone)
+    method, tuning = parse_tuning(TuningConfig.parse(cfg.tuning))
+    optim = OptimConfig.parse(cfg.optim)
     method.check_prompt(tuning, prompt)
     return ModelConfigs(backbone, prompt, method, tuning, optim)
 
@@ -131,7 +125,7 @@ def build_module(cfg: DictConfig, configs: ModelConfigs, datamodule: Any) -> VPT
         prompt=configs.prompt,
         optim=configs.optim,
         tuning=configs.tuning,
-        backbone_eval=cfg.backbone_eval,
+        backbone_eval=cfg.get("backbone_eval"),  # tuning=<method> sets it; None: the method's default all the same
         compile=cfg.get("compile", False),
         grad_checkpointing=cfg.get("grad_checkpointing", False),
         task_name=cfg.task_name,

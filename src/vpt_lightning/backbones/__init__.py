@@ -11,8 +11,9 @@ from typing import Any, Mapping, Union
 from torch import nn
 
 from ..prompt import PromptConfig
+from ..renamed import renamed_names
 from .base import PromptedBackbone
-from .registry import family_for, register_family, supported_classes
+from .registry import family_class_of_model, register_family, supported_classes
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in ("base", "registry", "loading", "identity", "pin"):
@@ -29,15 +30,17 @@ def prompted_backbone(
     backbone_eval: bool = True,
 ) -> PromptedBackbone:
     """Wrap a timm model in its family's prompted backbone (frozen, prompts per ``prompt``)."""
-    return family_for(model)(model, prompt, freeze_backbone=freeze_backbone, backbone_eval=backbone_eval)
+    return family_class_of_model(model)(model, prompt, freeze_backbone=freeze_backbone, backbone_eval=backbone_eval)
 
+
+__getattr__ = renamed_names(__name__, {"family_for": family_class_of_model})
 
 __all__ = [
     "BackboneConfig",
     "PromptedBackbone",
     "PromptedViT",
     "create_backbone",
-    "family_for",
+    "family_class_of_model",
     "load_backbone_weights",
     "prompted_backbone",
     "register_family",

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
-from .registry import family_for
+from .registry import family_class_of_model
 
 # timm.create_model arguments that only act while training, so they are no part of the backbone's identity
 TRAINING_ONLY_KWARGS = frozenset(
@@ -55,7 +55,7 @@ def architecture(model: nn.Module, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
     rates left out) and the family's settings that leave no trace in the weight names and shapes."""
     return {
         "kwargs": {k: v for k, v in sorted(kwargs.items()) if k not in TRAINING_ONLY_KWARGS},
-        **family_for(model).architecture(model),
+        **family_class_of_model(model).architecture(model),
     }
 
 
@@ -73,7 +73,7 @@ def backbone_identity(
         identity["checkpoint_sha256"] = file_sha256(Path(checkpoint_path).expanduser())
     identity.update(
         embed_dim=int(getattr(model, "embed_dim", getattr(model, "num_features", 0))),
-        depth=family_for(model).depth(model),
+        depth=family_class_of_model(model).depth(model),
         architecture=architecture(model, kwargs),
         fingerprint=weights_fingerprint(model),
     )

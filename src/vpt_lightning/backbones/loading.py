@@ -20,7 +20,8 @@ from .identity import backbone_identity
 from ..dataclass_config import DataclassConfig
 from ..paper import BACKBONES, backbone_key
 from .base import PromptedBackbone, refuse_resampling
-from .registry import family_for
+from ..renamed import renamed_names
+from .registry import family_class_of_model
 
 
 @dataclass
@@ -80,13 +81,13 @@ def _read_state_dict(path: Path, model: nn.Module, resize: bool = False) -> Dict
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"backbone.checkpoint_path={str(path)!r} holds no state dict of tensors")
     state_dict = timm.models.clean_state_dict(state_dict)
-    family = family_for(model)
+    family = family_class_of_model(model)
     # the family's own timm converter may pop keys from its argument: give it a copy, so that every tensor of the
     # file stays alive for the check below
     try:
         filtered = family.filter_state_dict(dict(state_dict), model)
     except Exception as err:  # timm's filters assume a file of the model's layout (Swin's looks up every table)
-        check_keys(path, model, state_dict)  # name the keys that do not fit, if that is why
+        fitting_state_dict(path, model, state_dict)  # name the keys that do not fit, if that is why
         raise ValueError(
             f"backbone.checkpoint_path={str(path)!r} could not be converted for {type(model).__name__} by its timm "
             f"filter ({type(err).__name__}: {err}); check backbone.name and backbone.kwargs against the checkpoint"
@@ -101,21 +102,23 @@ def _read_state_dict(path: Path, model: nn.Module, resize: bool = False) -> Dict
             source = next((t for k, t in state_dict.items() if k == key or k.endswith("." + key)), None)
             shape = tuple(source.shape) if source is not None else "another shape"
             resized.append(f"{key}: file {shape} vs model {tuple(expected[key].shape)}")
-    check_keys(path, model, filtered)  # a file of another model fails naming its keys, before any resampling
+    # a file of another model fails naming its keys, before any resampling
+    filtered = fitting_state_dict(path, model, filtered)
     refuse_resampling(path, resized, resize)
     return filtered
 
 
-def check_keys(path: Path, model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
-    """Fail naming the missing, unexpected and mis-shaped keys when ``state_dict`` does not fit ``model``.
-
-    Classifier keys (``head.*``) that the model lacks or holds in another shape are dropped from ``state_dict``.
-    """
+def fitting_state_dict(
+    path: Path, model: nn.Module, state_dict: Mapping[str, torch.Tensor]
+) -> Dict[str, torch.Tensor]:
+    """A new dict of ``state_dict`` without the classifier keys (``head.*``) that ``model`` lacks or holds in another
+    shape; fails naming the missing, unexpected and mis-shaped keys when the rest does not fit ``model``.
+    ``state_dict`` itself is left as it is."""
     expected = model.state_dict()
-    head_keys = [k for k in state_dict if k.startswith("head.")]
-    for key in head_keys:
-        if key not in expected or expected[key].shape != state_dict[key].shape:
-            del state_dict[key]
+    state_dict = {
+        k: v for k, v in state_dict.items()
+        if not k.startswith("head.") or (k in expected and expected[k].shape == v.shape)
+    }
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     mismatched = [
@@ -136,6 +139,7 @@ def check_keys(path: Path, model: nn.Module, state_dict: Dict[str, torch.Tensor]
             parts.append(f"shape mismatches: {show(mismatched)}")
         parts.append("check backbone.name and backbone.kwargs against the checkpoint")
         raise ValueError("; ".join(parts))
+    return state_dict
 
 
 def load_backbone_weights(model: nn.Module, checkpoint_path: os.PathLike, resize_embeddings: bool = False) -> None:
@@ -148,13 +152,14 @@ def load_backbone_weights(model: nn.Module, checkpoint_path: os.PathLike, resize
     path = Path(checkpoint_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"backbone.checkpoint_path={str(path)!r} does not exist")
-    if family_for(model).load_special_file(model, path, resize_embeddings):  # e.g. ViT's original .npz files
+    if family_class_of_model(model).load_special_file(model, path, resize_embeddings):  # e.g. ViT's .npz files
         return
     model.load_state_dict(_read_state_dict(path, model, resize_embeddings), strict=True)
 
 
 @functools.lru_cache(maxsize=32)
-def _family_of(name: str, kwargs_json: str) -> Type[PromptedBackbone]:
+def _family_class_of_architecture(name: str, kwargs_json: str) -> Type[PromptedBackbone]:
+    """The family class of timm model ``name`` built with ``kwargs_json`` on the meta device (cached per pair)."""
     kwargs = {**json.loads(kwargs_json), "num_classes": 0}
     try:
         with torch.device("meta"):  # the architecture alone: no memory, no weights
@@ -163,14 +168,13 @@ def _family_of(name: str, kwargs_json: str) -> Type[PromptedBackbone]:
         if "Unknown model" in str(err):
             raise ValueError(f"backbone.name={name!r} is not a timm model; see timm.list_models() for valid names") from err
         model = timm.create_model(name, pretrained=False, **kwargs)  # an init that needs real tensors
-    return family_for(model)
+    return family_class_of_model(model)
 
 
-def family_of_config(config: BackboneConfig | Mapping[str, Any]) -> Type[PromptedBackbone]:
-    """The prompted-backbone family of the model a ``backbone`` config builds, without building its weights."""
-    if not isinstance(config, BackboneConfig):
-        config = BackboneConfig.from_mapping(config)
-    return _family_of(config.name, json.dumps(config.kwargs, sort_keys=True))
+def family_class_of_config(config: BackboneConfig | Mapping[str, Any]) -> Type[PromptedBackbone]:
+    """The prompted-backbone family class of the model a ``backbone`` config builds, without building its weights."""
+    config = BackboneConfig.parse(config)
+    return _family_class_of_architecture(config.name, json.dumps(config.kwargs, sort_keys=True))
 
 
 def create_backbone(config: BackboneConfig | Mapping[str, Any]) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -261,3 +265,6 @@ def check_npz(path: Path, model: nn.Module, resize: bool) -> None:
     if pos is not None and model.pos_embed is not None and tuple(pos) != tuple(model.pos_embed.shape):
         resized.append(f"{pos_key}: file {tuple(pos)} vs model {tuple(model.pos_embed.shape)}")
     refuse_resampling(path, resized, resize)
+
+
+__getattr__ = renamed_names(__name__, {"family_of_config": family_class_of_config})

@@ -25,10 +25,8 @@ def backbone_pin(value: Any, package_backbone: Optional[Mapping[str, Any]] = Non
     """
     if value is None:
         return None
-    if isinstance(value, BackboneConfig):
-        return value
-    if isinstance(value, Mapping):
-        return BackboneConfig.from_mapping(dict(value))
+    if isinstance(value, (BackboneConfig, Mapping)):
+        return BackboneConfig.parse(value)
     text = str(value)
     path = Path(text).expanduser()
     if path.suffix in (".yaml", ".yml", ".json"):
@@ -77,7 +75,7 @@ def own_backbone(config: Mapping[str, Any], origin: str) -> BackboneConfig:
     way out (pin the backbone)."""
     from ..config import ASSET_DIR
 
-    parsed = BackboneConfig.from_mapping(dict(config))
+    parsed = BackboneConfig.parse(config)
     if not parsed.checkpoint_path or Path(parsed.checkpoint_path).expanduser().is_file():
         return parsed
     recorded = Path(parsed.checkpoint_path)

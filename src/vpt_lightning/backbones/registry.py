@@ -37,8 +37,9 @@ def classes_of(family: type) -> List[type]:
     return [cls for cls, registered in _FAMILIES.items() if registered is family]
 
 
-def family_for(model: nn.Module) -> Type["PromptedBackbone"]:
-    """The family class for a timm model (its class or nearest registered base class)."""
+def family_class_of_model(model: nn.Module) -> Type["PromptedBackbone"]:
+    """The family class (a :class:`PromptedBackbone` subclass) of a built timm model: the one registered for its
+    class or nearest registered base class."""
     for cls in type(model).__mro__:
         if cls in _FAMILIES:
             return _FAMILIES[cls]

@@ -39,19 +39,21 @@ class TuningMethod:
     """One tuning method: what trains besides the prompts, its head, and how the protocol treats it.
 
     Subclass it in a module of :mod:`vpt_lightning.methods` with ``@register_method`` and add
-    ``conf/tuning/<name>.yaml``; nothing else needs to know the method.
+    ``conf/tuning/<name>.yaml`` (which selects ``/schema/method/<name>``); nothing else needs to know the method.
+    The class is the one place of its facts: the config composed for ``tuning=<name>`` (its prompt group, optimizer,
+    label and ``backbone_eval``) is derived from these attributes by :func:`vpt_lightning.schemas.method_node`.
 
     Class attributes:
         name: registry key (``tuning.method``) and default label.
         Config: its config dataclass (a :class:`TuningConfig` subclass with its own options).
         prompts: the prompt config it needs: ``deep``, ``shallow``, ``some`` (either), ``none`` or ``any`` (checked
             before training).
-        trains_backbone: whether backbone weights change (then a task checkpoint carries them and the backbone
-            cannot be shared with other tasks).
+        trains_backbone: whether backbone weights change (then a task checkpoint carries them, the backbone
+            cannot be shared with other tasks, and ``backbone_eval`` defaults to false).
         lr_grid: the key of its learning-rate grid in the protocol config (``protocol.base_lr``...).
         wd_grid: the key of its weight-decay grid in the protocol config (``protocol.weight_decay``...).
-        optimizer: its default ``optim`` group (``conf/tuning/<name>.yaml`` composes it; ``optim=...`` on the
-            command line overrides it): the paper's SGD for prompts and frozen-backbone heads, AdamW where backbone
+        optimizer: its default ``optim`` group (``tuning=<name>`` composes it; ``optim=...`` on the command line
+            overrides it): the paper's SGD for prompts and frozen-backbone heads, AdamW where backbone
             weights or adapters train.
         head_only: the backbone is frozen, has no prompts and nothing of it trains: the head sees a pure function of
             the image, so training may run on cached features (:mod:`vpt_lightning.feature_cache`).

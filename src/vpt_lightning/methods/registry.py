@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Tuple, Type, TypeVar
 
+from ..dataclass_config import plain_mapping
 from .base import TuningConfig, TuningMethod
 
 M = TypeVar("M", bound=Type[TuningMethod])
@@ -48,8 +49,7 @@ def parse_tuning(config: Mapping[str, Any] | TuningConfig | None) -> Tuple[Type[
             if config.name is None:
                 config.name = method.label(config)
             return method, config
-        config = config.to_dict()  # e.g. tuning.method changed on the command line: the method's own fields
-    values = dict(config or {})
+    values = plain_mapping(config)  # a mapping, or another method's config (tuning.method changed on the command line)
     if "method" not in values:
         values["method"] = values["name"] if values.get("name") in _METHODS else TuningConfig.method
     method = get_method(values["method"])

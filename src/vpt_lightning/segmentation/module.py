@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from ..dataclass_config import DataclassConfig
 from ..methods import TuningMethod
-from ..module import VPTModule, _as_dict
+from ..module import VPTModule
 from .dense import check_taps, dense_features
 from .setr_pup import SETRPUP, SETRPUPConfig
 from .sliding import multi_scale_inference, slide_inference
@@ -92,7 +92,7 @@ class SegmentationModule(VPTModule):
         optim: Any = None,
         tuning: Any = None,
         segmentation: Union[SegmentationConfig, Mapping[str, Any], None] = None,
-        backbone_eval: bool = True,
+        backbone_eval: Optional[bool] = None,
         compile: bool = False,
         grad_checkpointing: bool = False,
         **kwargs: Any,
@@ -100,10 +100,7 @@ class SegmentationModule(VPTModule):
         if compile:
             raise ValueError("compile=true is not supported for segmentation (the tapped blocks are read by hooks)")
         # read by build_head / build_loss, which VPTModule.__init__ calls
-        self.seg_config = (
-            segmentation if isinstance(segmentation, SegmentationConfig)
-            else SegmentationConfig.from_mapping(_as_dict(segmentation))
-        )
+        self.seg_config = SegmentationConfig.parse(segmentation)
         super().__init__(num_classes, backbone, prompt, optim, tuning, backbone_eval, compile, grad_checkpointing,
                          **kwargs)
         if self.tuning_method.build_head.__func__ is not TuningMethod.build_head.__func__:

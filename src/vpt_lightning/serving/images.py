@@ -14,7 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
-from .multitask import MultiTaskClassifier, TaskInfo
+from .multitask import MultiTaskClassifier, ServedTask
 
 #: images with more pixels than this are refused before decoding (``--max-image-pixels``; 4096 x 4096)
 MAX_IMAGE_PIXELS = 16 * 2**20
@@ -64,7 +64,7 @@ def decode_image(data: bytes, source: str = "image", max_pixels: Optional[int] =
         raise ImageError(f"{source}: not a readable image ({type(err).__name__}: {err})") from err
 
 
-def eval_transform(info: TaskInfo, model: MultiTaskClassifier) -> Callable[[Image.Image], torch.Tensor]:
+def eval_transform(info: ServedTask, model: MultiTaskClassifier) -> Callable[[Image.Image], torch.Tensor]:
     """The task's evaluation transform (saved at training); checkpoints without one: resize to the backbone's input
     size, ImageNet mean/std (the training default)."""
     settings: Mapping[str, Any] = info.eval_transform or {}
@@ -84,7 +84,7 @@ def task_transforms(model: MultiTaskClassifier) -> Dict[str, Callable[[Image.Ima
     return {name: eval_transform(info, model) for name, info in model.infos.items()}
 
 
-def top_k(probabilities: torch.Tensor, info: TaskInfo, k: int) -> List[Dict[str, Any]]:
+def top_k(probabilities: torch.Tensor, info: ServedTask, k: int) -> List[Dict[str, Any]]:
     """The ``k`` most probable classes of one image of task ``info`` (fewer if it has fewer classes)."""
     values, indices = probabilities[: info.num_classes].float().topk(min(k, info.num_classes))
     return [

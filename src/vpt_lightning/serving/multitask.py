@@ -27,7 +27,7 @@ TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 @dataclass
-class TaskInfo:
+class ServedTask:
     """What a served task is: its name, classes, tuning method, source (package or checkpoint) and eval transform."""
 
     name: str
@@ -75,12 +75,12 @@ class MultiTaskClassifier(nn.Module):
 
     def __init__(self, backbone: Union[BackboneConfig, Mapping[str, Any]]) -> None:
         super().__init__()
-        config = backbone if isinstance(backbone, BackboneConfig) else BackboneConfig.from_mapping(dict(backbone))
+        config = BackboneConfig.parse(backbone)
         model, self.identity = create_backbone(config)
         self.backbone_config = config
         self.backbone: PromptedBackbone = prompted_backbone(model, None)  # the shared model, without prompts
         self.tasks = nn.ModuleDict()
-        self.infos: Dict[str, TaskInfo] = {}
+        self.infos: Dict[str, ServedTask] = {}
         # task name -> the additions its method makes to the shared model's modules (see task_updates); None: the
         # task does not join the one pass and runs through its own backbone
         self.updates: Dict[str, Optional[Dict[str, Update]]] = {}
@@ -161,7 +161,7 @@ class MultiTaskClassifier(nn.Module):
         joins = shares_blocks(self.backbone) and joins_with_prompts(task.backbone)
         self.updates[name] = task_updates(self.model, task.backbone.model) if joins else None
         self.tasks[name] = task.requires_grad_(False).eval().to(self.model_device())
-        self.infos[name] = TaskInfo(name, task.class_names, task.method_name, Path(path), task.eval_transform)
+        self.infos[name] = ServedTask(name, task.class_names, task.method_name, Path(path), task.eval_transform)
         return name
 
     def model_device(self) -> torch.device:
