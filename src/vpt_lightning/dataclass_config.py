@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import asdict, fields
-from typing import Any, Callable, ClassVar, Mapping, Optional, Type, TypeVar, Union
+from typing import Any, Callable, ClassVar, Collection, Iterable, Mapping, Optional, Type, TypeVar, Union
 
 T = TypeVar("T", bound="DataclassConfig")
 
@@ -18,14 +19,28 @@ class DataclassConfig:
     def from_mapping(cls: Type[T], cfg: Optional[Mapping[str, Any]]) -> T:
         """Build from a dict or DictConfig, naming unknown keys and the valid ones in the error."""
         cfg = dict(cfg or {})
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.group} option(s) {unknown}; valid keys are {sorted(known)}")
+        cls.refuse_unknown_keys(cfg)
         return cls(**cfg)
+
+    @classmethod
+    def refuse_unknown_keys(cls, keys: Iterable[str]) -> None:
+        """A ``ValueError`` naming the ``keys`` that are not fields of this class (with the closest field, if
+        one is close) and the valid keys; nothing when all are fields."""
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(keys) - known)
+        if unknown:
+            raise ValueError(unknown_keys_message(cls.group, unknown, known))
 
     def to_dict(self) -> dict:
         return asdict(self)  # type: ignore[call-overload]
+
+
+def unknown_keys_message(group: str, unknown: Collection[str], known: Collection[str]) -> str:
+    """``unknown <group> option(s) [...] (did you mean ...?); valid keys are [...]`` (close matches by difflib)."""
+    close = {key: difflib.get_close_matches(key, sorted(known), n=1) for key in sorted(unknown)}
+    hints = [f"{match[0]!r}" + (f" for {key!r}" if len(unknown) > 1 else "") for key, match in close.items() if match]
+    hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+    return f"unknown {group} option(s) {sorted(unknown)}{hint}; valid keys are {sorted(known)}"
 
 
 def number(key: str, value: Any, valid: str, test: Callable[[float], bool], integer: bool = False) -> Union[int, float]:

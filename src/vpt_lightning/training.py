@@ -61,6 +61,8 @@ def parse_configs(cfg: DictConfig) -> ModelConfigs:
         # (e.g. a config composed without the schemas) goes through the dataclass's mapping constructor
         node = cfg[key]
         if OmegaConf.get_type(node) is not dict and issubclass(OmegaConf.get_type(node), cls):
+            # a key added with '+' (e.g. +prompt.num_token=5) joins the typed node, but to_object would drop it
+            OmegaConf.get_type(node).refuse_unknown_keys(node.keys())
             return OmegaConf.to_object(node)
         return cls.from_mapping(OmegaConf.to_container(node, resolve=True))
 
