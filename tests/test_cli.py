@@ -189,3 +189,12 @@ def test_debug_switch_shows_the_traceback(tmp_path):
 def test_argparse_command_error_is_one_line(tmp_path):
     proc = run_command("report", [str(tmp_path / "nowhere")], cwd=tmp_path)
     assert "nowhere" in one_error_line(proc, "vpt-report")
+
+
+def test_quickstart_prints_none_of_the_dependencies_noise(tmp_path):
+    proc = run_command("train", ["+experiment=quickstart", "+debug=fast", "data.num_train=64", "data.num_val=32",
+                                 "data.num_test=32"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test top-1 (%)" in proc.stdout  # it did run
+    for noise in ("Tip:", "litlogger", "LeafSpec", "is deprecated", "DeprecationWarning", "FutureWarning"):
+        assert noise not in proc.stderr, noise
