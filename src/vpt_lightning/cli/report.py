@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,3 +22,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(paths["md"].read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
