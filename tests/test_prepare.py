@@ -13,12 +13,13 @@ from PIL import Image
 
 from vpt_lightning.data import DataError, VTABDataModule, get_task
 from vpt_lightning.data.official_splits import resolve, task_entry
-from vpt_lightning.cli.prepare import main as prepare_command
+from vpt_lightning.cli.prepare import main as prepare_main
 
 from conftest import write_image
 
-# the library's errors as raised; the command prints them as one line (test_prepare_without_data_names_...)
-prepare_main = prepare_command.__wrapped__
+# the command prints an error as one line (test_prepare_without_data_names_...); the tests below check the
+# library's errors as raised
+prepare_command, prepare_main = prepare_main, prepare_main.__wrapped__
 
 SIZES = {"train": 6, "valid": 4, "test": 3}
 
