@@ -132,3 +132,69 @@ def test_cfg_job_prints_the_paper_recipe_for_vtab_cifar100(tmp_path):
     for line in ("name: vit_base_patch16_224.orig_in21k", "num_tokens: 10", "deep: true", "dropout: 0.1",
                  "warmup_epochs: 10", "max_epochs: 100", "batch_size: 64", "task: cifar100", "momentum: 0.9"):
         assert line in out, line
+
+
+# ---- what the commands print for the user's errors ---------------------------------------------------------------
+def run_command(name, args, cwd, env=None):
+    """Run the installed ``vpt-<name>`` console script (as a user would) and return the finished process."""
+    exe = Path(sys.executable).parent / f"vpt-{name}"
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def one_error_line(proc, prog):
+    """The command failed with exit code 1 and printed its error as one line, without a traceback."""
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(f"{prog}: error: ")]
+    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "Error executing job" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+@pytest.mark.parametrize("override", ["+prompt.num_token=5", "prompt.num_token=5"])
+def test_unknown_key_fails_with_or_without_plus_naming_the_closest_key(tmp_path, command, override):
+    proc = run_command(command, ["+experiment=minivtab", *FAST[:2], override], cwd=tmp_path)
+    line = one_error_line(proc, f"vpt-{command}")
+    assert "unknown prompt option(s) ['num_token'] (did you mean 'num_tokens'?)" in line
+    assert "valid keys are ['deep', 'depth', 'dropout'," in line
+    assert not (tmp_path / "outputs" / "minivtab_location" / "protocol" / "vpt_deep" / "sweep").exists()
+
+
+@pytest.mark.parametrize("override", ["+backbone.nme=x", "+tuning.foo=1"])
+def test_unknown_key_of_backbone_and_tuning_fails(tmp_path, override):
+    group, key = override[1:].split("=")[0].split(".")
+    line = one_error_line(run_command("train", [*FAST, override], cwd=tmp_path), "vpt-train")
+    assert f"unknown {group} option(s) [{key!r}]" in line
+    assert ("(did you mean 'name'?)" in line) == (key == "nme")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("prompt.location=prepnd", "prompt.location='prepnd' is not one of ['prepend', 'add',"),
+    ("data=cifar1000", "Could not find 'data/cifar1000' (did you mean 'vtab_cifar100'?). Available options in "
+                       "'data': ade20k, fgvc,"),
+    ("+debug=fst", "Could not find 'debug/fst' (did you mean 'fast'?). Available options in 'debug': fast"),
+    ("prompt.num_tokens=abc", "could not be converted to Integer (key: prompt.num_tokens)"),
+    ("+trainer.max_epocks=2", "unexpected keyword argument 'max_epocks'"),
+])
+def test_config_error_is_one_line_without_traceback(tmp_path, override, message):
+    line = one_error_line(run_command("train", [*FAST, override], cwd=tmp_path), "vpt-train")
+    assert message in line
+
+
+def test_debug_switch_shows_the_traceback(tmp_path):
+    proc = run_command("train", [*FAST, "prompt.location=prepnd"], cwd=tmp_path, env={"VPT_DEBUG": "1"})
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "prompt.location='prepnd'" in proc.stderr
+
+
+def test_argparse_command_error_is_one_line(tmp_path):
+    proc = run_command("report", [str(tmp_path / "nowhere")], cwd=tmp_path)
+    assert "nowhere" in one_error_line(proc, "vpt-report")
+
+
+def test_quickstart_prints_none_of_the_dependencies_noise(tmp_path):
+    proc = run_command("train", ["+experiment=quickstart", "+debug=fast", "data.num_train=64", "data.num_val=32",
+                                 "data.num_test=32"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test top-1 (%)" in proc.stdout  # it did run
+    for noise in ("Tip:", "litlogger", "LeafSpec", "is deprecated", "DeprecationWarning", "FutureWarning"):
+        assert noise not in proc.stderr, noise

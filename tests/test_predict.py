@@ -153,3 +153,28 @@ def test_files_over_the_size_cap_are_not_read(tasks, tmp_path, capsys):
     line = next(line for line in err.splitlines() if "large.png" in line)
     assert "40000 pixels" in line and "the limit of 1000" in line
     assert "small.png" not in err
+
+
+def test_a_folder_or_file_that_is_no_task_source_says_what_it_is_and_what_is_expected(tmp_path, monkeypatch):
+    from vpt_lightning.task_sources import read_task
+
+    protocol = tmp_path / "outputs" / "count" / "protocol" / "vpt_deep"
+    run = protocol / "final" / "lr1_wd0" / "seed42"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (protocol / "summary.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"is a vpt-tune protocol folder .*expected a task package .*a run "
+                                                r"folder .*; under it: \['final/lr1_wd0/seed42'\]"):
+        read_task(protocol)
+    (run / "results.json").write_text("{}")
+    (run / "task").mkdir()
+    (run / "task" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"results.json' is a file of the run folder '.*seed42'; give that folder"):
+        read_task(run / "results.json")
+    with pytest.raises(ValueError, match=r"config.json' is a file of the task package '.*seed42/task'; give that"):
+        read_task(run / "task" / "config.json")
+    # a relative path whose first folder is here is a local path (not a Hub repo id): what is missing, what is there
+    monkeypatch.chdir(tmp_path / "outputs")
+    with pytest.raises(FileNotFoundError, match=r"'count/protocol/vpt_dep' does not exist: 'count/protocol' has no "
+                                                r"'vpt_dep' \(run folders there: \['vpt_deep/final/lr1_wd0/seed42'\]\)"):
+        read_task("count/protocol/vpt_dep")

@@ -4,6 +4,7 @@ datasets (Patch Camelyon's h5 files, decoded to PNG), with drawn or given (TFDS 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,10 @@ from vpt_lightning.data.vtab_prep.official_splits import resolve, task_entry
 from vpt_lightning.cli.prepare import main as prepare_main
 
 from conftest import write_image
+
+# the command prints an error as one line (test_prepare_without_data_names_...); the tests below check the
+# library's errors as raised
+prepare_command, prepare_main = prepare_main, prepare_main.__wrapped__
 
 SIZES = {"train": 6, "valid": 4, "test": 3}
 
@@ -113,15 +118,20 @@ def test_a_flat_list_must_hold_the_1000_images():
 
 
 # ---- vpt-prepare ----------------------------------------------------------------------------------------
-def test_prepare_without_data_names_the_missing_folder_or_asks_for_download(tmp_path):
-    with pytest.raises(DataError, match=r"DTD folder '.*/dtd/dtd' does not exist or is not a folder; torchvision's layout"):
-        prepare_main(["vtab", "--tasks", "dtd", "--source", str(tmp_path), "--out", str(tmp_path / "out")])
-    with pytest.raises(DataError, match=r"--source '.*/nowhere' does not exist; dmlab expects dmlab.tar.gz"):
-        prepare_main(["vtab", "--tasks", "dmlab", "--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
-    with pytest.raises(FileNotFoundError, match="pass --download"):
-        prepare_main(["vtab", "--tasks", "dtd", "--source", str(tmp_path), "--out", str(tmp_path / "out"), "--redraw"])
-    with pytest.raises(ValueError, match="cannot build 'dmlab' from torchvision"):
-        prepare_main(["vtab", "--tasks", "dmlab", "--source", str(tmp_path), "--out", str(tmp_path / "out"), "--redraw"])
+def test_prepare_without_data_names_the_missing_folder_or_asks_for_download(tmp_path, capsys):
+    def error(*args):  # vpt-prepare prints the error as one line and exits 1, no traceback
+        with pytest.raises(SystemExit) as exit_info:
+            prepare_command(["vtab", *args, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and err.startswith("vpt-prepare: error: ") and "Traceback" not in err
+        return err
+
+    assert re.search(r"DTD folder '.*/dtd/dtd' does not exist or is not a folder; torchvision's layout",
+                     error("--tasks", "dtd", "--source", str(tmp_path)))
+    assert re.search(r"--source '.*/nowhere' does not exist; dmlab expects dmlab.tar.gz",
+                     error("--tasks", "dmlab", "--source", str(tmp_path / "nowhere")))
+    assert "pass --download" in error("--tasks", "dtd", "--source", str(tmp_path), "--redraw")
+    assert "cannot build 'dmlab' from torchvision" in error("--tasks", "dmlab", "--source", str(tmp_path), "--redraw")
 
 
 def test_prepare_vtab_takes_given_train_val_indices(tmp_path):

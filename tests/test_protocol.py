@@ -276,19 +276,35 @@ def test_report_averages_groups_of_tasks_outside_the_benchmarks():
     assert "(paper)" not in markdown and "VTAB" not in markdown  # no benchmark task: no paper columns or VTAB rows
 
 
+def test_minivtab_experiment_sweeps_every_task_and_strategy():
+    """``vpt-tune -m +experiment=minivtab`` (shipped in the package) runs the 4 tasks x 7 strategies."""
+    cfg = compose(["+experiment=minivtab"], config_name="tune")
+    params = cfg.hydra.sweeper.params
+    assert params["data.task"].split(",") == ["kind", "count", "location", "orientation"]
+    assert params["tuning"].split(",") == ["vpt_deep", "vpt_shallow", "linear", "full", "bias", "adapter", "lora"]
+    assert cfg.paths.output_dir.endswith("/minivtab") or cfg.paths.output_dir == "outputs/minivtab"
+
+
 def test_minivtab_runs_end_to_end_and_reports_group_means(tmp_path):
-    """benchmarks/minivtab.py (sweep -> select -> final -> report) on 2 tasks x 2 strategies, shrunk to seconds."""
-    script = Path(__file__).parents[1] / "benchmarks" / "minivtab.py"
+    """mini-VTAB as the README gives it (vpt-tune -m +experiment=minivtab, then vpt-report: sweep -> select -> final
+    -> report) on 2 tasks x 2 strategies (command-line lists replace the experiment's), shrunk to seconds."""
     shrink = ["+debug=fast", "data.num_train=32", "data.num_val=16", "data.num_test=16", "data.batch_size=16",
               "protocol.base_lr=[1]", "protocol.weight_decay=[0]"]
-    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "mv"), "--tasks", "kind,count",
-                           "--tunings", "vpt_deep,linear", *shrink], capture_output=True, text=True, timeout=900)
+    out = tmp_path / "mv"
+    proc = subprocess.run([sys.executable, "-m", "vpt_lightning.cli.tune", "-m", "+experiment=minivtab",
+                           "data.task=kind,count", "tuning=vpt_deep,linear", f"paths.output_dir={out}", *shrink],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = (tmp_path / "mv" / "report.md").read_text()
+    assert sorted(str(p.relative_to(out)) for p in out.glob("*/protocol/*/summary.json")) == [
+        f"minivtab_{task}/protocol/{tuning}/summary.json" for task in ("count", "kind") for tuning in ("linear", "vpt_deep")]
+    proc = subprocess.run([sys.executable, "-m", "vpt_lightning.cli.report", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (out / "report.md").read_text()
     for task in ("minivtab_kind", "minivtab_count"):
         assert f"| {task} |" in report
     assert "| natural (mean of 1: minivtab_kind) |" in report and "| structured (mean of 1: minivtab_count) |" in report
-    assert (tmp_path / "mv" / "report.png").stat().st_size > 1000
+    assert (out / "report.png").stat().st_size > 1000
 
 
 def test_report_finds_the_papers_column_through_the_method_registry():

@@ -165,8 +165,9 @@ def test_ablation_png_plots_seed_means_and_stds(tmp_path):
 def test_vpt_viz_errors_name_the_problem_without_a_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         vpt_viz(["curves", str(tmp_path / "missing")])
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 1  # an error of the user's (argparse's usage errors are 2)
     err = capsys.readouterr().err
+    assert err.startswith("vpt-viz: error: ") and err.count("\n") == 1
     assert "metrics.csv" in err and "does not exist" in err and "Traceback" not in err
     with pytest.raises(SystemExit):
         vpt_viz(["tsne", str(tmp_path)])

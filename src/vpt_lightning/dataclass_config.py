@@ -3,9 +3,10 @@ coercion of "a config dataclass, a DictConfig or a mapping" (:func:`plain_mappin
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import asdict, fields, is_dataclass
-from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Type, TypeVar, Union
+from typing import Any, Callable, ClassVar, Collection, Dict, Iterable, Mapping, Optional, Type, TypeVar, Union
 
 from omegaconf import OmegaConf
 
@@ -21,10 +22,7 @@ class DataclassConfig:
     def from_mapping(cls: Type[T], cfg: Optional[Mapping[str, Any]]) -> T:
         """Build from a dict or DictConfig, naming unknown keys and the valid ones in the error."""
         cfg = dict(cfg or {})
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.group} option(s) {unknown}; valid keys are {sorted(known)}")
+        cls.refuse_unknown_keys(cfg)
         return cls(**cfg)
 
     @classmethod
@@ -37,8 +35,19 @@ class DataclassConfig:
         if OmegaConf.is_config(config):
             node_type = OmegaConf.get_type(config)
             if isinstance(node_type, type) and issubclass(node_type, cls):
+                # a key added with '+' (e.g. +prompt.num_token=5) joins the typed node, but to_object would drop it
+                node_type.refuse_unknown_keys(config.keys())
                 return OmegaConf.to_object(config)  # type: ignore[return-value]
         return cls.from_mapping(plain_mapping(config))
+
+    @classmethod
+    def refuse_unknown_keys(cls, keys: Iterable[str]) -> None:
+        """A ``ValueError`` naming the ``keys`` that are not fields of this class (with the closest field, if
+        one is close) and the valid keys; nothing when all are fields."""
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(keys) - known)
+        if unknown:
+            raise ValueError(unknown_keys_message(cls.group, unknown, known))
 
     def to_dict(self) -> dict:
         return asdict(self)  # type: ignore[call-overload]
@@ -58,6 +67,14 @@ def plain_mapping(config: Any) -> Dict[str, Any]:
     if isinstance(config, Mapping):
         return dict(config)
     raise TypeError(f"expected a config dataclass or a mapping, got {type(config).__name__}: {config!r}")
+
+
+def unknown_keys_message(group: str, unknown: Collection[str], known: Collection[str]) -> str:
+    """``unknown <group> option(s) [...] (did you mean ...?); valid keys are [...]`` (close matches by difflib)."""
+    close = {key: difflib.get_close_matches(key, sorted(known), n=1) for key in sorted(unknown)}
+    hints = [f"{match[0]!r}" + (f" for {key!r}" if len(unknown) > 1 else "") for key, match in close.items() if match]
+    hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+    return f"unknown {group} option(s) {sorted(unknown)}{hint}; valid keys are {sorted(known)}"
 
 
 def number(key: str, value: Any, valid: str, test: Callable[[float], bool], integer: bool = False) -> Union[int, float]:

@@ -35,7 +35,7 @@ from .locking import LOCK_FILE, folder_lock
 from .methods import get_method
 from .nonfinite import NonFiniteLossError
 from .search import optuna_sweep, search_kind
-from .training import RESULTS_FILE, last_checkpoint, result_config, train
+from .training import RESULTS_FILE, last_checkpoint, parse_configs, result_config, train
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
@@ -216,6 +216,7 @@ def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> 
     under the selected point (``final/<point>/seed<k>``), so a changed selection never reuses another point's runs.
     """
     protocol = cfg.protocol
+    parse_configs(cfg)  # a config error (a bad value, an unknown key) stops here, before any run folder is made
     method = get_method(cfg.tuning.method)
     if cfg.optim.name != method.optimizer:  # the method's YAML composes its optimizer; the command line overrode it
         log.warning("tuning=%s trains with optim=%s in the paper's protocol; this run uses optim=%s (overridden)",

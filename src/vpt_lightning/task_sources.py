@@ -36,6 +36,9 @@ def read_task(source: Union[str, os.PathLike], **download: Any) -> TaskRecord:
     or a run folder (its ``task/`` package, else its ``checkpoints/last.ckpt``), without building a network."""
     path = Path(source).expanduser()
     if path.is_file():
+        if path.suffix != ".ckpt" and (is_package(path.parent) or is_package(path.parent / "task")):
+            kind = "task package" if is_package(path.parent) else "run folder"  # e.g. <run>/task/config.json
+            raise ValueError(f"{str(path)!r} is a file of the {kind} {str(path.parent)!r}; give that folder")
         return _read_checkpoint(path)
     if path.is_dir() and not is_package(path):
         if is_package(path / "task"):
@@ -43,12 +46,63 @@ def read_task(source: Union[str, os.PathLike], **download: Any) -> TaskRecord:
         elif (path / "checkpoints" / "last.ckpt").is_file():
             return _read_checkpoint(path / "checkpoints" / "last.ckpt")
         else:
-            raise FileNotFoundError(
-                f"{str(path)!r} is neither a task package (no {CONFIG_FILE}) nor a run folder (no task/ package, no "
-                "checkpoints/last.ckpt)"
-            )
+            raise FileNotFoundError(f"{str(path)!r} is {_what_folder(path)}")
+    elif not path.exists() and _local_parent(path) is not None:
+        # a relative path such as quickstart/r1 is also a Hub repo id; its first folder exists here, so it is local
+        parent = _local_parent(path)
+        raise FileNotFoundError(f"{str(path)!r} does not exist: {str(parent)!r} has no "
+                                f"{path.relative_to(parent).parts[0]!r} ({_runs_hint(parent)})")
     folder = package_folder(str(path) if path.exists() else str(source), **download)
     return read_package(folder)
+
+
+EXPECTED = (f"expected a task package (a folder with {CONFIG_FILE}, e.g. <run>/task), a run folder (with a task/ "
+            "package or checkpoints/last.ckpt), a .ckpt file or a Hub repo id OWNER/NAME")
+
+
+def _task_sources_under(folder: Path, limit: int = 5, max_depth: int = 5, max_folders: int = 2000) -> list:
+    """Up to ``limit`` task packages and run folders under ``folder`` (breadth first, a bounded search), as paths
+    relative to it."""
+    found, queue, seen = [], [(folder, 0)], 0
+    while queue and len(found) < limit and seen < max_folders:
+        current, depth = queue.pop(0)
+        seen += 1
+        if current != folder and (is_package(current) or is_package(current / "task")
+                                  or (current / "checkpoints" / "last.ckpt").is_file()):
+            found.append(str(current.relative_to(folder)))
+            continue
+        if depth < max_depth:
+            try:
+                queue += [(child, depth + 1) for child in sorted(current.iterdir()) if child.is_dir()]
+            except OSError:
+                continue
+    return found
+
+
+def _runs_hint(folder: Path) -> str:
+    runs = _task_sources_under(folder)
+    return f"run folders there: {runs}" if runs else "no run folder or task package there"
+
+
+def _what_folder(path: Path) -> str:
+    """What a folder that is neither a package nor a run folder holds, and what would be valid."""
+    if (path / "summary.json").is_file():
+        found = "a vpt-tune protocol folder (its task packages are in its final runs)"
+    elif (path / "results.json").is_file() or (path / ".hydra").is_dir():
+        found = "a run folder without a task package or checkpoints/last.ckpt (package=false, or stopped early)"
+    else:
+        found = f"neither a task package (no {CONFIG_FILE}) nor a run folder (no task/ package, no checkpoints/last.ckpt)"
+    runs = _task_sources_under(path)
+    return f"{found}; {EXPECTED}" + (f"; under it: {runs}" if runs else "")
+
+
+def _local_parent(path: Path) -> Optional[Path]:
+    """The deepest existing folder above a missing ``path`` whose first folder exists here (so that ``path`` is
+    meant as a local path, not a Hub repo id); ``None`` otherwise."""
+    if not path.is_absolute() and (len(path.parts) < 2 or not Path(path.parts[0]).is_dir()):
+        return None
+    parent = next((parent for parent in path.parents if parent.is_dir()), None)
+    return None if parent is None or parent == Path(parent.anchor) else parent
 
 
 def _read_checkpoint(path: Path) -> TaskRecord:

@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional, Sequence
 from .export_onnx import ModelLoader, add_onnx_subcommand
 from ..heads import import_user_code
 from ..task_sources import load_task
+from .console import report_errors
 
 RESULTS_FILE = "results.json"
 
@@ -72,6 +73,7 @@ def build_parser(onnx_loader: Optional[ModelLoader] = None) -> argparse.Argument
     return parser
 
 
+@report_errors("vpt-export")
 def main(argv: Optional[Sequence[str]] = None, onnx_loader: Optional[ModelLoader] = None) -> int:
     args = build_parser(onnx_loader).parse_args(argv)
     try:

@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 from ..serving.images import MAX_IMAGE_PIXELS, ImageError
 from ..serving.multitask import MultiTaskClassifier, load_tasks, parse_sources
 from ..serving.predict import MAX_FILE_BYTES, list_images, predict_images, write_predictions
+from .console import report_errors
 
 
 def parse_checkpoints(values: Sequence[str]) -> Union[List[str], Dict[str, str]]:
@@ -37,6 +38,7 @@ def load_model(values: Sequence[str], backbone: Optional[str] = None, imports: S
     return load_tasks(values, backbone, imports)
 
 
+@report_errors("vpt-predict")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="vpt-predict", description=__doc__)
     add_model_arguments(parser)

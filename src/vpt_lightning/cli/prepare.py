@@ -19,6 +19,7 @@ from ..data.vtab_prep.official_splits import compare, read_split_file, task_entr
 from ..data.vtab_prep.prepare import prepare_vtab_task, route
 from ..data.registry import get_task, vtab_tasks
 from ..data.vtab import LIST_FILES, VTABDataModule
+from .console import report_errors
 
 
 def _compare_with_split_file(task: str, root: str, split_file: Path) -> int:
@@ -53,6 +54,7 @@ def _check(benchmark: str, task: str, root: str, split: str) -> int:
     return 1 if problems else 0
 
 
+@report_errors("vpt-prepare")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="vpt-prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ..protocol import find_summaries
 from ..report import find_segmentation_results, write_report
+from .console import report_errors
 
 
+@report_errors("vpt-report")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="vpt-report", description=__doc__)
     parser.add_argument("dirs", nargs="+", type=Path, help="folders searched for summary.json (vpt-tune outputs) and segmentation results.json (vpt-train)")
@@ -19,3 +22,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(paths["md"].read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

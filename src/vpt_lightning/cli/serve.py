@@ -11,10 +11,12 @@ from typing import Optional, Sequence
 
 from ..serving.images import MAX_IMAGE_PIXELS
 from .predict import add_model_arguments, load_model
+from .console import report_errors
 
 API_KEY_ENV, API_KEY_HEADER = "LIT_SERVER_API_KEY", "X-API-Key"  # as in serving.server (importable without LitServe)
 
 
+@report_errors("vpt-serve")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Serve until SIGTERM / Ctrl+C, then end the process with status 0; returns 1 (without serving) on bad
     arguments or checkpoints."""

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import sys
-
-import hydra
 from omegaconf import DictConfig
 
 from ..config import register_resolvers
-from ..integrity import RunIntegrityError
-from ..locking import FolderLockedError
 from ..training import train
+from .console import hydra_command
 
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra_command("vpt-train", config_name="train")
 def main(cfg: DictConfig) -> float:
     """Train (and test) one configuration; returns the test top-1 for Hydra sweepers."""
-    try:
-        results = train(cfg)
-    except (RunIntegrityError, FolderLockedError) as err:  # the user's to fix: the message, not a traceback
-        sys.exit(f"vpt-train: error: {err}")
+    results = train(cfg)
     return float(results.get("test/top1", results.get("val/top1", 0.0)))
 
 

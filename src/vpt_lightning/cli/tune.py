@@ -9,25 +9,20 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from ..config import register_resolvers
-from ..integrity import RunIntegrityError
-from ..locking import FolderLockedError
 from ..protocol import run_protocol, summary_markdown
 from ..tracking import log_protocol_summary
+from .console import hydra_command
 
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="tune")
+@hydra_command("vpt-tune", config_name="tune")
 def _main(cfg: DictConfig) -> float:
     """Run the protocol in the Hydra run folder (re-running the same command resumes it)."""
-    try:
-        summary = run_protocol(cfg, Path(cfg.run_dir))
-    except (RunIntegrityError, FolderLockedError) as err:  # the user's to fix: the message, not a traceback
-        sys.exit(f"vpt-tune: error: {err}")
+    summary = run_protocol(cfg, Path(cfg.run_dir))
     log_protocol_summary(cfg, summary)
     print(summary_markdown(summary), flush=True)
     return float(summary["test_top1"]["mean"])

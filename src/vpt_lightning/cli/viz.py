@@ -12,9 +12,10 @@ logged to TensorBoard, MLflow or W&B, adds the figure there too. Needs ``pip ins
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import List, Optional
+
+from .console import report_errors
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,13 +82,9 @@ def run(args: argparse.Namespace) -> Path:
     return out
 
 
+@report_errors("vpt-viz")
 def main(argv: Optional[List[str]] = None) -> None:
-    args = _parser().parse_args(argv)
-    try:
-        run(args)
-    except (FileNotFoundError, ValueError, ImportError) as err:
-        print(f"vpt-viz {args.kind}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run(_parser().parse_args(argv))  # an error of the user's: one line, exit code 1 (report_errors)
 
 
 if __name__ == "__main__":

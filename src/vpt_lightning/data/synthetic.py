@@ -10,6 +10,9 @@ network. Scenes hold 1-5 coloured shapes (six kinds) over a textured background.
 - ``count``: how many shapes, 1-5 (5 classes): structured, like CLEVR/count.
 - ``location``: the 3x3 grid cell holding the single shape (9 classes): structured, like dSprites/location.
 - ``orientation``: the angle of a single bar, in 8 bins of 22.5 degrees (8 classes): like dSprites/orientation.
+  The angle is measured from the horizontal (pointing right) clockwise on screen (image rows grow downward),
+  modulo 180: a bar from top-left to bottom-right is 45 degrees (class ``45-67.5 deg`` starts there), one from
+  bottom-left to top-right 135 degrees; an angle ``t`` counted counter-clockwise is ``180 - t`` here.
 """
 
 from __future__ import annotations

@@ -1,0 +1,77 @@
+"""cli/console.py: which errors are the user's (one line) and which are bugs (traceback); the dependencies' noise."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+
+from vpt_lightning.cli.console import error_message, is_user_error, quiet_dependencies, report_errors
+from vpt_lightning.prompt import PromptConfig
+
+
+@report_errors("vpt-x")
+def command(fail):
+    fail()
+    return 0
+
+
+def test_our_error_is_printed_as_one_line(capsys, monkeypatch):
+    monkeypatch.delenv("VPT_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        command(lambda: PromptConfig(location="prepnd"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert err == "vpt-x: error: prompt.location='prepnd' is not one of " \
+                  "['prepend', 'add', 'add1', 'prepend_pixel', 'concat_channel', 'pad']\n"
+
+
+def test_a_dependency_error_or_a_bug_keeps_its_traceback(monkeypatch):
+    monkeypatch.delenv("VPT_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(RuntimeError, match="shape"):  # raised by torch, not by this package
+        command(lambda: torch.zeros(2).view(3))
+    with pytest.raises(ZeroDivisionError):
+        command(lambda: 1 / 0)
+
+    def bad():
+        raise ValueError("raised outside vpt_lightning")
+
+    with pytest.raises(ValueError, match="outside"):
+        command(bad)
+
+
+def test_debug_switch_raises_our_error_too(monkeypatch):
+    monkeypatch.setenv("VPT_DEBUG", "1")
+    with pytest.raises(ValueError, match="prepnd"):
+        command(lambda: PromptConfig(location="prepnd"))
+
+
+def test_is_user_error_classifies_config_errors():
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    assert is_user_error(ConfigCompositionException("Could not override 'x'"))
+    cfg = OmegaConf.structured(PromptConfig)
+    with pytest.raises(OmegaConfBaseException) as err:
+        cfg.num_token = 5
+    assert is_user_error(err.value)
+    # a key the typed group does not have: our message with the closest key, not OmegaConf's
+    assert error_message(err.value).startswith("unknown prompt option(s) ['num_token'] (did you mean 'num_tokens'?)")
+    assert not is_user_error(AssertionError("a bug"))
+
+
+def test_quiet_dependencies_filters_only_the_noise(caplog, recwarn):
+    quiet_dependencies()
+    warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use something else", FutureWarning)
+    warnings.warn("a FutureWarning of our own", FutureWarning)
+    assert [str(w.message) for w in recwarn] == ["a FutureWarning of our own"]
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        logger.info("💡 Tip: For seamless cloud logging, try installing litlogger")
+        logger.info("GPU available: False, used: False")
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
