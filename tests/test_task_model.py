@@ -358,6 +358,28 @@ def test_vpt_serve_serves_the_run_package_and_a_custom_head_package(quickstart_r
             assert names is None or {p["class"] for p in body["predictions"]} <= names
 
 
+def test_the_custom_head_example_package_keeps_its_trained_head_and_gives_equal_logits(tmp_path, images):
+    """The example's head trains an embedding and keeps running statistics: both travel in the package."""
+    from vpt_lightning.heads import import_user_code
+
+    import_user_code(str(ROOT / "examples" / "custom_head.py"))
+    example = sys.modules["custom_head"]
+    module, _ = _trained(tmp_path, cls=example.CosineVPT)
+    head = module.head
+    assert not torch.equal(head.embed.weight, torch.eye(head.embed.weight.shape[0]))  # trained
+    assert head.standardise.running_mean.abs().sum() > 0  # statistics gathered while training
+    module.task.save_pretrained(tmp_path / "pkg")
+    tensors = load_file(str(tmp_path / "pkg" / "model.safetensors"))
+    for key in ("head.weight", "head.scale", "head.embed.weight", "head.embed.bias", "head.standardise.running_mean",
+                "head.standardise.running_var"):
+        torch.testing.assert_close(tensors[key], module.state_dict()[key], rtol=0, atol=0)
+    config = json.loads((tmp_path / "pkg" / "config.json").read_text())
+    assert config["head"] == {"source": "registry", "name": "examples.cosine", "options": {"scale": 16.0}}
+    loaded = TaskModel.from_pretrained(tmp_path / "pkg").eval()
+    assert type(loaded.head) is example.CosineHead
+    torch.testing.assert_close(loaded(images), module.task.eval()(images), rtol=0, atol=1e-6)
+
+
 def test_a_package_trained_on_a_weights_file_missing_here_says_to_pin_the_backbone(tmp_path, images):
     from safetensors.torch import save_file
 
