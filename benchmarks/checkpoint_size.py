@@ -1,6 +1,6 @@
 """Size of a VPT-Deep task checkpoint for the paper's ViT-B/16 (random init: no download needed).
 
-    python benchmarks/checkpoint_size.py --num-tokens 50 --num-classes 100
+python benchmarks/checkpoint_size.py --num-tokens 50 --num-classes 100
 """
 
 from __future__ import annotations
@@ -34,8 +34,15 @@ def main() -> None:
         full = os.path.join(tmp, "full.pt")
         torch.save(module.backbone.vit.state_dict(), full)
         # two real SGD steps, so the checkpoint holds momentum buffers as after training
-        trainer = pl.Trainer(accelerator="cpu", logger=False, max_steps=2, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            logger=False,
+            max_steps=2,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
         trainer.fit(module, train_dataloaders=loader)
         task = os.path.join(tmp, "task.ckpt")
         trainer.save_checkpoint(task)
@@ -46,6 +53,7 @@ def main() -> None:
             f"({counts['trainable_percent']:.2f}% of the backbone); task checkpoint (Lightning, with optimizer "
             f"state) {os.path.getsize(task) / 1e6:.2f} MB"
         )
+
 
 if __name__ == "__main__":
     main()

@@ -27,11 +27,22 @@ PAPER_LRS = "50,25,10,5,2.5,1,0.5,0.25,0.1,0.05"
 
 
 def protocol(out: Path, epochs: int, lrs: str, wds: str, seeds: str, cache: bool) -> dict:
-    overrides = ["+experiment=quickstart", "tuning=linear", "data.num_train=800", "data.num_val=200",
-                 "data.num_test=1000", f"trainer.max_epochs={epochs}", f"protocol.base_lr=[{lrs}]",
-                 f"protocol.weight_decay=[{wds}]", f"protocol.seeds=[{seeds}]", f"paths.output_dir={out}",
-                 f"feature_cache.enabled={str(cache).lower()}", "trainer.enable_progress_bar=false",
-                 "+trainer.enable_model_summary=false", "task_name=feature_cache_benchmark"]
+    overrides = [
+        "+experiment=quickstart",
+        "tuning=linear",
+        "data.num_train=800",
+        "data.num_val=200",
+        "data.num_test=1000",
+        f"trainer.max_epochs={epochs}",
+        f"protocol.base_lr=[{lrs}]",
+        f"protocol.weight_decay=[{wds}]",
+        f"protocol.seeds=[{seeds}]",
+        f"paths.output_dir={out}",
+        f"feature_cache.enabled={str(cache).lower()}",
+        "trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false",
+        "task_name=feature_cache_benchmark",
+    ]
     cfg = compose(overrides, config_name="tune")
     runs = []
 
@@ -43,8 +54,13 @@ def protocol(out: Path, epochs: int, lrs: str, wds: str, seeds: str, cache: bool
 
     started = time.time()
     summary = run_protocol(cfg, out / "protocol", timed_train)
-    return {"seconds": time.time() - started, "selected": summary["selected"], "test_top1": summary["test_top1"],
-            "runs": runs, "per_run": per_run(runs)}
+    return {
+        "seconds": time.time() - started,
+        "selected": summary["selected"],
+        "test_top1": summary["test_top1"],
+        "runs": runs,
+        "per_run": per_run(runs),
+    }
 
 
 def per_run(runs: list) -> dict:
@@ -87,8 +103,13 @@ def main() -> None:
     results["args"] = {k: str(v) for k, v in vars(args).items()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: v for k, v in results.items() if k not in ("cached", "uncached")} |
-                     {m: {k: v for k, v in results[m].items() if k != "runs"} for m in modes}, indent=2))
+    print(
+        json.dumps(
+            {k: v for k, v in results.items() if k not in ("cached", "uncached")}
+            | {m: {k: v for k, v in results[m].items() if k != "runs"} for m in modes},
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,19 @@ def main() -> None:
     args = parser.parse_args()
     chosen = [f"data.task={args.tasks}"] * bool(args.tasks) + [f"tuning={args.tunings}"] * bool(args.tunings)
     start = time.time()
-    subprocess.run([sys.executable, "-m", "vpt_lightning.cli.tune", "-m", "+experiment=minivtab", *chosen,
-                    f"paths.output_dir={args.out}", *args.overrides], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vpt_lightning.cli.tune",
+            "-m",
+            "+experiment=minivtab",
+            *chosen,
+            f"paths.output_dir={args.out}",
+            *args.overrides,
+        ],
+        check=True,
+    )
     subprocess.run([sys.executable, "-m", "vpt_lightning.cli.report", str(args.out)], check=True)
     print(f"mini-VTAB wall time: {(time.time() - start) / 60:.1f} min")
 

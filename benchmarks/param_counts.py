@@ -37,15 +37,17 @@ def main() -> None:
     args = parser.parse_args()
     backbone = {"name": "vit_base_patch16_224", "pretrained": False, "init_seed": 0}
     head = None
-    print(f"| method | trainable params (with head) | % of ViT-B/16 |\n|---|---|---|")
+    print("| method | trainable params (with head) | % of ViT-B/16 |\n|---|---|---|")
     for label, tuning, tokens in ROWS:
         prompt = {"num_tokens": args.num_tokens, "deep": tokens == -2} if tokens else {"num_tokens": 0}
         module = VPTModule(args.num_classes, backbone, prompt, tuning=tuning)
         counts = module.parameter_counts()
         head = sum(p.numel() for p in module.head.parameters()) if label == "linear" else head
         print(f"| {label} | {counts['trainable_params']:,} | {counts['trainable_percent']:.2f} |", flush=True)
-    print(f"\nlinear head alone: {head:,}; ViT-B/16 backbone: {counts['backbone_params']:,} parameters; "
-          f"{args.num_classes} classes, VPT p={args.num_tokens}")
+    print(
+        f"\nlinear head alone: {head:,}; ViT-B/16 backbone: {counts['backbone_params']:,} parameters; "
+        f"{args.num_classes} classes, VPT p={args.num_tokens}"
+    )
 
 
 if __name__ == "__main__":

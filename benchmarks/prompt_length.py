@@ -49,8 +49,14 @@ def build(model: str, mode: str, p: int, pool: Optional[str]):
     else:
         prompt = {"num_tokens": p, "deep": True, "dropout": 0.0, "pool": pool}
         tuning, backbone_eval = {"method": "vpt_deep"}, True
-    module = VPTModule(NUM_CLASSES, {"name": model, "pretrained": False}, prompt, {"base_lr": 0.1, "warmup_epochs": 0},
-                       tuning=tuning, backbone_eval=backbone_eval)
+    module = VPTModule(
+        NUM_CLASSES,
+        {"name": model, "pretrained": False},
+        prompt,
+        {"base_lr": 0.1, "warmup_epochs": 0},
+        tuning=tuning,
+        backbone_eval=backbone_eval,
+    )
     return module.train()
 
 
@@ -98,8 +104,18 @@ def compare(module, images, labels) -> Dict[str, float]:
 
 def peak_rss(args: argparse.Namespace, p: int, path: str, checkpointing: bool) -> float:
     """Peak RSS (MB) of a fresh process that builds ``path``'s module and runs one training step."""
-    cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch), "--precision",
-           args.precision, "--rss-child", f"{path},{p},{int(checkpointing)}"] + (["--pool", args.pool] if args.pool else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--model",
+        args.model,
+        "--batch",
+        str(args.batch),
+        "--precision",
+        args.precision,
+        "--rss-child",
+        f"{path},{p},{int(checkpointing)}",
+    ] + (["--pool", args.pool] if args.pool else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -165,21 +181,29 @@ def goals(rows: List[Dict[str, Any]], swin: bool) -> List[str]:
     lines = []
     for row in rows:
         exact = row["logits_maxdiff"] <= 1e-5 and row["grad_reldiff"] <= 1e-5
-        lines.append(f"p={row['p']}: logits within 1e-5 and prompt grads within 1e-5 relative: {'met' if exact else 'NOT met'}"
-                     f" ({row['logits_maxdiff']:.2g}, {row['grad_reldiff']:.2g})")
+        lines.append(
+            f"p={row['p']}: logits within 1e-5 and prompt grads within 1e-5 relative: {'met' if exact else 'NOT met'}"
+            f" ({row['logits_maxdiff']:.2g}, {row['grad_reldiff']:.2g})"
+        )
     for p, target in ((10, 0.97), (100, 1.3), (200, 1.6)):
         if p in by_p:
             speedup = by_p[p]["kv_speedup"]
             want = f">= {target}x" if p > 10 else "within 3% (>= 0.97x)"
-            lines.append(f"p={p}: key/value vs concatenation {speedup:.2f}x, goal {want}: "
-                         f"{'met' if speedup >= target else 'NOT met'}")
+            lines.append(
+                f"p={p}: key/value vs concatenation {speedup:.2f}x, goal {want}: "
+                f"{'met' if speedup >= target else 'NOT met'}"
+            )
     if 200 in by_p:
         ratio = by_p[200]["act_ratio"]
-        lines.append(f"p=200: activation bytes {ratio:.2f}x the concatenation's, goal <= 0.6x: "
-                     f"{'met' if ratio <= 0.6 else 'NOT met'}")
+        lines.append(
+            f"p=200: activation bytes {ratio:.2f}x the concatenation's, goal <= 0.6x: "
+            f"{'met' if ratio <= 0.6 else 'NOT met'}"
+        )
     if swin and 10 in by_p:
         ratio = by_p[10]["kv_over_full"]
-        lines.append(f"p=10: VPT-Deep {ratio:.2f}x full fine-tuning, goal <= 0.70x: {'met' if ratio <= 0.70 else 'NOT met'}")
+        lines.append(
+            f"p=10: VPT-Deep {ratio:.2f}x full fine-tuning, goal <= 0.70x: {'met' if ratio <= 0.70 else 'NOT met'}"
+        )
     return lines
 
 
@@ -191,8 +215,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per path first")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--pool", default=None, help="prompt.pool (Swin: 'image' leaves the prompts out of the "
-                        "pooled feature, so its last block also takes the key/value path)")
+    parser.add_argument(
+        "--pool",
+        default=None,
+        help="prompt.pool (Swin: 'image' leaves the prompts out of the "
+        "pooled feature, so its last block also takes the key/value path)",
+    )
     parser.add_argument("--rss", default="", help="comma-separated lengths at which to measure peak RSS")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

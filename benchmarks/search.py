@@ -30,10 +30,21 @@ from vpt_lightning.protocol import run_protocol
 
 
 def protocol(out: Path, search: list, epochs: int, lrs: str, wds: str, seeds: str, train: int) -> dict:
-    overrides = ["+experiment=quickstart", f"data.num_train={train}", f"data.num_val={train // 2}", "data.num_test=500",
-                 f"trainer.max_epochs={epochs}", f"protocol.base_lr=[{lrs}]", f"protocol.weight_decay=[{wds}]",
-                 f"protocol.seeds=[{seeds}]", f"paths.output_dir={out}", "trainer.enable_progress_bar=false",
-                 "+trainer.enable_model_summary=false", "task_name=search_benchmark", *search]
+    overrides = [
+        "+experiment=quickstart",
+        f"data.num_train={train}",
+        f"data.num_val={train // 2}",
+        "data.num_test=500",
+        f"trainer.max_epochs={epochs}",
+        f"protocol.base_lr=[{lrs}]",
+        f"protocol.weight_decay=[{wds}]",
+        f"protocol.seeds=[{seeds}]",
+        f"paths.output_dir={out}",
+        "trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false",
+        "task_name=search_benchmark",
+        *search,
+    ]
     cfg = compose(overrides, config_name="tune")
     begun = time.time()
     summary = run_protocol(cfg, out)
@@ -63,9 +74,12 @@ def main() -> None:
     modes = {
         "grid": ["protocol.search=grid"],
         "grid + pruning (Optuna)": ["protocol.search=optuna", "protocol.sampler=grid", "protocol.pruning=true"],
-        f"TPE, {math.ceil(points / 3)} of {points} trials": ["protocol.search=optuna", "protocol.sampler=tpe",
-                                                            f"protocol.n_trials={math.ceil(points / 3)}",
-                                                            "protocol.pruning=false"],
+        f"TPE, {math.ceil(points / 3)} of {points} trials": [
+            "protocol.search=optuna",
+            "protocol.sampler=tpe",
+            f"protocol.n_trials={math.ceil(points / 3)}",
+            "protocol.pruning=false",
+        ],
     }
     results = {}
     for name, search in modes.items():
@@ -74,15 +88,18 @@ def main() -> None:
         results[name] = protocol(folder, search, args.epochs, args.lrs, args.wds, args.seeds, args.train)
         print(name, json.dumps(results[name]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                      "results": results}, indent=2))
-    print(f"\n| search | sweep runs (pruned) | sweep epochs | selected lr, wd | val top-1 | test top-1 | wall time |")
+    (args.out / "results.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2)
+    )
+    print("\n| search | sweep runs (pruned) | sweep epochs | selected lr, wd | val top-1 | test top-1 | wall time |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         sel = r["selected"]
-        print(f"| {name} | {r['sweep_runs']} ({r['pruned']}) | {r['epochs_trained']} | {sel['base_lr']:g}, "
-              f"{sel['weight_decay']:g} | {100 * sel['val/top1']:.1f}% | {100 * r['test_top1']['mean']:.1f}% | "
-              f"{r['seconds'] / 60:.1f} min |")
+        print(
+            f"| {name} | {r['sweep_runs']} ({r['pruned']}) | {r['epochs_trained']} | {sel['base_lr']:g}, "
+            f"{sel['weight_decay']:g} | {100 * sel['val/top1']:.1f}% | {100 * r['test_top1']['mean']:.1f}% | "
+            f"{r['seconds'] / 60:.1f} min |"
+        )
 
 
 if __name__ == "__main__":

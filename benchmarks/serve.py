@@ -23,8 +23,8 @@
 from __future__ import annotations
 
 import argparse
-import io
 import base64
+import io
 import json
 import os
 import statistics
@@ -62,8 +62,9 @@ def backbone_config(model: str) -> Dict[str, Any]:
     return quickstart_backbone() if model == "quickstart" else {"name": model}
 
 
-def task_checkpoint(backbone: Dict[str, Any], num_tokens: int, num_classes: int, seed: int,
-                    tuning: Any = None) -> TaskCheckpoint:
+def task_checkpoint(
+    backbone: Dict[str, Any], num_tokens: int, num_classes: int, seed: int, tuning: Any = None
+) -> TaskCheckpoint:
     """An in-memory task checkpoint (random prompts and head) of VPT-Deep on ``backbone`` (or of ``tuning``)."""
     torch.manual_seed(seed)
     module = VPTModule(num_classes, backbone, prompt={"num_tokens": num_tokens}, tuning=tuning)
@@ -110,8 +111,9 @@ def throughput(model_name: str, batch: int, repeats: int) -> Dict[str, float]:
         "one task (p=50)": lambda: same(images, one),
         "8 tasks, all p=50": lambda: same(images, mixed_same),
         "8 tasks, p=1..50": lambda: same(images, mixed_varied),
-        "8 tasks, one pass per task": lambda: [same(images[mixed_same == t], mixed_same[mixed_same == t])
-                                              for t in mixed_same.unique()],
+        "8 tasks, one pass per task": lambda: [
+            same(images[mixed_same == t], mixed_same[mixed_same == t]) for t in mixed_same.unique()
+        ],
     }
     results: Dict[str, List[float]] = {k: [] for k in runs}
     for _ in range(repeats):  # alternate the configurations so that load drifts hit them alike
@@ -134,7 +136,9 @@ def length_mix(model_name: str, batch: int, lengths: Sequence[int], repeats: int
     images = torch.randn(batch, *model.backbone.data_config()["input_size"])
     prompted = [f"p{p}" for p in lengths]
     runs = {f"p={p} alone": model.task_index([f"p{p}"] * batch) for p in lengths}
-    runs[f"mixed p={','.join(map(str, lengths))}"] = model.task_index([prompted[i % len(prompted)] for i in range(batch)])
+    runs[f"mixed p={','.join(map(str, lengths))}"] = model.task_index(
+        [prompted[i % len(prompted)] for i in range(batch)]
+    )
     every = prompted + list(others)
     runs["mixed, + LoRA + Adapter"] = model.task_index([every[i % len(every)] for i in range(batch)])
     times: Dict[str, List[float]] = {k: [] for k in runs}
@@ -148,15 +152,18 @@ def length_mix(model_name: str, batch: int, lengths: Sequence[int], repeats: int
                 times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(t) for name, t in times.items()}
     single = statistics.mean(median[f"p={p} alone"] for p in lengths)
-    rows = [{"run": name, "img_s": batch / t, "mixed_over_single": single / t if name.startswith("mixed") else None}
-            for name, t in median.items()]
+    rows = [
+        {"run": name, "img_s": batch / t, "mixed_over_single": single / t if name.startswith("mixed") else None}
+        for name, t in median.items()
+    ]
     return rows
 
 
 def unique_tensor_bytes(module: torch.nn.Module) -> int:
     """Bytes of the distinct tensor storages a module holds (a tensor shared by several submodules counts once)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in [*module.parameters(), *module.buffers()]}
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*module.parameters(), *module.buffers()]
+    }
     return sum(storages.values())
 
 
@@ -170,13 +177,15 @@ def memory(model_name: str, counts: Sequence[int]) -> List[Dict[str, float]]:
             added += 1
         sizes = model.memory_bytes()
         per_task = [v for k, v in sizes.items() if k.startswith("task:")]
-        rows.append({
-            "tasks": n,
-            "backbone_mb": sizes["backbone"] / 2**20,
-            "per_task_mb": statistics.mean(per_task) / 2**20,
-            "expected_mb": (sizes["backbone"] + sum(per_task)) / 2**20,
-            "held_mb": unique_tensor_bytes(model) / 2**20,
-        })
+        rows.append(
+            {
+                "tasks": n,
+                "backbone_mb": sizes["backbone"] / 2**20,
+                "per_task_mb": statistics.mean(per_task) / 2**20,
+                "expected_mb": (sizes["backbone"] + sum(per_task)) / 2**20,
+                "held_mb": unique_tensor_bytes(model) / 2**20,
+            }
+        )
     return rows
 
 
@@ -196,8 +205,9 @@ def save_random_tasks(root: Path) -> List[Path]:
     return paths
 
 
-def load_test(checkpoints: Sequence[Path], requests: int, clients: int, max_batch_size: int,
-              bad_every: int) -> Dict[str, Any]:
+def load_test(
+    checkpoints: Sequence[Path], requests: int, clients: int, max_batch_size: int, bad_every: int
+) -> Dict[str, Any]:
     """``requests`` POSTs from ``clients`` threads, mixing the tasks and raw/JSON uploads; every ``bad_every``-th
     request is a malformed one (launch.bad_requests: broken image, unknown or non-string task, nested JSON, a
     64 M-pixel PNG bomb...)."""
@@ -218,7 +228,9 @@ def load_test(checkpoints: Sequence[Path], requests: int, clients: int, max_batc
                 good.append((buffer.getvalue(), "image/png"))
             else:
                 encoded = base64.b64encode(buffer.getvalue()).decode()
-                good.append((json.dumps({"task": tasks[i % len(tasks)], "image": encoded}).encode(), "application/json"))
+                good.append(
+                    (json.dumps({"task": tasks[i % len(tasks)], "image": encoded}).encode(), "application/json")
+                )
         bad = bad_requests(tasks[0])
         launch_load_test(url, good[:4], bad, tasks[-1], requests=2 * clients, clients=clients, bad_every=0)  # warm-up
         return launch_load_test(url, good, bad, tasks[-1], requests=requests, clients=clients, bad_every=bad_every)
@@ -226,7 +238,9 @@ def load_test(checkpoints: Sequence[Path], requests: int, clients: int, max_batc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="quickstart", help="backbone of the throughput test: quickstart or a timm name")
+    parser.add_argument(
+        "--model", default="quickstart", help="backbone of the throughput test: quickstart or a timm name"
+    )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--lengths", default="1,10,50,100,200", help="prompt lengths of the prompt-length mix")
@@ -250,22 +264,30 @@ def main() -> None:
             print(f"| {name} | {rate:.1f} | {rate / base:.2f}x |")
     if "lengths" not in args.skip:
         lengths = [int(v) for v in args.lengths.split(",")]
-        print(f"\n| {args.length_model}, batch {args.length_batch}, fp32, no autograd | img/s | mixed/single |\n|---|---|---|")
+        print(
+            f"\n| {args.length_model}, batch {args.length_batch}, fp32, no autograd | img/s | mixed/single |\n|---|---|---|"
+        )
         for row in length_mix(args.length_model, args.length_batch, lengths, args.repeats):
             ratio = "" if row["mixed_over_single"] is None else f"{row['mixed_over_single']:.2f}x"
             print(f"| {row['run']} | {row['img_s']:.1f} | {ratio} |")
     if "memory" not in args.skip:
-        print(f"\n| {args.model_memory}, VPT-Deep p=50, 100 classes | backbone MB | per task MB | backbone + N x task MB "
-              "| tensors the model holds MB |\n|---|---|---|---|---|")
+        print(
+            f"\n| {args.model_memory}, VPT-Deep p=50, 100 classes | backbone MB | per task MB | backbone + N x task MB "
+            "| tensors the model holds MB |\n|---|---|---|---|---|"
+        )
         for row in memory(args.model_memory, args.tasks):
-            print(f"| {row['tasks']} task(s) | {row['backbone_mb']:.1f} | {row['per_task_mb']:.2f} | "
-                  f"{row['expected_mb']:.1f} | {row['held_mb']:.1f} |")
+            print(
+                f"| {row['tasks']} task(s) | {row['backbone_mb']:.1f} | {row['per_task_mb']:.2f} | "
+                f"{row['expected_mb']:.1f} | {row['held_mb']:.1f} |"
+            )
     if "load" not in args.skip:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoints = args.checkpoints or save_random_tasks(Path(tmp))
             result = load_test(checkpoints, args.requests, args.clients, args.max_batch_size, args.bad_every)
-        print(f"\n| load test: {result['requests']} requests ({result['bad']} malformed), {result['clients']} clients, "
-              f"{len(checkpoints)} tasks mixed | value |\n|---|---|")
+        print(
+            f"\n| load test: {result['requests']} requests ({result['bad']} malformed), {result['clients']} clients, "
+            f"{len(checkpoints)} tasks mixed | value |\n|---|---|"
+        )
         for key in ("requests_per_s", "p50_ms", "p99_ms", "p50_all_ms", "p99_all_ms", "lost", "server_errors"):
             value = result[key]
             print(f"| {key} | {value:.1f} |" if isinstance(value, float) else f"| {key} | {value} |")

@@ -55,8 +55,14 @@ def _module(model: str, mode: str, num_classes: int = 100):
     from vpt_lightning import VPTModule
 
     prompt, tuning, backbone_eval = MODES[mode]
-    return VPTModule(num_classes, {"name": model, "pretrained": False}, prompt, {"base_lr": 0.1, "warmup_epochs": 0},
-                     tuning=tuning, backbone_eval=backbone_eval)
+    return VPTModule(
+        num_classes,
+        {"name": model, "pretrained": False},
+        prompt,
+        {"base_lr": 0.1, "warmup_epochs": 0},
+        tuning=tuning,
+        backbone_eval=backbone_eval,
+    )
 
 
 def saved_activation_mb(module, images, labels, precision: str) -> float:
@@ -99,7 +105,7 @@ def run_one(model: str, mode: str, precision: str, batch: int, steps: int, warmu
 
     def hand_step(trainer, index: int) -> None:
         optimizer = trainer.optimizers[0]  # the same optimizer (and state) as the Lightning step
-        x, y = images[index * batch:(index + 1) * batch], labels[index * batch:(index + 1) * batch]
+        x, y = images[index * batch : (index + 1) * batch], labels[index * batch : (index + 1) * batch]
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -116,10 +122,18 @@ def run_one(model: str, mode: str, precision: str, batch: int, steps: int, warmu
             times["lightning"].append(time.perf_counter() - self.start)
             hand_step(trainer, batch_idx)
 
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps + warmup, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         precision="bf16-mixed" if precision == "bf16" else "32-true", callbacks=[Alternate()],
-                         limit_val_batches=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps + warmup,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        precision="bf16-mixed" if precision == "bf16" else "32-true",
+        callbacks=[Alternate()],
+        limit_val_batches=0,
+    )
     trainer.fit(module, DataLoader(TensorDataset(images, labels), batch_size=batch))
     trainer.optimizers[0].zero_grad(set_to_none=True)  # the last step's gradients would inflate the peak below
     module.train()
@@ -133,8 +147,11 @@ def run_one(model: str, mode: str, precision: str, batch: int, steps: int, warmu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224", "convnext_base",
-                                                       "swin_base_patch4_window7_224"])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["vit_small_patch16_224", "vit_base_patch16_224", "convnext_base", "swin_base_patch4_window7_224"],
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4, help="timed steps of each runner")
     parser.add_argument("--warmup", type=int, default=1)
@@ -145,28 +162,47 @@ def main() -> None:
         return
     forced = os.environ.get("TIMM_FUSED_ATTN")
     started = time.time()
-    print(f"batch {args.batch}, 224 px, median of {args.steps} steps per runner after {args.warmup} warm-up, "
-          f"alternating; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}; "
-          f"TIMM_FUSED_ATTN={forced or '1 for fp32, 0 for bf16'}")
-    print("| model | mode | precision | Lightning s/step | img/s | hand s/step | Lightning / hand | "
-          "vs full fp32 (Lightning) | vs full fp32 (hand) | peak RSS MB | RSS vs full | activations MB | act. vs full |")
+    print(
+        f"batch {args.batch}, 224 px, median of {args.steps} steps per runner after {args.warmup} warm-up, "
+        f"alternating; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}; "
+        f"TIMM_FUSED_ATTN={forced or '1 for fp32, 0 for bf16'}"
+    )
+    print(
+        "| model | mode | precision | Lightning s/step | img/s | hand s/step | Lightning / hand | "
+        "vs full fp32 (Lightning) | vs full fp32 (hand) | peak RSS MB | RSS vs full | activations MB | act. vs full |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model in args.models:
         rows = {}
         for mode, precision in configs(model):
-            cmd = [sys.executable, __file__, "--one", model, mode, precision, "--batch", str(args.batch),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                model,
+                mode,
+                precision,
+                "--batch",
+                str(args.batch),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ]
             env = {**os.environ, "TIMM_FUSED_ATTN": forced or ("0" if precision == "bf16" else "1")}
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
             rows[mode, precision] = json.loads(out.strip().splitlines()[-1])
         base = rows["full", "fp32"]
         for mode, precision in configs(model):
             r = rows[mode, precision]
-            print(f"| {model} | {mode} | {precision} | {r['lightning_s']:.3f} | {args.batch / r['lightning_s']:.1f} | "
-                  f"{r['hand_s']:.3f} | {r['lightning_s'] / r['hand_s']:.2f} | "
-                  f"{r['lightning_s'] / base['lightning_s']:.2f} | {r['hand_s'] / base['hand_s']:.2f} | "
-                  f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} | "
-                  f"{r['activations_mb']:.0f} | {r['activations_mb'] / base['activations_mb']:.2f} |", flush=True)
+            print(
+                f"| {model} | {mode} | {precision} | {r['lightning_s']:.3f} | {args.batch / r['lightning_s']:.1f} | "
+                f"{r['hand_s']:.3f} | {r['lightning_s'] / r['hand_s']:.2f} | "
+                f"{r['lightning_s'] / base['lightning_s']:.2f} | {r['hand_s'] / base['hand_s']:.2f} | "
+                f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} | "
+                f"{r['activations_mb']:.0f} | {r['activations_mb'] / base['activations_mb']:.2f} |",
+                flush=True,
+            )
     print(f"\nwall time {(time.time() - started) / 60:.1f} min; load average now {os.getloadavg()[0]:.2f}")
 
 

@@ -44,8 +44,10 @@ def main() -> int:
     print(f"VPT-Deep p={args.num_tokens}, {args.num_classes} classes: {trained:,} trained values")
     for name, size in sizes.items():
         print(f"  {name:<18} {size / 1e6:8.3f} MB")
-    print(f"task package: {total / 1e6:.2f} MB ({100 * total / backbone_bytes:.2f}% of the backbone); "
-          f"limit {args.limit_mb} MB: {'ok' if total <= args.limit_mb * 1e6 else 'ABOVE'}")
+    print(
+        f"task package: {total / 1e6:.2f} MB ({100 * total / backbone_bytes:.2f}% of the backbone); "
+        f"limit {args.limit_mb} MB: {'ok' if total <= args.limit_mb * 1e6 else 'ABOVE'}"
+    )
     return 0 if total <= args.limit_mb * 1e6 else 1
 
 

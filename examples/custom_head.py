@@ -1,7 +1,7 @@
 """Subclass VPTModule in your own Lightning project: a custom head and loss, no Hydra needed.
 
-    python examples/custom_head.py                # the quickstart's task and backbone, 10 epochs (about 1 min on 2 cores)
-    python examples/custom_head.py --epochs 1 --limit-batches 2   # a quick check
+python examples/custom_head.py                # the quickstart's task and backbone, 10 epochs (about 1 min on 2 cores)
+python examples/custom_head.py --epochs 1 --limit-batches 2   # a quick check
 """
 
 from __future__ import annotations
@@ -74,7 +74,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     pl.seed_everything(0)
     # the quickstart's task (orientation) and data sizes (conf/experiment/quickstart.yaml)
-    data = SyntheticDataModule(task="orientation", num_train=2000, num_val=500, num_test=1000, batch_size=64, num_workers=0)
+    data = SyntheticDataModule(
+        task="orientation", num_train=2000, num_val=500, num_test=1000, batch_size=64, num_workers=0
+    )
     module = CosineVPT(
         num_classes=data.num_classes,
         backbone={
@@ -100,8 +102,10 @@ def main(argv=None) -> dict:
     trainer.fit(module, datamodule=data)
     results = trainer.test(module, datamodule=data)[0]
     print(f"test top-1 with a cosine head: {100 * results['test/top1']:.2f}%")
-    print("compare: vpt-train +experiment=quickstart tuning=linear optim.base_lr=1.0 "
-          f"trainer.max_epochs={args.epochs}   # the linear probe, same data")
+    print(
+        "compare: vpt-train +experiment=quickstart tuning=linear optim.base_lr=1.0 "
+        f"trainer.max_epochs={args.epochs}   # the linear probe, same data"
+    )
     return results
 
 

@@ -17,8 +17,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CLASSES = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture", "PermanentCrop",
-           "Residential", "River", "SeaLake")
+CLASSES = (
+    "AnnualCrop",
+    "Forest",
+    "HerbaceousVegetation",
+    "Highway",
+    "Industrial",
+    "Pasture",
+    "PermanentCrop",
+    "Residential",
+    "River",
+    "SeaLake",
+)
 
 
 def write_tree(root: Path, per_class: int = 140, size: int = 64, seed: int = 0) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import struct
-
 from pathlib import Path
 
 import numpy as np
@@ -55,10 +54,17 @@ def fit_briefly(module, tmp_path: Path, save_to: str = "task.ckpt", **trainer_kw
 
     from vpt_lightning.data.synthetic import SyntheticDataModule
 
-    data = SyntheticDataModule(task="count", num_train=trainer_kwargs.pop("num_train", 16), num_val=8, num_test=8,
-                               batch_size=8, num_workers=0)
-    options = dict(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                   enable_model_summary=False, limit_val_batches=0)
+    data = SyntheticDataModule(
+        task="count", num_train=trainer_kwargs.pop("num_train", 16), num_val=8, num_test=8, batch_size=8, num_workers=0
+    )
+    options = dict(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer = pl.Trainer(default_root_dir=tmp_path, **{**options, **trainer_kwargs})
     trainer.fit(module, datamodule=data)
     path = tmp_path / save_to
@@ -89,11 +95,13 @@ def task_probabilities(checkpoint: Path, image_path: Path) -> torch.Tensor:
     from vpt_lightning import VPTModule
 
     module = VPTModule.load_from_checkpoint(checkpoint).eval()
-    prepare = T.Compose([
-        T.Resize((32, 32), interpolation=T.InterpolationMode.BICUBIC),
-        T.ToTensor(),
-        T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-    ])
+    prepare = T.Compose(
+        [
+            T.Resize((32, 32), interpolation=T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
     with torch.no_grad():
         return module(prepare(Image.open(image_path).convert("RGB"))[None]).softmax(-1)[0]
 
@@ -110,10 +118,10 @@ def read_wandb_records(path: Path) -> list:
         if block - pos % block < 7:  # the rest of a block too small for a header is padding
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:
             break
-        pending += data[pos + 7:pos + 7 + length]
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # full or last chunk: a whole record
             records.append(wandb_internal_pb2.Record.FromString(pending))

@@ -91,8 +91,13 @@ def test_stale_temp_files_of_killed_writes_are_removed_and_nothing_else(tmp_path
     survivor.rename(stale)
     stale_json = tmp_path / ".results.ab_3xYz9.tmp.json"
     stale_json.write_text("{")
-    keep = [tmp_path / "results.json", tmp_path / ".hydra" / "config.yaml", tmp_path / ".lock",
-            tmp_path / ".notes.tmp", tmp_path / "data.tmp.json"]
+    keep = [
+        tmp_path / "results.json",
+        tmp_path / ".hydra" / "config.yaml",
+        tmp_path / ".lock",
+        tmp_path / ".notes.tmp",
+        tmp_path / "data.tmp.json",
+    ]
     for path in keep:
         path.parent.mkdir(exist_ok=True)
         path.write_text("keep")

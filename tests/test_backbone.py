@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import TINY, TINY_BACKBONE, make_vit
 from safetensors.torch import save_file
 
 from vpt_lightning import BackboneConfig, create_backbone
-
-from conftest import TINY, TINY_BACKBONE, make_vit
 
 
 def _reference_features(images):
@@ -142,10 +141,14 @@ def _npz_of(tmp_path, name, **vit_kwargs):
 
 def test_google_npz_for_another_architecture_names_the_arrays(tmp_path):
     deeper = _npz_of(tmp_path, "deeper.npz", depth=5)  # timm's loader would ignore the fifth block
-    with pytest.raises(ValueError, match=r"deeper.npz.*does not fit.*5 Transformer/encoderblock_\* blocks vs model depth 4"):
+    with pytest.raises(
+        ValueError, match=r"deeper.npz.*does not fit.*5 Transformer/encoderblock_\* blocks vs model depth 4"
+    ):
         create_backbone({**TINY_BACKBONE, "checkpoint_path": deeper})
     wider = _npz_of(tmp_path, "wider.npz", embed_dim=48)
-    with pytest.raises(ValueError, match=r"wider.npz.*embedding/kernel \(4, 4, 3, 48\) \(width 48\) vs model embed_dim 32"):
+    with pytest.raises(
+        ValueError, match=r"wider.npz.*embedding/kernel \(4, 4, 3, 48\) \(width 48\) vs model embed_dim 32"
+    ):
         create_backbone({**TINY_BACKBONE, "checkpoint_path": wider})
     heads = _npz_of(tmp_path, "heads.npz", num_heads=4)  # same shapes once flattened: loads silently in timm
     with pytest.raises(ValueError, match=r"query/kernel 4 heads vs model num_heads 2"):

@@ -14,7 +14,14 @@ import torch
 
 from vpt_lightning.config import compose
 
-FAST = ["backbone=vit_tiny_random", "+debug=fast", "data.num_train=32", "data.num_val=16", "data.num_test=16", "data.batch_size=16"]
+FAST = [
+    "backbone=vit_tiny_random",
+    "+debug=fast",
+    "data.num_train=32",
+    "data.num_val=16",
+    "data.num_test=16",
+    "data.batch_size=16",
+]
 
 
 def vpt_train(args, cwd, check=True, env=None):
@@ -41,8 +48,11 @@ def test_run_folder_has_config_metrics_checkpoint_results(tmp_path):
     hparams = ckpt["hyper_parameters"]
     assert hparams["task_name"] == "smoke" and len(hparams["class_names"]) == hparams["num_classes"]
     assert hparams["eval_transform"] == {
-        "recipe": "vtab", "img_size": 32, "interpolation": "bicubic",
-        "mean": pytest.approx([0.485, 0.456, 0.406]), "std": pytest.approx([0.229, 0.224, 0.225]),
+        "recipe": "vtab",
+        "img_size": 32,
+        "interpolation": "bicubic",
+        "mean": pytest.approx([0.485, 0.456, 0.406]),
+        "std": pytest.approx([0.229, 0.224, 0.225]),
     }
     assert "test top-1 (%)" in proc.stdout
 
@@ -60,11 +70,17 @@ def test_resume_with_run_name_and_last(tmp_path):
     "override, message",
     [
         ("prompt.num_tokens=-3", "prompt.num_tokens=-3 must be an integer >= 0"),
-        ("prompt.location=middle", "prompt.location='middle' is not one of ['prepend', 'add', 'add1', 'prepend_pixel', 'concat_channel', 'pad']"),
+        (
+            "prompt.location=middle",
+            "prompt.location='middle' is not one of ['prepend', 'add', 'add1', 'prepend_pixel', 'concat_channel', 'pad']",
+        ),
         ("prompt=wide", "Could not find 'prompt/wide'"),
         ("optim.base_lr=0", "optim.base_lr=0"),
-        ("prompt=shallow", "tuning=vpt_deep needs prompts at every block (prompt=deep, num_tokens > 0), but "
-                           "prompt.num_tokens=10, prompt.deep=False"),
+        (
+            "prompt=shallow",
+            "tuning=vpt_deep needs prompts at every block (prompt=deep, num_tokens > 0), but "
+            "prompt.num_tokens=10, prompt.deep=False",
+        ),
         ("prompt.num_tokens=0", "tuning=vpt_deep needs prompts at every block"),
     ],
 )
@@ -109,8 +125,21 @@ def test_configs_and_assets_ship_in_the_wheel(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "whl")],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(root),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "whl"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     (wheel,) = (tmp_path / "whl").glob("vpt_lightning-*.whl")
     site = tmp_path / "site"
@@ -119,7 +148,10 @@ def test_configs_and_assets_ship_in_the_wheel(tmp_path):
     elsewhere.mkdir()
     proc = subprocess.run(
         [sys.executable, "-m", "vpt_lightning.cli.train", "+experiment=quickstart", "--cfg", "job", "--resolve"],
-        cwd=elsewhere, capture_output=True, text=True, timeout=300,
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "PYTHONPATH": str(site)},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -129,8 +161,17 @@ def test_configs_and_assets_ship_in_the_wheel(tmp_path):
 def test_cfg_job_prints_the_paper_recipe_for_vtab_cifar100(tmp_path):
     proc = vpt_train(["+experiment=vtab_cifar100", "--cfg", "job", "--resolve"], cwd=tmp_path)
     out = proc.stdout
-    for line in ("name: vit_base_patch16_224.orig_in21k", "num_tokens: 10", "deep: true", "dropout: 0.1",
-                 "warmup_epochs: 10", "max_epochs: 100", "batch_size: 64", "task: cifar100", "momentum: 0.9"):
+    for line in (
+        "name: vit_base_patch16_224.orig_in21k",
+        "num_tokens: 10",
+        "deep: true",
+        "dropout: 0.1",
+        "warmup_epochs: 10",
+        "max_epochs: 100",
+        "batch_size: 64",
+        "task: cifar100",
+        "momentum: 0.9",
+    ):
         assert line in out, line
 
 
@@ -168,14 +209,20 @@ def test_unknown_key_of_backbone_and_tuning_fails(tmp_path, override):
     assert ("(did you mean 'name'?)" in line) == (key == "nme")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("prompt.location=prepnd", "prompt.location='prepnd' is not one of ['prepend', 'add',"),
-    ("data=cifar1000", "Could not find 'data/cifar1000' (did you mean 'vtab_cifar100'?). Available options in "
-                       "'data': ade20k, fgvc,"),
-    ("+debug=fst", "Could not find 'debug/fst' (did you mean 'fast'?). Available options in 'debug': fast"),
-    ("prompt.num_tokens=abc", "could not be converted to Integer (key: prompt.num_tokens)"),
-    ("+trainer.max_epocks=2", "unexpected keyword argument 'max_epocks'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("prompt.location=prepnd", "prompt.location='prepnd' is not one of ['prepend', 'add',"),
+        (
+            "data=cifar1000",
+            "Could not find 'data/cifar1000' (did you mean 'vtab_cifar100'?). Available options in "
+            "'data': ade20k, fgvc,",
+        ),
+        ("+debug=fst", "Could not find 'debug/fst' (did you mean 'fast'?). Available options in 'debug': fast"),
+        ("prompt.num_tokens=abc", "could not be converted to Integer (key: prompt.num_tokens)"),
+        ("+trainer.max_epocks=2", "unexpected keyword argument 'max_epocks'"),
+    ],
+)
 def test_config_error_is_one_line_without_traceback(tmp_path, override, message):
     line = one_error_line(run_command("train", [*FAST, override], cwd=tmp_path), "vpt-train")
     assert message in line
@@ -192,8 +239,11 @@ def test_argparse_command_error_is_one_line(tmp_path):
 
 
 def test_quickstart_prints_none_of_the_dependencies_noise(tmp_path):
-    proc = run_command("train", ["+experiment=quickstart", "+debug=fast", "data.num_train=64", "data.num_val=32",
-                                 "data.num_test=32"], cwd=tmp_path)
+    proc = run_command(
+        "train",
+        ["+experiment=quickstart", "+debug=fast", "data.num_train=64", "data.num_val=32", "data.num_test=32"],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test top-1 (%)" in proc.stdout  # it did run
     for noise in ("Tip:", "litlogger", "LeafSpec", "is deprecated", "DeprecationWarning", "FutureWarning"):

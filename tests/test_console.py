@@ -25,8 +25,10 @@ def test_our_error_is_printed_as_one_line(capsys, monkeypatch):
         command(lambda: PromptConfig(location="prepnd"))
     err = capsys.readouterr().err
     assert exit_info.value.code == 1
-    assert err == "vpt-x: error: prompt.location='prepnd' is not one of " \
-                  "['prepend', 'add', 'add1', 'prepend_pixel', 'concat_channel', 'pad']\n"
+    assert (
+        err == "vpt-x: error: prompt.location='prepnd' is not one of "
+        "['prepend', 'add', 'add1', 'prepend_pixel', 'concat_channel', 'pad']\n"
+    )
 
 
 def test_a_dependency_error_or_a_bug_keeps_its_traceback(monkeypatch):

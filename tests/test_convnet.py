@@ -84,8 +84,12 @@ def test_border_parameter_count_follows_the_formula(pixels):
 
 
 def test_module_trains_only_border_and_head(images):
-    module = VPTModule(num_classes=5, backbone=tiny_config("convnext_tiny_random"), prompt={"num_tokens": 2, "dropout": 0.0},
-                       optim={"base_lr": 0.1})
+    module = VPTModule(
+        num_classes=5,
+        backbone=tiny_config("convnext_tiny_random"),
+        prompt={"num_tokens": 2, "dropout": 0.0},
+        optim={"base_lr": 0.1},
+    )
     module.train()
     assert not module.backbone.model.training  # VPT: the frozen backbone stays in eval mode
     module(images).square().sum().backward()
@@ -105,14 +109,22 @@ def test_grad_checkpointing_gives_the_same_border_gradients(group, images):
         backbone.border.zero_grad()
         backbone(images).square().sum().backward()
         grads.append([p.grad.clone() for p in backbone.border.parameters()])
-    assert backbone.model.stages[0].grad_checkpointing if group.startswith("convnext") else backbone.model.grad_checkpointing
+    assert (
+        backbone.model.stages[0].grad_checkpointing
+        if group.startswith("convnext")
+        else backbone.model.grad_checkpointing
+    )
     for plain, checkpointed in zip(*grads):
         torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
 
 
 def test_frozen_batchnorm_statistics_under_vpt(images):
-    module = VPTModule(num_classes=3, backbone=tiny_config("resnet_tiny_random"), prompt={"num_tokens": 1, "dropout": 0.0},
-                       optim={"base_lr": 0.1})
+    module = VPTModule(
+        num_classes=3,
+        backbone=tiny_config("resnet_tiny_random"),
+        prompt={"num_tokens": 1, "dropout": 0.0},
+        optim={"base_lr": 0.1},
+    )
     before = {k: v.clone() for k, v in module.backbone.model.state_dict().items()}
     module.train()
     module(images * 3 + 1).sum().backward()
@@ -134,8 +146,14 @@ def _bn_stats_changed(model, before):
     ],
 )
 def test_batchnorm_statistics_update_only_where_the_scale_trains(tuning, updated, images):
-    module = VPTModule(num_classes=3, backbone=tiny_config("resnet_tiny_random"), prompt=None, tuning=tuning,
-                       backbone_eval=False, optim={"base_lr": 0.1})
+    module = VPTModule(
+        num_classes=3,
+        backbone=tiny_config("resnet_tiny_random"),
+        prompt=None,
+        tuning=tuning,
+        backbone_eval=False,
+        optim={"base_lr": 0.1},
+    )
     model = module.backbone.model
     bn_names = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -145,7 +163,7 @@ def test_batchnorm_statistics_update_only_where_the_scale_trains(tuning, updated
     expected = {"all": bn_names, "layer4": [n for n in bn_names if n.startswith("layer4.")], "none": []}[updated]
     assert changed == expected
     # a task checkpoint keeps the statistics of the BatchNorms that trained (and of those whose bias trains)
-    kept = {k[len("backbone.model."):] for k in trainable_state_keys(module, model) if k.startswith("backbone.model.")}
+    kept = {k[len("backbone.model.") :] for k in trainable_state_keys(module, model) if k.startswith("backbone.model.")}
     stats = {k.rsplit(".", 1)[0] for k in kept if k.endswith("running_mean")}
     assert stats == (set(bn_names) if updated in ("all", "none") else set(expected))
     assert all(f"{n}.running_var" in kept and f"{n}.num_batches_tracked" in kept for n in stats)
@@ -159,13 +177,28 @@ def test_blocks_final_norms_and_partial_k():
     assert blocks == [b for s in convnext.model.stages for b in s.blocks] and len(blocks) == 1 + 1 + 2 + 1
     assert convnext.final_norms() == [convnext.model.head.norm]
     resnet = prompted_backbone(tiny_model("resnet_tiny_random"))
-    assert resnet.blocks() == [resnet.model.layer1[0], resnet.model.layer2[0], resnet.model.layer3[0], resnet.model.layer4[0]]
+    assert resnet.blocks() == [
+        resnet.model.layer1[0],
+        resnet.model.layer2[0],
+        resnet.model.layer3[0],
+        resnet.model.layer4[0],
+    ]
     assert resnet.final_norms() == []
-    module = VPTModule(num_classes=3, backbone=tiny_config("convnext_tiny_random"), prompt=None,
-                       tuning={"method": "partial", "last_blocks": 2}, backbone_eval=False)
-    trained = {n.split(".weight")[0].split(".bias")[0] for n, p in module.backbone.model.named_parameters() if p.requires_grad}
+    module = VPTModule(
+        num_classes=3,
+        backbone=tiny_config("convnext_tiny_random"),
+        prompt=None,
+        tuning={"method": "partial", "last_blocks": 2},
+        backbone_eval=False,
+    )
+    trained = {
+        n.split(".weight")[0].split(".bias")[0] for n, p in module.backbone.model.named_parameters() if p.requires_grad
+    }
     assert {re.match(r"(stages\.\d\.blocks\.\d|head\.norm)", n).group(1) for n in trained} == {
-        "stages.2.blocks.1", "stages.3.blocks.0", "head.norm"}
+        "stages.2.blocks.1",
+        "stages.3.blocks.0",
+        "head.norm",
+    }
 
 
 @pytest.mark.parametrize(
@@ -174,7 +207,10 @@ def test_blocks_final_norms_and_partial_k():
         ({"num_tokens": 17, "deep": False}, "prompt.num_tokens=17 is the border's width in pixels per side"),
         ({"num_tokens": 2, "deep": True, "depth": 3}, "a ConvNet takes prompts only at its input"),
         ({"num_tokens": 2, "deep": True, "depth": [0, 1]}, "a ConvNet takes prompts only at its input"),
-        ({"num_tokens": 2, "deep": True, "dropout": 0.1}, "prompt.dropout=0.1: the ConvNet pixel border has no dropout"),
+        (
+            {"num_tokens": 2, "deep": True, "dropout": 0.1},
+            "prompt.dropout=0.1: the ConvNet pixel border has no dropout",
+        ),
         ({"num_tokens": 1, "location": "add"}, "prompt.location='add'"),
         ({"num_tokens": 2, "project": 8}, "prompt.project=8"),
     ],
@@ -204,7 +240,12 @@ def _fb_layout(state):
         k = re.sub(r"^stem\.", "downsample_layers.0.", k)
         k = re.sub(r"stages\.(\d+)\.downsample\.(\d+)", r"downsample_layers.\1.\2", k)
         k = re.sub(r"stages\.(\d+)\.blocks\.(\d+)", r"stages.\1.\2", k)
-        k = k.replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv").replace("head.norm.", "norm.").replace("head.fc.", "head.")
+        k = (
+            k.replace("conv_dw", "dwconv")
+            .replace("mlp.fc", "pwconv")
+            .replace("head.norm.", "norm.")
+            .replace("head.fc.", "head.")
+        )
         out[k] = v
     return out
 
@@ -276,7 +317,9 @@ def test_vpt_tune_sweeps_the_papers_convnet_grid_for_vpt_only():
     vit = compose(["tuning=vpt_shallow"], config_name="tune")
     assert linear.protocol.base_lr == vit.protocol.base_lr and len(vit.protocol.base_lr) == 10  # tune.yaml's grid
     assert linear.protocol.num_tokens is None and vit.protocol.num_tokens is None
-    narrowed = compose(["backbone=convnext_tiny_random", "tuning=vpt_shallow", "protocol.num_tokens=[5]"], config_name="tune")
+    narrowed = compose(
+        ["backbone=convnext_tiny_random", "tuning=vpt_shallow", "protocol.num_tokens=[5]"], config_name="tune"
+    )
     assert {p["num_tokens"] for p in grid_points(narrowed.protocol, "vpt_shallow")} == {5}  # the command line wins
 
 
@@ -289,8 +332,15 @@ def test_report_shows_the_papers_group_means_for_a_convnet_backbone():
     from vpt_lightning.report import build_report
 
     def summary(task, tuning, backbone):
-        return {"task_name": task, "tuning": tuning, "backbone": backbone, "test_top1_per_seed": {"0": 0.5},
-                "test_top1": mean_std([0.5]), "trainable_params": 10, "trainable_percent": 0.1}
+        return {
+            "task_name": task,
+            "tuning": tuning,
+            "backbone": backbone,
+            "test_top1_per_seed": {"0": 0.5},
+            "test_top1": mean_std([0.5]),
+            "trainable_params": 10,
+            "trainable_percent": 0.1,
+        }
 
     tasks = [t.config_name for t in vtab_tasks()]
     summaries = [summary(t, m, "resnet50.tv_in1k") for t in tasks for m in ("vpt_shallow", "partial_3", "mlp_3")]
@@ -300,9 +350,11 @@ def test_report_shows_the_papers_group_means_for_a_convnet_backbone():
     assert rows["VTAB natural (mean of 7)", "vpt_shallow"]["paper_top1"] == "66.25"
     assert rows["VTAB structured (mean of 8)", "partial_3"]["paper_top1"] == "45.78"
     assert float(rows["VTAB mean of the 3 group means", "vpt_shallow"]["paper_top1"]) == pytest.approx(
-        statistics.fmean([66.25, 77.32, 37.52]), abs=0.005)
+        statistics.fmean([66.25, 77.32, 37.52]), abs=0.005
+    )
     assert float(rows["VTAB mean over the 19 tasks", "vpt_shallow"]["paper_top1"]) == pytest.approx(
-        (7 * 66.25 + 4 * 77.32 + 8 * 37.52) / 19, abs=0.005)
+        (7 * 66.25 + 4 * 77.32 + 8 * 37.52) / 19, abs=0.005
+    )
     assert rows["VTAB natural (mean of 7)", "mlp_3"]["paper_top1"] == ""  # the paper has no MLP-3 on ConvNets
     assert rows["vtab_cifar100", "vpt_shallow"]["paper_top1"] == ""  # never ViT-B's per-task numbers
     assert "| VTAB specialized (mean of 4) | 50.00 | 50.00 | 50.00 | 77.32 | 78.64 |" in markdown
@@ -326,8 +378,17 @@ def _vpt_train(args, cwd):
 def test_quickstart_trains_a_tiny_convnext_end_to_end(tmp_path):
     import json
 
-    args = ["+experiment=quickstart", "backbone=convnext_tiny_random", "+debug=fast", "data.num_train=32",
-            "data.num_val=16", "data.num_test=16", "data.batch_size=16", "task_name=cnx", "run_name=r"]
+    args = [
+        "+experiment=quickstart",
+        "backbone=convnext_tiny_random",
+        "+debug=fast",
+        "data.num_train=32",
+        "data.num_val=16",
+        "data.num_test=16",
+        "data.batch_size=16",
+        "task_name=cnx",
+        "run_name=r",
+    ]
     proc = _vpt_train(args, tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     run = tmp_path / "outputs" / "cnx" / "r"
@@ -335,7 +396,12 @@ def test_quickstart_trains_a_tiny_convnext_end_to_end(tmp_path):
     p = 10  # the quickstart's recipe.num_tokens: a 10 px border around its 32 px images
     assert results["trainable_params"] == 6 * p * (64 + 2 * p) + 64 * 8 + 8 and 0 <= results["test/top1"] <= 1
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert sorted(ckpt["state_dict"]) == ["backbone.border.left_right", "backbone.border.top_bottom", "head.bias", "head.weight"]
+    assert sorted(ckpt["state_dict"]) == [
+        "backbone.border.left_right",
+        "backbone.border.top_bottom",
+        "head.bias",
+        "head.weight",
+    ]
     assert ckpt["vpt_backbone_identity"]["architecture"]["class"] == "ConvNeXt"
 
 
@@ -344,8 +410,19 @@ def test_paper_config_loads_a_local_file_and_a_wrong_one_fails_before_training(t
     assert proc.returncode == 0 and "name: resnet50.tv_in1k" in proc.stdout
     wrong = tiny_model("resnet_tiny_random")  # a ResNet-50 config given a tiny ResNet's weights
     torch.save(wrong.state_dict(), tmp_path / "wrong.pth")
-    proc = _vpt_train(["backbone=resnet50_in1k", "tuning=vpt_shallow", f"backbone.checkpoint_path={tmp_path / 'wrong.pth'}",
-                       "+debug=fast"], tmp_path)
+    proc = _vpt_train(
+        [
+            "backbone=resnet50_in1k",
+            "tuning=vpt_shallow",
+            f"backbone.checkpoint_path={tmp_path / 'wrong.pth'}",
+            "+debug=fast",
+        ],
+        tmp_path,
+    )
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "does not fit model ResNet" in out and "shape mismatches: layer1.0.bn1.bias: file (8,) vs model (64,)" in out
+    assert (
+        proc.returncode != 0
+        and "does not fit model ResNet" in out
+        and "shape mismatches: layer1.0.bn1.bias: file (8,) vs model (64,)" in out
+    )
     assert "Epoch 0" not in out

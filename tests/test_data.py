@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_image
 from omegaconf import OmegaConf
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from vpt_lightning.cli.prepare import main as prepare_main
 from vpt_lightning.config import compose
 from vpt_lightning.data import (
     DataError,
@@ -27,11 +29,8 @@ from vpt_lightning.data import (
     make_train_val_split,
     vtab_tasks,
 )
-from vpt_lightning.cli.prepare import main as prepare_main
-from vpt_lightning.paper import METHODS, REFERENCE
-
-from conftest import write_image
 from vpt_lightning.data.transforms import INTERPOLATIONS
+from vpt_lightning.paper import METHODS, REFERENCE
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -57,7 +56,12 @@ def test_registry_has_19_vtab_tasks_in_7_4_8_groups_and_5_fgvc():
     assert len(vtab_tasks()) == 19
     assert [len(vtab_tasks(g)) for g in ("natural", "specialized", "structured")] == [7, 4, 8]
     assert {t.name: t.num_classes for t in fgvc_tasks()} == {
-        "cub": 200, "nabirds": 555, "oxford_flowers": 102, "stanford_dogs": 120, "stanford_cars": 196}
+        "cub": 200,
+        "nabirds": 555,
+        "oxford_flowers": 102,
+        "stanford_dogs": 120,
+        "stanford_cars": 196,
+    }
     assert get_task("vtab_svhn").num_classes == 10 and get_task("sun397").default_prompt_length == 5
     # the paper's VPT-Deep group means (paper Table 1) follow from the per-task numbers
     natural = np.mean([REFERENCE[t.config_name]["vpt_deep"] for t in vtab_tasks("natural")])
@@ -162,7 +166,9 @@ def test_vtab_resizes_a_non_square_image_straight_to_the_square(tmp_path):
         write_image(task_dir / split / "img_0.png", seed=5, size=(30, 40))  # 40 wide, 30 high
     dm = VTABDataModule("cifar100", str(tmp_path), img_size=16, num_workers=0)
     dm.setup()
-    resize = T.Compose([T.Resize((16, 16), interpolation=INTERPOLATIONS["bicubic"]), T.ToTensor(), T.Normalize(MEAN, STD)])
+    resize = T.Compose(
+        [T.Resize((16, 16), interpolation=INTERPOLATIONS["bicubic"]), T.ToTensor(), T.Normalize(MEAN, STD)]
+    )
     for split, dataset in (("train800", dm.train_dataset), ("val200", dm.val_dataset)):
         image = dataset[0][0]
         assert image.shape == (3, 16, 16)  # an aspect-keeping Resize(16) would give 16 x 21
@@ -175,25 +181,40 @@ def test_vtab_normalisation_matches_hand_computation(tmp_path):
     dm = VTABDataModule("cifar100", str(tmp_path), img_size=8, num_workers=0)  # 8 px: the resize is the identity
     dm.setup()
     pixels = np.asarray(Image.open(task_dir / "train800" / "img_0.png"), dtype=np.float32) / 255.0
-    expected = (torch.from_numpy(pixels).permute(2, 0, 1) - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    expected = (torch.from_numpy(pixels).permute(2, 0, 1) - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(
+        3, 1, 1
+    )
     torch.testing.assert_close(dm.train_dataset[0][0], expected, rtol=1e-5, atol=1e-5)
-    backbone = VTABDataModule("cifar100", str(tmp_path), img_size=8, num_workers=0, normalization="backbone",
-                              backbone_data_config={"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)})
+    backbone = VTABDataModule(
+        "cifar100",
+        str(tmp_path),
+        img_size=8,
+        num_workers=0,
+        normalization="backbone",
+        backbone_data_config={"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
+    )
     backbone.setup()
-    torch.testing.assert_close(backbone.train_dataset[0][0], torch.from_numpy(pixels).permute(2, 0, 1) * 2 - 1,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        backbone.train_dataset[0][0], torch.from_numpy(pixels).permute(2, 0, 1) * 2 - 1, rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize(
     "damage, message",
     [
         (lambda d: (d / "val200.txt").unlink(), r"list file .*val200.txt' does not exist"),
-        (lambda d: (d / "train800.txt").write_text("train800/img_0.png 0\nno-label-here\n"),
-         r"train800.txt:2: expected 'relative/path label', got 'no-label-here'"),
-        (lambda d: (d / "train800.txt").write_text("train800/img_0.png 0\ntrain800/img_1.png 100\n"),
-         r"train800.txt:2: label 100 is outside \[0, 100\)"),
-        (lambda d: (d / "train800.txt").write_text("train800/missing.png 3\n"),
-         r"train800.txt:1: image .*missing.png' does not exist"),
+        (
+            lambda d: (d / "train800.txt").write_text("train800/img_0.png 0\nno-label-here\n"),
+            r"train800.txt:2: expected 'relative/path label', got 'no-label-here'",
+        ),
+        (
+            lambda d: (d / "train800.txt").write_text("train800/img_0.png 0\ntrain800/img_1.png 100\n"),
+            r"train800.txt:2: label 100 is outside \[0, 100\)",
+        ),
+        (
+            lambda d: (d / "train800.txt").write_text("train800/missing.png 3\n"),
+            r"train800.txt:1: image .*missing.png' does not exist",
+        ),
         (lambda d: (d / "train800.txt").write_text("\n"), r"train800.txt: the split is empty"),
     ],
     ids=["missing-list", "malformed-line", "label-range", "missing-image", "empty-split"],
@@ -208,12 +229,20 @@ def test_vtab_bad_lists_fail_in_setup_naming_file_and_line(tmp_path, damage, mes
 
 def test_missing_root_names_folder_and_the_fix(tmp_path):
     root = tmp_path / "nowhere"
-    with pytest.raises(DataError, match=r"VTAB-1k folder of task 'cifar100' .*nowhere/cifar' does not exist.*"
-                                        rf"'vpt-prepare vtab --tasks cifar100 --source SOURCE_ROOT --out {root}'"):
+    with pytest.raises(
+        DataError,
+        match=r"VTAB-1k folder of task 'cifar100' .*nowhere/cifar' does not exist.*"
+        rf"'vpt-prepare vtab --tasks cifar100 --source SOURCE_ROOT --out {root}'",
+    ):
         VTABDataModule("cifar100", str(root))
-    for task, source in (("dmlab", "dmlab.tar.gz"), ("kitti_distance", "devkit_object.zip"),
-                         ("smallnorb_azimuth", "NYU"), ("resisc45", "NWPU-RESISC45"), ("clevr_distance", "CLEVR_v1.0"),
-                         ("caltech101", "--official-splits")):
+    for task, source in (
+        ("dmlab", "dmlab.tar.gz"),
+        ("kitti_distance", "devkit_object.zip"),
+        ("smallnorb_azimuth", "NYU"),
+        ("resisc45", "NWPU-RESISC45"),
+        ("clevr_distance", "CLEVR_v1.0"),
+        ("caltech101", "--official-splits"),
+    ):
         with pytest.raises(DataError, match=rf"--tasks {task} .*{source}"):
             VTABDataModule(task, str(root))
 
@@ -284,7 +313,7 @@ def test_fgvc_transforms_on_a_non_square_image(tmp_path):
     torch.testing.assert_close(dm.val_dataset[0][0], resized("001.bird/val.jpg")[:, 1:17, 3:19])
     # train: a random 16 x 16 crop of the resize, maybe flipped, different across calls
     full = resized("001.bird/train_0.jpg")
-    crops = [full[:, top:top + 16, left:left + 16] for top in range(3) for left in range(7)]
+    crops = [full[:, top : top + 16, left : left + 16] for top in range(3) for left in range(7)]
     crops += [crop.flip(-1) for crop in crops]
     torch.manual_seed(0)
     outputs = [dm.train_dataset[0][0] for _ in range(12)]
@@ -299,13 +328,22 @@ def test_fgvc_transforms_on_a_non_square_image(tmp_path):
     [
         (lambda f: shutil.rmtree(f), "tune", r"FGVC folder of 'cub' '.*/CUB_200_2011' does not exist.*set data.root"),
         (lambda f: (f / "test.json").unlink(), "final", r"FGVC split file '.*test.json' does not exist"),
-        (lambda f: (f / "images" / "005.bird" / "train_0.jpg").unlink(), "tune",
-         r"train.json: key '005.bird/train_0.jpg': image '.*images/005.bird/train_0.jpg' does not exist"),
+        (
+            lambda f: (f / "images" / "005.bird" / "train_0.jpg").unlink(),
+            "tune",
+            r"train.json: key '005.bird/train_0.jpg': image '.*images/005.bird/train_0.jpg' does not exist",
+        ),
         (lambda f: (f / "val.json").write_text("{}"), "tune", r"val.json: the split is empty"),
-        (lambda f: (f / "val.json").write_text(json.dumps({"001.bird/val.jpg": 999})), "tune",
-         r"val.json: key '001.bird/val.jpg' has class id 999, not in train.json \(its 200 ids span 1..200\)"),
-        (lambda f: (f / "test.json").write_text(json.dumps({"001.bird/test.jpg": True})), "final",
-         r"test.json: key '001.bird/test.jpg' has class id true; expected an integer class id"),
+        (
+            lambda f: (f / "val.json").write_text(json.dumps({"001.bird/val.jpg": 999})),
+            "tune",
+            r"val.json: key '001.bird/val.jpg' has class id 999, not in train.json \(its 200 ids span 1..200\)",
+        ),
+        (
+            lambda f: (f / "test.json").write_text(json.dumps({"001.bird/test.jpg": True})),
+            "final",
+            r"test.json: key '001.bird/test.jpg' has class id true; expected an integer class id",
+        ),
     ],
     ids=["missing-root", "missing-json", "missing-image", "empty-split", "label-range", "bool-label"],
 )
@@ -387,7 +425,9 @@ def test_folder_draw_that_leaves_no_training_image_fails(tmp_path, n, fraction):
     for i in range(n):
         write_image(tmp_path / "train" / "cat" / f"{i}.png", seed=i)
     dm = FolderDataModule(str(tmp_path), val_fraction=fraction, num_workers=0)
-    with pytest.raises(DataError, match=rf"train: {n} training image\(s\) with data.val_fraction={fraction} leave none"):
+    with pytest.raises(
+        DataError, match=rf"train: {n} training image\(s\) with data.val_fraction={fraction} leave none"
+    ):
         dm.setup()
 
 
@@ -403,17 +443,28 @@ def _folder_tree(root: Path, val=True) -> None:
     "make, kwargs, message",
     [
         (lambda r: None, {"root": "nowhere"}, r"data.root '.*nowhere' does not exist"),
-        (lambda r: (write_csv(r, "train.csv", [0, 1, 0]), (r / "imgs" / "1.png").unlink()), {"train_list": "train.csv"},
-         r"train.csv:3: image '.*imgs/1.png' does not exist"),
+        (
+            lambda r: (write_csv(r, "train.csv", [0, 1, 0]), (r / "imgs" / "1.png").unlink()),
+            {"train_list": "train.csv"},
+            r"train.csv:3: image '.*imgs/1.png' does not exist",
+        ),
         (lambda r: (r / "train" / "cat").mkdir(parents=True), {}, r"train: the train split is empty \(no .jpg/"),
         (_folder_tree, {}, r"val: the val split is empty"),
-        (lambda r: (write_csv(r, "train.csv", [0, 1, 0, 1]), write_csv(r, "val.csv", [1, 7], start=10)),
-         {"train_list": "train.csv", "val_list": "val.csv"}, r"val.csv:3: label '7' is not a class id in \[0, 2\)"),
-        (lambda r: (write_csv(r, "train.csv", ["a", "b"]), write_csv(r, "val.csv", ["fox"], start=10)),
-         {"train_list": "train.csv", "val_list": "val.csv"},
-         r"val.csv:2: label 'fox' is not one of the training classes \['a', 'b'\]"),
-        (lambda r: write_csv(r, "train.csv", [0, -1]), {"train_list": "train.csv"},
-         r"train.csv:3: label '-1' is not a class id in \[0, 1\)"),
+        (
+            lambda r: (write_csv(r, "train.csv", [0, 1, 0, 1]), write_csv(r, "val.csv", [1, 7], start=10)),
+            {"train_list": "train.csv", "val_list": "val.csv"},
+            r"val.csv:3: label '7' is not a class id in \[0, 2\)",
+        ),
+        (
+            lambda r: (write_csv(r, "train.csv", ["a", "b"]), write_csv(r, "val.csv", ["fox"], start=10)),
+            {"train_list": "train.csv", "val_list": "val.csv"},
+            r"val.csv:2: label 'fox' is not one of the training classes \['a', 'b'\]",
+        ),
+        (
+            lambda r: write_csv(r, "train.csv", [0, -1]),
+            {"train_list": "train.csv"},
+            r"train.csv:3: label '-1' is not a class id in \[0, 1\)",
+        ),
     ],
     ids=["missing-root", "missing-image", "empty-train", "empty-val", "label-range", "unknown-name", "negative-label"],
 )
@@ -437,8 +488,18 @@ def test_vtab_experiment_without_data_fails_clearly(tmp_path):
 
 def test_vtab_experiment_trains_on_a_prepared_tree(tmp_path):
     make_vtab_tree(tmp_path / "vtab-1k", counts={"train800": 16, "val200": 8, "test": 8})
-    proc = _vpt_train(["+experiment=vtab_cifar100", f"paths.data_dir={tmp_path}", "backbone=vit_tiny_random",
-                       "+debug=fast", "data.num_workers=0", "data.batch_size=8", "run_name=r"], tmp_path)
+    proc = _vpt_train(
+        [
+            "+experiment=vtab_cifar100",
+            f"paths.data_dir={tmp_path}",
+            "backbone=vit_tiny_random",
+            "+debug=fast",
+            "data.num_workers=0",
+            "data.batch_size=8",
+            "run_name=r",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "outputs" / "vtab_cifar100" / "r" / "results.json").read_text())
     assert results["trainable_params"] == 2 * 10 * 32 + 32 * 100 + 100  # p=10 on both blocks of width 32 + head

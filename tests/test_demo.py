@@ -10,14 +10,22 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import save_task_checkpoint, task_probabilities, write_image
+
 from vpt_lightning.serving.launch import running_server
 
 pytest.importorskip("litserve")
 STARTUP_SECONDS = 240
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-dev-shm-usage", "--disable-extensions", "--no-first-run", "--mute-audio"]
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-dev-shm-usage",
+    "--disable-extensions",
+    "--no-first-run",
+    "--mute-audio",
+]
 COUNT_CLASSES = ["one", "two", "three", "four", "five", "six"]
 ORIENT_CLASSES = ["north", "east", "south"]
 KEY = "demo-key-42"
@@ -30,8 +38,8 @@ def chromium() -> str:
     if not path:
         reasons.append("no Chromium found (apt-get install chromium, or set CHROMIUM=/path/to/chromium)")
     try:
-        import playwright  # noqa: F401
         import gradio  # noqa: F401
+        import playwright  # noqa: F401
     except ImportError as err:
         reasons.append(f"{err.name} is not installed (pip install -e '.[dev]')")
     if reasons:
@@ -58,16 +66,27 @@ def test_demo_page_in_a_headless_browser(tmp_path):
 
     torch.manual_seed(0)
     count = save_task_checkpoint(tmp_path / "count.ckpt", num_classes=6, class_names=COUNT_CLASSES, task_name="count")
-    orient = save_task_checkpoint(tmp_path / "orient.ckpt", num_classes=3, class_names=ORIENT_CLASSES,
-                                  task_name="orient", prompt={"num_tokens": 3, "deep": False},
-                                  tuning={"method": "vpt_shallow"})
+    orient = save_task_checkpoint(
+        tmp_path / "orient.ckpt",
+        num_classes=3,
+        class_names=ORIENT_CLASSES,
+        task_name="orient",
+        prompt={"num_tokens": 3, "deep": False},
+        tuning={"method": "vpt_shallow"},
+    )
     image = tmp_path / "picture.png"
     write_image(image, seed=11, size=(48, 40))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
-                                                        os.environ.get("PYTHONPATH", "")]),
-           "LIT_SERVER_API_KEY": KEY}
-    with running_server([count, orient], ["--accelerator", "cpu", "--ui"], startup_timeout=STARTUP_SECONDS,
-                        env=env) as url, sync_playwright() as pw:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]),
+        "LIT_SERVER_API_KEY": KEY,
+    }
+    with (
+        running_server(
+            [count, orient], ["--accelerator", "cpu", "--ui"], startup_timeout=STARTUP_SECONDS, env=env
+        ) as url,
+        sync_playwright() as pw,
+    ):
         browser = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, timeout=60_000)
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 760})
@@ -80,8 +99,9 @@ def test_demo_page_in_a_headless_browser(tmp_path):
 
             page.locator("input[type=file]").first.set_input_files(str(image))
             page.get_by_role("button", name="Classify").click()  # "all tasks" is the default
-            page.wait_for_function("document.querySelector('#label-orient') && "
-                                   "/%/.test(document.querySelector('#label-orient').innerText)")
+            page.wait_for_function(
+                "document.querySelector('#label-orient') && /%/.test(document.querySelector('#label-orient').innerText)"
+            )
             page.wait_for_function("/%/.test(document.querySelector('#label-count').innerText)")
             want_count, want_orient = expected(count, image, COUNT_CLASSES), expected(orient, image, ORIENT_CLASSES)
             for got, want in ((read_label(page, "count"), want_count), (read_label(page, "orient"), want_orient)):

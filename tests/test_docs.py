@@ -88,8 +88,15 @@ def extract_blocks(path: Path) -> List[Block]:
             raise AssertionError(f"{path}:{i + 1}: unclosed code fence")
         before = next((lines[j].strip() for j in range(start - 1, -1, -1) if lines[j].strip()), "")
         marker = MARKER.match(before)
-        blocks.append(Block(path, start + 1, lang, "\n".join(lines[start + 1 : end]),
-                            (marker.group(1), marker.group(2).strip()) if marker else None))
+        blocks.append(
+            Block(
+                path,
+                start + 1,
+                lang,
+                "\n".join(lines[start + 1 : end]),
+                (marker.group(1), marker.group(2).strip()) if marker else None,
+            )
+        )
         i = end + 1
     return blocks
 
@@ -230,9 +237,11 @@ def nav_pages() -> List[Path]:
 def report(name: str, tally: Tally) -> str:
     slowest = sorted(tally.seconds.items(), key=lambda item: -item[1][1])[:5]
     wall, cpu = (sum(times[i] for times in tally.seconds.values()) for i in (0, 1))
-    lines = [f"{name}: ran {tally.python} python and {tally.shell} shell blocks ({tally.commands} commands) in "
-             f"{wall:.0f} s ({cpu:.0f} s CPU); {len(tally.not_run)} blocks not run ({tally.composed} of their "
-             "commands composed):"]
+    lines = [
+        f"{name}: ran {tally.python} python and {tally.shell} shell blocks ({tally.commands} commands) in "
+        f"{wall:.0f} s ({cpu:.0f} s CPU); {len(tally.not_run)} blocks not run ({tally.composed} of their "
+        "commands composed):"
+    ]
     lines += [f"  not run: {item}" for item in tally.not_run]
     return "\n".join(lines + [f"  slowest: {where} {w:.1f} s ({c:.1f} s CPU)" for where, (w, c) in slowest])
 
@@ -248,9 +257,12 @@ def offline(monkeypatch):
     import vpt_lightning.heads
     import vpt_lightning.methods.registry
 
-    saved = [(module, name, dict(value)) for module in (vpt_lightning.backbones.registry,
-                                                        vpt_lightning.methods.registry, vpt_lightning.heads)
-             for name, value in vars(module).items() if isinstance(value, dict) and name.startswith("_")]
+    saved = [
+        (module, name, dict(value))
+        for module in (vpt_lightning.backbones.registry, vpt_lightning.methods.registry, vpt_lightning.heads)
+        for name, value in vars(module).items()
+        if isinstance(value, dict) and name.startswith("_")
+    ]
     root_handlers, root_level = logging.root.handlers[:], logging.root.level  # Hydra's runs add handlers
     yield
     for module, name, value in saved:
@@ -335,11 +347,15 @@ def test_block_runner_refuses_what_it_cannot_run(tmp_path):
         run("```bash\nvpt-report --no-such-option\n```\n")
     with pytest.raises(AssertionError, match="prompt.no_such_key=1` exited"):  # run-with adds its arguments
         run("<!-- run-with: prompt.no_such_key=1 -->\n```bash\nvpt-train +experiment=quickstart --cfg job\n```\n")
-    tally = run("text\n\n<!-- not-run: needs a GPU and VTAB-1k -->\n```bash\n"
-                "vpt-train +experiment=vtab_cifar100 data.root=DIR trainer=gpu  # comment\n"
-                "vpt-tune -m +experiment=vtab_cifar100,vtab_svhn tuning=vpt_deep,linear\n"
-                "vpt-tune ... protocol.search=optuna\n```\n\n```text\nnot code\n```\n"
-                "```python\nx = 1 + 1\n```\n")
+    tally = run(
+        "text\n\n<!-- not-run: needs a GPU and VTAB-1k -->\n```bash\n"
+        "vpt-train +experiment=vtab_cifar100 data.root=DIR trainer=gpu  # comment\n"
+        "vpt-tune -m +experiment=vtab_cifar100,vtab_svhn tuning=vpt_deep,linear\n"
+        "vpt-tune ... protocol.search=optuna\n```\n\n```text\nnot code\n```\n"
+        "```python\nx = 1 + 1\n```\n"
+    )
     assert (tally.python, tally.shell, tally.composed, len(tally.not_run)) == (1, 0, 2, 1)
     with pytest.raises(Exception, match="tuning"):
-        run("<!-- not-run: needs a GPU and VTAB-1k -->\n```bash\nvpt-train +experiment=quickstart tuning=vpt_deeep\n```\n")
+        run(
+            "<!-- not-run: needs a GPU and VTAB-1k -->\n```bash\nvpt-train +experiment=quickstart tuning=vpt_deeep\n```\n"
+        )

@@ -42,9 +42,20 @@ test_score.__test__ = False  # a helper, not a test
 def linear_probe_top1(tmp_path_factory) -> float:
     """Test top-1 (%) of the quickstart's linear probe under the examples' budget."""
     out = tmp_path_factory.mktemp("linear_probe")
-    run([BIN / "vpt-train", "+experiment=quickstart", "tuning=linear", "optim.base_lr=1.0",
-         f"trainer.max_epochs={EPOCHS}", *(f"data.{k}={v}" for k, v in DATA.items()), f"paths.output_dir={out}",
-         "run_name=probe", "trainer.enable_progress_bar=false"], cwd=out)
+    run(
+        [
+            BIN / "vpt-train",
+            "+experiment=quickstart",
+            "tuning=linear",
+            "optim.base_lr=1.0",
+            f"trainer.max_epochs={EPOCHS}",
+            *(f"data.{k}={v}" for k, v in DATA.items()),
+            f"paths.output_dir={out}",
+            "run_name=probe",
+            "trainer.enable_progress_bar=false",
+        ],
+        cwd=out,
+    )
     top1 = test_score(out / "quickstart" / "probe")
     print(f"quickstart linear probe, {EPOCHS} epochs: test top-1 {top1:.1f}%")
     return top1
@@ -70,9 +81,20 @@ def test_eurosat_like_tree_example_runs_the_vtab_route_above_the_linear_probe(tm
     assert "wrote 1400 images" in out
     out = run([BIN / "vpt-prepare", "vtab", "--tasks", "eurosat", "--source", tv, "--out", vtab], cwd=tmp_path)
     assert "'train800': 800, 'val200': 200, 'test': 280" in out
-    run([BIN / "vpt-train", "+experiment=vtab_eurosat", f"data.root={vtab}", "backbone=quickstart_vit",
-         "trainer.max_epochs=5", "data.split=final", f"paths.output_dir={tmp_path / 'outputs'}",
-         "run_name=eurosat", "trainer.enable_progress_bar=false"], cwd=tmp_path)
+    run(
+        [
+            BIN / "vpt-train",
+            "+experiment=vtab_eurosat",
+            f"data.root={vtab}",
+            "backbone=quickstart_vit",
+            "trainer.max_epochs=5",
+            "data.split=final",
+            f"paths.output_dir={tmp_path / 'outputs'}",
+            "run_name=eurosat",
+            "trainer.enable_progress_bar=false",
+        ],
+        cwd=tmp_path,
+    )
     top1 = test_score(next((tmp_path / "outputs").glob("*/eurosat")))
     print(f"eurosat_like_tree.py route: test top-1 {top1:.1f}% (linear probe {linear_probe_top1:.1f}%)")
     assert top1 > linear_probe_top1

@@ -23,9 +23,20 @@ from vpt_lightning.integrity import load_checkpoint
 SRC = Path(__file__).resolve().parents[1] / "src"  # the checkout under test
 TESTS = Path(__file__).resolve().parent
 SEED, KILLS = 20261204, 3
-TUNE = ["+experiment=quickstart", "data.num_train=32", "data.num_val=16", "data.num_test=16", "data.batch_size=16",
-        "trainer.max_epochs=3", "protocol.base_lr=[0.3,1]", "protocol.weight_decay=[0]", "protocol.seeds=[1]",
-        "task_name=f", "trainer.enable_progress_bar=false", "+callbacks.heartbeat._target_=resume_probe.Heartbeat"]
+TUNE = [
+    "+experiment=quickstart",
+    "data.num_train=32",
+    "data.num_val=16",
+    "data.num_test=16",
+    "data.batch_size=16",
+    "trainer.max_epochs=3",
+    "protocol.base_lr=[0.3,1]",
+    "protocol.weight_decay=[0]",
+    "protocol.seeds=[1]",
+    "task_name=f",
+    "trainer.enable_progress_bar=false",
+    "+callbacks.heartbeat._target_=resume_probe.Heartbeat",
+]
 PROTOCOL = Path("outputs") / "f" / "protocol" / "vpt_deep"
 COMPARED = ("val/top1", "val/loss", "test/top1", "test/loss", "global_step", "epochs", "trainable_params", "config")
 TIMEOUT = 300  # per process, generous for a loaded 2-core machine
@@ -33,11 +44,21 @@ TIMEOUT = 300  # per process, generous for a loaded 2-core machine
 
 def start(cwd: Path, heartbeat: Path, log: Path, fail_from: int = 0) -> subprocess.Popen:
     """``vpt-tune TUNE`` through tests/fault_hooks.py (``fail_from`` > 0: the disk fills at that atomic write)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]), "HYDRA_FULL_ERROR": "0",
-           "HEARTBEAT_FILE": str(heartbeat)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]),
+        "HYDRA_FULL_ERROR": "0",
+        "HEARTBEAT_FILE": str(heartbeat),
+    }
     env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-    return subprocess.Popen([sys.executable, str(TESTS / "fault_hooks.py"), str(fail_from), *TUNE], cwd=cwd, env=env,
-                            stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, str(TESTS / "fault_hooks.py"), str(fail_from), *TUNE],
+        cwd=cwd,
+        env=env,
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def finish(proc: subprocess.Popen) -> int:
@@ -67,8 +88,10 @@ def progress(heartbeat: Path) -> int:
 def outcome(cwd: Path) -> Dict[str, object]:
     """What the protocol decided and reported: every run's compared results, and the summary."""
     out = cwd / PROTOCOL
-    runs = {p.parent.relative_to(out).as_posix(): {k: json.loads(p.read_text()).get(k) for k in COMPARED}
-            for p in sorted(out.rglob("results.json"))}
+    runs = {
+        p.parent.relative_to(out).as_posix(): {k: json.loads(p.read_text()).get(k) for k in COMPARED}
+        for p in sorted(out.rglob("results.json"))
+    }
     summary = out / "summary.json"
     return {"runs": runs, "summary": json.loads(summary.read_text()) if summary.is_file() else None}
 
@@ -116,13 +139,21 @@ def test_sigkilled_at_random_moments_and_resumed_it_ends_as_the_uninterrupted_ru
             proc.wait(timeout=30)
         finally:
             stop(proc)
-        kills.append({"at_batch": target, "pause_s": round(pause, 3), "batches_run": beats(heartbeat),
-                      "finished_runs": len(outcome(tmp_path)["runs"])})
+        kills.append(
+            {
+                "at_batch": target,
+                "pause_s": round(pause, 3),
+                "batches_run": beats(heartbeat),
+                "finished_runs": len(outcome(tmp_path)["runs"]),
+            }
+        )
     assert finish(start(tmp_path, heartbeat, log)) == 0, log.read_text()[-3000:]
     seconds = time.time() - started
     resumed = log.read_text().count("Restoring states from the checkpoint")
-    print(f"\nfault test: {KILLS} SIGKILLs {kills}; {resumed} resume(s) from a checkpoint; killed + resumed "
-          f"{seconds:.1f} s, uninterrupted {reference.seconds:.1f} s ({reference.batches} batches)")
+    print(
+        f"\nfault test: {KILLS} SIGKILLs {kills}; {resumed} resume(s) from a checkpoint; killed + resumed "
+        f"{seconds:.1f} s, uninterrupted {reference.seconds:.1f} s ({reference.batches} batches)"
+    )
     assert outcome(tmp_path) == reference.outcome
     assert temp_files(tmp_path) == []
 
@@ -149,8 +180,9 @@ def _mount_tmpfs(where: Path, size: str) -> Optional[str]:
     if os.geteuid() != 0:
         return "mounting a tmpfs needs root"
     where.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True
+    )
     return None if proc.returncode == 0 else f"mount -t tmpfs failed: {proc.stderr.strip()}"
 
 

@@ -7,19 +7,26 @@ import logging
 
 import pytest
 import torch
+from conftest import write_image
 
 from vpt_lightning.backbones import BackboneConfig, create_backbone, prompted_backbone
 from vpt_lightning.config import compose
 from vpt_lightning.data.folder import FolderDataModule
-from vpt_lightning.data.synthetic import SyntheticDataModule, SyntheticDataset
+from vpt_lightning.data.synthetic import SyntheticDataset
 from vpt_lightning.feature_cache import FeatureCache, cache_key, cache_refusal, compute_features
 from vpt_lightning.methods import get_method
 from vpt_lightning.training import train
 
-from conftest import write_image
-
-COMMON = ["backbone=vit_tiny_random", "trainer=cpu", "data.batch_size=16", "data.num_workers=0", "trainer.max_epochs=1",
-          "optim.warmup_epochs=0", "trainer.enable_progress_bar=false", "optim.base_lr=2.0"]
+COMMON = [
+    "backbone=vit_tiny_random",
+    "trainer=cpu",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "trainer.max_epochs=1",
+    "optim.warmup_epochs=0",
+    "trainer.enable_progress_bar=false",
+    "optim.base_lr=2.0",
+]
 RUN = [*COMMON, "data.num_train=48", "data.num_val=16", "data.num_test=16"]
 
 
@@ -39,13 +46,20 @@ def test_cached_and_uncached_head_training_give_the_same_weights(tmp_path, tunin
     assert set(cached_state) == set(plain_state) and all(k.startswith("head.") for k in cached_state)
     for key, value in plain_state.items():
         torch.testing.assert_close(cached_state[key], value, atol=1e-5, rtol=0)
-    assert cached["val/top1"] == pytest.approx(plain["val/top1"]) and cached["test/top1"] == pytest.approx(plain["test/top1"])
+    assert cached["val/top1"] == pytest.approx(plain["val/top1"]) and cached["test/top1"] == pytest.approx(
+        plain["test/top1"]
+    )
     assert len(list((tmp_path / ".feature_cache").glob("*.pt"))) == 3  # train, val, test: computed once each
 
 
 def test_cache_is_reused_and_keyed_by_backbone_split_and_transform(tmp_path, monkeypatch):
-    model, identity = create_backbone(BackboneConfig(name="vit_tiny_patch16_224", kwargs=dict(
-        img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2), init_seed=0))
+    model, identity = create_backbone(
+        BackboneConfig(
+            name="vit_tiny_patch16_224",
+            kwargs=dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+            init_seed=0,
+        )
+    )
     backbone = prompted_backbone(model, None)
     data = SyntheticDataset("count", 12, seed=1)
     cache = FeatureCache(tmp_path)
@@ -91,9 +105,22 @@ def test_image_files_are_part_of_the_key_and_augmenting_data_is_refused_with_a_r
     write_image(tmp_path / "train" / "a" / "0.png", seed=5, size=9)  # the file changes: another key
     assert cache_key(identity, vtab_like.train_dataset) != key
     with caplog.at_level(logging.INFO, logger="vpt_lightning.training"):
-        results = train(compose([*COMMON, "tuning=linear", "data=folder", f"data.root={tmp_path}", "data.recipe=fgvc",
-                                 "data.img_size=32", "data.val_fraction=0.5", f"paths.output_dir={tmp_path / 'out'}",
-                                 f"run_dir={tmp_path / 'out' / 'run'}", "test=false"]))
+        results = train(
+            compose(
+                [
+                    *COMMON,
+                    "tuning=linear",
+                    "data=folder",
+                    f"data.root={tmp_path}",
+                    "data.recipe=fgvc",
+                    "data.img_size=32",
+                    "data.val_fraction=0.5",
+                    f"paths.output_dir={tmp_path / 'out'}",
+                    f"run_dir={tmp_path / 'out' / 'run'}",
+                    "test=false",
+                ]
+            )
+        )
     assert results["feature_cache"] is False
     assert any("feature cache not used" in r.getMessage() and "augments" in r.getMessage() for r in caplog.records)
 
@@ -115,8 +142,13 @@ def test_a_full_disk_during_a_cache_write_leaves_no_file_and_returns_the_feature
 
     import vpt_lightning.feature_cache as feature_cache
 
-    model, identity = create_backbone(BackboneConfig(name="vit_tiny_patch16_224", kwargs=dict(
-        img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2), init_seed=0))
+    model, identity = create_backbone(
+        BackboneConfig(
+            name="vit_tiny_patch16_224",
+            kwargs=dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+            init_seed=0,
+        )
+    )
     backbone, data = prompted_backbone(model, None), SyntheticDataset("count", 6, seed=1)
 
     def disk_full(obj, f, *args, **kwargs):

@@ -8,12 +8,11 @@ from typing import List
 import pytest
 import timm
 import torch
+from conftest import make_vit
 
 from vpt_lightning import PromptConfig
 from vpt_lightning.backbones import prompted_backbone
 from vpt_lightning.backbones.base import FrozenPrefix
-
-from conftest import make_vit
 
 SWIN = {"img_size": 32, "window_size": 2, "embed_dim": 8, "depths": (2, 2, 2), "num_heads": (1, 2, 2)}
 
@@ -27,7 +26,9 @@ def recording_blocks(backbone, images) -> List[bool]:
     """Whether autograd is on in each block in one forward pass: forward hooks on each block's MLP, which every
     path of a block runs (timm's forward, prompted blocks, prompts as keys and values)."""
     seen: List[bool] = []
-    hooks = [b.mlp.register_forward_hook(lambda m, i, o: seen.append(torch.is_grad_enabled())) for b in backbone.blocks()]
+    hooks = [
+        b.mlp.register_forward_hook(lambda m, i, o: seen.append(torch.is_grad_enabled())) for b in backbone.blocks()
+    ]
     try:
         backbone(images).pow(2).sum().backward()  # (a plain sum of LayerNorm outputs has no gradient)
     finally:

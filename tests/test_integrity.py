@@ -17,15 +17,27 @@ import pytest
 import torch
 
 from vpt_lightning.config import compose
-from vpt_lightning.integrity import (RUN_CONFIG_KEY, ConfigMismatchError, UnreadableFileError, UnsafeCheckpointError,
-                                     load_checkpoint)
+from vpt_lightning.integrity import (
+    RUN_CONFIG_KEY,
+    ConfigMismatchError,
+    UnreadableFileError,
+    UnsafeCheckpointError,
+    load_checkpoint,
+)
 from vpt_lightning.locking import FolderLockedError, folder_lock
 from vpt_lightning.protocol import point_name, run_protocol
 from vpt_lightning.resume import AtomicCheckpointIO
 
 BIN = Path(sys.executable).parent
-FAST = ["backbone=vit_tiny_random", "+debug=fast", "data.num_train=32", "data.num_val=16", "data.num_test=16",
-        "data.batch_size=16", "trainer.enable_progress_bar=false"]
+FAST = [
+    "backbone=vit_tiny_random",
+    "+debug=fast",
+    "data.num_train=32",
+    "data.num_val=16",
+    "data.num_test=16",
+    "data.batch_size=16",
+    "trainer.enable_progress_bar=false",
+]
 GRID = [*FAST, "protocol.base_lr=[0.5,2]", "protocol.weight_decay=[0]", "protocol.seeds=[1]"]
 SWEEP = ("lr0.5_wd0", "lr2_wd0")
 
@@ -85,15 +97,23 @@ def test_a_rerun_with_another_seed_stops_at_the_finished_run_and_at_the_checkpoi
     """The issue's case: seed=7 over a seed-42 sweep where one point finished and one was interrupted."""
     before = results_of(folder)
     (folder / "sweep" / "lr2_wd0" / "results.json").unlink()  # interrupted after its checkpoint
-    with pytest.raises(ConfigMismatchError, match=re.escape(
+    with pytest.raises(
+        ConfigMismatchError,
+        match=re.escape(
             f"{folder / 'sweep' / 'lr0.5_wd0' / 'results.json'} holds a finished run of another configuration "
-            "(seed: 42 -> 7)")):
+            "(seed: 42 -> 7)"
+        ),
+    ):
         run_protocol(tune("seed=7"), folder)
     (folder / "sweep" / "lr0.5_wd0" / "results.json").unlink()
     ckpt = folder / "sweep" / "lr0.5_wd0" / "checkpoints" / "last.ckpt"
-    with pytest.raises(ConfigMismatchError, match=re.escape(
+    with pytest.raises(
+        ConfigMismatchError,
+        match=re.escape(
             f"the checkpoint {str(ckpt)!r} was written by a run of another configuration (seed: 42 -> 7); "
-            "it is not resumed")):
+            "it is not resumed"
+        ),
+    ):
         run_protocol(tune("seed=7"), folder)
     assert [k for k in results_of(folder) if k.startswith("sweep/")] == []  # nothing written, nothing resumed
     # --force: those runs start afresh, under the new seed
@@ -112,8 +132,11 @@ def test_a_truncated_checkpoint_stops_vpt_tune_naming_it_and_force_restarts_that
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
     kept = (folder / "sweep" / "lr0.5_wd0" / "results.json").stat().st_mtime_ns
-    with pytest.raises(UnreadableFileError, match=re.escape(f"the checkpoint {str(ckpt)!r} ({len(data) // 2} bytes) "
-                                                            "is not readable") + ".*truncated or damaged"):
+    with pytest.raises(
+        UnreadableFileError,
+        match=re.escape(f"the checkpoint {str(ckpt)!r} ({len(data) // 2} bytes) is not readable")
+        + ".*truncated or damaged",
+    ):
         run_protocol(tune(), folder)
     summary = run_protocol(tune("protocol.restart=true"), folder)
     assert summary["failed"] == [] and json.loads((point / "results.json").read_text())["epochs"] == 1
@@ -131,8 +154,11 @@ def test_an_unreadable_results_file_stops_vpt_tune_naming_it(folder, content):
 
 
 def test_temp_files_of_a_killed_run_are_removed_when_the_protocol_takes_its_folders(folder):
-    stale = [folder / ".summary.k1lled_1.tmp.json", folder / "sweep" / "lr2_wd0" / ".results.a8Bc_d9x.tmp.json",
-             folder / "sweep" / "lr2_wd0" / "checkpoints" / ".last.q7w_e2rT.tmp.ckpt"]
+    stale = [
+        folder / ".summary.k1lled_1.tmp.json",
+        folder / "sweep" / "lr2_wd0" / ".results.a8Bc_d9x.tmp.json",
+        folder / "sweep" / "lr2_wd0" / "checkpoints" / ".last.q7w_e2rT.tmp.ckpt",
+    ]
     for path in stale:
         path.write_bytes(b"half a file")
     run_protocol(tune(), folder)  # every run finished: nothing trains, the folders are only checked
@@ -146,8 +172,11 @@ def test_a_crafted_checkpoint_is_refused_on_resume_and_its_payload_never_runs(fo
     point = folder / "sweep" / "lr2_wd0"
     ckpt = point / "checkpoints" / "last.ckpt"
     crafted_checkpoint(ckpt, ckpt, marker)
-    with pytest.raises(UnsafeCheckpointError, match=re.escape(f"refused to load the checkpoint {str(ckpt)!r}") +
-                       r".*Unsupported global: GLOBAL (builtins\.)?exec"):
+    with pytest.raises(
+        UnsafeCheckpointError,
+        match=re.escape(f"refused to load the checkpoint {str(ckpt)!r}")
+        + r".*Unsupported global: GLOBAL (builtins\.)?exec",
+    ):
         AtomicCheckpointIO().load_checkpoint(ckpt)  # what Lightning calls on ckpt_path=...
     (point / "results.json").unlink()
     with pytest.raises(UnsafeCheckpointError, match=re.escape(str(ckpt))):
@@ -157,8 +186,9 @@ def test_a_crafted_checkpoint_is_refused_on_resume_and_its_payload_never_runs(fo
 
 def _vpt_train(args, cwd, env=None, timeout=300) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
-    return subprocess.run([str(BIN / "vpt-train"), *FAST, *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "vpt-train"), *FAST, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 @pytest.mark.parametrize("damage", ["payload", "truncated"])
@@ -170,8 +200,9 @@ def test_vpt_train_refuses_a_crafted_or_truncated_checkpoint_with_a_named_error(
         crafted_checkpoint(real, bad, marker)
     else:
         bad.write_bytes(real.read_bytes()[: real.stat().st_size // 2])  # today: OSError [Errno 22], no file named
-    proc = _vpt_train(["task_name=t", "run_name=r", f"ckpt_path={bad}"], tmp_path,
-                      env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
+    proc = _vpt_train(
+        ["task_name=t", "run_name=r", f"ckpt_path={bad}"], tmp_path, env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     expected = "refused to load the checkpoint" if damage == "payload" else "is not readable ("
     assert "vpt-train: error: " in proc.stderr and expected in proc.stderr and str(bad) in proc.stderr
@@ -193,19 +224,29 @@ with contextlib.ExitStack() as stack:
 def test_a_second_process_on_a_locked_folder_fails_at_once_naming_the_holder(tmp_path):
     protocol_dir = tmp_path / "outputs" / "demo" / "protocol" / "vpt_deep"
     run_dir = tmp_path / "outputs" / "t" / "r"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(protocol_dir), str(run_dir)], stdout=subprocess.PIPE,
-                              text=True, start_new_session=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(protocol_dir), str(run_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         started = time.time()
-        proc = subprocess.run([str(BIN / "vpt-tune"), *GRID, "task_name=demo"], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=300)
+        proc = subprocess.run(
+            [str(BIN / "vpt-tune"), *GRID, "task_name=demo"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-        assert f"the protocol folder {str(protocol_dir)!r} is in use by another process (PID {holder.pid} on" in proc.stderr
+        assert (
+            f"the protocol folder {str(protocol_dir)!r} is in use by another process (PID {holder.pid} on"
+            in proc.stderr
+        )
         assert not (protocol_dir / "sweep").exists()  # it trained nothing
         proc = _vpt_train(["task_name=t", "run_name=r"], tmp_path)
-        assert proc.returncode != 0 and f"the run folder {str(run_dir)!r} is in use by another process (PID {holder.pid}" \
-            in proc.stderr, proc.stderr[-3000:]
+        assert (
+            proc.returncode != 0
+            and f"the run folder {str(run_dir)!r} is in use by another process (PID {holder.pid}" in proc.stderr
+        ), proc.stderr[-3000:]
         assert not (run_dir / "checkpoints").exists() and time.time() - started < 120
         with pytest.raises(FolderLockedError, match=f"PID {holder.pid}"):
             with folder_lock(run_dir):

@@ -16,15 +16,21 @@ PACKAGE = Path(vpt_lightning.__file__).parent
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _import_nodes(path: Path) -> list:
     """The import statements of ``path`` at any nesting level, but those for type checkers only (under
     ``if TYPE_CHECKING:``), which never run and so make no cycle."""
     tree = ast.parse(path.read_text())
-    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
-                   for stmt in block.body for n in ast.walk(stmt)}
+    typing_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and _is_type_checking(block.test)
+        for stmt in block.body
+        for n in ast.walk(stmt)
+    }
     return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in typing_only]
 
 
@@ -40,13 +46,15 @@ def _imports(path: Path) -> set:
             found.add(target)
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
-            found |= {n[len("vpt_lightning."):] for n in names if n and n.startswith("vpt_lightning.")}
+            found |= {n[len("vpt_lightning.") :] for n in names if n and n.startswith("vpt_lightning.")}
     return found
 
 
 def _graph(folder: str) -> dict:
     modules = {".".join(p.relative_to(PACKAGE).with_suffix("").parts): p for p in (PACKAGE / folder).rglob("*.py")}
-    return {m: {t for t in _imports(p) if t in modules and t != m} for m, p in modules.items() if not m.endswith("__init__")}
+    return {
+        m: {t for t in _imports(p) if t in modules and t != m} for m, p in modules.items() if not m.endswith("__init__")
+    }
 
 
 def test_data_modules_import_no_cycle_and_no_cli():
@@ -80,8 +88,12 @@ def test_the_vtab_preparation_is_apart_from_the_datamodules():
     assert {"data.vtab_prep.prepare", "data.vtab_prep.sources", "data.vtab_prep.tfds_order"} <= prep
     users = {m: {t for t in ts if t in prep} for m, ts in graph.items() if m not in prep and not m.startswith("cli.")}
     assert {m: ts for m, ts in users.items() if ts} == {"data.vtab": {"data.vtab_prep.sources"}}
-    assert not [p.name for p in (PACKAGE / "data").glob("*.py") if p.stem in  # nothing left at the old place
-                {"prepare", "sources", "tfds_order", "tfrecord", "source_split", "official_splits"}]
+    assert not [
+        p.name
+        for p in (PACKAGE / "data").glob("*.py")
+        if p.stem  # nothing left at the old place
+        in {"prepare", "sources", "tfds_order", "tfrecord", "source_split", "official_splits"}
+    ]
 
 
 def test_paper_numbers_are_a_leaf_module():
@@ -105,12 +117,14 @@ def _imported_names(path: Path) -> list:
                 base = package.split(".")[: len(package.split(".")) - (node.level - 1)] if package else []
                 source = ".".join(base + ([node.module] if node.module else []))
             elif node.module and node.module.startswith("vpt_lightning"):
-                source = node.module[len("vpt_lightning"):].lstrip(".")
+                source = node.module[len("vpt_lightning") :].lstrip(".")
             else:
                 continue
             found += [(source, alias.name) for alias in node.names]
         elif isinstance(node, ast.Import):
-            found += [(a.name[len("vpt_lightning."):], None) for a in node.names if a.name.startswith("vpt_lightning.")]
+            found += [
+                (a.name[len("vpt_lightning.") :], None) for a in node.names if a.name.startswith("vpt_lightning.")
+            ]
     return found
 
 
@@ -144,7 +158,7 @@ def _cycles(graph: dict) -> list:
 
     def visit(node):
         if node in stack:
-            found.append(stack[stack.index(node):] + [node])
+            found.append(stack[stack.index(node) :] + [node])
             return
         if node in done:
             return
@@ -182,7 +196,7 @@ def _layout_section() -> list:
     lines = (ROOT / "README.md").read_text().splitlines()
     start = lines.index("src/vpt_lightning/")
     assert lines[start - 1] == "```", "the layout section is a fenced block starting with src/vpt_lightning/"
-    return lines[start + 1: lines.index("```", start)]
+    return lines[start + 1 : lines.index("```", start)]
 
 
 def _layout_entries(lines: list) -> dict:
@@ -197,7 +211,7 @@ def _layout_entries(lines: list) -> dict:
             assert indent == 2 or folder, f"a nested entry needs a folder above it: {line!r}"
             name = (folder if indent == 4 else "") + head.group(2)
             folder = name if indent == 2 and name.endswith("/") else (folder if indent == 4 else "")
-            current, text = name, line[len(head.group(0)):]
+            current, text = name, line[len(head.group(0)) :]
             entries[current] = set()
         else:
             assert current is not None and indent > 4, f"not an entry nor a continuation: {line!r}"
@@ -220,9 +234,12 @@ def test_the_readme_layout_section_matches_the_tree():
     missing = [path for path in sorted(named) if not (PACKAGE / path).exists()]
     assert not missing, f"the README's layout section names paths that do not exist: {missing}"
     packages = {str(p.parent.relative_to(PACKAGE)) + "/" for p in PACKAGE.rglob("__init__.py") if p.parent != PACKAGE}
-    assert not packages - set(entries), f"subpackages missing from the README's layout section: {packages - set(entries)}"
-    modules = {p.name for p in PACKAGE.glob("*.py")} | {f"{folder}/{p.name}" for folder in ("methods", "backbones")
-                                                        for p in (PACKAGE / folder).glob("*.py")}
+    assert not packages - set(entries), (
+        f"subpackages missing from the README's layout section: {packages - set(entries)}"
+    )
+    modules = {p.name for p in PACKAGE.glob("*.py")} | {
+        f"{folder}/{p.name}" for folder in ("methods", "backbones") for p in (PACKAGE / folder).glob("*.py")
+    }
     modules = {m for m in modules if not m.endswith("__init__.py")}
     assert not modules - named, f"modules missing from the README's layout section: {sorted(modules - named)}"
     text = "\n".join(lines)
@@ -231,10 +248,21 @@ def test_the_readme_layout_section_matches_the_tree():
 
 
 def test_the_layout_check_finds_what_is_wrong():
-    entries = _layout_entries(["  methods/        a.py, b.py;", "                  c.py", "  data/           x.py",
-                               "    vtab_prep/    y.py", "  module.py       VPTModule;  atomic.py  writes"])
-    assert entries == {"methods/": {"methods/a.py", "methods/b.py", "methods/c.py"}, "data/": {"data/x.py"},
-                       "data/vtab_prep/": {"data/vtab_prep/y.py"}, "module.py": {"atomic.py"}}
+    entries = _layout_entries(
+        [
+            "  methods/        a.py, b.py;",
+            "                  c.py",
+            "  data/           x.py",
+            "    vtab_prep/    y.py",
+            "  module.py       VPTModule;  atomic.py  writes",
+        ]
+    )
+    assert entries == {
+        "methods/": {"methods/a.py", "methods/b.py", "methods/c.py"},
+        "data/": {"data/x.py"},
+        "data/vtab_prep/": {"data/vtab_prep/y.py"},
+        "module.py": {"atomic.py"},
+    }
     with pytest.raises(AssertionError, match="not an entry nor a continuation"):
         _layout_entries(["  methods/  a.py", "   b.py"])
 
@@ -242,8 +270,20 @@ def test_the_layout_check_finds_what_is_wrong():
 # ---- what the docstrings and comments cite ----------------------------------------------------------------------
 # Documents users do not have (notes kept outside the repository); cite the paper (Jia et al., ECCV 2022: "paper
 # §4.2", "Table 5", "Appendix A") or the official code's file (KMnP/vpt: ``src/models/vit_prompt/vit.py``) instead.
-OUTSIDE_DOCUMENTS = re.compile("|".join([r"\bspec\s+§", r"\bspec\s+extensions", r"\bextensions\s+spec", "VPT_" + "SPEC",
-                                         "VPT_" + "EXTENSIONS", r"\bDESIGN\.md", r"\bENVIRONMENT\.md", "/work/" + "shared"]))
+OUTSIDE_DOCUMENTS = re.compile(
+    "|".join(
+        [
+            r"\bspec\s+§",
+            r"\bspec\s+extensions",
+            r"\bextensions\s+spec",
+            "VPT_" + "SPEC",
+            "VPT_" + "EXTENSIONS",
+            r"\bDESIGN\.md",
+            r"\bENVIRONMENT\.md",
+            "/work/" + "shared",
+        ]
+    )
+)
 
 
 def _cited_outside(paths) -> list:
@@ -259,9 +299,14 @@ def _cited_outside(paths) -> list:
 
 
 def test_docstrings_and_comments_cite_the_paper_and_the_official_code_only():
-    files = [p for folder in (PACKAGE, ROOT / "examples", ROOT / "benchmarks", ROOT / "tests", ROOT / "docs")
-             for p in folder.rglob("*") if p.suffix in (".py", ".yaml", ".yml", ".md", ".toml", ".txt")
-             and p.is_file() and p.name != Path(__file__).name]
+    files = [
+        p
+        for folder in (PACKAGE, ROOT / "examples", ROOT / "benchmarks", ROOT / "tests", ROOT / "docs")
+        for p in folder.rglob("*")
+        if p.suffix in (".py", ".yaml", ".yml", ".md", ".toml", ".txt")
+        and p.is_file()
+        and p.name != Path(__file__).name
+    ]
     files += [ROOT / "README.md", ROOT / "pyproject.toml"]
     assert len(files) > 100 and any(p.suffix == ".yaml" for p in files)
     assert _cited_outside(files) == []
@@ -269,5 +314,10 @@ def test_docstrings_and_comments_cite_the_paper_and_the_official_code_only():
 
 def test_the_citation_check_finds_an_outside_document(tmp_path):
     path = tmp_path / "mod.py"
-    path.write_text('"""Prompts (spec\n§1).""" # see DESIGN.md\n# paper §4.2, Table 2; official src/models/vit_prompt/vit.py\n')
-    assert _cited_outside([path]) == [f'{path.as_posix()}:"""Prompts (spec', f'{path.as_posix()}:§1).""" # see DESIGN.md']
+    path.write_text(
+        '"""Prompts (spec\n§1).""" # see DESIGN.md\n# paper §4.2, Table 2; official src/models/vit_prompt/vit.py\n'
+    )
+    assert _cited_outside([path]) == [
+        f'{path.as_posix()}:"""Prompts (spec',
+        f'{path.as_posix()}:§1).""" # see DESIGN.md',
+    ]

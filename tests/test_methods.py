@@ -21,13 +21,22 @@ from vpt_lightning.protocol import grid_points
 def build(tuning: str, *overrides: str) -> VPTModule:
     cfg = compose([f"tuning={tuning}", "backbone=vit_tiny_random", "recipe.side_weights=random", *overrides])
     c = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
-    return VPTModule(5, c(cfg.backbone), c(cfg.prompt), c(cfg.optim), tuning=c(cfg.tuning), backbone_eval=cfg.backbone_eval)
+    return VPTModule(
+        5, c(cfg.backbone), c(cfg.prompt), c(cfg.optim), tuning=c(cfg.tuning), backbone_eval=cfg.backbone_eval
+    )
 
 
 def fit(module: VPTModule, tmp_path, steps: int) -> pl.Trainer:
     data = SyntheticDataModule(task="count", num_train=32, num_val=8, num_test=8, batch_size=8, num_workers=0)
-    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=steps, accelerator="cpu", logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule=data)
     return trainer
 
@@ -158,9 +167,19 @@ def test_sidetune_loads_alexnet_weights_from_a_local_file(tmp_path):
 
 
 # ---- optimizers and grids per method --------------------------------------------------------------------------
-PAPER_OPTIMIZER = {"vpt_deep": "sgd", "vpt_shallow": "sgd", "linear": "sgd", "mlp": "sgd", "sidetune": "sgd",
-                   "vpt_bias": "sgd", "full": "adamw", "partial": "adamw", "bias": "adamw", "adapter": "adamw",
-                   "lora": "adamw"}
+PAPER_OPTIMIZER = {
+    "vpt_deep": "sgd",
+    "vpt_shallow": "sgd",
+    "linear": "sgd",
+    "mlp": "sgd",
+    "sidetune": "sgd",
+    "vpt_bias": "sgd",
+    "full": "adamw",
+    "partial": "adamw",
+    "bias": "adamw",
+    "adapter": "adamw",
+    "lora": "adamw",
+}
 
 
 def test_each_method_trains_with_the_papers_optimizer_and_grid_unless_overridden():
@@ -170,7 +189,9 @@ def test_each_method_trains_with_the_papers_optimizer_and_grid_unless_overridden
         assert get_method(name).optimizer == optimizer
         lrs = {p["base_lr"] for p in grid_points(cfg.protocol, name)}
         wds = {p["weight_decay"] for p in grid_points(cfg.protocol, name)}
-        assert lrs == ({0.005, 0.001, 0.0005, 0.0001} if optimizer == "adamw" else {50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05})
+        assert lrs == (
+            {0.005, 0.001, 0.0005, 0.0001} if optimizer == "adamw" else {50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05}
+        )
         assert wds == {0.01, 0.001, 0.0001, 0.0}
     assert compose(["tuning=adapter"]).optim._target_ == "torch.optim.AdamW"
     assert compose(["tuning=adapter", "optim=sgd"]).optim._target_ == "torch.optim.SGD"  # the command line wins
@@ -185,9 +206,19 @@ def test_report_has_a_column_per_method_and_the_papers_group_means_where_it_has_
     from vpt_lightning.report import build_report
 
     runs = (("lora_8", "lora"), ("vpt_bias", "vpt_bias"), ("adapter_8", "adapter"), ("vpt_deep", "vpt_deep"))
-    summaries = [{"task_name": task.config_name, "tuning": label, "method": method, "test_top1_per_seed": {"1": 0.5},
-                  "test_top1": mean_std([0.5]), "trainable_params": 10, "trainable_percent": 0.5}
-                 for task in vtab_tasks("natural") for label, method in runs]
+    summaries = [
+        {
+            "task_name": task.config_name,
+            "tuning": label,
+            "method": method,
+            "test_top1_per_seed": {"1": 0.5},
+            "test_top1": mean_std([0.5]),
+            "trainable_params": 10,
+            "trainable_percent": 0.5,
+        }
+        for task in vtab_tasks("natural")
+        for label, method in runs
+    ]
     markdown, _ = build_report(summaries)
     header = markdown.splitlines()[0]
     order = [header.index(f"{label} (ours)") for label in ("adapter_8", "lora_8", "vpt_deep", "vpt_bias")]
@@ -208,11 +239,26 @@ def test_every_method_runs_through_vpt_tune_and_vpt_report_on_the_quickstart(tmp
     from pathlib import Path
 
     bin_dir = Path(sys.executable).parent
-    tiny = ["+experiment=quickstart", "+debug=fast", "data.num_train=32", "data.num_val=16", "data.num_test=16",
-            "data.batch_size=16", "protocol.base_lr=[1]", "protocol.weight_decay=[0]",
-            "protocol.base_lr_tuned_backbone=[0.001]", "protocol.weight_decay_tuned_backbone=[0]", "protocol.seeds=[1]"]
-    proc = subprocess.run([str(bin_dir / "vpt-tune"), "-m", *tiny, "task_name=demo", f"tuning={','.join(method_names())}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    tiny = [
+        "+experiment=quickstart",
+        "+debug=fast",
+        "data.num_train=32",
+        "data.num_val=16",
+        "data.num_test=16",
+        "data.batch_size=16",
+        "protocol.base_lr=[1]",
+        "protocol.weight_decay=[0]",
+        "protocol.base_lr_tuned_backbone=[0.001]",
+        "protocol.weight_decay_tuned_backbone=[0]",
+        "protocol.seeds=[1]",
+    ]
+    proc = subprocess.run(
+        [str(bin_dir / "vpt-tune"), "-m", *tiny, "task_name=demo", f"tuning={','.join(method_names())}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = {}
     for path in (tmp_path / "outputs" / "demo" / "protocol").glob("*/summary.json"):
@@ -222,11 +268,14 @@ def test_every_method_runs_through_vpt_tune_and_vpt_report_on_the_quickstart(tmp
     for name, summary in summaries.items():  # each ran the paper's optimizer for its method, on its own grid
         assert summary["optimizer"] == get_method(name).optimizer
         assert summary["selected"]["base_lr"] == (0.001 if get_method(name).optimizer == "adamw" else 1)
-    report = subprocess.run([str(bin_dir / "vpt-report"), "outputs"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300)
+    report = subprocess.run(
+        [str(bin_dir / "vpt-report"), "outputs"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert report.returncode == 0, report.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "outputs" / "report.csv").open()))
     demo = {r["tuning"]: r for r in rows if r["task"] == "demo"}
     assert sorted(demo) == sorted(s["tuning"] for s in summaries.values())  # a column per method
     for summary in summaries.values():
-        assert float(demo[summary["tuning"]]["test_top1_mean"]) == pytest.approx(100 * summary["test_top1"]["mean"], abs=0.01)
+        assert float(demo[summary["tuning"]]["test_top1_mean"]) == pytest.approx(
+            100 * summary["test_top1"]["mean"], abs=0.01
+        )

@@ -7,15 +7,13 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
-
+from conftest import TINY_BACKBONE, make_vit
 from safetensors.torch import save_file
 
 from vpt_lightning import VPTModule
-from vpt_lightning.module import OptimConfig
 from vpt_lightning.data.synthetic import SyntheticDataModule
+from vpt_lightning.module import OptimConfig
 from vpt_lightning.schedule import warmup_cosine_factor
-
-from conftest import TINY_BACKBONE, make_vit
 
 D, BLOCKS = 32, 4
 
@@ -108,8 +106,14 @@ def test_accumulated_step_equals_a_hand_computed_sgd_update(tmp_path, tuning):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             batches.append([t.clone() for t in batch])
 
-    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[recorder, Keep()], accumulate_grad_batches=2,
-                           limit_train_batches=2, limit_val_batches=0)
+    trainer = make_trainer(
+        tmp_path,
+        max_epochs=1,
+        callbacks=[recorder, Keep()],
+        accumulate_grad_batches=2,
+        limit_train_batches=2,
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule=make_data(batch_size=8))
     assert len(batches) == 2 and trainer.global_step == 1
     start.train()
@@ -218,7 +222,9 @@ def test_resume_continues_the_schedule(tmp_path):
 def test_subclass_hooks_replace_head_and_loss(tmp_path):
     class MLPHeadModule(VPTModule):
         def build_head(self, in_features, num_classes):
-            return torch.nn.Sequential(torch.nn.Linear(in_features, 16), torch.nn.ReLU(), torch.nn.Linear(16, num_classes))
+            return torch.nn.Sequential(
+                torch.nn.Linear(in_features, 16), torch.nn.ReLU(), torch.nn.Linear(16, num_classes)
+            )
 
         def build_loss(self):
             return torch.nn.CrossEntropyLoss(label_smoothing=0.2)
@@ -239,7 +245,8 @@ def test_subclass_replaces_the_optimizer_through_its_hook(tmp_path):
             config = super().configure_optimizers()  # the package's schedule on the package's parameter set
             adamw = torch.optim.AdamW(self.trainable_parameters(), lr=1e-3)
             config["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(
-                adamw, config["lr_scheduler"]["scheduler"].lr_lambdas[0])
+                adamw, config["lr_scheduler"]["scheduler"].lr_lambdas[0]
+            )
             return {**config, "optimizer": adamw}
 
     module = AdamWModule(num_classes=9, backbone=TINY_BACKBONE, prompt=dict(num_tokens=5))
@@ -248,7 +255,9 @@ def test_subclass_replaces_the_optimizer_through_its_hook(tmp_path):
     trainer.fit(module, datamodule=make_data())
     optimizer = trainer.optimizers[0]
     assert isinstance(optimizer, torch.optim.AdamW)
-    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in module.trainable_parameters()}
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in module.trainable_parameters()
+    }
     assert all("exp_avg" in optimizer.state[p] for p in module.trainable_parameters())  # AdamW's state, not SGD's
     assert not torch.allclose(module.backbone.prompts.tokens, prompts)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY_BACKBONE, save_task_checkpoint
+
 from vpt_lightning import VPTModule
 from vpt_lightning.serving.multitask import MultiTaskClassifier
 
@@ -14,8 +14,9 @@ TASKS = {
     "deep10": dict(num_classes=3, prompt={"num_tokens": 10}, tuning={"method": "vpt_deep"}),
     "shallow3": dict(num_classes=5, prompt={"num_tokens": 3, "deep": False}, tuning={"method": "vpt_shallow"}),
     "deep4_late": dict(num_classes=4, prompt={"num_tokens": 4, "depth": [1, 3], "project": 8}),
-    "shallow_at2": dict(num_classes=2, prompt={"num_tokens": 6, "deep": False, "depth": 2},
-                        tuning={"method": "vpt_shallow"}),
+    "shallow_at2": dict(
+        num_classes=2, prompt={"num_tokens": 6, "deep": False, "depth": 2}, tuning={"method": "vpt_shallow"}
+    ),
     "linear": dict(num_classes=6, prompt={"num_tokens": 0}, tuning={"method": "linear"}),
     "mlp": dict(num_classes=2, prompt={"num_tokens": 0}, tuning={"method": "mlp", "mlp_layers": 2}),
 }

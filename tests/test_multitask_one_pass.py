@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_BACKBONE
+
 from vpt_lightning import VPTModule
 from vpt_lightning.serving.multitask import MultiTaskClassifier
 from vpt_lightning.serving.task_updates import Routing, routed_updates
@@ -21,8 +21,9 @@ TASKS = {
     "deep7_late": dict(num_classes=2, prompt={"num_tokens": 7, "depth": [1, 3]}),
     "shallow5": dict(num_classes=5, prompt={"num_tokens": 5, "deep": False}, tuning={"method": "vpt_shallow"}),
     "lora_qkv": dict(num_classes=3, prompt={"num_tokens": 0}, tuning={"method": "lora", "rank": 2, "alpha": 4}),
-    "lora_mlp": dict(num_classes=6, prompt={"num_tokens": 0},
-                     tuning={"method": "lora", "rank": 3, "target_modules": ["fc1", "fc2"]}),
+    "lora_mlp": dict(
+        num_classes=6, prompt={"num_tokens": 0}, tuning={"method": "lora", "rank": 3, "target_modules": ["fc1", "fc2"]}
+    ),
     "adapter": dict(num_classes=4, prompt={"num_tokens": 0}, tuning={"method": "adapter", "reduction": 4}),
     "linear": dict(num_classes=2, prompt={"num_tokens": 0}, tuning={"method": "linear"}),
     "deep200": dict(num_classes=3, prompt={"num_tokens": 200}),
@@ -94,8 +95,10 @@ def test_image_tokens_run_once_through_each_shared_module_and_no_task_backbone_r
     names = [NO_CARRIED_PROMPTS[i % len(NO_CARRIED_PROMPTS)] for i in range(10)]
     calls, task_calls = [], []
     hook = served.model.blocks[2].mlp.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    own = [t.backbone.model.patch_embed.register_forward_hook(lambda *a: task_calls.append(1))
-           for t in served.tasks.values()]
+    own = [
+        t.backbone.model.patch_embed.register_forward_hook(lambda *a: task_calls.append(1))
+        for t in served.tasks.values()
+    ]
     try:
         with torch.no_grad():
             served(torch.randn(len(names), 3, 32, 32), served.task_index(names))
@@ -123,9 +126,12 @@ def test_adding_lora_and_adapter_tasks_leaves_the_shared_model_untouched(checkpo
 
 def test_a_batch_of_one_task_and_a_batch_mixed_with_a_task_outside_the_pass(served, checkpoints, tmp_path):
     """A ``prompt.location='add'`` task runs through its own copy; the others still share one pass."""
-    added = random_task_checkpoint(tmp_path / "added.ckpt", 9, num_classes=3, prompt={"num_tokens": 1, "location": "add"})
-    model = MultiTaskClassifier.from_checkpoints({"added": added, "lora_qkv": checkpoints["lora_qkv"],
-                                                  "shallow5": checkpoints["shallow5"]})
+    added = random_task_checkpoint(
+        tmp_path / "added.ckpt", 9, num_classes=3, prompt={"num_tokens": 1, "location": "add"}
+    )
+    model = MultiTaskClassifier.from_checkpoints(
+        {"added": added, "lora_qkv": checkpoints["lora_qkv"], "shallow5": checkpoints["shallow5"]}
+    )
     assert model.updates["added"] is None
     names = ["lora_qkv", "added", "shallow5", "lora_qkv", "added"]
     images = torch.randn(len(names), 3, 32, 32)
@@ -147,15 +153,24 @@ def test_routed_updates_refuse_rows_the_routing_does_not_cover(served):
     assert not served.model.blocks[0].attn.qkv._forward_hooks  # removed on exit
 
 
-SWIN = {"name": "swin_tiny_patch4_window7_224", "init_seed": 0,
-        "kwargs": {"img_size": 32, "window_size": 4, "embed_dim": 32, "depths": [2, 2], "num_heads": [2, 4]}}
+SWIN = {
+    "name": "swin_tiny_patch4_window7_224",
+    "init_seed": 0,
+    "kwargs": {"img_size": 32, "window_size": 4, "embed_dim": 32, "depths": [2, 2], "num_heads": [2, 4]},
+}
 
 
 def test_swin_tasks_run_one_pass_per_task_and_a_lora_task_joins_them(tmp_path):
     """Swin has no one-pass path: each task's rows run through the task's own copy, a LoRA task among them."""
     deep = random_task_checkpoint(tmp_path / "deep.ckpt", 1, num_classes=3, backbone=SWIN, prompt={"num_tokens": 3})
-    lora = random_task_checkpoint(tmp_path / "lora.ckpt", 2, num_classes=4, backbone=SWIN, prompt={"num_tokens": 0},
-                                  tuning={"method": "lora", "rank": 2})
+    lora = random_task_checkpoint(
+        tmp_path / "lora.ckpt",
+        2,
+        num_classes=4,
+        backbone=SWIN,
+        prompt={"num_tokens": 0},
+        tuning={"method": "lora", "rank": 2},
+    )
     model = MultiTaskClassifier.from_checkpoints({"deep": deep, "lora": lora})
     assert model.updates == {"deep": None, "lora": None}
     assert not any("lora" in k for k in model.model.state_dict())

@@ -20,30 +20,55 @@ TESTS = Path(__file__).resolve().parent
 
 def _trainer(step=7, lr=0.5):
     optimizer = SimpleNamespace(param_groups=[{"lr": lr}])
-    return SimpleNamespace(world_size=1, global_step=step, current_epoch=1, optimizers=[optimizer],
-                           fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=3)), checkpoint_callback=None)
+    return SimpleNamespace(
+        world_size=1,
+        global_step=step,
+        current_epoch=1,
+        optimizers=[optimizer],
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=3)),
+        checkpoint_callback=None,
+    )
 
 
 def test_the_check_names_step_loss_and_lr_and_lets_finite_losses_pass():
     callback = StopOnNonFiniteLoss()
     callback.on_before_backward(_trainer(), None, torch.tensor(2.5))
     for bad in (float("inf"), float("nan")):
-        with pytest.raises(NonFiniteLossError, match=rf"loss {bad} at step 7 \(epoch 1, batch 3\) with learning rate 0.5"):
+        with pytest.raises(
+            NonFiniteLossError, match=rf"loss {bad} at step 7 \(epoch 1, batch 3\) with learning rate 0.5"
+        ):
             callback.on_before_backward(_trainer(), None, torch.tensor(bad))
 
 
 def test_a_run_whose_loss_turns_nan_stops_and_keeps_its_last_good_checkpoint(tmp_path):
     # 10 steps per epoch: epoch 0 ends with a checkpoint, the batch of step 12 (epoch 1) is NaN
-    args = ["backbone=vit_tiny_random", "data.num_train=160", "data.num_val=32", "data.num_test=32",
-            "data.batch_size=16", "trainer.max_epochs=3", "task_name=n", "run_name=nan",
-            "trainer.enable_progress_bar=false", "+callbacks.poison._target_=resume_probe.PoisonBatch",
-            "+callbacks.poison.step=12"]
+    args = [
+        "backbone=vit_tiny_random",
+        "data.num_train=160",
+        "data.num_val=32",
+        "data.num_test=32",
+        "data.batch_size=16",
+        "trainer.max_epochs=3",
+        "task_name=n",
+        "run_name=nan",
+        "trainer.enable_progress_bar=false",
+        "+callbacks.poison._target_=resume_probe.PoisonBatch",
+        "+callbacks.poison.step=12",
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]), "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run([sys.executable, "-m", "vpt_lightning.cli.train", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vpt_lightning.cli.train", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    match = re.search(r"non-finite training loss nan at step 12 \(epoch 1, batch 2\) with learning rate ([0-9.e+-]+)", out)
+    match = re.search(
+        r"non-finite training loss nan at step 12 \(epoch 1, batch 2\) with learning rate ([0-9.e+-]+)", out
+    )
     assert match and float(match.group(1)) > 0, out[-3000:]
     run = tmp_path / "outputs" / "n" / "nan"
     assert f"The last good checkpoint is kept: {run / 'checkpoints' / 'last.ckpt'}" in out
@@ -53,4 +78,3 @@ def test_a_run_whose_loss_turns_nan_stops_and_keeps_its_last_good_checkpoint(tmp
     assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
     momentum = [s["momentum_buffer"] for s in ckpt["optimizer_states"][0]["state"].values()]
     assert momentum and all(torch.isfinite(m).all() for m in momentum)
-

@@ -19,13 +19,19 @@ import onnx  # noqa: E402
 
 from vpt_lightning import VPTModule  # noqa: E402
 from vpt_lightning.cli.export import main as export_main  # noqa: E402
-from vpt_lightning.task_sources import load_task  # noqa: E402
 from vpt_lightning.config import asset_path  # noqa: E402
 from vpt_lightning.data.synthetic import SyntheticDataModule, SyntheticDataset  # noqa: E402
 from vpt_lightning.onnx_export import (  # noqa: E402
-    MAX_LOGIT_DIFF, OnnxExportError, check_onnx, export_onnx, onnx_logits, prepare_images, read_metadata,
+    MAX_LOGIT_DIFF,
+    OnnxExportError,
+    check_onnx,
+    export_onnx,
+    onnx_logits,
+    prepare_images,
+    read_metadata,
 )
 from vpt_lightning.quickstart import QUICKSTART_ARCH  # noqa: E402
+from vpt_lightning.task_sources import load_task  # noqa: E402
 
 QUICKSTART_BACKBONE = {**QUICKSTART_ARCH, "checkpoint_path": asset_path("quickstart_vit.safetensors")}
 
@@ -40,11 +46,24 @@ def train_quickstart_task(tmp_path: Path, prompt: dict) -> Path:
     import pytorch_lightning as pl
 
     data = quickstart_data()
-    module = VPTModule(num_classes=data.num_classes, backbone=QUICKSTART_BACKBONE, prompt=prompt,
-                       optim={"base_lr": 0.3, "weight_decay": 0.0}, task_name="quickstart",
-                       class_names=data.classes, eval_transform=data.eval_transform_config())
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    module = VPTModule(
+        num_classes=data.num_classes,
+        backbone=QUICKSTART_BACKBONE,
+        prompt=prompt,
+        optim={"base_lr": 0.3, "weight_decay": 0.0},
+        task_name="quickstart",
+        class_names=data.classes,
+        eval_transform=data.eval_transform_config(),
+    )
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=data)
     path = tmp_path / "last.ckpt"
     trainer.save_checkpoint(path)
@@ -108,8 +127,13 @@ def test_cli_exports_a_vpt_shallow_checkpoint_and_prints_the_difference(tmp_path
     # an independent run of the file on an image prepared by hand as vpt-train's eval does
     from torchvision import transforms as T
 
-    prepare = T.Compose([T.Resize((32, 32), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
-                         T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    prepare = T.Compose(
+        [
+            T.Resize((32, 32), interpolation=T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
     image = prepare(Image.open(tmp_path / "images" / "img_1.png").convert("RGB"))[None]
     module = VPTModule.load_from_checkpoint(checkpoint).eval()
     with torch.no_grad():
@@ -137,8 +161,10 @@ class DriftingModel(nn.Module):
 
 
 def test_cli_fails_with_a_clear_message_above_the_tolerance(tmp_path, capsys):
-    code = export_main(["onnx", "drifting", "--out", str(tmp_path / "m.onnx"), "--num-images", "2"],
-                       onnx_loader=lambda source: DriftingModel())
+    code = export_main(
+        ["onnx", "drifting", "--out", str(tmp_path / "m.onnx"), "--num-images", "2"],
+        onnx_loader=lambda source: DriftingModel(),
+    )
     printed = capsys.readouterr()
     assert code == 1
     assert "above the tolerance 0.0001" in printed.err and "Traceback" not in printed.err

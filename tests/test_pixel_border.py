@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import make_vit
 from omegaconf import OmegaConf
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -14,8 +15,6 @@ from vpt_lightning.backbones.convnet import PromptedConvNet
 from vpt_lightning.backbones.pixel_border import PixelBorder
 from vpt_lightning.config import CONFIG_DIR
 from vpt_lightning.task_model import TaskSpec, build_task_model
-
-from conftest import make_vit
 
 MEAN, STD = (0.3, 0.5, 0.7), (0.2, 0.25, 0.4)
 
@@ -67,7 +66,9 @@ def test_normalisation_can_follow_the_data_and_is_no_state():
     torch.testing.assert_close(border(images), expected, rtol=0, atol=1e-6)
     assert not torch.allclose(before, border(images))
     assert sorted(border.state_dict()) == ["left_right", "top_bottom"]
-    with pytest.raises(ValueError, match=r"mean \(0.5, 0.5\) / std \(0.5, 0.5\) must have one value per image channel \(3\)"):
+    with pytest.raises(
+        ValueError, match=r"mean \(0.5, 0.5\) / std \(0.5, 0.5\) must have one value per image channel \(3\)"
+    ):
         border.set_normalization((0.5, 0.5), (0.5, 0.5))
     with pytest.raises(ValueError, match=r"std \(0.5, 0.0, 0.5\) must be positive"):
         border.set_normalization(MEAN, (0.5, 0.0, 0.5))
@@ -91,9 +92,13 @@ def test_vit_pad_and_a_convnet_share_the_border_and_its_default_normalisation():
         assert border.mean == list(IMAGENET_DEFAULT_MEAN) and border.std == list(IMAGENET_DEFAULT_STD)
     # checkpoints keep their keys
     assert sorted(k for k in padded.state_dict() if not k.startswith("model.")) == [
-        "padding.left_right", "padding.top_bottom"]
+        "padding.left_right",
+        "padding.top_bottom",
+    ]
     assert sorted(k for k in bordered.state_dict() if not k.startswith("model.")) == [
-        "border.left_right", "border.top_bottom"]
+        "border.left_right",
+        "border.top_bottom",
+    ]
     # prompt.init=zeros: a black border for both
     zeros = PromptedViT(make_vit(), PromptConfig(num_tokens=1, deep=False, location="pad", init="zeros"))
     assert not zeros.padding.top_bottom.any() and not zeros.padding.left_right.any()
@@ -107,7 +112,13 @@ def test_a_task_normalises_its_border_like_its_data():
     config = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "backbone" / "convnext_tiny_random.yaml"))
     prompt = {"num_tokens": 2, "deep": False}
     tuning = {"method": "vpt_shallow"}
-    eval_transform = {"recipe": "vtab", "img_size": 32, "interpolation": "bicubic", "mean": list(MEAN), "std": list(STD)}
+    eval_transform = {
+        "recipe": "vtab",
+        "img_size": 32,
+        "interpolation": "bicubic",
+        "mean": list(MEAN),
+        "std": list(STD),
+    }
     task = build_task_model(TaskSpec(3, config, prompt, tuning, eval_transform=eval_transform))
     assert task.backbone.border.mean == list(MEAN) and task.backbone.border.std == list(STD)
     images = torch.randn(1, 3, 32, 32)
@@ -130,7 +141,9 @@ def test_a_model_of_another_family_is_refused_naming_its_class_and_the_accepted_
     assert message.startswith("PromptedViT needs a timm VisionTransformer (vit_*") and message.endswith("got ConvNeXt")
     from vpt_lightning.backbones.swin import PromptedSwin
 
-    with pytest.raises(TypeError, match=r"PromptedSwin needs a timm SwinTransformer \(swin_\* models\), got VisionTransformer"):
+    with pytest.raises(
+        TypeError, match=r"PromptedSwin needs a timm SwinTransformer \(swin_\* models\), got VisionTransformer"
+    ):
         PromptedSwin(make_vit())
     with pytest.raises(TypeError, match=r"PromptedConvNet needs a timm ConvNeXt or ResNet, got VisionTransformer"):
         PromptedConvNet(make_vit())

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import save_task_checkpoint, task_probabilities, write_image
-from vpt_lightning.cli.predict import main, parse_checkpoints
 
+from vpt_lightning.cli.predict import main, parse_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +35,24 @@ def read_rows(path):
 def test_every_image_with_every_task_and_the_broken_one_reported(tasks, capsys):
     root, count, orient = tasks
     out = root / "predictions.csv"
-    assert main([str(count), str(orient), "--images", str(root / "images"), "--out", str(out), "--top-k", "3",
-                 "--batch-size", "4", "--no-progress-bar"]) == 0
+    assert (
+        main(
+            [
+                str(count),
+                str(orient),
+                "--images",
+                str(root / "images"),
+                "--out",
+                str(out),
+                "--top-k",
+                "3",
+                "--batch-size",
+                "4",
+                "--no-progress-bar",
+            ]
+        )
+        == 0
+    )
     rows = read_rows(out)
     assert [(r["path"].split("/")[-1], r["task"]) for r in rows] == [
         (f"{i}.png", t) for i in range(3) for t in ("count", "orient")
@@ -58,8 +73,17 @@ def test_csv_list_with_a_task_column_and_names_given(tasks, capsys):
     listing = root / "list.csv"
     listing.write_text("path,task\nimages/0.png,first\nimages/2.png,\nimages/broken.png,second\n")
     out = root / "from_csv.csv"
-    args = [f"first={count}", f"second={orient}", "--images", str(listing), "--task", "second", "--out", str(out),
-            "--no-progress-bar"]
+    args = [
+        f"first={count}",
+        f"second={orient}",
+        "--images",
+        str(listing),
+        "--task",
+        "second",
+        "--out",
+        str(out),
+        "--no-progress-bar",
+    ]
     assert main(args) == 0
     assert [(r["path"].split("/")[-1], r["task"]) for r in read_rows(out)] == [("0.png", "first"), ("2.png", "second")]
     assert "broken.png" in capsys.readouterr().err
@@ -67,8 +91,20 @@ def test_csv_list_with_a_task_column_and_names_given(tasks, capsys):
 
 def test_strict_fails_naming_the_file(tasks, capsys):
     root, count, _ = tasks
-    assert main([str(count), "--images", str(root / "images"), "--out", str(root / "x.csv"), "--strict",
-                 "--no-progress-bar"]) == 1
+    assert (
+        main(
+            [
+                str(count),
+                "--images",
+                str(root / "images"),
+                "--out",
+                str(root / "x.csv"),
+                "--strict",
+                "--no-progress-bar",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "unreadable image" in err and "broken.png" in err
     assert not (root / "x.csv").exists()
@@ -88,8 +124,11 @@ def test_csv_paths_must_stay_inside_the_root(tasks, tmp_path, capsys):
     write_image(outside, seed=5, size=(20, 20))
     folder = root / "lists"
     folder.mkdir(exist_ok=True)
-    for name, line in [("absolute.csv", str(outside)), ("dotdot.csv", "../images/0.png"),
-                       ("far.csv", "../../../../../../etc/passwd")]:
+    for name, line in [
+        ("absolute.csv", str(outside)),
+        ("dotdot.csv", "../images/0.png"),
+        ("far.csv", "../../../../../../etc/passwd"),
+    ]:
         listing = folder / name
         listing.write_text(f"path\n{line}\n")
         out = tmp_path / f"{name}.out.csv"
@@ -101,19 +140,30 @@ def test_csv_paths_must_stay_inside_the_root(tasks, tmp_path, capsys):
     out = tmp_path / "rooted.csv"
     listing = folder / "rooted.csv"
     listing.write_text("path\nimages/0.png\n")
-    assert main([str(count), "--images", str(listing), "--root", str(root), "--out", str(out), "--no-progress-bar"]) == 0
+    assert (
+        main([str(count), "--images", str(listing), "--root", str(root), "--out", str(out), "--no-progress-bar"]) == 0
+    )
     assert [r["path"] for r in read_rows(out)] == [str(root.resolve() / "images" / "0.png")]
     listing.write_text("path\nlists/../images/x.png\n")  # inside the root once resolved: allowed (and missing)
-    assert main([str(count), "--images", str(listing), "--root", str(root), "--out", str(out), "--no-progress-bar"]) == 0
+    assert (
+        main([str(count), "--images", str(listing), "--root", str(root), "--out", str(out), "--no-progress-bar"]) == 0
+    )
     assert "x.png: cannot be read (No such file or directory)" in capsys.readouterr().err
 
 
 def run_cli(args, timeout=120):
     """vpt-predict in a subprocess with a timeout: a hang is a failure, not a stuck test run."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "vpt_lightning.cli.predict", *map(str, args), "--no-progress-bar"],
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "vpt_lightning.cli.predict", *map(str, args), "--no-progress-bar"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_fifos_and_devices_are_reported_never_read(tasks, tmp_path):
@@ -124,8 +174,11 @@ def test_fifos_and_devices_are_reported_never_read(tasks, tmp_path):
     (folder / "zero.png").symlink_to("/dev/zero")  # reading it would never end
     (folder / "list.csv").write_text("path\nok.png\npipe.png\n")
     (folder / "devices.csv").write_text(f"path\n{(folder / 'ok.png').relative_to('/')}\ndev/zero\n")
-    runs = [([folder / "list.csv"], ("pipe.png",)),  # this one hung vpt-predict, past SIGTERM
-            ([folder / "devices.csv", "--root", "/"], ("zero",)), ([folder], ("pipe.png", "zero.png"))]
+    runs = [
+        ([folder / "list.csv"], ("pipe.png",)),  # this one hung vpt-predict, past SIGTERM
+        ([folder / "devices.csv", "--root", "/"], ("zero",)),
+        ([folder], ("pipe.png", "zero.png")),
+    ]
     for source, reported in runs:
         out = tmp_path / "odd.csv"
         done = run_cli([count, "--images", *source, "--out", out])
@@ -143,12 +196,29 @@ def test_files_over_the_size_cap_are_not_read(tasks, tmp_path, capsys):
     write_image(folder / "large.png", seed=4, size=(200, 200))
     size = (folder / "large.png").stat().st_size
     out = tmp_path / "big.csv"
-    assert main([str(count), "--images", str(folder), "--max-file-bytes", str(size - 1), "--out", str(out),
-                 "--no-progress-bar"]) == 0
+    assert (
+        main(
+            [
+                str(count),
+                "--images",
+                str(folder),
+                "--max-file-bytes",
+                str(size - 1),
+                "--out",
+                str(out),
+                "--no-progress-bar",
+            ]
+        )
+        == 0
+    )
     assert f"large.png: {size} bytes is over the limit of {size - 1} (--max-file-bytes)" in capsys.readouterr().err
     assert [Path(r["path"]).name for r in read_rows(out)] == ["small.png"]
-    assert main([str(count), "--images", str(folder), "--max-image-pixels", "1000", "--out", str(out),
-                 "--no-progress-bar"]) == 0
+    assert (
+        main(
+            [str(count), "--images", str(folder), "--max-image-pixels", "1000", "--out", str(out), "--no-progress-bar"]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     line = next(line for line in err.splitlines() if "large.png" in line)
     assert "40000 pixels" in line and "the limit of 1000" in line
@@ -163,8 +233,11 @@ def test_a_folder_or_file_that_is_no_task_source_says_what_it_is_and_what_is_exp
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_bytes(b"")
     (protocol / "summary.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match=r"is a vpt-tune protocol folder .*expected a task package .*a run "
-                                                r"folder .*; under it: \['final/lr1_wd0/seed42'\]"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"is a vpt-tune protocol folder .*expected a task package .*a run "
+        r"folder .*; under it: \['final/lr1_wd0/seed42'\]",
+    ):
         read_task(protocol)
     (run / "results.json").write_text("{}")
     (run / "task").mkdir()
@@ -175,6 +248,9 @@ def test_a_folder_or_file_that_is_no_task_source_says_what_it_is_and_what_is_exp
         read_task(run / "task" / "config.json")
     # a relative path whose first folder is here is a local path (not a Hub repo id): what is missing, what is there
     monkeypatch.chdir(tmp_path / "outputs")
-    with pytest.raises(FileNotFoundError, match=r"'count/protocol/vpt_dep' does not exist: 'count/protocol' has no "
-                                                r"'vpt_dep' \(run folders there: \['vpt_deep/final/lr1_wd0/seed42'\]\)"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"'count/protocol/vpt_dep' does not exist: 'count/protocol' has no "
+        r"'vpt_dep' \(run folders there: \['vpt_deep/final/lr1_wd0/seed42'\]\)",
+    ):
         read_task("count/protocol/vpt_dep")

@@ -5,12 +5,13 @@ counts, training only prompts and head, weight files, and the configs."""
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict
 
 import pytest
 import pytorch_lightning as pl
 import timm
 import torch
+from conftest import make_vit
 from safetensors.torch import save_file
 from torch import nn
 
@@ -20,8 +21,6 @@ from vpt_lightning.backbones.swin import PromptedSwin, prompted_block
 from vpt_lightning.checkpoint import read_task_checkpoint
 from vpt_lightning.config import compose
 from vpt_lightning.data.synthetic import SyntheticDataModule
-
-from conftest import make_vit
 
 # 32 px, patch 4: an 8x8 grid; window 2: stage 0 has 16 windows (shifted by 1 in block 1), stage 1 4x4 with 4
 # windows (shifted), stage 2 2x2 with one window (no shift)
@@ -62,17 +61,17 @@ def ref_block(block, x: torch.Tensor, prompts: torch.Tensor) -> tuple:
     prompt_outs = []
     for i in range(height // wh):
         for j in range(width // ww):
-            window = shifted[i * wh:(i + 1) * wh, j * ww:(j + 1) * ww].reshape(-1, dim)
+            window = shifted[i * wh : (i + 1) * wh, j * ww : (j + 1) * ww].reshape(-1, dim)
             seq = torch.cat([normed_prompts, window])
             qkv = attn.qkv(seq).reshape(len(seq), 3, heads, -1)
             q, k, v = (qkv[:, n].transpose(0, 1) for n in range(3))  # (heads, L, d)
             logits = q @ k.transpose(1, 2) * q.shape[-1] ** -0.5
             logits[:, p:, p:] += pos_bias
-            labels = region[i * wh:(i + 1) * wh, j * ww:(j + 1) * ww].reshape(-1)
+            labels = region[i * wh : (i + 1) * wh, j * ww : (j + 1) * ww].reshape(-1)
             logits[:, p:, p:] -= 100.0 * (labels[:, None] != labels[None, :]).float()
             out = attn.proj((logits.softmax(-1) @ v).transpose(0, 1).reshape(len(seq), -1))
             prompt_outs.append(out[:p])
-            out_map[i * wh:(i + 1) * wh, j * ww:(j + 1) * ww] = out[p:].reshape(wh, ww, dim)
+            out_map[i * wh : (i + 1) * wh, j * ww : (j + 1) * ww] = out[p:].reshape(wh, ww, dim)
     out_map = torch.roll(out_map, shifts=(sh, sw), dims=(0, 1))
     tokens = torch.cat([prompts + torch.stack(prompt_outs).mean(0), (x + out_map).reshape(-1, dim)])
     tokens = tokens + block.mlp(block.norm2(tokens))
@@ -196,17 +195,27 @@ def test_swin_b_prompt_counts_and_one_init_bound_for_every_stage():
         shallow = prompted_backbone(model, {"num_tokens": p, "deep": False})
         assert sum(t.numel() for t in shallow.prompt_parameters().values()) == 128 * p
     shapes = {name: tuple(t.shape) for name, t in deep.prompt_parameters().items()}
-    assert shapes == {"prompts.0.tokens": (2, 50, 128), "prompts.1.tokens": (2, 50, 256),
-                      "prompts.2.tokens": (18, 50, 512), "prompts.3.tokens": (2, 50, 1024)}
+    assert shapes == {
+        "prompts.0.tokens": (2, 50, 128),
+        "prompts.1.tokens": (2, 50, 256),
+        "prompts.2.tokens": (18, 50, 512),
+        "prompts.3.tokens": (2, 50, 1024),
+    }
     for tokens in deep.prompt_parameters().values():
         assert bound * 0.95 < tokens.abs().max() <= bound
 
 
-@pytest.mark.parametrize("prompt, message", [
-    ({"num_tokens": 2, "pool": "token"}, r"prompt.pool='token' is not supported by PromptedSwin; use one of \['all', 'image'\]"),
-    ({"num_tokens": 1, "location": "add"}, "only as 'prepend'"),
-    ({"num_tokens": 2, "depth": 7}, r"must be in \[1, 6\]"),
-])
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        (
+            {"num_tokens": 2, "pool": "token"},
+            r"prompt.pool='token' is not supported by PromptedSwin; use one of \['all', 'image'\]",
+        ),
+        ({"num_tokens": 1, "location": "add"}, "only as 'prepend'"),
+        ({"num_tokens": 2, "depth": 7}, r"must be in \[1, 6\]"),
+    ],
+)
 def test_bad_prompt_options_are_refused_by_name(prompt, message):
     with pytest.raises(ValueError, match=message):
         prompted_backbone(make_swin(), prompt)
@@ -225,8 +234,15 @@ def _fit(tmp_path, tuning=None, prompt=None, steps=2) -> tuple:
     data = SyntheticDataModule(task="count", num_train=16, num_val=8, num_test=8, batch_size=8, num_workers=0)
     module = VPTModule(data.num_classes, SWIN_BACKBONE, prompt, {"base_lr": 1.0, "warmup_epochs": 0}, tuning=tuning)
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=steps, accelerator="cpu", logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule=data)
     path = tmp_path / "task.ckpt"
     trainer.save_checkpoint(path)
@@ -236,8 +252,13 @@ def _fit(tmp_path, tuning=None, prompt=None, steps=2) -> tuple:
 
 def test_vpt_deep_on_swin_trains_only_prompts_and_head_and_saves_only_them(tmp_path):
     module, path, changed = _fit(tmp_path, prompt={"num_tokens": 2})
-    trained = ["backbone.prompts.0.tokens", "backbone.prompts.1.tokens", "backbone.prompts.2.tokens",
-               "head.bias", "head.weight"]
+    trained = [
+        "backbone.prompts.0.tokens",
+        "backbone.prompts.1.tokens",
+        "backbone.prompts.2.tokens",
+        "head.bias",
+        "head.weight",
+    ]
     assert changed == trained
     assert sorted(n for n, p in module.named_parameters() if p.requires_grad) == trained
     task = read_task_checkpoint(path)
@@ -250,8 +271,9 @@ def test_vpt_deep_on_swin_trains_only_prompts_and_head_and_saves_only_them(tmp_p
 
 def test_partial_1_on_swin_trains_the_last_block_and_the_final_norm(tmp_path):
     _, _, changed = _fit(tmp_path, tuning={"method": "partial", "last_blocks": 1}, steps=1)
-    assert {k.split(".")[1:4] == ["model", "layers", "2"] or k.startswith(("backbone.model.norm", "head."))
-            for k in changed} == {True}
+    assert {
+        k.split(".")[1:4] == ["model", "layers", "2"] or k.startswith(("backbone.model.norm", "head.")) for k in changed
+    } == {True}
     assert any(k.startswith("backbone.model.layers.2.blocks.1.") for k in changed)
     assert not any(k.startswith("backbone.model.layers.2.blocks.0.") for k in changed)
 
@@ -259,14 +281,20 @@ def test_partial_1_on_swin_trains_the_last_block_and_the_final_norm(tmp_path):
 # ---- weight files ----------------------------------------------------------------------------------------
 def _original_layout(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """A timm Swin state dict in the original Microsoft layout: patch merging at the end of stages 0..n-2."""
+
     def rename(key: str) -> str:
         if ".downsample." in key:
             stage = int(key.split(".")[1])
             return key.replace(f"layers.{stage}.", f"layers.{stage - 1}.", 1)
         return key
 
-    return {"model": {**{rename(k): v for k, v in state_dict.items()}, "head.weight": torch.zeros(5, 32),
-                      "head.bias": torch.zeros(5)}}
+    return {
+        "model": {
+            **{rename(k): v for k, v in state_dict.items()},
+            "head.weight": torch.zeros(5, 32),
+            "head.bias": torch.zeros(5),
+        }
+    }
 
 
 @pytest.mark.parametrize("fmt", ["pth", "safetensors", "original"])
@@ -296,8 +324,11 @@ def test_a_wrong_file_fails_naming_keys_and_another_window_size_needs_resize(tmp
         create_backbone({**SWIN_BACKBONE, "checkpoint_path": str(deeper)})
     window4 = tmp_path / "window4.pth"
     torch.save(make_swin(window_size=4).state_dict(), window4)
-    with pytest.raises(ValueError, match=r"window size \(layers\.0\.blocks\.0\.attn\.relative_position_bias_table: "
-                                         r"file \(49, 1\) vs model \(9, 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"window size \(layers\.0\.blocks\.0\.attn\.relative_position_bias_table: "
+        r"file \(49, 1\) vs model \(9, 1\)",
+    ):
         create_backbone({**SWIN_BACKBONE, "checkpoint_path": str(window4)})
     model, _ = create_backbone({**SWIN_BACKBONE, "checkpoint_path": str(window4), "resize_embeddings": True})
     assert model.layers[0].blocks[0].attn.relative_position_bias_table.shape == (9, 1)
@@ -310,9 +341,12 @@ def test_the_paper_config_composes_and_refuses_a_file_of_another_swin(tmp_path):
     assert timm.is_model_pretrained(cfg.backbone.name)
     tiny = tmp_path / "tiny_swin.pth"
     torch.save(make_swin().state_dict(), tiny)
-    with pytest.raises(ValueError, match=r"tiny_swin.pth' does not fit model SwinTransformer; missing keys: "
-                                         r"layers\.2\.blocks\.10\..*shape mismatches: layers\.0\.blocks\.0\.attn\.proj\.bias: "
-                                         r"file \(8,\) vs model \(128,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"tiny_swin.pth' does not fit model SwinTransformer; missing keys: "
+        r"layers\.2\.blocks\.10\..*shape mismatches: layers\.0\.blocks\.0\.attn\.proj\.bias: "
+        r"file \(8,\) vs model \(128,\)",
+    ):
         create_backbone({**cfg.backbone, "checkpoint_path": str(tiny)})
 
 
@@ -342,9 +376,15 @@ def test_vpt_tune_sweeps_swins_prompt_lengths_with_the_same_lr_grid():
 
 
 def _summary(task: str, tuning: str, top1: float, backbone: str) -> dict:
-    return {"task_name": task, "tuning": tuning, "test_top1_per_seed": {"0": top1},
-            "test_top1": {"mean": top1, "std": 0.0}, "trainable_params": 10, "trainable_percent": 0.5,
-            "backbone": backbone}
+    return {
+        "task_name": task,
+        "tuning": tuning,
+        "test_top1_per_seed": {"0": top1},
+        "test_top1": {"mean": top1, "std": 0.0},
+        "trainable_params": 10,
+        "trainable_percent": 0.5,
+        "backbone": backbone,
+    }
 
 
 def test_vpt_report_shows_the_papers_swin_b_group_means_beside_swin_b_runs():
@@ -352,13 +392,19 @@ def test_vpt_report_shows_the_papers_swin_b_group_means_beside_swin_b_runs():
     from vpt_lightning.report import build_report
 
     groups = {"natural": 0.70, "specialized": 0.80, "structured": 0.50}
-    summaries = [_summary(t.config_name, tuning, groups[group], "swin_base_patch4_window7_224.ms_in22k")
-                 for group in groups for t in vtab_tasks(group) for tuning in ("vpt_deep", "mlp_3")]
+    summaries = [
+        _summary(t.config_name, tuning, groups[group], "swin_base_patch4_window7_224.ms_in22k")
+        for group in groups
+        for t in vtab_tasks(group)
+        for tuning in ("vpt_deep", "mlp_3")
+    ]
     markdown, _ = build_report(summaries)
     assert "| VTAB natural (mean of 7) | 70.00 | 70.00 | 76.78 | 73.56 |" in markdown  # ours (vpt_deep, mlp_3), paper
     assert "| VTAB structured (mean of 8) | 50.00 | 50.00 | 53.35 | 35.69 |" in markdown
-    assert f"| VTAB mean of the 3 group means | 66.67 | 66.67 | {(76.78 + 84.53 + 53.35) / 3:.2f} | " \
-           f"{(73.56 + 75.21 + 35.69) / 3:.2f} |" in markdown
+    assert (
+        f"| VTAB mean of the 3 group means | 66.67 | 66.67 | {(76.78 + 84.53 + 53.35) / 3:.2f} | "
+        f"{(73.56 + 75.21 + 35.69) / 3:.2f} |" in markdown
+    )
     cifar = next(line for line in markdown.splitlines() if line.startswith("| vtab_cifar100"))
     assert cifar.endswith("| — | — |")  # no per-task numbers for Swin-B (never ViT-B's 78.8)
     assert "Swin-B supervised ImageNet-21k (no per-task numbers" in markdown
@@ -367,9 +413,23 @@ def test_vpt_report_shows_the_papers_swin_b_group_means_beside_swin_b_runs():
 def test_the_quickstart_trains_end_to_end_on_the_tiny_random_swin(tmp_path):
     from vpt_lightning.training import train
 
-    cfg = compose(["+experiment=quickstart", "backbone=swin_tiny_random", "+debug=fast", "data.num_train=32",
-                   "data.num_val=16", "data.num_test=16", "data.batch_size=16", f"run_dir={tmp_path}"])
+    cfg = compose(
+        [
+            "+experiment=quickstart",
+            "backbone=swin_tiny_random",
+            "+debug=fast",
+            "data.num_train=32",
+            "data.num_val=16",
+            "data.num_test=16",
+            "data.batch_size=16",
+            f"run_dir={tmp_path}",
+        ]
+    )
     results = train(cfg)
     assert 0 <= results["test/top1"] <= 1 and results["trainable_params"] == 10 * (32 * 2 + 64 * 2) + 64 * 8 + 8
     assert sorted(read_task_checkpoint(tmp_path / "checkpoints" / "last.ckpt").state_dict) == [
-        "backbone.prompts.0.tokens", "backbone.prompts.1.tokens", "head.bias", "head.weight"]
+        "backbone.prompts.0.tokens",
+        "backbone.prompts.1.tokens",
+        "head.bias",
+        "head.weight",
+    ]

@@ -6,10 +6,9 @@ import math
 
 import pytest
 import torch
+from conftest import make_vit
 
 from vpt_lightning import PromptConfig, PromptedViT
-
-from conftest import make_vit
 
 D, N_BLOCKS, N_PATCHES = 32, 4, 64
 
@@ -96,8 +95,16 @@ def test_without_prompts_equals_timm(vit_kwargs, images):
         dict(num_tokens=3, deep=False, depth=1, project=8),
     ],
     ids=[
-        "deep", "shallow", "deep-first2", "deep-list", "shallow-at2", "add1-deep", "add-deep", "add-shallow",
-        "deep-project", "shallow-project",
+        "deep",
+        "shallow",
+        "deep-first2",
+        "deep-list",
+        "shallow-at2",
+        "add1-deep",
+        "add-deep",
+        "add-shallow",
+        "deep-project",
+        "shallow-project",
     ],
 )
 def test_prompted_features_equal_reference(vit_kwargs, prompt, images):
@@ -198,7 +205,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(images):
     "prompt, message",
     [
         (dict(num_tokens=-1), "prompt.num_tokens=-1"),
-        (dict(location="middle"), "prompt.location='middle' is not one of ['prepend', 'add', 'add1', 'prepend_pixel', 'concat_channel', 'pad']"),
+        (
+            dict(location="middle"),
+            "prompt.location='middle' is not one of ['prepend', 'add', 'add1', 'prepend_pixel', 'concat_channel', 'pad']",
+        ),
         (dict(dropout=1.5), "prompt.dropout=1.5"),
         (dict(deep=False, depth=[0, 1]), "prompt.deep=false"),
         (dict(project=0), "prompt.project=0"),
@@ -256,7 +266,9 @@ def test_non_vit_model_is_rejected():
 def _record_grad_mode(model: PromptedViT) -> dict:
     """Forward pre-hooks on patch_embed and every block: the grad mode each one sees when it runs."""
     seen = {}
-    model.vit.patch_embed.register_forward_pre_hook(lambda mod, inp: seen.__setitem__("patch_embed", torch.is_grad_enabled()))
+    model.vit.patch_embed.register_forward_pre_hook(
+        lambda mod, inp: seen.__setitem__("patch_embed", torch.is_grad_enabled())
+    )
     for i, block in enumerate(model.vit.blocks):
         block.register_forward_pre_hook(lambda mod, inp, i=i: seen.__setitem__(i, torch.is_grad_enabled()))
     return seen
@@ -302,10 +314,15 @@ def test_grad_checkpointing_recomputes_the_prompted_blocks_in_backward(images, c
 @pytest.mark.parametrize("checkpointing, expected", [(False, [1, 1, 1, 1]), (True, [1, 1, 2, 2])])
 def test_vpt_module_grad_checkpointing_recomputes_blocks(images, checkpointing, expected):
     from conftest import TINY_BACKBONE
+
     from vpt_lightning import VPTModule
 
-    module = VPTModule(num_classes=5, backbone=TINY_BACKBONE, prompt={"num_tokens": 3, "depth": [2, 3]},
-                       grad_checkpointing=checkpointing).train()
+    module = VPTModule(
+        num_classes=5,
+        backbone=TINY_BACKBONE,
+        prompt={"num_tokens": 3, "depth": [2, 3]},
+        grad_checkpointing=checkpointing,
+    ).train()
     after_forward, total = _count_block_calls(module.backbone.vit.blocks, lambda: module(images))
     assert after_forward == [1, 1, 1, 1]
     assert total == expected

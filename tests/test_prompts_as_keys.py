@@ -10,11 +10,10 @@ from typing import Dict, List, Tuple
 
 import pytest
 import torch
+from conftest import make_vit
 from timm.models.vision_transformer import ResPostBlock
 
 from vpt_lightning import PromptConfig, PromptedViT
-
-from conftest import make_vit
 
 P = 5  # prompt length; the tiny ViT has 1 + 64 tokens
 N = 65
@@ -79,7 +78,9 @@ def test_vpt_deep_kv_equals_the_full_path_in_float64(case, images):
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_vpt_deep_kv_equals_the_full_path_in_float32(batch, images):
-    model = scaled_prompts(PromptedViT(make_vit(num_classes=4, qk_norm=True, init_values=0.3), PromptConfig(num_tokens=P)))
+    model = scaled_prompts(
+        PromptedViT(make_vit(num_classes=4, qk_norm=True, init_values=0.3), PromptConfig(num_tokens=P))
+    )
     assert_same(model, images[:batch], atol=1e-5, grad_rtol=1e-5)
 
 
@@ -210,8 +211,10 @@ def test_swin_kv_equals_the_full_path_in_float64(case, batch):
         assert grad.abs().max() > 0 and ((grads_kv[name] - grad).norm() / grad.norm()) <= 1e-10, name
     image_rows = [64, 64, 16, 16, 4, 4]  # tokens per image in each stage
     first = min(backbone.prompt_sets)
-    assert rows_kv == [n if path == "kv" or i < first else n + prompt["num_tokens"]
-                       for i, (n, path) in enumerate(zip(image_rows, paths))]
+    assert rows_kv == [
+        n if path == "kv" or i < first else n + prompt["num_tokens"]
+        for i, (n, path) in enumerate(zip(image_rows, paths))
+    ]
     assert rows_full == [n + prompt["num_tokens"] if i >= first else n for i, n in enumerate(image_rows)]
 
 

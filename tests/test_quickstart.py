@@ -63,7 +63,12 @@ def test_kind_task_draws_one_shape_of_the_labelled_kind_and_every_task_names_its
         labels.add(label)
     assert labels == set(range(6))
     assert {name: t.group for name, t in SYNTHETIC_TASKS.items()} == {
-        "shapes": "upstream", "kind": "natural", "count": "structured", "location": "structured", "orientation": "structured"}
+        "shapes": "upstream",
+        "kind": "natural",
+        "count": "structured",
+        "location": "structured",
+        "orientation": "structured",
+    }
 
 
 def test_packaged_backbone_loads_and_is_not_random():
@@ -100,7 +105,9 @@ def test_pretraining_script_writes_a_loadable_backbone(tmp_path):
 def test_custom_head_example_runs():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "custom_head.py"), "--epochs", "1", "--limit-batches", "2"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test top-1 with a cosine head" in proc.stdout

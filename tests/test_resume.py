@@ -25,18 +25,39 @@ SRC = Path(__file__).resolve().parents[1] / "src"  # the checkout under test (al
 TESTS = Path(__file__).resolve().parent
 # dropout > 0 so that the global RNG matters; a few hundred images, 4 short epochs
 EPOCHS = 4
-RUN = ["backbone=vit_tiny_random", "data.num_train=192", "data.num_val=32", "data.num_test=32", "data.batch_size=32",
-       f"trainer.max_epochs={EPOCHS}", "prompt.dropout=0.2", "optim.base_lr=3", "optim.warmup_epochs=1", "task_name=r",
-       "trainer.enable_progress_bar=false",
-       "+callbacks.probe._target_=resume_probe.RecordEpochs"]
+RUN = [
+    "backbone=vit_tiny_random",
+    "data.num_train=192",
+    "data.num_val=32",
+    "data.num_test=32",
+    "data.batch_size=32",
+    f"trainer.max_epochs={EPOCHS}",
+    "prompt.dropout=0.2",
+    "optim.base_lr=3",
+    "optim.warmup_epochs=1",
+    "task_name=r",
+    "trainer.enable_progress_bar=false",
+    "+callbacks.probe._target_=resume_probe.RecordEpochs",
+]
 COMPARED = ("val/top1", "test/top1", "train/loss_epoch", "val/loss", "test/loss", "global_step", "epochs")
 
 
 def start(args, cwd: Path, probe: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]), "HYDRA_FULL_ERROR": "0",
-           "PROBE_FILE": str(probe)}
-    return subprocess.Popen([sys.executable, "-m", "vpt_lightning.cli.train", *RUN, *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]),
+        "HYDRA_FULL_ERROR": "0",
+        "PROBE_FILE": str(probe),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "vpt_lightning.cli.train", *RUN, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 120) -> str:

@@ -5,18 +5,21 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import TINY_BACKBONE
 from torch.utils.data import DataLoader, DistributedSampler
 
 from vpt_lightning import VPTModule
 from vpt_lightning.data.synthetic import SyntheticDataModule
 
-from conftest import TINY_BACKBONE
-
 
 def _module() -> VPTModule:
     pl.seed_everything(0)  # the same prompt and head init for every module built here
-    return VPTModule(num_classes=9, backbone=TINY_BACKBONE, prompt={"num_tokens": 4, "dropout": 0.0},
-                     optim={"base_lr": 4.0, "warmup_epochs": 1, "weight_decay": 1e-4})
+    return VPTModule(
+        num_classes=9,
+        backbone=TINY_BACKBONE,
+        prompt={"num_tokens": 4, "dropout": 0.0},
+        optim={"base_lr": 4.0, "warmup_epochs": 1, "weight_decay": 1e-4},
+    )
 
 
 class SameOrderData(SyntheticDataModule):
@@ -38,8 +41,15 @@ def _data(batch_size: int) -> SyntheticDataModule:
 
 
 def _fit(tmp_path, module, data, **trainer_kwargs):
-    trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=2, accelerator="cpu", logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
     trainer.fit(module, datamodule=data)
     return trainer
 
@@ -54,7 +64,9 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     torch.testing.assert_close(ddp.backbone.prompts.tokens, single.backbone.prompts.tokens, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ddp.head.weight, single.head.weight, rtol=1e-4, atol=1e-5)
     # val top-1 over 33 samples (odd: rank 0 sees 17, rank 1 16, none repeated) is the single-process value
-    assert float(ddp_trainer.callback_metrics["val/top1"]) == pytest.approx(float(single_trainer.callback_metrics["val/top1"]))
+    assert float(ddp_trainer.callback_metrics["val/top1"]) == pytest.approx(
+        float(single_trainer.callback_metrics["val/top1"])
+    )
     # the checkpoint the DDP run wrote (rank 0, under its own root dir) loads in one process and gives the logits
     # of the DDP run's weights (copied back to `ddp` from rank 0 by ddp_spawn)
     written = sorted((tmp_path / "ddp" / "checkpoints").glob("*.ckpt"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import TINY_BACKBONE, fit_briefly, make_vit
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -19,8 +20,6 @@ from vpt_lightning.checkpoint import (
 )
 from vpt_lightning.config import compose
 from vpt_lightning.data.synthetic import SyntheticDataModule
-
-from conftest import TINY_BACKBONE, fit_briefly, make_vit
 
 NUM_CLASSES = SyntheticDataModule(task="count", num_train=1, num_val=1, num_test=1).num_classes
 
@@ -49,7 +48,10 @@ def test_a_local_file_loads_as_timms_own_pretrained_cfg_overlay_route_does(tmp_p
     torch.save(source.state_dict(), path)
     ours, _ = create_backbone({**TINY_BACKBONE, "checkpoint_path": str(path)})
     timms = timm.create_model(
-        TINY_BACKBONE["name"], pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path)),
+        TINY_BACKBONE["name"],
+        pretrained=True,
+        num_classes=0,
+        pretrained_cfg_overlay=dict(file=str(path)),
         **TINY_BACKBONE["kwargs"],
     )
     for (k1, v1), (k2, v2) in zip(ours.state_dict().items(), timms.state_dict().items()):
@@ -74,9 +76,10 @@ def test_a_task_checkpoint_reads_without_lightning_and_rebuilds_the_same_forward
     check_backbone_identity(task.identity, identity)
     backbone = prompted_backbone(model, task.hparams["prompt"])
     head = nn.Linear(backbone.num_features, task.hparams["num_classes"])
-    backbone.load_state_dict({k[len("backbone."):]: v for k, v in task.state_dict.items() if k.startswith("backbone.")},
-                             strict=False)
-    head.load_state_dict({k[len("head."):]: v for k, v in task.state_dict.items() if k.startswith("head.")})
+    backbone.load_state_dict(
+        {k[len("backbone.") :]: v for k, v in task.state_dict.items() if k.startswith("backbone.")}, strict=False
+    )
+    head.load_state_dict({k[len("head.") :]: v for k, v in task.state_dict.items() if k.startswith("head.")})
     module.eval()
     torch.testing.assert_close(head(backbone.eval()(images)), module(images), rtol=0, atol=0)
 
@@ -90,8 +93,10 @@ def test_identity_of_another_backbone_names_the_difference(tmp_path):
         check_backbone_identity(task.identity, other)
 
 
-@pytest.mark.parametrize("content, message", [(b"not a checkpoint", "could not be read as a checkpoint"),
-                                              (None, "is not a vpt-lightning task checkpoint")])
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"not a checkpoint", "could not be read as a checkpoint"), (None, "is not a vpt-lightning task checkpoint")],
+)
 def test_a_file_that_is_no_task_checkpoint_is_named(tmp_path, content, message):
     path = tmp_path / "bad.ckpt"
     if content is None:
@@ -105,8 +110,10 @@ def test_a_file_that_is_no_task_checkpoint_is_named(tmp_path, content, message):
         read_task_checkpoint(tmp_path / "nope.ckpt")
 
 
-@pytest.mark.parametrize("group, cls, extra", [("sgd", torch.optim.SGD, {"momentum": 0.9}),
-                                                ("adamw", torch.optim.AdamW, {"betas": (0.9, 0.999), "eps": 1e-8})])
+@pytest.mark.parametrize(
+    "group, cls, extra",
+    [("sgd", torch.optim.SGD, {"momentum": 0.9}), ("adamw", torch.optim.AdamW, {"betas": (0.9, 0.999), "eps": 1e-8})],
+)
 def test_optim_groups_build_their_optimizer_under_the_same_lr_rule_and_schedule(tmp_path, group, cls, extra):
     cfg = compose(["+experiment=quickstart", f"optim={group}", "optim.warmup_epochs=1"])
     optim = OptimConfig.from_mapping(OmegaConf.to_container(cfg.optim, resolve=True))
@@ -124,13 +131,16 @@ def test_optim_groups_build_their_optimizer_under_the_same_lr_rule_and_schedule(
     assert group0["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("node, message", [
-    ({"_target_": "torch.optim.Nope"}, "optim._target_='torch.optim.Nope' cannot be imported"),
-    ({"_target_": "torch.nn.Linear"}, "optim._target_='torch.nn.Linear' is not a torch.optim.Optimizer class"),
-    ({"_target_": "torch.optim.AdamW", "momentum": 0.9}, r"unknown optim option\(s\) \['momentum'\] for AdamW"),
-    ({"eps": -1, "_target_": "torch.optim.AdamW"}, "optim.eps=-1 must be a number > 0"),
-    ({"_partial_": False}, "optim._partial_ must be true"),
-])
+@pytest.mark.parametrize(
+    "node, message",
+    [
+        ({"_target_": "torch.optim.Nope"}, "optim._target_='torch.optim.Nope' cannot be imported"),
+        ({"_target_": "torch.nn.Linear"}, "optim._target_='torch.nn.Linear' is not a torch.optim.Optimizer class"),
+        ({"_target_": "torch.optim.AdamW", "momentum": 0.9}, r"unknown optim option\(s\) \['momentum'\] for AdamW"),
+        ({"eps": -1, "_target_": "torch.optim.AdamW"}, "optim.eps=-1 must be a number > 0"),
+        ({"_partial_": False}, "optim._partial_ must be true"),
+    ],
+)
 def test_bad_optimizer_nodes_name_the_key(node, message):
     with pytest.raises(ValueError, match=message):
         OptimConfig.from_mapping(node)
@@ -165,8 +175,11 @@ def test_config_groups_compose_onto_their_schemas_and_are_parsed_once():
     cfg = compose(["+experiment=quickstart", "tuning=partial"])
     assert OmegaConf.get_type(cfg.prompt) is PromptConfig and OmegaConf.get_type(cfg.backbone) is BackboneConfig
     assert OmegaConf.get_type(cfg.tuning) is PartialConfig
-    for override, key in (("prompt.foo=1", "prompt.foo"), ("tuning.mlp_layers=2", "tuning.mlp_layers"),
-                          ("prompt.num_tokens=abc", "prompt.num_tokens")):
+    for override, key in (
+        ("prompt.foo=1", "prompt.foo"),
+        ("tuning.mlp_layers=2", "tuning.mlp_layers"),
+        ("prompt.num_tokens=abc", "prompt.num_tokens"),
+    ):
         with pytest.raises(ConfigCompositionException, match=key.replace(".", r"\.")):
             compose(["+experiment=quickstart", "tuning=partial", override])
     # range checks stay ours, with the key, the bad value and the valid values
@@ -216,8 +229,11 @@ def test_no_two_exported_classes_or_functions_share_a_name():
     import vpt_lightning
 
     owners = {}
-    packages = ["vpt_lightning"] + [f"vpt_lightning.{m.name}" for m in pkgutil.iter_modules(vpt_lightning.__path__)
-                                    if m.ispkg and m.name not in ("cli", "conf")]
+    packages = ["vpt_lightning"] + [
+        f"vpt_lightning.{m.name}"
+        for m in pkgutil.iter_modules(vpt_lightning.__path__)
+        if m.ispkg and m.name not in ("cli", "conf")
+    ]
     for package in packages:
         module = importlib.import_module(package)
         for name in getattr(module, "__all__", []):
@@ -227,16 +243,18 @@ def test_no_two_exported_classes_or_functions_share_a_name():
                 owners.setdefault(getattr(value, "__name__", name), set()).add(where)
     assert {name: where for name, where in owners.items() if len(where) > 1} == {}
 
+    import vpt_lightning.backbones as backbones
+    import vpt_lightning.backbones.loading as loading
+    import vpt_lightning.serving as serving
     from vpt_lightning.backbones import family_class_of_model
     from vpt_lightning.backbones.loading import family_class_of_config
     from vpt_lightning.serving import ServedTask
 
-    import vpt_lightning.backbones as backbones
-    import vpt_lightning.backbones.loading as loading
-    import vpt_lightning.serving as serving
-
-    for module, old, new in ((backbones, "family_for", family_class_of_model), (serving, "TaskInfo", ServedTask),
-                             (loading, "family_of_config", family_class_of_config)):
+    for module, old, new in (
+        (backbones, "family_for", family_class_of_model),
+        (serving, "TaskInfo", ServedTask),
+        (loading, "family_of_config", family_class_of_config),
+    ):
         with pytest.warns(DeprecationWarning, match=f"{old} is now .*{new.__name__}"):
             assert getattr(module, old) is new
     assert family_class_of_config({"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 32}}) is PromptedViT
@@ -254,6 +272,9 @@ def test_fitting_state_dict_returns_a_new_mapping_and_leaves_its_argument_alone(
     assert set(fitted) == set(model.state_dict()) and fitted is not state
     assert state.keys() == before.keys() and all(state[k] is before[k] for k in before)  # untouched
     del state["blocks.0.norm1.weight"]
-    with pytest.raises(ValueError, match=r"'w.safetensors' does not fit model VisionTransformer; missing keys: "
-                                         r"blocks\.0\.norm1\.weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"'w.safetensors' does not fit model VisionTransformer; missing keys: "
+        r"blocks\.0\.norm1\.weight",
+    ):
         fitting_state_dict(Path("w.safetensors"), model, state)

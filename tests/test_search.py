@@ -19,13 +19,23 @@ from vpt_lightning.protocol import grid_points, point_name, run_protocol  # noqa
 from vpt_lightning.search import PRUNED_ATTR, SPARE_ATTR, OptunaPruning, open_study, search_space  # noqa: E402
 from vpt_lightning.training import train  # noqa: E402
 
-TINY = ["backbone=vit_tiny_random", "+debug=fast", "data.num_train=32", "data.num_val=16", "data.num_test=16",
-        "data.batch_size=16", "protocol.base_lr=[0.5,2]", "protocol.weight_decay=[0,0.001]", "protocol.seeds=[1]"]
+TINY = [
+    "backbone=vit_tiny_random",
+    "+debug=fast",
+    "data.num_train=32",
+    "data.num_val=16",
+    "data.num_test=16",
+    "data.batch_size=16",
+    "protocol.base_lr=[0.5,2]",
+    "protocol.weight_decay=[0,0.001]",
+    "protocol.seeds=[1]",
+]
 
 
 def _points(study):
-    return sorted((t.params["base_lr"], t.params["weight_decay"]) for t in study.get_trials()
-                  if not t.user_attrs.get(SPARE_ATTR))
+    return sorted(
+        (t.params["base_lr"], t.params["weight_decay"]) for t in study.get_trials() if not t.user_attrs.get(SPARE_ATTR)
+    )
 
 
 def test_two_processes_share_one_sqlite_study_and_run_every_grid_point_once(tmp_path):
@@ -33,8 +43,10 @@ def test_two_processes_share_one_sqlite_study_and_run_every_grid_point_once(tmp_
     exe = Path(sys.executable).parent / "vpt-tune"
     command = [str(exe), *TINY, "protocol.search=optuna", f"paths.output_dir={tmp_path / 'out'}"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     folder = tmp_path / "out" / "train" / "protocol" / "vpt_deep"
@@ -81,8 +93,12 @@ def test_opening_a_study_from_many_threads_at_once_creates_it_once(tmp_path):
     url = f"sqlite:///{tmp_path / 'race.db'}"
     space = {"base_lr": [0.5, 2.0], "weight_decay": [0.0]}
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda _: open_study(url, "race", optuna.samplers.GridSampler(space),
-                                                     optuna.pruners.NopPruner()), range(4)))
+        results = list(
+            pool.map(
+                lambda _: open_study(url, "race", optuna.samplers.GridSampler(space), optuna.pruners.NopPruner()),
+                range(4),
+            )
+        )
     assert sum(created for _, created in results) == 1
     assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["race"]
 
@@ -106,8 +122,9 @@ def test_pruning_callback_stops_a_run_below_the_median(tmp_path):
         study.tell(trial, good)
     trial = study.ask()
     callback = OptunaPruning(url, "p", trial.number)
-    trainer = SimpleNamespace(sanity_checking=False, callback_metrics={"val/top1": torch.tensor(0.2)},
-                              current_epoch=0, should_stop=False)
+    trainer = SimpleNamespace(
+        sanity_checking=False, callback_metrics={"val/top1": torch.tensor(0.2)}, current_epoch=0, should_stop=False
+    )
     callback.on_validation_end(trainer, None)
     assert not trainer.should_stop  # epoch 0 is the warm-up: never pruned
     trainer.current_epoch = 1
@@ -118,7 +135,8 @@ def test_pruning_callback_stops_a_run_below_the_median(tmp_path):
     # a run at the median goes on
     trial = study.ask()
     callback = OptunaPruning(url, "p", trial.number)
-    trainer = SimpleNamespace(sanity_checking=False, callback_metrics={"val/top1": torch.tensor(0.95)},
-                              current_epoch=1, should_stop=False)
+    trainer = SimpleNamespace(
+        sanity_checking=False, callback_metrics={"val/top1": torch.tensor(0.95)}, current_epoch=1, should_stop=False
+    )
     callback.on_validation_end(trainer, None)
     assert not trainer.should_stop

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_BACKBONE, make_vit
 
 from vpt_lightning.backbones import PromptedViT
 from vpt_lightning.segmentation import (
     SETRPUP,
+    SegmentationModule,
     SETRPUPConfig,
     SETRUpHead,
-    SegmentationModule,
     default_taps,
     dense_features,
     multi_scale_inference,
@@ -22,8 +21,6 @@ from vpt_lightning.segmentation import (
 )
 from vpt_lightning.segmentation.setr_pup import up_steps
 from vpt_lightning.segmentation.sliding import window_starts
-
-from conftest import TINY_BACKBONE, make_vit
 
 SEG = {"taps": [1, 3], "head": {"channels": 16}}
 
@@ -38,7 +35,9 @@ def test_dense_features_without_prompts_equal_timm_intermediates(images):
     vit = make_vit()
     backbone = PromptedViT(vit, None)
     maps = dense_features(backbone, images, [0, 2, 3])
-    expected = vit.forward_intermediates(images, indices=[0, 2, 3], norm=False, output_fmt="NCHW", intermediates_only=True)
+    expected = vit.forward_intermediates(
+        images, indices=[0, 2, 3], norm=False, output_fmt="NCHW", intermediates_only=True
+    )
     assert [m.shape for m in maps] == [(3, 32, 8, 8)] * 3
     for got, want in zip(maps, expected):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -49,8 +48,10 @@ def test_dense_features_strip_prompt_and_class_tokens(images, deep, depth, strip
     """Block outputs are [cls, prompts, patches]; the maps are the last 64 tokens, whatever block the prompts enter."""
     backbone = PromptedViT(make_vit(), {"num_tokens": 5, "deep": deep, "depth": depth, "dropout": 0.0})
     seen = {}
-    hooks = [backbone.model.blocks[i].register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out))
-             for i in (0, 1, 2)]
+    hooks = [
+        backbone.model.blocks[i].register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out))
+        for i in (0, 1, 2)
+    ]
     maps = dense_features(backbone, images, [0, 1, 2])
     for h in hooks:
         h.remove()
@@ -208,8 +209,15 @@ def test_val_miou_equals_a_confusion_matrix_computation_and_checkpoint_roundtrip
 
     module = seg_module(num_classes=7)
     data = ShapeSegmentationDataModule(num_train=8, num_val=6, num_test=4, batch_size=4, num_workers=0)
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=data)
     images = torch.stack([data.val_dataset[i][0] for i in range(6)])
     masks = torch.stack([data.val_dataset[i][1] for i in range(6)])

@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_image
 from PIL import Image
 
 from vpt_lightning.data.ade20k import ADE20KDataModule, rescaled_size
 from vpt_lightning.data.datasets import DataError
 from vpt_lightning.data.seg_synthetic import ShapeSegmentationDataset
 from vpt_lightning.data.synthetic import _shape_mask
-
-from conftest import write_image
 
 
 def write_ade20k(root: Path, sizes=((40, 56), (48, 36), (64, 64)), val_sizes=((40, 52), (36, 44))) -> dict:
@@ -24,7 +23,9 @@ def write_ade20k(root: Path, sizes=((40, 56), (48, 36), (64, 64)), val_sizes=((4
     for split, prefix, shapes in (("training", "ADE_train", sizes), ("validation", "ADE_val", val_sizes)):
         for i, (h, w) in enumerate(shapes, start=1):
             stem = f"{prefix}_{i:08d}"
-            write_image(root / "ADEChallengeData2016" / "images" / split / f"{stem}.jpg", seed=i, size=(h, w), fmt="JPEG")
+            write_image(
+                root / "ADEChallengeData2016" / "images" / split / f"{stem}.jpg", seed=i, size=(h, w), fmt="JPEG"
+            )
             labels = np.random.default_rng(i).integers(0, 151, size=(h, w), dtype=np.uint8)
             path = root / "ADEChallengeData2016" / "annotations" / split / f"{stem}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,14 +124,31 @@ def test_ade20k_experiment_runs_a_smoke_step_on_a_written_tree(tmp_path):
     from vpt_lightning.training import train
 
     write_ade20k(tmp_path / "ade")
-    cfg = compose([
-        "+experiment=ade20k_setr_pup", "+debug=fast", "backbone=vit_tiny_random", "backbone.kwargs.img_size=64",
-        "backbone.kwargs.patch_size=16", f"data.root={tmp_path / 'ade'}", "data.crop_size=64", "data.scale=[256,64]",
-        "data.batch_size=2", "data.num_workers=0", "segmentation.taps=[0,1]", "segmentation.window=64",
-        "segmentation.stride=43", "segmentation.ms_scales=[0.75,1.0]", "segmentation.head.channels=8",
-        "trainer.accelerator=cpu", "trainer.max_steps=1", "logger=[]", "~callbacks.lr_monitor", f"run_dir={tmp_path / 'run'}",
-        f"paths.output_dir={tmp_path}",
-    ])
+    cfg = compose(
+        [
+            "+experiment=ade20k_setr_pup",
+            "+debug=fast",
+            "backbone=vit_tiny_random",
+            "backbone.kwargs.img_size=64",
+            "backbone.kwargs.patch_size=16",
+            f"data.root={tmp_path / 'ade'}",
+            "data.crop_size=64",
+            "data.scale=[256,64]",
+            "data.batch_size=2",
+            "data.num_workers=0",
+            "segmentation.taps=[0,1]",
+            "segmentation.window=64",
+            "segmentation.stride=43",
+            "segmentation.ms_scales=[0.75,1.0]",
+            "segmentation.head.channels=8",
+            "trainer.accelerator=cpu",
+            "trainer.max_steps=1",
+            "logger=[]",
+            "~callbacks.lr_monitor",
+            f"run_dir={tmp_path / 'run'}",
+            f"paths.output_dir={tmp_path}",
+        ]
+    )
     results = train(cfg)
     for key in ("val/miou", "test/miou", "test/miou_ms", "trainable_params"):
         assert key in results, key
@@ -143,10 +161,20 @@ def test_quickstart_seg_trains_offline_and_reports_miou(tmp_path, capsys):
     from vpt_lightning.config import compose
     from vpt_lightning.training import train
 
-    cfg = compose([
-        "+experiment=quickstart_seg", "data.num_train=16", "data.num_val=8", "data.num_test=8", "data.batch_size=8",
-        "trainer.max_epochs=1", "logger=[]", "~callbacks.lr_monitor", f"run_dir={tmp_path / 'run'}", f"paths.output_dir={tmp_path}",
-    ])
+    cfg = compose(
+        [
+            "+experiment=quickstart_seg",
+            "data.num_train=16",
+            "data.num_val=8",
+            "data.num_test=8",
+            "data.batch_size=8",
+            "trainer.max_epochs=1",
+            "logger=[]",
+            "~callbacks.lr_monitor",
+            f"run_dir={tmp_path / 'run'}",
+            f"paths.output_dir={tmp_path}",
+        ]
+    )
     assert cfg.backbone.checkpoint_path.endswith("quickstart_vit.safetensors")
     results = train(cfg)
     assert 0 <= results["val/miou"] <= 1 and results["global_step"] == 2
@@ -162,10 +190,24 @@ def test_report_shows_segmentation_runs_beside_table_3(tmp_path, capsys):
         path.write_text(json.dumps(results))
 
     seg = {"task_type": "segmentation"}
-    write("a", task_name="ade20k_setr_pup", tuning="vpt_deep", method="vpt_deep", trainable_params=13_430_000,
-          **{"test/miou": 0.4011, "test/miou_ms": 0.4234}, config=seg)
-    write("b", task_name="quickstart_seg", tuning="linear", method="linear", trainable_params=120_000,
-          **{"val/miou": 0.5}, config=seg)
+    write(
+        "a",
+        task_name="ade20k_setr_pup",
+        tuning="vpt_deep",
+        method="vpt_deep",
+        trainable_params=13_430_000,
+        **{"test/miou": 0.4011, "test/miou_ms": 0.4234},
+        config=seg,
+    )
+    write(
+        "b",
+        task_name="quickstart_seg",
+        tuning="linear",
+        method="linear",
+        trainable_params=120_000,
+        **{"val/miou": 0.5},
+        config=seg,
+    )
     write("c", task_name="quickstart", tuning="vpt_deep", method="vpt_deep", **{"test/top1": 0.9}, config={})
     assert main([str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import save_task_checkpoint, task_probabilities, write_image
+
 from vpt_lightning.serving.launch import bad_requests, load_test, png_bytes, running_server
 
 pytest.importorskip("litserve")
@@ -53,16 +53,34 @@ def server(tmp_path_factory):
     torch.manual_seed(0)
     ckpts = {
         "count": save_task_checkpoint(root / "count.ckpt", num_classes=5, class_names=list("12345"), task_name="count"),
-        "orient": save_task_checkpoint(root / "orient.ckpt", num_classes=3, prompt={"num_tokens": 3, "deep": False},
-                                       tuning={"method": "vpt_shallow"}, task_name="orient"),
+        "orient": save_task_checkpoint(
+            root / "orient.ckpt",
+            num_classes=3,
+            prompt={"num_tokens": 3, "deep": False},
+            tuning={"method": "vpt_shallow"},
+            task_name="orient",
+        ),
     }
     images = [root / f"{i}.png" for i in range(4)]
     for i, path in enumerate(images):
         write_image(path, seed=i, size=(36, 30))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]),
-           "LIT_SERVER_API_KEY": KEY}
-    options = ["--max-batch-size", "8", "--batch-timeout", "0.05", "--max-request-bytes", "200000", "--accelerator", "cpu",
-               "--read-timeout", str(READ_TIMEOUT)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]),
+        "LIT_SERVER_API_KEY": KEY,
+    }
+    options = [
+        "--max-batch-size",
+        "8",
+        "--batch-timeout",
+        "0.05",
+        "--max-request-bytes",
+        "200000",
+        "--accelerator",
+        "cpu",
+        "--read-timeout",
+        str(READ_TIMEOUT),
+    ]
     with running_server(list(ckpts.values()), options, startup_timeout=STARTUP_SECONDS, env=env) as url:
         yield url, ckpts, images
 
@@ -188,8 +206,10 @@ def test_a_body_not_sent_in_time_gets_408(server):
     url, _, _ = server
     port = int(url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT + 20) as sock:
-        sock.sendall(b"POST /predict?task=count HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                     b"X-API-Key: " + KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n" + b"\x89PNG")
+        sock.sendall(
+            b"POST /predict?task=count HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"X-API-Key: " + KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n" + b"\x89PNG"
+        )
         start = time.monotonic()
         answer = sock.recv(4096)  # the server must answer although 996 bytes never come
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
@@ -217,10 +237,12 @@ def test_api_docs_are_off_by_default(server, path):
 def test_bounded_load_with_bad_requests_loses_nothing(server):
     url, _, images = server
     good = [(p.read_bytes(), "image/png") for p in images]
-    good += [(json.dumps({"task": "count", "image": encoded(p.read_bytes())}).encode(), "application/json")
-             for p in images]
-    result = load_test(url, good, bad_requests("count"), "count", requests=100, clients=8, bad_every=10,
-                       api_key=KEY, timeout=60)
+    good += [
+        (json.dumps({"task": "count", "image": encoded(p.read_bytes())}).encode(), "application/json") for p in images
+    ]
+    result = load_test(
+        url, good, bad_requests("count"), "count", requests=100, clients=8, bad_every=10, api_key=KEY, timeout=60
+    )
     assert result["bad"] == 10
     assert (result["lost"], result["server_errors"], result["wrong"]) == (0, 0, [])
     assert result["p99_ms"] < 60_000
@@ -237,9 +259,15 @@ def test_a_refused_request_does_not_fail_the_others_of_its_batch(tmp_path):
     api = MultiTaskAPI(MultiTaskClassifier.from_checkpoints([ckpt]), max_batch_size=4)
     api.setup("cpu")
     good = {"task": "count", "image": encoded((tmp_path / "a.png").read_bytes()), "top_k": 2}
-    requests = [good, {"task": ["count"], "image": "aGk="}, {"task": "count", "image": encoded(png_bytes(8000, 7999))},
-                good]
-    outputs = [api.encode_response(y) for y in api.unbatch(api.predict(api.batch([api.decode_request(r) for r in requests])))]
+    requests = [
+        good,
+        {"task": ["count"], "image": "aGk="},
+        {"task": "count", "image": encoded(png_bytes(8000, 7999))},
+        good,
+    ]
+    outputs = [
+        api.encode_response(y) for y in api.unbatch(api.predict(api.batch([api.decode_request(r) for r in requests])))
+    ]
     top = task_probabilities(ckpt, tmp_path / "a.png").topk(2)
     for i in (0, 3):
         assert [p["index"] for p in outputs[i]["predictions"]] == top.indices.tolist()

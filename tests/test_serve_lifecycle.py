@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import save_task_checkpoint, write_image
+
 from vpt_lightning.serving.launch import _healthy, free_port
 
 pytest.importorskip("litserve")
@@ -29,8 +29,9 @@ IN_FLIGHT = 6
 
 
 def post(url: str, body: dict, results: list, index: int) -> None:
-    req = urllib.request.Request(url + "/predict", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + "/predict", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as response:
             results[index] = (response.status, json.loads(response.read()))
@@ -47,11 +48,27 @@ def test_one_signal_answers_requests_in_flight_and_leaves_no_process(tmp_path, s
     write_image(tmp_path / "x.png", seed=0, size=(30, 30))
     image = base64.b64encode((tmp_path / "x.png").read_bytes()).decode()
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
-                                                        os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
     # a batch waits 2 s to fill: requests sent just before the signal are still in the worker when it arrives
-    command = [sys.executable, "-m", "vpt_lightning.cli.serve", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
-               "--accelerator", "cpu", "--max-batch-size", "64", "--batch-timeout", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "vpt_lightning.cli.serve",
+        str(ckpt),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--accelerator",
+        "cpu",
+        "--max-batch-size",
+        "64",
+        "--batch-timeout",
+        "2",
+    ]
     log = open(tmp_path / "server.log", "wb+")
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -64,8 +81,10 @@ def test_one_signal_answers_requests_in_flight_and_leaves_no_process(tmp_path, s
         assert len(descendants) >= 2, descendants  # at least LitServe's inference worker and uvicorn process
 
         results: list = [None] * IN_FLIGHT
-        threads = [threading.Thread(target=post, args=(url, {"task": "count", "image": image}, results, i))
-                   for i in range(IN_FLIGHT)]
+        threads = [
+            threading.Thread(target=post, args=(url, {"task": "count", "image": image}, results, i))
+            for i in range(IN_FLIGHT)
+        ]
         for thread in threads:
             thread.start()
         time.sleep(0.7)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_BACKBONE, fit_briefly, write_image
 from safetensors.torch import load_file
 from torch import nn
 
@@ -25,11 +26,12 @@ from vpt_lightning.heads import register_head, registered_heads
 from vpt_lightning.task_model import TaskModel, build_task_model
 from vpt_lightning.task_sources import load_task
 
-from conftest import TINY_BACKBONE, fit_briefly, write_image
-
 ROOT = Path(__file__).parents[1]
-SRC_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1"}
+SRC_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    "HF_HUB_OFFLINE": "1",
+}
 NUM_CLASSES = SyntheticDataModule(task="count", num_train=1, num_val=1, num_test=1).num_classes
 CLASSES = [f"c{i}" for i in range(NUM_CLASSES)]
 
@@ -37,8 +39,15 @@ CLASSES = [f"c{i}" for i in range(NUM_CLASSES)]
 def _trained(tmp_path, cls=VPTModule, **kwargs):
     """A VPT-Deep task trained for two steps on the synthetic count task (fit_briefly), and its checkpoint."""
     torch.manual_seed(0)
-    module = cls(NUM_CLASSES, TINY_BACKBONE, {"num_tokens": 3}, {"base_lr": 1.0, "warmup_epochs": 0},
-                 task_name="tiny", class_names=CLASSES, **kwargs)
+    module = cls(
+        NUM_CLASSES,
+        TINY_BACKBONE,
+        {"num_tokens": 3},
+        {"base_lr": 1.0, "warmup_epochs": 0},
+        task_name="tiny",
+        class_names=CLASSES,
+        **kwargs,
+    )
     path = fit_briefly(module, tmp_path, max_steps=2)
     return module.eval(), path
 
@@ -91,7 +100,9 @@ def test_a_package_holds_only_trained_tensors_and_loads_to_the_same_logits(tmp_p
         assert torch.equal(value, module.state_dict()[key])
     config = json.loads((tmp_path / "pkg" / "config.json").read_text())
     assert config["format"] == "vpt-lightning-task" and config["head"] == {"source": "method"}
-    assert config["backbone"]["name"] == TINY_BACKBONE["name"] and config["backbone_identity"] == module.backbone_identity
+    assert (
+        config["backbone"]["name"] == TINY_BACKBONE["name"] and config["backbone_identity"] == module.backbone_identity
+    )
     assert config["metrics"] == {"test/top1": 0.5} and config["num_classes"] == NUM_CLASSES
     card = (tmp_path / "pkg" / "README.md").read_text()
     front = card.split("---")[1]
@@ -239,8 +250,9 @@ def test_cifar_pickles_allow_only_numpy_arrays(tmp_path):
 
 
 def _cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=SRC_ENV,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=SRC_ENV, timeout=timeout
+    )
 
 
 def test_predict_and_serve_refuse_a_payload_checkpoint_and_never_run_it(tmp_path):
@@ -250,12 +262,23 @@ def test_predict_and_serve_refuse_a_payload_checkpoint_and_never_run_it(tmp_path
     evil = _payload_checkpoint(tmp_path / "evil.ckpt", marker, real)
     write_image(tmp_path / "images" / "a.png", seed=0)
     commands = [  # both at once: each spends most of its time importing torch
-        ["vpt_lightning.cli.predict", str(evil), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "p.csv"),
-         "--no-progress-bar"],
+        [
+            "vpt_lightning.cli.predict",
+            str(evil),
+            "--images",
+            str(tmp_path / "images"),
+            "--out",
+            str(tmp_path / "p.csv"),
+            "--no-progress-bar",
+        ],
         ["vpt_lightning.cli.serve", str(evil), "--port", "1", "--accelerator", "cpu"],  # fails before listening
     ]
-    procs = [subprocess.Popen([sys.executable, "-m", *c], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=SRC_ENV) for c in commands]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", *c], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SRC_ENV
+        )
+        for c in commands
+    ]
     try:
         outputs = [proc.communicate(timeout=300) for proc in procs]
     finally:
@@ -274,9 +297,22 @@ def test_predict_and_serve_refuse_a_payload_checkpoint_and_never_run_it(tmp_path
 def quickstart_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("quickstart")
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "vpt-train"), "+experiment=quickstart", "+debug=fast", "data.num_train=64",
-         "data.num_val=32", "data.num_test=32", "data.batch_size=32", "run_name=r", "feature_cache.enabled=false"],
-        cwd=root, capture_output=True, text=True, env={**SRC_ENV, "HYDRA_FULL_ERROR": "1"}, timeout=600,
+        [
+            str(Path(sys.executable).parent / "vpt-train"),
+            "+experiment=quickstart",
+            "+debug=fast",
+            "data.num_train=64",
+            "data.num_val=32",
+            "data.num_test=32",
+            "data.batch_size=32",
+            "run_name=r",
+            "feature_cache.enabled=false",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**SRC_ENV, "HYDRA_FULL_ERROR": "1"},
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "outputs" / "quickstart" / "r"
@@ -303,8 +339,19 @@ def test_vpt_train_writes_a_package_that_loads_to_the_trained_modules_logits(qui
 def test_vpt_predict_from_the_run_package(quickstart_run, tmp_path):
     for i in range(3):
         write_image(tmp_path / "images" / f"{i}.png", seed=i, size=32)
-    proc = _cli("vpt_lightning.cli.predict", str(quickstart_run / "task"), "--images", str(tmp_path / "images"),
-                "--out", str(tmp_path / "p.csv"), "--top-k", "2", "--no-progress-bar", "--accelerator", "cpu")
+    proc = _cli(
+        "vpt_lightning.cli.predict",
+        str(quickstart_run / "task"),
+        "--images",
+        str(tmp_path / "images"),
+        "--out",
+        str(tmp_path / "p.csv"),
+        "--top-k",
+        "2",
+        "--no-progress-bar",
+        "--accelerator",
+        "cpu",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = (tmp_path / "p.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[1].split(",")[1] == "quickstart"
@@ -340,17 +387,23 @@ def test_vpt_serve_serves_the_run_package_and_a_custom_head_package(quickstart_r
 
     torch.manual_seed(0)
     classes = {f"k{i}" for i in range(NUM_CLASSES)}
-    module = example.CosineVPT(num_classes=NUM_CLASSES, backbone=backbone_pin("quickstart_vit"),  # shared backbone
-                               prompt={"num_tokens": 2}, optim={"base_lr": 1.0, "warmup_epochs": 0},
-                               task_name="cosine", class_names=sorted(classes))
+    module = example.CosineVPT(
+        num_classes=NUM_CLASSES,
+        backbone=backbone_pin("quickstart_vit"),  # shared backbone
+        prompt={"num_tokens": 2},
+        optim={"base_lr": 1.0, "warmup_epochs": 0},
+        task_name="cosine",
+        class_names=sorted(classes),
+    )
     fit_briefly(module, tmp_path, max_steps=2)
     module.task.save_pretrained(tmp_path / "cosine")
     assert json.loads((tmp_path / "cosine" / "config.json").read_text())["head"]["source"] == "registry"
     write_image(tmp_path / "a.png", seed=1, size=32)
     image = base64.b64encode((tmp_path / "a.png").read_bytes()).decode()
     options = ["--import", str(ROOT / "examples" / "custom_head.py"), "--accelerator", "cpu"]
-    with running_server([quickstart_run / "task", tmp_path / "cosine"], options, startup_timeout=240,
-                        env=SRC_ENV) as url:
+    with running_server(
+        [quickstart_run / "task", tmp_path / "cosine"], options, startup_timeout=240, env=SRC_ENV
+    ) as url:
         for task, names in (("quickstart", None), ("cosine", classes)):
             status, body = _post(url + "/predict", {"task": task, "image": image, "top_k": 2})
             assert status == 200, body
@@ -370,8 +423,14 @@ def test_the_custom_head_example_package_keeps_its_trained_head_and_gives_equal_
     assert head.standardise.running_mean.abs().sum() > 0  # statistics gathered while training
     module.task.save_pretrained(tmp_path / "pkg")
     tensors = load_file(str(tmp_path / "pkg" / "model.safetensors"))
-    for key in ("head.weight", "head.scale", "head.embed.weight", "head.embed.bias", "head.standardise.running_mean",
-                "head.standardise.running_var"):
+    for key in (
+        "head.weight",
+        "head.scale",
+        "head.embed.weight",
+        "head.embed.bias",
+        "head.standardise.running_mean",
+        "head.standardise.running_var",
+    ):
         torch.testing.assert_close(tensors[key], module.state_dict()[key], rtol=0, atol=0)
     config = json.loads((tmp_path / "pkg" / "config.json").read_text())
     assert config["head"] == {"source": "registry", "name": "examples.cosine", "options": {"scale": 16.0}}
@@ -385,8 +444,13 @@ def test_a_package_trained_on_a_weights_file_missing_here_says_to_pin_the_backbo
 
     source = build_task_model({"num_classes": 3, "backbone": TINY_BACKBONE, "prompt": {"num_tokens": 2}})
     save_file(source.backbone.model.state_dict(), str(tmp_path / "mine.safetensors"))
-    task = build_task_model({"num_classes": 3, "backbone": {**TINY_BACKBONE, "checkpoint_path": str(tmp_path / "mine.safetensors")},
-                             "prompt": {"num_tokens": 2}}).eval()
+    task = build_task_model(
+        {
+            "num_classes": 3,
+            "backbone": {**TINY_BACKBONE, "checkpoint_path": str(tmp_path / "mine.safetensors")},
+            "prompt": {"num_tokens": 2},
+        }
+    ).eval()
     task.save_pretrained(tmp_path / "pkg")
     (tmp_path / "mine.safetensors").rename(tmp_path / "copy.safetensors")
     with pytest.raises(FileNotFoundError, match=r"mine\.safetensors', which is not on this machine; pin the backbone"):

@@ -31,10 +31,21 @@ def protocol_dir(tmp_path_factory) -> Path:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     # offline by our default (no WANDB_MODE set here on purpose); never a login prompt or a network call
     env.update(WANDB_SILENT="true", WANDB_DISABLE_CODE="true", WANDB_API_KEY="", PYTHONWARNINGS="ignore")
-    cmd = [str(Path(sys.executable).parent / "vpt-tune"), "backbone=vit_tiny_random", "+debug=fast",
-           "trainer.max_epochs=2", "data.num_train=32", "data.num_val=16", "data.num_test=16", "data.batch_size=16",
-           "protocol.base_lr=[0.5,2]", "protocol.weight_decay=[0]", "protocol.seeds=[1]",
-           "logger=[csv,tensorboard,wandb,mlflow]", f"paths.output_dir={out}"]
+    cmd = [
+        str(Path(sys.executable).parent / "vpt-tune"),
+        "backbone=vit_tiny_random",
+        "+debug=fast",
+        "trainer.max_epochs=2",
+        "data.num_train=32",
+        "data.num_val=16",
+        "data.num_test=16",
+        "data.batch_size=16",
+        "protocol.base_lr=[0.5,2]",
+        "protocol.weight_decay=[0]",
+        "protocol.seeds=[1]",
+        "logger=[csv,tensorboard,wandb,mlflow]",
+        f"paths.output_dir={out}",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("upload it with: wandb sync ") == len(RUNS)
@@ -70,7 +81,9 @@ def test_tensorboard_event_files_hold_the_epoch_metrics_config_and_results(proto
         assert [e.value for e in events.Scalars(epoch_key)] == pytest.approx(_csv_series(run))
         results = json.loads((run / "results.json").read_text())
         assert events.Scalars(f"results/{result_key}")[-1].value == pytest.approx(results[result_key])
-        hparams = plugin_data_pb2.HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+        hparams = plugin_data_pb2.HParamsPluginData.FromString(
+            events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        )
         logged = hparams.session_start_info.hparams
         assert logged["config/optim.base_lr"].number_value == pytest.approx(results["config"]["optim"]["base_lr"])
         assert logged["config/tuning.method"].string_value == "vpt_deep"
@@ -115,8 +128,11 @@ def test_wandb_offline_run_folders_hold_group_config_metrics_and_results(protoco
         config = {u.key: json.loads(u.value_json) for r in records if r.HasField("config") for u in r.config.update}
         results = json.loads((run / "results.json").read_text())
         assert config["config/optim.base_lr"] == results["config"]["optim"]["base_lr"]
-        history = [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
-                   for r in records if r.HasField("history")]
+        history = [
+            {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+            for r in records
+            if r.HasField("history")
+        ]
         epoch_key, result_key = _keys(run)
         assert [h[epoch_key] for h in history if epoch_key in h] == pytest.approx(_csv_series(run))
         final = [h[f"results/{result_key}"] for h in history if f"results/{result_key}" in h]

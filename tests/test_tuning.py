@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import fit_briefly
 from omegaconf import OmegaConf
 
 from vpt_lightning import VPTModule
 from vpt_lightning.config import compose
 from vpt_lightning.methods import get_method, method_names, parse_tuning
 from vpt_lightning.prompt import PromptConfig
-
-from conftest import fit_briefly
 
 HEAD = {"head.weight", "head.bias"}
 
@@ -20,7 +19,9 @@ def build(tuning: str, *overrides: str) -> VPTModule:
     # sidetune: a random-init AlexNet (tests download nothing)
     cfg = compose([f"tuning={tuning}", "backbone=vit_tiny_random", "recipe.side_weights=random", *overrides])
     c = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
-    return VPTModule(5, c(cfg.backbone), c(cfg.prompt), c(cfg.optim), tuning=c(cfg.tuning), backbone_eval=cfg.backbone_eval)
+    return VPTModule(
+        5, c(cfg.backbone), c(cfg.prompt), c(cfg.optim), tuning=c(cfg.tuning), backbone_eval=cfg.backbone_eval
+    )
 
 
 def expected(module: VPTModule, tuning: str):
@@ -34,10 +35,17 @@ def expected(module: VPTModule, tuning: str):
         "partial": {n for n in vit if n.startswith(("backbone.model.blocks.1.", "backbone.model.norm."))} | HEAD,
         "mlp": {"head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias", "head.4.weight", "head.4.bias"},
         "vpt_bias": {"backbone.prompts.tokens"} | {n for n in vit if n.endswith(".bias")} | HEAD,
-        "adapter": {f"backbone.model.blocks.{b}.mlp.adapter.{layer}.{t}"
-                    for b in (0, 1) for layer in ("down", "up") for t in ("weight", "bias")} | HEAD,
+        "adapter": {
+            f"backbone.model.blocks.{b}.mlp.adapter.{layer}.{t}"
+            for b in (0, 1)
+            for layer in ("down", "up")
+            for t in ("weight", "bias")
+        }
+        | HEAD,
         "lora": {f"backbone.model.blocks.{b}.attn.qkv.lora_{ab}.default.weight" for b in (0, 1) for ab in "AB"} | HEAD,
-        "sidetune": {f"backbone.side.{n}" for n, _ in getattr(module.backbone, "side", torch.nn.Module()).named_parameters()}
+        "sidetune": {
+            f"backbone.side.{n}" for n, _ in getattr(module.backbone, "side", torch.nn.Module()).named_parameters()
+        }
         | HEAD,
     }[tuning]
 
@@ -105,8 +113,9 @@ def test_tuning_yamls_hold_no_second_copy_of_a_method_fact():
         method = get_method(path.stem)
         assert raw.pop("defaults") == [f"/schema/method/{method.name}"], path.name
         assert set(raw) <= {"tuning"}, f"{path.name}: {sorted(raw)} repeat what the method class sets"
-        defaults = {f.name: f.default if f.default is not MISSING else f.default_factory()
-                    for f in fields(method.Config)}
+        defaults = {
+            f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(method.Config)
+        }
         for key, value in raw.get("tuning", {}).items():
             assert key not in ("method", "name"), f"{path.name}: tuning.{key} repeats the method class"
             assert key in defaults and value != defaults[key], f"{path.name}: tuning.{key}={value} repeats the default"
@@ -134,8 +143,10 @@ def test_the_hparams_search_grids_are_the_protocol_grids():
     from vpt_lightning.config import CONFIG_DIR
 
     protocol = compose([], config_name="tune").protocol
-    grids = {"vpt_grid": ("base_lr", "weight_decay"),
-             "tuned_backbone_grid": ("base_lr_tuned_backbone", "weight_decay_tuned_backbone")}
+    grids = {
+        "vpt_grid": ("base_lr", "weight_decay"),
+        "tuned_backbone_grid": ("base_lr_tuned_backbone", "weight_decay_tuned_backbone"),
+    }
     for name, (lr_key, wd_key) in grids.items():
         params = OmegaConf.load(CONFIG_DIR / "hparams_search" / f"{name}.yaml").hydra.sweeper.params
         for sweep_key, grid_key in (("optim.base_lr", lr_key), ("optim.weight_decay", wd_key)):

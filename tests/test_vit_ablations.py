@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY, make_vit
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 
@@ -13,8 +14,6 @@ from vpt_lightning import PromptConfig, PromptedViT, VPTModule
 from vpt_lightning.backbones import create_backbone
 from vpt_lightning.config import compose
 from vpt_lightning.report import build_report
-
-from conftest import TINY, make_vit
 
 D, N_BLOCKS, PATCH, SIZE = 32, 4, 4, 32
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
@@ -92,7 +91,9 @@ def test_pad_resizes_the_model_and_pads_the_normalized_image(images):
         pad.top_bottom.copy_(MEAN.expand_as(pad.top_bottom))
         pad.left_right.copy_(MEAN.expand_as(pad.left_right))
     torch.testing.assert_close(model(images), vit(F.pad(images, (p, p, p, p))), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match=r"pixel border prompt was built for 32x32 images with 3 channels .*got \(3, 36, 36\)"):
+    with pytest.raises(
+        ValueError, match=r"pixel border prompt was built for 32x32 images with 3 channels .*got \(3, 36, 36\)"
+    ):
         model(canvas)
 
 
@@ -125,11 +126,22 @@ def test_task_checkpoint_holds_only_prompts_and_head(location, tmp_path, images)
     from vpt_lightning.data.synthetic import SyntheticDataModule
 
     backbone = {"name": "vit_tiny_patch16_224", "kwargs": TINY, "init_seed": 0}
-    module = VPTModule(num_classes=9, backbone=backbone, prompt=dict(num_tokens=2, deep=False, location=location),
-                       optim=dict(base_lr=0.5, warmup_epochs=0))
+    module = VPTModule(
+        num_classes=9,
+        backbone=backbone,
+        prompt=dict(num_tokens=2, deep=False, location=location),
+        optim=dict(base_lr=0.5, warmup_epochs=0),
+    )
     data = SyntheticDataModule(task="location", num_train=16, num_val=8, num_test=8, batch_size=8, num_workers=0)
-    trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", logger=False, limit_val_batches=0,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=data)
     path = tmp_path / "task.ckpt"
     trainer.save_checkpoint(path)
@@ -148,7 +160,10 @@ def test_task_checkpoint_holds_only_prompts_and_head(location, tmp_path, images)
         (dict(location="concat_channel", deep=False, dropout=0.1), "pixel prompts, which get no dropout"),
         (dict(location="pad", deep=False, depth=2), "prompt.depth=2 with prompt.location='pad'"),
         (dict(location="add", pool="prompt"), "prompt.pool='prompt' with prompt.location='add'"),
-        (dict(pool="max"), "prompt.pool='max' is not null (the backbone's default) or one of ['token', 'image', 'prompt', 'all']"),
+        (
+            dict(pool="max"),
+            "prompt.pool='max' is not null (the backbone's default) or one of ['token', 'image', 'prompt', 'all']",
+        ),
         (dict(pool_norm="none"), "prompt.pool_norm='none' is not one of ['final', 'fresh']"),
     ],
 )
@@ -170,8 +185,10 @@ def test_pool_needs_what_it_reads():
 def test_pools_read_the_right_tokens(vit_kwargs, images):
     p = 5
     vit = make_vit(**vit_kwargs)
-    outputs = {pool: PromptedViT(vit, PromptConfig(num_tokens=p, deep=True, pool=pool)) for pool in
-               (None, "token", "image", "prompt", "all")}
+    outputs = {
+        pool: PromptedViT(vit, PromptConfig(num_tokens=p, deep=True, pool=pool))
+        for pool in (None, "token", "image", "prompt", "all")
+    }
     for model in outputs.values():  # the same prompts everywhere
         model.prompts.load_state_dict(outputs[None].prompts.state_dict())
     feats = {pool: model.eval()(images) for pool, model in outputs.items()}
@@ -181,9 +198,9 @@ def test_pools_read_the_right_tokens(vit_kwargs, images):
     x = model.embed(images)
     for i, block in enumerate(vit.blocks):
         prm = tokens[i].expand(images.shape[0], -1, -1)
-        x = block(torch.cat([x[:, :n_prefix], prm, x[:, n_prefix + (p if i else 0):]], dim=1))
+        x = block(torch.cat([x[:, :n_prefix], prm, x[:, n_prefix + (p if i else 0) :]], dim=1))
     x = vit.norm(x)
-    image, prompt = x[:, n_prefix + p:].mean(1), x[:, n_prefix:n_prefix + p].mean(1)
+    image, prompt = x[:, n_prefix + p :].mean(1), x[:, n_prefix : n_prefix + p].mean(1)
     torch.testing.assert_close(feats["token"], x[:, 0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(feats[None], x[:, 0], rtol=1e-5, atol=1e-5)  # timm's global_pool='token'
     torch.testing.assert_close(feats["image"], image, rtol=1e-5, atol=1e-5)
@@ -226,8 +243,13 @@ def test_mae_official_file_loads_and_pools_as_the_official_code(tmp_path, images
     config (tiny): it loads strictly, and the features are the fresh-LayerNorm mean of prompts and patches."""
     source = make_vit(seed=3)
     torch.save({"model": source.state_dict()}, tmp_path / "mae_pretrain_vit_tiny.pth")
-    cfg = compose(["backbone=vit_base_patch16_224_mae", f"backbone.checkpoint_path={tmp_path}/mae_pretrain_vit_tiny.pth",
-                   *TINY_OVERRIDES])
+    cfg = compose(
+        [
+            "backbone=vit_base_patch16_224_mae",
+            f"backbone.checkpoint_path={tmp_path}/mae_pretrain_vit_tiny.pth",
+            *TINY_OVERRIDES,
+        ]
+    )
     model, identity = create_backbone(dict(cfg.backbone))
     assert identity["weights"] == "file"
     for key, value in source.state_dict().items():
@@ -243,8 +265,16 @@ def mocov3_linear_file(path, state_dict, head=True, extra=()):
     if head:
         weights.update({"module.head.weight": torch.randn(1000, D), "module.head.bias": torch.zeros(1000)})
     weights.update({f"module.{k}": torch.zeros(1) for k in extra})
-    torch.save({"epoch": 90, "arch": "vit_base", "state_dict": weights, "best_acc1": torch.tensor(76.7),
-                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}}, path)
+    torch.save(
+        {
+            "epoch": 90,
+            "arch": "vit_base",
+            "state_dict": weights,
+            "best_acc1": torch.tensor(76.7),
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
+        },
+        path,
+    )
     return path
 
 
@@ -307,9 +337,16 @@ def test_mocov3_config_prints_with_its_file_still_to_give(tmp_path):
 
 # ---- the paper's numbers beside ours ---------------------------------------------------------------------
 def summary(task, tuning, top1, backbone, reference=None):
-    return {"task_name": task, "tuning": tuning, "backbone": backbone, "backbone_reference": reference,
-            "test_top1": {"mean": top1, "std": 0.0}, "test_top1_per_seed": {"0": top1},
-            "trainable_params": 1, "trainable_percent": 0.01}
+    return {
+        "task_name": task,
+        "tuning": tuning,
+        "backbone": backbone,
+        "backbone_reference": reference,
+        "test_top1": {"mean": top1, "std": 0.0},
+        "test_top1_per_seed": {"0": top1},
+        "trainable_params": 1,
+        "trainable_percent": 0.01,
+    }
 
 
 def vtab_summaries(tuning, backbone, reference=None):

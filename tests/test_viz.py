@@ -13,15 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from conftest import read_wandb_records
+from PIL import Image
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from vpt_lightning import viz  # noqa: E402
 from vpt_lightning.cli.viz import main as vpt_viz  # noqa: E402
-
 
 # never a login prompt or a network call: W&B offline, in the training subprocess and in vpt-viz run here
 _OFFLINE_WANDB = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_CODE": "true", "WANDB_API_KEY": ""}
@@ -38,9 +37,16 @@ def run_dir(tmp_path_factory) -> Path:
     """One quickstart run (VPT-Deep, p=10, on the packaged mini ViT): 2 epochs of 2 batches, csv + TensorBoard +
     W&B (offline)."""
     out = tmp_path_factory.mktemp("viz_run")
-    cmd = [str(Path(sys.executable).parent / "vpt-train"), "+experiment=quickstart", "+debug=fast",
-           "trainer.max_epochs=2", "data.num_test=64", "logger=[csv,tensorboard,wandb]", f"paths.output_dir={out}",
-           "run_name=r"]
+    cmd = [
+        str(Path(sys.executable).parent / "vpt-train"),
+        "+experiment=quickstart",
+        "+debug=fast",
+        "trainer.max_epochs=2",
+        "data.num_test=64",
+        "logger=[csv,tensorboard,wandb]",
+        f"paths.output_dir={out}",
+        "run_name=r",
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(_OFFLINE_WANDB, PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
@@ -62,8 +68,9 @@ def test_curves_png_plots_the_runs_metrics_csv_and_is_logged_to_its_trackers(run
     out = capsys.readouterr().out
     _check_png(run_dir / "viz" / "curves.png")
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
-    expected = {key: [(int(r["epoch"]), float(r[key])) for r in rows if r.get(key)]
-                for key in ("train/loss_epoch", "val/top1")}
+    expected = {
+        key: [(int(r["epoch"]), float(r[key])) for r in rows if r.get(key)] for key in ("train/loss_epoch", "val/top1")
+    }
     assert viz.epoch_curves(run_dir) == expected and [e for e, _ in expected["val/top1"]] == [0, 1]
     # the figure is also added to the run's TensorBoard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -79,12 +86,15 @@ def test_curves_png_plots_the_runs_metrics_csv_and_is_logged_to_its_trackers(run
         info = next(r.run for r in records if r.HasField("run"))
         files = {f.path for r in records if r.HasField("files") for f in r.files.files}
         for record in records:  # an image's fields are history items with the nested key ("viz/curves", field)
-            image = {i.nested_key[1]: json.loads(i.value_json) for i in record.history.item
-                     if list(i.nested_key[:1]) == ["viz/curves"] and len(i.nested_key) == 2}
+            image = {
+                i.nested_key[1]: json.loads(i.value_json)
+                for i in record.history.item
+                if list(i.nested_key[:1]) == ["viz/curves"] and len(i.nested_key) == 2
+            }
             if image:
                 logged.append((path.parent, info, image, files))
     assert len(logged) == 1, logged
-    (folder, info, image, files), = logged
+    ((folder, info, image, files),) = logged
     assert info.display_name == "r" and info.job_type == "viz" and info.project == "vpt-lightning"
     assert f"wandb sync {folder}" in out
     # the image entry points to the PNG wandb copied into the run's files (media/images/...): the same pixels
@@ -106,13 +116,17 @@ def test_attention_maps_are_softmax_rows_from_the_trained_model(run_dir, tmp_pat
     assert attention.shape == (depth, 2, 3, tokens, tokens)
     assert torch.allclose(attention.sum(-1), torch.ones(depth, 2, 3, tokens), atol=1e-5)
     assert torch.allclose(maps["cls_to_patches"], attention[:, :, :, 0, 11:].mean(2).reshape(depth, 2, 8, 8))
-    assert torch.allclose(maps["prompts_to_patches"], attention[:, :, :, 1:11, 11:].mean((2, 3)).reshape(depth, 2, 8, 8))
+    assert torch.allclose(
+        maps["prompts_to_patches"], attention[:, :, :, 1:11, 11:].mean((2, 3)).reshape(depth, 2, 8, 8)
+    )
     # extraction leaves the model as it was: same features, fused attention switched back on
     assert torch.allclose(module.backbone(images), reference, atol=1e-5)
     folder = tmp_path / "images"
     folder.mkdir()
     for k in range(3):
-        Image.fromarray(np.random.default_rng(k).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+        Image.fromarray(np.random.default_rng(k).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            folder / f"{k}.png"
+        )
     vpt_viz(["attention", str(run_dir), "--images", str(folder), "--num-images", "2"])
     _check_png(run_dir / "viz" / "attention.png", (400, 300))
 
@@ -137,14 +151,23 @@ def _protocol(root: Path, name: str, num_tokens: int, depth, seeds: dict) -> Non
     (folder / "final" / "lr1_wd0" / "seed1").mkdir(parents=True)
     config = {"prompt": {"num_tokens": num_tokens, "deep": True, "depth": depth}, "backbone": {"kwargs": {"depth": 6}}}
     (folder / "final" / "lr1_wd0" / "seed1" / "results.json").write_text(json.dumps({"config": config}))
-    summary = {"task_name": "quickstart", "tuning": "vpt_deep", "selected": {"base_lr": 1.0, "weight_decay": 0.0,
-               "num_tokens": None, "val/top1": 0.5}, "test_top1_per_seed": seeds}
+    summary = {
+        "task_name": "quickstart",
+        "tuning": "vpt_deep",
+        "selected": {"base_lr": 1.0, "weight_decay": 0.0, "num_tokens": None, "val/top1": 0.5},
+        "test_top1_per_seed": seeds,
+    }
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
 def test_ablation_png_plots_seed_means_and_stds(tmp_path):
-    per_seed = {(1, None): {"1": 0.5, "2": 0.6}, (10, None): {"1": 0.7, "2": 0.75, "3": 0.8},
-                (50, None): {"1": 0.72, "2": 0.7}, (10, 2): {"1": 0.6, "2": 0.62}, (10, 4): {"1": 0.66, "2": 0.7}}
+    per_seed = {
+        (1, None): {"1": 0.5, "2": 0.6},
+        (10, None): {"1": 0.7, "2": 0.75, "3": 0.8},
+        (50, None): {"1": 0.72, "2": 0.7},
+        (10, 2): {"1": 0.6, "2": 0.62},
+        (10, 4): {"1": 0.66, "2": 0.7},
+    }
     for (p, depth), seeds in per_seed.items():
         _protocol(tmp_path, f"p{p}_d{depth}", p, depth, seeds)
     vpt_viz(["ablation", str(tmp_path)])
@@ -152,12 +175,16 @@ def test_ablation_png_plots_seed_means_and_stds(tmp_path):
     from vpt_lightning.protocol import find_summaries
 
     data = viz.ablation_points(find_summaries([tmp_path]))
-    (name, length_line), = data["length"].items()
+    ((name, length_line),) = data["length"].items()
     assert name == "quickstart / vpt_deep (depth=6)"
     assert [v for x, m, s, _ in length_line for v in (x, m, s)] == pytest.approx(
-        [v for p in (1, 10, 50) for v in (p, statistics.fmean(per_seed[(p, None)].values()),
-                                          statistics.stdev(per_seed[(p, None)].values()))])
-    (name, depth_line), = data["depth"].items()
+        [
+            v
+            for p in (1, 10, 50)
+            for v in (p, statistics.fmean(per_seed[(p, None)].values()), statistics.stdev(per_seed[(p, None)].values()))
+        ]
+    )
+    ((name, depth_line),) = data["depth"].items()
     assert name == "quickstart / vpt_deep (p=10)" and [x for x, *_ in depth_line] == [2, 4, 6]
     assert depth_line[2][3] == list(per_seed[(10, None)].values())
 

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_image
 from PIL import Image
 
 from vpt_lightning.cli.prepare import main as prepare_main
 from vpt_lightning.data import DataError, VTABDataModule, get_task
-
-from conftest import write_image
 
 
 def md5_order(split: str, keys) -> list:
@@ -34,8 +33,10 @@ def prepare(task: str, source: Path, out: Path, *extra: str) -> Path:
 
 
 def lists(task_dir: Path) -> dict:
-    return {name: [(line.split()[0], int(line.split()[1])) for line in (task_dir / f"{name}.txt").read_text().splitlines()]
-            for name in ("train800", "val200", "train800val200", "test")}
+    return {
+        name: [(line.split()[0], int(line.split()[1])) for line in (task_dir / f"{name}.txt").read_text().splitlines()]
+        for name in ("train800", "val200", "train800val200", "test")
+    }
 
 
 def assert_slices(got: dict, expected: dict) -> None:
@@ -56,16 +57,24 @@ def test_cifar100_from_torchvision_pickles_in_tfds_order(tmp_path, capsys):
     fine = {"train": [i % 100 for i in range(n_train)], "test": [(3 * i) % 100 for i in range(n_test)]}
     (tmp_path / "src" / "cifar-100-python").mkdir(parents=True)
     for split in ("train", "test"):
-        entry = {"data": images[split].transpose(0, 3, 1, 2).reshape(-1, 3072), "fine_labels": fine[split],
-                 "coarse_labels": [0] * len(fine[split])}
+        entry = {
+            "data": images[split].transpose(0, 3, 1, 2).reshape(-1, 3072),
+            "fine_labels": fine[split],
+            "coarse_labels": [0] * len(fine[split]),
+        }
         (tmp_path / "src" / "cifar-100-python" / split).write_bytes(pickle.dumps(entry))
     task_dir = prepare("cifar100", tmp_path / "src", tmp_path / "out")
     assert "(exact: TFDS's order and VTAB's slices)" in capsys.readouterr().out
     order = md5_order("train", range(n_train))
     got = lists(task_dir)
-    assert_slices(got, {"train800": [(f"train_{i:05d}.png", fine["train"][i]) for i in order[:800]],
-                        "val200": [(f"train_{i:05d}.png", fine["train"][i]) for i in order[1800:2000]],
-                        "test": [(f"test_{i:05d}.png", fine["test"][i]) for i in md5_order("test", range(n_test))]})
+    assert_slices(
+        got,
+        {
+            "train800": [(f"train_{i:05d}.png", fine["train"][i]) for i in order[:800]],
+            "val200": [(f"train_{i:05d}.png", fine["train"][i]) for i in order[1800:2000]],
+            "test": [(f"test_{i:05d}.png", fine["test"][i]) for i in md5_order("test", range(n_test))],
+        },
+    )
     rel, _ = got["train800"][0]
     assert np.array_equal(np.asarray(Image.open(task_dir / rel)), images["train"][order[0]])  # the very image
     dm = VTABDataModule("cifar100", str(tmp_path / "out"), split="final", img_size=8, num_workers=0)
@@ -84,8 +93,9 @@ def test_cifar100_binary_and_pickle_read_alike(tmp_path):
         (tmp_path / "bin" / "cifar-100-binary").mkdir(exist_ok=True)
         (tmp_path / "bin" / "cifar-100-binary" / f"{split}.bin").write_bytes(b"".join(records))
         (tmp_path / "py" / "cifar-100-python").mkdir(exist_ok=True)
-        (tmp_path / "py" / "cifar-100-python" / split).write_bytes(pickle.dumps(
-            {"data": images.transpose(0, 3, 1, 2).reshape(-1, 3072), "fine_labels": fine}))
+        (tmp_path / "py" / "cifar-100-python" / split).write_bytes(
+            pickle.dumps({"data": images.transpose(0, 3, 1, 2).reshape(-1, 3072), "fine_labels": fine})
+        )
     a, b = read_cifar100(tmp_path / "bin")["train"], read_cifar100(tmp_path / "py")["train"]
     assert list(a.labels) == list(b.labels) == fine and list(a.keys) == [0, 1, 2, 3, 4]
     assert all(np.array_equal(np.asarray(a.decode(i)), images[i]) for i in range(5))
@@ -101,12 +111,19 @@ def test_svhn_mat_files_labels_ten_become_zero(tmp_path):
     n_train, n_test = 2000, 5
     digits = {"train": np.array([1 + i % 10 for i in range(n_train)]), "test": np.array([10, 1, 2, 10, 5])}
     for split, n in (("train", n_train), ("test", n_test)):
-        savemat(tmp_path / f"{split}_32x32.mat", {"X": np.moveaxis(_arrays(n, 4), 0, -1), "y": digits[split].reshape(-1, 1)})
+        savemat(
+            tmp_path / f"{split}_32x32.mat", {"X": np.moveaxis(_arrays(n, 4), 0, -1), "y": digits[split].reshape(-1, 1)}
+        )
     got = lists(prepare("svhn", tmp_path, tmp_path / "out"))
     order = md5_order("train", range(n_train))
-    assert_slices(got, {"train800": [(f"train_{i:05d}.png", digits["train"][i] % 10) for i in order[:800]],
-                        "val200": [(f"train_{i:05d}.png", digits["train"][i] % 10) for i in order[1800:2000]],
-                        "test": [(f"test_{i:05d}.png", [0, 1, 2, 0, 5][i]) for i in md5_order("test", range(5))]})
+    assert_slices(
+        got,
+        {
+            "train800": [(f"train_{i:05d}.png", digits["train"][i] % 10) for i in order[:800]],
+            "val200": [(f"train_{i:05d}.png", digits["train"][i] % 10) for i in order[1800:2000]],
+            "test": [(f"test_{i:05d}.png", [0, 1, 2, 0, 5][i]) for i in md5_order("test", range(5))],
+        },
+    )
 
 
 # ---- DTD, Flowers102, Pets: file lists ---------------------------------------------------------------------
@@ -127,8 +144,10 @@ def test_dtd_fold1_in_tfds_order_and_check_against_the_authors_file(tmp_path, ca
     label = lambda k: ("banded", "dotted", "zigzag").index(k.split("/")[0])
     task_dir = prepare("dtd", tmp_path / "src", tmp_path / "out")
     got = lists(task_dir)
-    expected = {s: [keys[t][i] for i in md5_order(t, keys[t])] for s, t in (("train800", "train"), ("val200", "validation"),
-                                                                            ("test", "test"))}
+    expected = {
+        s: [keys[t][i] for i in md5_order(t, keys[t])]
+        for s, t in (("train800", "train"), ("val200", "validation"), ("test", "test"))
+    }
     assert_slices(got, {s: [(k, label(k)) for k in v] for s, v in expected.items()})
     assert got["train800"][0][0] == f"images/train/{expected['train800'][0]}"  # class/file kept
     original = tmp_path / "src" / "dtd" / "dtd" / "images" / expected["train800"][0]
@@ -138,13 +157,23 @@ def test_dtd_fold1_in_tfds_order_and_check_against_the_authors_file(tmp_path, ca
     names = lambda split: [k.split("/")[1] for k in expected[split]]
     authors.write_text(json.dumps({"vtab-dtd": {"train": names("train800"), "val": names("val200")}}))
     capsys.readouterr()
-    assert prepare_main(["check", "vtab", "--task", "dtd", "--root", str(tmp_path / "out"), "--official-splits",
-                         str(authors)]) == 0
+    assert (
+        prepare_main(
+            ["check", "vtab", "--task", "dtd", "--root", str(tmp_path / "out"), "--official-splits", str(authors)]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "dtd train800: 800 of the 800 in vtab_trainval_splits.json are among our 800, same order" in out
-    authors.write_text(json.dumps({"dtd": {"train": names("train800")[::-1], "val": names("val200")[:199] + ["x.jpg"]}}))
-    assert prepare_main(["check", "vtab", "--task", "dtd", "--root", str(tmp_path / "out"), "--official-splits",
-                         str(authors)]) == 1
+    authors.write_text(
+        json.dumps({"dtd": {"train": names("train800")[::-1], "val": names("val200")[:199] + ["x.jpg"]}})
+    )
+    assert (
+        prepare_main(
+            ["check", "vtab", "--task", "dtd", "--root", str(tmp_path / "out"), "--official-splits", str(authors)]
+        )
+        == 1
+    )
     out = capsys.readouterr().out
     assert "train800: 800 of the 800" in out and "same order" not in out.split("val200")[0]
     assert "val200: 199 of the 200 in vtab_trainval_splits.json are among our 200; missing e.g. ['x.jpg']" in out
@@ -161,16 +190,26 @@ def test_flowers102_setid_splits_and_image_keys(tmp_path):
     savemat(root / "setid.mat", {k: np.array([v]) for k, v in ids.items()})
     savemat(root / "imagelabels.mat", {"labels": np.array([labels])})
     got = lists(prepare("flowers102", tmp_path, tmp_path / "out"))
-    expect = lambda split, field: [(f"image_{ids[field][i]:05d}.jpg", labels[ids[field][i] - 1] - 1)
-                                   for i in md5_order(split, [f"image_{j:05d}.jpg" for j in ids[field]])]
-    assert_slices(got, {"train800": expect("train", "trnid"), "val200": expect("validation", "valid"),
-                        "test": expect("test", "tstid")})
+    expect = lambda split, field: [
+        (f"image_{ids[field][i]:05d}.jpg", labels[ids[field][i] - 1] - 1)
+        for i in md5_order(split, [f"image_{j:05d}.jpg" for j in ids[field]])
+    ]
+    assert_slices(
+        got,
+        {
+            "train800": expect("train", "trnid"),
+            "val200": expect("validation", "valid"),
+            "test": expect("test", "tstid"),
+        },
+    )
 
 
 def test_pets_lists_give_breeds_and_val200_from_80_percent(tmp_path):
     root = tmp_path / "oxford-iiit-pet"
-    lines = {"trainval.txt": [f"Breed{i % 37}_{i} {1 + i % 37} 1 1" for i in range(1000)],
-             "test.txt": [f"Breed{i}_t{i} {1 + i} 2 1" for i in range(4)]}
+    lines = {
+        "trainval.txt": [f"Breed{i % 37}_{i} {1 + i % 37} 1 1" for i in range(1000)],
+        "test.txt": [f"Breed{i}_t{i} {1 + i} 2 1" for i in range(4)],
+    }
     (root / "annotations").mkdir(parents=True)
     for listed, rows in lines.items():
         (root / "annotations" / listed).write_text("#Image CLASS-ID SPECIES BREED ID\n" + "\n".join(rows) + "\n")
@@ -179,10 +218,18 @@ def test_pets_lists_give_breeds_and_val200_from_80_percent(tmp_path):
     got = lists(prepare("pets", tmp_path, tmp_path / "out"))
     items = {f: [(r.split()[0] + ".jpg", int(r.split()[1]) - 1) for r in rows] for f, rows in lines.items()}
     train = [items["trainval.txt"][i] for i in md5_order("train", [n for n, _ in items["trainval.txt"]])]
-    assert_slices(got, {"train800": train[:800], "val200": train[800:1000],
-                        "test": [items["test.txt"][i] for i in md5_order("test", [n for n, _ in items["test.txt"]])]})
+    assert_slices(
+        got,
+        {
+            "train800": train[:800],
+            "val200": train[800:1000],
+            "test": [items["test.txt"][i] for i in md5_order("test", [n for n, _ in items["test.txt"]])],
+        },
+    )
     (root / "annotations" / "test.txt").write_text("Breed0_t0 one 2 1\n")
-    with pytest.raises(DataError, match=r"test.txt:1: expected 'name class_id species breed_id', got 'Breed0_t0 one 2 1'"):
+    with pytest.raises(
+        DataError, match=r"test.txt:1: expected 'name class_id species breed_id', got 'Breed0_t0 one 2 1'"
+    ):
         prepare("pets", tmp_path, tmp_path / "out2")
 
 
@@ -202,16 +249,30 @@ def test_patch_camelyon_keys_use_valid_but_the_salt_is_validation(tmp_path):
         arrays[short] = (x, y.reshape(-1))
     task_dir = prepare("patch_camelyon", tmp_path, tmp_path / "out")
     got = lists(task_dir)
-    expect = lambda split, short: [(f"{split}_{i:05d}.png", int(arrays[short][1][i]))
-                                   for i in md5_order(split, [f"{short}_{i}" for i in range(sizes[short])])]
-    assert_slices(got, {"train800": expect("train", "train"), "val200": expect("validation", "valid"),
-                        "test": expect("test", "test")})
+    expect = lambda split, short: [
+        (f"{split}_{i:05d}.png", int(arrays[short][1][i]))
+        for i in md5_order(split, [f"{short}_{i}" for i in range(sizes[short])])
+    ]
+    assert_slices(
+        got,
+        {"train800": expect("train", "train"), "val200": expect("validation", "valid"), "test": expect("test", "test")},
+    )
     first = md5_order("validation", [f"valid_{i}" for i in range(200)])[0]
     assert np.array_equal(np.asarray(Image.open(task_dir / got["val200"][0][0])), arrays["valid"][0][first])
 
 
-EUROSAT = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture", "PermanentCrop",
-           "Residential", "River", "SeaLake")
+EUROSAT = (
+    "AnnualCrop",
+    "Forest",
+    "HerbaceousVegetation",
+    "Highway",
+    "Industrial",
+    "Pasture",
+    "PermanentCrop",
+    "Residential",
+    "River",
+    "SeaLake",
+)
 
 
 def test_eurosat_one_split_sliced_60_20_20_with_label_prefixed_keys(tmp_path):
@@ -232,7 +293,9 @@ def test_eurosat_too_few_images_for_vtab_slices_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"train\[:800\]: the source's 'train' split has 30 examples, too few"):
         prepare("eurosat", tmp_path, tmp_path / "out")
     write_image(tmp_path / "eurosat" / "2750" / "Forest" / "Jungle_1.jpg", seed=0, size=2, fmt="JPEG")
-    with pytest.raises(DataError, match=r"Jungle_1.jpg: a EuroSAT file name starts with its class, one of \['AnnualCrop'"):
+    with pytest.raises(
+        DataError, match=r"Jungle_1.jpg: a EuroSAT file name starts with its class, one of \['AnnualCrop'"
+    ):
         prepare("eurosat", tmp_path, tmp_path / "out")
 
 
@@ -259,10 +322,17 @@ def write_clevr(root: Path, n_train: int = 2000, n_val: int = 5) -> dict:
             name = f"CLEVR_{split}_{i:06d}.png"
             write_image(root / "clevr" / "CLEVR_v1.0" / "images" / split / name, seed=i, size=2)
             depths = rng.choice([7.9, 8.0, 8.2, 8.5, 8.7, 9.4, 9.6, 10.0, 12.5], size=3 + i % 8)
-            scenes[split].append({"image_index": i, "image_filename": name,
-                                  "objects": [{"pixel_coords": [10, 20, float(z)], "shape": "cube"} for z in depths]})
+            scenes[split].append(
+                {
+                    "image_index": i,
+                    "image_filename": name,
+                    "objects": [{"pixel_coords": [10, 20, float(z)], "shape": "cube"} for z in depths],
+                }
+            )
         (root / "clevr" / "CLEVR_v1.0" / "scenes").mkdir(parents=True, exist_ok=True)
-        (root / "clevr" / "CLEVR_v1.0" / "scenes" / f"CLEVR_{split}_scenes.json").write_text(json.dumps({"scenes": scenes[split]}))
+        (root / "clevr" / "CLEVR_v1.0" / "scenes" / f"CLEVR_{split}_scenes.json").write_text(
+            json.dumps({"scenes": scenes[split]})
+        )
     return scenes
 
 
@@ -274,13 +344,22 @@ def _clevr_distance_by_hand(z: float) -> int:
 @pytest.mark.parametrize("task", ["clevr_count", "clevr_distance"])
 def test_clevr_tasks_label_scenes_as_vtab_does(tmp_path, task):
     scenes = write_clevr(tmp_path / "src")
-    rule = ((lambda s: len(s["objects"]) - 3) if task == "clevr_count"
-            else (lambda s: _clevr_distance_by_hand(min(o["pixel_coords"][2] for o in s["objects"]))))
+    rule = (
+        (lambda s: len(s["objects"]) - 3)
+        if task == "clevr_count"
+        else (lambda s: _clevr_distance_by_hand(min(o["pixel_coords"][2] for o in s["objects"])))
+    )
     got = lists(prepare(task, tmp_path / "src", tmp_path / "out"))
     pick = lambda split, idx: [(scenes[split][i]["image_filename"], rule(scenes[split][i])) for i in idx]
     train_order = md5_order("train", [s["image_filename"] for s in scenes["train"]])
-    assert_slices(got, {"train800": pick("train", train_order[:800]), "val200": pick("train", train_order[1800:2000]),
-                        "test": pick("val", md5_order("validation", [s["image_filename"] for s in scenes["val"]]))})
+    assert_slices(
+        got,
+        {
+            "train800": pick("train", train_order[:800]),
+            "val200": pick("train", train_order[1800:2000]),
+            "test": pick("val", md5_order("validation", [s["image_filename"] for s in scenes["val"]])),
+        },
+    )
     if task == "clevr_distance":  # 8.0 is not above the edge 8: class 0; 8.2 -> 1; 10.0 -> 4; 12.5 -> 5
         assert [_clevr_distance_by_hand(z) for z in (8.0, 8.2, 10.0, 12.5)] == [0, 1, 4, 5]
         assert {label for _, label in got["train800"]} <= set(range(6)) and len({l for _, l in got["train800"]}) > 2
@@ -289,9 +368,14 @@ def test_clevr_tasks_label_scenes_as_vtab_does(tmp_path, task):
 def test_clevr_scene_of_another_image_is_an_error(tmp_path):
     scenes = write_clevr(tmp_path, n_train=3, n_val=2)
     scenes["val"][1]["image_filename"] = "CLEVR_val_000009.png"
-    (tmp_path / "clevr" / "CLEVR_v1.0" / "scenes" / "CLEVR_val_scenes.json").write_text(json.dumps({"scenes": scenes["val"]}))
-    with pytest.raises(DataError, match=r"CLEVR_val_scenes.json: scene of 'CLEVR_val_000009.png' where the sorted images "
-                                        r"have 'CLEVR_val_000001.png'"):
+    (tmp_path / "clevr" / "CLEVR_v1.0" / "scenes" / "CLEVR_val_scenes.json").write_text(
+        json.dumps({"scenes": scenes["val"]})
+    )
+    with pytest.raises(
+        DataError,
+        match=r"CLEVR_val_scenes.json: scene of 'CLEVR_val_000009.png' where the sorted images "
+        r"have 'CLEVR_val_000001.png'",
+    ):
         prepare("clevr_count", tmp_path, tmp_path / "out")
 
 
@@ -309,11 +393,15 @@ def write_kitti(root: Path, drives: int = 20, per_drive: int = 110) -> dict:
     for i in range(n):
         write_image(root / "kitti" / "training" / "image_2" / f"{i:06d}.png", seed=i, size=2)
         z = [None, 5.0, 8.0, 15.0, 19.99, 20.0, 60.0][i % 7]
-        lines = ["Pedestrian 0.00 0 -0.20 712.40 143.00 810.73 307.92 1.89 0.48 1.20 1.84 1.47 2.50 0.01",
-                 "DontCare -1 -1 -10 503.89 169.71 590.61 190.13 -1 -1 -1 -1000 -1000 -1000 -10"]
+        lines = [
+            "Pedestrian 0.00 0 -0.20 712.40 143.00 810.73 307.92 1.89 0.48 1.20 1.84 1.47 2.50 0.01",
+            "DontCare -1 -1 -10 503.89 169.71 590.61 190.13 -1 -1 -1 -1000 -1000 -1000 -10",
+        ]
         if z is not None:
-            lines += [f"{['Car', 'Van', 'Truck'][i % 3]} 0.00 0 1.5 1 2 3 4 1.5 1.6 3.9 -4.0 1.7 {z + 3:.2f} 1.6",
-                      f"Car 0.00 1 1.5 1 2 3 4 1.5 1.6 3.9 2.0 1.7 {z:.2f} 1.6"]
+            lines += [
+                f"{['Car', 'Van', 'Truck'][i % 3]} 0.00 0 1.5 1 2 3 4 1.5 1.6 3.9 -4.0 1.7 {z + 3:.2f} 1.6",
+                f"Car 0.00 1 1.5 1 2 3 4 1.5 1.6 3.9 2.0 1.7 {z:.2f} 1.6",
+            ]
         (root / "kitti" / "training" / "label_2" / f"{i:06d}.txt").write_text("\n".join(lines) + "\n")
         closest[f"{i:06d}.png"] = z
     return closest
@@ -327,10 +415,15 @@ def test_kitti_closest_vehicle_distance_in_tfds_drive_split(tmp_path):
     from vpt_lightning.data.vtab_prep.readers_structured import read_kitti
 
     splits = read_kitti(tmp_path)
-    assert sum(len(s) for s in splits.values()) == 2200 and (len(splits["validation"]), len(splits["test"])) == (220, 220)
+    assert sum(len(s) for s in splits.values()) == 2200 and (len(splits["validation"]), len(splits["test"])) == (
+        220,
+        220,
+    )
     got = lists(prepare("kitti_distance", tmp_path, tmp_path / "out"))
-    pick = lambda split, n=None: [(k, label(closest[k])) for k in
-                                  [list(splits[split].keys)[i] for i in md5_order(split, list(splits[split].keys))][:n]]
+    pick = lambda split, n=None: [
+        (k, label(closest[k]))
+        for k in [list(splits[split].keys)[i] for i in md5_order(split, list(splits[split].keys))][:n]
+    ]
     assert_slices(got, {"train800": pick("train", 800), "val200": pick("validation", 200), "test": pick("test")})
 
 
@@ -343,26 +436,38 @@ def test_kitti_split_is_tfds_own_drive_split(tmp_path):
     from vpt_lightning.data.vtab_prep.readers_structured import kitti_splits
 
     mapping = tmp_path / "kitti" / "mapping"
-    devkit = [(os.path.join("mapping", name), io.BytesIO((mapping / name).read_bytes()))
-              for name in ("train_rand.txt", "train_mapping.txt")]
+    devkit = [
+        (os.path.join("mapping", name), io.BytesIO((mapping / name).read_bytes()))
+        for name in ("train_rand.txt", "train_mapping.txt")
+    ]
     train, validation, test = builder._build_splits(devkit)
-    ours = kitti_splits((mapping / "train_rand.txt").read_text(), (mapping / "train_mapping.txt").read_text().splitlines())
-    assert {k: sorted(v) for k, v in ours.items()} == {"train": sorted(train), "validation": sorted(validation),
-                                                        "test": sorted(test)}
+    ours = kitti_splits(
+        (mapping / "train_rand.txt").read_text(), (mapping / "train_mapping.txt").read_text().splitlines()
+    )
+    assert {k: sorted(v) for k, v in ours.items()} == {
+        "train": sorted(train),
+        "validation": sorted(validation),
+        "test": sorted(test),
+    }
 
 
 def test_kitti_malformed_label_names_file_and_line(tmp_path):
     write_kitti(tmp_path, drives=10, per_drive=2)
     (tmp_path / "kitti" / "training" / "label_2" / "000003.txt").write_text("Car 0.0 0\n")
-    with pytest.raises(DataError, match=r"000003.txt:1: expected the 15 fields of a KITTI object label, got 'Car 0.0 0'"):
+    with pytest.raises(
+        DataError, match=r"000003.txt:1: expected the 15 fields of a KITTI object label, got 'Car 0.0 0'"
+    ):
         prepare("kitti_distance", tmp_path, tmp_path / "out")
 
 
 # ---- dSprites, smallNORB: arrays in their released formats ------------------------------------------------
-@pytest.mark.parametrize("task, column, rule", [
-    ("dsprites_location", 4, lambda v: v // 2),                 # 32 x positions -> 16
-    ("dsprites_orientation", 3, lambda v: int(v / 2.5)),        # 40 orientations -> 16
-])
+@pytest.mark.parametrize(
+    "task, column, rule",
+    [
+        ("dsprites_location", 4, lambda v: v // 2),  # 32 x positions -> 16
+        ("dsprites_orientation", 3, lambda v: int(v / 2.5)),  # 40 orientations -> 16
+    ],
+)
 def test_dsprites_npz_binned_labels_and_0_255_images(tmp_path, task, column, rule):
     n = 2000
     rng = np.random.default_rng(1)
@@ -370,8 +475,12 @@ def test_dsprites_npz_binned_labels_and_0_255_images(tmp_path, task, column, rul
     classes = np.zeros((n, 6), dtype=np.int64)
     classes[:, 3], classes[:, 4] = np.arange(n) % 40, (np.arange(n) * 7) % 32
     (tmp_path / "dsprites").mkdir()
-    np.savez_compressed(tmp_path / "dsprites" / "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz", imgs=imgs,
-                        latents_classes=classes, latents_values=classes.astype(float))
+    np.savez_compressed(
+        tmp_path / "dsprites" / "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz",
+        imgs=imgs,
+        latents_classes=classes,
+        latents_values=classes.astype(float),
+    )
     task_dir = prepare(task, tmp_path, tmp_path / "out")
     got = lists(task_dir)
     order = md5_order("train", range(n))
@@ -386,19 +495,27 @@ def write_norb(path: Path, array: np.ndarray) -> None:
     """smallNORB's binary matrix: magic (uint8 or int32), rank, max(3, rank) dims, then the data (little-endian)."""
     magic = 0x1E3D4C55 if array.dtype == np.uint8 else 0x1E3D4C54
     dims = list(array.shape) + [1] * (3 - array.ndim)
-    path.write_bytes(struct.pack(f"<ii{len(dims)}i", magic, array.ndim, *dims) + array.astype(array.dtype.newbyteorder("<")).tobytes())
+    path.write_bytes(
+        struct.pack(f"<ii{len(dims)}i", magic, array.ndim, *dims)
+        + array.astype(array.dtype.newbyteorder("<")).tobytes()
+    )
 
 
-@pytest.mark.parametrize("task, rule", [("smallnorb_azimuth", lambda info: info[2] // 2),
-                                        ("smallnorb_elevation", lambda info: info[1])])
+@pytest.mark.parametrize(
+    "task, rule", [("smallnorb_azimuth", lambda info: info[2] // 2), ("smallnorb_elevation", lambda info: info[1])]
+)
 def test_smallnorb_left_images_with_val200_and_test_from_the_test_files(tmp_path, task, rule):
     folder = tmp_path / "smallnorb"
     folder.mkdir()
     data = {}
-    for split, stem, n in (("train", "smallnorb-5x46789x9x18x6x2x96x96-training", 800),
-                           ("test", "smallnorb-5x01235x9x18x6x2x96x96-testing", 410)):
+    for split, stem, n in (
+        ("train", "smallnorb-5x46789x9x18x6x2x96x96-training", 800),
+        ("test", "smallnorb-5x01235x9x18x6x2x96x96-testing", 410),
+    ):
         dat = np.random.default_rng(n).integers(0, 256, size=(n, 2, 6, 6), dtype=np.uint8)
-        info = np.stack([np.arange(n) % 10, np.arange(n) % 9, (np.arange(n) * 2) % 36, np.arange(n) % 6], axis=1).astype(np.int32)
+        info = np.stack(
+            [np.arange(n) % 10, np.arange(n) % 9, (np.arange(n) * 2) % 36, np.arange(n) % 6], axis=1
+        ).astype(np.int32)
         write_norb(folder / f"{stem}-dat.mat", dat)
         write_norb(folder / f"{stem}-info.mat", info)
         write_norb(folder / f"{stem}-cat.mat", (np.arange(n) % 5).astype(np.int32))
@@ -407,8 +524,14 @@ def test_smallnorb_left_images_with_val200_and_test_from_the_test_files(tmp_path
     got = lists(task_dir)
     pick = lambda split, idx: [(f"{split}_{i:05d}.png", int(rule(data[split][1][i]))) for i in idx]
     test_order = md5_order("test", range(410))
-    assert_slices(got, {"train800": pick("train", md5_order("train", range(800))), "val200": pick("test", test_order[:200]),
-                        "test": pick("test", test_order[205:])})  # test[50%:] of 410
+    assert_slices(
+        got,
+        {
+            "train800": pick("train", md5_order("train", range(800))),
+            "val200": pick("test", test_order[:200]),
+            "test": pick("test", test_order[205:]),
+        },
+    )  # test[50%:] of 410
     first = test_order[205]
     assert np.array_equal(np.asarray(Image.open(task_dir / got["test"][0][0])), data["test"][0][first, 0])  # left image
     (folder / "smallnorb-5x46789x9x18x6x2x96x96-training-dat.mat").write_bytes(b"\x00" * 24)
@@ -448,8 +571,11 @@ def example(features: dict) -> bytes:
     """A serialized tf.train.Example: bytes features as BytesList, ints as packed Int64List."""
     entries = b""
     for name, value in features.items():
-        feature = (_field(1, _field(1, value)) if isinstance(value, bytes)
-                   else _field(3, _field(1, b"".join(_varint(v) for v in [value]))))
+        feature = (
+            _field(1, _field(1, value))
+            if isinstance(value, bytes)
+            else _field(3, _field(1, b"".join(_varint(v) for v in [value])))
+        )
         entries += _field(1, _field(1, name.encode()) + _field(2, feature))
     return _field(1, entries)
 
@@ -479,12 +605,16 @@ def test_dmlab_tfrecords_keyed_by_filename(tmp_path):
             records[split].append((f"dmlab/{split}/frame_{i:05d}.png".encode(), (i * 5) % 6, png.read_bytes()))
         half = n // 2  # several files per split, as the released archive has
         for part, chunk in enumerate((records[split][:half], records[split][half:])):
-            write_tfrecord(folder / f"dmlab-{split}.tfrecord-0000{part}-of-00002",
-                           [example({"image": img, "filename": name, "label": label}) for name, label, img in chunk])
+            write_tfrecord(
+                folder / f"dmlab-{split}.tfrecord-0000{part}-of-00002",
+                [example({"image": img, "filename": name, "label": label}) for name, label, img in chunk],
+            )
     task_dir = prepare("dmlab", tmp_path, tmp_path / "out")
     got = lists(task_dir)
-    pick = lambda split: [(Path(records[split][i][0].decode()).name, records[split][i][1])
-                          for i in md5_order(split, [r[0] for r in records[split]])]
+    pick = lambda split: [
+        (Path(records[split][i][0].decode()).name, records[split][i][1])
+        for i in md5_order(split, [r[0] for r in records[split]])
+    ]
     assert_slices(got, {"train800": pick("train"), "val200": pick("validation"), "test": pick("test")})
     first = md5_order("test", [r[0] for r in records["test"]])[0]
     assert (task_dir / got["test"][0][0]).read_bytes() == records["test"][first][2]  # the encoded image, as stored
@@ -521,14 +651,22 @@ def test_retinopathy_splits_from_the_kaggle_csvs(tmp_path):
         (root / "test").mkdir(parents=True, exist_ok=True)
         (root / "test" / f"{name}.jpeg").write_bytes(b"")
     (root / "trainLabels.csv").write_text("image,level\n" + "".join(f"{n},{l}\n" for n, l in train))
-    (root / "retinopathy_solution.csv").write_text("image,level,Usage\n" + "".join(f"{n},{l},{u}\n" for n, l, u in solution))
+    (root / "retinopathy_solution.csv").write_text(
+        "image,level,Usage\n" + "".join(f"{n},{l},{u}\n" for n, l, u in solution)
+    )
     splits = read_retinopathy(tmp_path)
     public = [(n, l) for n, l, u in solution if u == "Public"]
     private = [(n, l) for n, l, u in solution if u == "Private"]
     assert (len(splits["validation"]), len(splits["test"])) == (len(public), len(private)) == (220, 110)
     chosen = exact_indices(EXACT_SOURCES["diabetic_retinopathy"], splits, "diabetic_retinopathy")
-    for name, (split, rows) in (("train800", ("train", train)), ("val200", ("validation", public)), ("test", ("test", private))):
-        expected = [rows[i] for i in md5_order(split, [n for n, _ in rows])][:800 if name == "train800" else 200 if name == "val200" else None]
+    for name, (split, rows) in (
+        ("train800", ("train", train)),
+        ("val200", ("validation", public)),
+        ("test", ("test", private)),
+    ):
+        expected = [rows[i] for i in md5_order(split, [n for n, _ in rows])][
+            : 800 if name == "train800" else 200 if name == "val200" else None
+        ]
         indices = chosen[name][1]
         assert chosen[name][0] == split
         assert [(splits[split].keys[i], splits[split].labels[i]) for i in indices] == expected
@@ -546,8 +684,9 @@ def test_btgraham_300_equals_tfds_processing(tmp_path):
         path = tmp_path / f"{seed}.jpeg"
         write_fundus(path, seed, size)
         with open(path, "rb") as handle:
-            theirs = dr._btgraham_processing(image_fobj=handle, filepath=str(path), target_pixels=300,
-                                             crop_to_radius=True).getvalue()
+            theirs = dr._btgraham_processing(
+                image_fobj=handle, filepath=str(path), target_pixels=300, crop_to_radius=True
+            ).getvalue()
         ours = btgraham_300(path)
         assert ours == theirs
         image = np.asarray(Image.open(__import__("io").BytesIO(ours)))
@@ -559,18 +698,26 @@ def test_sun397_uses_tfds_split_lists(tmp_path, monkeypatch):
     import vpt_lightning.data.vtab_prep.readers_natural as natural
 
     classes = ["/a/abbey", "/b/beach", "/c/church/outdoor"]
-    lists_ = {"train": [f"{classes[i % 3]}/sun_tr{i:05d}.jpg" for i in range(1000)],
-              "validation": [f"{classes[i % 3]}/sun_va{i:05d}.jpg" for i in range(200)],
-              "test": [f"{classes[i % 3]}/sun_te{i:05d}.jpg" for i in range(5)] + ["/c/church/outdoor/sun_bhenjvsvrtumjuri.jpg"]}
+    lists_ = {
+        "train": [f"{classes[i % 3]}/sun_tr{i:05d}.jpg" for i in range(1000)],
+        "validation": [f"{classes[i % 3]}/sun_va{i:05d}.jpg" for i in range(200)],
+        "test": [f"{classes[i % 3]}/sun_te{i:05d}.jpg" for i in range(5)]
+        + ["/c/church/outdoor/sun_bhenjvsvrtumjuri.jpg"],
+    }
     monkeypatch.setattr(natural, "sun397_split_lists", lambda: lists_)
     chosen = {split: [keys[i] for i in md5_order(split, keys)] for split, keys in lists_.items()}
     for key in chosen["train"][:800] + chosen["validation"] + chosen["test"]:
         write_image(tmp_path / "SUN397" / key.lstrip("/"), seed=len(key), size=2, fmt="JPEG")
     got = lists(prepare("sun397", tmp_path, tmp_path / "out"))  # the other 200 training images need not exist
     label = lambda key: classes.index(key.rsplit("/", 1)[0])
-    assert_slices(got, {"train800": [(k, label(k)) for k in chosen["train"][:800]],
-                        "val200": [(k, label(k)) for k in chosen["validation"]],
-                        "test": [(k, label(k)) for k in chosen["test"] if "bhenjvsvrtumjuri" not in k]})  # TFDS skips it
+    assert_slices(
+        got,
+        {
+            "train800": [(k, label(k)) for k in chosen["train"][:800]],
+            "val200": [(k, label(k)) for k in chosen["validation"]],
+            "test": [(k, label(k)) for k in chosen["test"] if "bhenjvsvrtumjuri" not in k],
+        },
+    )  # TFDS skips it
 
 
 def test_sun397_split_lists_ship_with_tensorflow_datasets():

@@ -9,12 +9,18 @@ Public API::
     from vpt_lightning import TaskModel, load_task, register_head  # task packages: save/load/push, custom heads
 """
 
-from .backbones import BackboneConfig, PromptedBackbone, PromptedViT, create_backbone, load_backbone_weights
-from .backbones import prompted_backbone
+from .backbones import (
+    BackboneConfig,
+    PromptedBackbone,
+    PromptedViT,
+    create_backbone,
+    load_backbone_weights,
+    prompted_backbone,
+)
+from .heads import register_head
 from .module import VPTModule
 from .optim import OptimConfig
 from .prompt import PromptConfig, Prompts
-from .heads import register_head
 from .task_model import TaskModel
 from .task_sources import load_task
 

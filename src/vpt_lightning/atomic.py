@@ -104,8 +104,12 @@ def remove_stale_temp_files(folder: Path, depth: int = 1) -> List[Path]:
                     removed.append(entry)
         levels = subfolders
     if removed:
-        log.info("removed %d temporary file(s) of an interrupted write in %s: %s", len(removed), folder,
-                 ", ".join(str(p.relative_to(folder)) for p in removed))
+        log.info(
+            "removed %d temporary file(s) of an interrupted write in %s: %s",
+            len(removed),
+            folder,
+            ", ".join(str(p.relative_to(folder)) for p in removed),
+        )
     return removed
 
 

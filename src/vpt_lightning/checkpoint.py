@@ -49,7 +49,8 @@ def trainable_state_keys(module: nn.Module, frozen: Optional[nn.Module] = None) 
         for mod_name, sub in frozen.named_modules():
             if not any(p.requires_grad for p in sub.parameters(recurse=False)):
                 frozen_buffers |= {
-                    ".".join(part for part in (prefix, mod_name, b) if part) for b, _ in sub.named_buffers(recurse=False)
+                    ".".join(part for part in (prefix, mod_name, b) if part)
+                    for b, _ in sub.named_buffers(recurse=False)
                 }
     names |= {name for name, _ in module.named_buffers() if name not in frozen_buffers}
     return [k for k in module.state_dict() if k in names]

@@ -65,4 +65,3 @@ def compose(overrides: Optional[List[str]] = None, config_name: str = "train") -
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=True)
-

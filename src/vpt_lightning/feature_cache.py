@@ -78,15 +78,17 @@ def dataset_fingerprint(dataset: Dataset) -> str:
 def cache_key(identity: Mapping[str, Any], dataset: Dataset) -> str:
     """The file name stem of a split's features: backbone identity (fingerprint, architecture) x split contents."""
     backbone = {k: identity.get(k) for k in ("fingerprint", "embed_dim", "depth", "architecture")}
-    payload = json.dumps({"v": FORMAT_VERSION, "backbone": backbone, "data": dataset_fingerprint(dataset)},
-                         sort_keys=True, default=str)
+    payload = json.dumps(
+        {"v": FORMAT_VERSION, "backbone": backbone, "data": dataset_fingerprint(dataset)}, sort_keys=True, default=str
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
 # ---- computing and storing --------------------------------------------------------------------------------
 @torch.no_grad()
-def compute_features(backbone: nn.Module, dataset: Dataset, batch_size: int, num_workers: int = 0,
-                     device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def compute_features(
+    backbone: nn.Module, dataset: Dataset, batch_size: int, num_workers: int = 0, device: Optional[torch.device] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """The backbone's pooled features (float32, on the CPU) and the labels of every item, in dataset order."""
     device = device or next(backbone.parameters()).device
     was_training = backbone.training
@@ -133,13 +135,19 @@ class FeatureCache:
             with atomic_path(path) as tmp:
                 torch.save({"key": key, "features": features, "labels": labels}, tmp)
         except OSError as err:
-            log.warning("feature cache: could not write %s (%s: %s); training goes on with these features in memory, "
-                        "uncached (the next run computes them again)", path, type(err).__name__, err)
+            log.warning(
+                "feature cache: could not write %s (%s: %s); training goes on with these features in memory, "
+                "uncached (the next run computes them again)",
+                path,
+                type(err).__name__,
+                err,
+            )
             return None
         return path
 
-    def features(self, backbone: nn.Module, identity: Mapping[str, Any], dataset: Dataset, batch_size: int,
-                 num_workers: int = 0) -> TensorDataset:
+    def features(
+        self, backbone: nn.Module, identity: Mapping[str, Any], dataset: Dataset, batch_size: int, num_workers: int = 0
+    ) -> TensorDataset:
         """The split's ``(features, label)`` pairs: read from the cache, or computed and written on a miss."""
         key = cache_key(identity, dataset)
         cached = self.load(key)
@@ -174,8 +182,12 @@ class FeatureDataModule(pl.LightningDataModule):
             raise RuntimeError(f"FeatureDataModule: no dataset for this stage (split={self.split!r})")
         # the image DataModules' sampler: epoch e's order depends only on (seed, e), as without the cache
         sampler = EpochRandomSampler(dataset) if train else None
-        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size, sampler=sampler,
-                          generator=sampler.generator if sampler is not None else None)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            sampler=sampler,
+            generator=sampler.generator if sampler is not None else None,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, True)
@@ -192,8 +204,10 @@ def cache_refusal(method: Any, datamodule: Any, trainer: Optional[pl.Trainer] = 
     if not getattr(method, "head_only", False):
         return f"tuning={method.name} trains more than a head on a frozen, prompt-free backbone"
     if not getattr(datamodule, "deterministic_train_transform", False):
-        return (f"{type(datamodule).__name__}'s training transform augments (random crops/flips), so the features "
-                "of an image differ from epoch to epoch")
+        return (
+            f"{type(datamodule).__name__}'s training transform augments (random crops/flips), so the features "
+            "of an image differ from epoch to epoch"
+        )
     if trainer is not None and trainer.world_size > 1:
         return "training runs on several processes (the cache serves single-process runs)"
     if trainer is not None and str(trainer.precision) not in ("32", "32-true"):
@@ -201,8 +215,9 @@ def cache_refusal(method: Any, datamodule: Any, trainer: Optional[pl.Trainer] = 
     return None
 
 
-def cached_datamodule(datamodule: Any, backbone: nn.Module, identity: Mapping[str, Any], cache: FeatureCache,
-                      num_workers: int = 0) -> FeatureDataModule:
+def cached_datamodule(
+    datamodule: Any, backbone: nn.Module, identity: Mapping[str, Any], cache: FeatureCache, num_workers: int = 0
+) -> FeatureDataModule:
     """Set up ``datamodule`` and replace its splits by their cached features (computed on a miss)."""
     datamodule.setup("fit")
     datasets: Dict[str, Optional[Dataset]] = {}

@@ -60,7 +60,9 @@ def registered_name(head: nn.Module) -> Optional[str]:
     return None
 
 
-def describe_head(head: nn.Module, method: Any, tuning: Any, in_features: int, num_classes: int) -> Optional[Dict[str, Any]]:
+def describe_head(
+    head: nn.Module, method: Any, tuning: Any, in_features: int, num_classes: int
+) -> Optional[Dict[str, Any]]:
     """The ``head`` entry of a package's config for ``head``, or ``None`` when it cannot be rebuilt by name (neither a
     registered class nor the tuning method's head: e.g. SETR-PUP or a head whose class was never registered)."""
     name = registered_name(head)
@@ -77,8 +79,14 @@ def describe_head(head: nn.Module, method: Any, tuning: Any, in_features: int, n
     return {"source": "method"} if same else None
 
 
-def build_head(spec: Optional[Mapping[str, Any]], method: Any, tuning: Any, in_features: int, num_classes: int,
-               origin: str = "the task") -> nn.Module:
+def build_head(
+    spec: Optional[Mapping[str, Any]],
+    method: Any,
+    tuning: Any,
+    in_features: int,
+    num_classes: int,
+    origin: str = "the task",
+) -> nn.Module:
     """Rebuild a head from its config entry (``None``: the method's head, as older checkpoints imply)."""
     spec = dict(spec or {"source": "method"})
     source = spec.get("source")

@@ -64,8 +64,11 @@ def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = ()) -> List[str]:
     """``"key: old -> new"`` for every dotted key whose value differs (keys in ``ignore`` left out)."""
     before, after, skipped = _flatten(old), _flatten(new), set(ignore)
-    return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
-            if k not in skipped and before.get(k) != after.get(k)]
+    return [
+        f"{k}: {before.get(k)!r} -> {after.get(k)!r}"
+        for k in sorted(set(before) | set(after))
+        if k not in skipped and before.get(k) != after.get(k)
+    ]
 
 
 def describe_differences(diffs: List[str], shown: int = 6) -> str:
@@ -83,7 +86,9 @@ def composed_config(cfg: DictConfig) -> Dict[str, Any]:
             value = cfg[key]
             composed[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
         except Exception:  # an interpolation only Hydra's runtime resolves (e.g. a run_dir of hydra:): as written
-            composed[key] = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else str(node._value())
+            composed[key] = (
+                OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else str(node._value())
+            )
     return composed
 
 
@@ -106,7 +111,9 @@ class RecordRunConfig(Callback):
     def __init__(self, result: Mapping[str, Any], composed: Optional[Mapping[str, Any]] = None) -> None:
         self.record = {"result": _plain(result), "composed": _plain(composed) if composed is not None else None}
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: Dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: Dict[str, Any]
+    ) -> None:
         checkpoint[RUN_CONFIG_KEY] = self.record
 
 
@@ -122,7 +129,8 @@ def read_results(path: Path) -> Dict[str, Any]:
         raise UnreadableFileError(
             f"{str(path)!r} is not a readable results file ({type(err).__name__}: {err}); it was damaged or cut "
             f"short, so the run it stands for cannot be reused. Delete it to run that job again ({RESTART_HINT}).",
-            path) from err
+            path,
+        ) from err
     return result
 
 
@@ -144,13 +152,18 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
                 f"refused to load the checkpoint {str(path)!r}: it asks to build Python objects other than tensors "
                 f"and plain values ({detail[:300]}), which could run code. Checkpoints written by vpt-lightning never "
                 "do; nothing from this file was run. Resume only from checkpoints made here; delete it to start "
-                f"that run afresh ({RESTART_HINT}).", path) from None
+                f"that run afresh ({RESTART_HINT}).",
+                path,
+            ) from None
         raise _unreadable(path, err) from err
     except (OSError, EOFError, RuntimeError, ValueError) as err:  # a cut-short zip: OSError EINVAL, EOFError
         raise _unreadable(path, err) from err
     if not isinstance(checkpoint, dict):
-        raise UnreadableFileError(f"{str(path)!r} holds a {type(checkpoint).__name__}, not a Lightning checkpoint "
-                                  f"(a dict); delete it to start that run afresh ({RESTART_HINT})", path)
+        raise UnreadableFileError(
+            f"{str(path)!r} holds a {type(checkpoint).__name__}, not a Lightning checkpoint "
+            f"(a dict); delete it to start that run afresh ({RESTART_HINT})",
+            path,
+        )
     return checkpoint
 
 
@@ -159,7 +172,9 @@ def _unreadable(path: Path, err: BaseException) -> UnreadableFileError:
     return UnreadableFileError(
         f"the checkpoint {str(path)!r} ({size} bytes) is not readable ({type(err).__name__}: {err}); it is truncated "
         "or damaged (a disk that filled up, a copy cut short). Delete it to start that run afresh, or resume from "
-        f"another checkpoint ({RESTART_HINT}).", path)
+        f"another checkpoint ({RESTART_HINT}).",
+        path,
+    )
 
 
 def check_resume(path: Path, config: Mapping[str, Any], ignore: Iterable[str] = ()) -> Dict[str, Any]:
@@ -180,9 +195,14 @@ def check_resume(path: Path, config: Mapping[str, Any], ignore: Iterable[str] = 
         raise ConfigMismatchError(
             f"the checkpoint {str(path)!r} was written by a run of another configuration "
             f"({describe_differences(diffs)}); it is not resumed. Resume it with the configuration it was made with, "
-            f"or start afresh: vpt-train: another run_name (or ckpt_path=null); {RESTART_HINT}.", Path(path))
+            f"or start afresh: vpt-train: another run_name (or ckpt_path=null); {RESTART_HINT}.",
+            Path(path),
+        )
     changed = config_differences(record["result"], config) if ignored else []
     if changed:
-        log.warning("resuming %s with %s: the result differs from a run made so from the start", path,
-                    describe_differences(changed))
+        log.warning(
+            "resuming %s with %s: the result differs from a run made so from the start",
+            path,
+            describe_differences(changed),
+        )
     return checkpoint

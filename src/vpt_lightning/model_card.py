@@ -16,7 +16,6 @@ CITATION = """@inproceedings{jia2022vpt,
 }"""
 
 
-
 def base_model(backbone: Dict[str, Any], identity: Dict[str, Any]) -> Optional[str]:
     """The Hub repo of the backbone's weights when they came from the Hub (timm's ``hf_hub_id``), else ``None``."""
     if identity.get("weights") != "hub":
@@ -39,8 +38,13 @@ def task_model_card(task: Any) -> ModelCard:
     method = task.method_name
     results: List[EvalResult] = [
         EvalResult(
-            task_type="image-classification", dataset_type=name, dataset_name=name, dataset_split=split,
-            metric_type="accuracy", metric_name=f"{split} top-1", metric_value=round(100 * float(metrics[key]), 2),
+            task_type="image-classification",
+            dataset_type=name,
+            dataset_name=name,
+            dataset_split=split,
+            metric_type="accuracy",
+            metric_name=f"{split} top-1",
+            metric_value=round(100 * float(metrics[key]), 2),
         )
         for split, key in (("validation", "val/top1"), ("test", "test/top1"))
         if key in metrics
@@ -77,7 +81,7 @@ def task_model_card(task: Any) -> ModelCard:
         "",
         "```python",
         "from vpt_lightning.task_model import TaskModel",
-        "task = TaskModel.from_pretrained(\"PATH_OR_REPO_ID\")  # backbone=... pins the frozen backbone",
+        'task = TaskModel.from_pretrained("PATH_OR_REPO_ID")  # backbone=... pins the frozen backbone',
         "logits = task(images)  # images prepared as in config.json's eval_transform",
         "```",
         "",
@@ -86,7 +90,7 @@ def task_model_card(task: Any) -> ModelCard:
         "## Results",
         "",
     ]
-    lines += (["| metric | value |", "|---|---|", *rows] if rows else ["No evaluation was recorded."])
+    lines += ["| metric | value |", "|---|---|", *rows] if rows else ["No evaluation was recorded."]
     lines += ["", "## Training", ""]
     lines += [f"```\n{command}\n```" if command else "Trained in Python (no vpt-train command recorded)."]
     lines += ["", "## Citation", "", "```bibtex", CITATION, "```", ""]
@@ -97,4 +101,3 @@ def _figure(key: str, value: Any) -> str:
     if "top" in key or "acc" in key:
         return f"{100 * float(value):.2f} %"
     return f"{float(value):.4f}"
-

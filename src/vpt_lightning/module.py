@@ -112,18 +112,29 @@ class VPTModule(pl.LightningModule):
             }
         )
         spec = TaskSpec(
-            num_classes, backbone_config.to_dict(), self.prompt_config.to_dict(), self.tuning_config.to_dict(),
-            task_name=task_name, class_names=self.hparams["class_names"], eval_transform=self.hparams["eval_transform"],
+            num_classes,
+            backbone_config.to_dict(),
+            self.prompt_config.to_dict(),
+            self.tuning_config.to_dict(),
+            task_name=task_name,
+            class_names=self.hparams["class_names"],
+            eval_transform=self.hparams["eval_transform"],
         )
         # the network is the task's (one factory); this module's hooks build its backbone and head, so a subclass's
         # head ends up in the task. The task is kept outside the module tree: its backbone and head are this module's
         # own submodules, so the state-dict keys stay ``backbone.*`` and ``head.*`` (the task's keys too).
-        task = build_task_model(spec, backbone=backbone_config, backbone_eval=backbone_eval,
-                                build_backbone=self._build_task_backbone, build_head=self.build_head)
+        task = build_task_model(
+            spec,
+            backbone=backbone_config,
+            backbone_eval=backbone_eval,
+            build_backbone=self._build_task_backbone,
+            build_head=self.build_head,
+        )
         self.__dict__["task"]: TaskModel = task
         self.head = task.head
-        spec.head = describe_head(task.head, self.tuning_method, self.tuning_config, task.backbone.num_features,
-                                  num_classes)
+        spec.head = describe_head(
+            task.head, self.tuning_method, self.tuning_config, task.backbone.num_features, num_classes
+        )
         self.backbone_identity = task.identity
         self.data_config: Dict[str, Any] = self.backbone.data_config()
         self.backbone.set_grad_checkpointing(grad_checkpointing)
@@ -213,7 +224,9 @@ class VPTModule(pl.LightningModule):
         logits = self(images)
         loss = self.criterion(logits, targets)
         # sync_dist: the epoch mean over every rank's batches under DDP, not rank 0's alone
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=targets.shape[0], sync_dist=True)
+        self.log(
+            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=targets.shape[0], sync_dist=True
+        )
         return loss
 
     def _eval_step(self, batch: Any, metrics: MetricCollection, stage: str) -> None:
@@ -304,4 +317,3 @@ class VPTModule(pl.LightningModule):
         state = checkpoint["state_dict"]
         for key, value in self.state_dict().items():
             state.setdefault(key, value)
-

@@ -25,8 +25,8 @@ from PIL import Image
 from torch import nn
 
 from .atomic import atomic_path
-from .dataclass_config import plain_mapping
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
+from .dataclass_config import plain_mapping
 
 #: the largest logit difference (fp32) between onnxruntime and PyTorch that :func:`check_onnx` callers accept
 MAX_LOGIT_DIFF = 1e-4
@@ -46,9 +46,7 @@ class OnnxExportError(ValueError):
 def _require_onnx() -> None:
     missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if not _importable(name)]
     if missing:
-        raise ImportError(
-            f"ONNX export needs {', '.join(missing)}: pip install \"vpt-lightning[onnx]\""
-        )
+        raise ImportError(f'ONNX export needs {", ".join(missing)}: pip install "vpt-lightning[onnx]"')
 
 
 def _importable(name: str) -> bool:
@@ -90,7 +88,10 @@ def _saved(model: nn.Module, key: str) -> Any:
 def saved_eval_transform(model: nn.Module) -> Optional[Mapping[str, Any]]:
     """The eval transform settings saved with a task (``model.eval_transform`` or ``hparams['eval_transform']``,
     a mapping of :func:`~vpt_lightning.data.transforms.build_transform` arguments; ``None`` when it has none)."""
-    for source in (getattr(model, "eval_transform", None), (getattr(model, "hparams", None) or {}).get("eval_transform")):
+    for source in (
+        getattr(model, "eval_transform", None),
+        (getattr(model, "hparams", None) or {}).get("eval_transform"),
+    ):
         if source is not None:
             return plain_mapping(source)
     return None
@@ -114,8 +115,14 @@ def prepare_images(images: Sequence[ImageLike], eval_transform: Mapping[str, Any
     if not images:
         raise OnnxExportError("no images to prepare")
     settings = eval_transform_settings(eval_transform)
-    transform = build_transform(settings["recipe"], train=False, img_size=settings["img_size"], mean=settings["mean"],
-                                std=settings["std"], interpolation=settings["interpolation"])
+    transform = build_transform(
+        settings["recipe"],
+        train=False,
+        img_size=settings["img_size"],
+        mean=settings["mean"],
+        std=settings["std"],
+        interpolation=settings["interpolation"],
+    )
     tensors = []
     for image in images:
         if isinstance(image, Image.Image):
@@ -187,7 +194,9 @@ def export_onnx(
     _check_exportable(model)
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if dtypes - {torch.float32}:
-        raise OnnxExportError(f"the model's weights are {sorted(map(str, dtypes))}; export a float32 model (model.float())")
+        raise OnnxExportError(
+            f"the model's weights are {sorted(map(str, dtypes))}; export a float32 model (model.float())"
+        )
     settings = eval_transform_settings(
         eval_transform if eval_transform is not None else saved_eval_transform(model), model_input_size(model)
     )
@@ -241,7 +250,7 @@ def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:
 
     proto = onnx.load(str(path), load_external_data=False)
     return {
-        entry.key[len(METADATA_PREFIX):]: json.loads(entry.value)
+        entry.key[len(METADATA_PREFIX) :]: json.loads(entry.value)
         for entry in proto.metadata_props
         if entry.key.startswith(METADATA_PREFIX)
     }

@@ -100,33 +100,63 @@ def _groups(rows: Dict[str, Sequence[float]]) -> Dict[str, GroupMeans]:
 #: "VPT" is the input's pixel border, which ``vpt_shallow`` and ``vpt_deep`` both learn there; ResNet-50's
 #: "Partial-1" is the official code's last unit, its whole ``layer4`` (3 bottleneck blocks: our ``partial_3``).
 GROUP_MEANS: Dict[str, Dict[str, GroupMeans]] = {
-    "mae": _groups({
-        "full": (59.29, 79.68, 53.82), "linear": (18.87, 53.72, 23.70), "partial_1": (58.44, 78.28, 47.64),
-        "bias": (54.55, 75.68, 47.70), "adapter": (54.90, 75.19, 38.98), "vpt_shallow": (39.96, 69.65, 27.50),
-        "vpt_deep": (36.02, 60.61, 26.57),
-    }),
-    "mocov3": _groups({
-        "full": (71.95, 84.72, 51.98), "linear": (67.46, 81.08, 30.33), "partial_1": (72.31, 84.58, 47.89),
-        "bias": (72.89, 81.14, 53.43), "adapter": (74.19, 82.66, 47.69), "vpt_shallow": (67.34, 82.26, 37.55),
-        "vpt_deep": (70.27, 83.04, 42.38),
-    }),
-    "swin_b_in21k": _groups({
-        "full": (79.10, 86.21, 59.65), "linear": (73.52, 80.77, 33.52), "mlp_3": (73.56, 75.21, 35.69),
-        "partial_1": (73.11, 81.70, 34.96), "bias": (74.19, 80.14, 42.42), "vpt_shallow": (79.85, 82.45, 37.75),
-        "vpt_deep": (76.78, 84.53, 53.35),
-    }),
-    "convnext_b_in21k": _groups({
-        "full": (77.97, 83.71, 60.41), "linear": (74.48, 81.50, 34.76), "partial_1": (73.76, 81.64, 39.55),
-        "bias": (69.07, 72.81, 25.29), "vpt_shallow": (78.48, 83.00, 44.64), "vpt_deep": (78.48, 83.00, 44.64),
-    }),
+    "mae": _groups(
+        {
+            "full": (59.29, 79.68, 53.82),
+            "linear": (18.87, 53.72, 23.70),
+            "partial_1": (58.44, 78.28, 47.64),
+            "bias": (54.55, 75.68, 47.70),
+            "adapter": (54.90, 75.19, 38.98),
+            "vpt_shallow": (39.96, 69.65, 27.50),
+            "vpt_deep": (36.02, 60.61, 26.57),
+        }
+    ),
+    "mocov3": _groups(
+        {
+            "full": (71.95, 84.72, 51.98),
+            "linear": (67.46, 81.08, 30.33),
+            "partial_1": (72.31, 84.58, 47.89),
+            "bias": (72.89, 81.14, 53.43),
+            "adapter": (74.19, 82.66, 47.69),
+            "vpt_shallow": (67.34, 82.26, 37.55),
+            "vpt_deep": (70.27, 83.04, 42.38),
+        }
+    ),
+    "swin_b_in21k": _groups(
+        {
+            "full": (79.10, 86.21, 59.65),
+            "linear": (73.52, 80.77, 33.52),
+            "mlp_3": (73.56, 75.21, 35.69),
+            "partial_1": (73.11, 81.70, 34.96),
+            "bias": (74.19, 80.14, 42.42),
+            "vpt_shallow": (79.85, 82.45, 37.75),
+            "vpt_deep": (76.78, 84.53, 53.35),
+        }
+    ),
+    "convnext_b_in21k": _groups(
+        {
+            "full": (77.97, 83.71, 60.41),
+            "linear": (74.48, 81.50, 34.76),
+            "partial_1": (73.76, 81.64, 39.55),
+            "bias": (69.07, 72.81, 25.29),
+            "vpt_shallow": (78.48, 83.00, 44.64),
+            "vpt_deep": (78.48, 83.00, 44.64),
+        }
+    ),
     # VPT-Deep + Bias on the default backbone: only its group means are known (the paper's "VPT + other" appendix
     # table, from a transcription, unverified); the paper's Table 1 rows for Adapter and Sidetune on
     # this backbone are not transcribed in our sources, and it has no LoRA row
     DEFAULT_BACKBONE: _groups({"vpt_bias": (77.64, 82.22, 53.87)}),
-    "resnet50_in1k": _groups({
-        "full": (59.72, 76.66, 54.08), "linear": (63.75, 77.60, 30.96), "partial_3": (64.34, 78.64, 45.78),
-        "bias": (63.51, 77.22, 33.39), "vpt_shallow": (66.25, 77.32, 37.52), "vpt_deep": (66.25, 77.32, 37.52),
-    }),
+    "resnet50_in1k": _groups(
+        {
+            "full": (59.72, 76.66, 54.08),
+            "linear": (63.75, 77.60, 30.96),
+            "partial_3": (64.34, 78.64, 45.78),
+            "bias": (63.51, 77.22, 33.39),
+            "vpt_shallow": (66.25, 77.32, 37.52),
+            "vpt_deep": (66.25, 77.32, 37.52),
+        }
+    ),
 }
 
 
@@ -146,6 +176,10 @@ SEGMENTATION: Dict[str, Dict[str, object]] = {
     "bias": {"label": "Bias", "miou_ss": 43.40, "miou_ms": 45.33, "params_m": 13.46},
     "vpt_deep": {"label": "VPT-deep (p=10)", "miou_ss": 42.11, "miou_ms": 44.06, "params_m": 13.43},
     "vpt_bias": {"label": "VPT+Bias (p=100)", "miou_ss": 44.04, "miou_ms": 45.63, "params_m": 15.79},
-    "deeplabv3plus_r101": {"label": "DeepLab v3+ ResNet-101, full (reference)", "miou_ss": 45.47, "miou_ms": 46.27,
-                           "params_m": 63.0},
+    "deeplabv3plus_r101": {
+        "label": "DeepLab v3+ ResNet-101, full (reference)",
+        "miou_ss": 45.47,
+        "miou_ms": 46.27,
+        "params_m": 63.0,
+    },
 }

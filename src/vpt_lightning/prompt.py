@@ -169,9 +169,7 @@ class PromptConfig(DataclassConfig):
             indices = sorted(self.depth)
         bad = [i for i in indices if not 0 <= i < num_blocks]
         if bad:
-            raise ValueError(
-                f"prompt.depth names block(s) {bad}, but the backbone has blocks 0..{num_blocks - 1}"
-            )
+            raise ValueError(f"prompt.depth names block(s) {bad}, but the backbone has blocks 0..{num_blocks - 1}")
         return indices
 
 

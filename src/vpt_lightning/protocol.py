@@ -29,8 +29,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .atomic import remove_stale_temp_files, write_json_atomic, write_text_atomic
-from .integrity import (RESTART_HINT, ConfigMismatchError, RunIntegrityError, check_resume, config_differences,
-                        describe_differences, read_results)
+from .integrity import (
+    RESTART_HINT,
+    ConfigMismatchError,
+    RunIntegrityError,
+    check_resume,
+    config_differences,
+    describe_differences,
+    read_results,
+)
 from .locking import LOCK_FILE, folder_lock
 from .methods import get_method
 from .nonfinite import NonFiniteLossError
@@ -102,7 +109,9 @@ def check_same_config(recorded: Dict[str, Any], job: Dict[str, Any], results_fil
     if diffs:
         raise ConfigMismatchError(
             f"{results_file} holds a finished run of another configuration ({describe_differences(diffs)}); use "
-            f"another paths.output_dir, or delete that folder to re-run it ({RESTART_HINT})", Path(results_file))
+            f"another paths.output_dir, or delete that folder to re-run it ({RESTART_HINT})",
+            Path(results_file),
+        )
 
 
 def _job(cfg: DictConfig, run_dir: Path, overrides: Dict[str, Any]) -> DictConfig:
@@ -172,8 +181,9 @@ def _sweep_entry(point: Dict[str, Any], result: Dict[str, Any]) -> Dict[str, Any
     return entry
 
 
-def _sweep_point(cfg: DictConfig, out_dir: Path, point: Dict[str, Any], train_fn: Callable,
-                 extra: Dict[str, Any] | None = None) -> Tuple[Dict[str, Any], Exception | None]:
+def _sweep_point(
+    cfg: DictConfig, out_dir: Path, point: Dict[str, Any], train_fn: Callable, extra: Dict[str, Any] | None = None
+) -> Tuple[Dict[str, Any], Exception | None]:
     """Run one sweep point; its sweep entry and, when it raised, the error."""
     # tuning never looks at the test set (and skipping it saves time)
     # tune-split points are only compared: no task package (the final runs write theirs)
@@ -219,13 +229,18 @@ def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> 
     parse_configs(cfg)  # a config error (a bad value, an unknown key) stops here, before any run folder is made
     method = get_method(cfg.tuning.method)
     if cfg.optim.name != method.optimizer:  # the method's YAML composes its optimizer; the command line overrode it
-        log.warning("tuning=%s trains with optim=%s in the paper's protocol; this run uses optim=%s (overridden)",
-                    cfg.tuning.name, method.optimizer, cfg.optim.name)
+        log.warning(
+            "tuning=%s trains with optim=%s in the paper's protocol; this run uses optim=%s (overridden)",
+            cfg.tuning.name,
+            method.optimizer,
+            cfg.optim.name,
+        )
     points = grid_points(protocol, method.name)
     search_info: Dict[str, Any] = {"kind": "grid"}
     if search_kind(protocol) == "optuna":  # the same points as an Optuna study shared by workers (search.py)
         sweep, errors, search_info = optuna_sweep(
-            cfg, out_dir, points, lambda point, extra: _sweep_point(cfg, out_dir, point, train_fn, extra))
+            cfg, out_dir, points, lambda point, extra: _sweep_point(cfg, out_dir, point, train_fn, extra)
+        )
     else:
         sweep, errors = [], []
         for point in points:
@@ -238,7 +253,9 @@ def run_protocol(cfg: DictConfig, out_dir: Path, train_fn: Callable = train) -> 
     finals: Dict[str, Dict[str, Any]] = {}
     for seed in protocol.seeds:
         overrides = {**point_overrides(best["point"]), "data.split": "final", "seed": int(seed), "test": True}
-        finals[str(seed)] = _run(cfg, out_dir / "final" / point_name(best["point"]) / f"seed{seed}", overrides, train_fn)
+        finals[str(seed)] = _run(
+            cfg, out_dir / "final" / point_name(best["point"]) / f"seed{seed}", overrides, train_fn
+        )
     tests = [float(r["test/top1"]) for r in finals.values()]
     any_final = next(iter(finals.values()))
     summary = {
@@ -276,8 +293,11 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
         + f" (val top-1 {100 * sel['val/top1']:.2f}%)\n"
         f"- test top-1 at the last epoch: {100 * test['mean']:.2f} ± {100 * test['std']:.2f}% (seeds {seeds})\n"
         f"- trainable parameters: {summary['trainable_params']:,} ({summary['trainable_percent']:.3f}% of the backbone)\n"
-        + "".join(f"- {kind} sweep points (not selectable): {', '.join(summary[kind])}\n"
-                  for kind in ("diverged", "failed") if summary.get(kind))
+        + "".join(
+            f"- {kind} sweep points (not selectable): {', '.join(summary[kind])}\n"
+            for kind in ("diverged", "failed")
+            if summary.get(kind)
+        )
     )
 
 
@@ -290,4 +310,3 @@ def find_summaries(dirs: Sequence[Path]) -> List[Dict[str, Any]]:
             raise FileNotFoundError(f"{str(root)!r} does not exist")
         found += [{**json.loads(p.read_text()), "path": str(p)} for p in sorted(root.rglob(SUMMARY_FILE))]
     return found
-

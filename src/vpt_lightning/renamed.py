@@ -12,8 +12,11 @@ def renamed_names(module: str, old_to_new: Mapping[str, Any]) -> Callable[[str],
     def __getattr__(name: str) -> Any:
         if name in old_to_new:
             new = old_to_new[name]
-            warnings.warn(f"{module}.{name} is now {module}.{new.__name__}; the old name will be removed",
-                          DeprecationWarning, stacklevel=2)
+            warnings.warn(
+                f"{module}.{name} is now {module}.{new.__name__}; the old name will be removed",
+                DeprecationWarning,
+                stacklevel=2,
+            )
             return new
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
 

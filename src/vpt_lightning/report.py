@@ -89,11 +89,14 @@ def set_row(label: str, means: Dict[str, Optional[float]], names: Sequence[str])
 
 def aggregates(means: Dict[str, Optional[float]]) -> List[AggregateRow]:
     """Rows for the VTAB groups, the mean of the group means, the 19-task mean and the FGVC mean."""
-    rows = [set_row(f"VTAB {group} (mean of {len(vtab_tasks(group))})", means, [t.config_name for t in vtab_tasks(group)])
-            for group in VTAB_GROUPS]
+    rows = [
+        set_row(f"VTAB {group} (mean of {len(vtab_tasks(group))})", means, [t.config_name for t in vtab_tasks(group)])
+        for group in VTAB_GROUPS
+    ]
     complete = [value for _, value, _, _ in rows if value is not None]
-    rows.append(("VTAB mean of the 3 group means", statistics.fmean(complete) if len(complete) == 3 else None,
-                 len(complete), 3))
+    rows.append(
+        ("VTAB mean of the 3 group means", statistics.fmean(complete) if len(complete) == 3 else None, len(complete), 3)
+    )
     rows.append(set_row("VTAB mean over the 19 tasks", means, [t.config_name for t in vtab_tasks()]))
     rows.append(set_row("FGVC mean of 5", means, [t.config_name for t in fgvc_tasks()]))
     return rows
@@ -101,8 +104,10 @@ def aggregates(means: Dict[str, Optional[float]]) -> List[AggregateRow]:
 
 def group_aggregates(means: Dict[str, Optional[float]], groups: Dict[str, List[str]]) -> List[AggregateRow]:
     """Rows for groups of tasks outside the registry (``task_group`` of their runs)."""
-    return [set_row(f"{group} (mean of {len(names)}: {', '.join(names)})", means, names)
-            for group, names in sorted(groups.items())]
+    return [
+        set_row(f"{group} (mean of {len(names)}: {', '.join(names)})", means, names)
+        for group, names in sorted(groups.items())
+    ]
 
 
 def report_backbone(summaries: Sequence[Dict[str, Any]]) -> str:
@@ -187,17 +192,22 @@ def results_table(summaries: Sequence[Dict[str, Any]]) -> ResultsTable:
     paper_of = {t: paper_key(t, cells, backbone) for t in tunings}
     with_paper = [t for t in tunings if has_paper(paper_of[t], backbone)] if benchmark else []
     paper = {(task, t): _paper(task, paper_of[t], backbone) for task in tasks for t in tunings}
-    per_tuning = {t: {task: 100 * cells[task, t]["test_top1"]["mean"] for task in tasks if (task, t) in cells}
-                  for t in tunings}
+    per_tuning = {
+        t: {task: 100 * cells[task, t]["test_top1"]["mean"] for task in tasks if (task, t) in cells} for t in tunings
+    }
     groups: Dict[str, List[str]] = {}  # tasks outside the registry, by the group their runs reported
     for summary in summaries:
         if summary["task_name"] not in TASKS and summary.get("task_group"):
             names = groups.setdefault(summary["task_group"], [])
             names += [summary["task_name"]] if summary["task_name"] not in names else []
-    ours = {t: (aggregates(per_tuning[t]) if benchmark else []) + group_aggregates(per_tuning[t], groups) for t in tunings}
+    ours = {
+        t: (aggregates(per_tuning[t]) if benchmark else []) + group_aggregates(per_tuning[t], groups) for t in tunings
+    }
     paper_rows = {t: paper_aggregates(paper_of[t], backbone) + [None] * len(groups) for t in with_paper}
-    rows = [Aggregate(label, {t: tuple(ours[t][i][1:]) for t in tunings}, {t: paper_rows[t][i] for t in with_paper})
-            for i, (label, *_) in enumerate(ours[tunings[0]])]
+    rows = [
+        Aggregate(label, {t: tuple(ours[t][i][1:]) for t in tunings}, {t: paper_rows[t][i] for t in with_paper})
+        for i, (label, *_) in enumerate(ours[tunings[0]])
+    ]
     backbones = sorted({str(s.get("backbone")) for s in summaries if s.get("backbone")})
     return ResultsTable(tasks, tunings, with_paper, cells, paper, rows, benchmark, backbone, backbones)
 
@@ -220,26 +230,41 @@ def to_markdown(table: ResultsTable) -> str:
     for task in table.tasks:
         row = [task]
         row += [_md_cell(table.cells.get((task, tuning))) for tuning in table.tunings]
-        row += [f"{value:.1f}" if value is not None else MISSING
-                for value in (table.paper[task, t] for t in table.paper_columns)]
+        row += [
+            f"{value:.1f}" if value is not None else MISSING
+            for value in (table.paper[task, t] for t in table.paper_columns)
+        ]
         md.append(_md_row(row))
     if table.aggregates:
         md += ["", _md_row(["aggregate"] + columns), "|" + "---|" * (1 + len(columns))]
         for aggregate in table.aggregates:
-            shown = [f"{value:.2f}" if value is not None else f"incomplete ({present}/{total})"
-                     for value, present, total in (aggregate.ours[t] for t in table.tunings)]
-            shown += [f"{aggregate.paper[t]:.2f}" if aggregate.paper[t] is not None else MISSING
-                      for t in table.paper_columns]
+            shown = [
+                f"{value:.2f}" if value is not None else f"incomplete ({present}/{total})"
+                for value, present, total in (aggregate.ours[t] for t in table.tunings)
+            ]
+            shown += [
+                f"{aggregate.paper[t]:.2f}" if aggregate.paper[t] is not None else MISSING for t in table.paper_columns
+            ]
             md.append(_md_row([aggregate.label] + shown))
     md.append("")
-    md.append("Test top-1 (%) at the last epoch, mean ± std over seeds; means only over complete sets."
-              + (f" {paper_note(table.backbone)}" if table.benchmark else "")
-              + (f" Backbone: {', '.join(table.backbones)}." if table.backbones else ""))
+    md.append(
+        "Test top-1 (%) at the last epoch, mean ± std over seeds; means only over complete sets."
+        + (f" {paper_note(table.backbone)}" if table.benchmark else "")
+        + (f" Backbone: {', '.join(table.backbones)}." if table.backbones else "")
+    )
     return "\n".join(md) + "\n"
 
 
-CSV_HEADER = ["task", "tuning", "test_top1_mean", "test_top1_std", "seeds", "trainable_params", "trainable_percent",
-              "paper_top1"]
+CSV_HEADER = [
+    "task",
+    "tuning",
+    "test_top1_mean",
+    "test_top1_std",
+    "seeds",
+    "trainable_params",
+    "trainable_percent",
+    "paper_top1",
+]
 
 
 def to_csv(table: ResultsTable) -> str:
@@ -255,8 +280,18 @@ def to_csv(table: ResultsTable) -> str:
                 writer.writerow([task, tuning, "", "", 0, "", "", paper])
                 continue
             test = cell["test_top1"]
-            writer.writerow([task, tuning, _pct(100 * test["mean"]), _pct(100 * test["std"]), len(cell["test_top1_per_seed"]),
-                             cell["trainable_params"], f"{cell['trainable_percent']:.4f}", paper])
+            writer.writerow(
+                [
+                    task,
+                    tuning,
+                    _pct(100 * test["mean"]),
+                    _pct(100 * test["std"]),
+                    len(cell["test_top1_per_seed"]),
+                    cell["trainable_params"],
+                    f"{cell['trainable_percent']:.4f}",
+                    paper,
+                ]
+            )
     for aggregate in table.aggregates:
         for tuning in table.tunings:
             value = aggregate.ours[tuning][0]
@@ -351,19 +386,32 @@ def segmentation_report(results: Sequence[Dict[str, Any]]) -> str:
     Table 3 row of its method (for the ADE20K experiment), then Table 3 itself."""
     from .paper import SEGMENTATION, SEGMENTATION_TASK
 
-    md = ["## Segmentation", "",
-          "| task | tuning | mIoU SS (ours) | mIoU MS (ours) | trainable (M) | mIoU SS (paper) | mIoU MS (paper) "
-          "| trainable (M, paper) |", "|---|---|---|---|---|---|---|---|"]
+    md = [
+        "## Segmentation",
+        "",
+        "| task | tuning | mIoU SS (ours) | mIoU MS (ours) | trainable (M) | mIoU SS (paper) | mIoU MS (paper) "
+        "| trainable (M, paper) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for run in sorted(results, key=lambda r: (r.get("task_name", ""), r.get("tuning", ""))):
         paper = SEGMENTATION.get(run.get("method"), {}) if run.get("task_name") == SEGMENTATION_TASK else {}
         shown = [f"{paper[k]:.2f}" if k in paper else MISSING for k in ("miou_ss", "miou_ms", "params_m")]
         miou = run.get("test/miou", run.get("val/miou"))
         params = run.get("trainable_params")
-        md.append(f"| {run.get('task_name')} | {run.get('tuning')} | {_miou(miou)} | {_miou(run.get('test/miou_ms'))} | "
-                  f"{MISSING if params is None else f'{params / 1e6:.2f}'} | " + " | ".join(shown) + " |")
-    md += ["", "Paper, Table 3 (ADE20K val, SETR-PUP on ViT-L/16 ImageNet-21k):", "",
-           "| method | mIoU SS | mIoU MS | tunable (M) |", "|---|---|---|---|"]
-    md += [f"| {row['label']} | {row['miou_ss']:.2f} | {row['miou_ms']:.2f} | {row['params_m']:.2f} |"
-           for row in SEGMENTATION.values()]
+        md.append(
+            f"| {run.get('task_name')} | {run.get('tuning')} | {_miou(miou)} | {_miou(run.get('test/miou_ms'))} | "
+            f"{MISSING if params is None else f'{params / 1e6:.2f}'} | " + " | ".join(shown) + " |"
+        )
+    md += [
+        "",
+        "Paper, Table 3 (ADE20K val, SETR-PUP on ViT-L/16 ImageNet-21k):",
+        "",
+        "| method | mIoU SS | mIoU MS | tunable (M) |",
+        "|---|---|---|---|",
+    ]
+    md += [
+        f"| {row['label']} | {row['miou_ss']:.2f} | {row['miou_ms']:.2f} | {row['params_m']:.2f} |"
+        for row in SEGMENTATION.values()
+    ]
     md += ["", "Ours: test mIoU (%) (val where the run has no test), last epoch; MS = multi-scale + flip."]
     return "\n".join(md) + "\n"

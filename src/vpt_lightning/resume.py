@@ -116,8 +116,12 @@ def restart_stale_iterators(trainer: pl.Trainer) -> None:
     epoch) draws the right one. Without workers the order is drawn lazily and nothing is redone.
     """
     loaders = getattr(trainer.fit_loop._combined_loader, "flattened", None) or []
-    stale = [dl for dl in loaders if isinstance(getattr(dl, "sampler", None), EpochRandomSampler)
-             and dl.sampler.iter_epoch not in (None, dl.sampler.epoch)]
+    stale = [
+        dl
+        for dl in loaders
+        if isinstance(getattr(dl, "sampler", None), EpochRandomSampler)
+        and dl.sampler.iter_epoch not in (None, dl.sampler.epoch)
+    ]
     fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
     if stale and fetcher is not None:
         iter(fetcher)
@@ -144,8 +148,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:
             torch.save(checkpoint, f)
 
-    def load_checkpoint(self, path: Any, map_location: Optional[Any] = None,
-                        weights_only: Optional[bool] = None) -> Dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None
+    ) -> Dict[str, Any]:
         if map_location is None:
             map_location = lambda storage, loc: storage  # noqa: E731 - Lightning's default
         if not _is_local_file_protocol(path):

@@ -118,8 +118,9 @@ def open_study(url: str, name: str, sampler: Any, pruner: Any, attempts: int = 2
         try:
             storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
             try:
-                study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
-                                            direction="maximize")
+                study = optuna.create_study(
+                    storage=storage, study_name=name, sampler=sampler, pruner=pruner, direction="maximize"
+                )
                 return study, True
             except optuna.exceptions.DuplicatedStudyError:
                 return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner), False
@@ -173,12 +174,18 @@ def _tell(study: Any, trial: Any, **kwargs: Any) -> None:
 
 def pruning_callback(url: str, study_name: str, trial_number: int, pruning: bool) -> Dict[str, Any]:
     """The ``callbacks.optuna_pruning`` config entry that reports a run's val top-1 to its trial."""
-    return {"_target_": f"{__name__}.OptunaPruning", "storage": url, "study": study_name, "trial_number": trial_number,
-            "pruning": pruning}
+    return {
+        "_target_": f"{__name__}.OptunaPruning",
+        "storage": url,
+        "study": study_name,
+        "trial_number": trial_number,
+        "pruning": pruning,
+    }
 
 
-def optuna_sweep(cfg: DictConfig, out_dir: Path, points: List[Dict[str, Any]], run_point: RunPoint,
-                 wait_timeout: float = 24 * 3600.0) -> Tuple[List[Dict[str, Any]], List[BaseException], Dict[str, Any]]:
+def optuna_sweep(
+    cfg: DictConfig, out_dir: Path, points: List[Dict[str, Any]], run_point: RunPoint, wait_timeout: float = 24 * 3600.0
+) -> Tuple[List[Dict[str, Any]], List[BaseException], Dict[str, Any]]:
     """Run this worker's share of the study, wait for the others, return ``(sweep, errors, search_info)``.
 
     ``points`` is the grid (:func:`vpt_lightning.protocol.grid_points`); ``run_point(point, overrides)`` runs one
@@ -233,8 +240,14 @@ def optuna_sweep(cfg: DictConfig, out_dir: Path, points: List[Dict[str, Any]], r
             _tell(study, trial, values=entry["val/top1"])
     _wait_for(lambda: not _states(study, "RUNNING", "WAITING"), f"the other workers of study {name!r}", wait_timeout)
     sweep = sweep_from_study(study)
-    info = {"kind": "optuna", "sampler": sampler_name, "study": name, "storage": url, "n_trials": len(sweep),
-            "pruned": [e["point"] for e in sweep if e.get("pruned")]}
+    info = {
+        "kind": "optuna",
+        "sampler": sampler_name,
+        "study": name,
+        "storage": url,
+        "n_trials": len(sweep),
+        "pruned": [e["point"] for e in sweep if e.get("pruned")],
+    }
     return sweep, errors, info
 
 
@@ -272,8 +285,9 @@ class OptunaPruning(pl.Callback):
     Built from plain values (storage URL, study name, trial number) so that the config of a run can carry it.
     """
 
-    def __init__(self, storage: str, study: str, trial_number: int, pruning: bool = True,
-                 monitor: str = "val/top1") -> None:
+    def __init__(
+        self, storage: str, study: str, trial_number: int, pruning: bool = True, monitor: str = "val/top1"
+    ) -> None:
         optuna = _optuna()
         self.monitor = monitor
         storage_ = optuna.storages.RDBStorage(storage, engine_kwargs=_engine_kwargs(storage))

@@ -47,6 +47,7 @@ PACKAGE_FILES = [CONFIG_FILE, WEIGHTS_FILE, CARD_FILE]
 # a Hugging Face Hub repo id, OWNER/NAME
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
+
 @dataclass
 class TaskSpec:
     """What rebuilds a task's network and names its outputs (the model part of a package's ``config.json``).
@@ -182,7 +183,9 @@ class TaskModel(
         """The ``config.json`` of this task's package."""
         if self.spec.head is None:
             method, tuning = parse_tuning(self.spec.tuning)
-            self.spec.head = heads.describe_head(self.head, method, tuning, self.backbone.num_features, self.num_classes)
+            self.spec.head = heads.describe_head(
+                self.head, method, tuning, self.backbone.num_features, self.num_classes
+            )
             if self.spec.head is None:
                 raise ValueError(
                     f"the head {type(self.head).__module__}.{type(self.head).__qualname__} cannot be rebuilt by name: "
@@ -228,13 +231,20 @@ class TaskModel(
         identity: Optional[Mapping[str, Any]] = None,
         **unused: Any,
     ) -> "TaskModel":
-        folder = package_folder(model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
-                                token=token, local_files_only=local_files_only)
+        folder = package_folder(
+            model_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            token=token,
+            local_files_only=local_files_only,
+        )
         return load_package(folder, backbone=backbone, model=model, identity=identity)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], *, backbone: Any = None,
-                        **kwargs: Any) -> "TaskModel":
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: Union[str, Path], *, backbone: Any = None, **kwargs: Any
+    ) -> "TaskModel":
         """Load a task package from a folder or a Hub repo id (downloaded with ``snapshot_download``).
 
         ``backbone`` pins the frozen backbone (a :class:`BackboneConfig`, its mapping, a ``conf/backbone`` name or
@@ -243,9 +253,14 @@ class TaskModel(
         already built timm model to wrap (a shared backbone).
         """
         # resolve here, so that a missing folder or an unreachable repo id fails with one clear message
-        folder = package_folder(str(pretrained_model_name_or_path), **{
-            k: kwargs[k] for k in ("revision", "cache_dir", "force_download", "token", "local_files_only") if k in kwargs
-        })
+        folder = package_folder(
+            str(pretrained_model_name_or_path),
+            **{
+                k: kwargs[k]
+                for k in ("revision", "cache_dir", "force_download", "token", "local_files_only")
+                if k in kwargs
+            },
+        )
         return super().from_pretrained(str(folder), backbone=backbone, **kwargs)
 
 
@@ -320,7 +335,9 @@ def read_package_config(folder: os.PathLike) -> Dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from err
     if not isinstance(config, dict) or config.get("format") != PACKAGE_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a vpt-lightning task package config (format must be {PACKAGE_FORMAT!r})")
+        raise ValueError(
+            f"{str(path)!r} is not a vpt-lightning task package config (format must be {PACKAGE_FORMAT!r})"
+        )
     version = config.get("format_version")
     if not isinstance(version, int) or version > PACKAGE_FORMAT_VERSION:
         raise ValueError(
@@ -342,8 +359,14 @@ class TaskRecord:
     info: Dict[str, Any]
 
 
-def package_folder(source: Union[str, os.PathLike], revision: Optional[str] = None, cache_dir: Any = None,
-                   force_download: bool = False, token: Any = None, local_files_only: bool = False) -> Path:
+def package_folder(
+    source: Union[str, os.PathLike],
+    revision: Optional[str] = None,
+    cache_dir: Any = None,
+    force_download: bool = False,
+    token: Any = None,
+    local_files_only: bool = False,
+) -> Path:
     """A package's local folder: ``source`` itself, or the Hub repo ``source`` downloaded (``snapshot_download``,
     the package's three files only). Offline or unknown, the error names the source and why."""
     path = Path(source).expanduser()
@@ -354,14 +377,22 @@ def package_folder(source: Union[str, os.PathLike], revision: Optional[str] = No
     if not REPO_ID.match(str(source)):
         raise FileNotFoundError(
             f"{str(source)!r} does not exist: give a task package folder (<run>/task), a .ckpt file, a run folder or "
-            "a Hub repo id OWNER/NAME")
+            "a Hub repo id OWNER/NAME"
+        )
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(
-            repo_id=str(source), revision=revision, cache_dir=cache_dir, force_download=force_download, token=token,
-            local_files_only=local_files_only, allow_patterns=PACKAGE_FILES,
-        ))
+        return Path(
+            snapshot_download(
+                repo_id=str(source),
+                revision=revision,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                token=token,
+                local_files_only=local_files_only,
+                allow_patterns=PACKAGE_FILES,
+            )
+        )
     except Exception as err:  # offline (no network, HF_HUB_OFFLINE=1), unknown repo, no access
         raise ValueError(
             f"{str(source)!r} is no local folder, and the Hub repo of that id could not be downloaded "
@@ -390,22 +421,32 @@ def read_package(folder: Path) -> TaskRecord:
     return TaskRecord(folder, spec, state, config.get("backbone_identity"), info)
 
 
-def assemble(record: TaskRecord, backbone: Any = None, model: Optional[nn.Module] = None,
-             identity: Optional[Mapping[str, Any]] = None) -> TaskModel:
+def assemble(
+    record: TaskRecord,
+    backbone: Any = None,
+    model: Optional[nn.Module] = None,
+    identity: Optional[Mapping[str, Any]] = None,
+) -> TaskModel:
     """Build the network a record describes (on the pinned ``backbone``, or wrapping ``model``), check the
     backbone identity and load the trained tensors; every mismatch is named with the source."""
     origin = repr(str(record.origin))
     pin = None
     if model is None:
-        pin = backbone_pin(backbone, record.spec.backbone) if backbone is not None else own_backbone(record.spec.backbone,
-                                                                                                      origin)
+        pin = (
+            backbone_pin(backbone, record.spec.backbone)
+            if backbone is not None
+            else own_backbone(record.spec.backbone, origin)
+        )
     task = build_task_model(record.spec, backbone=pin, model=model, identity=identity)
     check_identity(record.identity, task.identity, origin)
     own = task.state_dict()
     expected = {k for k in own if not k.startswith("backbone.model.")}
     missing, unexpected = sorted(expected - set(record.state_dict)), sorted(set(record.state_dict) - set(own))
-    shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in record.state_dict.items()
-              if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in record.state_dict.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or shapes:
         raise ValueError(
             f"{origin} does not fit the model its config describes: missing {missing}, unexpected {unexpected}, "
@@ -417,9 +458,11 @@ def assemble(record: TaskRecord, backbone: Any = None, model: Optional[nn.Module
     return task.eval()
 
 
-def load_package(folder: os.PathLike, backbone: Any = None, model: Optional[nn.Module] = None,
-                 identity: Optional[Mapping[str, Any]] = None) -> TaskModel:
+def load_package(
+    folder: os.PathLike,
+    backbone: Any = None,
+    model: Optional[nn.Module] = None,
+    identity: Optional[Mapping[str, Any]] = None,
+) -> TaskModel:
     """A :class:`TaskModel` from a package folder (``TaskModel.from_pretrained``'s work)."""
     return assemble(read_package(Path(folder)), backbone, model, identity)
-
-

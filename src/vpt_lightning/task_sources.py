@@ -50,14 +50,18 @@ def read_task(source: Union[str, os.PathLike], **download: Any) -> TaskRecord:
     elif not path.exists() and _local_parent(path) is not None:
         # a relative path such as quickstart/r1 is also a Hub repo id; its first folder exists here, so it is local
         parent = _local_parent(path)
-        raise FileNotFoundError(f"{str(path)!r} does not exist: {str(parent)!r} has no "
-                                f"{path.relative_to(parent).parts[0]!r} ({_runs_hint(parent)})")
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist: {str(parent)!r} has no "
+            f"{path.relative_to(parent).parts[0]!r} ({_runs_hint(parent)})"
+        )
     folder = package_folder(str(path) if path.exists() else str(source), **download)
     return read_package(folder)
 
 
-EXPECTED = (f"expected a task package (a folder with {CONFIG_FILE}, e.g. <run>/task), a run folder (with a task/ "
-            "package or checkpoints/last.ckpt), a .ckpt file or a Hub repo id OWNER/NAME")
+EXPECTED = (
+    f"expected a task package (a folder with {CONFIG_FILE}, e.g. <run>/task), a run folder (with a task/ "
+    "package or checkpoints/last.ckpt), a .ckpt file or a Hub repo id OWNER/NAME"
+)
 
 
 def _task_sources_under(folder: Path, limit: int = 5, max_depth: int = 5, max_folders: int = 2000) -> list:
@@ -67,8 +71,9 @@ def _task_sources_under(folder: Path, limit: int = 5, max_depth: int = 5, max_fo
     while queue and len(found) < limit and seen < max_folders:
         current, depth = queue.pop(0)
         seen += 1
-        if current != folder and (is_package(current) or is_package(current / "task")
-                                  or (current / "checkpoints" / "last.ckpt").is_file()):
+        if current != folder and (
+            is_package(current) or is_package(current / "task") or (current / "checkpoints" / "last.ckpt").is_file()
+        ):
             found.append(str(current.relative_to(folder)))
             continue
         if depth < max_depth:
@@ -91,7 +96,9 @@ def _what_folder(path: Path) -> str:
     elif (path / "results.json").is_file() or (path / ".hydra").is_dir():
         found = "a run folder without a task package or checkpoints/last.ckpt (package=false, or stopped early)"
     else:
-        found = f"neither a task package (no {CONFIG_FILE}) nor a run folder (no task/ package, no checkpoints/last.ckpt)"
+        found = (
+            f"neither a task package (no {CONFIG_FILE}) nor a run folder (no task/ package, no checkpoints/last.ckpt)"
+        )
     runs = _task_sources_under(path)
     return f"{found}; {EXPECTED}" + (f"; under it: {runs}" if runs else "")
 
@@ -114,8 +121,12 @@ def _read_checkpoint(path: Path) -> TaskRecord:
     return TaskRecord(path, spec, checkpoint.state_dict, checkpoint.identity, {})
 
 
-def load_task(source: Union[str, os.PathLike], backbone: Any = None, model: Optional[nn.Module] = None,
-              identity: Optional[Mapping[str, Any]] = None) -> TaskModel:
+def load_task(
+    source: Union[str, os.PathLike],
+    backbone: Any = None,
+    model: Optional[nn.Module] = None,
+    identity: Optional[Mapping[str, Any]] = None,
+) -> TaskModel:
     """A :class:`TaskModel` from a package folder, a Hub repo id, a ``.ckpt`` file or a run folder.
 
     ``backbone`` pins the frozen backbone (see :func:`backbone_pin`); ``model``/``identity`` wrap an already built

@@ -45,24 +45,36 @@ def wandb_logger(save_dir: str, project: str, run_dir: str, group: Optional[str]
 
     os.environ.setdefault("WANDB_MODE", "offline")
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(save_dir=save_dir, project=project, name=run_label(run_dir), group=group,
-                       job_type=run_label(run_dir).split("/")[0] if group else None, **kwargs)
+    return WandbLogger(
+        save_dir=save_dir,
+        project=project,
+        name=run_label(run_dir),
+        group=group,
+        job_type=run_label(run_dir).split("/")[0] if group else None,
+        **kwargs,
+    )
 
 
 def _absolute_sqlite(uri: str) -> str:
     """``sqlite:///relative.db`` made absolute (and its folder created), so the store does not depend on the cwd."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        path = Path(uri[len(prefix):]).resolve()
+        path = Path(uri[len(prefix) :]).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         return prefix + str(path)
     if uri.startswith(prefix):
-        Path(uri[len(prefix):]).parent.mkdir(parents=True, exist_ok=True)
+        Path(uri[len(prefix) :]).parent.mkdir(parents=True, exist_ok=True)
     return uri
 
 
-def mlflow_logger(tracking_uri: str, experiment_name: str, run_dir: str, artifact_location: Optional[str] = None,
-                  group: Optional[str] = None, **kwargs: Any):
+def mlflow_logger(
+    tracking_uri: str,
+    experiment_name: str,
+    run_dir: str,
+    artifact_location: Optional[str] = None,
+    group: Optional[str] = None,
+    **kwargs: Any,
+):
     """Lightning's :class:`~pytorch_lightning.loggers.MLFlowLogger`; in a protocol (``group`` set), a child run of
     the group's parent run (created by the first run of the group)."""
     try:
@@ -78,8 +90,14 @@ def mlflow_logger(tracking_uri: str, experiment_name: str, run_dir: str, artifac
     if group:
         tags["mlflow.parentRunId"] = mlflow_parent_run(tracking_uri, experiment_name, group, artifact_location)
         tags[PARENT_TAG + ".member"] = group
-    return MLFlowLogger(experiment_name=experiment_name, run_name=run_label(run_dir), tracking_uri=tracking_uri,
-                        artifact_location=artifact_location, tags=tags, **kwargs)
+    return MLFlowLogger(
+        experiment_name=experiment_name,
+        run_name=run_label(run_dir),
+        tracking_uri=tracking_uri,
+        artifact_location=artifact_location,
+        tags=tags,
+        **kwargs,
+    )
 
 
 def _mlflow_experiment(client: Any, name: str, artifact_location: Optional[str]) -> str:
@@ -92,15 +110,20 @@ def _mlflow_experiment(client: Any, name: str, artifact_location: Optional[str])
         return client.get_experiment_by_name(name).experiment_id
 
 
-def mlflow_parent_run(tracking_uri: str, experiment_name: str, group: str,
-                      artifact_location: Optional[str] = None) -> str:
+def mlflow_parent_run(
+    tracking_uri: str, experiment_name: str, group: str, artifact_location: Optional[str] = None
+) -> str:
     """The id of the MLflow run that stands for ``group`` (a ``vpt-tune`` protocol), created when missing."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment_id = _mlflow_experiment(client, experiment_name, artifact_location)
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{group}'",
-                               order_by=["attributes.start_time ASC"], max_results=1)
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{group}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
     if found:
         return found[0].info.run_id
     return client.create_run(experiment_id, run_name=group, tags={PARENT_TAG: group}).info.run_id
@@ -108,8 +131,11 @@ def mlflow_parent_run(tracking_uri: str, experiment_name: str, group: str,
 
 def flat_config(cfg: DictConfig) -> Dict[str, Any]:
     """The composed config (Hydra's own node left out) as ``config/<dotted key>`` -> value."""
-    tree = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
-            for key in cfg if key != "hydra"}  # Hydra's own node resolves only inside a Hydra app
+    tree = {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        for key in cfg
+        if key != "hydra"
+    }  # Hydra's own node resolves only inside a Hydra app
     flat: Dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -138,8 +164,9 @@ def log_results(loggers: Iterable[Any], results: Mapping[str, Any], step: int, c
     is written only together with metrics)."""
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    scalars = {f"results/{k}": float(v) for k, v in results.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    scalars = {
+        f"results/{k}": float(v) for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(flat_config(cfg), metrics=scalars, step=step)
@@ -179,8 +206,12 @@ def log_protocol_summary(cfg: DictConfig, summary: Mapping[str, Any]) -> None:
     parent = mlflow_parent_run(uri, mlflow_cfg.experiment_name, group)
     client = MlflowClient(tracking_uri=uri)
     selected = summary["selected"]
-    for key, value in {"selected/base_lr": selected["base_lr"], "selected/weight_decay": selected["weight_decay"],
-                       "selected/val_top1": selected["val/top1"], "test/top1_mean": summary["test_top1"]["mean"],
-                       "test/top1_std": summary["test_top1"]["std"]}.items():
+    for key, value in {
+        "selected/base_lr": selected["base_lr"],
+        "selected/weight_decay": selected["weight_decay"],
+        "selected/val_top1": selected["val/top1"],
+        "test/top1_mean": summary["test_top1"]["mean"],
+        "test/top1_std": summary["test_top1"]["std"],
+    }.items():
         client.log_metric(parent, key, float(value))
     client.set_terminated(parent)

@@ -36,7 +36,17 @@ NOT_RESULT_KEYS = {
     "trainer": ("default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps"),
 }
 SEGMENTATION_KEYS = ("task_type", "segmentation")  # recorded only by runs that set them
-RESULT_GROUPS = ("backbone", "prompt", "tuning", "optim", "data", "trainer", "seed", "backbone_eval", "grad_checkpointing")
+RESULT_GROUPS = (
+    "backbone",
+    "prompt",
+    "tuning",
+    "optim",
+    "data",
+    "trainer",
+    "seed",
+    "backbone_eval",
+    "grad_checkpointing",
+)
 # what an explicit vpt-train resume may change: train a finished or interrupted run for longer
 RESUME_MAY_CHANGE = ("trainer.max_epochs", "trainer.max_steps")
 
@@ -96,7 +106,9 @@ def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
         if last.is_file():
             return str(last)
         task_dir = Path(cfg.run_dir).parent
-        runs = sorted(p.parent.parent.name for p in task_dir.glob("*/checkpoints/last.ckpt")) if task_dir.is_dir() else []
+        runs = (
+            sorted(p.parent.parent.name for p in task_dir.glob("*/checkpoints/last.ckpt")) if task_dir.is_dir() else []
+        )
         raise FileNotFoundError(
             f"ckpt_path=last: {str(last)!r} does not exist; give the run_name of the run to resume "
             f"(runs with a last.ckpt under {str(task_dir)!r}: {runs or 'none'})"
@@ -174,7 +186,8 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     # how evaluation images are prepared (known once the backbone's data config is): predict image files alike
     module.set_eval_transform(datamodule.eval_transform_config())
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, logger=_instantiate_all(cfg.get("logger")) or False,
+        cfg.trainer,
+        logger=_instantiate_all(cfg.get("logger")) or False,
         callbacks=_instantiate_all(cfg.get("callbacks")) + [RecordRunConfig(result_config(cfg), composed_config(cfg))],
     )
     log_config(trainer.loggers, cfg)
@@ -231,7 +244,11 @@ def write_task_package(cfg: DictConfig, module: VPTModule, results: Dict[str, An
     task = module.task
     task.info = {
         "metrics": {k: float(v) for k, v in results.items() if k.startswith(("val/", "test/"))},
-        **{k: results[k] for k in ("trainable_params", "backbone_params", "trainable_percent", "epochs") if k in results},
+        **{
+            k: results[k]
+            for k in ("trainable_params", "backbone_params", "trainable_percent", "epochs")
+            if k in results
+        },
         "command": training_command(cfg),
         "datasets": [str(cfg.task_name)],
     }
@@ -240,8 +257,9 @@ def write_task_package(cfg: DictConfig, module: VPTModule, results: Dict[str, An
     return folder
 
 
-def use_feature_cache(cfg: DictConfig, configs: ModelConfigs, module: VPTModule, datamodule: Any,
-                      trainer: pl.Trainer) -> Any:
+def use_feature_cache(
+    cfg: DictConfig, configs: ModelConfigs, module: VPTModule, datamodule: Any, trainer: pl.Trainer
+) -> Any:
     """The DataModule to train on: cached backbone features for head-only runs on deterministic data (see
     :mod:`vpt_lightning.feature_cache`; ``feature_cache.enabled=false`` turns it off), else ``datamodule``."""
     settings = cfg.get("feature_cache") or {}
@@ -254,7 +272,9 @@ def use_feature_cache(cfg: DictConfig, configs: ModelConfigs, module: VPTModule,
         return datamodule
     cache = FeatureCache(settings.get("dir") or Path(cfg.paths.output_dir) / ".feature_cache")
     module.backbone.to(trainer.strategy.root_device)  # compute the features where training runs
-    cached = cached_datamodule(datamodule, module.backbone, module.backbone_identity, cache, datamodule.loader_workers())
+    cached = cached_datamodule(
+        datamodule, module.backbone, module.backbone_identity, cache, datamodule.loader_workers()
+    )
     module.inputs_are_features = True
     log.info("feature cache: training the head on cached backbone features (%s)", cache.root)
     return cached

@@ -82,7 +82,9 @@ def run_datamodule(run_dir: Path, module: VPTModule) -> Any:
 
     config = Path(run_dir) / ".hydra" / "config.yaml"
     if not config.is_file():
-        raise FileNotFoundError(f"{str(config)!r} does not exist: a t-SNE needs the run's data (a vpt-train run folder)")
+        raise FileNotFoundError(
+            f"{str(config)!r} does not exist: a t-SNE needs the run's data (a vpt-train run folder)"
+        )
     register_resolvers()
     data = OmegaConf.load(config).data
     datamodule = instantiate(data)
@@ -117,20 +119,30 @@ def tsne_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
     return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
 
 
-def tsne_figure(module: VPTModule, loader: Any, class_names: Optional[Sequence[str]] = None,
-                max_samples: int = 500, title: str = "") -> Tuple[Any, Dict[str, np.ndarray]]:
+def tsne_figure(
+    module: VPTModule, loader: Any, class_names: Optional[Sequence[str]] = None, max_samples: int = 500, title: str = ""
+) -> Tuple[Any, Dict[str, np.ndarray]]:
     """Two t-SNE panels (frozen backbone | this task's prompted features), points coloured by class."""
     plt = _pyplot()
     prompted, frozen, labels = pooled_features(module, loader, max_samples)
-    data = {"frozen": tsne_embedding(frozen), "prompted": tsne_embedding(prompted), "labels": labels,
-            "frozen_features": frozen, "prompted_features": prompted}
+    data = {
+        "frozen": tsne_embedding(frozen),
+        "prompted": tsne_embedding(prompted),
+        "labels": labels,
+        "frozen_features": frozen,
+        "prompted_features": prompted,
+    }
     figure, axes = plt.subplots(1, 2, figsize=(9, 4.2))
     method = module.tuning_config.method
-    for ax, key, name in zip(axes, ("frozen", "prompted"), ("frozen backbone (linear probe's features)",
-                                                            f"{method} ({module.prompt_config.num_tokens} prompts)")):
+    for ax, key, name in zip(
+        axes,
+        ("frozen", "prompted"),
+        ("frozen backbone (linear probe's features)", f"{method} ({module.prompt_config.num_tokens} prompts)"),
+    ):
         points = data[key]
-        scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10" if labels.max() < 10 else "tab20",
-                             s=8, alpha=0.85)
+        scatter = ax.scatter(
+            points[:, 0], points[:, 1], c=labels, cmap="tab10" if labels.max() < 10 else "tab20", s=8, alpha=0.85
+        )
         ax.set_title(name, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -172,28 +184,34 @@ def attention_maps(module: VPTModule, images: torch.Tensor) -> Dict[str, Any]:
     start = backbone.num_prefix_tokens
     prompts = backbone.num_prompt_tokens
     grid = tuple(vit.patch_embed.grid_size)
-    patches = attention[..., start + prompts:]
+    patches = attention[..., start + prompts :]
     if patches.shape[-1] != grid[0] * grid[1]:
-        raise ValueError(f"{patches.shape[-1]} patch tokens do not make the {grid} grid (a location other than "
-                         "'prepend'?)")
+        raise ValueError(
+            f"{patches.shape[-1]} patch tokens do not make the {grid} grid (a location other than 'prepend'?)"
+        )
     cls = patches[:, :, :, 0].mean(2).reshape(*patches.shape[:2], *grid)
-    prompt_rows = patches[:, :, :, start:start + prompts].mean(dim=(2, 3)) if prompts else None
+    prompt_rows = patches[:, :, :, start : start + prompts].mean(dim=(2, 3)) if prompts else None
     return {
-        "attention": attention, "cls_to_patches": cls,
+        "attention": attention,
+        "cls_to_patches": cls,
         "prompts_to_patches": prompt_rows.reshape(*patches.shape[:2], *grid) if prompt_rows is not None else None,
-        "num_prefix": start, "num_prompts": prompts, "grid": grid,
+        "num_prefix": start,
+        "num_prompts": prompts,
+        "grid": grid,
     }
 
 
-def attention_figure(module: VPTModule, images: torch.Tensor, shown: Optional[np.ndarray] = None,
-                     names: Sequence[str] = ()) -> Tuple[Any, Dict[str, Any]]:
+def attention_figure(
+    module: VPTModule, images: torch.Tensor, shown: Optional[np.ndarray] = None, names: Sequence[str] = ()
+) -> Tuple[Any, Dict[str, Any]]:
     """For each image: the image, then per block the class token's and the prompts' attention to the patches."""
     plt = _pyplot()
     maps = attention_maps(module, images)
     blocks, batch = maps["cls_to_patches"].shape[:2]
     rows = 2 if maps["prompts_to_patches"] is not None else 1
-    figure, axes = plt.subplots(batch * rows, blocks + 1, figsize=(1.3 * (blocks + 1), 1.4 * batch * rows),
-                                squeeze=False)
+    figure, axes = plt.subplots(
+        batch * rows, blocks + 1, figsize=(1.3 * (blocks + 1), 1.4 * batch * rows), squeeze=False
+    )
     for b in range(batch):
         for r in range(rows):
             ax = axes[b * rows + r, 0]
@@ -227,11 +245,14 @@ def load_images(folder: Path, module: VPTModule, count: int) -> Tuple[torch.Tens
         raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {str(folder)!r}")
     # the run's evaluation transform (kept in the checkpoint), as vpt-predict prepares image files
     settings = module.hparams.get("eval_transform") or {}
-    transform = build_transform(settings.get("recipe", "vtab"), train=False,
-                                img_size=int(settings.get("img_size") or module.data_config["input_size"][-1]),
-                                mean=settings.get("mean", (0.485, 0.456, 0.406)),
-                                std=settings.get("std", (0.229, 0.224, 0.225)),
-                                interpolation=settings.get("interpolation", "bicubic"))
+    transform = build_transform(
+        settings.get("recipe", "vtab"),
+        train=False,
+        img_size=int(settings.get("img_size") or module.data_config["input_size"][-1]),
+        mean=settings.get("mean", (0.485, 0.456, 0.406)),
+        std=settings.get("std", (0.229, 0.224, 0.225)),
+        interpolation=settings.get("interpolation", "bicubic"),
+    )
     pil = [Image.open(p).convert("RGB") for p in files]
     batch = torch.stack([transform(img) for img in pil])
     size = batch.shape[-2:]
@@ -249,19 +270,28 @@ def _final_prompt(summary: Dict[str, Any]) -> Dict[str, Any]:
     return {}
 
 
-def ablation_points(summaries: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, List[Tuple[float, float, float, List[float]]]]]:
+def ablation_points(
+    summaries: Sequence[Dict[str, Any]],
+) -> Dict[str, Dict[str, List[Tuple[float, float, float, List[float]]]]]:
     """``{"length"|"depth": {series: [(x, mean, std, per-seed test top-1s)]}}`` from ``vpt-tune`` summaries: x is
     the prompt length (the selected one when the sweep swept it) or the number of prompted blocks; a series is a
     task / tuning pair. Summaries that share everything but the other axis make one line."""
-    table: Dict[str, Dict[Any, List[Tuple[float, float, float, List[float]]]]] = {"length": defaultdict(list),
-                                                                                   "depth": defaultdict(list)}
+    table: Dict[str, Dict[Any, List[Tuple[float, float, float, List[float]]]]] = {
+        "length": defaultdict(list),
+        "depth": defaultdict(list),
+    }
     for summary in summaries:
         prompt = _final_prompt(summary)
         length = summary["selected"].get("num_tokens") or prompt.get("num_tokens")
         depth = prompt.get("depth")
         blocks = prompt.get("backbone_depth")
-        depth = (depth if isinstance(depth, int) else len(depth) if isinstance(depth, list)
-                 else (blocks if prompt.get("deep", True) else 1))
+        depth = (
+            depth
+            if isinstance(depth, int)
+            else len(depth)
+            if isinstance(depth, list)
+            else (blocks if prompt.get("deep", True) else 1)
+        )
         seeds = [float(v) for v in summary["test_top1_per_seed"].values()]
         entry = (statistics.fmean(seeds), statistics.stdev(seeds) if len(seeds) > 1 else 0.0, seeds)
         series = f"{summary['task_name']} / {summary['tuning']}"
@@ -272,8 +302,11 @@ def ablation_points(summaries: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, 
     out: Dict[str, Dict[str, List[Tuple[float, float, float, List[float]]]]] = {}
     for axis, lines in table.items():
         other = "depth" if axis == "length" else "p"
-        out[axis] = {f"{series} ({other}={value})": sorted(points) for (series, value), points in lines.items()
-                     if len({p[0] for p in points}) > 1}
+        out[axis] = {
+            f"{series} ({other}={value})": sorted(points)
+            for (series, value), points in lines.items()
+            if len({p[0] for p in points}) > 1
+        }
     return out
 
 
@@ -282,8 +315,10 @@ def ablation_figure(summaries: Sequence[Dict[str, Any]]) -> Tuple[Any, Dict[str,
     plt = _pyplot()
     data = ablation_points(summaries)
     if not any(data.values()):
-        raise ValueError(f"{len(summaries)} summaries, but none differ in prompt length or depth only: run vpt-tune "
-                         "with several recipe.num_tokens / prompt.depth values (or protocol.num_tokens=[...])")
+        raise ValueError(
+            f"{len(summaries)} summaries, but none differ in prompt length or depth only: run vpt-tune "
+            "with several recipe.num_tokens / prompt.depth values (or protocol.num_tokens=[...])"
+        )
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, axis, label in zip(axes, ("length", "depth"), ("prompt length p", "prompted blocks (depth)")):
         for name, points in data[axis].items():
@@ -324,8 +359,9 @@ def curves_figure(run_dir: Path) -> Tuple[Any, Dict[str, List[Tuple[int, float]]
     plt = _pyplot()
     curves = epoch_curves(run_dir)
     figure, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    for ax, key, label, scale in zip(axes, ("train/loss_epoch", "val/top1"), ("training loss", "val top-1 (%)"),
-                                     (1, 100)):
+    for ax, key, label, scale in zip(
+        axes, ("train/loss_epoch", "val/top1"), ("training loss", "val top-1 (%)"), (1, 100)
+    ):
         if curves[key]:
             epochs, values = zip(*curves[key])
             ax.plot(epochs, [scale * v for v in values], marker="o", markersize=3)
@@ -371,12 +407,16 @@ def log_image(run_dir: Optional[Path], tag: str, png: Path) -> List[str]:
         register_resolvers()
         saved = OmegaConf.load(config)
         if OmegaConf.select(saved, "logger.mlflow") is not None:
-            settings = {key: OmegaConf.select(saved, f"logger.mlflow.{key}", throw_on_resolution_failure=False)
-                        for key in ("tracking_uri", "experiment_name")}
+            settings = {
+                key: OmegaConf.select(saved, f"logger.mlflow.{key}", throw_on_resolution_failure=False)
+                for key in ("tracking_uri", "experiment_name")
+            }
             logged += _log_mlflow_artifact(run_dir, settings, png)
         if OmegaConf.select(saved, "logger.wandb") is not None:
-            settings = {key: OmegaConf.select(saved, key, throw_on_resolution_failure=False)
-                        for key in ("logger.wandb.project", "logger.wandb.entity", "tracking.group")}
+            settings = {
+                key: OmegaConf.select(saved, key, throw_on_resolution_failure=False)
+                for key in ("logger.wandb.project", "logger.wandb.entity", "tracking.group")
+            }
             logged += _log_wandb_image(run_dir, settings, tag, png)
     return logged
 
@@ -395,13 +435,16 @@ def _log_mlflow_artifact(run_dir: Path, settings: Dict[str, Any], png: Path) -> 
     experiment = client.get_experiment_by_name(str(settings.get("experiment_name", "vpt-lightning")))
     if experiment is None:
         return []
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`mlflow.runName` = '{run_label(run_dir)}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`mlflow.runName` = '{run_label(run_dir)}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     if not runs:
         return []
     client.log_artifact(runs[0].info.run_id, str(png), artifact_path="viz")
     return [f"mlflow run {runs[0].info.run_id}"]
-
 
 
 def _log_wandb_image(run_dir: Path, settings: Dict[str, Any], tag: str, png: Path) -> List[str]:
@@ -418,8 +461,14 @@ def _log_wandb_image(run_dir: Path, settings: Dict[str, Any], tag: str, png: Pat
         return []
     os.environ.setdefault("WANDB_MODE", "offline")
     group = settings.get("tracking.group")
-    run = wandb.init(dir=str(run_dir), project=str(settings.get("logger.wandb.project") or "vpt-lightning"),
-                     entity=settings.get("logger.wandb.entity"), group=str(group) if group else None,
-                     name=run_label(run_dir), job_type="viz", reinit="create_new")
+    run = wandb.init(
+        dir=str(run_dir),
+        project=str(settings.get("logger.wandb.project") or "vpt-lightning"),
+        entity=settings.get("logger.wandb.entity"),
+        group=str(group) if group else None,
+        name=run_label(run_dir),
+        job_type="viz",
+        reinit="create_new",
+    )
     run.log({f"viz/{tag}": wandb.Image(str(png))})
     return [f"wandb run {run.id} ({finish_wandb_run(run)})"]

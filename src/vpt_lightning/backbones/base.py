@@ -104,7 +104,7 @@ class PromptedBackbone(nn.Module):
         self.pool: Optional[str] = prompt.pool or self.default_pool
         self.backbone_eval = backbone_eval
         self.grad_checkpointing = False
-        self.num_features: int = int(getattr(model, "num_features"))
+        self.num_features: int = int(model.num_features)
         if freeze_backbone:
             self.model.requires_grad_(False)
         if backbone_eval:
@@ -182,7 +182,7 @@ class PromptedBackbone(nn.Module):
 
     def blocks(self) -> List[nn.Module]:
         """The model's blocks in forward order (Partial-k trains the last k)."""
-        return list(getattr(self.model, "blocks"))
+        return list(self.model.blocks)
 
     def last_blocks(self, k: int) -> List[nn.Module]:
         """What Partial-k trains before :meth:`final_norms`: the last ``k`` blocks (and, in families with stages,

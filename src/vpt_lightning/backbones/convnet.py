@@ -117,9 +117,7 @@ class PromptedConvNet(PromptedBackbone):
         expected = model.state_dict()
         classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
         if classifier:
-            state_dict = {
-                k: v for k, v in state_dict.items() if k in expected or not k.startswith(f"{classifier}.")
-            }
+            state_dict = {k: v for k, v in state_dict.items() if k in expected or not k.startswith(f"{classifier}.")}
         for key, value in expected.items():
             if key.endswith(".num_batches_tracked") and key not in state_dict:
                 state_dict[key] = value
@@ -149,8 +147,10 @@ def check_border_config(prompt: PromptConfig, image_size: Tuple[int, ...]) -> No
             f"{image_size[1]}x{image_size[2]} image (at most {side // 2}; the paper's grid is 1, 3, 5, 7, 9, 11)"
         )
     if prompt.location != "prepend":
-        raise ValueError(f"prompt.location={prompt.location!r}: ConvNet prompts are a pixel border around the input "
-                         "(use the default location)")
+        raise ValueError(
+            f"prompt.location={prompt.location!r}: ConvNet prompts are a pixel border around the input "
+            "(use the default location)"
+        )
     if prompt.project > 0:
         raise ValueError(f"prompt.project={prompt.project}: ConvNet prompts are pixels, without a projection (use -1)")
     if prompt.dropout > 0:

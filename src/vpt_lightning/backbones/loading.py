@@ -16,11 +16,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .identity import backbone_identity
 from ..dataclass_config import DataclassConfig
 from ..paper import BACKBONES, backbone_key
-from .base import PromptedBackbone, refuse_resampling
 from ..renamed import renamed_names
+from .base import PromptedBackbone, refuse_resampling
+from .identity import backbone_identity
 from .registry import family_class_of_model
 
 
@@ -55,8 +55,10 @@ class BackboneConfig(DataclassConfig):
 
     def __post_init__(self) -> None:
         # plain containers: timm takes lists (Swin's depths), not OmegaConf's ListConfig
-        self.kwargs = OmegaConf.to_container(self.kwargs, resolve=True) if isinstance(self.kwargs, DictConfig) else dict(
-            self.kwargs or {}
+        self.kwargs = (
+            OmegaConf.to_container(self.kwargs, resolve=True)
+            if isinstance(self.kwargs, DictConfig)
+            else dict(self.kwargs or {})
         )
         paper = backbone_key(self.name, self.reference)  # a reference the paper does not have is named
         if paper is not None and not BACKBONES[paper].timm_names and not self.checkpoint_path:
@@ -108,15 +110,14 @@ def _read_state_dict(path: Path, model: nn.Module, resize: bool = False) -> Dict
     return filtered
 
 
-def fitting_state_dict(
-    path: Path, model: nn.Module, state_dict: Mapping[str, torch.Tensor]
-) -> Dict[str, torch.Tensor]:
+def fitting_state_dict(path: Path, model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """A new dict of ``state_dict`` without the classifier keys (``head.*``) that ``model`` lacks or holds in another
     shape; fails naming the missing, unexpected and mis-shaped keys when the rest does not fit ``model``.
     ``state_dict`` itself is left as it is."""
     expected = model.state_dict()
     state_dict = {
-        k: v for k, v in state_dict.items()
+        k: v
+        for k, v in state_dict.items()
         if not k.startswith("head.") or (k in expected and expected[k].shape == v.shape)
     }
     missing = sorted(set(expected) - set(state_dict))
@@ -127,6 +128,7 @@ def fitting_state_dict(
         if state_dict[k].shape != expected[k].shape
     ]
     if missing or unexpected or mismatched:
+
         def show(items):
             return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
 
@@ -166,7 +168,9 @@ def _family_class_of_architecture(name: str, kwargs_json: str) -> Type[PromptedB
             model = timm.create_model(name, pretrained=False, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            raise ValueError(f"backbone.name={name!r} is not a timm model; see timm.list_models() for valid names") from err
+            raise ValueError(
+                f"backbone.name={name!r} is not a timm model; see timm.list_models() for valid names"
+            ) from err
         model = timm.create_model(name, pretrained=False, **kwargs)  # an init that needs real tensors
     return family_class_of_model(model)
 
@@ -256,7 +260,8 @@ def check_npz(path: Path, model: nn.Module, resize: bool) -> None:
     if problems:
         raise ValueError(
             f"backbone.checkpoint_path={str(path)!r} does not fit model {type(model).__name__}: "
-            + "; ".join(problems) + "; check backbone.name and backbone.kwargs against the checkpoint"
+            + "; ".join(problems)
+            + "; check backbone.name and backbone.kwargs against the checkpoint"
         )
     resized = []
     patch = tuple(model.patch_embed.proj.weight.shape[-2:])

@@ -37,11 +37,17 @@ def backbone_pin(value: Any, package_backbone: Optional[Mapping[str, Any]] = Non
         if not path.is_file():
             raise FileNotFoundError(f"--backbone {text!r}: no such weights file")
         if package_backbone is None:
-            raise ValueError(f"--backbone {text!r}: a weights file needs the task's architecture, which is unknown here")
-        return BackboneConfig.from_mapping({
-            "name": package_backbone["name"], "kwargs": dict(package_backbone.get("kwargs") or {}),
-            "pretrained": False, "checkpoint_path": str(path.resolve()),
-        })
+            raise ValueError(
+                f"--backbone {text!r}: a weights file needs the task's architecture, which is unknown here"
+            )
+        return BackboneConfig.from_mapping(
+            {
+                "name": package_backbone["name"],
+                "kwargs": dict(package_backbone.get("kwargs") or {}),
+                "pretrained": False,
+                "checkpoint_path": str(path.resolve()),
+            }
+        )
     from ..config import CONFIG_DIR
 
     group = CONFIG_DIR / "backbone" / f"{text}.yaml"

@@ -47,4 +47,3 @@ def family_class_of_model(model: nn.Module) -> Type["PromptedBackbone"]:
         f"no prompted-backbone family for the timm model class {type(model).__name__}; supported classes: "
         f"{supported_classes()} (add a module under vpt_lightning/backbones/ with @register_family)"
     )
-

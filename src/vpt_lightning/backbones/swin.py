@@ -274,7 +274,9 @@ class PromptedSwin(PromptedBackbone):
         """How each block runs in the next forward pass: ``kv`` (prompts as keys and values only, in every window)
         or ``full`` (prompts through the whole block, their outputs averaged over the windows)."""
         discarded = set(self.discarded_prompt_outputs())
-        return ["kv" if i in discarded and takes_prompt_keys(block) else "full" for i, block in enumerate(self.blocks())]
+        return [
+            "kv" if i in discarded and takes_prompt_keys(block) else "full" for i, block in enumerate(self.blocks())
+        ]
 
     @property
     def feature_prompt_tokens(self) -> int:

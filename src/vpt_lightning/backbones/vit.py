@@ -254,7 +254,6 @@ class PromptedViT(PromptedBackbone):
             x = self._remove_prompts(x)
         return x if self.pool_norm is not None else self.vit.norm(x)
 
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool the output of :meth:`forward_features` as ``prompt.pool`` says, then the model's head."""
         vit, pool = self.vit, self.prompt_config.pool
@@ -310,4 +309,3 @@ class PromptedViT(PromptedBackbone):
             "no_embed_class": model.no_embed_class,
             "global_pool": model.global_pool,
         }
-

@@ -102,8 +102,12 @@ def _omegaconf_message(err: OmegaConfBaseException) -> str:
     from ..dataclass_config import DataclassConfig, unknown_keys_message
 
     key, kind = getattr(err, "key", None), getattr(err, "object_type", None)
-    if (type(err).__name__ in ("ConfigKeyError", "ConfigAttributeError") and isinstance(key, str)
-            and isinstance(kind, type) and issubclass(kind, DataclassConfig)):
+    if (
+        type(err).__name__ in ("ConfigKeyError", "ConfigAttributeError")
+        and isinstance(key, str)
+        and isinstance(kind, type)
+        and issubclass(kind, DataclassConfig)
+    ):
         from dataclasses import fields
 
         # an unknown key of a typed group (prompt, backbone, tuning): adding it with '+' would not help
@@ -192,8 +196,9 @@ def hydra_command(prog: str, config_name: str) -> Callable[[Callable[[DictConfig
                     raise
                 fail(prog, err)  # inside the job: Hydra would print the error with a traceback
 
-        hydra_main = hydra.main(version_base="1.3", config_path="pkg://vpt_lightning.conf",
-                                config_name=config_name)(guarded_task)
+        hydra_main = hydra.main(version_base="1.3", config_path="pkg://vpt_lightning.conf", config_name=config_name)(
+            guarded_task
+        )
 
         @functools.wraps(task)
         def main() -> Optional[R]:

@@ -1,7 +1,7 @@
 """``vpt-export``: convert a trained task for sharing.
 
-    vpt-export hub CKPT_OR_RUN --out DIR [--push OWNER/NAME]   # a task package (safetensors + config.json + card)
-    vpt-export onnx TASK --out task.onnx                       # one ONNX graph, checked with onnxruntime
+vpt-export hub CKPT_OR_RUN --out DIR [--push OWNER/NAME]   # a task package (safetensors + config.json + card)
+vpt-export onnx TASK --out task.onnx                       # one ONNX graph, checked with onnxruntime
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-from .export_onnx import ModelLoader, add_onnx_subcommand
 from ..heads import import_user_code
 from ..task_sources import load_task
 from .console import report_errors
+from .export_onnx import ModelLoader, add_onnx_subcommand
 
 RESULTS_FILE = "results.json"
 
@@ -30,10 +30,20 @@ def run_info(source: Path) -> Dict[str, Any]:
     for path in candidates:
         if path.is_file():
             results = json.loads(path.read_text())
-            info: Dict[str, Any] = {"metrics": {k: float(v) for k, v in results.items()
-                                                if k.startswith(("val/", "test/")) and isinstance(v, (int, float))}}
-            info.update({k: results[k] for k in ("trainable_params", "backbone_params", "trainable_percent", "epochs")
-                         if k in results})
+            info: Dict[str, Any] = {
+                "metrics": {
+                    k: float(v)
+                    for k, v in results.items()
+                    if k.startswith(("val/", "test/")) and isinstance(v, (int, float))
+                }
+            }
+            info.update(
+                {
+                    k: results[k]
+                    for k in ("trainable_params", "backbone_params", "trainable_percent", "epochs")
+                    if k in results
+                }
+            )
             if results.get("task_name"):
                 info["datasets"] = [str(results["task_name"])]
             return info
@@ -56,18 +66,26 @@ def export_hub(args: argparse.Namespace) -> int:
 
 def build_parser(onnx_loader: Optional[ModelLoader] = None) -> argparse.ArgumentParser:
     """The ``vpt-export`` parser; ``onnx_loader`` replaces how ``onnx`` loads its task (tests, other formats)."""
-    parser = argparse.ArgumentParser(prog="vpt-export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="vpt-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     hub = commands.add_parser("hub", help="a task package folder (and optionally push it to the Hugging Face Hub)")
-    hub.add_argument("source", metavar="CKPT_OR_RUN",
-                     help="a task checkpoint (.ckpt), a vpt-train run folder or a task package")
+    hub.add_argument(
+        "source", metavar="CKPT_OR_RUN", help="a task checkpoint (.ckpt), a vpt-train run folder or a task package"
+    )
     hub.add_argument("--out", required=True, type=Path, help="the package folder written")
     hub.add_argument("--push", metavar="OWNER/NAME", help="also upload the package to this Hub model repo")
     hub.add_argument("--private", action="store_true", help="create the Hub repo as private")
     hub.add_argument("--backbone", metavar="NAME_OR_FILE", help="pin the frozen backbone (as vpt-predict --backbone)")
-    hub.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE_OR_MODULE",
-                     help="import your own module first (e.g. one registering a custom head)")
+    hub.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="FILE_OR_MODULE",
+        help="import your own module first (e.g. one registering a custom head)",
+    )
     hub.set_defaults(run=export_hub)
     add_onnx_subcommand(commands, onnx_loader)
     return parser

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional
 
 from torch import nn
 
@@ -42,26 +42,49 @@ def list_check_images(folder: Path, limit: int) -> List[Path]:
 
 
 def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("task", metavar="TASK",
-                        help="the trained task: a package folder (<run>/task), a Hub repo id, a .ckpt or a run folder")
-    parser.add_argument("--backbone", metavar="NAME_OR_FILE", help="pin the frozen backbone (as vpt-predict --backbone)")
-    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE_OR_MODULE",
-                        help="import your own module first (e.g. one registering a custom head)")
+    parser.add_argument(
+        "task",
+        metavar="TASK",
+        help="the trained task: a package folder (<run>/task), a Hub repo id, a .ckpt or a run folder",
+    )
+    parser.add_argument(
+        "--backbone", metavar="NAME_OR_FILE", help="pin the frozen backbone (as vpt-predict --backbone)"
+    )
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="FILE_OR_MODULE",
+        help="import your own module first (e.g. one registering a custom head)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="the .onnx file written")
-    parser.add_argument("--images", type=Path,
-                        help="a folder of images to check the export on (default: random RGB images)")
+    parser.add_argument(
+        "--images", type=Path, help="a folder of images to check the export on (default: random RGB images)"
+    )
     parser.add_argument("--num-images", type=int, default=8, help="images checked (default %(default)s)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
-    parser.add_argument("--tolerance", type=float, default=None,
-                        help="largest accepted logit difference, onnxruntime vs PyTorch (default 1e-4)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="largest accepted logit difference, onnxruntime vs PyTorch (default 1e-4)",
+    )
 
 
 def run_onnx(args: argparse.Namespace, load_model: Optional[ModelLoader] = None) -> int:
     """Export, check at the full batch and at batch 1, print the largest logit difference; 0, or 1 on failure."""
     try:
         from ..onnx_export import (
-            DEFAULT_OPSET, MAX_LOGIT_DIFF, check_onnx, eval_transform_settings, export_onnx, model_input_size,
-            prepare_images, random_images, saved_eval_transform,
+            DEFAULT_OPSET,
+            MAX_LOGIT_DIFF,
+            check_onnx,
+            eval_transform_settings,
+            export_onnx,
+            model_input_size,
+            prepare_images,
+            random_images,
+            saved_eval_transform,
         )
     except ImportError as err:
         print(f"vpt-export: error: {err}", file=sys.stderr)
@@ -85,11 +108,16 @@ def run_onnx(args: argparse.Namespace, load_model: Optional[ModelLoader] = None)
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as err:
         print(f"vpt-export: error: {err}", file=sys.stderr)
         return 1
-    print(f"max |logit difference| onnxruntime vs PyTorch: {diff:.3g} on {what} through the task's eval transform "
-          f"({settings['recipe']}, {settings['img_size']} px), batches of {len(images)} and 1")
+    print(
+        f"max |logit difference| onnxruntime vs PyTorch: {diff:.3g} on {what} through the task's eval transform "
+        f"({settings['recipe']}, {settings['img_size']} px), batches of {len(images)} and 1"
+    )
     if not diff <= tolerance:  # also catches NaN
-        print(f"vpt-export: error: {path} differs from PyTorch by {diff:.3g}, above the tolerance {tolerance:g}; "
-              "do not use it", file=sys.stderr)
+        print(
+            f"vpt-export: error: {path} differs from PyTorch by {diff:.3g}, above the tolerance {tolerance:g}; "
+            "do not use it",
+            file=sys.stderr,
+        )
         return 1
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
@@ -100,8 +128,12 @@ def add_onnx_subcommand(subparsers: argparse._SubParsersAction, load_model: Opti
     source through :func:`vpt_lightning.task_sources.load_task`).
 
     Dispatch with ``args.run(args)`` (set as the parser's default)."""
-    parser = subparsers.add_parser("onnx", help="export a task to ONNX, checked with onnxruntime",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "onnx",
+        help="export a task to ONNX, checked with onnxruntime",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_onnx_arguments(parser)
     parser.set_defaults(run=lambda args: run_onnx(args, load_model))
     return parser

@@ -22,19 +22,34 @@ def parse_checkpoints(values: Sequence[str]) -> Union[List[str], Dict[str, str]]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoints", nargs="+", metavar="TASK",
-                        help="tasks: package folders (<run>/task of vpt-train), Hub repo ids, .ckpt files or run "
-                             "folders, optionally NAME=TASK")
+    parser.add_argument(
+        "checkpoints",
+        nargs="+",
+        metavar="TASK",
+        help="tasks: package folders (<run>/task of vpt-train), Hub repo ids, .ckpt files or run "
+        "folders, optionally NAME=TASK",
+    )
     parser.add_argument("--top-k", type=int, default=5, help="classes reported per image (default 5)")
-    parser.add_argument("--backbone", metavar="NAME_OR_FILE",
-                        help="pin the frozen backbone instead of the tasks' own config: a packaged backbone config "
-                             "name (quickstart_vit...), a .yaml/.json of backbone fields, or a weights file")
-    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE_OR_MODULE",
-                        help="import your own module first (a .py file or a dotted name), e.g. the one that "
-                             "registers a custom head with vpt_lightning.heads.register_head; repeatable")
+    parser.add_argument(
+        "--backbone",
+        metavar="NAME_OR_FILE",
+        help="pin the frozen backbone instead of the tasks' own config: a packaged backbone config "
+        "name (quickstart_vit...), a .yaml/.json of backbone fields, or a weights file",
+    )
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="FILE_OR_MODULE",
+        help="import your own module first (a .py file or a dotted name), e.g. the one that "
+        "registers a custom head with vpt_lightning.heads.register_head; repeatable",
+    )
 
 
-def load_model(values: Sequence[str], backbone: Optional[str] = None, imports: Sequence[str] = ()) -> MultiTaskClassifier:
+def load_model(
+    values: Sequence[str], backbone: Optional[str] = None, imports: Sequence[str] = ()
+) -> MultiTaskClassifier:
     return load_tasks(values, backbone, imports)
 
 
@@ -42,24 +57,46 @@ def load_model(values: Sequence[str], backbone: Optional[str] = None, imports: S
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="vpt-predict", description=__doc__)
     add_model_arguments(parser)
-    parser.add_argument("--images", required=True, type=Path,
-                        help="a folder of images, or a CSV with a 'path' column (and optionally 'task')")
-    parser.add_argument("--root", type=Path, default=None,
-                        help="the folder a CSV's relative paths are read from and must stay inside (default: the "
-                             "CSV's folder); absolute paths and paths escaping it are refused")
-    parser.add_argument("--max-file-bytes", type=int, default=MAX_FILE_BYTES,
-                        help="larger image files are reported, not read (default %(default)s = 64 MiB)")
-    parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
-                        help="larger images (width x height, from the header) are reported, not decoded "
-                             "(default %(default)s = 4096 x 4096)")
+    parser.add_argument(
+        "--images",
+        required=True,
+        type=Path,
+        help="a folder of images, or a CSV with a 'path' column (and optionally 'task')",
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="the folder a CSV's relative paths are read from and must stay inside (default: the "
+        "CSV's folder); absolute paths and paths escaping it are refused",
+    )
+    parser.add_argument(
+        "--max-file-bytes",
+        type=int,
+        default=MAX_FILE_BYTES,
+        help="larger image files are reported, not read (default %(default)s = 64 MiB)",
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=MAX_IMAGE_PIXELS,
+        help="larger images (width x height, from the header) are reported, not decoded "
+        "(default %(default)s = 4096 x 4096)",
+    )
     parser.add_argument("--task", help="the task for every image (default: the CSV's 'task' column, else every task)")
-    parser.add_argument("--out", type=Path, default=Path("predictions.csv"), help="the CSV written (default %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("predictions.csv"), help="the CSV written (default %(default)s)"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers reading images (default 0)")
-    parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, mps (default auto)")
+    parser.add_argument(
+        "--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, mps (default auto)"
+    )
     parser.add_argument("--devices", default="1", help="Lightning devices (default 1)")
     parser.add_argument("--precision", default="32-true", help="Lightning precision: 32-true, bf16-mixed, 16-mixed...")
-    parser.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping it")
+    parser.add_argument(
+        "--strict", action="store_true", help="fail on the first unreadable image instead of skipping it"
+    )
     parser.add_argument("--no-progress-bar", action="store_true")
     args = parser.parse_args(argv)
     for name in ("top_k", "batch_size", "max_file_bytes", "max_image_pixels"):
@@ -69,13 +106,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model = load_model(args.checkpoints, args.backbone, args.imports)
         items = list_images(args.images, model.task_names, args.task, args.root)
         trainer = pl.Trainer(
-            accelerator=args.accelerator, devices=int(args.devices) if args.devices.isdigit() else args.devices,
-            precision=args.precision, logger=False, enable_model_summary=False,
+            accelerator=args.accelerator,
+            devices=int(args.devices) if args.devices.isdigit() else args.devices,
+            precision=args.precision,
+            logger=False,
+            enable_model_summary=False,
             enable_progress_bar=not args.no_progress_bar,
         )
         predictions, skipped = predict_images(
-            model, items, args.top_k, args.batch_size, args.num_workers, args.strict, trainer,
-            args.max_file_bytes, args.max_image_pixels,
+            model,
+            items,
+            args.top_k,
+            args.batch_size,
+            args.num_workers,
+            args.strict,
+            trainer,
+            args.max_file_bytes,
+            args.max_image_pixels,
         )
     except (ValueError, FileNotFoundError) as err:  # ImageError is a ValueError: --strict stops on it
         kind = "unreadable image" if isinstance(err, ImageError) else "error"
@@ -84,8 +131,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for path, reason in skipped:
         print(f"vpt-predict: skipped unreadable image {reason}", file=sys.stderr)
     write_predictions(predictions, args.top_k, args.out)
-    print(f"{len(predictions)} predictions ({len(model.task_names)} task(s): {', '.join(model.task_names)}) "
-          f"written to {args.out}" + (f"; {len(skipped)} unreadable image(s) skipped" if skipped else ""))
+    print(
+        f"{len(predictions)} predictions ({len(model.task_names)} task(s): {', '.join(model.task_names)}) "
+        f"written to {args.out}" + (f"; {len(skipped)} unreadable image(s) skipped" if skipped else "")
+    )
     return 0
 
 

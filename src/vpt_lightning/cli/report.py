@@ -15,7 +15,12 @@ from .console import report_errors
 @report_errors("vpt-report")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="vpt-report", description=__doc__)
-    parser.add_argument("dirs", nargs="+", type=Path, help="folders searched for summary.json (vpt-tune outputs) and segmentation results.json (vpt-train)")
+    parser.add_argument(
+        "dirs",
+        nargs="+",
+        type=Path,
+        help="folders searched for summary.json (vpt-tune outputs) and segmentation results.json (vpt-train)",
+    )
     parser.add_argument("--out", type=Path, help="where to write report.md/.csv/.png (default: the first folder)")
     args = parser.parse_args(argv)
     paths = write_report(find_summaries(args.dirs), args.out or args.dirs[0], find_segmentation_results(args.dirs))

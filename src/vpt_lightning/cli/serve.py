@@ -10,8 +10,8 @@ import sys
 from typing import Optional, Sequence
 
 from ..serving.images import MAX_IMAGE_PIXELS
-from .predict import add_model_arguments, load_model
 from .console import report_errors
+from .predict import add_model_arguments, load_model
 
 API_KEY_ENV, API_KEY_HEADER = "LIT_SERVER_API_KEY", "X-API-Key"  # as in serving.server (importable without LitServe)
 
@@ -25,24 +25,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default %(default)s)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch-size", type=int, default=32, help="largest batch of requests (default 32)")
-    parser.add_argument("--batch-timeout", type=float, default=0.01,
-                        help="seconds to wait for a batch to fill (default %(default)s)")
-    parser.add_argument("--max-request-bytes", type=int, default=16 * 2**20,
-                        help="larger request bodies get 413 (default 16 MiB)")
-    parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
-                        help="larger images (width x height, read from the header before decoding) get 413 "
-                             "(default %(default)s = 4096 x 4096)")
-    parser.add_argument("--read-timeout", type=float, default=30,
-                        help="seconds a client has to send its whole request body, else 408 (default %(default)s)")
-    parser.add_argument("--api-key", default=None,
-                        help=f"require the header '{API_KEY_HEADER}: KEY' on every route but /health "
-                             f"(default: the environment variable {API_KEY_ENV}, else no key)")
+    parser.add_argument(
+        "--batch-timeout", type=float, default=0.01, help="seconds to wait for a batch to fill (default %(default)s)"
+    )
+    parser.add_argument(
+        "--max-request-bytes", type=int, default=16 * 2**20, help="larger request bodies get 413 (default 16 MiB)"
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=MAX_IMAGE_PIXELS,
+        help="larger images (width x height, read from the header before decoding) get 413 "
+        "(default %(default)s = 4096 x 4096)",
+    )
+    parser.add_argument(
+        "--read-timeout",
+        type=float,
+        default=30,
+        help="seconds a client has to send its whole request body, else 408 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require the header '{API_KEY_HEADER}: KEY' on every route but /health "
+        f"(default: the environment variable {API_KEY_ENV}, else no key)",
+    )
     parser.add_argument("--docs", action="store_true", help="serve the API docs (/docs, /redoc, /openapi.json)")
-    parser.add_argument("--ui", action="store_true",
-                        help="a demo page at /ui (Gradio, pip install 'vpt-lightning[demo]'): upload an image, see "
-                             "the top-5 classes")
-    parser.add_argument("--shutdown-timeout", type=float, default=5,
-                        help="seconds given to the requests in flight on SIGTERM / Ctrl+C (default %(default)s)")
+    parser.add_argument(
+        "--ui",
+        action="store_true",
+        help="a demo page at /ui (Gradio, pip install 'vpt-lightning[demo]'): upload an image, see the top-5 classes",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=5,
+        help="seconds given to the requests in flight on SIGTERM / Ctrl+C (default %(default)s)",
+    )
     parser.add_argument("--accelerator", default="auto", help="LitServe accelerator: auto, cpu, cuda, mps")
     parser.add_argument("--devices", default="1", help="devices (default 1)")
     parser.add_argument("--log-level", default="warning")
@@ -76,13 +95,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"vpt-serve: error: {err}", file=sys.stderr)
         return 1
-    print(f"vpt-serve: {len(model.task_names)} task(s) {model.task_names} on http://{args.host}:{args.port}"
-          + (f" (demo page: http://{args.host}:{args.port}/ui)" if args.ui else ""), flush=True)
+    print(
+        f"vpt-serve: {len(model.task_names)} task(s) {model.task_names} on http://{args.host}:{args.port}"
+        + (f" (demo page: http://{args.host}:{args.port}/ui)" if args.ui else ""),
+        flush=True,
+    )
     serve(
-        model, host=args.host, port=args.port, log_level=args.log_level, default_top_k=args.top_k,
-        max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout, max_request_bytes=args.max_request_bytes,
-        max_image_pixels=args.max_image_pixels, read_timeout=args.read_timeout, api_key=api_key, docs=args.docs,
-        ui=args.ui, shutdown_timeout=args.shutdown_timeout, accelerator=args.accelerator, warn_exposure=False,
+        model,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        default_top_k=args.top_k,
+        max_batch_size=args.max_batch_size,
+        batch_timeout=args.batch_timeout,
+        max_request_bytes=args.max_request_bytes,
+        max_image_pixels=args.max_image_pixels,
+        read_timeout=args.read_timeout,
+        api_key=api_key,
+        docs=args.docs,
+        ui=args.ui,
+        shutdown_timeout=args.shutdown_timeout,
+        accelerator=args.accelerator,
+        warn_exposure=False,
         devices=int(args.devices) if args.devices.isdigit() else args.devices,
     )
     # every process of the server has ended and nothing is left to write: end now. The interpreter's own teardown

@@ -55,8 +55,13 @@ def run(args: argparse.Namespace) -> Path:
         if run_dir is None:
             raise FileNotFoundError(f"{str(args.path)!r}: a t-SNE needs the run folder (its data config)")
         datamodule = viz.run_datamodule(run_dir, module)
-        figure, _ = viz.tsne_figure(module, _loader(datamodule, args.split), module.hparams.get("class_names"),
-                                    args.max_samples, f"t-SNE of the {args.split} split's pooled features")
+        figure, _ = viz.tsne_figure(
+            module,
+            _loader(datamodule, args.split),
+            module.hparams.get("class_names"),
+            args.max_samples,
+            f"t-SNE of the {args.split} split's pooled features",
+        )
         out = args.out or run_dir / "viz" / f"tsne_{args.split}.png"
     elif args.kind == "attention":
         module, run_dir = viz.load_task_for_viz(args.path)

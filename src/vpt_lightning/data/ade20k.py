@@ -41,7 +41,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 def find_root(root: Path) -> Path:
     """The ``ADEChallengeData2016`` folder: ``root`` itself or its child of that name."""
-    root = require_dir(Path(root), "data.root", f"download ADEChallengeData2016.zip and give its folder (or its parent)")
+    root = require_dir(
+        Path(root), "data.root", "download ADEChallengeData2016.zip and give its folder (or its parent)"
+    )
     return root / FOLDER if (root / FOLDER).is_dir() else root
 
 
@@ -68,8 +70,10 @@ def read_annotation(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             if image.mode not in ("L", "P"):
-                raise DataError(f"ADE20K annotation {str(path)!r} has mode {image.mode!r}; expected a single-channel "
-                                "(L or P) PNG of class indices 0..150")
+                raise DataError(
+                    f"ADE20K annotation {str(path)!r} has mode {image.mode!r}; expected a single-channel "
+                    "(L or P) PNG of class indices 0..150"
+                )
             labels = np.asarray(image, dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as err:
         raise DataError(f"ADE20K annotation {str(path)!r} could not be read: {err}") from err
@@ -102,15 +106,25 @@ class ADE20KDataset(Dataset):
     are both ``crop_size``. Eval: the image rescaled to ``scale``, the mask at its original size.
     """
 
-    def __init__(self, pairs: Sequence[Tuple[Path, Path]], train: bool, crop_size: int, scale: Sequence[int],
-                 ratio_range: Sequence[float], mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self,
+        pairs: Sequence[Tuple[Path, Path]],
+        train: bool,
+        crop_size: int,
+        scale: Sequence[int],
+        ratio_range: Sequence[float],
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
         self.pairs, self.train, self.crop_size, self.scale = list(pairs), train, crop_size, tuple(scale)
         self.ratio_range = tuple(ratio_range)
-        self.augment = v2.Compose([
-            v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
-            v2.RandomHorizontalFlip(),
-            v2.RandomPhotometricDistort(),
-        ])
+        self.augment = v2.Compose(
+            [
+                v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
+                v2.RandomHorizontalFlip(),
+                v2.RandomPhotometricDistort(),
+            ]
+        )
         self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
     def __len__(self) -> int:
@@ -121,8 +135,10 @@ class ADE20KDataset(Dataset):
         image = read_image(image_path)
         mask = tv_tensors.Mask(torch.from_numpy(read_annotation(mask_path)))
         if image.shape[-2:] != mask.shape[-2:]:
-            raise DataError(f"ADE20K image {str(image_path)!r} is {tuple(image.shape[-2:])} but its annotation is "
-                            f"{tuple(mask.shape[-2:])}")
+            raise DataError(
+                f"ADE20K image {str(image_path)!r} is {tuple(image.shape[-2:])} but its annotation is "
+                f"{tuple(mask.shape[-2:])}"
+            )
         if self.train:
             size = rescaled_size(*image.shape[-2:], self.scale, random.uniform(*self.ratio_range))
             image = v2.functional.resize(image, list(size), interpolation=v2.InterpolationMode.BILINEAR)
@@ -150,16 +166,25 @@ class ADE20KDataModule(ImageClassificationDataModule):
     ignore_index = IGNORE_INDEX
     task_group = "segmentation"
 
-    def __init__(self, root: str, crop_size: int = 512, scale: Sequence[int] = (2048, 512),
-                 ratio_range: Sequence[float] = (0.5, 2.0), **kwargs) -> None:
+    def __init__(
+        self,
+        root: str,
+        crop_size: int = 512,
+        scale: Sequence[int] = (2048, 512),
+        ratio_range: Sequence[float] = (0.5, 2.0),
+        **kwargs,
+    ) -> None:
         kwargs.setdefault("eval_batch_size", 1)
         super().__init__(**kwargs)
         if self.split != "tune":
-            raise ValueError(f"data.split={self.split!r}: ADE20K trains on training and evaluates on validation "
-                             "(split='tune' only)")
+            raise ValueError(
+                f"data.split={self.split!r}: ADE20K trains on training and evaluates on validation (split='tune' only)"
+            )
         if crop_size < 1 or len(scale) != 2 or len(ratio_range) != 2 or not 0 < ratio_range[0] <= ratio_range[1]:
-            raise ValueError(f"ADE20K: crop_size={crop_size}, scale={list(scale)}, ratio_range={list(ratio_range)} "
-                             "must be a positive crop, (long, short) and (low <= high)")
+            raise ValueError(
+                f"ADE20K: crop_size={crop_size}, scale={list(scale)}, ratio_range={list(ratio_range)} "
+                "must be a positive crop, (long, short) and (low <= high)"
+            )
         self.root, self.crop_size, self.scale, self.ratio_range = root, crop_size, tuple(scale), tuple(ratio_range)
 
     def _dataset(self, split: str, train: bool) -> ADE20KDataset:

@@ -7,11 +7,11 @@ import random
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ..atomic import write_json_atomic
 from .base import ImageClassificationDataModule
 from .datasets import DataError, ImageListDataset, Sample, read_json_object, require_dir
 from .registry import get_task
 from .transforms import build_transform
-from ..atomic import write_json_atomic
 
 # where the images live below the dataset folder, most usual first (paths in the JSON files are relative to it)
 IMAGE_DIRS = {
@@ -43,8 +43,15 @@ class FGVCDataModule(ImageClassificationDataModule):
 
     recipe = "fgvc"
 
-    def __init__(self, task: str, root: str, task_dir: Optional[str] = None, image_dir: Optional[str] = None,
-                 interpolation: str = "bilinear", **kwargs) -> None:
+    def __init__(
+        self,
+        task: str,
+        root: str,
+        task_dir: Optional[str] = None,
+        image_dir: Optional[str] = None,
+        interpolation: str = "bilinear",
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.task = get_task(task, benchmark="fgvc")
         self.num_classes = self.task.num_classes
@@ -80,8 +87,10 @@ class FGVCDataModule(ImageClassificationDataModule):
             root = self._image_root(json_file, next(iter(mapping)))
             for path, cid in mapping.items():
                 if cid not in to_index:
-                    raise DataError(f"{json_file}: key {path!r} has class id {cid}, not in train.json "
-                                    f"(its {len(train_ids)} ids span {train_ids[0]}..{train_ids[-1]})")
+                    raise DataError(
+                        f"{json_file}: key {path!r} has class id {cid}, not in train.json "
+                        f"(its {len(train_ids)} ids span {train_ids[0]}..{train_ids[-1]})"
+                    )
                 if not (root / path).is_file():
                     raise DataError(f"{json_file}: key {path!r}: image {str(root / path)!r} does not exist")
                 samples.append((root / path, to_index[cid]))
@@ -89,7 +98,9 @@ class FGVCDataModule(ImageClassificationDataModule):
 
     def _dataset(self, train: bool, *splits: str) -> ImageListDataset:
         mean, std = self.mean_std
-        return ImageListDataset(self._samples(*splits), build_transform(self.recipe, train, self.img_size, mean, std, self.interpolation))
+        return ImageListDataset(
+            self._samples(*splits), build_transform(self.recipe, train, self.img_size, mean, std, self.interpolation)
+        )
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.split == "tune":

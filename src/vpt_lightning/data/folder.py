@@ -78,12 +78,23 @@ class FolderDataModule(ImageClassificationDataModule):
     train+val and tests on test. The ``recipe`` is ``vtab`` (resize) or ``fgvc`` (crop + flip).
     """
 
-    def __init__(self, root: str, train_list: Optional[str] = None, val_list: Optional[str] = None,
-                 test_list: Optional[str] = None, val_fraction: float = 0.1, seed: int = 0, recipe: str = "fgvc",
-                 interpolation: str = "bilinear", **kwargs) -> None:
+    def __init__(
+        self,
+        root: str,
+        train_list: Optional[str] = None,
+        val_list: Optional[str] = None,
+        test_list: Optional[str] = None,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        recipe: str = "fgvc",
+        interpolation: str = "bilinear",
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={val_fraction} must be in (0, 1): the share of train drawn for validation")
+            raise ValueError(
+                f"data.val_fraction={val_fraction} must be in (0, 1): the share of train drawn for validation"
+            )
         self.root = require_dir(Path(root), "data.root")
         self.recipe, self.interpolation, self.val_fraction, self.seed = recipe, interpolation, val_fraction, seed
         self.lists = {"train": train_list, "val": val_list, "test": test_list}
@@ -131,8 +142,12 @@ class FolderDataModule(ImageClassificationDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         train, val, test = self._splits()
         mean, std = self.mean_std
+
         def make(samples, is_train):
-            return ImageListDataset(samples, build_transform(self.recipe, is_train, self.img_size, mean, std, self.interpolation))
+            return ImageListDataset(
+                samples, build_transform(self.recipe, is_train, self.img_size, mean, std, self.interpolation)
+            )
+
         if self.split == "tune":
             self.train_dataset, self.val_dataset = make(train, True), make(val, False)
             self.test_dataset = make(test, False) if test else self.val_dataset

@@ -32,8 +32,9 @@ def shape_label_mask(shapes: list[Shape], size: int) -> np.ndarray:
 class ShapeSegmentationDataset(Dataset):
     """``num_samples`` scenes; items are ``(image (3, size, size) normalised, mask (size, size) int64)``."""
 
-    def __init__(self, num_samples: int, seed: int, img_size: int = 32, mean=(0.485, 0.456, 0.406),
-                 std=(0.229, 0.224, 0.225)) -> None:
+    def __init__(
+        self, num_samples: int, seed: int, img_size: int = 32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
+    ) -> None:
         self.num_samples, self.seed, self.img_size = num_samples, seed, img_size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)

@@ -161,7 +161,10 @@ SYNTHETIC_TASKS: Dict[str, SyntheticTask] = {
         SyntheticTask("count", 5, _task_count, "structured", tuple(str(n) for n in range(1, 6))),
         SyntheticTask("location", 9, _task_location, "structured", CELLS),
         SyntheticTask(
-            "orientation", 8, _task_orientation, "structured",
+            "orientation",
+            8,
+            _task_orientation,
+            "structured",
             tuple(f"{22.5 * b:g}-{22.5 * (b + 1):g} deg" for b in range(8)),
         ),
     )

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from .base import ImageClassificationDataModule
-from .datasets import ImageListDataset, require_dir, read_list_file
+from .datasets import ImageListDataset, read_list_file, require_dir
 from .registry import get_task
 from .transforms import build_transform
 from .vtab_prep.sources import EXACT_SOURCES
@@ -16,8 +16,11 @@ LIST_FILES = {"train": "train800.txt", "val": "val200.txt", "trainval": "train80
 
 def build_hint(task: str, root: Path) -> str:
     """How to get a missing task folder with ``vpt-prepare vtab``, and where its source files come from."""
-    how = (f"its source: {EXACT_SOURCES[task].get}" if task in EXACT_SOURCES
-           else "torchvision's copy (add --download), with --official-splits vtab_trainval_splits.json or a seeded re-draw")
+    how = (
+        f"its source: {EXACT_SOURCES[task].get}"
+        if task in EXACT_SOURCES
+        else "torchvision's copy (add --download), with --official-splits vtab_trainval_splits.json or a seeded re-draw"
+    )
     return f"or build it with 'vpt-prepare vtab --tasks {task} --source SOURCE_ROOT --out {root}' ({how})"
 
 

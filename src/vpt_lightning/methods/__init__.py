@@ -14,5 +14,12 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.name not in ("base", "registry"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["TuningConfig", "TuningMethod", "get_method", "method_names", "methods_in_report_order", "parse_tuning",
-           "register_method"]
+__all__ = [
+    "TuningConfig",
+    "TuningMethod",
+    "get_method",
+    "method_names",
+    "methods_in_report_order",
+    "parse_tuning",
+    "register_method",
+]

@@ -34,8 +34,13 @@ class AdapterConfig(TuningConfig):
     init: str = "learn"
 
     def __post_init__(self) -> None:
-        self.reduction = number("tuning.reduction", self.reduction, "an integer >= 1 (the paper: 8, 64, 256)",
-                                lambda v: v >= 1, integer=True)
+        self.reduction = number(
+            "tuning.reduction",
+            self.reduction,
+            "an integer >= 1 (the paper: 8, 64, 256)",
+            lambda v: v >= 1,
+            integer=True,
+        )
         if self.init not in INITS:
             raise ValueError(f"tuning.init={self.init!r} is not one of {list(INITS)}")
 
@@ -77,7 +82,9 @@ def mlp_width(block: nn.Module) -> int:
     """The output width of a block's MLP (timm's ``Mlp``: ``fc2``), or a ``ValueError`` for blocks without one."""
     fc2 = getattr(getattr(block, "mlp", None), "fc2", None)
     if not isinstance(fc2, nn.Linear):
-        raise ValueError(f"tuning=adapter needs blocks with a timm Mlp (block.mlp.fc2); {type(block).__name__} has none")
+        raise ValueError(
+            f"tuning=adapter needs blocks with a timm Mlp (block.mlp.fc2); {type(block).__name__} has none"
+        )
     return fc2.out_features
 
 

@@ -64,7 +64,14 @@ class LoRA(AdamWRecipe):
         available = linear_names(backbone.model)
         unknown = [t for t in config.target_modules if t not in available]
         if unknown:
-            raise ValueError(f"tuning.target_modules: {unknown} name no linear layer of the backbone; valid: {available}")
-        lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules),
-                          lora_dropout=config.dropout, bias="none")
+            raise ValueError(
+                f"tuning.target_modules: {unknown} name no linear layer of the backbone; valid: {available}"
+            )
+        lora = LoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,
+            target_modules=list(config.target_modules),
+            lora_dropout=config.dropout,
+            bias="none",
+        )
         inject_adapter_in_model(lora, backbone.model)

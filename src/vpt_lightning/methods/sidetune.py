@@ -53,10 +53,12 @@ def load_alexnet_features(weights: str) -> Tuple[nn.Module, nn.Module]:
             )
         model = alexnet(weights=None)
         state = _read_state_dict(path)
-        features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        features = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
         missing = sorted(set(model.features.state_dict()) - set(features))
         if missing:
-            raise ValueError(f"tuning.side_weights={weights!r} lacks AlexNet tensors {['features.' + k for k in missing]}")
+            raise ValueError(
+                f"tuning.side_weights={weights!r} lacks AlexNet tensors {['features.' + k for k in missing]}"
+            )
         try:
             model.features.load_state_dict(features)
         except RuntimeError as err:

@@ -19,7 +19,9 @@ from ..backbones import PromptedViT
 def check_taps(backbone: PromptedViT, taps: Sequence[int]) -> List[int]:
     """The tapped block indices as a list, refusing a non-ViT backbone, an empty list and indices out of range."""
     if not isinstance(backbone, PromptedViT):
-        raise TypeError(f"dense features need a PromptedViT backbone (a timm VisionTransformer), got {type(backbone).__name__}")
+        raise TypeError(
+            f"dense features need a PromptedViT backbone (a timm VisionTransformer), got {type(backbone).__name__}"
+        )
     depth = len(backbone.model.blocks)
     taps = [int(t) for t in taps]
     if not taps or any(not 0 <= t < depth for t in taps):

@@ -101,8 +101,9 @@ class SegmentationModule(VPTModule):
             raise ValueError("compile=true is not supported for segmentation (the tapped blocks are read by hooks)")
         # read by build_head / build_loss, which VPTModule.__init__ calls
         self.seg_config = SegmentationConfig.parse(segmentation)
-        super().__init__(num_classes, backbone, prompt, optim, tuning, backbone_eval, compile, grad_checkpointing,
-                         **kwargs)
+        super().__init__(
+            num_classes, backbone, prompt, optim, tuning, backbone_eval, compile, grad_checkpointing, **kwargs
+        )
         if self.tuning_method.build_head.__func__ is not TuningMethod.build_head.__func__:
             raise ValueError(
                 f"tuning={self.tuning_config.name} brings its own classifier head; segmentation uses the SETR-PUP "
@@ -121,7 +122,11 @@ class SegmentationModule(VPTModule):
         self.val_metrics = metrics().clone(prefix="val/")
         self.test_metrics = metrics().clone(prefix="test/")
         self.test_ms_metrics = MetricCollection(
-            {"miou_ms": MulticlassJaccardIndex(num_classes, average="macro", ignore_index=self.seg_config.ignore_index)},
+            {
+                "miou_ms": MulticlassJaccardIndex(
+                    num_classes, average="macro", ignore_index=self.seg_config.ignore_index
+                )
+            },
             prefix="test/",
         )
 
@@ -165,8 +170,15 @@ class SegmentationModule(VPTModule):
     def predict_logits(self, images: torch.Tensor, size=None, multi_scale: bool = False) -> torch.Tensor:
         """Sliding-window logits (or multi-scale + flip probabilities) resized to ``size`` (default: the images')."""
         if multi_scale:
-            out = multi_scale_inference(self, images, self.seg_config.ms_scales, self.seg_config.flip, self.window,
-                                        self.stride, self.hparams.num_classes)
+            out = multi_scale_inference(
+                self,
+                images,
+                self.seg_config.ms_scales,
+                self.seg_config.flip,
+                self.window,
+                self.stride,
+                self.hparams.num_classes,
+            )
         else:
             out = slide_inference(self, images, self.window, self.stride, self.hparams.num_classes)
         if size is not None and tuple(out.shape[-2:]) != tuple(size):

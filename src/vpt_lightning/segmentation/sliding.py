@@ -61,10 +61,10 @@ def multi_scale_inference(
     total = None
     copies = 0
     for scale in scales:
-        scaled = images if scale == 1 else F.interpolate(
-            images, scale_factor=scale, mode="bilinear", align_corners=False
+        scaled = (
+            images if scale == 1 else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
         )
-        for flipped in ([False, True] if flip else [False]):
+        for flipped in [False, True] if flip else [False]:
             view = scaled.flip(-1) if flipped else scaled
             probs = slide_inference(model, view, window, stride, num_classes).softmax(dim=1)
             probs = probs.flip(-1) if flipped else probs

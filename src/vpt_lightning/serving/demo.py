@@ -32,7 +32,9 @@ def local_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def classify(predict_url: str, image_path: str, task: str, api_key: Optional[str], timeout: float = 60) -> Dict[str, Any]:
+def classify(
+    predict_url: str, image_path: str, task: str, api_key: Optional[str], timeout: float = 60
+) -> Dict[str, Any]:
     """POST the image file to ``predict_url`` for ``task``; returns the server's JSON answer (its ``detail`` as a
     :class:`ValueError` on a 4xx)."""
     with open(image_path, "rb") as handle:
@@ -55,15 +57,19 @@ def build_demo(tasks: Sequence[str], predict_url: str, api_key: Optional[str] = 
     import gradio as gr
 
     with gr.Blocks(title="vpt-serve demo", analytics_enabled=False) as demo:
-        gr.Markdown("## Visual Prompt Tuning: classify an image\nEvery task shares one frozen backbone; pick one "
-                    "task or all of them.")
+        gr.Markdown(
+            "## Visual Prompt Tuning: classify an image\nEvery task shares one frozen backbone; pick one "
+            "task or all of them."
+        )
         with gr.Row():
             with gr.Column():
                 image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="image", height=280)
                 task = gr.Dropdown([ALL_TASKS, *tasks], value=ALL_TASKS, label="task")
                 button = gr.Button("Classify", variant="primary")
             with gr.Column():
-                labels = [gr.Label(num_top_classes=SHOWN_CLASSES, label=name, elem_id=f"label-{name}") for name in tasks]
+                labels = [
+                    gr.Label(num_top_classes=SHOWN_CLASSES, label=name, elem_id=f"label-{name}") for name in tasks
+                ]
 
         def run(image_path: Optional[str], chosen: str) -> List[Any]:
             if not image_path:
@@ -86,16 +92,30 @@ def build_demo(tasks: Sequence[str], predict_url: str, api_key: Optional[str] = 
     return demo
 
 
-def mount_demo(app: FastAPI, model: MultiTaskClassifier, predict_url: str, api_key: Optional[str] = None,
-               max_file_bytes: Optional[int] = None, path: str = UI_PATH) -> FastAPI:
+def mount_demo(
+    app: FastAPI,
+    model: MultiTaskClassifier,
+    predict_url: str,
+    api_key: Optional[str] = None,
+    max_file_bytes: Optional[int] = None,
+    path: str = UI_PATH,
+) -> FastAPI:
     """Mount the demo page at ``path`` of ``app`` (never shared publicly)."""
     import gradio as gr
 
     demo = build_demo(model.task_names, predict_url, api_key)
+
     def auth(_user: str, password: str) -> bool:
         return hmac.compare_digest(password.encode(), api_key.encode())
 
     return gr.mount_gradio_app(
-        app, demo, path=path, auth=auth if api_key else None, auth_message="Log in with the server's API key as the password.",
-        max_file_size=max_file_bytes, footer_links=[], run_history=False, ssr_mode=False,
+        app,
+        demo,
+        path=path,
+        auth=auth if api_key else None,
+        auth_message="Log in with the server's API key as the password.",
+        max_file_size=max_file_bytes,
+        footer_links=[],
+        run_history=False,
+        ssr_mode=False,
     )

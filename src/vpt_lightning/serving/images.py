@@ -47,7 +47,8 @@ def decode_image(data: bytes, source: str = "image", max_pixels: Optional[int] =
                 if image.width * image.height > limit:
                     raise ImageError(
                         f"{source}: {image.width}x{image.height} = {image.width * image.height} pixels is more than "
-                        f"the limit of {limit}", too_large=True,
+                        f"the limit of {limit}",
+                        too_large=True,
                     )
                 if getattr(image, "n_frames", 1) > 1:
                     image.seek(0)  # GIF, multi-page TIFF: the first frame
@@ -57,9 +58,7 @@ def decode_image(data: bytes, source: str = "image", max_pixels: Optional[int] =
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError(f"{source}: more pixels than the limit of {limit} ({err})", too_large=True) from err
     except UnidentifiedImageError as err:
-        raise ImageError(
-            f"{source}: not an image in a format read here ({', '.join(IMAGE_FORMATS)})"
-        ) from err
+        raise ImageError(f"{source}: not an image in a format read here ({', '.join(IMAGE_FORMATS)})") from err
     except Exception as err:  # PIL raises many types for broken files: name the source and the reason
         raise ImageError(f"{source}: not a readable image ({type(err).__name__}: {err})") from err
 

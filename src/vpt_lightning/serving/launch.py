@@ -43,9 +43,21 @@ def running_server(
     port = port or free_port()
     output = open(log, "wb+") if log else tempfile.TemporaryFile()  # a file: a full pipe would block the server
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vpt_lightning.cli.serve", *map(str, checkpoints), "--host", "127.0.0.1",
-         "--port", str(port), *options],
-        env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "vpt_lightning.cli.serve",
+            *map(str, checkpoints),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *options,
+        ],
+        env=env,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -54,7 +66,9 @@ def running_server(
             if proc.poll() is not None or time.monotonic() > deadline:
                 stop(proc)
                 text = _read(output)
-                why = f"exited with {proc.returncode}" if proc.returncode not in (None, -2) else "did not answer /health"
+                why = (
+                    f"exited with {proc.returncode}" if proc.returncode not in (None, -2) else "did not answer /health"
+                )
                 raise RuntimeError(f"vpt-serve {why} within {startup_timeout} s:\n{text[-3000:]}")
             time.sleep(0.5)
         yield url
@@ -115,7 +129,12 @@ def bad_requests(task: str) -> List[Tuple[str, bytes, str, int]]:
         ("nested JSON", b"[" * 100_000 + b"]" * 100_000, "application/json", 400),
         ("malformed JSON", b'{"task": ', "application/json", 400),
         ("bad base64", json.dumps({"task": task, "image": "%%%"}).encode(), "application/json", 400),
-        ("top_k not an int", json.dumps({"task": task, "image": image, "top_k": "3"}).encode(), "application/json", 400),
+        (
+            "top_k not an int",
+            json.dumps({"task": task, "image": image, "top_k": "3"}).encode(),
+            "application/json",
+            400,
+        ),
         ("64 M pixels", png_bytes(8000, 7999), "image/png", 413),
     ]
 
@@ -159,8 +178,13 @@ def load_test(
             ok = "detail" in json.loads(err.read() or b"{}")
         except Exception:  # no HTTP answer at all
             pass
-        return {"name": name, "bad": is_bad, "status": status, "ok": ok and status == expected,
-                "seconds": time.perf_counter() - start}
+        return {
+            "name": name,
+            "bad": is_bad,
+            "status": status,
+            "ok": ok and status == expected,
+            "seconds": time.perf_counter() - start,
+        }
 
     begin = time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients) as pool:
@@ -174,10 +198,14 @@ def load_test(
     every = [r["seconds"] for r in results]
     good_times = [r["seconds"] for r in results if not r["bad"]]
     return {
-        "requests": requests, "clients": clients, "bad": sum(r["bad"] for r in results),
+        "requests": requests,
+        "clients": clients,
+        "bad": sum(r["bad"] for r in results),
         "requests_per_s": requests / elapsed,
-        "p50_ms": percentile(good_times, 0.5), "p99_ms": percentile(good_times, 0.99),
-        "p50_all_ms": percentile(every, 0.5), "p99_all_ms": percentile(every, 0.99),
+        "p50_ms": percentile(good_times, 0.5),
+        "p99_ms": percentile(good_times, 0.99),
+        "p50_all_ms": percentile(every, 0.5),
+        "p99_all_ms": percentile(every, 0.99),
         "lost": sum(r["status"] is None for r in results),
         "server_errors": sum((r["status"] or 0) >= 500 for r in results),
         "wrong": [(r["name"], r["status"]) for r in results if not r["ok"]],

@@ -38,8 +38,12 @@ def joins_with_prompts(backbone: PromptedBackbone) -> bool:
     none) and timm's own pooling (no ``prompt.pool``, no fresh ``pool_norm``)."""
     cfg = backbone.prompt_config
     prompts_ok = not cfg.enabled or cfg.location == "prepend"
-    return (isinstance(backbone, PromptedViT) and prompts_ok and cfg.pool is None
-            and getattr(backbone, "pool_norm", None) is None)
+    return (
+        isinstance(backbone, PromptedViT)
+        and prompts_ok
+        and cfg.pool is None
+        and getattr(backbone, "pool_norm", None) is None
+    )
 
 
 def shares_blocks(shared: PromptedBackbone) -> bool:
@@ -89,8 +93,9 @@ def _finish(block: Block, x: torch.Tensor, out: torch.Tensor, normed: torch.Tens
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
-def _prompt_heads(block: Block, groups: Sequence[Group], keys_only: Mapping[int, torch.Tensor],
-                  routing: Routing) -> Dict[int, torch.Tensor]:
+def _prompt_heads(
+    block: Block, groups: Sequence[Group], keys_only: Mapping[int, torch.Tensor], routing: Routing
+) -> Dict[int, torch.Tensor]:
     """Keys and values ``(2, 1 or b, heads, p, head_dim)`` of every group's keys-only prompts, all groups' prompt
     rows through one ``norm1`` and one ``qkv`` call."""
     attn = block.attn
@@ -111,8 +116,14 @@ def _prompt_heads(block: Block, groups: Sequence[Group], keys_only: Mapping[int,
     return heads
 
 
-def _mixed_block(block: Block, x: torch.Tensor, groups: Sequence[Group], keys_only: Mapping[int, torch.Tensor],
-                 carried: Mapping[int, torch.Tensor], routing: Routing) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
+def _mixed_block(
+    block: Block,
+    x: torch.Tensor,
+    groups: Sequence[Group],
+    keys_only: Mapping[int, torch.Tensor],
+    carried: Mapping[int, torch.Tensor],
+    routing: Routing,
+) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
     """One block over the sorted image tokens ``x`` ``(B, N, D)``. ``keys_only``: group -> prompts ``(1 or b, p, D)``
     that enter as keys and values only; ``carried``: group -> prompt rows ``(b, c, D)`` that run through the full
     block with the group's image tokens. Returns the image tokens' and the carried rows' outputs."""
@@ -129,8 +140,9 @@ def _mixed_block(block: Block, x: torch.Tensor, groups: Sequence[Group], keys_on
             carried_heads[g] = (carried_normed, *_heads(attn, carried_normed))
     # one buffer of keys and values (2, B, heads, P + N, head_dim): every row's image keys at the end (one copy for
     # the batch), each group's prompt keys in the p slots just before them; a group attends to its own slice
-    longest = max([t.shape[3] for t in prompt_heads.values()] + [t[2].shape[3] for t in carried_heads.values()],
-                  default=0)
+    longest = max(
+        [t.shape[3] for t in prompt_heads.values()] + [t[2].shape[3] for t in carried_heads.values()], default=0
+    )
     if longest:
         buffer = kv.new_empty(2, batch, kv.shape[2], longest + length, kv.shape[4])
         buffer[:, :, :, longest:] = kv
@@ -180,8 +192,13 @@ def _mixed_block(block: Block, x: torch.Tensor, groups: Sequence[Group], keys_on
     return x, carried_out
 
 
-def mixed_features(shared: PromptedViT, tasks: Sequence[PromptedViT], updates: Sequence[Mapping[str, Update]],
-                   images: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
+def mixed_features(
+    shared: PromptedViT,
+    tasks: Sequence[PromptedViT],
+    updates: Sequence[Mapping[str, Update]],
+    images: torch.Tensor,
+    task_index: torch.Tensor,
+) -> torch.Tensor:
     """Pooled features ``(B, num_features)`` of a mixed batch, row ``b`` through ``tasks[task_index[b]]``: its
     prompts (in evaluation: no prompt dropout) and the ``updates[task]`` of its method, in one pass of ``shared``
     (a backbone without prompts on the model the tasks share, see :func:`shares_blocks`; every present task must

@@ -147,7 +147,9 @@ class MultiTaskClassifier(nn.Module):
                 "with other tasks; load it alone with vpt_lightning.task_sources.load_task (or VPTModule.load_from_checkpoint)"
             )
         if record.identity is None:
-            raise ValueError(f"{str(path)!r} records no backbone identity, so it cannot be checked against the backbone")
+            raise ValueError(
+                f"{str(path)!r} records no backbone identity, so it cannot be checked against the backbone"
+            )
         differences = identity_differences(record.identity, self.identity)
         if differences:
             raise ValueError(
@@ -188,8 +190,13 @@ class MultiTaskClassifier(nn.Module):
         if one_pass:  # every sample of these tasks in one pass of the shared backbone
             rows = torch.isin(task_index, torch.tensor(one_pass, device=images.device))
             every = bool(rows.all())
-            out = mixed_features(self.backbone, [t.backbone for t in tasks], [u or {} for u in updates],
-                                 images if every else images[rows], task_index if every else task_index[rows])
+            out = mixed_features(
+                self.backbone,
+                [t.backbone for t in tasks],
+                [u or {} for u in updates],
+                images if every else images[rows],
+                task_index if every else task_index[rows],
+            )
             if every:
                 features = out
             else:
@@ -212,6 +219,7 @@ class MultiTaskClassifier(nn.Module):
 
     def memory_bytes(self) -> Dict[str, int]:
         """Bytes of the shared backbone and of each task's own tensors (prompts and head)."""
+
         def size(tensors):
             return sum(t.numel() * t.element_size() for t in tensors)
 

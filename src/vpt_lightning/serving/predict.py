@@ -51,7 +51,8 @@ def list_images(
     rows: List[Tuple[Path, Optional[str]]]
     if source.is_dir():
         rows = [
-            (p, None) for p in sorted(source.rglob("*"))
+            (p, None)
+            for p in sorted(source.rglob("*"))
             if not p.is_dir() and not any(part.startswith(".") for part in p.relative_to(source).parts)
         ]
     elif source.is_file():
@@ -79,7 +80,9 @@ def list_images(
             )
         unknown = sorted({t for _, t in rows if t is not None and t not in tasks})
         if unknown:
-            raise ValueError(f"{str(source)!r}: task(s) {unknown} in column 'task' are not among the tasks {list(tasks)}")
+            raise ValueError(
+                f"{str(source)!r}: task(s) {unknown} in column 'task' are not among the tasks {list(tasks)}"
+            )
     else:
         raise FileNotFoundError(f"--images {str(source)!r} is neither a folder nor a CSV file")
     items = []
@@ -91,8 +94,13 @@ def list_images(
     return items
 
 
-FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-              stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+FILE_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a folder",
+}
 
 
 def read_image_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
@@ -121,8 +129,14 @@ class ImageFiles(Dataset):
     """Reads, decodes and transforms each item's image for its task; an unreadable one becomes an error entry
     (``strict``: raises :class:`ImageError` naming the file instead)."""
 
-    def __init__(self, items: Sequence[ImageItem], model: MultiTaskClassifier, strict: bool = False,
-                 max_file_bytes: int = MAX_FILE_BYTES, max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    def __init__(
+        self,
+        items: Sequence[ImageItem],
+        model: MultiTaskClassifier,
+        strict: bool = False,
+        max_file_bytes: int = MAX_FILE_BYTES,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+    ) -> None:
         self.items = list(items)
         self.transforms = task_transforms(model)
         self.task_index = {name: i for i, name in enumerate(model.task_names)}

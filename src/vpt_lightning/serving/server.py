@@ -112,7 +112,9 @@ class MultiTaskAPI(ls.LitAPI):
 
     def _decode(self, request: Any) -> Sample:
         if not isinstance(request, dict):
-            raise HTTPException(400, f"the JSON body must be an object with 'task' and 'image', got {type(request).__name__}")
+            raise HTTPException(
+                400, f"the JSON body must be an object with 'task' and 'image', got {type(request).__name__}"
+            )
         task = request.get("task")
         if task is None and len(self.names) == 1:
             task = self.names[0]
@@ -188,8 +190,9 @@ class ApiKeyMiddleware:
     """Every HTTP route but ``open_paths`` needs the header ``X-API-Key: KEY`` (401 otherwise), so that routes
     LitServe does not guard (``/tasks``, the API docs, a demo page) are guarded too."""
 
-    def __init__(self, app: ASGIApp, api_key: str, open_paths: Iterable[str] = (HEALTH_PATH,),
-                 open_prefixes: Iterable[str] = ()) -> None:
+    def __init__(
+        self, app: ASGIApp, api_key: str, open_paths: Iterable[str] = (HEALTH_PATH,), open_prefixes: Iterable[str] = ()
+    ) -> None:
         self.app = app
         self.api_key = api_key.encode()
         self.open_paths = set(open_paths)
@@ -210,8 +213,9 @@ class ApiKeyMiddleware:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        await _refuse(scope, receive, send, 401, f"missing or wrong {API_KEY_HEADER} header",
-                      {"WWW-Authenticate": API_KEY_HEADER})
+        await _refuse(
+            scope, receive, send, 401, f"missing or wrong {API_KEY_HEADER} header", {"WWW-Authenticate": API_KEY_HEADER}
+        )
 
 
 class RequestBodyMiddleware:
@@ -232,15 +236,18 @@ class RequestBodyMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            return await _refuse(scope, receive, send, 413, f"request body of {declared} bytes is over {self.max_bytes}")
+            return await _refuse(
+                scope, receive, send, 413, f"request body of {declared} bytes is over {self.max_bytes}"
+            )
         chunks, size, more = [], 0, True
         deadline = time.monotonic() + self.read_timeout
         while more:
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                return await _refuse(scope, receive, send, 408,
-                                     f"request body not received within {self.read_timeout:g} s")
+                return await _refuse(
+                    scope, receive, send, 408, f"request body not received within {self.read_timeout:g} s"
+                )
             if message["type"] == "http.disconnect":
                 return
             chunks.append(message.get("body", b""))
@@ -257,7 +264,9 @@ class RequestBodyMiddleware:
                 payload["task"] = query["task"]
             if "top_k" in query:
                 if not query["top_k"].isdigit():
-                    return await _refuse(scope, receive, send, 400, f"top_k={query['top_k']!r} must be a positive integer")
+                    return await _refuse(
+                        scope, receive, send, 400, f"top_k={query['top_k']!r} must be a positive integer"
+                    )
                 payload["top_k"] = int(query["top_k"])
             body = json.dumps(payload).encode()
         elif content_type in ("application/json", ""):
@@ -269,7 +278,10 @@ class RequestBodyMiddleware:
                 return await _refuse(scope, receive, send, 400, f"malformed JSON body: {err}")
         else:
             return await _refuse(
-                scope, receive, send, 415,
+                scope,
+                receive,
+                send,
+                415,
                 f"content type {content_type!r}: send JSON (application/json) or raw image bytes (image/* or "
                 "application/octet-stream)",
             )
@@ -326,8 +338,10 @@ def exposure_warning(host: str, api_key: Optional[str]) -> Optional[str]:
     """The warning for a server reachable from other hosts without an API key (None when there is nothing to say)."""
     if api_key or is_loopback(host):
         return None
-    return (f"listening on {host} without an API key: anyone who reaches this host can use the server "
-            f"(set --api-key or the environment variable {API_KEY_ENV})")
+    return (
+        f"listening on {host} without an API key: anyone who reaches this host can use the server "
+        f"(set --api-key or the environment variable {API_KEY_ENV})"
+    )
 
 
 def build_server(
@@ -382,8 +396,14 @@ def build_server(
     return server
 
 
-def serve(model: MultiTaskClassifier, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
-          warn_exposure: bool = True, **server_options: Any) -> None:
+def serve(
+    model: MultiTaskClassifier,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "warning",
+    warn_exposure: bool = True,
+    **server_options: Any,
+) -> None:
     """Build the server and run it until SIGTERM or SIGINT (Ctrl+C), then stop it gracefully: the requests in
     flight are answered, every process it started has ended when this returns. Warns when ``host`` is not a
     loopback address and no API key is set."""

@@ -30,8 +30,12 @@ def _same_tensors(a: nn.Module, b: nn.Module) -> bool:
     """Whether two modules hold the very same parameter and buffer objects (by name, at every depth)."""
     pa, pb = dict(a.named_parameters(remove_duplicate=False)), dict(b.named_parameters(remove_duplicate=False))
     ba, bb = dict(a.named_buffers(remove_duplicate=False)), dict(b.named_buffers(remove_duplicate=False))
-    return (pa.keys() == pb.keys() and all(pa[k] is pb[k] for k in pa)
-            and ba.keys() == bb.keys() and all(ba[k] is bb[k] for k in ba))
+    return (
+        pa.keys() == pb.keys()
+        and all(pa[k] is pb[k] for k in pa)
+        and ba.keys() == bb.keys()
+        and all(ba[k] is bb[k] for k in ba)
+    )
 
 
 def _lora_update(layer: nn.Module) -> Optional[Update]:
@@ -134,8 +138,9 @@ def routed_updates(model: nn.Module, updates: Mapping[int, Mapping[str, Update]]
 
         return hook
 
-    handles = [model.get_submodule(name).register_forward_hook(hook_for(per_task))
-               for name, per_task in by_module.items()]
+    handles = [
+        model.get_submodule(name).register_forward_hook(hook_for(per_task)) for name, per_task in by_module.items()
+    ]
     try:
         yield
     finally:

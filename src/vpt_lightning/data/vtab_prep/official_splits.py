@@ -35,7 +35,9 @@ SPLIT_PREFIXES = {"train": "train", "validation": "val", "val": "val"}
 
 def read_split_file(path: Path) -> Dict[str, Any]:
     """Read the JSON split file; errors name it."""
-    return read_json_object(path, "--official-splits", "the authors' vtab_trainval_splits.json, or {task: {train, val}}")
+    return read_json_object(
+        path, "--official-splits", "the authors' vtab_trainval_splits.json, or {task: {train, val}}"
+    )
 
 
 def task_entry(given: Mapping[str, Any], info: TaskInfo, source: str) -> Tuple[List[Any], List[Any]]:
@@ -56,7 +58,9 @@ def task_entry(given: Mapping[str, Any], info: TaskInfo, source: str) -> Tuple[L
                 f"{list(VAL_KEYS)}"
             )
         if (len(train), len(val)) != (800, 200):
-            warnings.warn(f"{source}: entry {keys[0]!r} has {len(train)} train and {len(val)} val items (VTAB-1k: 800/200)")
+            warnings.warn(
+                f"{source}: entry {keys[0]!r} has {len(train)} train and {len(val)} val items (VTAB-1k: 800/200)"
+            )
         return list(train), list(val)
     if isinstance(entry, list) and len(entry) == 1000:
         return list(entry[:800]), list(entry[800:])
@@ -82,8 +86,9 @@ def _tfds_id_index(name: str, splits: Mapping[str, Tuple[int, int]], source: str
     return offset + int(match.group(2))
 
 
-def resolve(entries: Sequence[Any], files: Optional[Sequence[str]], splits: Mapping[str, Tuple[int, int]],
-            source: str) -> List[int]:
+def resolve(
+    entries: Sequence[Any], files: Optional[Sequence[str]], splits: Mapping[str, Tuple[int, int]], source: str
+) -> List[int]:
     """Indices of ``entries`` (indices, file names or TFDS ids) into a pool of images.
 
     ``splits`` maps ``train`` (and ``val`` where the pool holds torchvision's validation split too) to its
@@ -95,7 +100,9 @@ def resolve(entries: Sequence[Any], files: Optional[Sequence[str]], splits: Mapp
     for entry in entries:
         if isinstance(entry, int) and not isinstance(entry, bool):
             if not 0 <= entry < splits["train"][1]:
-                raise ValueError(f"{source}: index {entry} is outside torchvision's {splits['train'][1]} training images")
+                raise ValueError(
+                    f"{source}: index {entry} is outside torchvision's {splits['train'][1]} training images"
+                )
             indices.append(entry)
             continue
         name = str(entry)
@@ -107,7 +114,7 @@ def resolve(entries: Sequence[Any], files: Optional[Sequence[str]], splits: Mapp
         if table is None:
             table = by_suffix[len(parts)] = {}
             for i, path in enumerate(files):
-                table.setdefault(tuple(PurePosixPath(path).parts[-len(parts):]), []).append(i)
+                table.setdefault(tuple(PurePosixPath(path).parts[-len(parts) :]), []).append(i)
         hits = table.get(parts, [])
         if len(hits) == 1:
             indices.append(hits[0])

@@ -43,7 +43,7 @@ def _require_modules(task: str, modules: Sequence[str], reader: str = "torchvisi
         packages = {"cv2": "opencv-python-headless", "tensorflow_datasets": "tensorflow-datasets"}
         extra = "retinopathy" if "cv2" in missing else "tfds" if "tensorflow_datasets" in missing else "prepare"
         raise ModuleNotFoundError(
-            f"{reader} needs {missing} to read {task!r}: pip install \"vpt-lightning[{extra}]\" "
+            f'{reader} needs {missing} to read {task!r}: pip install "vpt-lightning[{extra}]" '
             f"(or {' '.join(packages.get(m, m) for m in missing)})"
         )
 
@@ -135,8 +135,10 @@ def exact_indices(spec: ExactSource, splits: Dict[str, SourceSplit], task: str) 
     for a, b in (("train800", "val200"), ("train800", "test"), ("val200", "test")):
         if chosen[a][0] == chosen[b][0] and set(chosen[a][1]) & set(chosen[b][1]):
             size = len(splits[chosen[a][0]])
-            raise DataError(f"{task}: {a} ({getattr(spec, a)}) and {b} ({getattr(spec, b)}) overlap in a "
-                            f"{chosen[a][0]!r} split of {size} examples; is the source complete?")
+            raise DataError(
+                f"{task}: {a} ({getattr(spec, a)}) and {b} ({getattr(spec, b)}) overlap in a "
+                f"{chosen[a][0]!r} split of {size} examples; is the source complete?"
+            )
     return chosen
 
 
@@ -149,8 +151,10 @@ def prepare_exact(info: TaskInfo, source: Path, out: Path) -> Dict[str, int]:
         raise DataError(f"--source {str(source)!r} does not exist; {info.name} expects {spec.get}")
     splits = spec.read(source)
     task_dir = out / info.folder
-    lines = {name: write_items(splits[split], indices, task_dir, f"images/{split}")
-             for name, (split, indices) in exact_indices(spec, splits, info.name).items()}
+    lines = {
+        name: write_items(splits[split], indices, task_dir, f"images/{split}")
+        for name, (split, indices) in exact_indices(spec, splits, info.name).items()
+    }
     return write_lists(task_dir, lines["train800"], lines["val200"], lines["test"])
 
 
@@ -169,8 +173,14 @@ def _given_split(official_splits: Path, info, train_set, val_set) -> Tuple[List[
     return train_idx, val_idx, pool
 
 
-def prepare_from_torchvision(info: TaskInfo, source: Path, out: Path, download: bool = False, seed: int = 0,
-                             official_splits: Optional[Path] = None) -> Dict[str, int]:
+def prepare_from_torchvision(
+    info: TaskInfo,
+    source: Path,
+    out: Path,
+    download: bool = False,
+    seed: int = 0,
+    official_splits: Optional[Path] = None,
+) -> Dict[str, int]:
     """train800/val200 from torchvision's training split: drawn with ``seed``, or read from ``official_splits``
     (the authors' ``vtab_trainval_splits.json`` of file names, or indices; see :mod:`.official_splits`). Test is
     torchvision's test split, or, where torchvision has none (Caltech101, SUN397, EuroSAT), the images not drawn
@@ -206,13 +216,21 @@ def prepare_from_torchvision(info: TaskInfo, source: Path, out: Path, download: 
         chosen = set(train_idx) | set(val_idx)
         test_lines = write_items(train, [i for i in range(len(train_set)) if i not in chosen], task_dir, "images")
     else:
-        test_lines = write_items(torchvision_split(test_set, "test", spec.label_offset), range(len(test_set)), task_dir,
-                                 "images")
+        test_lines = write_items(
+            torchvision_split(test_set, "test", spec.label_offset), range(len(test_set)), task_dir, "images"
+        )
     return write_lists(task_dir, train_lines, val_lines, test_lines)
 
 
-def prepare_vtab_task(task: str, source: Path, out: Path, download: bool = False, seed: int = 0,
-                      official_splits: Optional[Path] = None, redraw: bool = False) -> Dict[str, int]:
+def prepare_vtab_task(
+    task: str,
+    source: Path,
+    out: Path,
+    download: bool = False,
+    seed: int = 0,
+    official_splits: Optional[Path] = None,
+    redraw: bool = False,
+) -> Dict[str, int]:
     """Write ``out/<task folder>/`` by :func:`route`; returns the split sizes."""
     info = get_task(task, benchmark="vtab")
     if route(task, official_splits, redraw) == "exact":

@@ -26,12 +26,17 @@ def _image_from_array(array: np.ndarray) -> Image.Image:
 
 # the globals a pickle of numpy arrays needs (numpy 1.x and 2.x module names, pickle protocols 2-5; protocol 2
 # written by Python 3 stores bytes through _codecs.encode, a pure str -> bytes conversion)
-ARRAY_GLOBALS = frozenset({
-    ("_codecs", "encode"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-})
+ARRAY_GLOBALS = frozenset(
+    {
+        ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+)
 
 
 class ArrayUnpickler(pickle.Unpickler):
@@ -73,17 +78,27 @@ def read_cifar100(source: Path) -> Splits:
         if (binary / f"{split}.bin").is_file():
             raw = np.fromfile(binary / f"{split}.bin", dtype=np.uint8)
             if raw.size % 3074:
-                raise DataError(f"{binary / f'{split}.bin'}: {raw.size} bytes is not a whole number of 3074-byte CIFAR-100 records")
+                raise DataError(
+                    f"{binary / f'{split}.bin'}: {raw.size} bytes is not a whole number of 3074-byte CIFAR-100 records"
+                )
             raw = raw.reshape(-1, 3074)
             labels, pixels = raw[:, 1].astype(int), raw[:, 2:]
         else:
-            path = require_file(pickled / split, "CIFAR-100 file", f"expected {binary}/{split}.bin or torchvision's "
-                                "cifar-100-python folder (vpt-prepare vtab --download fetches it)")
+            path = require_file(
+                pickled / split,
+                "CIFAR-100 file",
+                f"expected {binary}/{split}.bin or torchvision's "
+                "cifar-100-python folder (vpt-prepare vtab --download fetches it)",
+            )
             entry = read_array_pickle(path)
             labels, pixels = np.asarray(entry["fine_labels"]), np.asarray(entry["data"], dtype=np.uint8)
         images = pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        splits[split] = SourceSplit(list(range(len(labels))), [int(v) for v in labels], array_names(split, len(labels)),
-                                    decode=lambda i, images=images: _image_from_array(images[i]))
+        splits[split] = SourceSplit(
+            list(range(len(labels))),
+            [int(v) for v in labels],
+            array_names(split, len(labels)),
+            decode=lambda i, images=images: _image_from_array(images[i]),
+        )
     return splits
 
 
@@ -93,11 +108,17 @@ def read_svhn(source: Path) -> Splits:
 
     splits = {}
     for split in ("train", "test"):
-        path = require_file(source / f"{split}_32x32.mat", "SVHN file", "torchvision's SVHN layout; --download fetches it")
+        path = require_file(
+            source / f"{split}_32x32.mat", "SVHN file", "torchvision's SVHN layout; --download fetches it"
+        )
         data = loadmat(path)
         images, labels = np.moveaxis(data["X"], -1, 0), data["y"].reshape(-1) % 10
-        splits[split] = SourceSplit(list(range(len(labels))), [int(v) for v in labels], array_names(split, len(labels)),
-                                    decode=lambda i, images=images: _image_from_array(images[i]))
+        splits[split] = SourceSplit(
+            list(range(len(labels))),
+            [int(v) for v in labels],
+            array_names(split, len(labels)),
+            decode=lambda i, images=images: _image_from_array(images[i]),
+        )
     return splits
 
 
@@ -116,8 +137,9 @@ def read_dtd(source: Path) -> Splits:
         bad = [k for k in keys if k.split("/")[0] not in classes]
         if bad:
             raise DataError(f"{path}: {bad[0]!r} is not in a class folder of {root / 'images'} ({classes})")
-        splits[split] = SourceSplit(keys, [classes.index(k.split("/")[0]) for k in keys], keys,
-                                    files=[root / "images" / k for k in keys])
+        splits[split] = SourceSplit(
+            keys, [classes.index(k.split("/")[0]) for k in keys], keys, files=[root / "images" / k for k in keys]
+        )
     return splits
 
 
@@ -136,8 +158,9 @@ def read_flowers102(source: Path) -> Splits:
     for split, field in (("train", "trnid"), ("validation", "valid"), ("test", "tstid")):
         ids = [int(i) for i in setid[field][0]]
         names = [f"image_{i:05d}.jpg" for i in ids]
-        splits[split] = SourceSplit(names, [int(labels[i - 1]) - 1 for i in ids], names,
-                                    files=[root / "jpg" / n for n in names])
+        splits[split] = SourceSplit(
+            names, [int(labels[i - 1]) - 1 for i in ids], names, files=[root / "jpg" / n for n in names]
+        )
     return splits
 
 
@@ -146,7 +169,9 @@ def read_pets(source: Path) -> Splits:
 
     Label = the breed's class id - 1. Layout: torchvision's ``<source>/oxford-iiit-pet/{images,annotations}``.
     """
-    root = require_dir(source / "oxford-iiit-pet", "Oxford-IIIT Pet folder", "torchvision's layout; --download fetches it")
+    root = require_dir(
+        source / "oxford-iiit-pet", "Oxford-IIIT Pet folder", "torchvision's layout; --download fetches it"
+    )
     splits = {}
     for split, listed in (("train", "trainval.txt"), ("test", "test.txt")):
         path = require_file(root / "annotations" / listed, "Oxford-IIIT Pet list", "the dataset's annotations/")
@@ -176,10 +201,12 @@ def sun397_split_lists() -> Dict[str, List[str]]:
     except ModuleNotFoundError as err:
         raise ModuleNotFoundError(
             "SUN397's TFDS split lists ship with tensorflow-datasets (no TensorFlow needed): pip install "
-            "\"vpt-lightning[tfds]\"; or pass --official-splits, or prepare it with --redraw"
+            '"vpt-lightning[tfds]"; or pass --official-splits, or prepare it with --redraw'
         ) from err
-    return {split: (folder / f"sun397_tfds_{short}.txt").read_text().split()
-            for split, short in (("train", "tr"), ("validation", "va"), ("test", "te"))}
+    return {
+        split: (folder / f"sun397_tfds_{short}.txt").read_text().split()
+        for split, short in (("train", "tr"), ("validation", "va"), ("test", "te"))
+    }
 
 
 def read_sun397(source: Path) -> Splits:
@@ -194,6 +221,10 @@ def read_sun397(source: Path) -> Splits:
     splits = {}
     for split, keys in lists.items():
         keys = [k for k in keys if k not in SUN397_IGNORED]  # only the images written must exist
-        splits[split] = SourceSplit(keys, [classes[k.rsplit("/", 1)[0]] for k in keys],
-                                    [k.lstrip("/") for k in keys], files=[root / k.lstrip("/") for k in keys])
+        splits[split] = SourceSplit(
+            keys,
+            [classes[k.rsplit("/", 1)[0]] for k in keys],
+            [k.lstrip("/") for k in keys],
+            files=[root / k.lstrip("/") for k in keys],
+        )
     return splits

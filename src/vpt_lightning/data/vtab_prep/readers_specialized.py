@@ -14,8 +14,18 @@ from .source_split import SourceSplit, array_names, require_file
 
 Splits = Dict[str, SourceSplit]
 
-EUROSAT_CLASSES = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
-                   "PermanentCrop", "Residential", "River", "SeaLake")
+EUROSAT_CLASSES = (
+    "AnnualCrop",
+    "Forest",
+    "HerbaceousVegetation",
+    "Highway",
+    "Industrial",
+    "Pasture",
+    "PermanentCrop",
+    "Residential",
+    "River",
+    "SeaLake",
+)
 
 
 def read_patch_camelyon(source: Path) -> Splits:
@@ -28,8 +38,14 @@ def read_patch_camelyon(source: Path) -> Splits:
 
     splits = {}
     for split, short in (("train", "train"), ("validation", "valid"), ("test", "test")):
-        paths = [require_file(source / "pcam" / f"camelyonpatch_level_2_split_{short}_{xy}.h5", "Patch Camelyon file",
-                              "torchvision's PCAM layout; --download fetches it") for xy in ("x", "y")]
+        paths = [
+            require_file(
+                source / "pcam" / f"camelyonpatch_level_2_split_{short}_{xy}.h5",
+                "Patch Camelyon file",
+                "torchvision's PCAM layout; --download fetches it",
+            )
+            for xy in ("x", "y")
+        ]
         with h5py.File(paths[1], "r") as f:
             labels = [int(v) for v in np.asarray(f["y"]).reshape(-1)]
         handle: List = []
@@ -39,15 +55,20 @@ def read_patch_camelyon(source: Path) -> Splits:
                 handle.append(h5py.File(path, "r"))
             return Image.fromarray(np.asarray(handle[0]["x"][i]))
 
-        splits[split] = SourceSplit([f"{short}_{i}" for i in range(len(labels))], labels,
-                                    array_names(split, len(labels)), decode=decode)
+        splits[split] = SourceSplit(
+            [f"{short}_{i}" for i in range(len(labels))], labels, array_names(split, len(labels)), decode=decode
+        )
     return splits
 
 
 def _class_folder_images(root: Path, pattern: str) -> List[Tuple[str, Path]]:
     """``(class folder, file)`` for every file matching ``pattern`` in the class folders of ``root``."""
-    return [(folder.name, path) for folder in sorted(p for p in root.iterdir() if p.is_dir())
-            for path in sorted(folder.glob(pattern)) if path.is_file()]
+    return [
+        (folder.name, path)
+        for folder in sorted(p for p in root.iterdir() if p.is_dir())
+        for path in sorted(folder.glob(pattern))
+        if path.is_file()
+    ]
 
 
 def read_eurosat(source: Path) -> Splits:
@@ -63,8 +84,14 @@ def read_eurosat(source: Path) -> Splits:
     if bad:
         raise DataError(f"{bad[0]}: a EuroSAT file name starts with its class, one of {list(EUROSAT_CLASSES)}")
     keys = [f"{label}_{path.name}" for label, (_, path) in zip(labels, items)]
-    return {"train": SourceSplit(keys, [EUROSAT_CLASSES.index(l) for l in labels],
-                                 [f"{folder}/{path.name}" for folder, path in items], files=[p for _, p in items])}
+    return {
+        "train": SourceSplit(
+            keys,
+            [EUROSAT_CLASSES.index(l) for l in labels],
+            [f"{folder}/{path.name}" for folder, path in items],
+            files=[p for _, p in items],
+        )
+    }
 
 
 def read_resisc45(source: Path) -> Splits:
@@ -78,9 +105,14 @@ def read_resisc45(source: Path) -> Splits:
     if not items:
         raise DataError(f"{root}: no <class>/*.jpg images")
     classes = {folder: i for i, folder in enumerate(sorted({folder for folder, _ in items}))}
-    return {"train": SourceSplit([f"{folder}_{path.name}" for folder, path in items],
-                                 [classes[folder] for folder, _ in items],
-                                 [f"{folder}/{path.name}" for folder, path in items], files=[p for _, p in items])}
+    return {
+        "train": SourceSplit(
+            [f"{folder}_{path.name}" for folder, path in items],
+            [classes[folder] for folder, _ in items],
+            [f"{folder}/{path.name}" for folder, path in items],
+            files=[p for _, p in items],
+        )
+    }
 
 
 def btgraham_300(path: Path) -> bytes:
@@ -92,8 +124,10 @@ def btgraham_300(path: Path) -> bytes:
     try:
         import cv2
     except ModuleNotFoundError as err:
-        raise ModuleNotFoundError("the btgraham-300 preprocessing of Diabetic Retinopathy uses OpenCV, as TFDS does: "
-                                  "pip install \"vpt-lightning[retinopathy]\" (opencv-python-headless)") from err
+        raise ModuleNotFoundError(
+            "the btgraham-300 preprocessing of Diabetic Retinopathy uses OpenCV, as TFDS does: "
+            'pip install "vpt-lightning[retinopathy]" (opencv-python-headless)'
+        ) from err
     image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), flags=3)
     if image is None:
         raise DataError(f"cannot read image {str(path)!r}")
@@ -108,7 +142,9 @@ def btgraham_300(path: Path) -> bytes:
     cv2.circle(mask, center=(image.shape[1] // 2, image.shape[0] // 2), radius=keep, color=(1, 1, 1), thickness=-1)
     image = image * mask + (1 - mask) * 128
     cy, cx = image.shape[0] // 2, image.shape[1] // 2
-    image = image[max(cy - keep, 0):min(cy + keep, image.shape[0]), max(cx - keep, 0):min(cx + keep, image.shape[1]), :]
+    image = image[
+        max(cy - keep, 0) : min(cy + keep, image.shape[0]), max(cx - keep, 0) : min(cx + keep, image.shape[1]), :
+    ]
     ok, encoded = cv2.imencode(".jpg", image, [int(cv2.IMWRITE_JPEG_QUALITY), 72])
     if not ok:
         raise DataError(f"OpenCV could not encode the processed {str(path)!r}")
@@ -140,18 +176,28 @@ def read_retinopathy(source: Path) -> Splits:
     Layout: Kaggle's files in ``<source>/diabetic_retinopathy/{train,test}/<name>.jpeg``, ``trainLabels.csv``,
     ``retinopathy_solution.csv``.
     """
-    root = require_dir(source / "diabetic_retinopathy", "Diabetic Retinopathy folder",
-                       "Kaggle's train/, test/, trainLabels.csv and retinopathy_solution.csv")
+    root = require_dir(
+        source / "diabetic_retinopathy",
+        "Diabetic Retinopathy folder",
+        "Kaggle's train/, test/, trainLabels.csv and retinopathy_solution.csv",
+    )
     splits = {}
-    for split, folder, listed, usage in (("train", "train", "trainLabels.csv", ""),
-                                         ("validation", "test", "retinopathy_solution.csv", "Public"),
-                                         ("test", "test", "retinopathy_solution.csv", "Private")):
+    for split, folder, listed, usage in (
+        ("train", "train", "trainLabels.csv", ""),
+        ("validation", "test", "retinopathy_solution.csv", "Public"),
+        ("test", "test", "retinopathy_solution.csv", "Private"),
+    ):
         rows = _read_label_csv(require_file(root / listed, "Diabetic Retinopathy label file", "from Kaggle"), usage)
         files = [root / folder / f"{name}.jpeg" for name, _ in rows]
         missing = [f for f in files if not f.is_file()]
         if missing:
-            raise DataError(f"{root / listed} lists {len(missing)} image(s) missing from {root / folder}, e.g. {str(missing[0])!r}")
-        splits[split] = SourceSplit([name for name, _ in rows], [level for _, level in rows],
-                                    [f"{name}.jpg" for name, _ in rows],
-                                    decode=lambda i, files=files: btgraham_300(files[i]))
+            raise DataError(
+                f"{root / listed} lists {len(missing)} image(s) missing from {root / folder}, e.g. {str(missing[0])!r}"
+            )
+        splits[split] = SourceSplit(
+            [name for name, _ in rows],
+            [level for _, level in rows],
+            [f"{name}.jpg" for name, _ in rows],
+            decode=lambda i, files=files: btgraham_300(files[i]),
+        )
     return splits

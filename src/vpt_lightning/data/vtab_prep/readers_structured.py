@@ -51,7 +51,9 @@ def read_clevr(source: Path, label: Callable[[Sequence[dict]], int]) -> Splits:
     ``CLEVR_<split>_scenes.json`` (a scene naming another image is an error). Layout: torchvision's
     ``<source>/clevr/CLEVR_v1.0/{images/<train|val>/, scenes/}``.
     """
-    root = require_dir(source / "clevr" / "CLEVR_v1.0", "CLEVR folder", "torchvision's CLEVR layout; --download fetches it")
+    root = require_dir(
+        source / "clevr" / "CLEVR_v1.0", "CLEVR folder", "torchvision's CLEVR layout; --download fetches it"
+    )
     splits = {}
     for split, short in (("train", "train"), ("validation", "val")):
         images = sorted(p for p in require_dir(root / "images" / short, "CLEVR image folder").iterdir() if p.is_file())
@@ -62,7 +64,9 @@ def read_clevr(source: Path, label: Callable[[Sequence[dict]], int]) -> Splits:
         labels = []
         for image, scene in zip(images, scenes):
             if scene.get("image_filename", image.name) != image.name:
-                raise DataError(f"{path}: scene of {scene['image_filename']!r} where the sorted images have {image.name!r}")
+                raise DataError(
+                    f"{path}: scene of {scene['image_filename']!r} where the sorted images have {image.name!r}"
+                )
             labels.append(label(scene["objects"]))
         splits[split] = SourceSplit([p.name for p in images], labels, [p.name for p in images], files=images)
     return splits
@@ -107,16 +111,27 @@ def read_kitti(source: Path) -> Splits:
     Layout: the three zips TFDS reads unpacked into ``<source>/kitti``: ``training/image_2/*.png``,
     ``training/label_2/*.txt`` (data_object_image_2.zip, data_object_label_2.zip) and ``mapping/`` (devkit_object.zip).
     """
-    root = require_dir(source / "kitti", "KITTI folder", "unzip data_object_image_2.zip, data_object_label_2.zip and "
-                       "devkit_object.zip into <source>/kitti")
+    root = require_dir(
+        source / "kitti",
+        "KITTI folder",
+        "unzip data_object_image_2.zip, data_object_label_2.zip and devkit_object.zip into <source>/kitti",
+    )
     hint = "from KITTI's devkit_object.zip"
-    ids = kitti_splits(require_file(root / "mapping" / "train_rand.txt", "KITTI mapping", hint).read_text(),
-                       require_file(root / "mapping" / "train_mapping.txt", "KITTI mapping", hint).read_text().splitlines())
+    ids = kitti_splits(
+        require_file(root / "mapping" / "train_rand.txt", "KITTI mapping", hint).read_text(),
+        require_file(root / "mapping" / "train_mapping.txt", "KITTI mapping", hint).read_text().splitlines(),
+    )
     splits = {}
     for split, image_ids in ids.items():
         images = [root / "training" / "image_2" / f"{i:06d}.png" for i in sorted(image_ids)]
-        labels = [kitti_closest_vehicle(require_file(root / "training" / "label_2" / f"{i:06d}.txt", "KITTI label file",
-                                                     "from data_object_label_2.zip")) for i in sorted(image_ids)]
+        labels = [
+            kitti_closest_vehicle(
+                require_file(
+                    root / "training" / "label_2" / f"{i:06d}.txt", "KITTI label file", "from data_object_label_2.zip"
+                )
+            )
+            for i in sorted(image_ids)
+        ]
         for path in images:
             require_file(path, "KITTI image", "from data_object_image_2.zip")
         splits[split] = SourceSplit([p.name for p in images], labels, [p.name for p in images], files=images)
@@ -159,8 +174,11 @@ def read_dsprites(source: Path, attribute: str) -> Splits:
     the HDF5 file TFDS reads); images (0/1) are written as 0/255 greyscale PNG, as VTAB scales them.
     """
     column, factor = {"x_position": (4, 2.0), "orientation": (3, 2.5)}[attribute]
-    path = require_file(source / "dsprites" / DSPRITES_FILE, "dSprites file", "the .npz released at "
-                        "github.com/deepmind/dsprites-dataset")
+    path = require_file(
+        source / "dsprites" / DSPRITES_FILE,
+        "dSprites file",
+        "the .npz released at github.com/deepmind/dsprites-dataset",
+    )
     with np.load(path) as data:
         if "latents_classes" not in data.files or "imgs" not in data.files:
             raise DataError(f"{path}: expected the arrays 'imgs' and 'latents_classes', found {data.files}")
@@ -175,8 +193,11 @@ def read_dsprites(source: Path, attribute: str) -> Splits:
         pixels = cache.pop(i) if i in cache else _npz_rows(path, "imgs", [i])[i]
         return Image.fromarray(pixels.astype(np.uint8) * 255, mode="L")
 
-    return {"train": SourceSplit(list(range(len(labels))), labels, array_names("train", len(labels)), decode=decode,
-                                 prefetch=prefetch)}
+    return {
+        "train": SourceSplit(
+            list(range(len(labels))), labels, array_names("train", len(labels)), decode=decode, prefetch=prefetch
+        )
+    }
 
 
 def read_norb_matrix(path: Path) -> np.ndarray:
@@ -184,14 +205,19 @@ def read_norb_matrix(path: Path) -> np.ndarray:
     header = np.fromfile(path, dtype="<i4", count=5)
     kinds = {0x1E3D4C55: np.uint8, 0x1E3D4C54: np.dtype("<i4")}
     if len(header) < 2 or int(header[0]) not in kinds:
-        raise DataError(f"{path}: not a smallNORB matrix (magic {int(header[0]) if len(header) else None!r}; expected "
-                        f"{sorted(kinds)})")
+        raise DataError(
+            f"{path}: not a smallNORB matrix (magic {int(header[0]) if len(header) else None!r}; expected "
+            f"{sorted(kinds)})"
+        )
     rank = int(header[1])
     dims = [int(d) for d in np.fromfile(path, dtype="<i4", count=rank, offset=8)]
     return np.memmap(path, dtype=kinds[int(header[0])], mode="r", offset=8 + 4 * max(3, rank), shape=tuple(dims))
 
 
-SMALLNORB_FILES = {"train": "smallnorb-5x46789x9x18x6x2x96x96-training", "test": "smallnorb-5x01235x9x18x6x2x96x96-testing"}
+SMALLNORB_FILES = {
+    "train": "smallnorb-5x46789x9x18x6x2x96x96-training",
+    "test": "smallnorb-5x01235x9x18x6x2x96x96-testing",
+}
 
 
 def read_smallnorb(source: Path, attribute: str) -> Splits:
@@ -207,11 +233,17 @@ def read_smallnorb(source: Path, attribute: str) -> Splits:
         images = read_norb_matrix(require_file(source / "smallnorb" / f"{stem}-dat.mat", "smallNORB file", hint))
         info = read_norb_matrix(require_file(source / "smallnorb" / f"{stem}-info.mat", "smallNORB file", hint))
         if images.ndim != 4 or info.ndim != 2 or len(images) != len(info):
-            raise DataError(f"{source / 'smallnorb'}: {stem} has images {images.shape} and info {info.shape}; expected "
-                            "(N, 2, 96, 96) and (N, 4)")
+            raise DataError(
+                f"{source / 'smallnorb'}: {stem} has images {images.shape} and info {info.shape}; expected "
+                "(N, 2, 96, 96) and (N, 4)"
+            )
         labels = [int(v) // divisor for v in info[:, column]]
-        splits[split] = SourceSplit(list(range(len(labels))), labels, array_names(split, len(labels)),
-                                    decode=lambda i, images=images: Image.fromarray(np.asarray(images[i, 0]), mode="L"))
+        splits[split] = SourceSplit(
+            list(range(len(labels))),
+            labels,
+            array_names(split, len(labels)),
+            decode=lambda i, images=images: Image.fromarray(np.asarray(images[i, 0]), mode="L"),
+        )
     return splits
 
 

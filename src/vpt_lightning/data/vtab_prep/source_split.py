@@ -36,7 +36,9 @@ class SourceSplit:
 
     def __post_init__(self) -> None:
         if not len(self.keys) == len(self.labels) == len(self.names):
-            raise ValueError(f"{len(self.keys)} keys, {len(self.labels)} labels and {len(self.names)} names differ in number")
+            raise ValueError(
+                f"{len(self.keys)} keys, {len(self.labels)} labels and {len(self.names)} names differ in number"
+            )
         if (self.files is None) == (self.decode is None):
             raise ValueError("a SourceSplit has either image files or a decode function")
 

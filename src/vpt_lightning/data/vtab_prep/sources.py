@@ -19,8 +19,15 @@ from typing import Callable, Dict, Optional, Tuple
 
 from .readers_natural import read_cifar100, read_dtd, read_flowers102, read_pets, read_sun397, read_svhn
 from .readers_specialized import read_eurosat, read_patch_camelyon, read_resisc45, read_retinopathy
-from .readers_structured import (clevr_count, clevr_distance, read_clevr, read_dmlab, read_dsprites, read_kitti,
-                                 read_smallnorb)
+from .readers_structured import (
+    clevr_count,
+    clevr_distance,
+    read_clevr,
+    read_dmlab,
+    read_dsprites,
+    read_kitti,
+    read_smallnorb,
+)
 from .source_split import SourceSplit
 from .tfds_order import Slice
 
@@ -60,39 +67,77 @@ def _official(val200: Slice = VAL_FIRST_200, test: Slice = TEST) -> Dict[str, Sl
 
 
 _TV = "torchvision's layout (vpt-prepare vtab --download fetches it)"
-_CLEVR = dict(builder="clevr 3.1.0", get=f"CLEVR_v1.0 in {_TV}",
-              **_official(Slice("train", start_pct=(90,), length=200), Slice("validation")))
-_DSPRITES = dict(builder="dsprites 2.0.0", get="the released dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz in <source>/dsprites/",
-                 **_official(Slice("train", start_pct=(80,), length=200), Slice("train", start_pct=(80, 10))))
-_SMALLNORB = dict(builder="smallnorb 2.0.0", get="the NYU -dat/-info .mat files (un-gzipped) in <source>/smallnorb/",
-                  **_official(Slice("test", length=200), Slice("test", start_pct=(50,))))
+_CLEVR = dict(
+    builder="clevr 3.1.0",
+    get=f"CLEVR_v1.0 in {_TV}",
+    **_official(Slice("train", start_pct=(90,), length=200), Slice("validation")),
+)
+_DSPRITES = dict(
+    builder="dsprites 2.0.0",
+    get="the released dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz in <source>/dsprites/",
+    **_official(Slice("train", start_pct=(80,), length=200), Slice("train", start_pct=(80, 10))),
+)
+_SMALLNORB = dict(
+    builder="smallnorb 2.0.0",
+    get="the NYU -dat/-info .mat files (un-gzipped) in <source>/smallnorb/",
+    **_official(Slice("test", length=200), Slice("test", start_pct=(50,))),
+)
 _SATELLITE_SPLITS = _official(Slice("train", start_pct=(60,), length=200), Slice("train", start_pct=(60, 20)))
 
 EXACT_SOURCES: Dict[str, ExactSource] = {
-    "cifar100": ExactSource("cifar100 3.0.2", f"cifar-100-binary/ or cifar-100-python/ in {_TV}", read_cifar100,
-                            **_official(Slice("train", start_pct=(90,), length=200))),
+    "cifar100": ExactSource(
+        "cifar100 3.0.2",
+        f"cifar-100-binary/ or cifar-100-python/ in {_TV}",
+        read_cifar100,
+        **_official(Slice("train", start_pct=(90,), length=200)),
+    ),
     "dtd": ExactSource("dtd 3.0.1", _TV, read_dtd, **_official()),
     "flowers102": ExactSource("oxford_flowers102 2.1.1", _TV, read_flowers102, **_official(), requires=("scipy",)),
-    "pets": ExactSource("oxford_iiit_pet 3.2.0", _TV, read_pets, **_official(Slice("train", start_pct=(80,), length=200))),
-    "svhn": ExactSource("svhn_cropped 3.0.0", _TV, read_svhn, **_official(Slice("train", start_pct=(90,), length=200)),
-                        requires=("scipy",)),
-    "sun397": ExactSource("sun397/tfds 4.0.0", f"SUN397/ in {_TV}; TFDS's split lists from the tensorflow-datasets "
-                          "package", read_sun397, **_official(), requires=("tensorflow_datasets",),
-                          note="images copied as they are (TFDS shrinks them to <= 120,000 pixels, JPEG quality 72)"),
+    "pets": ExactSource(
+        "oxford_iiit_pet 3.2.0", _TV, read_pets, **_official(Slice("train", start_pct=(80,), length=200))
+    ),
+    "svhn": ExactSource(
+        "svhn_cropped 3.0.0",
+        _TV,
+        read_svhn,
+        **_official(Slice("train", start_pct=(90,), length=200)),
+        requires=("scipy",),
+    ),
+    "sun397": ExactSource(
+        "sun397/tfds 4.0.0",
+        f"SUN397/ in {_TV}; TFDS's split lists from the tensorflow-datasets package",
+        read_sun397,
+        **_official(),
+        requires=("tensorflow_datasets",),
+        note="images copied as they are (TFDS shrinks them to <= 120,000 pixels, JPEG quality 72)",
+    ),
     "patch_camelyon": ExactSource("patch_camelyon 2.0.0", _TV, read_patch_camelyon, **_official(), requires=("h5py",)),
     "eurosat": ExactSource("eurosat/rgb 2.0.0", _TV, read_eurosat, **_SATELLITE_SPLITS),
-    "resisc45": ExactSource("resisc45 3.0.0", "NWPU-RESISC45/ (the released .rar, unpacked) in <source>", read_resisc45,
-                            **_SATELLITE_SPLITS),
+    "resisc45": ExactSource(
+        "resisc45 3.0.0", "NWPU-RESISC45/ (the released .rar, unpacked) in <source>", read_resisc45, **_SATELLITE_SPLITS
+    ),
     "diabetic_retinopathy": ExactSource(
-        "diabetic_retinopathy_detection/btgraham-300 3.0.0", "Kaggle's train/, test/, trainLabels.csv and "
-        "retinopathy_solution.csv in <source>/diabetic_retinopathy/", read_retinopathy, **_official(),
-        requires=("cv2",), note="btgraham-300 done with OpenCV as TFDS does"),
+        "diabetic_retinopathy_detection/btgraham-300 3.0.0",
+        "Kaggle's train/, test/, trainLabels.csv and retinopathy_solution.csv in <source>/diabetic_retinopathy/",
+        read_retinopathy,
+        **_official(),
+        requires=("cv2",),
+        note="btgraham-300 done with OpenCV as TFDS does",
+    ),
     "clevr_count": ExactSource(read=partial(read_clevr, label=clevr_count), **_CLEVR),
     "clevr_distance": ExactSource(read=partial(read_clevr, label=clevr_distance), **_CLEVR),
-    "dmlab": ExactSource("dmlab 2.0.1", "dmlab.tar.gz (the archive TFDS downloads) unpacked in <source>/dmlab/", read_dmlab,
-                         **_official()),
-    "kitti_distance": ExactSource("kitti 3.2.0 (VTAB: 3.1.0)", "data_object_image_2.zip, data_object_label_2.zip and "
-                                  "devkit_object.zip unpacked in <source>/kitti/", read_kitti, **_official()),
+    "dmlab": ExactSource(
+        "dmlab 2.0.1",
+        "dmlab.tar.gz (the archive TFDS downloads) unpacked in <source>/dmlab/",
+        read_dmlab,
+        **_official(),
+    ),
+    "kitti_distance": ExactSource(
+        "kitti 3.2.0 (VTAB: 3.1.0)",
+        "data_object_image_2.zip, data_object_label_2.zip and devkit_object.zip unpacked in <source>/kitti/",
+        read_kitti,
+        **_official(),
+    ),
     "dsprites_location": ExactSource(read=partial(read_dsprites, attribute="x_position"), **_DSPRITES),
     "dsprites_orientation": ExactSource(read=partial(read_dsprites, attribute="orientation"), **_DSPRITES),
     "smallnorb_azimuth": ExactSource(read=partial(read_smallnorb, attribute="azimuth"), **_SMALLNORB),
@@ -138,14 +183,20 @@ TORCHVISION_SOURCES: Dict[str, TorchvisionSource] = {
     "cifar100": TorchvisionSource(_tv("CIFAR100", train=True), _tv("CIFAR100", train=False)),
     "svhn": TorchvisionSource(_tv("SVHN", split="train"), _tv("SVHN", split="test"), requires=("scipy",)),
     "dtd": TorchvisionSource(_tv("DTD", split="train"), _tv("DTD", split="test"), _tv("DTD", split="val")),
-    "flowers102": TorchvisionSource(_tv("Flowers102", split="train"), _tv("Flowers102", split="test"),
-                                    _tv("Flowers102", split="val"), requires=("scipy",)),
+    "flowers102": TorchvisionSource(
+        _tv("Flowers102", split="train"),
+        _tv("Flowers102", split="test"),
+        _tv("Flowers102", split="val"),
+        requires=("scipy",),
+    ),
     "pets": TorchvisionSource(_tv("OxfordIIITPet", split="trainval"), _tv("OxfordIIITPet", split="test")),
-    "patch_camelyon": TorchvisionSource(_tv("PCAM", split="train"), _tv("PCAM", split="test"), _tv("PCAM", split="val"),
-                                        requires=("h5py",)),
+    "patch_camelyon": TorchvisionSource(
+        _tv("PCAM", split="train"), _tv("PCAM", split="test"), _tv("PCAM", split="val"), requires=("h5py",)
+    ),
     # VTAB's CLEVR test set is CLEVR's validation split (the test split has no labels)
-    "clevr_count": TorchvisionSource(_tv("CLEVRClassification", split="train"),
-                                     _tv("CLEVRClassification", split="val"), label_offset=3),
+    "clevr_count": TorchvisionSource(
+        _tv("CLEVRClassification", split="train"), _tv("CLEVRClassification", split="val"), label_offset=3
+    ),
     "caltech101": TorchvisionSource(_tv("Caltech101"), requires=("scipy",)),
     "sun397": TorchvisionSource(_tv("SUN397")),
     "eurosat": TorchvisionSource(_tv("EuroSAT")),

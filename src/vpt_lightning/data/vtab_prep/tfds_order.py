@@ -36,7 +36,9 @@ def tfds_order(split: str, keys: Sequence[Key]) -> List[int]:
         seen = {}
         for key, value in zip(keys, hashes):
             if value in seen:
-                raise ValueError(f"split {split!r}: the key {key!r} appears twice (also {seen[value]!r}); TFDS keys are unique")
+                raise ValueError(
+                    f"split {split!r}: the key {key!r} appears twice (also {seen[value]!r}); TFDS keys are unique"
+                )
             seen[value] = key
     return sorted(range(len(keys)), key=hashes.__getitem__)
 
@@ -59,7 +61,9 @@ class Slice:
         start = self.start + sum(pct * size // 100 for pct in self.start_pct)
         stop = size if self.length is None else start + self.length
         if stop > size or start >= stop:
-            raise ValueError(f"{self}: the source's {self.split!r} split has {size} examples, too few for [{start}:{stop}]")
+            raise ValueError(
+                f"{self}: the source's {self.split!r} split has {size} examples, too few for [{start}:{stop}]"
+            )
         return start, stop
 
     def __str__(self) -> str:

@@ -48,7 +48,9 @@ def records(path: Path, check_data_crc: bool = False) -> Iterator[Tuple[int, byt
                 raise DataError(f"{path}: truncated TFRecord header at byte {handle.tell() - len(header)}")
             (length,), (length_crc,) = struct.unpack("<Q", header[:8]), struct.unpack("<I", header[8:])
             if masked_crc(header[:8]) != length_crc:
-                raise DataError(f"{path}: bad TFRecord length checksum at byte {handle.tell() - 12} (not a TFRecord file?)")
+                raise DataError(
+                    f"{path}: bad TFRecord length checksum at byte {handle.tell() - 12} (not a TFRecord file?)"
+                )
             offset = handle.tell()
             data, footer = handle.read(length), handle.read(4)
             if len(data) < length or len(footer) < 4:
@@ -79,10 +81,10 @@ def _fields(buf: bytes) -> Iterator[Tuple[int, Union[int, bytes]]]:
             value, pos = _varint(buf, pos)
         elif wire == 2:
             size, pos = _varint(buf, pos)
-            value, pos = buf[pos:pos + size], pos + size
+            value, pos = buf[pos : pos + size], pos + size
         elif wire in (1, 5):
             size = 8 if wire == 1 else 4
-            value, pos = buf[pos:pos + size], pos + size
+            value, pos = buf[pos : pos + size], pos + size
         else:
             raise DataError(f"unsupported protobuf wire type {wire}")
         yield number, value
@@ -99,7 +101,9 @@ def parse_example(data: bytes) -> Dict[str, Value]:
                 continue
             name, feature = "", b""
             for field, value in _fields(entry):
-                name, feature = (value.decode("utf-8"), feature) if field == 1 else (name, value if field == 2 else feature)
+                name, feature = (
+                    (value.decode("utf-8"), feature) if field == 1 else (name, value if field == 2 else feature)
+                )
             for kind, holder in _fields(feature):
                 values: list = []
                 for field, value in _fields(holder):

@@ -25,7 +25,9 @@ def item_files(dataset: Any) -> Optional[List[str]]:
             return [Path(p).as_posix() for p in getattr(dataset, attr)]
     if all(hasattr(dataset, a) for a in ("root", "categories", "y", "index")):  # Caltech101
         folder = Path(dataset.root) / "101_ObjectCategories"
-        return [(folder / dataset.categories[y] / f"image_{i:04d}.jpg").as_posix() for y, i in zip(dataset.y, dataset.index)]
+        return [
+            (folder / dataset.categories[y] / f"image_{i:04d}.jpg").as_posix() for y, i in zip(dataset.y, dataset.index)
+        ]
     return None
 
 
