@@ -1,7 +1,8 @@
 """mini-VTAB with its wall time: ``vpt-tune -m +experiment=minivtab`` (the 4 tasks x 7 strategies that the packaged
 experiment sweeps), then ``vpt-report``. The two commands ship with the package; this only times them.
 
-    python benchmarks/minivtab.py [--out outputs/minivtab] [--tasks kind,count] [--tunings vpt_deep,linear] [OVERRIDE...]
+    python benchmarks/minivtab.py [--out outputs/minivtab] [--tasks kind,count] [--tunings vpt_deep,linear] \
+        [OVERRIDE...]
 """
 
 from __future__ import annotations

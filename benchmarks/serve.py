@@ -264,9 +264,8 @@ def main() -> None:
             print(f"| {name} | {rate:.1f} | {rate / base:.2f}x |")
     if "lengths" not in args.skip:
         lengths = [int(v) for v in args.lengths.split(",")]
-        print(
-            f"\n| {args.length_model}, batch {args.length_batch}, fp32, no autograd | img/s | mixed/single |\n|---|---|---|"
-        )
+        header = f"{args.length_model}, batch {args.length_batch}, fp32, no autograd"
+        print(f"\n| {header} | img/s | mixed/single |\n|---|---|---|")
         for row in length_mix(args.length_model, args.length_batch, lengths, args.repeats):
             ratio = "" if row["mixed_over_single"] is None else f"{row['mixed_over_single']:.2f}x"
             print(f"| {row['run']} | {row['img_s']:.1f} | {ratio} |")

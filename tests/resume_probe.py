@@ -1,4 +1,5 @@
-"""Callbacks the subprocess runs of test_resume.py / test_nonfinite.py load (``+callbacks.x._target_=resume_probe.X``)."""
+"""Callbacks the subprocess runs of test_resume.py / test_nonfinite.py load
+(``+callbacks.x._target_=resume_probe.X``)."""
 
 from __future__ import annotations
 

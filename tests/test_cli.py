@@ -72,7 +72,8 @@ def test_resume_with_run_name_and_last(tmp_path):
         ("prompt.num_tokens=-3", "prompt.num_tokens=-3 must be an integer >= 0"),
         (
             "prompt.location=middle",
-            "prompt.location='middle' is not one of ['prepend', 'add', 'add1', 'prepend_pixel', 'concat_channel', 'pad']",
+            "prompt.location='middle' is not one of "
+            "['prepend', 'add', 'add1', 'prepend_pixel', 'concat_channel', 'pad']",
         ),
         ("prompt=wide", "Could not find 'prompt/wide'"),
         ("optim.base_lr=0", "optim.base_lr=0"),

@@ -69,8 +69,8 @@ def test_is_user_error_classifies_config_errors():
 
 def test_quiet_dependencies_filters_only_the_noise(caplog, recwarn):
     quiet_dependencies()
-    warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use something else", FutureWarning)
-    warnings.warn("a FutureWarning of our own", FutureWarning)
+    warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use something else", FutureWarning, stacklevel=1)
+    warnings.warn("a FutureWarning of our own", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in recwarn] == ["a FutureWarning of our own"]
     logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     with caplog.at_level(logging.INFO, logger=logger.name):

@@ -357,5 +357,6 @@ def test_block_runner_refuses_what_it_cannot_run(tmp_path):
     assert (tally.python, tally.shell, tally.composed, len(tally.not_run)) == (1, 0, 2, 1)
     with pytest.raises(Exception, match="tuning"):
         run(
-            "<!-- not-run: needs a GPU and VTAB-1k -->\n```bash\nvpt-train +experiment=quickstart tuning=vpt_deeep\n```\n"
+            "<!-- not-run: needs a GPU and VTAB-1k -->\n"
+            "```bash\nvpt-train +experiment=quickstart tuning=vpt_deeep\n```\n"
         )

@@ -26,7 +26,10 @@ def expected_canvas(images, top_bottom, left_right, mean, std):
     p = left_right.shape[-1] // 2
     out = torch.empty(b, c, h + 2 * p, w + 2 * p)
     for ch in range(c):
-        norm = lambda t: (t[0, ch] - mean[ch]) / std[ch]  # noqa: E731
+
+        def norm(t, ch=ch):
+            return (t[0, ch] - mean[ch]) / std[ch]
+
         out[:, ch, :p, :] = norm(top_bottom)[:p]
         out[:, ch, p + h :, :] = norm(top_bottom)[p:]
         out[:, ch, p : p + h, :p] = norm(left_right)[:, :p]

@@ -114,7 +114,7 @@ def test_prompts_off_equal_timm_and_a_prompt_free_block_equals_timms(swin_images
     expected = model.forward_head(model.forward_features(swin_images), pre_logits=True)
     torch.testing.assert_close(backbone(swin_images), expected, rtol=0, atol=1e-5)
     x = model.patch_embed(swin_images)
-    for stage_index, stage in enumerate(model.layers):
+    for stage in model.layers:
         x = stage.downsample(x)
         for block in stage.blocks:  # shifted and plain windows, several and one per image
             ours, prompts = prompted_block(block, x, x.new_zeros(3, 0, x.shape[-1]))

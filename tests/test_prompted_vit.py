@@ -207,7 +207,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(images):
         (dict(num_tokens=-1), "prompt.num_tokens=-1"),
         (
             dict(location="middle"),
-            "prompt.location='middle' is not one of ['prepend', 'add', 'add1', 'prepend_pixel', 'concat_channel', 'pad']",
+            "prompt.location='middle' is not one of "
+            "['prepend', 'add', 'add1', 'prepend_pixel', 'concat_channel', 'pad']",
         ),
         (dict(dropout=1.5), "prompt.dropout=1.5"),
         (dict(deep=False, depth=[0, 1]), "prompt.deep=false"),

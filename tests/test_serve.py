@@ -107,7 +107,7 @@ def test_concurrent_clients_mixing_tasks_get_each_tasks_own_answer(server):
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(send, jobs))
-    for (task, i, raw), (status, body) in results:
+    for (task, i, _raw), (status, body) in results:
         assert status == 200, body
         assert body["task"] == task
         probs = want[task, i]

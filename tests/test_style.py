@@ -35,7 +35,7 @@ def test_ruff_reads_the_project_settings(tmp_path):
     long_line = tmp_path / "long.py"
     long_line.write_text("x = " + "1 + " * 40 + "1\n")
     fine = tmp_path / "fine.py"
-    fine.write_text("x = '" + "a" * 113 + "'\n")
+    fine.write_text("x = '" + "a" * 114 + "'\n")
     assert len(fine.read_text().rstrip("\n")) == 120
     config = str(ROOT / "pyproject.toml")
     assert _ruff("check", "--no-cache", "--config", config, "--select", "E501", str(long_line)).returncode == 1

@@ -21,7 +21,8 @@ def test_sort_key_is_the_md5_of_the_split_name_then_the_key():
 
 
 def test_cifar100_slices_are_the_examples_tfds_wrote():
-    """Issue 13's vectors (TFDS's own Hasher on CIFAR-100's train indices): train[:800] and val200 = train[45000:45200]."""
+    """Issue 13's vectors (TFDS's own Hasher on CIFAR-100's train indices): train[:800] and
+    val200 = train[45000:45200]."""
     order = tfds_order("train", list(range(50000)))
     spec = EXACT_SOURCES["cifar100"]
     start, stop = spec.train800.bounds(50000)

@@ -91,7 +91,7 @@ def remove_stale_temp_files(folder: Path, depth: int = 1) -> List[Path]:
     folder = Path(folder)
     removed: List[Path] = []
     levels = [folder] if folder.is_dir() else []
-    for level in range(depth + 1):
+    for _ in range(depth + 1):
         subfolders = []
         for current in levels:
             for entry in current.iterdir():

@@ -128,7 +128,8 @@ def import_user_code(target: str) -> None:
         found = Path(getattr(module, "__file__", "") or "").resolve()
         if found != path:
             raise ValueError(
-                f"--import {target!r}: the module name {path.stem!r} is already taken by {str(found)!r}; rename the file"
+                f"--import {target!r}: the module name {path.stem!r} is already taken by {str(found)!r}; "
+                "rename the file"
             )
         return
     try:

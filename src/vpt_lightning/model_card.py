@@ -31,7 +31,8 @@ def base_model(backbone: Dict[str, Any], identity: Dict[str, Any]) -> Optional[s
 
 
 def task_model_card(task: Any) -> ModelCard:
-    """The card of a :class:`~vpt_lightning.task_model.TaskModel` (its spec, identity and ``task.info``: metrics, parameter counts, command)."""
+    """The card of a :class:`~vpt_lightning.task_model.TaskModel` (its spec, identity and ``task.info``: metrics,
+    parameter counts, command)."""
     spec, info = task.spec, task.info
     metrics: Dict[str, float] = dict(info.get("metrics") or {})
     name = spec.task_name or "task"

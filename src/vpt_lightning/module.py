@@ -26,11 +26,11 @@ class VPTModule(pl.LightningModule):
 
     ``forward(images)`` = ``head(backbone(images))`` where ``self.backbone`` is the
     :class:`~vpt_lightning.backbones.PromptedBackbone` of the model's family (frozen timm model + prompts; a
-    :class:`~vpt_lightning.backbones.PromptedViT` for ViTs) returning the pooled, normed features (the final class token, or the mean of the
-    image tokens for ``global_pool='avg'`` backbones) and ``self.head`` a linear classifier. The backbone's
-    ``global_pool`` decides, as in timm: a backbone with a class token but ``global_pool='avg'`` (e.g. MAE)
-    averages the image tokens (prompts excluded; the class token too, as timm does). A backbone that does not
-    pool to one vector per image (``backbone.kwargs.global_pool=''``) is refused.
+    :class:`~vpt_lightning.backbones.PromptedViT` for ViTs) returning the pooled, normed features (the final class
+    token, or the mean of the image tokens for ``global_pool='avg'`` backbones) and ``self.head`` a linear
+    classifier. The backbone's ``global_pool`` decides, as in timm: a backbone with a class token but
+    ``global_pool='avg'`` (e.g. MAE) averages the image tokens (prompts excluded; the class token too, as timm
+    does). A backbone that does not pool to one vector per image (``backbone.kwargs.global_pool=''``) is refused.
 
     The learning rate is logged by the ``vpt-train`` CLI's ``LearningRateMonitor`` (as ``lr``); library users
     add ``pytorch_lightning.callbacks.LearningRateMonitor`` to their ``Trainer`` callbacks.

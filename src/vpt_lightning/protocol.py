@@ -128,8 +128,9 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: Dict[str, Any], train_fn: Ca
     """Run one job in ``run_dir`` unless it already finished; resume it if it stopped half-way.
 
     Holds the run folder's lock (workers of one shared Optuna search, which may share the protocol folder, wait for
-    it: the first trains the run, the others then find it finished); a finished run or a checkpoint that does not fit the job raises (see
-    :func:`_reusable_result`) unless ``protocol.restart`` is set, which clears the folder and trains afresh.
+    it: the first trains the run, the others then find it finished); a finished run or a checkpoint that does not
+    fit the job raises (see :func:`_reusable_result`) unless ``protocol.restart`` is set, which clears the folder
+    and trains afresh.
     """
     with folder_lock(run_dir, "run", wait=search_kind(cfg.protocol) == "optuna"):
         remove_stale_temp_files(run_dir)
@@ -292,7 +293,8 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
         + (f", num_tokens {sel['num_tokens']}" if sel.get("num_tokens") is not None else "")
         + f" (val top-1 {100 * sel['val/top1']:.2f}%)\n"
         f"- test top-1 at the last epoch: {100 * test['mean']:.2f} ± {100 * test['std']:.2f}% (seeds {seeds})\n"
-        f"- trainable parameters: {summary['trainable_params']:,} ({summary['trainable_percent']:.3f}% of the backbone)\n"
+        f"- trainable parameters: {summary['trainable_params']:,} "
+        f"({summary['trainable_percent']:.3f}% of the backbone)\n"
         + "".join(
             f"- {kind} sweep points (not selectable): {', '.join(summary[kind])}\n"
             for kind in ("diverged", "failed")

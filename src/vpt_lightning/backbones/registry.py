@@ -15,7 +15,8 @@ _FAMILIES: Dict[type, type] = {}
 
 
 def register_family(*model_classes: type) -> Callable[[F], F]:
-    """Class decorator: ``@register_family(VisionTransformer)`` makes a family wrap those timm classes (and subclasses)."""
+    """Class decorator: ``@register_family(VisionTransformer)`` makes a family wrap those timm classes (and their
+    subclasses)."""
 
     def register(family: F) -> F:
         for cls in model_classes:

@@ -75,9 +75,8 @@ def _frames(err: BaseException) -> Iterator[Any]:
 
 def raised_here(err: BaseException) -> bool:
     """Whether ``err`` was raised by a function of this package (its innermost frame is in ``vpt_lightning``)."""
-    last = None
-    for last in _frames(err):
-        pass
+    frames = list(_frames(err))
+    last = frames[-1] if frames else None
     if last is None:
         return False
     try:

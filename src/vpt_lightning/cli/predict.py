@@ -128,7 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         kind = "unreadable image" if isinstance(err, ImageError) else "error"
         print(f"vpt-predict: {kind}: {err}", file=sys.stderr)
         return 1
-    for path, reason in skipped:
+    for _path, reason in skipped:
         print(f"vpt-predict: skipped unreadable image {reason}", file=sys.stderr)
     write_predictions(predictions, args.top_k, args.out)
     print(

@@ -1,7 +1,8 @@
 """``vpt-prepare``: build VTAB-1k task folders (TFDS's exact splits where the source allows), split FGVC, check.
 
 vpt-prepare vtab --tasks cifar100 eurosat --source ~/vtab-sources --out data/vtab-1k [--download]
-vpt-prepare vtab --tasks caltech101 --source ~/torchvision-data --out data/vtab-1k --official-splits vtab_trainval_splits.json
+vpt-prepare vtab --tasks caltech101 --source ~/torchvision-data --out data/vtab-1k \
+    --official-splits vtab_trainval_splits.json
 vpt-prepare fgvc-split --train-json all_train.json --out data/fgvc/CUB_200_2011 [--val-fraction 0.1]
 vpt-prepare check vtab --task cifar100 --root data/vtab-1k [--official-splits vtab_trainval_splits.json]
 """

@@ -41,14 +41,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 def find_root(root: Path) -> Path:
     """The ``ADEChallengeData2016`` folder: ``root`` itself or its child of that name."""
-    root = require_dir(
-        Path(root), "data.root", "download ADEChallengeData2016.zip and give its folder (or its parent)"
-    )
+    root = require_dir(Path(root), "data.root", "download ADEChallengeData2016.zip and give its folder (or its parent)")
     return root / FOLDER if (root / FOLDER).is_dir() else root
 
 
 def list_pairs(root: Path, split: str) -> List[Tuple[Path, Path]]:
-    """``(image, annotation)`` paths of a split (``train`` or ``val``), matched by file stem; errors name what is missing."""
+    """``(image, annotation)`` paths of a split (``train`` or ``val``), matched by file stem; errors name what is
+    missing."""
     hint = f"expected the official layout {FOLDER}/images/<training|validation> and annotations/<training|validation>"
     images = require_dir(root / "images" / SPLIT_DIRS[split], "ADE20K image folder", hint)
     annotations = require_dir(root / "annotations" / SPLIT_DIRS[split], "ADE20K annotation folder", hint)

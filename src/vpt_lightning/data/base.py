@@ -109,7 +109,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         }
 
     def loader_workers(self) -> int:
-        """``num_workers``, or when ``None`` the CPUs shared by the node's processes (``trainer.num_devices``), at most 8."""
+        """``num_workers``, or when ``None`` the CPUs shared by the node's processes (``trainer.num_devices``), at
+        most 8."""
         if self.num_workers is not None:
             return self.num_workers
         return default_num_workers(self.trainer.num_devices if self.trainer is not None else 1)

@@ -132,8 +132,9 @@ class FolderDataModule(ImageClassificationDataModule):
             n_val = max(1, int(round(len(train) * self.val_fraction)))
             if n_val >= len(train):
                 raise DataError(
-                    f"{self._source('train')}: {len(train)} training image(s) with data.val_fraction={self.val_fraction} "
-                    f"leave none for training; add images or a val split (root/val/ or data.val_list)"
+                    f"{self._source('train')}: {len(train)} training image(s) with "
+                    f"data.val_fraction={self.val_fraction} leave none for training; add images or a val split "
+                    "(root/val/ or data.val_list)"
                 )
             val = [train[i] for i in sorted(order[:n_val])]
             train = [train[i] for i in sorted(order[n_val:])]

@@ -166,7 +166,7 @@ def _mixed_block(
             merged = out.new_empty(batch, *out.shape[1:])
         merged[start:end] = out
 
-    for g, (task, start, end) in enumerate(groups):
+    for g, (_task, start, end) in enumerate(groups):
         if g not in prompt_heads and g not in carried_heads:
             plain_start = start if plain_start is None else plain_start
             continue

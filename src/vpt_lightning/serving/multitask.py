@@ -1,4 +1,5 @@
-"""``MultiTaskClassifier``: many tasks (packages or checkpoints) on one shared frozen backbone; a batch may mix tasks."""
+"""``MultiTaskClassifier``: many tasks (packages or checkpoints) on one shared frozen backbone; a batch may mix
+tasks."""
 
 from __future__ import annotations
 
@@ -144,7 +145,8 @@ class MultiTaskClassifier(nn.Module):
         if method.trains_backbone:
             raise ValueError(
                 f"{str(path)!r}: tuning={tuning.name} changes backbone weights, so it cannot share the frozen backbone "
-                "with other tasks; load it alone with vpt_lightning.task_sources.load_task (or VPTModule.load_from_checkpoint)"
+                "with other tasks; load it alone with vpt_lightning.task_sources.load_task "
+                "(or VPTModule.load_from_checkpoint)"
             )
         if record.identity is None:
             raise ValueError(

@@ -59,7 +59,8 @@ def task_entry(given: Mapping[str, Any], info: TaskInfo, source: str) -> Tuple[L
             )
         if (len(train), len(val)) != (800, 200):
             warnings.warn(
-                f"{source}: entry {keys[0]!r} has {len(train)} train and {len(val)} val items (VTAB-1k: 800/200)"
+                f"{source}: entry {keys[0]!r} has {len(train)} train and {len(val)} val items (VTAB-1k: 800/200)",
+                stacklevel=2,
             )
         return list(train), list(val)
     if isinstance(entry, list) and len(entry) == 1000:

@@ -87,7 +87,7 @@ def read_eurosat(source: Path) -> Splits:
     return {
         "train": SourceSplit(
             keys,
-            [EUROSAT_CLASSES.index(l) for l in labels],
+            [EUROSAT_CLASSES.index(label) for label in labels],
             [f"{folder}/{path.name}" for folder, path in items],
             files=[p for _, p in items],
         )
