@@ -18,18 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CLASSES = (
-    "AnnualCrop",
-    "Forest",
-    "HerbaceousVegetation",
-    "Highway",
-    "Industrial",
-    "Pasture",
-    "PermanentCrop",
-    "Residential",
-    "River",
-    "SeaLake",
-)
+# the ten class folders of torchvision's EuroSAT, in the label order VTAB's reader gives them
+from vpt_lightning.data.vtab_prep.readers_specialized import EUROSAT_CLASSES as CLASSES
 
 
 def write_tree(root: Path, per_class: int = 140, size: int = 64, seed: int = 0) -> int:

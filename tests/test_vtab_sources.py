@@ -17,8 +17,12 @@ import pytest
 from conftest import write_image
 from PIL import Image
 
-from vpt_lightning.cli.prepare import main as prepare_main
+from vpt_lightning.cli.prepare import main as prepare_command
 from vpt_lightning.data import DataError, VTABDataModule, get_task
+from vpt_lightning.data.vtab_prep.readers_specialized import EUROSAT_CLASSES as EUROSAT
+
+# the command's main without its console wrapper (which prints a one-line error), so errors arrive as exceptions
+prepare_main = prepare_command.__wrapped__
 
 
 def md5_order(split: str, keys) -> list:
@@ -259,20 +263,6 @@ def test_patch_camelyon_keys_use_valid_but_the_salt_is_validation(tmp_path):
     )
     first = md5_order("validation", [f"valid_{i}" for i in range(200)])[0]
     assert np.array_equal(np.asarray(Image.open(task_dir / got["val200"][0][0])), arrays["valid"][0][first])
-
-
-EUROSAT = (
-    "AnnualCrop",
-    "Forest",
-    "HerbaceousVegetation",
-    "Highway",
-    "Industrial",
-    "Pasture",
-    "PermanentCrop",
-    "Residential",
-    "River",
-    "SeaLake",
-)
 
 
 def test_eurosat_one_split_sliced_60_20_20_with_label_prefixed_keys(tmp_path):
