@@ -79,8 +79,8 @@ def block_with_prompt_keys(block: Block, x: torch.Tensor, prompts: torch.Tensor)
     computed once.
     """
     attn = block.attn
-    batch, length, _ = x.shape
-    heads, head_dim = attn.num_heads, attn.head_dim
+    batch = x.shape[0]
+    heads = attn.num_heads
     shared = batch > 1 and prompts.stride(0) == 0
     normed = block.norm1(x)
     q, k, v = project_qkv(attn.qkv, normed, heads)
@@ -92,7 +92,15 @@ def block_with_prompt_keys(block: Block, x: torch.Tensor, prompts: torch.Tensor)
     k, v = torch.cat([prompt_k, k], dim=2), torch.cat([prompt_v, v], dim=2)  # the order of keys changes nothing
     dropout = attn.attn_drop.p if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=attn.scale)
-    out = out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+    return finish_block(block, x, out.transpose(1, 2), normed)
+
+
+def finish_block(block: Block, x: torch.Tensor, out: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+    """The rest of a timm ``Block`` after its attention: ``out`` ``(B, N, heads, head_dim)`` (the attention's
+    output per head), ``x`` the block's input and ``normed`` its ``norm1(x)`` -> the block's outputs ``(B, N, D)``
+    (attention norm and gate if the block has them, projection, LayerScale, drop-paths and the MLP)."""
+    attn = block.attn
+    out = out.reshape(x.shape)
     out = getattr(attn, "norm", nn.Identity())(out)
     gate: Optional[nn.Module] = getattr(attn, "gate", None)
     if gate is not None:

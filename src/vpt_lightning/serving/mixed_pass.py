@@ -28,7 +28,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..backbones.base import PromptedBackbone
-from ..backbones.prompts_as_keys import takes_prompt_keys
+from ..backbones.prompts_as_keys import finish_block, takes_prompt_keys
 from ..backbones.vit import PromptedViT
 from .task_updates import Group, Routing, Update, routed_updates
 
@@ -78,19 +78,6 @@ def _split(attn: nn.Module, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tens
     qkv = qkv.reshape(batch, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
     kv = qkv[1:] if isinstance(attn.k_norm, nn.Identity) else torch.stack([attn.k_norm(qkv[1]), qkv[2]])
     return attn.q_norm(qkv[0]), kv
-
-
-def _finish(block: Block, x: torch.Tensor, out: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
-    """The rest of the block after attention: ``out`` ``(b, n, heads, head_dim)`` -> the block's outputs."""
-    attn = block.attn
-    out = out.reshape(x.shape)
-    out = getattr(attn, "norm", nn.Identity())(out)
-    gate: Optional[nn.Module] = getattr(attn, "gate", None)
-    if gate is not None:
-        out = out * gate(normed).sigmoid()
-    out = attn.proj_drop(attn.proj(out))
-    x = x + block.drop_path1(block.ls1(out))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
 def _prompt_heads(
@@ -183,12 +170,12 @@ def _mixed_block(
     if plain_start is not None:
         write(plain_start, batch, attend(q[plain_start:], k[plain_start:], v[plain_start:]))
     with routing.rows(groups):
-        x = _finish(block, x, merged, normed)
+        x = finish_block(block, x, merged, normed)
     carried_out = {}
     for g, out in carried_attn.items():
         task, start, end = groups[g]
         with routing.rows([(task, 0, end - start)]):
-            carried_out[g] = _finish(block, carried[g], out.transpose(1, 2), carried_heads[g][0])
+            carried_out[g] = finish_block(block, carried[g], out.transpose(1, 2), carried_heads[g][0])
     return x, carried_out
 
 
