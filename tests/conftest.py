@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -47,25 +48,26 @@ def write_image(path: Path, seed: int, size=8, fmt: str = "PNG") -> np.ndarray:
     return pixels
 
 
+def quiet_trainer(tmp_path: Optional[Path] = None, **trainer_kwargs):
+    """A Lightning ``Trainer`` on the CPU without logger, progress bar or model summary (its files under
+    ``tmp_path``); ``trainer_kwargs`` add to or replace those options."""
+    import pytorch_lightning as pl
+
+    options = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    if tmp_path is not None:
+        options["default_root_dir"] = tmp_path
+    return pl.Trainer(**{**options, **trainer_kwargs})
+
+
 def fit_briefly(module, tmp_path: Path, save_to: str = "task.ckpt", **trainer_kwargs) -> Path:
     """Fit ``module`` for a few steps on the synthetic ``count`` task (16 images, batch 8) on the CPU, without
     validation or logging, and save a checkpoint; returns its path."""
-    import pytorch_lightning as pl
-
     from vpt_lightning.data.synthetic import SyntheticDataModule
 
     data = SyntheticDataModule(
         task="count", num_train=trainer_kwargs.pop("num_train", 16), num_val=8, num_test=8, batch_size=8, num_workers=0
     )
-    options = dict(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer = pl.Trainer(default_root_dir=tmp_path, **{**options, **trainer_kwargs})
+    trainer = quiet_trainer(tmp_path, **{"max_steps": 1, "limit_val_batches": 0, **trainer_kwargs})
     trainer.fit(module, datamodule=data)
     path = tmp_path / save_to
     trainer.save_checkpoint(path)
@@ -75,12 +77,10 @@ def fit_briefly(module, tmp_path: Path, save_to: str = "task.ckpt", **trainer_kw
 def save_task_checkpoint(path: Path, num_classes: int = 3, backbone=None, **module_kwargs) -> Path:
     """A task checkpoint as ``vpt-train`` writes it (Lightning's file, hooks and identity), without training:
     the prompts and head keep their random init, which every test of the file's use needs."""
-    import pytorch_lightning as pl
-
     from vpt_lightning import VPTModule
 
     module = VPTModule(num_classes=num_classes, backbone=backbone or TINY_BACKBONE, **module_kwargs)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer()
     trainer.strategy.connect(module)
     path.parent.mkdir(parents=True, exist_ok=True)
     trainer.save_checkpoint(path)

@@ -8,6 +8,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from conftest import quiet_trainer
 from omegaconf import OmegaConf
 
 from vpt_lightning import VPTModule
@@ -28,15 +29,7 @@ def build(tuning: str, *overrides: str) -> VPTModule:
 
 def fit(module: VPTModule, tmp_path, steps: int) -> pl.Trainer:
     data = SyntheticDataModule(task="count", num_train=32, num_val=8, num_test=8, batch_size=8, num_workers=0)
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=steps, limit_val_batches=0)
     trainer.fit(module, datamodule=data)
     return trainer
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TINY_BACKBONE, make_vit
+from conftest import TINY_BACKBONE, make_vit, quiet_trainer
 from safetensors.torch import save_file
 
 from vpt_lightning import VPTModule
@@ -35,17 +35,7 @@ def make_data(batch_size=16, **kwargs) -> SyntheticDataModule:
 
 
 def make_trainer(tmp_path, max_epochs=2, callbacks=(), **kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-        **kwargs,
-    )
+    return quiet_trainer(tmp_path, max_epochs=max_epochs, devices=1, callbacks=list(callbacks), **kwargs)
 
 
 class RecordLR(pl.Callback):

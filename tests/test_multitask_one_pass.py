@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_BACKBONE
+from conftest import TINY_BACKBONE, quiet_trainer
 
 from vpt_lightning import VPTModule
 from vpt_lightning.serving.multitask import MultiTaskClassifier
@@ -34,7 +34,6 @@ NO_CARRIED_PROMPTS = ["deep1", "deep20", "deep200", "lora_qkv", "lora_mlp", "ada
 def random_task_checkpoint(path: Path, seed: int, backbone=TINY_BACKBONE, **kwargs) -> Path:
     """A task checkpoint whose trained tensors are all random (LoRA's B and the adapters' up-projections start at
     zero, which would hide a missing update)."""
-    import pytorch_lightning as pl
 
     torch.manual_seed(seed)
     module = VPTModule(backbone=backbone, **kwargs)
@@ -42,7 +41,7 @@ def random_task_checkpoint(path: Path, seed: int, backbone=TINY_BACKBONE, **kwar
         for p in module.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.3)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer()
     trainer.strategy.connect(module)
     trainer.save_checkpoint(path)
     return path

@@ -16,6 +16,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import onnx  # noqa: E402
+from conftest import quiet_trainer  # noqa: E402
 
 from vpt_lightning import VPTModule  # noqa: E402
 from vpt_lightning.cli.export import main as export_main  # noqa: E402
@@ -43,7 +44,6 @@ def quickstart_data() -> SyntheticDataModule:
 
 def train_quickstart_task(tmp_path: Path, prompt: dict) -> Path:
     """Two training steps of a quickstart task on the packaged backbone; the task checkpoint vpt-train writes."""
-    import pytorch_lightning as pl
 
     data = quickstart_data()
     module = VPTModule(
@@ -55,15 +55,7 @@ def train_quickstart_task(tmp_path: Path, prompt: dict) -> Path:
         class_names=data.classes,
         eval_transform=data.eval_transform_config(),
     )
-    trainer = pl.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0)
     trainer.fit(module, datamodule=data)
     path = tmp_path / "last.ckpt"
     trainer.save_checkpoint(path)

@@ -8,10 +8,9 @@ import math
 from typing import Dict
 
 import pytest
-import pytorch_lightning as pl
 import timm
 import torch
-from conftest import make_vit
+from conftest import make_vit, quiet_trainer
 from safetensors.torch import save_file
 from torch import nn
 
@@ -234,15 +233,7 @@ def _fit(tmp_path, tuning=None, prompt=None, steps=2) -> tuple:
     data = SyntheticDataModule(task="count", num_train=16, num_val=8, num_test=8, batch_size=8, num_workers=0)
     module = VPTModule(data.num_classes, SWIN_BACKBONE, prompt, {"base_lr": 1.0, "warmup_epochs": 0}, tuning=tuning)
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=steps, limit_val_batches=0)
     trainer.fit(module, datamodule=data)
     path = tmp_path / "task.ckpt"
     trainer.save_checkpoint(path)

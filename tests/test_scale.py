@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TINY_BACKBONE
+from conftest import TINY_BACKBONE, quiet_trainer
 from torch.utils.data import DataLoader, DistributedSampler
 
 from vpt_lightning import VPTModule
@@ -41,15 +41,7 @@ def _data(batch_size: int) -> SyntheticDataModule:
 
 
 def _fit(tmp_path, module, data, **trainer_kwargs):
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **trainer_kwargs,
-    )
+    trainer = quiet_trainer(tmp_path, **{"max_epochs": 2, **trainer_kwargs})
     trainer.fit(module, datamodule=data)
     return trainer
 

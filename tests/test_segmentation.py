@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_BACKBONE, make_vit
+from conftest import TINY_BACKBONE, make_vit, quiet_trainer
 
 from vpt_lightning.backbones import PromptedViT
 from vpt_lightning.segmentation import (
@@ -203,21 +203,12 @@ def test_a_method_with_its_own_classifier_is_refused():
 def test_val_miou_equals_a_confusion_matrix_computation_and_checkpoint_roundtrip(tmp_path):
     """mIoU over the val set = mean over classes present in prediction or target of TP / (TP + FP + FN),
     ignoring label 255; the small task checkpoint reloads to the same predictions."""
-    import pytorch_lightning as pl
 
     from vpt_lightning.data.seg_synthetic import ShapeSegmentationDataModule
 
     module = seg_module(num_classes=7)
     data = ShapeSegmentationDataModule(num_train=8, num_val=6, num_test=4, batch_size=4, num_workers=0)
-    trainer = pl.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0)
     trainer.fit(module, datamodule=data)
     images = torch.stack([data.val_dataset[i][0] for i in range(6)])
     masks = torch.stack([data.val_dataset[i][1] for i in range(6)])
@@ -232,7 +223,7 @@ def test_val_miou_equals_a_confusion_matrix_computation_and_checkpoint_roundtrip
     union = confusion.sum(0) + confusion.sum(1) - tp
     expected = np.mean(tp[union > 0] / union[union > 0])
     loader = torch.utils.data.DataLoader(list(zip(images, masks)), batch_size=4)
-    evaluator = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    evaluator = quiet_trainer()
     metrics = evaluator.validate(module, dataloaders=loader, verbose=False)[0]
     assert metrics["val/miou"] == pytest.approx(expected, abs=1e-6)
     assert metrics["val/acc"] == pytest.approx(tp.sum() / keep.sum().item(), abs=1e-6)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, make_vit
+from conftest import TINY, make_vit, quiet_trainer
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 
@@ -121,7 +121,6 @@ def test_gradients_reach_only_the_prompts(prompt, trainable, images):
 
 @pytest.mark.parametrize("location", ["concat_channel", "pad"])
 def test_task_checkpoint_holds_only_prompts_and_head(location, tmp_path, images):
-    import pytorch_lightning as pl
 
     from vpt_lightning.data.synthetic import SyntheticDataModule
 
@@ -133,15 +132,7 @@ def test_task_checkpoint_holds_only_prompts_and_head(location, tmp_path, images)
         optim=dict(base_lr=0.5, warmup_epochs=0),
     )
     data = SyntheticDataModule(task="location", num_train=16, num_val=8, num_test=8, batch_size=8, num_workers=0)
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        limit_val_batches=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_val_batches=0)
     trainer.fit(module, datamodule=data)
     path = tmp_path / "task.ckpt"
     trainer.save_checkpoint(path)
