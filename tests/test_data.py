@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -503,3 +504,21 @@ def test_vtab_experiment_trains_on_a_prepared_tree(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "outputs" / "vtab_cifar100" / "r" / "results.json").read_text())
     assert results["trainable_params"] == 2 * 10 * 32 + 32 * 100 + 100  # p=10 on both blocks of width 32 + head
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_train=0), "data.num_train=0 must be an integer >= 1"),
+        (dict(num_test=2.5), "data.num_test=2.5 must be an integer >= 1"),
+        (dict(batch_size=True), "data.batch_size=True must be an integer >= 1"),
+        (dict(img_size=-32), "data.img_size=-32 must be an integer >= 1 (or null: the backbone's input size)"),
+    ],
+)
+def test_synthetic_counts_and_sizes_are_checked_naming_the_key(kwargs, message):
+    from vpt_lightning.data.seg_synthetic import ShapeSegmentationDataModule
+    from vpt_lightning.data.synthetic import SyntheticDataModule
+
+    for module in (SyntheticDataModule, ShapeSegmentationDataModule):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            module(**kwargs)

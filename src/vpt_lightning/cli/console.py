@@ -124,7 +124,7 @@ def _one_line(text: str) -> str:
 
 def error_message(err: BaseException) -> str:
     """The one message printed for a user's error (Hydra's lists of options on one line, a close match named)."""
-    from hydra.errors import HydraException, MissingConfigException
+    from hydra.errors import HydraException, InstantiationException, MissingConfigException
 
     if isinstance(err, OmegaConfBaseException):
         return _omegaconf_message(err)
@@ -140,6 +140,8 @@ def error_message(err: BaseException) -> str:
             message += f". {headings[0]} {', '.join(options)}"
         return message
     cause = err.__cause__
+    if isinstance(err, InstantiationException) and cause is not None and raised_here(cause):
+        return error_message(cause)  # our own message, without Hydra's "Error in call to target ..." wrapper
     if isinstance(cause, OmegaConfBaseException):  # e.g. Hydra's "Could not override 'prompt.x'"
         first = str(err).splitlines()[0].strip()
         cause_message = _omegaconf_message(cause)

@@ -24,6 +24,13 @@ def default_num_workers(processes_per_node: int = 1) -> int:
     return max(0, min(8, cpus // max(1, processes_per_node)))
 
 
+def require_count(key: str, value: Any, minimum: int = 0, what: str = "") -> int:
+    """``value`` as an int of at least ``minimum``, or a ``ValueError`` naming ``key`` and what is valid."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key}={value!r} must be an integer >= {minimum}" + (f" {what}" if what else ""))
+    return value
+
+
 class ImageClassificationDataModule(pl.LightningDataModule):
     """Base class: holds the split mode, loader settings and normalisation; subclasses build datasets.
 
@@ -59,8 +66,11 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             raise ValueError(f"data.split={split!r} is not one of {list(SPLITS)}")
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"data.normalization={normalization!r} is not one of {list(NORMALIZATIONS)}")
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size={batch_size} must be >= 1")
+        require_count("data.batch_size", batch_size, minimum=1)
+        if eval_batch_size is not None:
+            require_count("data.eval_batch_size", eval_batch_size, minimum=1, what="(or null: data.batch_size)")
+        if img_size is not None:
+            require_count("data.img_size", img_size, minimum=1, what="(or null: the backbone's input size)")
         if num_workers is not None and num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers} must be >= 0 (or null for the default)")
         self.batch_size = batch_size

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .base import ImageClassificationDataModule
+from .base import ImageClassificationDataModule, require_count
 from .synthetic import KINDS, Shape, _random_shapes, _shape_mask, render
 
 IGNORE_INDEX = 255
@@ -69,7 +69,10 @@ class ShapeSegmentationDataModule(ImageClassificationDataModule):
     def __init__(self, num_train: int = 1000, num_val: int = 200, num_test: int = 200, seed: int = 0, **kwargs) -> None:
         kwargs.setdefault("img_size", 32)
         super().__init__(**kwargs)
-        self.num_train, self.num_val, self.num_test, self.seed = num_train, num_val, num_test, seed
+        self.num_train = require_count("data.num_train", num_train, minimum=1)
+        self.num_val = require_count("data.num_val", num_val, minimum=1)
+        self.num_test = require_count("data.num_test", num_test, minimum=1)
+        self.seed = seed
 
     def _dataset(self, count: int, offset: int) -> ShapeSegmentationDataset:
         mean, std = self.mean_std

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .base import ImageClassificationDataModule
+from .base import ImageClassificationDataModule, require_count
 
 KINDS = ("disc", "square", "triangle", "cross", "ring", "diamond")
 BAR = len(KINDS)  # an elongated bar, only in the orientation task (a square has 90-degree symmetry)
@@ -239,7 +239,10 @@ class SyntheticDataModule(ImageClassificationDataModule):
         self.num_classes = self.task.num_classes
         self.classes = list(self.task.classes)
         self.task_group = self.task.group
-        self.num_train, self.num_val, self.num_test, self.seed = num_train, num_val, num_test, seed
+        self.num_train = require_count("data.num_train", num_train, minimum=1)
+        self.num_val = require_count("data.num_val", num_val, minimum=1)
+        self.num_test = require_count("data.num_test", num_test, minimum=1)
+        self.seed = seed
 
     @property
     def deterministic_train_transform(self) -> bool:
