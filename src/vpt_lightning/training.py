@@ -185,8 +185,10 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     datamodule.backbone_data_config = module.data_config
     # how evaluation images are prepared (known once the backbone's data config is): predict image files alike
     module.set_eval_transform(datamodule.eval_transform_config())
+    no_validation = {} if getattr(datamodule, "has_validation_set", True) else {"limit_val_batches": 0}
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
+        **no_validation,
         logger=_instantiate_all(cfg.get("logger")) or False,
         callbacks=_instantiate_all(cfg.get("callbacks")) + [RecordRunConfig(result_config(cfg), composed_config(cfg))],
     )

@@ -191,6 +191,11 @@ class ADE20KDataModule(ImageClassificationDataModule):
         pairs = list_pairs(find_root(Path(self.root)), split)
         return ADE20KDataset(pairs, train, self.crop_size, self.scale, self.ratio_range, mean, std)
 
+    @property
+    def has_validation_set(self) -> bool:
+        """ADE20K validates (and tests) on its val split in both modes."""
+        return True
+
     def setup(self, stage: Optional[str] = None) -> None:
         self.train_dataset = self._dataset("train", train=True)
         self.val_dataset = self._dataset("val", train=False)

@@ -96,6 +96,12 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         return 224
 
     @property
+    def has_validation_set(self) -> bool:
+        """Whether ``setup`` fills ``val_dataset``: the ``'tune'`` split does, ``'final'`` (which trains on
+        train+val) does not. The training run turns validation off (``limit_val_batches=0``) when it does not."""
+        return self.split == "tune"
+
+    @property
     def deterministic_train_transform(self) -> bool:
         """Whether a training image always gives the same tensor (no random augmentation). Then head-only methods
         may train on cached backbone features (:mod:`vpt_lightning.feature_cache`). Default ``False`` (safe)."""
