@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -65,6 +67,53 @@ def test_two_processes_share_one_sqlite_study_and_run_every_grid_point_once(tmp_
     recorded = {p.parent.name: json.loads(p.read_text())["val/top1"] for p in folder.glob("sweep/*/results.json")}
     assert {point_name(e["point"]): e["val/top1"] for e in summary["sweep"]} == pytest.approx(recorded)
     assert summary["search"]["sampler"] == "grid"
+
+
+def test_a_killed_workers_point_is_failed_by_its_heartbeat_and_run_again_by_another(tmp_path):
+    # worker A takes a grid point and is SIGKILLed during its run; worker B, started after, finds A's trial RUNNING,
+    # fails it once its heartbeat is older than 2 s, runs the point again and ends the protocol with every point run
+    exe = Path(sys.executable).parent / "vpt-tune"
+    overrides = [*TINY, "protocol.search=optuna", "protocol.heartbeat_interval=1", f"paths.output_dir={tmp_path}"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    worker_a = subprocess.Popen(
+        [str(exe), *overrides], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    folder = tmp_path / "train" / "protocol" / "vpt_deep"
+    url = f"sqlite:///{folder / 'optuna.db'}"
+    try:
+        deadline = time.monotonic() + 300
+        # its first run folder: the trial is running and Optuna's heartbeat thread has recorded a first beat
+        while not list(folder.glob("sweep/*")) and worker_a.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.killpg(worker_a.pid, signal.SIGKILL)
+        worker_a.wait(timeout=60)
+    killed = _running(url)
+    assert len(killed) == 1, "worker A should have been killed during its first point"
+
+    summary = run_protocol(compose(overrides, config_name="tune"), folder)  # worker B, in this process
+    study = optuna.load_study(study_name="train-vpt_deep-grid", storage=url)
+    trials = {t.number: t for t in study.get_trials()}
+    assert trials[killed[0]].state == optuna.trial.TrialState.FAIL
+    retries = [t for t in trials.values() if t.system_attrs.get("failed_trial") == killed[0]]
+    assert len(retries) == 1 and retries[0].state.is_finished() and retries[0].state.name != "FAIL"
+    assert retries[0].params == trials[killed[0]].params
+    assert sorted(point_name(e["point"]) for e in summary["sweep"]) == [
+        "lr0.5_wd0",
+        "lr0.5_wd0.001",
+        "lr2_wd0",
+        "lr2_wd0.001",
+    ]
+    assert not [e for e in summary["sweep"] if e.get("failed")]
+    assert len(list(folder.glob("sweep/*/results.json"))) == 4
+
+
+def _running(url):
+    try:
+        study = optuna.load_study(study_name="train-vpt_deep-grid", storage=url)
+    except Exception:  # not created yet
+        return []
+    return [t.number for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))]
 
 
 def test_tpe_runs_n_trials_and_the_protocol_selects_and_reruns_from_the_study(tmp_path):

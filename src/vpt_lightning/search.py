@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -37,6 +38,7 @@ ENQUEUED_ATTR = "vpt_enqueued_points"  # study user attribute: set once every gr
 PRUNED_ATTR = "pruned_at_epoch"  # trial user attribute, set by OptunaPruning
 SPARE_ATTR = "spare"  # a trial that found the queue empty (another worker took the last point)
 PARAMS = ("base_lr", "weight_decay", "num_tokens")
+MAX_RETRIES = 2  # a point whose worker was killed is run again at most this often (then it stays failed)
 
 # run_point(point, extra_overrides) -> (sweep entry in protocol's format, the exception if the run failed)
 RunPoint = Callable[[Dict[str, Any], Dict[str, Any]], Tuple[Dict[str, Any], Optional[BaseException]]]
@@ -105,18 +107,39 @@ def _pruner(enabled: bool):
     return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1) if enabled else optuna.pruners.NopPruner()
 
 
-def open_study(url: str, name: str, sampler: Any, pruner: Any, attempts: int = 20) -> Tuple[Any, bool]:
+def study_storage(url: str, heartbeat_interval: Optional[int] = None) -> Any:
+    """Optuna's RDB storage for ``url``; with ``heartbeat_interval`` (seconds) a running trial records a heartbeat
+    that often, and one whose heartbeat is older than twice that (its worker was killed) is failed and its point
+    enqueued again (Optuna's ``RetryFailedTrialCallback``, at most :data:`MAX_RETRIES` times)."""
+    optuna = _optuna()
+    if not heartbeat_interval:
+        return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+    with warnings.catch_warnings():  # Optuna marks its heartbeat API experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=_engine_kwargs(url),
+            heartbeat_interval=int(heartbeat_interval),
+            grace_period=2 * int(heartbeat_interval),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
+        )
+
+
+def open_study(
+    url: str, name: str, sampler: Any, pruner: Any, attempts: int = 20, heartbeat_interval: Optional[int] = None
+) -> Tuple[Any, bool]:
     """Create the study, or load it when another process created it; returns ``(study, created_here)``.
 
     Processes that start together race to create the study (and, for a new SQLite file, its tables); the loser
     of that race gets an integrity or locking error from the database and retries until the study can be loaded.
+    ``heartbeat_interval``: see :func:`study_storage`.
     """
     optuna = _optuna()
     from sqlalchemy.exc import IntegrityError, OperationalError
 
     for attempt in range(attempts):
         try:
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+            storage = study_storage(url, heartbeat_interval)
             try:
                 study = optuna.create_study(
                     storage=storage, study_name=name, sampler=sampler, pruner=pruner, direction="maximize"
@@ -162,14 +185,22 @@ def _frozen(study: Any, number: int) -> Any:
     return study.get_trials(deepcopy=False)[number]
 
 
-def _tell(study: Any, trial: Any, **kwargs: Any) -> None:
-    """``study.tell`` that tolerates the ``RuntimeError`` GridSampler raises after the last grid point: it calls
-    ``study.stop()`` outside ``optimize`` (documented in ``GridSampler``); the trial's state is written anyway."""
-    try:
-        study.tell(trial, **kwargs)
-    except RuntimeError as err:
-        if "stop" not in str(err):
-            raise
+class PointFailed(Exception):
+    """A sweep point's run failed or diverged: its trial is marked failed (the run's error is reported by the
+    protocol)."""
+
+
+def point_label(point: Dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in point.items() if v is not None)
+
+
+def _fail_stale(study: Any) -> bool:
+    """Fail the running trials whose heartbeat stopped (their retries are enqueued); always ``False``."""
+    optuna = _optuna()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    return False
 
 
 def pruning_callback(url: str, study_name: str, trial_number: int, pruning: bool) -> Dict[str, Any]:
@@ -205,7 +236,11 @@ def optuna_sweep(
     name = protocol.get("study") or f"{cfg.task_name}-{cfg.tuning.name}-{sampler_name}"
     space = search_space(points)
     pruning = bool(protocol.get("pruning", True))
-    study, created = open_study(url, name, _sampler(sampler_name, space, int(cfg.seed)), _pruner(pruning))
+    heartbeat = protocol.get("heartbeat_interval", 60)
+    if heartbeat is not None and (isinstance(heartbeat, bool) or not isinstance(heartbeat, int) or heartbeat < 1):
+        raise ValueError(f"protocol.heartbeat_interval={heartbeat!r} must be a whole number of seconds >= 1 (or null)")
+    sampler = _sampler(sampler_name, space, int(cfg.seed))
+    study, created = open_study(url, name, sampler, _pruner(pruning), heartbeat_interval=heartbeat)
     log.info("optuna study %r in %s (%s)", name, url, "created" if created else "joined")
     if sampler_name == "grid":
         if created:
@@ -214,31 +249,47 @@ def optuna_sweep(
             _wait_for(lambda: ENQUEUED_ATTR in study.user_attrs, f"study {name!r} to enqueue its grid", 600, 0.5)
     distributions = _distributions(space)
     errors: List[BaseException] = []
-    while True:
-        if sampler_name == "grid" and not _states(study, "WAITING"):
-            break
-        if sampler_name == "tpe" and len(_states(study, "RUNNING", "COMPLETE", "PRUNED")) >= n_trials:
-            break
-        trial = study.ask(distributions)
+
+    def has_work() -> bool:
+        if _states(study, "WAITING"):  # a grid point, or the retry of a killed worker's point
+            return True
+        return sampler_name == "tpe" and len(_states(study, "RUNNING", "COMPLETE", "PRUNED")) < n_trials
+
+    def objective(trial: Any) -> float:
         if sampler_name == "grid" and "fixed_params" not in _frozen(study, trial.number).system_attrs:
             # another worker took the last enqueued point between our check and our ask: not a grid point to run
             trial.set_user_attr(SPARE_ATTR, True)
-            _tell(study, trial, state=optuna.trial.TrialState.FAIL)
-            break
-        point = _point(trial.params)
+            study.stop()
+            raise PointFailed("no grid point left for this worker")
+        point = _point({param: trial.suggest_categorical(param, d.choices) for param, d in distributions.items()})
         overrides = {"callbacks.optuna_pruning": pruning_callback(url, name, trial.number, pruning)}
         entry, error = run_point(point, overrides)
-        trial_now = _frozen(study, trial.number)  # with the pruning callback's attributes
         if error is not None:
             errors.append(error)
-            _tell(study, trial, state=optuna.trial.TrialState.FAIL)
-        elif entry.get("diverged") or not math.isfinite(entry.get("val/top1", math.nan)):
-            _tell(study, trial, state=optuna.trial.TrialState.FAIL)
-        elif PRUNED_ATTR in trial_now.user_attrs:
-            _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
-        else:
-            _tell(study, trial, values=entry["val/top1"])
-    _wait_for(lambda: not _states(study, "RUNNING", "WAITING"), f"the other workers of study {name!r}", wait_timeout)
+            raise PointFailed(f"{point_label(point)}: {error}")
+        if entry.get("diverged") or not math.isfinite(entry.get("val/top1", math.nan)):
+            raise PointFailed(f"{point_label(point)}: diverged or no finite val top-1")
+        if PRUNED_ATTR in _frozen(study, trial.number).user_attrs:  # set by the run's OptunaPruning callback
+            raise optuna.TrialPruned()
+        return float(entry["val/top1"])
+
+    def stop_when_no_work(study_: Any, trial: Any) -> None:
+        if not has_work():
+            study_.stop()
+
+    while True:
+        if has_work():  # Study.optimize records the heartbeat of the running trial and fails stale ones first
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.optimize(objective, callbacks=[stop_when_no_work], catch=(PointFailed,), gc_after_trial=False)
+        # wait for the other workers' trials; one whose worker was killed goes stale, is failed and enqueued again
+        _wait_for(
+            lambda: _fail_stale(study) or not _states(study, "RUNNING") or has_work(),
+            f"the other workers of study {name!r}",
+            wait_timeout,
+        )
+        if not has_work():
+            break
     sweep = sweep_from_study(study)
     info = {
         "kind": "optuna",
@@ -253,18 +304,18 @@ def optuna_sweep(
 
 def sweep_from_study(study: Any) -> List[Dict[str, Any]]:
     """Every finished, non-spare trial of ``study`` as a sweep entry (``point``, ``val/top1``; ``pruned`` or
-    ``failed`` when so), one per point (the first trial of a point that TPE proposed twice)."""
+    ``failed`` when so), one per point: its first finished trial (TPE may propose a point twice), or a later one
+    that did not fail (the retry of a trial whose worker was killed)."""
     optuna = _optuna()
     state = optuna.trial.TrialState
-    sweep, seen = [], set()
+    by_point: Dict[tuple, Dict[str, Any]] = {}
     for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         if trial.user_attrs.get(SPARE_ATTR) or not trial.state.is_finished() or not trial.params:
             continue
         point = _point(trial.params)
         key = tuple(point.values())
-        if key in seen:
+        if key in by_point and (trial.state == state.FAIL or "failed" not in by_point[key]):
             continue
-        seen.add(key)
         entry: Dict[str, Any] = {"point": point, "trial": trial.number}
         if trial.state == state.COMPLETE:
             entry["val/top1"] = float(trial.value)
@@ -274,8 +325,8 @@ def sweep_from_study(study: Any) -> List[Dict[str, Any]]:
             entry["pruned"] = int(trial.user_attrs.get(PRUNED_ATTR, -1))
         else:
             entry["failed"] = "trial failed or diverged (see its run folder)"
-        sweep.append(entry)
-    return sweep
+        by_point[key] = entry
+    return list(by_point.values())
 
 
 class OptunaPruning(pl.Callback):
