@@ -203,3 +203,26 @@ def test_vpt_viz_errors_name_the_problem_without_a_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit):
         vpt_viz(["ablation", str(tmp_path / "one")])
     assert "none differ in prompt length or depth" in capsys.readouterr().err
+
+
+class _Payload:
+    """Unpickling it writes ``marker``: what an attacker's code in a shared checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+def test_vpt_viz_refuses_a_checkpoint_with_a_payload_and_never_runs_it(run_dir, tmp_path, capsys):
+    raw = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    raw["callbacks"] = {"evil": _Payload(tmp_path / "ran")}
+    torch.save(raw, tmp_path / "evil.ckpt")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32), (120, 30, 200)).save(tmp_path / "images" / "a.png")
+    with pytest.raises(SystemExit) as exit_info:
+        vpt_viz(["attention", str(tmp_path / "evil.ckpt"), "--images", str(tmp_path / "images")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "evil.ckpt' was refused: it asks to unpickle" in err, err
+    assert not (tmp_path / "ran").exists()  # the payload never ran

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .atomic import write_bytes_atomic
+from .checkpoint import load_weights_only
 from .module import VPTModule
 from .training import last_checkpoint
 
@@ -69,7 +70,8 @@ def load_task_for_viz(path: Path) -> Tuple[VPTModule, Optional[Path]]:
         ckpt, run_dir = path, (path.parent.parent if path.parent.name == "checkpoints" else None)
     else:
         raise FileNotFoundError(f"{str(path)!r} does not exist (give a run folder or a task checkpoint)")
-    module = VPTModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=False)
+    load_weights_only(ckpt)  # a pickle payload or a damaged file: refused naming the file, nothing in it runs
+    module = VPTModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
     return module.eval(), run_dir
 
 
