@@ -1,5 +1,6 @@
 """vpt-serve's lifecycle: one SIGTERM or SIGINT to its process answers the requests in flight, stops every process
-the server started and exits with status 0 within 10 s (a real server in a subprocess on 127.0.0.1)."""
+the server started and exits with status 0 within 10 s; after a SIGKILL no process of the server is left (a real
+server in a subprocess on 127.0.0.1)."""
 
 from __future__ import annotations
 
@@ -41,12 +42,9 @@ def post(url: str, body: dict, results: list, index: int) -> None:
         results[index] = (None, repr(err))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_one_signal_answers_requests_in_flight_and_leaves_no_process(tmp_path, signum):
-    torch.manual_seed(0)
+def start_server(tmp_path: Path) -> tuple:
+    """``vpt-serve`` on a task checkpoint in its own session; returns ``(proc, url, log file)`` once it answers."""
     ckpt = save_task_checkpoint(tmp_path / "count.ckpt", num_classes=5, task_name="count")
-    write_image(tmp_path / "x.png", seed=0, size=(30, 30))
-    image = base64.b64encode((tmp_path / "x.png").read_bytes()).decode()
     port = free_port()
     env = {
         **os.environ,
@@ -72,11 +70,34 @@ def test_one_signal_answers_requests_in_flight_and_leaves_no_process(tmp_path, s
     log = open(tmp_path / "server.log", "wb+")
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while not _healthy(url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc, log)
+            raise AssertionError((tmp_path / "server.log").read_text()[-3000:])
+        time.sleep(0.5)
+    return proc, url, log
+
+
+def stop_server(proc: subprocess.Popen, log) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever the test found left over
+    proc.wait(timeout=30)
+    log.close()
+
+
+def still_running(processes: list) -> list:
+    _, alive = psutil.wait_procs(processes, timeout=3)
+    return [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_one_signal_answers_requests_in_flight_and_leaves_no_process(tmp_path, signum):
+    torch.manual_seed(0)
+    write_image(tmp_path / "x.png", seed=0, size=(30, 30))
+    image = base64.b64encode((tmp_path / "x.png").read_bytes()).decode()
+    proc, url, log = start_server(tmp_path)
     try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while not _healthy(url):
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
         descendants = psutil.Process(proc.pid).children(recursive=True)
         assert len(descendants) >= 2, descendants  # at least LitServe's inference worker and uvicorn process
 
@@ -101,13 +122,29 @@ def test_one_signal_answers_requests_in_flight_and_leaves_no_process(tmp_path, s
         assert elapsed < 10, f"exited {elapsed:.1f} s after the signal"
         for status, body in results:
             assert status == 200 and body["task"] == "count", (status, body)
-        _, alive = psutil.wait_procs(descendants, timeout=3)
-        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        alive = still_running(descendants)
         assert not alive, f"processes of the server outlived it: {alive}"
         with pytest.raises(urllib.error.URLError):  # nothing listens any more
             urllib.request.urlopen(url + "/health", timeout=2)
     finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever the test found left over
+        stop_server(proc, log)
+
+
+def test_a_sigkilled_server_leaves_no_process_listening_or_waiting(tmp_path):
+    # SIGKILL cannot be handled: the processes the server forked (uvicorn, LitServe's manager) end because Linux
+    # sends them SIGTERM when it dies (prctl PR_SET_PDEATHSIG); they used to go on answering /health
+    proc, url, log = start_server(tmp_path)
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+        assert len(descendants) >= 3, descendants  # manager, inference worker, uvicorn (and the resource tracker)
+        os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-        log.close()
+        deadline = time.monotonic() + 10
+        while still_running(descendants) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        alive = still_running(descendants)
+        assert not alive, f"processes of the server outlived it: {[p.cmdline()[-3:] for p in alive]}"
+        with pytest.raises(urllib.error.URLError):  # nothing listens any more
+            urllib.request.urlopen(url + "/health", timeout=2)
+    finally:
+        stop_server(proc, log)

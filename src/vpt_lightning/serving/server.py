@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ctypes
 import hmac
 import ipaddress
 import json
@@ -28,6 +29,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -396,6 +398,36 @@ def build_server(
     return server
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal a process gets when the thread that forked it ends
+_serving_pid: Optional[int] = None  # the process running serve()
+_forking_pid: Optional[int] = None  # the process that forked (read in the child)
+
+
+def _before_fork() -> None:
+    global _forking_pid
+    _forking_pid = os.getpid()
+
+
+def _end_with_server() -> None:
+    """In a process that :func:`serve`'s process forks (LitServe's manager and uvicorn processes): have Linux send it
+    SIGTERM when the server's process dies, so a SIGKILLed ``vpt-serve`` leaves nothing listening or waiting."""
+    if _serving_pid is None or _forking_pid != _serving_pid or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    except (OSError, AttributeError):  # pragma: no cover - no prctl in this libc
+        return
+    if os.getppid() != _serving_pid:  # the server died between the fork and prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _stop_forked_processes_with_this_one() -> None:
+    global _serving_pid
+    if _serving_pid is None:  # once per process: fork hooks cannot be unregistered
+        os.register_at_fork(before=_before_fork, after_in_child=_end_with_server)
+    _serving_pid = os.getpid()
+
+
 def serve(
     model: MultiTaskClassifier,
     host: str = "127.0.0.1",
@@ -432,6 +464,7 @@ def serve(
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    _stop_forked_processes_with_this_one()
     try:
         server.run(host=host, port=port, log_level=log_level, generate_client_file=False, num_api_servers=1)
     except KeyboardInterrupt:  # a signal during start-up, before LitServe's own handling: stop what it started
