@@ -233,6 +233,17 @@ def test_config_error_is_one_line_without_traceback(tmp_path, override, message)
     assert "Error in call to target" not in line or "max_epocks" in override  # Trainer's TypeError keeps it
 
 
+def test_a_multirun_goes_on_after_a_job_with_a_user_error_and_exits_1_naming_it(tmp_path):
+    overrides = [arg for arg in FAST if not arg.startswith("data.num_train=")]
+    proc = run_command("train", ["-m", *overrides, "data.num_train=-5,32"], cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "vpt-train: job 0 (" in proc.stderr and "data.num_train=-5 must be an integer >= 1" in proc.stderr
+    assert proc.stdout.count("test top-1 (%)") == 1  # job 1 ran after job 0 failed
+    summary = [line for line in proc.stderr.splitlines() if line.startswith("vpt-train: error: ")]
+    assert len(summary) == 1 and "1 job(s) of the multirun failed: job 0 (" in summary[0]
+    assert "data.num_train=-5" in summary[0] and "data.num_train=32" not in summary[0]
+
+
 def test_debug_switch_shows_the_traceback(tmp_path):
     proc = run_command("train", [*FAST, "prompt.location=prepnd"], cwd=tmp_path, env={"VPT_DEBUG": "1"})
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "prompt.location='prepnd'" in proc.stderr

@@ -180,6 +180,22 @@ def report_errors(prog: str) -> Callable[[Callable[..., R]], Callable[..., R]]:
     return decorate
 
 
+class JobFailed(Exception):
+    """A job of a Hydra multirun stopped at a user's error (already printed): Hydra records the job as failed and
+    runs the next one instead of stopping the sweep."""
+
+
+def _multirun_job() -> Optional[str]:
+    """``"job N (overrides)"`` inside a job of a multirun, else ``None``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    job = HydraConfig.get().job
+    return f"job {job.num} ({job.override_dirname or 'no overrides'})"
+
+
 def hydra_command(prog: str, config_name: str) -> Callable[[Callable[[DictConfig], R]], Callable[[], Optional[R]]]:
     """Decorator: a Hydra entry point on the packaged configs (``vpt_lightning/conf``) whose errors, while composing
     the config or while running, print one line when they are the user's (see :func:`is_user_error`)."""
@@ -187,6 +203,7 @@ def hydra_command(prog: str, config_name: str) -> Callable[[Callable[[DictConfig
 
     def decorate(task: Callable[[DictConfig], R]) -> Callable[[], Optional[R]]:
         show_tracebacks = [full_tracebacks()]  # the user's choice, read before main() sets HYDRA_FULL_ERROR
+        failed_jobs: list = []  # the jobs of a multirun that stopped at a user's error
 
         @functools.wraps(task)
         def guarded_task(cfg: DictConfig) -> R:
@@ -195,7 +212,13 @@ def hydra_command(prog: str, config_name: str) -> Callable[[Callable[[DictConfig
             except Exception as err:
                 if show_tracebacks[0] or not is_user_error(err):
                     raise
-                fail(prog, err)  # inside the job: Hydra would print the error with a traceback
+                job = _multirun_job()
+                if job is None:
+                    fail(prog, err)  # inside the job: Hydra would print the error with a traceback
+                # one job of a sweep: say why it stopped and let Hydra go on with the others
+                print(f"{prog}: {job} failed: {error_message(err)}", file=sys.stderr, flush=True)
+                failed_jobs.append(job)
+                raise JobFailed(job) from None
 
         hydra_main = hydra.main(version_base="1.3", config_path="pkg://vpt_lightning.conf", config_name=config_name)(
             guarded_task
@@ -213,6 +236,8 @@ def hydra_command(prog: str, config_name: str) -> Callable[[Callable[[DictConfig
             os.environ["HYDRA_FULL_ERROR"] = "1"
             try:
                 return hydra_main()
+            except JobFailed:  # Hydra ran every job of the sweep, then raised the first failure
+                sys.exit(_failed_jobs_summary(prog, failed_jobs))
             except Exception as err:
                 if not is_user_error(err):
                     raise
@@ -226,3 +251,8 @@ def hydra_command(prog: str, config_name: str) -> Callable[[Callable[[DictConfig
         return main
 
     return decorate
+
+
+def _failed_jobs_summary(prog: str, failed_jobs: list) -> int:
+    print(f"{prog}: error: {len(failed_jobs)} job(s) of the multirun failed: {'; '.join(failed_jobs)}", file=sys.stderr)
+    return EXIT_ERROR
