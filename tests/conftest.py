@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
-from typing import Optional
+from types import SimpleNamespace
+from typing import Optional, Sequence
 
 import numpy as np
 import pytest
@@ -127,3 +133,41 @@ def read_wandb_records(path: Path) -> list:
             records.append(wandb_internal_pb2.Record.FromString(pending))
             pending = b""
     return records
+
+
+def run_cli(command: str, args: Sequence, cwd: Path, env: Optional[dict] = None, timeout: float = 600):
+    """The installed ``vpt-<command>`` console script in a new process, as a user runs it (``HYDRA_FULL_ERROR=0``);
+    returns the finished ``subprocess.CompletedProcess`` (text output)."""
+    exe = Path(sys.executable).parent / f"vpt-{command}"
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run(
+        [str(exe), *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def run_cli_in_process(command: str, args: Sequence, cwd: Path) -> SimpleNamespace:
+    """``vpt-<command> ARGS`` in this process: its ``main`` with ``sys.argv`` set, in ``cwd``, stdout and stderr
+    captured; ``returncode`` as the process would exit. For what a command prints before it trains (config errors,
+    ``--cfg job``): a fraction of a second where a new process spends about 6 s importing torch and Lightning."""
+    main = importlib.import_module(f"vpt_lightning.cli.{command}").main
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_argv, saved_env = sys.argv, {k: os.environ.get(k) for k in ("HYDRA_FULL_ERROR", "VPT_DEBUG")}
+    sys.argv = [f"vpt-{command}", *map(str, args)]
+    os.environ["HYDRA_FULL_ERROR"] = "0"
+    os.environ.pop("VPT_DEBUG", None)
+    try:
+        with contextlib.chdir(cwd), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                returned = main()  # an argparse command returns its exit status, a Hydra one its job's value
+                code = returned if isinstance(returned, int) and not isinstance(returned, bool) else 0
+            except SystemExit as exit_:
+                code = exit_.code
+    finally:
+        sys.argv = saved_argv
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    returncode = code if isinstance(code, int) else (0 if code is None else 1)
+    return SimpleNamespace(returncode=returncode, stdout=stdout.getvalue(), stderr=stderr.getvalue())

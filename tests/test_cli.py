@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli, run_cli_in_process
 
 from vpt_lightning.config import compose
 
@@ -26,9 +27,7 @@ FAST = [
 
 def vpt_train(args, cwd, check=True, env=None):
     """Run the installed ``vpt-train`` console script in ``cwd``."""
-    exe = Path(sys.executable).parent / "vpt-train"
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
-    proc = subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    proc = run_cli("train", args, cwd, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"vpt-train {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -86,14 +85,14 @@ def test_resume_with_run_name_and_last(tmp_path):
     ],
 )
 def test_bad_config_fails_before_training_naming_key(tmp_path, override, message):
-    proc = vpt_train([*FAST, override], cwd=tmp_path, check=False)
+    proc = run_cli_in_process("train", [*FAST, override], cwd=tmp_path)
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
     assert "Epoch 0" not in proc.stdout + proc.stderr
 
 
 def test_unknown_group_option_lists_valid_values(tmp_path):
-    proc = vpt_train([*FAST, "prompt=wide"], cwd=tmp_path, check=False)
+    proc = run_cli_in_process("train", [*FAST, "prompt=wide"], cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert "Available options in 'prompt'" in out and "deep" in out and "shallow" in out and "none" in out
 
@@ -106,7 +105,8 @@ def test_quickstart_composes_with_packaged_pretrained_backbone():
 
 
 def test_cfg_job_prints_the_recipe(tmp_path):
-    proc = vpt_train(["+experiment=quickstart", "--cfg", "job"], cwd=tmp_path)
+    proc = run_cli_in_process("train", ["+experiment=quickstart", "--cfg", "job"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
     assert "num_tokens: 10" in proc.stdout and "base_lr:" in proc.stdout and "max_epochs:" in proc.stdout
 
 
@@ -160,7 +160,8 @@ def test_configs_and_assets_ship_in_the_wheel(tmp_path):
 
 
 def test_cfg_job_prints_the_paper_recipe_for_vtab_cifar100(tmp_path):
-    proc = vpt_train(["+experiment=vtab_cifar100", "--cfg", "job", "--resolve"], cwd=tmp_path)
+    proc = run_cli_in_process("train", ["+experiment=vtab_cifar100", "--cfg", "job", "--resolve"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for line in (
         "name: vit_base_patch16_224.orig_in21k",
@@ -177,13 +178,6 @@ def test_cfg_job_prints_the_paper_recipe_for_vtab_cifar100(tmp_path):
 
 
 # ---- what the commands print for the user's errors ---------------------------------------------------------------
-def run_command(name, args, cwd, env=None):
-    """Run the installed ``vpt-<name>`` console script (as a user would) and return the finished process."""
-    exe = Path(sys.executable).parent / f"vpt-{name}"
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
-    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
-
-
 def one_error_line(proc, prog):
     """The command failed with exit code 1 and printed its error as one line, without a traceback."""
     lines = [line for line in proc.stderr.splitlines() if line.startswith(f"{prog}: error: ")]
@@ -195,7 +189,7 @@ def one_error_line(proc, prog):
 @pytest.mark.parametrize("command", ["train", "tune"])
 @pytest.mark.parametrize("override", ["+prompt.num_token=5", "prompt.num_token=5"])
 def test_unknown_key_fails_with_or_without_plus_naming_the_closest_key(tmp_path, command, override):
-    proc = run_command(command, ["+experiment=minivtab", *FAST[:2], override], cwd=tmp_path)
+    proc = run_cli_in_process(command, ["+experiment=minivtab", *FAST[:2], override], cwd=tmp_path)
     line = one_error_line(proc, f"vpt-{command}")
     assert "unknown prompt option(s) ['num_token'] (did you mean 'num_tokens'?)" in line
     assert "valid keys are ['deep', 'depth', 'dropout'," in line
@@ -205,7 +199,7 @@ def test_unknown_key_fails_with_or_without_plus_naming_the_closest_key(tmp_path,
 @pytest.mark.parametrize("override", ["+backbone.nme=x", "+tuning.foo=1"])
 def test_unknown_key_of_backbone_and_tuning_fails(tmp_path, override):
     group, key = override[1:].split("=")[0].split(".")
-    line = one_error_line(run_command("train", [*FAST, override], cwd=tmp_path), "vpt-train")
+    line = one_error_line(run_cli_in_process("train", [*FAST, override], cwd=tmp_path), "vpt-train")
     assert f"unknown {group} option(s) [{key!r}]" in line
     assert ("(did you mean 'name'?)" in line) == (key == "nme")
 
@@ -228,14 +222,20 @@ def test_unknown_key_of_backbone_and_tuning_fails(tmp_path, override):
     ],
 )
 def test_config_error_is_one_line_without_traceback(tmp_path, override, message):
-    line = one_error_line(run_command("train", [*FAST, override], cwd=tmp_path), "vpt-train")
+    line = one_error_line(run_cli_in_process("train", [*FAST, override], cwd=tmp_path), "vpt-train")
     assert message in line
     assert "Error in call to target" not in line or "max_epocks" in override  # Trainer's TypeError keeps it
 
 
+def test_a_config_error_in_a_new_process_is_one_line_without_traceback(tmp_path):
+    # the in-process calls above see what main() prints; this is the console script as a user runs it
+    proc = run_cli("train", [*FAST, "data=cifar1000"], cwd=tmp_path)
+    assert "(did you mean 'vtab_cifar100'?)" in one_error_line(proc, "vpt-train")
+
+
 def test_a_multirun_goes_on_after_a_job_with_a_user_error_and_exits_1_naming_it(tmp_path):
     overrides = [arg for arg in FAST if not arg.startswith("data.num_train=")]
-    proc = run_command("train", ["-m", *overrides, "data.num_train=-5,32"], cwd=tmp_path)
+    proc = run_cli("train", ["-m", *overrides, "data.num_train=-5,32"], cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "vpt-train: job 0 (" in proc.stderr and "data.num_train=-5 must be an integer >= 1" in proc.stderr
     assert proc.stdout.count("test top-1 (%)") == 1  # job 1 ran after job 0 failed
@@ -245,18 +245,18 @@ def test_a_multirun_goes_on_after_a_job_with_a_user_error_and_exits_1_naming_it(
 
 
 def test_debug_switch_shows_the_traceback(tmp_path):
-    proc = run_command("train", [*FAST, "prompt.location=prepnd"], cwd=tmp_path, env={"VPT_DEBUG": "1"})
+    proc = run_cli("train", [*FAST, "prompt.location=prepnd"], cwd=tmp_path, env={"VPT_DEBUG": "1"})
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "prompt.location='prepnd'" in proc.stderr
 
 
 def test_argparse_command_error_is_one_line(tmp_path):
-    proc = run_command("report", [str(tmp_path / "nowhere")], cwd=tmp_path)
+    proc = run_cli("report", [str(tmp_path / "nowhere")], cwd=tmp_path)
     assert "nowhere" in one_error_line(proc, "vpt-report")
 
 
 @pytest.mark.parametrize("split", ["tune", "final"])
 def test_quickstart_prints_none_of_the_dependencies_noise(tmp_path, split):
-    proc = run_command(
+    proc = run_cli(
         "train",
         ["+experiment=quickstart", "+debug=fast", f"data.split={split}"]
         + ["data.num_train=64", "data.num_val=32", "data.num_test=32"],

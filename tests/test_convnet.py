@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import run_cli, run_cli_in_process
 from omegaconf import OmegaConf
 
 from vpt_lightning import VPTModule
@@ -364,17 +365,6 @@ def test_report_shows_the_papers_group_means_for_a_convnet_backbone():
 
 
 # ---- vpt-train end to end -----------------------------------------------------------------------------------------
-def _vpt_train(args, cwd):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    exe = Path(sys.executable).parent / "vpt-train"
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
-
-
 def test_quickstart_trains_a_tiny_convnext_end_to_end(tmp_path):
     import json
 
@@ -389,7 +379,7 @@ def test_quickstart_trains_a_tiny_convnext_end_to_end(tmp_path):
         "task_name=cnx",
         "run_name=r",
     ]
-    proc = _vpt_train(args, tmp_path)
+    proc = run_cli("train", args, tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     run = tmp_path / "outputs" / "cnx" / "r"
     results = json.loads((run / "results.json").read_text())
@@ -406,11 +396,12 @@ def test_quickstart_trains_a_tiny_convnext_end_to_end(tmp_path):
 
 
 def test_paper_config_loads_a_local_file_and_a_wrong_one_fails_before_training(tmp_path):
-    proc = _vpt_train(["backbone=resnet50_in1k", "tuning=vpt_shallow", "--cfg", "job"], tmp_path)
+    proc = run_cli_in_process("train", ["backbone=resnet50_in1k", "tuning=vpt_shallow", "--cfg", "job"], tmp_path)
     assert proc.returncode == 0 and "name: resnet50.tv_in1k" in proc.stdout
     wrong = tiny_model("resnet_tiny_random")  # a ResNet-50 config given a tiny ResNet's weights
     torch.save(wrong.state_dict(), tmp_path / "wrong.pth")
-    proc = _vpt_train(
+    proc = run_cli_in_process(
+        "train",
         [
             "backbone=resnet50_in1k",
             "tuning=vpt_shallow",

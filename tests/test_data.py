@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_image
+from conftest import run_cli, run_cli_in_process, write_image
 from omegaconf import OmegaConf
 from PIL import Image
 from torchvision import transforms as T
@@ -476,20 +474,16 @@ def test_folder_bad_data_names_the_file_and_line(tmp_path, make, kwargs, message
 
 
 # ---- through vpt-train ----------------------------------------------------------------------------------
-def _vpt_train(args, cwd):
-    exe = Path(sys.executable).parent / "vpt-train"
-    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
 def test_vtab_experiment_without_data_fails_clearly(tmp_path):
-    proc = _vpt_train(["+experiment=vtab_cifar100", f"paths.data_dir={tmp_path}"], tmp_path)
+    proc = run_cli_in_process("train", ["+experiment=vtab_cifar100", f"paths.data_dir={tmp_path}"], tmp_path)
     assert proc.returncode != 0
     assert "VTAB-1k folder of task 'cifar100'" in proc.stderr + proc.stdout and "Epoch 0" not in proc.stderr
 
 
 def test_vtab_experiment_trains_on_a_prepared_tree(tmp_path):
     make_vtab_tree(tmp_path / "vtab-1k", counts={"train800": 16, "val200": 8, "test": 8})
-    proc = _vpt_train(
+    proc = run_cli(
+        "train",
         [
             "+experiment=vtab_cifar100",
             f"paths.data_dir={tmp_path}",

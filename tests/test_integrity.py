@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 from vpt_lightning.config import compose
 from vpt_lightning.integrity import (
@@ -185,10 +186,7 @@ def test_a_crafted_checkpoint_is_refused_on_resume_and_its_payload_never_runs(fo
 
 
 def _vpt_train(args, cwd, env=None, timeout=300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
-    return subprocess.run(
-        [str(BIN / "vpt-train"), *FAST, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout
-    )
+    return run_cli("train", [*FAST, *args], cwd, env=env, timeout=timeout)
 
 
 @pytest.mark.parametrize("damage", ["payload", "truncated"])
