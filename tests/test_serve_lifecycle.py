@@ -91,6 +91,17 @@ def still_running(processes: list) -> list:
     return [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+def assert_nothing_left(processes: list, url: str, within: float = 0) -> None:
+    """None of the server's ``processes`` runs (after waiting up to ``within`` s) and nothing answers on ``url``."""
+    deadline = time.monotonic() + within
+    while still_running(processes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = still_running(processes)
+    assert not alive, f"processes of the server outlived it: {[p.cmdline()[-3:] for p in alive]}"
+    with pytest.raises(urllib.error.URLError):  # nothing listens any more
+        urllib.request.urlopen(url + "/health", timeout=2)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_one_signal_answers_requests_in_flight_and_leaves_no_process(tmp_path, signum):
     torch.manual_seed(0)
@@ -122,10 +133,7 @@ def test_one_signal_answers_requests_in_flight_and_leaves_no_process(tmp_path, s
         assert elapsed < 10, f"exited {elapsed:.1f} s after the signal"
         for status, body in results:
             assert status == 200 and body["task"] == "count", (status, body)
-        alive = still_running(descendants)
-        assert not alive, f"processes of the server outlived it: {alive}"
-        with pytest.raises(urllib.error.URLError):  # nothing listens any more
-            urllib.request.urlopen(url + "/health", timeout=2)
+        assert_nothing_left(descendants, url)
     finally:
         stop_server(proc, log)
 
@@ -139,12 +147,6 @@ def test_a_sigkilled_server_leaves_no_process_listening_or_waiting(tmp_path):
         assert len(descendants) >= 3, descendants  # manager, inference worker, uvicorn (and the resource tracker)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-        deadline = time.monotonic() + 10
-        while still_running(descendants) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        alive = still_running(descendants)
-        assert not alive, f"processes of the server outlived it: {[p.cmdline()[-3:] for p in alive]}"
-        with pytest.raises(urllib.error.URLError):  # nothing listens any more
-            urllib.request.urlopen(url + "/health", timeout=2)
+        assert_nothing_left(descendants, url, within=10)
     finally:
         stop_server(proc, log)
