@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, run_cli_in_process
 
 from vpt_lightning.config import compose
 from vpt_lightning.integrity import (
@@ -231,16 +231,15 @@ def test_a_second_process_on_a_locked_folder_fails_at_once_naming_the_holder(tmp
     try:
         assert holder.stdout.readline().strip() == "held"
         started = time.time()
-        proc = subprocess.run(
-            [str(BIN / "vpt-tune"), *GRID, "task_name=demo"], cwd=tmp_path, capture_output=True, text=True, timeout=300
-        )
+        # the commands' main in this process: the lock is held by another one
+        proc = run_cli_in_process("tune", [*GRID, "task_name=demo"], tmp_path)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert (
             f"the protocol folder {str(protocol_dir)!r} is in use by another process (PID {holder.pid} on"
             in proc.stderr
         )
         assert not (protocol_dir / "sweep").exists()  # it trained nothing
-        proc = _vpt_train(["task_name=t", "run_name=r"], tmp_path)
+        proc = run_cli_in_process("train", [*FAST, "task_name=t", "run_name=r"], tmp_path)
         assert (
             proc.returncode != 0
             and f"the run folder {str(run_dir)!r} is in use by another process (PID {holder.pid}" in proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -151,21 +152,6 @@ def test_csv_paths_must_stay_inside_the_root(tasks, tmp_path, capsys):
     assert "x.png: cannot be read (No such file or directory)" in capsys.readouterr().err
 
 
-def run_cli(args, timeout=120):
-    """vpt-predict in a subprocess with a timeout: a hang is a failure, not a stuck test run."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "vpt_lightning.cli.predict", *map(str, args), "--no-progress-bar"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def test_fifos_and_devices_are_reported_never_read(tasks, tmp_path):
     root, count, _ = tasks
     folder = tmp_path / "odd"
@@ -179,14 +165,32 @@ def test_fifos_and_devices_are_reported_never_read(tasks, tmp_path):
         ([folder / "devices.csv", "--root", "/"], ("zero",)),
         ([folder], ("pipe.png", "zero.png")),
     ]
-    for source, reported in runs:
-        out = tmp_path / "odd.csv"
-        done = run_cli([count, "--images", *source, "--out", out])
-        assert done.returncode == 0, done.stderr
+    commands = [[count, "--images", *source, "--out", tmp_path / f"odd{i}.csv"] for i, (source, _) in enumerate(runs)]
+    # the three commands in one subprocess with a timeout (a hang is a failure, not a stuck test run)
+    done = subprocess.run(
+        [sys.executable, "-c", SEVERAL_PREDICTS, json.dumps([[*map(str, c), "--no-progress-bar"] for c in commands])],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), *sys.path])},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    outputs = done.stderr.split("=== next command")[1:]
+    assert done.returncode == 0 and len(outputs) == len(runs), done.stderr[-3000:]
+    for i, ((_, reported), stderr) in enumerate(zip(runs, outputs)):
+        assert "=== exit 0" in stderr, stderr
         for name in reported:
             kind = "a FIFO" if name == "pipe.png" else "a character device"
-            assert f"{name}: {kind}, not a regular file: not read" in done.stderr, done.stderr
-        assert [Path(r["path"]).name for r in read_rows(out)] == ["ok.png"]
+            assert f"{name}: {kind}, not a regular file: not read" in stderr, stderr
+        assert [Path(r["path"]).name for r in read_rows(tmp_path / f"odd{i}.csv")] == ["ok.png"]
+
+
+SEVERAL_PREDICTS = """
+import json, sys
+from vpt_lightning.cli.predict import main
+for args in json.loads(sys.argv[1]):
+    print("=== next command", file=sys.stderr, flush=True)
+    print(f"=== exit {main(args)}", file=sys.stderr, flush=True)
+"""
 
 
 def test_files_over_the_size_cap_are_not_read(tasks, tmp_path, capsys):
