@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -106,6 +107,34 @@ def test_a_killed_workers_point_is_failed_by_its_heartbeat_and_run_again_by_anot
     ]
     assert not [e for e in summary["sweep"] if e.get("failed")]
     assert len(list(folder.glob("sweep/*/results.json"))) == 4
+
+
+def test_a_failed_point_is_a_failed_trial_logged_without_a_traceback(tmp_path, caplog):
+    from vpt_lightning.search import optuna_sweep
+
+    cfg = compose(TINY + ["protocol.search=optuna", "protocol.pruning=false"], config_name="tune")
+    points = grid_points(cfg.protocol, "vpt_deep")
+    boom = ValueError("data.root='/nowhere' does not exist")
+
+    def run_point(point, extra):  # the point with lr 2 and wd 0 fails, the others reach a val top-1
+        if (point["base_lr"], point["weight_decay"]) == (2.0, 0.0):
+            return {"point": point, "failed": str(boom)}, boom
+        return {"point": point, "val/top1": point["base_lr"] / 10 + point["weight_decay"]}, None
+
+    with caplog.at_level(logging.WARNING, logger="optuna"):
+        sweep, errors, _ = optuna_sweep(cfg, tmp_path, points, run_point)
+    assert errors == [boom]
+    assert sorted((e["point"]["base_lr"], e["point"]["weight_decay"], "failed" in e) for e in sweep) == [
+        (0.5, 0.0, False),
+        (0.5, 0.001, False),
+        (2.0, 0.0, True),
+        (2.0, 0.001, False),
+    ]
+    failed = [r for r in caplog.records if "failed with parameters" in r.getMessage()]
+    assert (
+        len(failed) == 1 and "base_lr 2, weight_decay 0: data.root='/nowhere' does not exist" in failed[0].getMessage()
+    )
+    assert failed[0].exc_info is None  # optuna would log PointFailed's traceback
 
 
 def _running(url):

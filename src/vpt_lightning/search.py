@@ -190,6 +190,22 @@ class PointFailed(Exception):
     protocol)."""
 
 
+class _NoTracebackForPointFailed(logging.Filter):
+    """Optuna logs a failed trial with its exception's traceback; a :class:`PointFailed` is ours and carries its
+    reason in its message, so its record keeps the message alone."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], PointFailed):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_failed_points() -> None:
+    logger = logging.getLogger("optuna.study._optimize")  # where Optuna logs failed trials
+    if not any(isinstance(f, _NoTracebackForPointFailed) for f in logger.filters):
+        logger.addFilter(_NoTracebackForPointFailed())
+
+
 def point_label(point: Dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in point.items() if v is not None)
 
@@ -277,6 +293,7 @@ def optuna_sweep(
         if not has_work():
             study_.stop()
 
+    _quiet_failed_points()
     while True:
         if has_work():  # Study.optimize records the heartbeat of the running trial and fails stale ones first
             with warnings.catch_warnings():
