@@ -77,3 +77,37 @@ def test_quiet_dependencies_filters_only_the_noise(caplog, recwarn):
         logger.info("💡 Tip: For seamless cloud logging, try installing litlogger")
         logger.info("GPU available: False, used: False")
     assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
+
+
+def test_a_multirun_runs_every_job_and_names_each_failure_a_bug_with_its_traceback(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from vpt_lightning.cli.console import hydra_command
+    from vpt_lightning.config import register_resolvers
+    from vpt_lightning.data.base import require_count
+
+    register_resolvers()
+    monkeypatch.delenv("VPT_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    ran = []
+
+    @hydra_command("vpt-x", "train")
+    def sweep(cfg):
+        ran.append(cfg.seed)
+        if cfg.seed == 0:
+            require_count("data.num_train", -5, minimum=1)  # the user's error
+        if cfg.seed == 1:
+            raise ZeroDivisionError("a bug in job 1")
+        return 0.5
+
+    for attempt in range(2):  # twice in one process: the second call reports only its own jobs
+        monkeypatch.setattr(sys, "argv", ["vpt-x", "-m", "seed=0,1,2", f"hydra.sweep.dir={tmp_path / str(attempt)}"])
+        with pytest.raises(SystemExit) as exit_info:
+            sweep()
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and ran[-3:] == [0, 1, 2]  # job 2 ran after both failures
+        assert "vpt-x: job 0 (seed=0) failed: data.num_train=-5 must be an integer >= 1" in err
+        assert "ZeroDivisionError: a bug in job 1" in err and "Traceback" in err  # the bug's traceback
+        assert "vpt-x: job 1 (seed=1) failed: ZeroDivisionError (traceback above)" in err
+        summary = [line for line in err.splitlines() if line.startswith("vpt-x: error: ")]
+        assert summary == ["vpt-x: error: 2 job(s) of the multirun failed: job 0 (seed=0); job 1 (seed=1)"]

@@ -15,9 +15,10 @@ import functools
 import logging
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn, Optional, TypeVar
+from typing import Any, Callable, Iterator, List, NoReturn, Optional, TypeVar
 
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
@@ -181,8 +182,8 @@ def report_errors(prog: str) -> Callable[[Callable[..., R]], Callable[..., R]]:
 
 
 class JobFailed(Exception):
-    """A job of a Hydra multirun stopped at a user's error (already printed): Hydra records the job as failed and
-    runs the next one instead of stopping the sweep."""
+    """A job of a Hydra multirun failed and said why (a user's error as one line, a bug with its traceback): Hydra
+    records the job as failed and runs the next one; the command sums the failed jobs up at the end."""
 
 
 def _multirun_job() -> Optional[str]:
@@ -198,25 +199,32 @@ def _multirun_job() -> Optional[str]:
 
 def hydra_command(prog: str, config_name: str) -> Callable[[Callable[[DictConfig], R]], Callable[[], Optional[R]]]:
     """Decorator: a Hydra entry point on the packaged configs (``vpt_lightning/conf``) whose errors, while composing
-    the config or while running, print one line when they are the user's (see :func:`is_user_error`)."""
+    the config or while running, print one line when they are the user's (see :func:`is_user_error`).
+
+    In a multirun every job runs: a failed job prints its error (one line, or a bug's traceback) and the command
+    exits with :data:`EXIT_ERROR` at the end, naming the failed jobs (Hydra alone would re-raise only the first)."""
     import hydra
 
     def decorate(task: Callable[[DictConfig], R]) -> Callable[[], Optional[R]]:
         show_tracebacks = [full_tracebacks()]  # the user's choice, read before main() sets HYDRA_FULL_ERROR
-        failed_jobs: list = []  # the jobs of a multirun that stopped at a user's error
+        failed_jobs: List[str] = []  # this call's multirun jobs that failed (when they ran in this process)
 
         @functools.wraps(task)
         def guarded_task(cfg: DictConfig) -> R:
             try:
                 return task(cfg)
             except Exception as err:
-                if show_tracebacks[0] or not is_user_error(err):
-                    raise
                 job = _multirun_job()
+                bug = show_tracebacks[0] or not is_user_error(err)
                 if job is None:
+                    if bug:
+                        raise
                     fail(prog, err)  # inside the job: Hydra would print the error with a traceback
-                # one job of a sweep: say why it stopped and let Hydra go on with the others
-                print(f"{prog}: {job} failed: {error_message(err)}", file=sys.stderr, flush=True)
+                if bug:  # now, since Hydra re-raises only the sweep's first failure
+                    traceback.print_exc()
+                    print(f"{prog}: {job} failed: {type(err).__name__} (traceback above)", file=sys.stderr)
+                else:
+                    print(f"{prog}: {job} failed: {error_message(err)}", file=sys.stderr, flush=True)
                 failed_jobs.append(job)
                 raise JobFailed(job) from None
 
@@ -224,10 +232,7 @@ def hydra_command(prog: str, config_name: str) -> Callable[[Callable[[DictConfig
             guarded_task
         )
 
-        @functools.wraps(task)
-        def main() -> Optional[R]:
-            quiet_dependencies()
-            show_tracebacks[0] = full_tracebacks()
+        def run_hydra() -> Optional[R]:
             if show_tracebacks[0]:
                 return hydra_main()
             # Hydra prints a composition error with its search path (and a job's with a traceback) unless
@@ -236,8 +241,8 @@ def hydra_command(prog: str, config_name: str) -> Callable[[Callable[[DictConfig
             os.environ["HYDRA_FULL_ERROR"] = "1"
             try:
                 return hydra_main()
-            except JobFailed:  # Hydra ran every job of the sweep, then raised the first failure
-                sys.exit(_failed_jobs_summary(prog, failed_jobs))
+            except JobFailed:
+                raise
             except Exception as err:
                 if not is_user_error(err):
                     raise
@@ -248,11 +253,22 @@ def hydra_command(prog: str, config_name: str) -> Callable[[Callable[[DictConfig
                 else:
                     os.environ["HYDRA_FULL_ERROR"] = before
 
+        @functools.wraps(task)
+        def main() -> Optional[R]:
+            quiet_dependencies()
+            show_tracebacks[0] = full_tracebacks()
+            failed_jobs.clear()
+            try:
+                return run_hydra()
+            except JobFailed as err:  # Hydra ran every job of the sweep, then raised the first failure
+                # the jobs failed in this process, or (a launcher running them elsewhere) the first one Hydra got back
+                sys.exit(_failed_jobs_summary(prog, failed_jobs or [str(err)]))
+
         return main
 
     return decorate
 
 
-def _failed_jobs_summary(prog: str, failed_jobs: list) -> int:
+def _failed_jobs_summary(prog: str, failed_jobs: List[str]) -> int:
     print(f"{prog}: error: {len(failed_jobs)} job(s) of the multirun failed: {'; '.join(failed_jobs)}", file=sys.stderr)
     return EXIT_ERROR
