@@ -137,6 +137,57 @@ def test_a_failed_point_is_a_failed_trial_logged_without_a_traceback(tmp_path, c
     assert failed[0].exc_info is None  # optuna would log PointFailed's traceback
 
 
+def _fake_run(point):
+    return {"point": point, "val/top1": point["base_lr"] / 10 + point["weight_decay"]}, None
+
+
+def test_a_point_whose_run_was_interrupted_runs_again_when_the_command_is_repeated(tmp_path):
+    from vpt_lightning.search import optuna_sweep
+
+    cfg = compose(TINY + ["protocol.search=optuna", "protocol.pruning=false"], config_name="tune")
+    points = grid_points(cfg.protocol, "vpt_deep")
+    ran = []
+
+    def interrupted_at_the_second_point(point, extra):
+        ran.append(point_name(point))
+        if len(ran) == 2:
+            raise KeyboardInterrupt  # Ctrl+C during the second point's run
+        return _fake_run(point)
+
+    with pytest.raises(KeyboardInterrupt):
+        optuna_sweep(cfg, tmp_path, points, interrupted_at_the_second_point)
+    sweep, errors, _ = optuna_sweep(
+        cfg, tmp_path, points, lambda point, extra: (ran.append(point_name(point)), _fake_run(point))[1]
+    )
+    assert errors == [] and not [e for e in sweep if e.get("failed")] and len(sweep) == 4
+    assert sorted(ran[2:]) == sorted(set(map(point_name, points)) - {ran[0]})  # the interrupted point ran again
+
+
+def test_a_live_worker_whose_trial_was_failed_as_stale_goes_on(tmp_path, caplog):
+    # another worker judged this worker's trial stale while it ran (a late heartbeat) and enqueued its retry: the
+    # result cannot be recorded on the failed trial, so the worker logs it and runs the retry instead of crashing
+    from vpt_lightning.search import optuna_sweep
+
+    cfg = compose(TINY + ["protocol.search=optuna", "protocol.pruning=false"], config_name="tune")
+    points = grid_points(cfg.protocol, "vpt_deep")
+    url, name = f"sqlite:///{tmp_path / 'optuna.db'}", "train-vpt_deep-grid"
+    judged = []
+
+    def judged_stale_during_the_first_run(point, extra):
+        if not judged:
+            other = optuna.load_study(study_name=name, storage=url)  # what the other worker's storage does
+            (running,) = other.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+            other._storage.set_trial_state_values(running._trial_id, state=optuna.trial.TrialState.FAIL)
+            other.enqueue_trial(running.params)
+            judged.append(running.number)
+        return _fake_run(point)
+
+    with caplog.at_level(logging.WARNING, logger="vpt_lightning.search"):
+        sweep, errors, _ = optuna_sweep(cfg, tmp_path, points, judged_stale_during_the_first_run)
+    assert errors == [] and len(sweep) == 4 and not [e for e in sweep if e.get("failed")]
+    assert f"trial {judged[0]} was failed by another worker while it ran" in caplog.text
+
+
 def _running(url):
     try:
         study = optuna.load_study(study_name="train-vpt_deep-grid", storage=url)

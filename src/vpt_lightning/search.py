@@ -8,7 +8,8 @@ processes or machines started with the same ``protocol.storage`` and ``protocol.
 - ``protocol.sampler=grid``: :class:`optuna.samplers.GridSampler` over the grid. Optuna documents that its
   ``GridSampler`` may hand the same point to two concurrent workers, so the process that creates the study also
   enqueues every grid point once, and workers only take enqueued trials (Optuna moves a waiting trial to running
-  in one database transaction, so two workers never get the same one): every point runs exactly once.
+  in one database transaction, so two workers never get the same one): every point runs once, and again only
+  when its run was interrupted (Ctrl+C, an error: the point is enqueued again) or its worker was killed (see below).
 - ``protocol.sampler=tpe``: :class:`optuna.samplers.TPESampler` over the same values, ``protocol.n_trials``
   trials in total among all workers.
 
@@ -17,6 +18,11 @@ epoch is below the median of the other runs at that epoch (:class:`OptunaPruning
 points are never selected. When the study holds no more work, the worker waits for the other workers' running
 trials and returns the sweep in :mod:`vpt_lightning.protocol`'s format, so selection, final runs and
 ``vpt-report`` work as for a grid.
+
+Trials run through :meth:`optuna.study.Study.optimize`, which records a heartbeat of the running trial every
+``protocol.heartbeat_interval`` seconds; a worker fails the trials whose heartbeat is older than twice that (their
+worker was killed) and Optuna's ``RetryHeartbeatStaleTrialCallback`` enqueues their points again. Every worker of a
+study should use the same interval.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ SAMPLERS = ("grid", "tpe")
 ENQUEUED_ATTR = "vpt_enqueued_points"  # study user attribute: set once every grid point is enqueued
 PRUNED_ATTR = "pruned_at_epoch"  # trial user attribute, set by OptunaPruning
 SPARE_ATTR = "spare"  # a trial that found the queue empty (another worker took the last point)
+RETRY_OF_ATTR = "retry_of"  # a point enqueued again because its run was interrupted (the interrupted trial)
 PARAMS = ("base_lr", "weight_decay", "num_tokens")
 MAX_RETRIES = 2  # a point whose worker was killed is run again at most this often (then it stays failed)
 
@@ -190,20 +197,20 @@ class PointFailed(Exception):
     protocol)."""
 
 
-class _NoTracebackForPointFailed(logging.Filter):
-    """Optuna logs a failed trial with its exception's traceback; a :class:`PointFailed` is ours and carries its
-    reason in its message, so its record keeps the message alone."""
+class _NoTracebackForFailedTrials(logging.Filter):
+    """Optuna logs a failed trial with its exception's traceback. A :class:`PointFailed` carries its reason in its
+    message, and any other exception goes on to the command, which prints it (one line for a user's error, the
+    traceback for a bug): the record keeps the message alone."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], PointFailed):
-            record.exc_info, record.exc_text = None, None
+        record.exc_info, record.exc_text = None, None
         return True
 
 
 def _quiet_failed_points() -> None:
     logger = logging.getLogger("optuna.study._optimize")  # where Optuna logs failed trials
-    if not any(isinstance(f, _NoTracebackForPointFailed) for f in logger.filters):
-        logger.addFilter(_NoTracebackForPointFailed())
+    if not any(isinstance(f, _NoTracebackForFailedTrials) for f in logger.filters):
+        logger.addFilter(_NoTracebackForFailedTrials())
 
 
 def point_label(point: Dict[str, Any]) -> str:
@@ -271,21 +278,32 @@ def optuna_sweep(
             return True
         return sampler_name == "tpe" and len(_states(study, "RUNNING", "COMPLETE", "PRUNED")) < n_trials
 
+    current = {"trial": None, "ran": False}  # the trial this worker runs, and whether its run has returned
+
     def objective(trial: Any) -> float:
-        if sampler_name == "grid" and "fixed_params" not in _frozen(study, trial.number).system_attrs:
+        current.update(trial=trial.number, ran=False)
+        stored = _frozen(study, trial.number)
+        if sampler_name == "grid" and "fixed_params" not in stored.system_attrs:
             # another worker took the last enqueued point between our check and our ask: not a grid point to run
             trial.set_user_attr(SPARE_ATTR, True)
             study.stop()
             raise PointFailed("no grid point left for this worker")
+        if stored.user_attrs.get(PRUNED_ATTR) is not None:  # inherited by the retry of a killed worker's trial
+            trial.set_user_attr(PRUNED_ATTR, None)
         point = _point({param: trial.suggest_categorical(param, d.choices) for param, d in distributions.items()})
         overrides = {"callbacks.optuna_pruning": pruning_callback(url, name, trial.number, pruning)}
-        entry, error = run_point(point, overrides)
+        try:
+            entry, error = run_point(point, overrides)
+        except BaseException:  # Ctrl+C, a run folder that does not fit, a bug: the point runs again next time
+            study.enqueue_trial(dict(trial.params), user_attrs={RETRY_OF_ATTR: trial.number})
+            raise
+        current["ran"] = True
         if error is not None:
             errors.append(error)
             raise PointFailed(f"{point_label(point)}: {error}")
         if entry.get("diverged") or not math.isfinite(entry.get("val/top1", math.nan)):
             raise PointFailed(f"{point_label(point)}: diverged or no finite val top-1")
-        if PRUNED_ATTR in _frozen(study, trial.number).user_attrs:  # set by the run's OptunaPruning callback
+        if _frozen(study, trial.number).user_attrs.get(PRUNED_ATTR) is not None:  # set by the run's OptunaPruning
             raise optuna.TrialPruned()
         return float(entry["val/top1"])
 
@@ -296,9 +314,20 @@ def optuna_sweep(
     _quiet_failed_points()
     while True:
         if has_work():  # Study.optimize records the heartbeat of the running trial and fails stale ones first
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.optimize(objective, callbacks=[stop_when_no_work], catch=(PointFailed,), gc_after_trial=False)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    study.optimize(objective, callbacks=[stop_when_no_work], catch=(PointFailed,), gc_after_trial=False)
+            except Exception:
+                if not (current["ran"] and _frozen(study, current["trial"]).state == optuna.trial.TrialState.FAIL):
+                    raise
+                # Optuna could not record the result: another worker failed the trial as stale while it ran (its
+                # heartbeat came late). The run is finished in its folder; the trial's retry reuses it.
+                log.warning(
+                    "optuna: trial %d was failed by another worker while it ran (a late heartbeat: a stalled process, "
+                    "or workers with different protocol.heartbeat_interval); its retry reuses the finished run",
+                    current["trial"],
+                )
         # wait for the other workers' trials; one whose worker was killed goes stale, is failed and enqueued again
         _wait_for(
             lambda: _fail_stale(study) or not _states(study, "RUNNING") or has_work(),
@@ -339,7 +368,8 @@ def sweep_from_study(study: Any) -> List[Dict[str, Any]]:
         elif trial.state == state.PRUNED:
             reported = trial.intermediate_values
             entry["val/top1"] = float(reported[max(reported)]) if reported else math.nan
-            entry["pruned"] = int(trial.user_attrs.get(PRUNED_ATTR, -1))
+            pruned_at = trial.user_attrs.get(PRUNED_ATTR)
+            entry["pruned"] = int(pruned_at) if pruned_at is not None else -1
         else:
             entry["failed"] = "trial failed or diverged (see its run folder)"
         by_point[key] = entry
