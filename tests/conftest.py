@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import logging
 import os
 import struct
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import pytest
@@ -135,6 +136,17 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
+@contextlib.contextmanager
+def chdir(path: Path) -> Iterator[None]:
+    """``contextlib.chdir`` (Python 3.11+)."""
+    saved = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(saved)
+
+
 def run_cli(command: str, args: Sequence, cwd: Path, env: Optional[dict] = None, timeout: float = 600):
     """The installed ``vpt-<command>`` console script in a new process, as a user runs it (``HYDRA_FULL_ERROR=0``);
     returns the finished ``subprocess.CompletedProcess`` (text output)."""
@@ -152,11 +164,13 @@ def run_cli_in_process(command: str, args: Sequence, cwd: Path) -> SimpleNamespa
     main = importlib.import_module(f"vpt_lightning.cli.{command}").main
     stdout, stderr = io.StringIO(), io.StringIO()
     saved_argv, saved_env = sys.argv, {k: os.environ.get(k) for k in ("HYDRA_FULL_ERROR", "VPT_DEBUG")}
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level  # Hydra's job logging adds handlers to the root
     sys.argv = [f"vpt-{command}", *map(str, args)]
     os.environ["HYDRA_FULL_ERROR"] = "0"
     os.environ.pop("VPT_DEBUG", None)
     try:
-        with contextlib.chdir(cwd), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        with chdir(cwd), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
                 returned = main()  # an argparse command returns its exit status, a Hydra one its job's value
                 code = returned if isinstance(returned, int) and not isinstance(returned, bool) else 0
@@ -169,5 +183,10 @@ def run_cli_in_process(command: str, args: Sequence, cwd: Path) -> SimpleNamespa
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        for handler in set(root.handlers) - set(saved_handlers):
+            root.removeHandler(handler)
+            handler.close()
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
     returncode = code if isinstance(code, int) else (0 if code is None else 1)
     return SimpleNamespace(returncode=returncode, stdout=stdout.getvalue(), stderr=stderr.getvalue())

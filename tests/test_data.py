@@ -516,3 +516,8 @@ def test_synthetic_counts_and_sizes_are_checked_naming_the_key(kwargs, message):
     for module in (SyntheticDataModule, ShapeSegmentationDataModule):
         with pytest.raises(ValueError, match=re.escape(message)):
             module(**kwargs)
+        with pytest.raises(ValueError, match=re.escape("data.num_val=0 must be an integer >= 1")):
+            module(num_val=0)  # 'tune' validates on them
+        final = module(split="final", num_train=4, num_val=0, num_test=2)  # 'final' trains on train + val
+        final.setup()
+        assert len(final.train_dataset) == 4 and final.val_dataset is None

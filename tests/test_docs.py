@@ -19,20 +19,19 @@ README runs in a folder of its own.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
-import os
 import re
 import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 import yaml
+from conftest import chdir
 
 try:
     import tomllib
@@ -45,17 +44,6 @@ COMPOSED = {"vpt-train": "train", "vpt-tune": "tune"}  # console script -> its H
 FENCE = re.compile(r"^```(\S*)\s*$")
 MARKER = re.compile(r"^<!-- (not-run|run-with): (.+?) -->$")
 PLACEHOLDER = re.compile(r"\.\.\.|<[a-z_ ]+>")  # an elided command (`vpt-tune ... x=1`, `<run>`) cannot be composed
-
-
-@contextlib.contextmanager
-def chdir(path: Path) -> Iterator[None]:
-    """``contextlib.chdir`` (Python 3.11+)."""
-    saved = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(saved)
 
 
 @dataclass

@@ -70,7 +70,8 @@ class ShapeSegmentationDataModule(ImageClassificationDataModule):
         kwargs.setdefault("img_size", 32)
         super().__init__(**kwargs)
         self.num_train = require_count("data.num_train", num_train, minimum=1)
-        self.num_val = require_count("data.num_val", num_val, minimum=1)
+        # 'final' trains on train + val: no val images is then valid
+        self.num_val = require_count("data.num_val", num_val, minimum=1 if self.split == "tune" else 0)
         self.num_test = require_count("data.num_test", num_test, minimum=1)
         self.seed = seed
 
