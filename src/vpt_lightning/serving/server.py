@@ -421,11 +421,16 @@ def _end_with_server() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _stop_forked_processes_with_this_one() -> None:
-    global _serving_pid
-    if _serving_pid is None:  # once per process: fork hooks cannot be unregistered
+_fork_hooks_registered = False
+
+
+def _stop_forked_processes_with_this_one(serving: bool = True) -> None:
+    """While ``serving``, the processes this one forks end when it dies (see :func:`_end_with_server`)."""
+    global _serving_pid, _fork_hooks_registered
+    if not _fork_hooks_registered:  # once per process: fork hooks cannot be unregistered
         os.register_at_fork(before=_before_fork, after_in_child=_end_with_server)
-    _serving_pid = os.getpid()
+        _fork_hooks_registered = True
+    _serving_pid = os.getpid() if serving else None
 
 
 def serve(
@@ -470,6 +475,7 @@ def serve(
     except KeyboardInterrupt:  # a signal during start-up, before LitServe's own handling: stop what it started
         _stop_processes(getattr(server, "inference_workers", []))
     finally:
+        _stop_forked_processes_with_this_one(serving=False)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
