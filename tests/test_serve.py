@@ -234,6 +234,40 @@ def test_a_body_not_sent_in_time_gets_408(server):
     assert READ_TIMEOUT - 0.5 < time.monotonic() - start < READ_TIMEOUT + 15
 
 
+@pytest.mark.parametrize(
+    "sent",
+    [b"", b"POST /predict?task=count HTTP/1.1\r\nHost: x\r\n"],  # nothing; headers that never end (slowloris)
+    ids=["nothing", "unfinished headers"],
+)
+def test_request_headers_not_sent_in_time_get_408_and_the_connection_closes(server, sent):
+    url, _, images = server
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT + 20) as sock:
+        sock.sendall(sent)
+        start = time.monotonic()
+        answer = read_whole_response(sock)
+        closed = sock.recv(1) == b""  # the server closed the connection
+    assert READ_TIMEOUT - 0.5 < time.monotonic() - start < READ_TIMEOUT + 15 and closed
+    if sent:  # a request begun: answered
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b'{"detail": "request headers not received within 2 s"}' in answer
+    else:  # nothing sent: closed without an answer
+        assert answer == b""
+    # a keep-alive connection is served, then closed once idle for the deadline (uvicorn's own keep-alive is 5 s)
+    with socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT + 20) as sock:
+        body = images[0].read_bytes()
+        sock.sendall(
+            b"POST /predict?task=count HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nX-API-Key: "
+            + KEY.encode()
+            + f"\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert read_whole_response(sock).startswith(b"HTTP/1.1 200")
+        served = time.monotonic()
+        assert read_whole_response(sock) == b""  # no next request within the deadline: closed
+        assert READ_TIMEOUT - 0.5 < time.monotonic() - served < 5 - 0.5
+
+
 @pytest.mark.parametrize("path", ["/tasks", "/info", "/", "/predict", "/docs", "/openapi.json", "/metrics"])
 def test_every_route_but_health_needs_the_api_key(server, path):
     url, _, images = server

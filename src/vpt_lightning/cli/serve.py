@@ -42,7 +42,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--read-timeout",
         type=float,
         default=30,
-        help="seconds a client has to send its whole request body, else 408 (default %(default)s)",
+        help="seconds a client has to send its request headers, and then its body, else 408; an idle connection "
+        "is closed after as long (default %(default)s)",
     )
     parser.add_argument(
         "--api-key",

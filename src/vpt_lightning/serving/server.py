@@ -5,8 +5,9 @@ Routes: ``POST /predict`` (a JSON body ``{"task": NAME, "image": BASE64, "top_k"
 with ``?task=NAME[&top_k=K]`` and an ``image/*`` or ``application/octet-stream`` content type) -> ``{"task",
 "predictions": [{"class", "index", "probability"}...]}``; ``GET /tasks`` -> the tasks with their classes;
 LitServe's ``GET /health`` and ``GET /info``. Bad input gets a 4xx with a ``detail`` message: 400 for anything
-malformed, 401 without the API key, 408 for a body not sent within the read timeout, 413 for a body or image over
-its limit, 415 for another content type.
+malformed, 401 without the API key, 408 for headers or a body not sent within the read timeout
+(:mod:`~vpt_lightning.serving.header_deadline` for the headers), 413 for a body or image over its limit, 415 for
+another content type.
 
 Lifecycle: LitServe's ``run`` (the main process) starts a multiprocessing manager, spawns the inference worker(s)
 and forks the uvicorn process(es), then blocks on the manager's shutdown event; it stops them only on a
@@ -42,6 +43,7 @@ from starlette.datastructures import QueryParams
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .header_deadline import HeaderDeadlineProtocol
 from .images import MAX_IMAGE_PIXELS, ImageError, check_top_k, decode_image, task_transforms, top_k
 from .multitask import MultiTaskClassifier
 
@@ -471,7 +473,16 @@ def serve(
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     _stop_forked_processes_with_this_one()
     try:
-        server.run(host=host, port=port, log_level=log_level, generate_client_file=False, num_api_servers=1)
+        # the request line and headers get the body's deadline too (read by the forked uvicorn process)
+        HeaderDeadlineProtocol.header_timeout = float(server_options.get("read_timeout", 30))
+        server.run(
+            host=host,
+            port=port,
+            log_level=log_level,
+            generate_client_file=False,
+            num_api_servers=1,
+            http=HeaderDeadlineProtocol,
+        )
     except KeyboardInterrupt:  # a signal during start-up, before LitServe's own handling: stop what it started
         _stop_processes(getattr(server, "inference_workers", []))
     finally:
