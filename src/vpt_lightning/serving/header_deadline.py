@@ -35,7 +35,8 @@ class HeaderDeadlineProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type
     def data_received(self, data: bytes) -> None:
         self._request_bytes += len(data)
         super().data_received(data)
-        if self._headers_received():
+        # headers complete, or the connection upgraded (a WebSocket: another protocol owns the transport now)
+        if self._headers_received() or self.transport.get_protocol() is not self:
             self._cancel_header_deadline()
 
     def on_response_complete(self) -> None:
