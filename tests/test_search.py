@@ -141,6 +141,22 @@ def _fake_run(point):
     return {"point": point, "val/top1": point["base_lr"] / 10 + point["weight_decay"]}, None
 
 
+def test_tpe_replaces_failed_trials_but_stops_when_every_run_fails(tmp_path):
+    from vpt_lightning.search import optuna_sweep
+
+    cfg = compose(TINY + ["protocol.search=optuna", "protocol.sampler=tpe", "protocol.n_trials=2"], config_name="tune")
+    points = grid_points(cfg.protocol, "vpt_deep")
+    calls = []
+
+    def every_run_fails(point, extra):
+        calls.append(point)
+        error = ValueError("the data folder went away")
+        return {"point": point, "failed": str(error)}, error
+
+    sweep, errors, _ = optuna_sweep(cfg, tmp_path, points, every_run_fails)  # used to ask for trials for ever
+    assert len(calls) == len(errors) == 2 and all(e.get("failed") for e in sweep)
+
+
 def test_a_point_whose_run_was_interrupted_runs_again_when_the_command_is_repeated(tmp_path):
     from vpt_lightning.search import optuna_sweep
 

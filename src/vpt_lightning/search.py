@@ -276,7 +276,12 @@ def optuna_sweep(
     def has_work() -> bool:
         if _states(study, "WAITING"):  # a grid point, or the retry of a killed worker's point
             return True
-        return sampler_name == "tpe" and len(_states(study, "RUNNING", "COMPLETE", "PRUNED")) < n_trials
+        if sampler_name != "tpe":
+            return False
+        # n_trials that did not fail; failed ones are replaced, but at most n_trials of them (every run may fail)
+        return (
+            len(_states(study, "RUNNING", "COMPLETE", "PRUNED")) < n_trials and len(_states(study, "FAIL")) < n_trials
+        )
 
     current = {"trial": None, "ran": False}  # the trial this worker runs, and whether its run has returned
 
