@@ -23,6 +23,10 @@ from PIL import Image
 # keep the suite predictable on 2 cores
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# a two-batch run on 32/16/16 images: what the command-line tests add to a vpt-train / vpt-tune command
+SMOKE_RUN = ["+debug=fast", "data.num_train=32", "data.num_val=16", "data.num_test=16", "data.batch_size=16"]
+TINY_RUN = ["backbone=vit_tiny_random", *SMOKE_RUN]  # the same on a random tiny ViT
+
 TINY = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 4, "num_heads": 2}
 TINY_BACKBONE = {"name": "vit_tiny_patch16_224", "kwargs": TINY, "init_seed": 0}
 

@@ -11,18 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, run_cli_in_process
+from conftest import TINY_RUN, run_cli, run_cli_in_process
 
 from vpt_lightning.config import compose
 
-FAST = [
-    "backbone=vit_tiny_random",
-    "+debug=fast",
-    "data.num_train=32",
-    "data.num_val=16",
-    "data.num_test=16",
-    "data.batch_size=16",
-]
+FAST = TINY_RUN
 
 
 def vpt_train(args, cwd, check=True, env=None):

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import run_cli, run_cli_in_process
+from conftest import SMOKE_RUN, run_cli, run_cli_in_process
 from omegaconf import OmegaConf
 
 from vpt_lightning import VPTModule
@@ -371,11 +371,7 @@ def test_quickstart_trains_a_tiny_convnext_end_to_end(tmp_path):
     args = [
         "+experiment=quickstart",
         "backbone=convnext_tiny_random",
-        "+debug=fast",
-        "data.num_train=32",
-        "data.num_val=16",
-        "data.num_test=16",
-        "data.batch_size=16",
+        *SMOKE_RUN,
         "task_name=cnx",
         "run_name=r",
     ]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, run_cli_in_process
+from conftest import TINY_RUN, run_cli, run_cli_in_process
 
 from vpt_lightning.config import compose
 from vpt_lightning.integrity import (
@@ -30,15 +30,7 @@ from vpt_lightning.protocol import point_name, run_protocol
 from vpt_lightning.resume import AtomicCheckpointIO
 
 BIN = Path(sys.executable).parent
-FAST = [
-    "backbone=vit_tiny_random",
-    "+debug=fast",
-    "data.num_train=32",
-    "data.num_val=16",
-    "data.num_test=16",
-    "data.batch_size=16",
-    "trainer.enable_progress_bar=false",
-]
+FAST = [*TINY_RUN, "trainer.enable_progress_bar=false"]
 GRID = [*FAST, "protocol.base_lr=[0.5,2]", "protocol.weight_decay=[0]", "protocol.seeds=[1]"]
 SWEEP = ("lr0.5_wd0", "lr2_wd0")
 

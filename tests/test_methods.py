@@ -8,7 +8,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from conftest import quiet_trainer
+from conftest import SMOKE_RUN, quiet_trainer
 from omegaconf import OmegaConf
 
 from vpt_lightning import VPTModule
@@ -234,11 +234,7 @@ def test_every_method_runs_through_vpt_tune_and_vpt_report_on_the_quickstart(tmp
     bin_dir = Path(sys.executable).parent
     tiny = [
         "+experiment=quickstart",
-        "+debug=fast",
-        "data.num_train=32",
-        "data.num_val=16",
-        "data.num_test=16",
-        "data.batch_size=16",
+        *SMOKE_RUN,
         "protocol.base_lr=[1]",
         "protocol.weight_decay=[0]",
         "protocol.base_lr_tuned_backbone=[0.001]",

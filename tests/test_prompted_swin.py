@@ -10,7 +10,7 @@ from typing import Dict
 import pytest
 import timm
 import torch
-from conftest import make_vit, quiet_trainer
+from conftest import SMOKE_RUN, make_vit, quiet_trainer
 from safetensors.torch import save_file
 from torch import nn
 
@@ -408,11 +408,7 @@ def test_the_quickstart_trains_end_to_end_on_the_tiny_random_swin(tmp_path):
         [
             "+experiment=quickstart",
             "backbone=swin_tiny_random",
-            "+debug=fast",
-            "data.num_train=32",
-            "data.num_val=16",
-            "data.num_test=16",
-            "data.batch_size=16",
+            *SMOKE_RUN,
             f"run_dir={tmp_path}",
         ]
     )

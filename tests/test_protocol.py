@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMOKE_RUN, TINY_RUN
 
 from vpt_lightning.config import compose
 from vpt_lightning.data.registry import vtab_tasks
@@ -19,12 +20,7 @@ from vpt_lightning.report import build_report, write_report
 from vpt_lightning.training import train
 
 TINY = [
-    "backbone=vit_tiny_random",
-    "+debug=fast",
-    "data.num_train=32",
-    "data.num_val=16",
-    "data.num_test=16",
-    "data.batch_size=16",
+    *TINY_RUN,
     "protocol.base_lr=[0.5,2]",
     "protocol.weight_decay=[0,0.001]",
     "protocol.seeds=[1,2]",
@@ -354,11 +350,7 @@ def test_minivtab_runs_end_to_end_and_reports_group_means(tmp_path):
     """mini-VTAB as the README gives it (vpt-tune -m +experiment=minivtab, then vpt-report: sweep -> select -> final
     -> report) on 2 tasks x 2 strategies (command-line lists replace the experiment's), shrunk to seconds."""
     shrink = [
-        "+debug=fast",
-        "data.num_train=32",
-        "data.num_val=16",
-        "data.num_test=16",
-        "data.batch_size=16",
+        *SMOKE_RUN,
         "protocol.base_lr=[1]",
         "protocol.weight_decay=[0]",
     ]

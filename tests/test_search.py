@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import TINY_RUN
 
 optuna = pytest.importorskip("optuna")
 
@@ -23,12 +24,7 @@ from vpt_lightning.search import PRUNED_ATTR, SPARE_ATTR, OptunaPruning, open_st
 from vpt_lightning.training import train  # noqa: E402
 
 TINY = [
-    "backbone=vit_tiny_random",
-    "+debug=fast",
-    "data.num_train=32",
-    "data.num_val=16",
-    "data.num_test=16",
-    "data.batch_size=16",
+    *TINY_RUN,
     "protocol.base_lr=[0.5,2]",
     "protocol.weight_decay=[0,0.001]",
     "protocol.seeds=[1]",
