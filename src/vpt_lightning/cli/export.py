@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-from ..heads import import_user_code
-from ..task_sources import load_task
 from .console import report_errors
 from .export_onnx import ModelLoader, add_onnx_subcommand
+from .task_arguments import add_pin_and_import_arguments, load_one_task
 
 RESULTS_FILE = "results.json"
 
@@ -51,9 +50,7 @@ def run_info(source: Path) -> Dict[str, Any]:
 
 
 def export_hub(args: argparse.Namespace) -> int:
-    for target in args.imports:
-        import_user_code(target)
-    task = load_task(args.source, backbone=args.backbone)
+    task = load_one_task(args.source, args.backbone, args.imports)
     if not task.info:
         task.info = run_info(Path(args.source))
     task.save_pretrained(args.out)
@@ -77,15 +74,7 @@ def build_parser(onnx_loader: Optional[ModelLoader] = None) -> argparse.Argument
     hub.add_argument("--out", required=True, type=Path, help="the package folder written")
     hub.add_argument("--push", metavar="OWNER/NAME", help="also upload the package to this Hub model repo")
     hub.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    hub.add_argument("--backbone", metavar="NAME_OR_FILE", help="pin the frozen backbone (as vpt-predict --backbone)")
-    hub.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        default=[],
-        metavar="FILE_OR_MODULE",
-        help="import your own module first (e.g. one registering a custom head)",
-    )
+    add_pin_and_import_arguments(hub)
     hub.set_defaults(run=export_hub)
     add_onnx_subcommand(commands, onnx_loader)
     return parser

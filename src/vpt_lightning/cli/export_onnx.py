@@ -14,6 +14,8 @@ from typing import Callable, List, Optional
 
 from torch import nn
 
+from .task_arguments import add_pin_and_import_arguments, load_one_task
+
 #: loads a task (a path or repo id as typed on the command line) as an ``nn.Module``: images -> logits
 ModelLoader = Callable[[str], nn.Module]
 
@@ -23,12 +25,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 def load_for_export(args: argparse.Namespace) -> nn.Module:
     """The task named on the command line (package, repo id, ``.ckpt`` or run folder), in eval mode, after the
     operator's own modules (``--import``) and on the pinned backbone (``--backbone``) if given."""
-    from ..heads import import_user_code
-    from ..task_sources import load_task
-
-    for target in args.imports:
-        import_user_code(target)
-    return load_task(args.task, backbone=args.backbone).eval()
+    return load_one_task(args.task, args.backbone, args.imports).eval()
 
 
 def list_check_images(folder: Path, limit: int) -> List[Path]:
@@ -47,17 +44,7 @@ def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TASK",
         help="the trained task: a package folder (<run>/task), a Hub repo id, a .ckpt or a run folder",
     )
-    parser.add_argument(
-        "--backbone", metavar="NAME_OR_FILE", help="pin the frozen backbone (as vpt-predict --backbone)"
-    )
-    parser.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        default=[],
-        metavar="FILE_OR_MODULE",
-        help="import your own module first (e.g. one registering a custom head)",
-    )
+    add_pin_and_import_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="the .onnx file written")
     parser.add_argument(
         "--images", type=Path, help="a folder of images to check the export on (default: random RGB images)"

@@ -14,6 +14,7 @@ from ..serving.images import MAX_IMAGE_PIXELS, ImageError
 from ..serving.multitask import MultiTaskClassifier, load_tasks, parse_sources
 from ..serving.predict import MAX_FILE_BYTES, list_images, predict_images, write_predictions
 from .console import report_errors
+from .task_arguments import add_pin_and_import_arguments
 
 
 def parse_checkpoints(values: Sequence[str]) -> Union[List[str], Dict[str, str]]:
@@ -30,21 +31,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "folders, optionally NAME=TASK",
     )
     parser.add_argument("--top-k", type=int, default=5, help="classes reported per image (default 5)")
-    parser.add_argument(
-        "--backbone",
-        metavar="NAME_OR_FILE",
-        help="pin the frozen backbone instead of the tasks' own config: a packaged backbone config "
-        "name (quickstart_vit...), a .yaml/.json of backbone fields, or a weights file",
-    )
-    parser.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        default=[],
-        metavar="FILE_OR_MODULE",
-        help="import your own module first (a .py file or a dotted name), e.g. the one that "
-        "registers a custom head with vpt_lightning.heads.register_head; repeatable",
-    )
+    add_pin_and_import_arguments(parser)
 
 
 def load_model(

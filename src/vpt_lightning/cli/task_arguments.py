@@ -1,0 +1,40 @@
+"""The command-line arguments of the commands that load trained tasks (``vpt-predict``, ``vpt-serve``,
+``vpt-export``): the operator's backbone pin and own modules, and loading one task with them."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Optional, Sequence
+
+if TYPE_CHECKING:  # loading a task imports torch and timm: only when a command loads one
+    from ..task_model import TaskModel
+
+
+def add_pin_and_import_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--backbone NAME_OR_FILE`` (pin the frozen backbone) and ``--import FILE_OR_MODULE`` (repeatable)."""
+    parser.add_argument(
+        "--backbone",
+        metavar="NAME_OR_FILE",
+        help="pin the frozen backbone instead of the tasks' own config: a packaged backbone config "
+        "name (quickstart_vit...), a .yaml/.json of backbone fields, or a weights file",
+    )
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="FILE_OR_MODULE",
+        help="import your own module first (a .py file or a dotted name), e.g. the one that "
+        "registers a custom head with vpt_lightning.heads.register_head; repeatable",
+    )
+
+
+def load_one_task(source: str, backbone: Optional[str] = None, imports: Sequence[str] = ()) -> "TaskModel":
+    """The task at ``source`` (package, Hub repo id, ``.ckpt`` or run folder), after the operator's own modules
+    (``--import``) and on the pinned backbone (``--backbone``) if given."""
+    from ..heads import import_user_code
+    from ..task_sources import load_task
+
+    for target in imports:
+        import_user_code(target)
+    return load_task(source, backbone=backbone)
