@@ -31,8 +31,9 @@ import logging
 import math
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig
@@ -117,12 +118,11 @@ def _pruner(enabled: bool):
 def study_storage(url: str, heartbeat_interval: Optional[int] = None) -> Any:
     """Optuna's RDB storage for ``url``; with ``heartbeat_interval`` (seconds) a running trial records a heartbeat
     that often, and one whose heartbeat is older than twice that (its worker was killed) is failed and its point
-    enqueued again (Optuna's ``RetryFailedTrialCallback``, at most :data:`MAX_RETRIES` times)."""
+    enqueued again (Optuna's ``RetryHeartbeatStaleTrialCallback``, at most :data:`MAX_RETRIES` times)."""
     optuna = _optuna()
     if not heartbeat_interval:
         return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
-    with warnings.catch_warnings():  # Optuna marks its heartbeat API experimental
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with _heartbeat_api():
         return optuna.storages.RDBStorage(
             url,
             engine_kwargs=_engine_kwargs(url),
@@ -217,13 +217,13 @@ def point_label(point: Dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in point.items() if v is not None)
 
 
-def _fail_stale(study: Any) -> bool:
-    """Fail the running trials whose heartbeat stopped (their retries are enqueued); always ``False``."""
-    optuna = _optuna()
+@contextmanager
+def _heartbeat_api() -> Iterator[None]:
+    """Optuna's heartbeat API (storage arguments, ``fail_stale_trials``, ``optimize`` with a heartbeat) without its
+    ``ExperimentalWarning``."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-    return False
+        warnings.simplefilter("ignore", _optuna().exceptions.ExperimentalWarning)
+        yield
 
 
 def pruning_callback(url: str, study_name: str, trial_number: int, pruning: bool) -> Dict[str, Any]:
@@ -312,6 +312,13 @@ def optuna_sweep(
             raise optuna.TrialPruned()
         return float(entry["val/top1"])
 
+    def others_done_or_work_back() -> bool:
+        """No other worker's trial runs any more, or there is work again: a trial whose worker was killed goes stale
+        here, is failed, and its point is enqueued again."""
+        with _heartbeat_api():
+            optuna.storages.fail_stale_trials(study)
+        return not _states(study, "RUNNING") or has_work()
+
     def stop_when_no_work(study_: Any, trial: Any) -> None:
         if not has_work():
             study_.stop()
@@ -320,8 +327,7 @@ def optuna_sweep(
     while True:
         if has_work():  # Study.optimize records the heartbeat of the running trial and fails stale ones first
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                with _heartbeat_api():
                     study.optimize(objective, callbacks=[stop_when_no_work], catch=(PointFailed,), gc_after_trial=False)
             except Exception:
                 if not (current["ran"] and _frozen(study, current["trial"]).state == optuna.trial.TrialState.FAIL):
@@ -333,12 +339,7 @@ def optuna_sweep(
                     "or workers with different protocol.heartbeat_interval); its retry reuses the finished run",
                     current["trial"],
                 )
-        # wait for the other workers' trials; one whose worker was killed goes stale, is failed and enqueued again
-        _wait_for(
-            lambda: _fail_stale(study) or not _states(study, "RUNNING") or has_work(),
-            f"the other workers of study {name!r}",
-            wait_timeout,
-        )
+        _wait_for(others_done_or_work_back, f"the other workers of study {name!r}", wait_timeout)
         if not has_work():
             break
     sweep = sweep_from_study(study)
