@@ -222,9 +222,8 @@ def hydra_command(prog: str, config_name: str) -> Callable[[Callable[[DictConfig
                     fail(prog, err)  # inside the job: Hydra would print the error with a traceback
                 if bug:  # now, since Hydra re-raises only the sweep's first failure
                     traceback.print_exc()
-                    print(f"{prog}: {job} failed: {type(err).__name__} (traceback above)", file=sys.stderr)
-                else:
-                    print(f"{prog}: {job} failed: {error_message(err)}", file=sys.stderr, flush=True)
+                reason = f"{type(err).__name__} (traceback above)" if bug else error_message(err)
+                print(f"{prog}: {job} failed: {reason}", file=sys.stderr, flush=True)
                 failed_jobs.append(job)
                 raise JobFailed(job) from None
 
@@ -241,9 +240,7 @@ def hydra_command(prog: str, config_name: str) -> Callable[[Callable[[DictConfig
             os.environ["HYDRA_FULL_ERROR"] = "1"
             try:
                 return hydra_main()
-            except JobFailed:
-                raise
-            except Exception as err:
+            except Exception as err:  # a JobFailed is not a user's error: it goes on to main()
                 if not is_user_error(err):
                     raise
                 fail(prog, err)
@@ -262,13 +259,9 @@ def hydra_command(prog: str, config_name: str) -> Callable[[Callable[[DictConfig
                 return run_hydra()
             except JobFailed as err:  # Hydra ran every job of the sweep, then raised the first failure
                 # the jobs failed in this process, or (a launcher running them elsewhere) the first one Hydra got back
-                sys.exit(_failed_jobs_summary(prog, failed_jobs or [str(err)]))
+                jobs = failed_jobs or [str(err)]
+                fail(prog, JobFailed(f"{len(jobs)} job(s) of the multirun failed: {'; '.join(jobs)}"))
 
         return main
 
     return decorate
-
-
-def _failed_jobs_summary(prog: str, failed_jobs: List[str]) -> int:
-    print(f"{prog}: error: {len(failed_jobs)} job(s) of the multirun failed: {'; '.join(failed_jobs)}", file=sys.stderr)
-    return EXIT_ERROR
