@@ -17,13 +17,16 @@ from typing import Optional
 
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+#: seconds a client has for its request headers, and then for its body (``vpt-serve --read-timeout``)
+DEFAULT_READ_TIMEOUT = 30.0
+
 
 class HeaderDeadlineProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     """uvicorn's HTTP protocol with a deadline of :attr:`header_timeout` seconds for the request line and headers,
     counted from the connection's opening and again from the end of each response (keep-alive): a request begun
     but not complete by then gets a 408; a connection that sent nothing is closed without an answer."""
 
-    header_timeout: float = 30.0  # set by vpt_lightning.serving.server.serve from --read-timeout
+    header_timeout: float = DEFAULT_READ_TIMEOUT  # set by vpt_lightning.serving.server.serve from --read-timeout
 
     _header_deadline: Optional[asyncio.TimerHandle] = None
     _request_bytes = 0  # bytes received since the deadline was armed

@@ -43,7 +43,7 @@ from starlette.datastructures import QueryParams
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .header_deadline import HeaderDeadlineProtocol
+from .header_deadline import DEFAULT_READ_TIMEOUT, HeaderDeadlineProtocol
 from .images import MAX_IMAGE_PIXELS, ImageError, check_top_k, decode_image, task_transforms, top_k
 from .multitask import MultiTaskClassifier
 
@@ -227,7 +227,9 @@ class RequestBodyMiddleware:
     ``read_timeout`` seconds (408) and malformed JSON (400, deep nesting included), and turns a raw image upload
     (``?task=NAME``) into the JSON body the API reads. Other routes pass through."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout: float = 30, path: str = PREDICT_PATH) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, read_timeout: float = DEFAULT_READ_TIMEOUT, path: str = PREDICT_PATH
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.read_timeout = read_timeout
@@ -355,7 +357,7 @@ def build_server(
     batch_timeout: float = 0.01,
     max_request_bytes: int = 16 * 2**20,
     max_image_pixels: int = MAX_IMAGE_PIXELS,
-    read_timeout: float = 30,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
     api_key: Optional[str] = None,
     docs: bool = False,
     ui: bool = False,
@@ -474,7 +476,7 @@ def serve(
     _stop_forked_processes_with_this_one()
     try:
         # the request line and headers get the body's deadline too (read by the forked uvicorn process)
-        HeaderDeadlineProtocol.header_timeout = float(server_options.get("read_timeout", 30))
+        HeaderDeadlineProtocol.header_timeout = float(server_options.get("read_timeout", DEFAULT_READ_TIMEOUT))
         server.run(
             host=host,
             port=port,
