@@ -194,3 +194,22 @@ def run_cli_in_process(command: str, args: Sequence, cwd: Path) -> SimpleNamespa
         root.setLevel(saved_level)
     returncode = code if isinstance(code, int) else (0 if code is None else 1)
     return SimpleNamespace(returncode=returncode, stdout=stdout.getvalue(), stderr=stderr.getvalue())
+
+
+class Payload:
+    """A pickle payload: unpickling it writes ``marker`` (what an attacker's code in a shared file would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('payload ran')",)
+
+
+def payload_checkpoint(real: Path, out: Path, marker: Path) -> Path:
+    """A copy of the real checkpoint ``real`` with a :class:`Payload` added, as a tampered download would carry:
+    loadable and resumable in every other respect."""
+    checkpoint = torch.load(real, map_location="cpu", weights_only=True)
+    checkpoint["callbacks"] = {"evil": Payload(marker)}
+    torch.save(checkpoint, out)
+    return out

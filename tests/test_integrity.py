@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import TINY_RUN, run_cli, run_cli_in_process
+from conftest import TINY_RUN, payload_checkpoint, run_cli, run_cli_in_process
 
 from vpt_lightning.config import compose
 from vpt_lightning.integrity import (
@@ -33,24 +32,6 @@ BIN = Path(sys.executable).parent
 FAST = [*TINY_RUN, "trainer.enable_progress_bar=false"]
 GRID = [*FAST, "protocol.base_lr=[0.5,2]", "protocol.weight_decay=[0]", "protocol.seeds=[1]"]
 SWEEP = ("lr0.5_wd0", "lr2_wd0")
-
-
-class Payload:
-    """Pickles to a call of ``exec``: what a crafted checkpoint carries. Loading it unsafely writes ``marker``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return exec, (f"open({str(self.marker)!r}, 'w').write('payload ran')",)
-
-
-def crafted_checkpoint(real: Path, out: Path, marker: Path) -> Path:
-    """A copy of a real Lightning checkpoint with a pickle payload added: resumable in every other respect."""
-    checkpoint = torch.load(real, map_location="cpu", weights_only=True)
-    checkpoint["payload"] = Payload(marker)
-    torch.save(checkpoint, out)
-    return out
 
 
 def tune(*overrides: str):
@@ -164,7 +145,7 @@ def test_a_crafted_checkpoint_is_refused_on_resume_and_its_payload_never_runs(fo
     marker = tmp_path / "payload-ran"
     point = folder / "sweep" / "lr2_wd0"
     ckpt = point / "checkpoints" / "last.ckpt"
-    crafted_checkpoint(ckpt, ckpt, marker)
+    payload_checkpoint(ckpt, ckpt, marker)
     with pytest.raises(
         UnsafeCheckpointError,
         match=re.escape(f"refused to load the checkpoint {str(ckpt)!r}")
@@ -187,7 +168,7 @@ def test_vpt_train_refuses_a_crafted_or_truncated_checkpoint_with_a_named_error(
     real = finished / "sweep" / "lr2_wd0" / "checkpoints" / "last.ckpt"
     bad = tmp_path / "given.ckpt"
     if damage == "payload":
-        crafted_checkpoint(real, bad, marker)
+        payload_checkpoint(real, bad, marker)
     else:
         bad.write_bytes(real.read_bytes()[: real.stat().st_size // 2])  # today: OSError [Errno 22], no file named
     proc = _vpt_train(

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_BACKBONE, fit_briefly, write_image
+from conftest import TINY_BACKBONE, Payload, fit_briefly, payload_checkpoint, write_image
 from safetensors.torch import load_file
 from torch import nn
 
@@ -50,25 +50,6 @@ def _trained(tmp_path, cls=VPTModule, **kwargs):
     )
     path = fit_briefly(module, tmp_path, max_steps=2)
     return module.eval(), path
-
-
-class Payload:
-    """A pickle payload: unpickling it writes ``marker`` (what an attacker's code would do)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
-
-
-def _payload_checkpoint(path: Path, marker: Path, real: Path) -> Path:
-    """A task checkpoint that is real (tensors and hparams of ``real``) but carries a payload, as a tampered
-    download would."""
-    raw = torch.load(real, map_location="cpu", weights_only=True)
-    raw["callbacks"] = {"evil": Payload(marker)}
-    torch.save(raw, path)
-    return path
 
 
 # ---- the model and its factory --------------------------------------------------------------------------
@@ -214,7 +195,7 @@ def test_an_unregistered_custom_head_cannot_be_packaged_and_says_how(tmp_path):
 def test_a_checkpoint_with_a_payload_is_refused_by_name_and_never_runs(tmp_path):
     _, real = _trained(tmp_path)
     marker = tmp_path / "marker"
-    evil = _payload_checkpoint(tmp_path / "evil.ckpt", marker, real)
+    evil = payload_checkpoint(real, tmp_path / "evil.ckpt", marker)
     for load in (read_task_checkpoint, load_task):
         with pytest.raises(ValueError, match=r"evil\.ckpt' was refused: it asks to unpickle 'exec'.*nothing in it ran"):
             load(evil)
@@ -259,7 +240,7 @@ def test_predict_and_serve_refuse_a_payload_checkpoint_and_never_run_it(tmp_path
     pytest.importorskip("litserve")
     _, real = _trained(tmp_path)
     marker = tmp_path / "marker"
-    evil = _payload_checkpoint(tmp_path / "evil.ckpt", marker, real)
+    evil = payload_checkpoint(real, tmp_path / "evil.ckpt", marker)
     write_image(tmp_path / "images" / "a.png", seed=0)
     commands = [  # both at once: each spends most of its time importing torch
         [

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import read_wandb_records
+from conftest import payload_checkpoint, read_wandb_records
 from PIL import Image
 
 pytest.importorskip("sklearn")
@@ -205,20 +205,8 @@ def test_vpt_viz_errors_name_the_problem_without_a_traceback(tmp_path, capsys):
     assert "none differ in prompt length or depth" in capsys.readouterr().err
 
 
-class _Payload:
-    """Unpickling it writes ``marker``: what an attacker's code in a shared checkpoint would do."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
-
-
 def test_vpt_viz_refuses_a_checkpoint_with_a_payload_and_never_runs_it(run_dir, tmp_path, capsys):
-    raw = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    raw["callbacks"] = {"evil": _Payload(tmp_path / "ran")}
-    torch.save(raw, tmp_path / "evil.ckpt")
+    payload_checkpoint(run_dir / "checkpoints" / "last.ckpt", tmp_path / "evil.ckpt", tmp_path / "ran")
     (tmp_path / "images").mkdir()
     Image.new("RGB", (32, 32), (120, 30, 200)).save(tmp_path / "images" / "a.png")
     with pytest.raises(SystemExit) as exit_info:
