@@ -28,6 +28,7 @@ import ipaddress
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -305,22 +306,67 @@ class RequestBodyMiddleware:
         await self.app({**scope, "headers": new_headers}, replay, send)
 
 
+class ChildDied(RuntimeError):
+    """A process of the server (uvicorn, an inference worker, LitServe's manager) ended on its own while serving
+    (an OOM kill, a crash): the server stopped, and ``vpt-serve`` exits with an error for its supervisor."""
+
+
 class GracefulLitServer(ls.LitServer):
     """A LitServer whose shutdown answers the requests in flight: the uvicorn processes are stopped first (SIGTERM:
     uvicorn closes its socket and finishes its open requests within ``uvicorn_graceful_timeout``) while the
-    inference workers still run; LitServe then stops the workers and its manager."""
+    inference workers still run; LitServe then stops the workers and its manager.
+
+    It also watches every process it started, in place of LitServe's monitor (which watches the inference workers
+    only and, when one dies, stops the others but leaves ``run`` waiting on the manager it shut down; a dead uvicorn
+    process it does not see: the port went on accepting connections that nobody answered). The first to end on its
+    own stops the server as a shutdown request does; :attr:`child_died` then says which and how."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.child_died: Optional[str] = None
+        self._watched: List[tuple] = []  # (name, process) of every process the server started
+        self._stopping = threading.Event()
+
+    def _start_worker_monitoring(self, manager, uvicorn_workers) -> None:  # LitServe's hook, called by run()
+        self._watched = [("the uvicorn process", w) for w in uvicorn_workers.values() if hasattr(w, "sentinel")]
+        self._watched += [("the inference worker", w) for w in self.inference_workers]
+        if getattr(manager, "_process", None) is not None:  # multiprocessing keeps the manager's process there
+            self._watched.append(("LitServe's manager process", manager._process))
+        threading.Thread(target=self._watch, daemon=True, name="vpt-serve-watch").start()
+
+    def _watch(self) -> None:
+        multiprocessing.connection.wait([process.sentinel for _, process in self._watched])
+        if self._stopping.is_set():  # stopped on purpose
+            return
+        self._note_ended_child()
+        try:
+            self._shutdown_event.set()  # run() wakes up and shuts the server down
+        except (OSError, EOFError):  # the manager is the one that died: run() woke up on its broken connection
+            pass
+
+    def _note_ended_child(self) -> None:
+        """Set :attr:`child_died` from the first watched process that has ended, if any and not set yet."""
+        for name, process in self._watched:
+            if self.child_died is None and not process.is_alive():
+                self.child_died = f"{name} (pid {process.pid}) {how_it_ended(process.exitcode)}"
 
     def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason: str = "normal") -> None:
-        for worker in uvicorn_workers.values():
-            if hasattr(worker, "terminate") and worker.is_alive():
-                worker.terminate()
-        for worker in uvicorn_workers.values():
-            worker.join(timeout=self.uvicorn_graceful_timeout + 1)
-            if worker.is_alive() and hasattr(worker, "kill"):
-                log.warning("uvicorn process %s did not stop in time: killing it", worker.pid)
-                worker.kill()
-                worker.join(timeout=2)
+        self._note_ended_child()  # before any is stopped on purpose
+        self._stopping.set()
+        _stop_processes(
+            [w for w in uvicorn_workers.values() if hasattr(w, "terminate")], timeout=self.uvicorn_graceful_timeout + 1
+        )
         super()._perform_graceful_shutdown(manager, {}, shutdown_reason)
+
+
+def how_it_ended(exitcode: Optional[int]) -> str:
+    """``"was killed by SIGKILL"``, ``"exited with status 1"`` (a process's ``exitcode``)."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with status {exitcode}"
 
 
 def resolve_api_key(api_key: Optional[str]) -> Optional[str]:
@@ -446,8 +492,9 @@ def serve(
     **server_options: Any,
 ) -> None:
     """Build the server and run it until SIGTERM or SIGINT (Ctrl+C), then stop it gracefully: the requests in
-    flight are answered, every process it started has ended when this returns. Warns when ``host`` is not a
-    loopback address and no API key is set."""
+    flight are answered, every process it started has ended when this returns. When one of them ends on its own
+    (uvicorn, an inference worker, LitServe's manager), the others are stopped and :class:`ChildDied` says which.
+    Warns when ``host`` is not a loopback address and no API key is set."""
     server_options["api_key"] = resolve_api_key(server_options.get("api_key"))
     warning = exposure_warning(host, server_options["api_key"])
     if warning and warn_exposure:
@@ -487,17 +534,25 @@ def serve(
         )
     except KeyboardInterrupt:  # a signal during start-up, before LitServe's own handling: stop what it started
         _stop_processes(getattr(server, "inference_workers", []))
+    except (EOFError, ConnectionError):  # run() waits on LitServe's manager: its connection broke, it died
+        if server.child_died is None:
+            raise
     finally:
         _stop_forked_processes_with_this_one(serving=False)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if server.child_died:
+        raise ChildDied(f"{server.child_died}: the server stopped")
 
 
 def _stop_processes(processes: Iterable[Any], timeout: float = 5) -> None:
+    """SIGTERM to each of ``processes``, then SIGKILL to each still alive ``timeout`` seconds later."""
     for process in processes:
         if process.is_alive():
             process.terminate()
     for process in processes:
         process.join(timeout=timeout)
         if process.is_alive():
+            log.warning("process %s did not stop within %g s: killing it", process.pid, timeout)
             process.kill()
+            process.join(timeout=2)
