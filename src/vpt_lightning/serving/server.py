@@ -44,6 +44,7 @@ from starlette.datastructures import QueryParams
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .demo import UI_PATH
 from .header_deadline import DEFAULT_READ_TIMEOUT, HeaderDeadlineProtocol
 from .images import MAX_IMAGE_PIXELS, ImageError, check_top_k, decode_image, task_transforms, top_k
 from .multitask import MultiTaskClassifier
@@ -53,7 +54,6 @@ log = logging.getLogger(__name__)
 PREDICT_PATH = "/predict"
 TASKS_PATH = "/tasks"
 HEALTH_PATH = "/health"
-UI_PATH = "/ui"
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 RAW_TYPES = ("image/", "application/octet-stream")
 #: the environment variable LitServe reads its API key from (``litserve.server.LIT_SERVER_API_KEY``)
@@ -192,35 +192,56 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, detai
 
 
 class ApiKeyMiddleware:
-    """Every HTTP route but ``open_paths`` needs the header ``X-API-Key: KEY`` (401 otherwise), so that routes
-    LitServe does not guard (``/tasks``, the API docs, a demo page) are guarded too."""
+    """Every HTTP and WebSocket route but ``open_paths`` needs the key (401 otherwise): in the header
+    ``X-API-Key: KEY``, or as the password of HTTP Basic authentication (any user name), which a browser asks for
+    itself on the paths under ``browser_prefix`` (the demo page, whose every route is guarded so, its streams too).
+    Routes LitServe does not guard (``/tasks``, the API docs, the demo page) are guarded too."""
 
     def __init__(
-        self, app: ASGIApp, api_key: str, open_paths: Iterable[str] = (HEALTH_PATH,), open_prefixes: Iterable[str] = ()
+        self,
+        app: ASGIApp,
+        api_key: str,
+        open_paths: Iterable[str] = (HEALTH_PATH,),
+        browser_prefix: str = UI_PATH,
     ) -> None:
         self.app = app
         self.api_key = api_key.encode()
         self.open_paths = set(open_paths)
-        self.open_prefixes = tuple(open_prefixes)
+        self.browser_prefix = browser_prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        if path in self.open_paths or (self.open_prefixes and path.startswith(self.open_prefixes)):
-            await self.app(scope, receive, send)
-            return
-        given = dict(scope["headers"]).get(API_KEY_HEADER.lower().encode(), b"")
-        if hmac.compare_digest(given, self.api_key):
+        if scope["type"] not in ("http", "websocket") or scope["path"] in self.open_paths or self.authorized(scope):
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        await _refuse(
-            scope, receive, send, 401, f"missing or wrong {API_KEY_HEADER} header", {"WWW-Authenticate": API_KEY_HEADER}
+        path = scope["path"]
+        for_browser = path == self.browser_prefix or path.startswith(self.browser_prefix + "/")
+        challenge = 'Basic realm="vpt-serve", charset="UTF-8"' if for_browser else API_KEY_HEADER
+        detail = f"missing or wrong {API_KEY_HEADER} header" + (
+            " (or the key as the password of HTTP Basic authentication)" if for_browser else ""
         )
+        await _refuse(scope, receive, send, 401, detail, {"WWW-Authenticate": challenge})
+
+    def authorized(self, scope: Scope) -> bool:
+        """Whether the request carries the key, in ``X-API-Key`` or as a Basic password (compared in constant time)."""
+        headers = dict(scope["headers"])
+        if hmac.compare_digest(headers.get(API_KEY_HEADER.lower().encode(), b""), self.api_key):
+            return True
+        return hmac.compare_digest(basic_password(headers.get(b"authorization", b"")), self.api_key)
+
+
+def basic_password(authorization: bytes) -> bytes:
+    """The password of an ``Authorization: Basic BASE64(USER:PASSWORD)`` header, ``b""`` for any other."""
+    scheme, _, credentials = authorization.partition(b" ")
+    if scheme.lower() != b"basic":
+        return b""
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return b""
+    return decoded.partition(b":")[2]
 
 
 class RequestBodyMiddleware:
@@ -415,12 +436,12 @@ def build_server(
 ) -> ls.LitServer:
     """The LitServer: the API, the request-body middleware, the ``/tasks`` route, the API key on every route but
     ``/health`` (``api_key``), the API docs (only with ``docs``) and the demo page (``ui``, mounted at ``/ui``; it
-    classifies through ``server_url``'s ``/predict``, and with a key Gradio's login page asks for it)."""
+    classifies through ``server_url``'s ``/predict``, and with a key the browser asks for it: HTTP Basic
+    authentication, any user name, the key as the password)."""
     api = MultiTaskAPI(model, default_top_k, max_batch_size, batch_timeout, max_image_pixels)
     middlewares: List[Any] = [(RequestBodyMiddleware, {"max_bytes": max_request_bytes, "read_timeout": read_timeout})]
     if api_key:  # added last: the outermost, so that nothing answers before the key is checked
-        open_ui = {"open_paths": (HEALTH_PATH, UI_PATH), "open_prefixes": (UI_PATH + "/",)} if ui else {}
-        middlewares.append((ApiKeyMiddleware, {"api_key": api_key, **open_ui}))
+        middlewares.append((ApiKeyMiddleware, {"api_key": api_key}))
     server = GracefulLitServer(
         api,
         accelerator=accelerator,
