@@ -33,6 +33,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--max-request-bytes", type=int, default=16 * 2**20, help="larger request bodies get 413 (default 16 MiB)"
     )
     parser.add_argument(
+        "--max-buffered-bytes",
+        type=int,
+        default=None,
+        help="request bodies held at once, summed over the requests being received or answered: a body that would "
+        "go over it gets 503 with Retry-After, unread (default 4 x --max-request-bytes)",
+    )
+    parser.add_argument(
         "--max-image-pixels",
         type=int,
         default=MAX_IMAGE_PIXELS,
@@ -68,13 +75,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--devices", default="1", help="devices (default 1)")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
-    for name in ("top_k", "max_batch_size", "max_request_bytes", "max_image_pixels"):
-        if getattr(args, name) < 1:
+    for name in ("top_k", "max_batch_size", "max_request_bytes", "max_buffered_bytes", "max_image_pixels"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.read_timeout <= 0 or args.shutdown_timeout <= 0:
         parser.error("--read-timeout and --shutdown-timeout must be > 0 seconds")
     try:
-        from ..serving.server import ChildDied, exposure_warning, resolve_api_key, serve
+        from ..serving.server import ChildDied, buffered_bytes_cap, exposure_warning, resolve_api_key, serve
     except ImportError as err:
         print(f"vpt-serve needs LitServe: pip install 'vpt-lightning[serve]' ({err})", file=sys.stderr)
         return 1
@@ -86,6 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 1
     try:
         api_key = resolve_api_key(args.api_key)
+        max_buffered_bytes = buffered_bytes_cap(args.max_request_bytes, args.max_buffered_bytes)
     except ValueError as err:
         print(f"vpt-serve: error: {err}", file=sys.stderr)
         return 1
@@ -113,6 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             max_batch_size=args.max_batch_size,
             batch_timeout=args.batch_timeout,
             max_request_bytes=args.max_request_bytes,
+            max_buffered_bytes=max_buffered_bytes,
             max_image_pixels=args.max_image_pixels,
             read_timeout=args.read_timeout,
             api_key=api_key,
@@ -121,7 +130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             shutdown_timeout=args.shutdown_timeout,
             accelerator=args.accelerator,
             warn_exposure=False,
-            devices=int(args.devices) if args.devices.isdigit() else args.devices,
+            devices=int(args.devices) if args.devices.isascii() and args.devices.isdigit() else args.devices,
         )
     except ChildDied as err:  # a process of the server died (OOM kill...): the others stopped, a supervisor restarts
         print(f"vpt-serve: error: {err}", file=sys.stderr)

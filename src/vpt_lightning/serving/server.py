@@ -7,7 +7,7 @@ with ``?task=NAME[&top_k=K]`` and an ``image/*`` or ``application/octet-stream``
 LitServe's ``GET /health`` and ``GET /info``. Bad input gets a 4xx with a ``detail`` message: 400 for anything
 malformed, 401 without the API key, 408 for headers or a body not sent within the read timeout
 (:mod:`~vpt_lightning.serving.header_deadline` for the headers), 413 for a body or image over its limit, 415 for
-another content type.
+another content type, 503 (with ``Retry-After``) for a body that would take the bodies held at once over their cap.
 
 Lifecycle: LitServe's ``run`` (the main process) starts a multiprocessing manager, spawns the inference worker(s)
 and forks the uvicorn process(es), then blocks on the manager's shutdown event; it stops them only on a
@@ -46,7 +46,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .demo import UI_PATH
 from .header_deadline import DEFAULT_READ_TIMEOUT, HeaderDeadlineProtocol
-from .images import MAX_IMAGE_PIXELS, ImageError, check_top_k, decode_image, task_transforms, top_k
+from .images import MAX_IMAGE_PIXELS, ImageError, check_top_k, decode_image, parse_top_k, task_transforms, top_k
 from .multitask import MultiTaskClassifier
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,10 @@ RAW_TYPES = ("image/", "application/octet-stream")
 #: the environment variable LitServe reads its API key from (``litserve.server.LIT_SERVER_API_KEY``)
 API_KEY_ENV = "LIT_SERVER_API_KEY"
 API_KEY_HEADER = "X-API-Key"
+#: request bodies of the largest size held at once by default (``--max-buffered-bytes``)
+BUFFERED_REQUESTS = 4
+#: seconds a client refused for lack of body budget (503) is told to wait
+RETRY_AFTER_SECONDS = 1
 
 
 class Sample(NamedTuple):
@@ -244,17 +248,55 @@ def basic_password(authorization: bytes) -> bytes:
     return decoded.partition(b":")[2]
 
 
+class BodyBudget:
+    """The bytes of request bodies this process holds at once (buffered, or answered from), against a cap: a
+    request whose body would go over it is refused, never buffered (one budget per uvicorn process). It counts each
+    body once; the memory they take is a small multiple of that (base64 and JSON copies on the way to the worker)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        """Hold ``size`` more bytes if they fit under the cap; whether they did."""
+        if self.held + size > self.cap:
+            return False
+        self.held += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
+
+
+def content_length(headers: Dict[str, str]) -> Optional[int]:
+    """The ``content-length`` header's value, None without one; :class:`ValueError` unless it is ASCII digits
+    (``str.isdigit`` accepts '²', which ``int`` refuses)."""
+    declared = headers.get("content-length")
+    if declared is None:
+        return None
+    if not (declared.isascii() and declared.isdigit()):
+        raise ValueError(f"content-length {declared[:20]!r} is not a number of bytes")
+    return int(declared)
+
+
 class RequestBodyMiddleware:
     """ASGI middleware for ``POST /predict``: refuses bodies over ``max_bytes`` (413), not received within
-    ``read_timeout`` seconds (408) and malformed JSON (400, deep nesting included), and turns a raw image upload
+    ``read_timeout`` seconds (408), over what ``budget`` lets this process hold at once (503 with ``Retry-After``,
+    without reading them) and malformed JSON (400, deep nesting included), and turns a raw image upload
     (``?task=NAME``) into the JSON body the API reads. Other routes pass through."""
 
     def __init__(
-        self, app: ASGIApp, max_bytes: int, read_timeout: float = DEFAULT_READ_TIMEOUT, path: str = PREDICT_PATH
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        max_buffered_bytes: Optional[int] = None,
+        path: str = PREDICT_PATH,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.read_timeout = read_timeout
+        self.budget = BodyBudget(buffered_bytes_cap(max_bytes, max_buffered_bytes))
         self.path = path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -262,69 +304,111 @@ class RequestBodyMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
+        try:
+            declared = content_length(headers)
+        except ValueError as err:
+            return await _refuse(scope, receive, send, 400, str(err))
+        if declared is not None and declared > self.max_bytes:
             return await _refuse(
                 scope, receive, send, 413, f"request body of {declared} bytes is over {self.max_bytes}"
             )
-        chunks, size, more = [], 0, True
-        deadline = time.monotonic() + self.read_timeout
-        while more:
-            try:
-                message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                return await _refuse(
-                    scope, receive, send, 408, f"request body not received within {self.read_timeout:g} s"
-                )
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_bytes:
-                return await _refuse(scope, receive, send, 413, f"request body is over {self.max_bytes} bytes")
-        body = b"".join(chunks)
-        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type.startswith(RAW_TYPES):
-            query = QueryParams(scope.get("query_string", b"").decode("latin-1"))
-            payload: Dict[str, Any] = {"image": base64.b64encode(body).decode("ascii")}
-            if "task" in query:
-                payload["task"] = query["task"]
-            if "top_k" in query:
-                if not query["top_k"].isdigit():
+        held = 0  # bytes of the budget this request holds: the declared length, or what came so far
+        try:
+            if declared is not None:
+                if not self.budget.take(declared):
+                    return await self._busy(scope, receive, send)
+                held = declared
+            chunks, size, more = [], 0, True
+            deadline = time.monotonic() + self.read_timeout
+            while more:
+                try:
+                    message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
                     return await _refuse(
-                        scope, receive, send, 400, f"top_k={query['top_k']!r} must be a positive integer"
+                        scope, receive, send, 408, f"request body not received within {self.read_timeout:g} s"
                     )
-                payload["top_k"] = int(query["top_k"])
-            body = json.dumps(payload).encode()
-        elif content_type in ("application/json", ""):
+                if message["type"] == "http.disconnect":
+                    return
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                more = message.get("more_body", False)
+                if size > self.max_bytes:
+                    return await _refuse(scope, receive, send, 413, f"request body is over {self.max_bytes} bytes")
+                if size > held:  # a body without content-length (chunked): held as it comes
+                    if not self.budget.take(size - held):
+                        return await self._busy(scope, receive, send)
+                    held = size
             try:
-                json.loads(body)
-            except RecursionError:
-                return await _refuse(scope, receive, send, 400, "malformed JSON body: nested too deeply")
-            except ValueError as err:  # UnicodeDecodeError too
-                return await _refuse(scope, receive, send, 400, f"malformed JSON body: {err}")
-        else:
-            return await _refuse(
-                scope,
-                receive,
-                send,
-                415,
-                f"content type {content_type!r}: send JSON (application/json) or raw image bytes (image/* or "
-                "application/octet-stream)",
-            )
-        new_headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-type", b"content-length")]
-        new_headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        sent = False
+                body = json_body(b"".join(chunks), headers, scope)
+            except HTTPException as err:
+                return await _refuse(scope, receive, send, err.status_code, str(err.detail))
+            del chunks  # one copy of the body held while it is answered
+            await self.app(replace_body(scope, body), replay(body, receive), send)
+        finally:
+            self.budget.give_back(held)
 
-        async def replay() -> Message:
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+    async def _busy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _refuse(
+            scope,
+            receive,
+            send,
+            503,
+            f"the server holds {self.budget.held} bytes of request bodies, and this one would take it over its cap "
+            f"of {self.budget.cap} (--max-buffered-bytes): retry later",
+            {"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
 
-        await self.app({**scope, "headers": new_headers}, replay, send)
+
+def json_body(body: bytes, headers: Dict[str, str], scope: Scope) -> bytes:
+    """The JSON body the API reads: a raw image upload (``image/*``, ``application/octet-stream``) as
+    ``{"image": BASE64, "task": ..., "top_k": ...}`` from the query, JSON as it is once checked; an
+    :class:`HTTPException` (400 malformed, 415 another content type) otherwise."""
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type.startswith(RAW_TYPES):
+        query = QueryParams(scope.get("query_string", b"").decode("latin-1"))
+        payload: Dict[str, Any] = {"image": base64.b64encode(body).decode("ascii")}
+        if "task" in query:
+            payload["task"] = query["task"]
+        if "top_k" in query:
+            try:
+                payload["top_k"] = parse_top_k(query["top_k"])
+            except ValueError as err:
+                raise HTTPException(400, str(err)) from None
+        return json.dumps(payload).encode()
+    if content_type in ("application/json", ""):
+        try:
+            json.loads(body)
+        except RecursionError:
+            raise HTTPException(400, "malformed JSON body: nested too deeply") from None
+        except ValueError as err:  # UnicodeDecodeError too
+            raise HTTPException(400, f"malformed JSON body: {err}") from None
+        return body
+    raise HTTPException(
+        415,
+        f"content type {content_type!r}: send JSON (application/json) or raw image bytes (image/* or "
+        "application/octet-stream)",
+    )
+
+
+def replace_body(scope: Scope, body: bytes) -> Scope:
+    """``scope`` with the headers of a JSON body of ``len(body)`` bytes."""
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-type", b"content-length")]
+    headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return {**scope, "headers": headers}
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """An ASGI ``receive`` that gives ``body`` once, then passes on to ``receive`` (a disconnect)."""
+    sent = False
+
+    async def receive_body() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive_body
 
 
 class ChildDied(RuntimeError):
@@ -390,6 +474,18 @@ def how_it_ended(exitcode: Optional[int]) -> str:
     return f"exited with status {exitcode}"
 
 
+def buffered_bytes_cap(max_request_bytes: int, max_buffered_bytes: Optional[int] = None) -> int:
+    """The cap on request-body bytes held at once: ``max_buffered_bytes``, by default :data:`BUFFERED_REQUESTS`
+    bodies of ``max_request_bytes``; :class:`ValueError` if a body of the largest size would not fit."""
+    cap = BUFFERED_REQUESTS * max_request_bytes if max_buffered_bytes is None else max_buffered_bytes
+    if cap < max_request_bytes:
+        raise ValueError(
+            f"--max-buffered-bytes {cap} is less than --max-request-bytes {max_request_bytes}: no request of the "
+            "largest size could ever be served"
+        )
+    return cap
+
+
 def resolve_api_key(api_key: Optional[str]) -> Optional[str]:
     """``--api-key``, else LitServe's environment variable; both set to different keys is an error."""
     from_env = os.environ.get(API_KEY_ENV) or None
@@ -425,6 +521,7 @@ def build_server(
     max_request_bytes: int = 16 * 2**20,
     max_image_pixels: int = MAX_IMAGE_PIXELS,
     read_timeout: float = DEFAULT_READ_TIMEOUT,
+    max_buffered_bytes: Optional[int] = None,
     api_key: Optional[str] = None,
     docs: bool = False,
     ui: bool = False,
@@ -434,12 +531,18 @@ def build_server(
     timeout: float = 30,
     shutdown_timeout: float = 5,
 ) -> ls.LitServer:
-    """The LitServer: the API, the request-body middleware, the ``/tasks`` route, the API key on every route but
-    ``/health`` (``api_key``), the API docs (only with ``docs``) and the demo page (``ui``, mounted at ``/ui``; it
-    classifies through ``server_url``'s ``/predict``, and with a key the browser asks for it: HTTP Basic
-    authentication, any user name, the key as the password)."""
+    """The LitServer: the API, the request-body middleware (bodies up to ``max_request_bytes``, and
+    ``max_buffered_bytes`` of them at once, default :data:`BUFFERED_REQUESTS` times as much), the ``/tasks`` route,
+    the API key on every route but ``/health`` (``api_key``), the API docs (only with ``docs``) and the demo page
+    (``ui``, mounted at ``/ui``; it classifies through ``server_url``'s ``/predict``, and with a key the browser asks
+    for it: HTTP Basic authentication, any user name, the key as the password)."""
     api = MultiTaskAPI(model, default_top_k, max_batch_size, batch_timeout, max_image_pixels)
-    middlewares: List[Any] = [(RequestBodyMiddleware, {"max_bytes": max_request_bytes, "read_timeout": read_timeout})]
+    body_limits = {
+        "max_bytes": max_request_bytes,
+        "read_timeout": read_timeout,
+        "max_buffered_bytes": buffered_bytes_cap(max_request_bytes, max_buffered_bytes),
+    }
+    middlewares: List[Any] = [(RequestBodyMiddleware, body_limits)]
     if api_key:  # added last: the outermost, so that nothing answers before the key is checked
         middlewares.append((ApiKeyMiddleware, {"api_key": api_key}))
     server = GracefulLitServer(
