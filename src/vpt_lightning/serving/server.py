@@ -63,6 +63,7 @@ API_KEY_HEADER = "X-API-Key"
 BUFFERED_REQUESTS = 4
 #: seconds a client refused for lack of body budget (503) is told to wait
 RETRY_AFTER_SECONDS = 1
+MANAGER_NAME = "LitServe's manager process"
 
 
 class Sample(NamedTuple):
@@ -430,13 +431,15 @@ class GracefulLitServer(ls.LitServer):
         super().__init__(*args, **kwargs)
         self.child_died: Optional[str] = None
         self._watched: List[tuple] = []  # (name, process) of every process the server started
+        self._manager_process: Any = None
         self._stopping = threading.Event()
 
     def _start_worker_monitoring(self, manager, uvicorn_workers) -> None:  # LitServe's hook, called by run()
         self._watched = [("the uvicorn process", w) for w in uvicorn_workers.values() if hasattr(w, "sentinel")]
         self._watched += [("the inference worker", w) for w in self.inference_workers]
-        if getattr(manager, "_process", None) is not None:  # multiprocessing keeps the manager's process there
-            self._watched.append(("LitServe's manager process", manager._process))
+        self._manager_process = getattr(manager, "_process", None)  # where multiprocessing keeps it
+        if self._manager_process is not None:
+            self._watched.append((MANAGER_NAME, self._manager_process))
         threading.Thread(target=self._watch, daemon=True, name="vpt-serve-watch").start()
 
     def _watch(self) -> None:
@@ -454,6 +457,21 @@ class GracefulLitServer(ls.LitServer):
         for name, process in self._watched:
             if self.child_died is None and not process.is_alive():
                 self.child_died = f"{name} (pid {process.pid}) {how_it_ended(process.exitcode)}"
+
+    def lost_manager(self, timeout: float = 5) -> bool:
+        """Whether LitServe's manager process has ended (waiting up to ``timeout`` s), when ``run`` lost its
+        connection to it; :attr:`child_died` then names it, unless another process died first. (``run`` can lose the
+        connection before the manager's exit is seen, so that the shutdown found no process ended.)"""
+        if self._manager_process is None:
+            return False
+        self._manager_process.join(timeout)
+        if self._manager_process.is_alive():
+            return False
+        if self.child_died is None:
+            self.child_died = (
+                f"{MANAGER_NAME} (pid {self._manager_process.pid}) {how_it_ended(self._manager_process.exitcode)}"
+            )
+        return True
 
     def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason: str = "normal") -> None:
         self._note_ended_child()  # before any is stopped on purpose
@@ -659,7 +677,7 @@ def serve(
     except KeyboardInterrupt:  # a signal during start-up, before LitServe's own handling: stop what it started
         _stop_processes(getattr(server, "inference_workers", []))
     except (EOFError, ConnectionError):  # run() waits on LitServe's manager: its connection broke, it died
-        if server.child_died is None:
+        if not server.lost_manager():
             raise
     finally:
         _stop_forked_processes_with_this_one(serving=False)
