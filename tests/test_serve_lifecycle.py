@@ -150,3 +150,53 @@ def test_a_sigkilled_server_leaves_no_process_listening_or_waiting(tmp_path):
         assert_nothing_left(descendants, url, within=10)
     finally:
         stop_server(proc, log)
+
+
+CHILD_NAMES = {
+    "uvicorn": "the uvicorn process",
+    "inference worker": "the inference worker",
+    "manager": "LitServe's manager process",
+}
+
+
+def server_child(proc: subprocess.Popen, which: str):
+    """The server's uvicorn process or LitServe's manager (both forked, so with the server's command line; the
+    manager first), or its inference worker (spawned by multiprocessing)."""
+    children = psutil.Process(proc.pid).children()
+    if which == "inference worker":
+        return next(c for c in children if "spawn_main" in " ".join(c.cmdline()))
+    forked = sorted(
+        (c for c in children if c.cmdline() == psutil.Process(proc.pid).cmdline()), key=lambda c: c.create_time()
+    )
+    assert len(forked) == 2, [c.cmdline() for c in children]
+    return forked[0] if which == "manager" else forked[1]
+
+
+@pytest.mark.parametrize("which", list(CHILD_NAMES))
+def test_a_dead_child_stops_the_server_with_an_error_and_leaves_no_process(tmp_path, which):
+    # an OOM kill of uvicorn left the main process, LitServe's manager and the worker waiting: the port accepted
+    # connections (the main process holds the socket) and nothing answered. A supervisor restarts a server that exits.
+    proc, url, log = start_server(tmp_path)
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+        victim = server_child(proc, which)
+        victim.kill()
+        killed = time.monotonic()
+        try:
+            returncode = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the server still runs 30 s after its {which} died")
+        elapsed = time.monotonic() - killed
+        output = (tmp_path / "server.log").read_text()
+        assert returncode == 1 and elapsed < 15, (returncode, elapsed, output[-3000:])
+        errors = [line for line in output.splitlines() if line.startswith("vpt-serve: error:")]
+        assert errors == [
+            f"vpt-serve: error: {CHILD_NAMES[which]} (pid {victim.pid}) was killed by SIGKILL: the server stopped"
+        ], output[-3000:]
+        # the main process prints no traceback; with the manager gone, LitServe's loop in the inference worker
+        # raises on its broken queue (and prints that) before the worker is stopped
+        worker_tracebacks = output.count("Process inference-worker:\nTraceback") if which == "manager" else 0
+        assert output.count("Traceback") == worker_tracebacks <= 1, output[-3000:]
+        assert_nothing_left(descendants, url, within=10)
+    finally:
+        stop_server(proc, log)

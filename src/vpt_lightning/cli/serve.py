@@ -1,6 +1,7 @@
 """``vpt-serve CKPT... --host 127.0.0.1 --port N``: an HTTP server (LitServe) classifying images with trained tasks
 on one shared backbone; requests of different tasks are batched together. SIGTERM or Ctrl+C stops it gracefully:
-the requests in flight are answered, then every process it started ends."""
+the requests in flight are answered, then every process it started ends. If one of them dies (an OOM kill), the
+others are stopped and it exits with status 1, for a supervisor to restart it."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ API_KEY_ENV, API_KEY_HEADER = "LIT_SERVER_API_KEY", "X-API-Key"  # as in serving
 
 @report_errors("vpt-serve")
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Serve until SIGTERM / Ctrl+C, then end the process with status 0; returns 1 (without serving) on bad
-    arguments or checkpoints."""
+    """Serve until SIGTERM / Ctrl+C, then end the process with status 0, or with status 1 (and one line saying
+    which) when a process of the server died; returns 1 (without serving) on bad arguments or checkpoints."""
     parser = argparse.ArgumentParser(prog="vpt-serve", description=__doc__)
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default %(default)s)")
@@ -30,6 +31,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument(
         "--max-request-bytes", type=int, default=16 * 2**20, help="larger request bodies get 413 (default 16 MiB)"
+    )
+    parser.add_argument(
+        "--max-buffered-bytes",
+        type=int,
+        default=None,
+        help="request bodies held at once, summed over the requests being received or answered: a body that would "
+        "go over it gets 503 with Retry-After, unread (default 4 x --max-request-bytes)",
     )
     parser.add_argument(
         "--max-image-pixels",
@@ -67,13 +75,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--devices", default="1", help="devices (default 1)")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
-    for name in ("top_k", "max_batch_size", "max_request_bytes", "max_image_pixels"):
-        if getattr(args, name) < 1:
+    for name in ("top_k", "max_batch_size", "max_request_bytes", "max_buffered_bytes", "max_image_pixels"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.read_timeout <= 0 or args.shutdown_timeout <= 0:
         parser.error("--read-timeout and --shutdown-timeout must be > 0 seconds")
     try:
-        from ..serving.server import exposure_warning, resolve_api_key, serve
+        from ..serving.server import ChildDied, buffered_bytes_cap, exposure_warning, resolve_api_key, serve
     except ImportError as err:
         print(f"vpt-serve needs LitServe: pip install 'vpt-lightning[serve]' ({err})", file=sys.stderr)
         return 1
@@ -85,6 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 1
     try:
         api_key = resolve_api_key(args.api_key)
+        max_buffered_bytes = buffered_bytes_cap(args.max_request_bytes, args.max_buffered_bytes)
     except ValueError as err:
         print(f"vpt-serve: error: {err}", file=sys.stderr)
         return 1
@@ -101,30 +110,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         + (f" (demo page: http://{args.host}:{args.port}/ui)" if args.ui else ""),
         flush=True,
     )
-    serve(
-        model,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        default_top_k=args.top_k,
-        max_batch_size=args.max_batch_size,
-        batch_timeout=args.batch_timeout,
-        max_request_bytes=args.max_request_bytes,
-        max_image_pixels=args.max_image_pixels,
-        read_timeout=args.read_timeout,
-        api_key=api_key,
-        docs=args.docs,
-        ui=args.ui,
-        shutdown_timeout=args.shutdown_timeout,
-        accelerator=args.accelerator,
-        warn_exposure=False,
-        devices=int(args.devices) if args.devices.isdigit() else args.devices,
-    )
+    status = 0
+    try:
+        serve(
+            model,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            default_top_k=args.top_k,
+            max_batch_size=args.max_batch_size,
+            batch_timeout=args.batch_timeout,
+            max_request_bytes=args.max_request_bytes,
+            max_buffered_bytes=max_buffered_bytes,
+            max_image_pixels=args.max_image_pixels,
+            read_timeout=args.read_timeout,
+            api_key=api_key,
+            docs=args.docs,
+            ui=args.ui,
+            shutdown_timeout=args.shutdown_timeout,
+            accelerator=args.accelerator,
+            warn_exposure=False,
+            devices=int(args.devices) if args.devices.isascii() and args.devices.isdigit() else args.devices,
+        )
+    except ChildDied as err:  # a process of the server died (OOM kill...): the others stopped, a supervisor restarts
+        print(f"vpt-serve: error: {err}", file=sys.stderr)
+        status = 1
     # every process of the server has ended and nothing is left to write: end now. The interpreter's own teardown
     # after LitServe (native code, no Python frame) took ~9 s on a loaded 2-core machine, past a 10 s stop budget.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,18 @@
 
 Upload or drop an image, pick a task (or all of them) and see each task's top classes with their probabilities.
 The page classifies through the server's own ``POST /predict`` (over loopback), so it gets the same batching, limits
-and API key as any client. With an API key set, Gradio's login page asks for it (any user name, the key as the
-password). Nothing is shared publicly (no ``share=True``).
+and API key as any client. With an API key set, every route under ``/ui`` needs it (the server's
+``ApiKeyMiddleware``): the browser asks for it (HTTP Basic authentication: any user name, the key as the
+password). Gradio's own login is not used: it leaves routes open (its heartbeat and upload-progress streams, reset,
+cancel...), so anyone could hold never-ending streams without the key. Nothing is shared publicly (no
+``share=True``).
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -40,7 +43,8 @@ def classify(
     with open(image_path, "rb") as handle:
         data = handle.read()
     headers = {"Content-Type": "application/octet-stream", **({"X-API-Key": api_key} if api_key else {})}
-    request = urllib.request.Request(f"{predict_url}?task={task}&top_k={SHOWN_CLASSES}", data=data, headers=headers)
+    query = urllib.parse.urlencode({"task": task, "top_k": SHOWN_CLASSES})
+    request = urllib.request.Request(f"{predict_url}?{query}", data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
@@ -100,20 +104,15 @@ def mount_demo(
     max_file_bytes: Optional[int] = None,
     path: str = UI_PATH,
 ) -> FastAPI:
-    """Mount the demo page at ``path`` of ``app`` (never shared publicly)."""
+    """Mount the demo page at ``path`` of ``app`` (never shared publicly). It classifies with ``api_key``; the key
+    guarding the page itself is the server's middleware's, on every route under ``path``."""
     import gradio as gr
 
     demo = build_demo(model.task_names, predict_url, api_key)
-
-    def auth(_user: str, password: str) -> bool:
-        return hmac.compare_digest(password.encode(), api_key.encode())
-
     return gr.mount_gradio_app(
         app,
         demo,
         path=path,
-        auth=auth if api_key else None,
-        auth_message="Log in with the server's API key as the password.",
         max_file_size=max_file_bytes,
         footer_links=[],
         run_history=False,

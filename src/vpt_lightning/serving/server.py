@@ -7,7 +7,7 @@ with ``?task=NAME[&top_k=K]`` and an ``image/*`` or ``application/octet-stream``
 LitServe's ``GET /health`` and ``GET /info``. Bad input gets a 4xx with a ``detail`` message: 400 for anything
 malformed, 401 without the API key, 408 for headers or a body not sent within the read timeout
 (:mod:`~vpt_lightning.serving.header_deadline` for the headers), 413 for a body or image over its limit, 415 for
-another content type.
+another content type, 503 (with ``Retry-After``) for a body that would take the bodies held at once over their cap.
 
 Lifecycle: LitServe's ``run`` (the main process) starts a multiprocessing manager, spawns the inference worker(s)
 and forks the uvicorn process(es), then blocks on the manager's shutdown event; it stops them only on a
@@ -28,6 +28,7 @@ import ipaddress
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -43,8 +44,9 @@ from starlette.datastructures import QueryParams
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .demo import UI_PATH
 from .header_deadline import DEFAULT_READ_TIMEOUT, HeaderDeadlineProtocol
-from .images import MAX_IMAGE_PIXELS, ImageError, check_top_k, decode_image, task_transforms, top_k
+from .images import MAX_IMAGE_PIXELS, ImageError, check_top_k, decode_image, parse_top_k, task_transforms, top_k
 from .multitask import MultiTaskClassifier
 
 log = logging.getLogger(__name__)
@@ -52,12 +54,16 @@ log = logging.getLogger(__name__)
 PREDICT_PATH = "/predict"
 TASKS_PATH = "/tasks"
 HEALTH_PATH = "/health"
-UI_PATH = "/ui"
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 RAW_TYPES = ("image/", "application/octet-stream")
 #: the environment variable LitServe reads its API key from (``litserve.server.LIT_SERVER_API_KEY``)
 API_KEY_ENV = "LIT_SERVER_API_KEY"
 API_KEY_HEADER = "X-API-Key"
+#: request bodies of the largest size held at once by default (``--max-buffered-bytes``)
+BUFFERED_REQUESTS = 4
+#: seconds a client refused for lack of body budget (503) is told to wait
+RETRY_AFTER_SECONDS = 1
+MANAGER_NAME = "LitServe's manager process"
 
 
 class Sample(NamedTuple):
@@ -191,48 +197,107 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, detai
 
 
 class ApiKeyMiddleware:
-    """Every HTTP route but ``open_paths`` needs the header ``X-API-Key: KEY`` (401 otherwise), so that routes
-    LitServe does not guard (``/tasks``, the API docs, a demo page) are guarded too."""
+    """Every HTTP and WebSocket route but ``open_paths`` needs the key (401 otherwise): in the header
+    ``X-API-Key: KEY``, or as the password of HTTP Basic authentication (any user name), which a browser asks for
+    itself on the paths under ``browser_prefix`` (the demo page, whose every route is guarded so, its streams too).
+    Routes LitServe does not guard (``/tasks``, the API docs, the demo page) are guarded too."""
 
     def __init__(
-        self, app: ASGIApp, api_key: str, open_paths: Iterable[str] = (HEALTH_PATH,), open_prefixes: Iterable[str] = ()
+        self,
+        app: ASGIApp,
+        api_key: str,
+        open_paths: Iterable[str] = (HEALTH_PATH,),
+        browser_prefix: str = UI_PATH,
     ) -> None:
         self.app = app
         self.api_key = api_key.encode()
         self.open_paths = set(open_paths)
-        self.open_prefixes = tuple(open_prefixes)
+        self.browser_prefix = browser_prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        if path in self.open_paths or (self.open_prefixes and path.startswith(self.open_prefixes)):
-            await self.app(scope, receive, send)
-            return
-        given = dict(scope["headers"]).get(API_KEY_HEADER.lower().encode(), b"")
-        if hmac.compare_digest(given, self.api_key):
+        if scope["type"] not in ("http", "websocket") or scope["path"] in self.open_paths or self.authorized(scope):
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        await _refuse(
-            scope, receive, send, 401, f"missing or wrong {API_KEY_HEADER} header", {"WWW-Authenticate": API_KEY_HEADER}
+        path = scope["path"]
+        for_browser = path == self.browser_prefix or path.startswith(self.browser_prefix + "/")
+        challenge = 'Basic realm="vpt-serve", charset="UTF-8"' if for_browser else API_KEY_HEADER
+        detail = f"missing or wrong {API_KEY_HEADER} header" + (
+            " (or the key as the password of HTTP Basic authentication)" if for_browser else ""
         )
+        await _refuse(scope, receive, send, 401, detail, {"WWW-Authenticate": challenge})
+
+    def authorized(self, scope: Scope) -> bool:
+        """Whether the request carries the key, in ``X-API-Key`` or as a Basic password (compared in constant time)."""
+        headers = dict(scope["headers"])
+        if hmac.compare_digest(headers.get(API_KEY_HEADER.lower().encode(), b""), self.api_key):
+            return True
+        return hmac.compare_digest(basic_password(headers.get(b"authorization", b"")), self.api_key)
+
+
+def basic_password(authorization: bytes) -> bytes:
+    """The password of an ``Authorization: Basic BASE64(USER:PASSWORD)`` header, ``b""`` for any other."""
+    scheme, _, credentials = authorization.partition(b" ")
+    if scheme.lower() != b"basic":
+        return b""
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return b""
+    return decoded.partition(b":")[2]
+
+
+class BodyBudget:
+    """The bytes of request bodies this process holds at once (buffered, or answered from), against a cap: a
+    request whose body would go over it is refused, never buffered (one budget per uvicorn process). It counts each
+    body once; the memory they take is a small multiple of that (base64 and JSON copies on the way to the worker)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        """Hold ``size`` more bytes if they fit under the cap; whether they did."""
+        if self.held + size > self.cap:
+            return False
+        self.held += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
+
+
+def content_length(headers: Dict[str, str]) -> Optional[int]:
+    """The ``content-length`` header's value, None without one; :class:`ValueError` unless it is ASCII digits
+    (``str.isdigit`` accepts '²', which ``int`` refuses)."""
+    declared = headers.get("content-length")
+    if declared is None:
+        return None
+    if not (declared.isascii() and declared.isdigit()):
+        raise ValueError(f"content-length {declared[:20]!r} is not a number of bytes")
+    return int(declared)
 
 
 class RequestBodyMiddleware:
     """ASGI middleware for ``POST /predict``: refuses bodies over ``max_bytes`` (413), not received within
-    ``read_timeout`` seconds (408) and malformed JSON (400, deep nesting included), and turns a raw image upload
+    ``read_timeout`` seconds (408), over what ``budget`` lets this process hold at once (503 with ``Retry-After``,
+    without reading them) and malformed JSON (400, deep nesting included), and turns a raw image upload
     (``?task=NAME``) into the JSON body the API reads. Other routes pass through."""
 
     def __init__(
-        self, app: ASGIApp, max_bytes: int, read_timeout: float = DEFAULT_READ_TIMEOUT, path: str = PREDICT_PATH
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        max_buffered_bytes: Optional[int] = None,
+        path: str = PREDICT_PATH,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.read_timeout = read_timeout
+        self.budget = BodyBudget(buffered_bytes_cap(max_bytes, max_buffered_bytes))
         self.path = path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -240,87 +305,203 @@ class RequestBodyMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
+        try:
+            declared = content_length(headers)
+        except ValueError as err:
+            return await _refuse(scope, receive, send, 400, str(err))
+        if declared is not None and declared > self.max_bytes:
             return await _refuse(
                 scope, receive, send, 413, f"request body of {declared} bytes is over {self.max_bytes}"
             )
-        chunks, size, more = [], 0, True
-        deadline = time.monotonic() + self.read_timeout
-        while more:
-            try:
-                message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                return await _refuse(
-                    scope, receive, send, 408, f"request body not received within {self.read_timeout:g} s"
-                )
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_bytes:
-                return await _refuse(scope, receive, send, 413, f"request body is over {self.max_bytes} bytes")
-        body = b"".join(chunks)
-        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type.startswith(RAW_TYPES):
-            query = QueryParams(scope.get("query_string", b"").decode("latin-1"))
-            payload: Dict[str, Any] = {"image": base64.b64encode(body).decode("ascii")}
-            if "task" in query:
-                payload["task"] = query["task"]
-            if "top_k" in query:
-                if not query["top_k"].isdigit():
+        held = 0  # bytes of the budget this request holds: the declared length, or what came so far
+        try:
+            if declared is not None:
+                if not self.budget.take(declared):
+                    return await self._busy(scope, receive, send)
+                held = declared
+            chunks, size, more = [], 0, True
+            deadline = time.monotonic() + self.read_timeout
+            while more:
+                try:
+                    message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
                     return await _refuse(
-                        scope, receive, send, 400, f"top_k={query['top_k']!r} must be a positive integer"
+                        scope, receive, send, 408, f"request body not received within {self.read_timeout:g} s"
                     )
-                payload["top_k"] = int(query["top_k"])
-            body = json.dumps(payload).encode()
-        elif content_type in ("application/json", ""):
+                if message["type"] == "http.disconnect":
+                    return
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                more = message.get("more_body", False)
+                if size > self.max_bytes:
+                    return await _refuse(scope, receive, send, 413, f"request body is over {self.max_bytes} bytes")
+                if size > held:  # a body without content-length (chunked): held as it comes
+                    if not self.budget.take(size - held):
+                        return await self._busy(scope, receive, send)
+                    held = size
             try:
-                json.loads(body)
-            except RecursionError:
-                return await _refuse(scope, receive, send, 400, "malformed JSON body: nested too deeply")
-            except ValueError as err:  # UnicodeDecodeError too
-                return await _refuse(scope, receive, send, 400, f"malformed JSON body: {err}")
-        else:
-            return await _refuse(
-                scope,
-                receive,
-                send,
-                415,
-                f"content type {content_type!r}: send JSON (application/json) or raw image bytes (image/* or "
-                "application/octet-stream)",
-            )
-        new_headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-type", b"content-length")]
-        new_headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        sent = False
+                body = json_body(b"".join(chunks), headers, scope)
+            except HTTPException as err:
+                return await _refuse(scope, receive, send, err.status_code, str(err.detail))
+            del chunks  # one copy of the body held while it is answered
+            await self.app(replace_body(scope, body), replay(body, receive), send)
+        finally:
+            self.budget.give_back(held)
 
-        async def replay() -> Message:
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+    async def _busy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _refuse(
+            scope,
+            receive,
+            send,
+            503,
+            f"the server holds {self.budget.held} bytes of request bodies, and this one would take it over its cap "
+            f"of {self.budget.cap} (--max-buffered-bytes): retry later",
+            {"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
 
-        await self.app({**scope, "headers": new_headers}, replay, send)
+
+def json_body(body: bytes, headers: Dict[str, str], scope: Scope) -> bytes:
+    """The JSON body the API reads: a raw image upload (``image/*``, ``application/octet-stream``) as
+    ``{"image": BASE64, "task": ..., "top_k": ...}`` from the query, JSON as it is once checked; an
+    :class:`HTTPException` (400 malformed, 415 another content type) otherwise."""
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type.startswith(RAW_TYPES):
+        query = QueryParams(scope.get("query_string", b"").decode("latin-1"))
+        payload: Dict[str, Any] = {"image": base64.b64encode(body).decode("ascii")}
+        if "task" in query:
+            payload["task"] = query["task"]
+        if "top_k" in query:
+            try:
+                payload["top_k"] = parse_top_k(query["top_k"])
+            except ValueError as err:
+                raise HTTPException(400, str(err)) from None
+        return json.dumps(payload).encode()
+    if content_type in ("application/json", ""):
+        try:
+            json.loads(body)
+        except RecursionError:
+            raise HTTPException(400, "malformed JSON body: nested too deeply") from None
+        except ValueError as err:  # UnicodeDecodeError too
+            raise HTTPException(400, f"malformed JSON body: {err}") from None
+        return body
+    raise HTTPException(
+        415,
+        f"content type {content_type!r}: send JSON (application/json) or raw image bytes (image/* or "
+        "application/octet-stream)",
+    )
+
+
+def replace_body(scope: Scope, body: bytes) -> Scope:
+    """``scope`` with the headers of a JSON body of ``len(body)`` bytes."""
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-type", b"content-length")]
+    headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return {**scope, "headers": headers}
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """An ASGI ``receive`` that gives ``body`` once, then passes on to ``receive`` (a disconnect)."""
+    sent = False
+
+    async def receive_body() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive_body
+
+
+class ChildDied(RuntimeError):
+    """A process of the server (uvicorn, an inference worker, LitServe's manager) ended on its own while serving
+    (an OOM kill, a crash): the server stopped, and ``vpt-serve`` exits with an error for its supervisor."""
 
 
 class GracefulLitServer(ls.LitServer):
     """A LitServer whose shutdown answers the requests in flight: the uvicorn processes are stopped first (SIGTERM:
     uvicorn closes its socket and finishes its open requests within ``uvicorn_graceful_timeout``) while the
-    inference workers still run; LitServe then stops the workers and its manager."""
+    inference workers still run; LitServe then stops the workers and its manager.
+
+    It also watches every process it started, in place of LitServe's monitor (which watches the inference workers
+    only and, when one dies, stops the others but leaves ``run`` waiting on the manager it shut down; a dead uvicorn
+    process it does not see: the port went on accepting connections that nobody answered). The first to end on its
+    own stops the server as a shutdown request does; :attr:`child_died` then says which and how."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.child_died: Optional[str] = None
+        self._watched: List[tuple] = []  # (name, process) of every process the server started
+        self._manager_process: Any = None
+        self._stopping = threading.Event()
+
+    def _start_worker_monitoring(self, manager, uvicorn_workers) -> None:  # LitServe's hook, called by run()
+        self._watched = [("the uvicorn process", w) for w in uvicorn_workers.values() if hasattr(w, "sentinel")]
+        self._watched += [("the inference worker", w) for w in self.inference_workers]
+        self._manager_process = getattr(manager, "_process", None)  # where multiprocessing keeps it
+        if self._manager_process is not None:
+            self._watched.append((MANAGER_NAME, self._manager_process))
+        threading.Thread(target=self._watch, daemon=True, name="vpt-serve-watch").start()
+
+    def _watch(self) -> None:
+        multiprocessing.connection.wait([process.sentinel for _, process in self._watched])
+        if self._stopping.is_set():  # stopped on purpose
+            return
+        self._note_ended_child()
+        try:
+            self._shutdown_event.set()  # run() wakes up and shuts the server down
+        except (OSError, EOFError):  # the manager is the one that died: run() woke up on its broken connection
+            pass
+
+    def _note_ended_child(self) -> None:
+        """Set :attr:`child_died` from the first watched process that has ended, if any and not set yet."""
+        for name, process in self._watched:
+            if self.child_died is None and not process.is_alive():
+                self.child_died = f"{name} (pid {process.pid}) {how_it_ended(process.exitcode)}"
+
+    def lost_manager(self, timeout: float = 5) -> bool:
+        """Whether LitServe's manager process has ended (waiting up to ``timeout`` s), when ``run`` lost its
+        connection to it; :attr:`child_died` then names it, unless another process died first. (``run`` can lose the
+        connection before the manager's exit is seen, so that the shutdown found no process ended.)"""
+        if self._manager_process is None:
+            return False
+        self._manager_process.join(timeout)
+        if self._manager_process.is_alive():
+            return False
+        if self.child_died is None:
+            self.child_died = (
+                f"{MANAGER_NAME} (pid {self._manager_process.pid}) {how_it_ended(self._manager_process.exitcode)}"
+            )
+        return True
 
     def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason: str = "normal") -> None:
-        for worker in uvicorn_workers.values():
-            if hasattr(worker, "terminate") and worker.is_alive():
-                worker.terminate()
-        for worker in uvicorn_workers.values():
-            worker.join(timeout=self.uvicorn_graceful_timeout + 1)
-            if worker.is_alive() and hasattr(worker, "kill"):
-                log.warning("uvicorn process %s did not stop in time: killing it", worker.pid)
-                worker.kill()
-                worker.join(timeout=2)
+        self._note_ended_child()  # before any is stopped on purpose
+        self._stopping.set()
+        _stop_processes(
+            [w for w in uvicorn_workers.values() if hasattr(w, "terminate")], timeout=self.uvicorn_graceful_timeout + 1
+        )
         super()._perform_graceful_shutdown(manager, {}, shutdown_reason)
+
+
+def how_it_ended(exitcode: Optional[int]) -> str:
+    """``"was killed by SIGKILL"``, ``"exited with status 1"`` (a process's ``exitcode``)."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with status {exitcode}"
+
+
+def buffered_bytes_cap(max_request_bytes: int, max_buffered_bytes: Optional[int] = None) -> int:
+    """The cap on request-body bytes held at once: ``max_buffered_bytes``, by default :data:`BUFFERED_REQUESTS`
+    bodies of ``max_request_bytes``; :class:`ValueError` if a body of the largest size would not fit."""
+    cap = BUFFERED_REQUESTS * max_request_bytes if max_buffered_bytes is None else max_buffered_bytes
+    if cap < max_request_bytes:
+        raise ValueError(
+            f"--max-buffered-bytes {cap} is less than --max-request-bytes {max_request_bytes}: no request of the "
+            "largest size could ever be served"
+        )
+    return cap
 
 
 def resolve_api_key(api_key: Optional[str]) -> Optional[str]:
@@ -358,6 +539,7 @@ def build_server(
     max_request_bytes: int = 16 * 2**20,
     max_image_pixels: int = MAX_IMAGE_PIXELS,
     read_timeout: float = DEFAULT_READ_TIMEOUT,
+    max_buffered_bytes: Optional[int] = None,
     api_key: Optional[str] = None,
     docs: bool = False,
     ui: bool = False,
@@ -367,14 +549,20 @@ def build_server(
     timeout: float = 30,
     shutdown_timeout: float = 5,
 ) -> ls.LitServer:
-    """The LitServer: the API, the request-body middleware, the ``/tasks`` route, the API key on every route but
-    ``/health`` (``api_key``), the API docs (only with ``docs``) and the demo page (``ui``, mounted at ``/ui``; it
-    classifies through ``server_url``'s ``/predict``, and with a key Gradio's login page asks for it)."""
+    """The LitServer: the API, the request-body middleware (bodies up to ``max_request_bytes``, and
+    ``max_buffered_bytes`` of them at once, default :data:`BUFFERED_REQUESTS` times as much), the ``/tasks`` route,
+    the API key on every route but ``/health`` (``api_key``), the API docs (only with ``docs``) and the demo page
+    (``ui``, mounted at ``/ui``; it classifies through ``server_url``'s ``/predict``, and with a key the browser asks
+    for it: HTTP Basic authentication, any user name, the key as the password)."""
     api = MultiTaskAPI(model, default_top_k, max_batch_size, batch_timeout, max_image_pixels)
-    middlewares: List[Any] = [(RequestBodyMiddleware, {"max_bytes": max_request_bytes, "read_timeout": read_timeout})]
+    body_limits = {
+        "max_bytes": max_request_bytes,
+        "read_timeout": read_timeout,
+        "max_buffered_bytes": buffered_bytes_cap(max_request_bytes, max_buffered_bytes),
+    }
+    middlewares: List[Any] = [(RequestBodyMiddleware, body_limits)]
     if api_key:  # added last: the outermost, so that nothing answers before the key is checked
-        open_ui = {"open_paths": (HEALTH_PATH, UI_PATH), "open_prefixes": (UI_PATH + "/",)} if ui else {}
-        middlewares.append((ApiKeyMiddleware, {"api_key": api_key, **open_ui}))
+        middlewares.append((ApiKeyMiddleware, {"api_key": api_key}))
     server = GracefulLitServer(
         api,
         accelerator=accelerator,
@@ -446,8 +634,9 @@ def serve(
     **server_options: Any,
 ) -> None:
     """Build the server and run it until SIGTERM or SIGINT (Ctrl+C), then stop it gracefully: the requests in
-    flight are answered, every process it started has ended when this returns. Warns when ``host`` is not a
-    loopback address and no API key is set."""
+    flight are answered, every process it started has ended when this returns. When one of them ends on its own
+    (uvicorn, an inference worker, LitServe's manager), the others are stopped and :class:`ChildDied` says which.
+    Warns when ``host`` is not a loopback address and no API key is set."""
     server_options["api_key"] = resolve_api_key(server_options.get("api_key"))
     warning = exposure_warning(host, server_options["api_key"])
     if warning and warn_exposure:
@@ -487,17 +676,25 @@ def serve(
         )
     except KeyboardInterrupt:  # a signal during start-up, before LitServe's own handling: stop what it started
         _stop_processes(getattr(server, "inference_workers", []))
+    except (EOFError, ConnectionError):  # run() waits on LitServe's manager: its connection broke, it died
+        if not server.lost_manager():
+            raise
     finally:
         _stop_forked_processes_with_this_one(serving=False)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if server.child_died:
+        raise ChildDied(f"{server.child_died}: the server stopped")
 
 
 def _stop_processes(processes: Iterable[Any], timeout: float = 5) -> None:
+    """SIGTERM to each of ``processes``, then SIGKILL to each still alive ``timeout`` seconds later."""
     for process in processes:
         if process.is_alive():
             process.terminate()
     for process in processes:
         process.join(timeout=timeout)
         if process.is_alive():
+            log.warning("process %s did not stop within %g s: killing it", process.pid, timeout)
             process.kill()
+            process.join(timeout=2)
