@@ -521,3 +521,15 @@ def test_synthetic_counts_and_sizes_are_checked_naming_the_key(kwargs, message):
         final = module(split="final", num_train=4, num_val=0, num_test=2)  # 'final' trains on train + val
         final.setup()
         assert len(final.train_dataset) == 4 and final.val_dataset is None
+
+
+def test_non_ascii_digit_labels_are_names_not_numbers(tmp_path):
+    """'²'.isdigit() is True but int('²') fails: a label or class folder named so is a class name, never a crash."""
+    write_csv(tmp_path, "train.csv", ["a", "²"] * 3)
+    dm = FolderDataModule(str(tmp_path), train_list="train.csv", val_fraction=0.34, num_workers=0, img_size=8)
+    assert dm.classes == ["a", "²"]
+    (tmp_path / "list.txt").write_text("imgs/0.png ²\n")
+    from vpt_lightning.data.datasets import read_list_file
+
+    with pytest.raises(DataError, match="expected 'relative/path label'"):
+        read_list_file(tmp_path / "list.txt", tmp_path, num_classes=2)

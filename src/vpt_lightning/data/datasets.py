@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -34,7 +35,7 @@ def read_list_file(list_file: Path, image_dir: Path, num_classes: int) -> List[S
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+        if len(parts) != 2 or not re.fullmatch(r"-?[0-9]+", parts[1]):
             raise DataError(f"{list_file}:{number}: expected 'relative/path label', got {line!r}")
         path, label = image_dir / parts[0], int(parts[1])
         if not 0 <= label < num_classes:

@@ -53,7 +53,7 @@ def read_csv_list(path: Path, classes: Optional[List[str]] = None) -> Tuple[List
     labels = {label for _, _, label in rows}
     if classes is None and labels and all(INTEGER.fullmatch(label) for label in labels):
         classes = [str(i) for i in range(max(0, max(int(label) for label in labels)) + 1)]
-    names = classes or sorted(labels, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    names = classes or sorted(labels, key=lambda s: (0, int(s), s) if INTEGER.fullmatch(s) else (1, 0, s))
     ids = names == [str(i) for i in range(len(names))]  # class ids: "02" is class 2
     index = {name: i for i, name in enumerate(names)}
     samples = []

@@ -8,6 +8,7 @@ builder version VTAB-1k used (noted per reader), read in the ``tensorflow_datase
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Dict, List
 
@@ -181,7 +182,7 @@ def read_pets(source: Path) -> Splits:
             parts = line.split()
             if not parts or line.startswith("#"):
                 continue
-            if len(parts) != 4 or not parts[1].isdigit():
+            if len(parts) != 4 or not re.fullmatch("[0-9]+", parts[1]):
                 raise DataError(f"{path}:{number}: expected 'name class_id species breed_id', got {line!r}")
             names.append(parts[0] + ".jpg")
             labels.append(int(parts[1]) - 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -162,7 +163,7 @@ def _read_label_csv(path: Path, usage: str = "") -> List[Tuple[str, int]]:
         for number, row in enumerate(reader, start=2):
             if usage and row["Usage"] != usage:
                 continue
-            if not row["level"].isdigit() or not 0 <= int(row["level"]) <= 4:
+            if not re.fullmatch("[0-9]", row["level"]) or not 0 <= int(row["level"]) <= 4:
                 raise DataError(f"{path}:{number}: level {row['level']!r} is not a grade 0-4")
             rows.append((row["image"], int(row["level"])))
     return rows
