@@ -15,7 +15,6 @@ with it and what to do; none of them counts as a failed training run.
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 from pathlib import Path
@@ -25,6 +24,8 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
+
+from .regular_files import RefusedFileError, read_json_file
 
 log = logging.getLogger(__name__)
 RUN_CONFIG_KEY = "vpt_run_config"
@@ -119,15 +120,20 @@ class RecordRunConfig(Callback):
 
 # ---- reading a run folder's files -------------------------------------------------------------------------
 def read_results(path: Path) -> Dict[str, Any]:
-    """A finished run's ``results.json``; :class:`UnreadableFileError` naming it when it is not readable JSON."""
+    """A finished run's ``results.json``; :class:`UnreadableFileError` naming it when it is not readable JSON, or
+    not a regular file of at most :data:`~vpt_lightning.regular_files.MAX_SMALL_FILE_BYTES` (a FIFO, a device:
+    never read)."""
     path = Path(path)
     try:
-        result = json.loads(path.read_text())
+        result = read_json_file(path)
         if not isinstance(result, dict):
             raise ValueError(f"a JSON {type(result).__name__}, not an object")
-    except (OSError, ValueError) as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except RefusedFileError as err:
+        raise UnreadableFileError(f"{err}; {RESTART_HINT}", path) from None
+    except (OSError, ValueError) as err:  # read_json_file's error comes from the decoder's (its cause)
+        reason = err.__cause__ or err
         raise UnreadableFileError(
-            f"{str(path)!r} is not a readable results file ({type(err).__name__}: {err}); it was damaged or cut "
+            f"{str(path)!r} is not a readable results file ({type(reason).__name__}: {reason}); it was damaged or cut "
             f"short, so the run it stands for cannot be reused. Delete it to run that job again ({RESTART_HINT}).",
             path,
         ) from err

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
-import json
 import logging
 import math
 import shutil
@@ -41,6 +40,7 @@ from .integrity import (
 from .locking import LOCK_FILE, folder_lock
 from .methods import get_method
 from .nonfinite import NonFiniteLossError
+from .regular_files import read_json_file
 from .search import optuna_sweep, search_kind
 from .training import RESULTS_FILE, last_checkpoint, parse_configs, result_config, train
 
@@ -304,11 +304,17 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
 
 
 def find_summaries(dirs: Sequence[Path]) -> List[Dict[str, Any]]:
-    """Every ``summary.json`` below ``dirs``."""
+    """Every ``summary.json`` below ``dirs`` (each a regular file of at most
+    :data:`~vpt_lightning.regular_files.MAX_SMALL_FILE_BYTES` holding a JSON object; anything else is an error
+    naming it, never read)."""
     found = []
     for root in dirs:
         root = Path(root)
         if not root.exists():
             raise FileNotFoundError(f"{str(root)!r} does not exist")
-        found += [{**json.loads(p.read_text()), "path": str(p)} for p in sorted(root.rglob(SUMMARY_FILE))]
+        for path in sorted(root.rglob(SUMMARY_FILE)):
+            summary = read_json_file(path)
+            if not isinstance(summary, dict):
+                raise ValueError(f"{str(path)!r} holds a JSON {type(summary).__name__}, not a vpt-tune summary")
+            found.append({**summary, "path": str(path)})
     return found
