@@ -15,10 +15,14 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from conftest import Payload, save_task_checkpoint, write_image
+from conftest import TINY_RUN, Payload, make_vit, save_task_checkpoint, write_image
 
 from vpt_lightning.cli.viz import main as vpt_viz
+from vpt_lightning.config import compose
+from vpt_lightning.integrity import ConfigMismatchError
+from vpt_lightning.protocol import run_protocol
 
 pytest.importorskip("sklearn")
 
@@ -302,3 +306,45 @@ def test_report_csv_escapes_the_names_a_summary_gives(tmp_path, capsys):
     with open(folder / "report.csv", newline="") as handle:
         (row,) = list(csv.DictReader(handle))
     assert row["task"] == "'" + task and row["tuning"] == "'" + tuning and row["test_top1_mean"] == "60.00"
+
+
+# ---- finding 7: vpt-tune reused runs of another backbone saved under the same path --------------------------------
+def test_vpt_tune_never_mixes_runs_of_two_backbones_under_one_path(tmp_path):
+    weights = tmp_path / "backbone.pth"
+    torch.save(make_vit(seed=0, depth=2).state_dict(), weights)
+    grid = [*TINY_RUN, f"backbone.checkpoint_path={weights}", "protocol.base_lr=[1]", "protocol.weight_decay=[0]"]
+    out = tmp_path / "protocol"
+    first = run_protocol(compose([*grid, "protocol.seeds=[42]"], config_name="tune"), out)
+    seed42 = out / "final" / "lr1_wd0" / "seed42" / "results.json"
+    # another backbone saved over the same file: same config, other weights
+    torch.save(make_vit(seed=1, depth=2).state_dict(), weights)
+    both_seeds = compose([*grid, "protocol.seeds=[42,43]"], config_name="tune")
+    with pytest.raises(ConfigMismatchError, match=r"sweep/lr1_wd0/results.json' was trained on another backbone") as e:
+        run_protocol(both_seeds, out)
+    recorded = json.loads(seed42.read_text())["backbone_identity"]
+    assert "fingerprint: " in str(e.value) and repr(recorded["fingerprint"]) in str(e.value)
+    assert "--force" in str(e.value)
+    assert not (out / "final" / "lr1_wd0" / "seed43").exists()  # nothing ran on the mixed set-up
+    # --force (protocol.restart=true) reruns them on the current backbone: every run of the summary on one backbone
+    forced = compose([*grid, "protocol.seeds=[42,43]", "protocol.restart=true"], config_name="tune")
+    summary = run_protocol(forced, out)
+    identities = {json.loads(p.read_text())["backbone_identity"]["fingerprint"] for p in out.rglob("results.json")}
+    assert len(identities) == 1 and identities != {recorded["fingerprint"]}
+    assert set(summary["test_top1_per_seed"]) == {"42", "43"} and first["test_top1_per_seed"].keys() == {"42"}
+
+
+def test_an_interrupted_run_on_another_backbone_is_not_resumed(tmp_path):
+    weights = tmp_path / "backbone.pth"
+    torch.save(make_vit(seed=0, depth=2).state_dict(), weights)
+    grid = [*TINY_RUN, f"backbone.checkpoint_path={weights}", "protocol.base_lr=[1]", "protocol.weight_decay=[0]"]
+    cfg = compose([*grid, "protocol.seeds=[42]"], config_name="tune")
+    out = tmp_path / "protocol"
+    run_protocol(cfg, out)
+    for done in [*out.rglob("results.json"), out / "summary.json"]:
+        done.unlink()  # every run stopped after its last checkpoint, before its results were written
+    torch.save(make_vit(seed=1, depth=2).state_dict(), weights)
+    with pytest.raises(ConfigMismatchError, match=r"sweep/lr1_wd0/checkpoints/last.ckpt' was trained on another"):
+        run_protocol(cfg, out)
+    forced = compose([*grid, "protocol.seeds=[42]", "protocol.restart=true"], config_name="tune")
+    run_protocol(forced, out)  # --force: trained afresh on the current backbone
+    assert len({json.loads(p.read_text())["backbone_identity"]["fingerprint"] for p in out.rglob("results.json")}) == 1
