@@ -60,7 +60,10 @@ def read_run_config(run_dir: os.PathLike) -> Dict[str, Any]:
 
 
 def is_interpolation(value: Any) -> bool:
-    """Whether ``value`` is an OmegaConf interpolation (``${...}``), which a run folder's value never is to us."""
+    """Whether ``value`` is (or is a list holding) an OmegaConf interpolation (``${...}``), which is never resolved
+    from a run folder."""
+    if isinstance(value, list):
+        return any(is_interpolation(item) for item in value)
     return isinstance(value, str) and "${" in value
 
 
@@ -148,7 +151,10 @@ def checked_value(cls: type, key: str, value: Any, where: str) -> Any:
 
     reason = _not_plain(value)
     if reason is not None:
-        raise ValueError(f"{where}: {reason}, not a plain value (values of a run folder are data: nothing is built)")
+        raise ValueError(
+            f"{where}: {reason}, not a plain value (a number, a string, a boolean, null or a list of those: "
+            "nothing in a config is built)"
+        )
     try:
         merged = OmegaConf.merge(_schema(cls), {key: value})
     except ConfigKeyError:
