@@ -258,3 +258,30 @@ def test_a_folder_or_file_that_is_no_task_source_says_what_it_is_and_what_is_exp
         r"'vpt_dep' \(run folders there: \['vpt_deep/final/lr1_wd0/seed42'\]\)",
     ):
         read_task("count/protocol/vpt_dep")
+
+
+def test_text_a_spreadsheet_would_run_is_escaped_in_predictions_csv(tmp_path):
+    """A task's class names come from its file: written as cells that start with a formula character, a spreadsheet
+    opening predictions.csv would run them (=HYPERLINK sends data away); they start with a single quote instead."""
+    names = ['=HYPERLINK("http://127.0.0.1:9/?q="&A1,"open")', "+1+2", "-3", "@SUM(A1)", "\tTAB", "\rCR", "safe"]
+    torch.manual_seed(0)
+    task = save_task_checkpoint(tmp_path / "task.ckpt", num_classes=len(names), class_names=names)
+    write_image(tmp_path / "images" / "a.png", seed=0, size=(32, 32))
+    out = tmp_path / "predictions.csv"
+    args = [str(task), "--images", str(tmp_path / "images"), "--out", str(out), "--top-k", str(len(names))]
+    assert main([*args, "--no-progress-bar"]) == 0
+    (row,) = read_rows(out)
+    written = sorted(row[f"class_{r}"] for r in range(1, len(names) + 1))
+    assert written == sorted(("'" + n if n[0] in "=+-@\t\r" else n) for n in names)
+    assert 0 < float(row["probability_1"]) <= 1  # numbers stay numbers
+
+
+def test_a_csv_field_over_the_csv_limit_is_a_one_line_error(tasks, tmp_path, capsys):
+    root, count, _ = tasks
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"path\nimages/0.png\n{'x' * 200_000}.png\n")
+    out = tmp_path / "out.csv"
+    assert main([str(count), "--images", str(listing), "--out", str(out), "--no-progress-bar"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("vpt-predict: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{str(listing)!r}: line 3: field larger than field limit" in err and not out.exists()

@@ -136,7 +136,7 @@ def test_report_means_only_over_complete_sets_and_shows_missing(tmp_path):
     assert {r["tuning"] for r in rows} == {"vpt_deep", "linear"} and len(rows) - len(task_rows) == 6 * 2  # aggregates
     assert "| vtab_resisc45 | — | — | 68.6 | 83.4 |" in markdown  # a task with no result is a row, shown missing
     paths = write_report(summaries, tmp_path)
-    assert paths["png"].stat().st_size > 1000 and paths["csv"].read_text() == table
+    assert paths["png"].stat().st_size > 1000 and paths["csv"].read_bytes() == table.encode()  # CRLF as written
 
 
 # ---- robustness of the protocol ---------------------------------------------------------------------------

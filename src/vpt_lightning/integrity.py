@@ -11,11 +11,14 @@ with it and what to do; none of them counts as a failed training run.
   config. :func:`check_resume` compares it with the resuming job's before anything is restored.
 - Checkpoints are read with ``torch.load(weights_only=True)`` (:func:`load_checkpoint`): tensors and plain Python
   values only, so a crafted file is refused before any of its code can run.
+- The config names the backbone's weights file by its path, which may hold other weights by now: every run records
+  the backbone's identity (``backbone_identity`` in ``results.json``, ``vpt_backbone_identity`` in its checkpoints:
+  :func:`vpt_lightning.backbones.identity.backbone_identity`), and :func:`check_same_backbone` /
+  :func:`check_resume` compare it with the job's current backbone, so that runs on two backbones never mix.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 from pathlib import Path
@@ -26,8 +29,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
 
+from .backbones.identity import identity_differences
+from .checkpoint import IDENTITY_KEY
+from .regular_files import RefusedFileError, read_json_file
+
 log = logging.getLogger(__name__)
 RUN_CONFIG_KEY = "vpt_run_config"
+# where a finished run's results.json records the identity of the backbone it trained on (a checkpoint: under
+# vpt_lightning.checkpoint.IDENTITY_KEY, written by VPTModule.on_save_checkpoint)
+RESULTS_IDENTITY_KEY = "backbone_identity"
 RESTART_HINT = "vpt-tune: --force (or protocol.restart=true) starts that run afresh"
 
 
@@ -119,19 +129,48 @@ class RecordRunConfig(Callback):
 
 # ---- reading a run folder's files -------------------------------------------------------------------------
 def read_results(path: Path) -> Dict[str, Any]:
-    """A finished run's ``results.json``; :class:`UnreadableFileError` naming it when it is not readable JSON."""
+    """A finished run's ``results.json``; :class:`UnreadableFileError` naming it when it is not readable JSON, or
+    not a regular file of at most :data:`~vpt_lightning.regular_files.MAX_SMALL_FILE_BYTES` (a FIFO, a device:
+    never read)."""
     path = Path(path)
     try:
-        result = json.loads(path.read_text())
+        result = read_json_file(path)
         if not isinstance(result, dict):
             raise ValueError(f"a JSON {type(result).__name__}, not an object")
-    except (OSError, ValueError) as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except RefusedFileError as err:
+        raise UnreadableFileError(f"{err}; {RESTART_HINT}", path) from None
+    except (OSError, ValueError) as err:  # read_json_file's error comes from the decoder's (its cause)
+        reason = err.__cause__ or err
         raise UnreadableFileError(
-            f"{str(path)!r} is not a readable results file ({type(err).__name__}: {err}); it was damaged or cut "
+            f"{str(path)!r} is not a readable results file ({type(reason).__name__}: {reason}); it was damaged or cut "
             f"short, so the run it stands for cannot be reused. Delete it to run that job again ({RESTART_HINT}).",
             path,
         ) from err
     return result
+
+
+def backbone_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> List[str]:
+    """What decides a backbone (weights fingerprint, width, depth, architecture) and differs between the identity a
+    run recorded and the job's current one, compared as plain values (``results.json`` holds lists for tuples)."""
+    return identity_differences(_plain(recorded), _plain(current))
+
+
+def check_same_backbone(recorded: Optional[Mapping[str, Any]], current: Mapping[str, Any], path: Path) -> None:
+    """Refuse a run's file (``path``: its ``results.json`` or checkpoint) made on another backbone than the job's
+    (``current``, :func:`vpt_lightning.backbones.identity.backbone_identity`): the config names the weights file by
+    its path, so other weights under the same path would otherwise be mixed in silently. A file of an older version,
+    without a recorded identity, is reused with a warning."""
+    if not isinstance(recorded, Mapping):
+        log.warning("%s records no backbone identity (written by an older version): reused unchecked", path)
+        return
+    diffs = backbone_differences(recorded, current)
+    if diffs:
+        raise ConfigMismatchError(
+            f"{str(path)!r} was trained on another backbone than the job's ({describe_differences(diffs)}); the "
+            f"backbone's weights changed under the same config (e.g. another file at backbone.checkpoint_path), so "
+            f"that run is not reused. {RESTART_HINT} on the current backbone.",
+            Path(path),
+        )
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
@@ -177,8 +216,14 @@ def _unreadable(path: Path, err: BaseException) -> UnreadableFileError:
     )
 
 
-def check_resume(path: Path, config: Mapping[str, Any], ignore: Iterable[str] = ()) -> Dict[str, Any]:
-    """Load the checkpoint a job resumes from and refuse it when another configuration wrote it.
+def check_resume(
+    path: Path,
+    config: Mapping[str, Any],
+    ignore: Iterable[str] = (),
+    backbone_identity: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Load the checkpoint a job resumes from and refuse it when another configuration wrote it, or (given the job's
+    ``backbone_identity``) when it was trained on another backbone (:func:`check_same_backbone`).
 
     ``config`` is the job's result-determining config (:func:`vpt_lightning.training.result_config`); keys in
     ``ignore`` may differ (e.g. ``trainer.max_epochs`` to train an explicitly resumed run for longer). A checkpoint
@@ -188,9 +233,18 @@ def check_resume(path: Path, config: Mapping[str, Any], ignore: Iterable[str] = 
     record = checkpoint.get(RUN_CONFIG_KEY)
     if not isinstance(record, Mapping) or not isinstance(record.get("result"), Mapping):
         log.warning("%s records no run config (written by an older version): resuming it unchecked", path)
-        return checkpoint
-    ignored, config = list(ignore), _plain(config)  # as it was recorded
-    diffs = config_differences(record["result"], config, ignored)
+    else:
+        _check_recorded_config(path, record["result"], config, list(ignore))
+    if backbone_identity is not None:
+        check_same_backbone(checkpoint.get(IDENTITY_KEY), backbone_identity, path)
+    return checkpoint
+
+
+def _check_recorded_config(
+    path: Path, recorded: Mapping[str, Any], config: Mapping[str, Any], ignored: List[str]
+) -> None:
+    config = _plain(config)  # as it was recorded
+    diffs = config_differences(recorded, config, ignored)
     if diffs:
         raise ConfigMismatchError(
             f"the checkpoint {str(path)!r} was written by a run of another configuration "
@@ -198,11 +252,10 @@ def check_resume(path: Path, config: Mapping[str, Any], ignore: Iterable[str] = 
             f"or start afresh: vpt-train: another run_name (or ckpt_path=null); {RESTART_HINT}.",
             Path(path),
         )
-    changed = config_differences(record["result"], config) if ignored else []
+    changed = config_differences(recorded, config) if ignored else []
     if changed:
         log.warning(
             "resuming %s with %s: the result differs from a run made so from the start",
             path,
             describe_differences(changed),
         )
-    return checkpoint

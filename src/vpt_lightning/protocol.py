@@ -6,9 +6,11 @@ averaged over seeds. Every run has its own folder; a run with ``results.json`` i
 half-way resumes from its ``checkpoints/last.ckpt``. Runs that diverge (non-finite loss) or run out of memory are
 never selected.
 
-Nothing is reused that does not fit: a finished run or a checkpoint of another configuration, an unreadable
-``results.json`` and a truncated or unsafe checkpoint each stop the protocol with an error naming the file and the
-difference (:mod:`vpt_lightning.integrity`); ``protocol.restart=true`` (``vpt-tune --force``) starts such a run
+Nothing is reused that does not fit: a finished run or a checkpoint of another configuration or of another backbone
+(other weights under the same ``backbone.checkpoint_path``: runs record the backbone's identity, which is compared
+with the job's, computed once per backbone config and weights file), an unreadable ``results.json`` and a truncated
+or unsafe checkpoint each stop the protocol with an error naming the file and the difference
+(:mod:`vpt_lightning.integrity`); ``protocol.restart=true`` (``vpt-tune --force``) starts such a run
 afresh instead. One process at a time works in a protocol folder and in each run folder (:mod:`vpt_lightning.locking`).
 """
 
@@ -29,11 +31,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .atomic import remove_stale_temp_files, write_json_atomic, write_text_atomic
+from .backbones import BackboneConfig, create_backbone
 from .integrity import (
     RESTART_HINT,
+    RESULTS_IDENTITY_KEY,
     ConfigMismatchError,
     RunIntegrityError,
     check_resume,
+    check_same_backbone,
     config_differences,
     describe_differences,
     read_results,
@@ -41,6 +46,7 @@ from .integrity import (
 from .locking import LOCK_FILE, folder_lock
 from .methods import get_method
 from .nonfinite import NonFiniteLossError
+from .regular_files import read_json_file
 from .search import optuna_sweep, search_kind
 from .training import RESULTS_FILE, last_checkpoint, parse_configs, result_config, train
 
@@ -147,20 +153,40 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: Dict[str, Any], train_fn: Ca
 
 
 def _reusable_result(job: DictConfig, run_dir: Path) -> Optional[Dict[str, Any]]:
-    """The finished result of ``run_dir`` if it has one of the job's config (else ``None``: train or resume it).
+    """The finished result of ``run_dir`` if it has one of the job's config and backbone (else ``None``: train or
+    resume it).
 
     Raises :class:`~vpt_lightning.integrity.RunIntegrityError` naming the file for an unreadable ``results.json``,
-    a finished run of another config, and a checkpoint that is unreadable, unsafe or of another config.
+    a finished run of another config or backbone, and a checkpoint that is unreadable, unsafe or of another config
+    or backbone.
     """
     done = run_dir / RESULTS_FILE
-    if done.is_file():
+    if done.exists():
         result = read_results(done)
         if "config" in result:
             check_same_config(result["config"], result_config(job), done)
+        check_same_backbone(result.get(RESULTS_IDENTITY_KEY), current_backbone_identity(job.backbone), done)
         return result
     if job.ckpt_path is not None:
-        check_resume(Path(job.ckpt_path), result_config(job))
+        check_resume(Path(job.ckpt_path), result_config(job), backbone_identity=current_backbone_identity(job.backbone))
     return None
+
+
+def current_backbone_identity(backbone: Any) -> Dict[str, Any]:
+    """The identity of the backbone a ``backbone`` config builds now (its weights file as it is now), built once per
+    config and file state in a process (a ``vpt-tune`` invocation), not once per run."""
+    config = BackboneConfig.parse(backbone).to_dict()
+    weights = config.get("checkpoint_path")
+    state = None
+    if weights and Path(weights).expanduser().is_file():
+        info = Path(weights).expanduser().stat()
+        state = (info.st_size, info.st_mtime_ns, info.st_ino)
+    return _backbone_identity(json.dumps(config, sort_keys=True, default=str), state)
+
+
+@functools.lru_cache(maxsize=8)
+def _backbone_identity(config: str, weights_state: Any) -> Dict[str, Any]:
+    return create_backbone(json.loads(config))[1]
 
 
 def clear_run_folder(run_dir: Path) -> None:
@@ -304,11 +330,17 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
 
 
 def find_summaries(dirs: Sequence[Path]) -> List[Dict[str, Any]]:
-    """Every ``summary.json`` below ``dirs``."""
+    """Every ``summary.json`` below ``dirs`` (each a regular file of at most
+    :data:`~vpt_lightning.regular_files.MAX_SMALL_FILE_BYTES` holding a JSON object; anything else is an error
+    naming it, never read)."""
     found = []
     for root in dirs:
         root = Path(root)
         if not root.exists():
             raise FileNotFoundError(f"{str(root)!r} does not exist")
-        found += [{**json.loads(p.read_text()), "path": str(p)} for p in sorted(root.rglob(SUMMARY_FILE))]
+        for path in sorted(root.rglob(SUMMARY_FILE)):
+            summary = read_json_file(path)
+            if not isinstance(summary, dict):
+                raise ValueError(f"{str(path)!r} holds a JSON {type(summary).__name__}, not a vpt-tune summary")
+            found.append({**summary, "path": str(path)})
     return found

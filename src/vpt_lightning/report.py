@@ -13,17 +13,17 @@ The table is built once (:func:`results_table`, a :class:`ResultsTable`) and wri
 
 from __future__ import annotations
 
-import csv
-import io
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .atomic import atomic_path, write_text_atomic
+from .csv_files import csv_text, write_csv_atomic
 from .data.registry import TASKS, VTAB_GROUPS, fgvc_tasks, vtab_tasks
 from .methods import get_method, methods_in_report_order
 from .paper import BACKBONES, DEFAULT_BACKBONE, METHODS, backbone_key, group_means, reference
+from .regular_files import RefusedFileError, read_json_file
 
 MISSING = "—"
 
@@ -269,18 +269,17 @@ CSV_HEADER = [
 
 def to_csv(table: ResultsTable) -> str:
     """The table in long CSV form: a line per (task, label), then per (aggregate, label); accuracies in percent,
-    like the paper's."""
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(CSV_HEADER)
+    like the paper's. Task names and labels come from the summaries' files: text a spreadsheet would run as a
+    formula starts with a single quote (:func:`vpt_lightning.csv_files.csv_text`)."""
+    rows: List[List[Any]] = []
     for task in table.tasks:
         for tuning in table.tunings:
             cell, paper = table.cells.get((task, tuning)), _pct(table.paper[task, tuning], 1)
             if cell is None:
-                writer.writerow([task, tuning, "", "", 0, "", "", paper])
+                rows.append([task, tuning, "", "", 0, "", "", paper])
                 continue
             test = cell["test_top1"]
-            writer.writerow(
+            rows.append(
                 [
                     task,
                     tuning,
@@ -295,8 +294,8 @@ def to_csv(table: ResultsTable) -> str:
     for aggregate in table.aggregates:
         for tuning in table.tunings:
             value = aggregate.ours[tuning][0]
-            writer.writerow([aggregate.label, tuning, _pct(value), "", "", "", "", _pct(aggregate.paper.get(tuning))])
-    return text.getvalue()
+            rows.append([aggregate.label, tuning, _pct(value), "", "", "", "", _pct(aggregate.paper.get(tuning))])
+    return csv_text(CSV_HEADER, rows)
 
 
 def build_report(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
@@ -352,7 +351,7 @@ def write_report(
         table = results_table(summaries)
         markdown = to_markdown(table)
         paths.update(csv=out_dir / "report.csv", png=out_dir / "report.png")
-        write_text_atomic(to_csv(table), paths["csv"])
+        write_csv_atomic(to_csv(table), paths["csv"])
         to_png(table, paths["png"])
     if segmentation:
         markdown += ("\n" if markdown else "") + segmentation_report(segmentation)
@@ -362,15 +361,18 @@ def write_report(
 
 # ---- segmentation runs (vpt-train results of task_type=segmentation) beside the paper's Table 3 ------------------
 def find_segmentation_results(dirs: Sequence[Path]) -> List[Dict[str, Any]]:
-    """Every ``results.json`` below ``dirs`` written by a segmentation run (``task_type: segmentation``)."""
-    import json
+    """Every ``results.json`` below ``dirs`` written by a segmentation run (``task_type: segmentation``).
 
+    Each is read only if it is a regular file of at most :data:`~vpt_lightning.regular_files.MAX_SMALL_FILE_BYTES`
+    (a FIFO or a device is an error naming it, never read); one that is not JSON is passed over."""
     found = []
     for root in dirs:
         for path in sorted(Path(root).rglob("results.json")):
             try:
-                results = json.loads(path.read_text())
-            except (OSError, ValueError):
+                results = read_json_file(path)
+            except RefusedFileError:
+                raise
+            except ValueError:
                 continue
             if isinstance(results, dict) and (results.get("config") or {}).get("task_type") == "segmentation":
                 found.append({**results, "path": str(path)})

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from .atomic import remove_stale_temp_files, write_json_atomic
 from .backbones import BackboneConfig
 from .feature_cache import FeatureCache, cache_refusal, cached_datamodule
-from .integrity import RecordRunConfig, check_resume, composed_config
+from .integrity import RESULTS_IDENTITY_KEY, RecordRunConfig, check_resume, composed_config
 from .locking import folder_lock
 from .methods import TuningConfig, TuningMethod, parse_tuning
 from .module import VPTModule
@@ -212,6 +212,8 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         **module.parameter_counts(),
         **_scalar_metrics(trainer.callback_metrics),
         "config": result_config(cfg),
+        # the weights file of the config may change under its path: vpt-tune compares this before reusing the run
+        RESULTS_IDENTITY_KEY: dict(module.backbone_identity),
     }
     if cfg.get("test", True):
         # the current (last-epoch) weights, never a 'best' checkpoint: the paper reports the last epoch

@@ -13,9 +13,7 @@ Each returns the numbers it drew, so that they can be checked; :func:`save_figur
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import os
 import statistics
 from collections import defaultdict
@@ -27,6 +25,8 @@ import torch
 
 from .atomic import write_bytes_atomic
 from .checkpoint import load_weights_only
+from .csv_files import csv_rows
+from .integrity import read_results
 from .module import VPTModule
 from .training import last_checkpoint
 
@@ -75,21 +75,13 @@ def load_task_for_viz(path: Path) -> Tuple[VPTModule, Optional[Path]]:
     return module.eval(), run_dir
 
 
-def run_datamodule(run_dir: Path, module: VPTModule) -> Any:
-    """The run's DataModule, from its composed config (``.hydra/config.yaml``), preparing images as at training."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+def run_datamodule(run_dir: Path, module: VPTModule, overrides: Optional[Dict[str, Any]] = None, **notify: Any) -> Any:
+    """The run's DataModule, rebuilt from the plain values of its composed config (``.hydra/config.yaml``; never
+    instantiated: :func:`vpt_lightning.run_folder.datamodule_from_run`, which ``notify`` goes to), preparing images
+    as at training. ``overrides``: the operator's ``--data KEY=VALUE``."""
+    from .run_folder import datamodule_from_run
 
-    from .config import register_resolvers
-
-    config = Path(run_dir) / ".hydra" / "config.yaml"
-    if not config.is_file():
-        raise FileNotFoundError(
-            f"{str(config)!r} does not exist: a t-SNE needs the run's data (a vpt-train run folder)"
-        )
-    register_resolvers()
-    data = OmegaConf.load(config).data
-    datamodule = instantiate(data)
+    datamodule = datamodule_from_run(run_dir, overrides, **notify)
     datamodule.backbone_data_config = module.data_config
     return datamodule
 
@@ -235,12 +227,18 @@ def attention_figure(
     return figure, maps
 
 
-def load_images(folder: Path, module: VPTModule, count: int) -> Tuple[torch.Tensor, np.ndarray, List[str]]:
-    """Up to ``count`` images of ``folder`` (sorted), prepared as the run's evaluation images, and as shown."""
-    from PIL import Image
+def load_images(
+    folder: Path, module: VPTModule, count: int, max_image_pixels: Optional[int] = None
+) -> Tuple[torch.Tensor, np.ndarray, List[str]]:
+    """Up to ``count`` images of ``folder`` (sorted), prepared as the run's evaluation images, and as shown.
 
+    Each is read as ``vpt-predict`` reads an image file: a regular file only (a FIFO or a device is refused, never
+    read), at most :data:`~vpt_lightning.serving.predict.MAX_FILE_BYTES`, its pixel count checked before decoding
+    (``max_image_pixels``, default :data:`~vpt_lightning.serving.images.MAX_IMAGE_PIXELS`)."""
     from .data.folder import IMAGE_SUFFIXES  # the image files a folder dataset reads
     from .data.transforms import build_transform
+    from .serving.images import decode_image
+    from .serving.predict import read_image_file
 
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
     if not files:
@@ -255,7 +253,7 @@ def load_images(folder: Path, module: VPTModule, count: int) -> Tuple[torch.Tens
         std=settings.get("std", (0.229, 0.224, 0.225)),
         interpolation=settings.get("interpolation", "bicubic"),
     )
-    pil = [Image.open(p).convert("RGB") for p in files]
+    pil = [decode_image(read_image_file(p), str(p), max_image_pixels) for p in files]
     batch = torch.stack([transform(img) for img in pil])
     size = batch.shape[-2:]
     shown = np.stack([np.asarray(img.resize((size[1], size[0]))) for img in pil])
@@ -267,7 +265,7 @@ def _final_prompt(summary: Dict[str, Any]) -> Dict[str, Any]:
     """The prompt config of a summary's final runs (their ``results.json``)."""
     folder = Path(summary["path"]).parent / "final"
     for result in sorted(folder.glob("*/seed*/results.json")):
-        config = json.loads(result.read_text()).get("config", {})
+        config = read_results(result).get("config", {})
         return {**config.get("prompt", {}), "backbone_depth": config.get("backbone", {}).get("kwargs", {}).get("depth")}
     return {}
 
@@ -346,11 +344,15 @@ def epoch_curves(run_dir: Path) -> Dict[str, List[Tuple[int, float]]]:
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist (the run needs the csv logger: logger=[csv,...])")
     curves: Dict[str, List[Tuple[int, float]]] = {"train/loss_epoch": [], "val/top1": []}
-    with path.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            for key in curves:
-                if row.get(key) not in (None, "") and row.get("epoch") not in (None, ""):
+    for row in csv_rows(path):
+        for key in curves:
+            if row.get(key) not in (None, "") and row.get("epoch") not in (None, ""):
+                try:
                     curves[key].append((int(float(row["epoch"])), float(row[key])))
+                except ValueError:
+                    raise ValueError(
+                        f"{str(path)!r}: epoch {row['epoch']!r}, {key} {row[key]!r}: not numbers"
+                    ) from None
     if not any(curves.values()):
         raise ValueError(f"{str(path)!r} holds no per-epoch train/loss_epoch or val/top1")
     return curves
@@ -381,13 +383,22 @@ def curves_figure(run_dir: Path) -> Tuple[Any, Dict[str, List[Tuple[int, float]]
 
 
 # ---- logging --------------------------------------------------------------------------------------------------
-def log_image(run_dir: Optional[Path], tag: str, png: Path) -> List[str]:
+def log_image(
+    run_dir: Optional[Path], tag: str, png: Path, mlflow_uri: Optional[str] = None
+) -> Tuple[List[str], List[str]]:
     """Add the PNG to the run's trackers where the run logged to them: its TensorBoard folder (an image summary),
-    its MLflow run (an artifact, found by the run's name in the store its config names) and W&B (an image in a
-    ``viz`` run beside the run's own, see :func:`_log_wandb_image`). Returns where."""
+    MLflow (an artifact of the run of the run folder's name, in the store ``mlflow_uri`` or ``MLFLOW_TRACKING_URI``
+    names) and W&B (an image in a ``viz`` run beside the run's own, see :func:`_log_wandb_image`).
+
+    The run's ``.hydra/config.yaml`` says which trackers it used; its values are read as written (never resolved,
+    :mod:`vpt_lightning.run_folder`), and the tracking store it names is never contacted: only the operator's.
+    Returns where the figure was logged, and what was skipped (with how to enable it)."""
     if run_dir is None:
-        return []
-    logged = []
+        return [], []
+    from .run_folder import plain_value, read_run_config, run_config_path
+
+    logged: List[str] = []
+    skipped: List[str] = []
     tensorboard = Path(run_dir) / "tensorboard"
     if tensorboard.is_dir():
         try:
@@ -400,41 +411,39 @@ def log_image(run_dir: Optional[Path], tag: str, png: Path) -> List[str]:
             logged.append(f"tensorboard ({tensorboard})")
         except ImportError:
             pass
-    config = Path(run_dir) / ".hydra" / "config.yaml"
-    if config.is_file():
-        from omegaconf import OmegaConf
+    if not run_config_path(run_dir).is_file():
+        return logged, skipped
+    saved = read_run_config(run_dir)
+    trackers = saved.get("logger") if isinstance(saved.get("logger"), dict) else {}
+    if "mlflow" in trackers:
+        uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if uri:
+            experiment = plain_value(saved, "logger.mlflow.experiment_name", "vpt-lightning")
+            logged += _log_mlflow_artifact(run_dir, uri, str(experiment), png)
+        else:
+            skipped.append(
+                f"not added to the run's MLflow store: vpt-viz never connects to the store a run folder names "
+                f"(logger.mlflow.tracking_uri in {str(run_config_path(run_dir))!r}); give yours with --mlflow-uri URI "
+                "(or MLFLOW_TRACKING_URI) to add it there"
+            )
+    if "wandb" in trackers:
+        settings = {
+            key: plain_value(saved, key) for key in ("logger.wandb.project", "logger.wandb.entity", "tracking.group")
+        }
+        logged += _log_wandb_image(run_dir, settings, tag, png)
+    return logged, skipped
 
-        from .config import register_resolvers
 
-        register_resolvers()
-        saved = OmegaConf.load(config)
-        if OmegaConf.select(saved, "logger.mlflow") is not None:
-            settings = {
-                key: OmegaConf.select(saved, f"logger.mlflow.{key}", throw_on_resolution_failure=False)
-                for key in ("tracking_uri", "experiment_name")
-            }
-            logged += _log_mlflow_artifact(run_dir, settings, png)
-        if OmegaConf.select(saved, "logger.wandb") is not None:
-            settings = {
-                key: OmegaConf.select(saved, key, throw_on_resolution_failure=False)
-                for key in ("logger.wandb.project", "logger.wandb.entity", "tracking.group")
-            }
-            logged += _log_wandb_image(run_dir, settings, tag, png)
-    return logged
-
-
-def _log_mlflow_artifact(run_dir: Path, settings: Dict[str, Any], png: Path) -> List[str]:
+def _log_mlflow_artifact(run_dir: Path, uri: str, experiment_name: str, png: Path) -> List[str]:
+    """Log the PNG as an artifact (``viz/``) of the latest run named after the run folder, in the operator's store."""
     from .tracking import _absolute_sqlite, run_label
 
-    uri = settings.get("tracking_uri")
-    if not uri:
-        return []
     try:
         from mlflow.tracking import MlflowClient
     except ImportError:
         return []
     client = MlflowClient(tracking_uri=_absolute_sqlite(str(uri)))
-    experiment = client.get_experiment_by_name(str(settings.get("experiment_name", "vpt-lightning")))
+    experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         return []
     runs = client.search_runs(

@@ -7,15 +7,33 @@
 
 Each writes ``--out`` (default: ``<run>/viz/<kind>.png``, or ``<SUMMARY_DIR>/ablation.png``) and, when the run
 logged to TensorBoard, MLflow or W&B, adds the figure there too. Needs ``pip install 'vpt-lightning[viz]'``.
+
+A run folder may come from someone else: its config is read as plain values (no ``_target_`` built, no
+interpolation resolved), ``--data KEY=VALUE`` gives the t-SNE's data where the run's value does not fit this machine,
+and the MLflow store is only the one the operator names (``--mlflow-uri`` or ``MLFLOW_TRACKING_URI``).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional, Tuple
 
 from .console import report_errors
+
+
+def _key_value(text: str) -> Tuple[str, Any]:
+    """``KEY=VALUE`` of ``--data``, the value read as YAML (``17``, ``null``, ``[1, 2]``, a string)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. root=/data/vtab-1k)")
+    try:
+        return key.strip(), yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        return key.strip(), value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     tsne.add_argument("path", type=Path, help="a vpt-train run folder, or its checkpoints/last.ckpt")
     tsne.add_argument("--split", default="test", choices=["test", "val", "train"])
     tsne.add_argument("--max-samples", type=int, default=500)
+    tsne.add_argument(
+        "--data",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a value of the run's DataModule instead of the run config's (e.g. root=DIR where its data lives here)",
+    )
     attention = sub.add_parser("attention", help="class-token and prompt attention to the patches, per block")
     attention.add_argument("path", type=Path, help="a vpt-train run folder, or a task checkpoint")
     attention.add_argument("--images", type=Path, required=True, help="a folder of image files")
@@ -35,7 +61,18 @@ def _parser() -> argparse.ArgumentParser:
     curves.add_argument("path", type=Path, help="a vpt-train run folder (with csv/metrics.csv)")
     for p in (tsne, attention, ablation, curves):
         p.add_argument("--out", type=Path, default=None, help="the PNG to write")
+    for p in (tsne, attention, curves):
+        p.add_argument(
+            "--mlflow-uri",
+            default=None,
+            help="the MLflow store to add the figure to, when the run logged to MLflow (default: MLFLOW_TRACKING_URI; "
+            "the store a run folder names is never contacted)",
+        )
     return parser
+
+
+def _note(message: str) -> None:
+    print(f"vpt-viz: note: {message}", file=sys.stderr)
 
 
 def _loader(datamodule, split: str):
@@ -54,7 +91,7 @@ def run(args: argparse.Namespace) -> Path:
         module, run_dir = viz.load_task_for_viz(args.path)
         if run_dir is None:
             raise FileNotFoundError(f"{str(args.path)!r}: a t-SNE needs the run folder (its data config)")
-        datamodule = viz.run_datamodule(run_dir, module)
+        datamodule = viz.run_datamodule(run_dir, module, dict(args.data), notify=_note)
         figure, _ = viz.tsne_figure(
             module,
             _loader(datamodule, args.split),
@@ -82,8 +119,11 @@ def run(args: argparse.Namespace) -> Path:
         out = args.out or args.path / "viz" / "curves.png"
     viz.save_figure(figure, out)
     print(f"wrote {out}")
-    for where in viz.log_image(run_dir, args.kind, out):
+    logged, skipped = viz.log_image(run_dir, args.kind, out, getattr(args, "mlflow_uri", None))
+    for where in logged:
         print(f"logged to {where}")
+    for what in skipped:
+        _note(what)
     return out
 
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -15,7 +12,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..atomic import write_text_atomic
+from ..csv_files import csv_rows, csv_text, write_csv_atomic
+from ..regular_files import RefusedFileError, read_regular_file
 from .images import MAX_IMAGE_PIXELS, ImageError, decode_image, task_transforms, top_k
 from .multitask import MultiTaskClassifier
 
@@ -60,11 +58,10 @@ def list_images(
         if not base.is_dir():
             raise FileNotFoundError(f"--root {str(base)!r} is not a folder")
         base = base.resolve()
-        with open(source, newline="") as handle:
-            reader = csv.DictReader(handle)
-            if "path" not in (reader.fieldnames or []):
-                raise ValueError(f"{str(source)!r}: a CSV of images needs a 'path' column (and optionally 'task')")
-            listed = [((r.get("path") or "").strip(), (r.get("task") or "").strip() or None) for r in reader]
+        listed = [
+            ((r.get("path") or "").strip(), (r.get("task") or "").strip() or None)
+            for r in csv_rows(source, required="path")
+        ]
         refused = []
         rows = []
         for line, (name, row_task) in enumerate(listed, start=2):
@@ -94,35 +91,13 @@ def list_images(
     return items
 
 
-FILE_KINDS = {
-    stat.S_IFIFO: "a FIFO",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-    stat.S_IFDIR: "a folder",
-}
-
-
 def read_image_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     """The bytes of a regular file of at most ``max_bytes``; anything else (a FIFO, a device, a socket, a larger
-    file) raises :class:`ImageError` without being read. The file is opened non-blocking (opening a FIFO does not
-    wait for a writer) and checked on the open descriptor, so that it cannot be swapped in between."""
+    file) raises :class:`ImageError` without being read (:func:`vpt_lightning.regular_files.read_regular_file`)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as err:
-        raise ImageError(f"{path}: cannot be read ({err.strerror or err})") from err
-    with os.fdopen(fd, "rb", buffering=0) as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = FILE_KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
-            raise ImageError(f"{path}: {kind}, not a regular file: not read")
-        if info.st_size > max_bytes:
-            raise ImageError(f"{path}: {info.st_size} bytes is over the limit of {max_bytes} (--max-file-bytes)")
-        os.set_blocking(fd, True)
-        data = handle.read(max_bytes + 1)  # the file may have grown since fstat
-    if len(data) > max_bytes:
-        raise ImageError(f"{path}: over the limit of {max_bytes} bytes (--max-file-bytes)")
-    return data
+        return read_regular_file(path, max_bytes, limit_hint="--max-file-bytes")
+    except RefusedFileError as err:
+        raise ImageError(str(err)) from err
 
 
 class ImageFiles(Dataset):
@@ -217,15 +192,15 @@ def predict_images(
 
 
 def predictions_csv(predictions: Sequence[Dict[str, Any]], k: int) -> str:
-    """``path, task, class_1, probability_1, ..., class_k, probability_k`` (empty cells past a task's classes)."""
-    handle = io.StringIO()
-    writer = csv.writer(handle, lineterminator="\n")
-    writer.writerow(["path", "task"] + [f"{c}_{r}" for r in range(1, k + 1) for c in ("class", "probability")])
+    """``path, task, class_1, probability_1, ..., class_k, probability_k`` (empty cells past a task's classes;
+    text a spreadsheet would run as a formula starts with a single quote: :func:`vpt_lightning.csv_files.csv_text`)."""
+    rows = []
     for p in predictions:
         cells = [v for top in p["top"] for v in (top["class"], f"{top['probability']:.6f}")]
-        writer.writerow([p["path"], p["task"]] + cells + [""] * (2 * k - len(cells)))
-    return handle.getvalue()
+        rows.append([p["path"], p["task"]] + cells + [""] * (2 * k - len(cells)))
+    header = ["path", "task"] + [f"{c}_{r}" for r in range(1, k + 1) for c in ("class", "probability")]
+    return csv_text(header, rows)  # class names, task names and paths: cells a spreadsheet would run are escaped
 
 
 def write_predictions(predictions: Sequence[Dict[str, Any]], k: int, path: os.PathLike) -> None:
-    write_text_atomic(predictions_csv(predictions, k), Path(path))
+    write_csv_atomic(predictions_csv(predictions, k), path)
