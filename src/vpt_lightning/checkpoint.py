@@ -26,6 +26,7 @@ from .backbones.identity import (  # noqa: F401  (re-exported: the identity live
     file_sha256,
     identity_differences,
     weights_fingerprint,
+    weights_sha256,
 )
 
 IDENTITY_KEY = "vpt_backbone_identity"
