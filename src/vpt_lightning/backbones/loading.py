@@ -175,6 +175,13 @@ def _family_class_of_architecture(name: str, kwargs_json: str) -> Type[PromptedB
     return family_class_of_model(model)
 
 
+def create_architecture(config: BackboneConfig | Mapping[str, Any]) -> nn.Module:
+    """The timm model a ``backbone`` config names, without a classifier and without weights (never a download or a
+    file): built under ``torch.device("meta")``, it describes the architecture without allocating it."""
+    config = BackboneConfig.parse(config)
+    return timm.create_model(config.name, pretrained=False, **{**config.kwargs, "num_classes": 0})
+
+
 def family_class_of_config(config: BackboneConfig | Mapping[str, Any]) -> Type[PromptedBackbone]:
     """The prompted-backbone family class of the model a ``backbone`` config builds, without building its weights."""
     config = BackboneConfig.parse(config)
