@@ -140,6 +140,8 @@ def check_tensor_shapes(found: Mapping[str, Sequence[int]], expected: Mapping[st
 def check_finite(tensors: Mapping[str, torch.Tensor], origin: str) -> None:
     """Refuse NaN or infinite values (every answer of the task would be NaN, or fail), naming the first tensor."""
     for key, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{origin}: {key!r} holds a {type(tensor).__name__}, not a tensor")
         if tensor.is_floating_point() or tensor.is_complex():
             if not bool(torch.isfinite(tensor).all()):
                 bad = int((~torch.isfinite(tensor)).sum())
