@@ -380,3 +380,51 @@ def test_a_checkpoints_optimizer_target_is_never_imported(tmp_path, monkeypatch)
     checkpoint["hyper_parameters"]["optim"].pop("momentum", None)
     torch.save(checkpoint, path)
     assert VPTModule.load_from_checkpoint(path).optim_config.target == "torch.optim.AdamW"
+
+
+def test_a_sidetune_tasks_side_weights_are_its_own_tensors_never_a_download_or_file(tmp_path, images, monkeypatch):
+    """Sidetune's side network starts from torchvision's AlexNet weights (a download) or a file: a package carries
+    the trained side network, so loading it needs neither, whatever its config names."""
+    import torchvision.models
+
+    torch.manual_seed(0)
+    spec = {**SPEC, "prompt": {"num_tokens": 0}, "tuning": {"method": "sidetune", "side_weights": "random"}}
+    task = build_task_model(spec).eval()
+    task.save_pretrained(tmp_path / "side")
+    # a download of torchvision's weights fails the test (offline it would hang or fail the load)
+    monkeypatch.setattr(torchvision.models.AlexNet_Weights.IMAGENET1K_V1, "get_state_dict", lambda *a, **k: 1 / 0)
+    for side_weights in ("IMAGENET1K_V1", str(tmp_path / "elsewhere.pth")):
+        _edit_config(tmp_path / "side", tuning={"method": "sidetune", "side_weights": side_weights})
+        loaded = load_task(tmp_path / "side")
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(images), task(images), rtol=0, atol=1e-6)
+        assert loaded.spec.tuning["side_weights"] == side_weights  # what the training started from, kept
+    path = save_task_checkpoint(tmp_path / "side.ckpt", prompt={"num_tokens": 0}, tuning=spec["tuning"])
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["tuning"]["side_weights"] = "IMAGENET1K_V1"
+    torch.save(checkpoint, path)
+    assert load_task(path).num_classes == 3
+    assert VPTModule.load_from_checkpoint(path).hparams["num_classes"] == 3
+
+
+def test_loading_makes_no_network_request(packages, tmp_path, monkeypatch):
+    """Packages, checkpoints and run folders load without a connection, even where the Hub is not set offline;
+    only an explicit hf://OWNER/NAME (or a download the operator allows) may connect."""
+    import socket
+
+    root, _ = packages
+    checkpoint = save_task_checkpoint(tmp_path / "t.ckpt", num_classes=3, prompt={"num_tokens": 2})
+    connections = []
+
+    def refuse(sock, address, *args):
+        connections.append(address)
+        raise OSError("no network in this test")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    load_task(root / "good")
+    TaskModel.from_pretrained(root / "good")
+    MultiTaskClassifier.from_sources([root / "good", checkpoint])
+    VPTModule.load_from_checkpoint(checkpoint)
+    assert connections == []

@@ -326,6 +326,8 @@ class VPTModule(pl.LightningModule):
           (:func:`~vpt_lightning.backbones.pin.check_file_backbone`) and the sizes its network would take
           (:func:`~vpt_lightning.task_model.trained_tensor_shapes`, on the meta device, before anything is built);
         - its ``optim._target_`` is ``torch.optim.NAME`` or a class of a module you imported: never imported;
+        - what the tuning method would fetch or read to start its tensors is not (the file's tensors replace it:
+          :meth:`~vpt_lightning.methods.base.TuningMethod.config_for_saved_tensors`);
         - its tensors are exactly the ones this module trains, and finite (:meth:`on_load_checkpoint`).
 
         The backbone is ``backbone=`` (a pin as ``--backbone``: a config, a ``conf/backbone`` name, a .yaml/.json
@@ -353,6 +355,9 @@ class VPTModule(pl.LightningModule):
             kwargs["backbone"] = own_backbone(checked, origin, allow_download)
         if "optim" not in kwargs and hparams.get("optim") is not None:
             file_optimizer_class((hparams["optim"] or {}).get("_target_", "torch.optim.SGD"), origin)
+        if "tuning" not in kwargs:  # the file's tensors replace what the method would fetch or read to start them
+            method, tuning = parse_tuning(hparams.get("tuning"))
+            kwargs["tuning"] = method.config_for_saved_tensors(tuning).to_dict()
         values = {**hparams, **{k: v for k, v in kwargs.items() if k != "backbone"}}
         trained_tensor_shapes(spec_of_file({**values, "backbone": checked, "head": raw.get(HEAD_KEY)}, origin), origin)
         token = _LOADING.set(origin)

@@ -308,17 +308,22 @@ def build_task_model(
     backbone_eval: bool = True,
     build_backbone: Optional[Callable[[nn.Module], PromptedBackbone]] = None,
     build_head: Optional[Callable[[int, int], nn.Module]] = None,
+    saved_tensors: bool = False,
 ) -> TaskModel:
     """The one factory of a task's network from its parsed configs.
 
     Builds the frozen timm backbone (``backbone``, default ``spec.backbone``; or wraps ``model`` with its
     ``identity``, e.g. a backbone shared by several tasks), wraps it in its family's prompted backbone, applies the
     tuning method and builds the head. ``build_backbone``/``build_head`` replace those two steps (``VPTModule``
-    passes its hooks, so a subclass's head ends up in the task).
+    passes its hooks, so a subclass's head ends up in the task). ``saved_tensors``: the trained tensors are then
+    loaded from a file, so the method starts them from nothing it would fetch or read
+    (:meth:`~vpt_lightning.methods.base.TuningMethod.config_for_saved_tensors`); the task keeps ``spec`` as given.
     """
     if not isinstance(spec, TaskSpec):
         spec = TaskSpec.from_mapping(spec)
     method, tuning = parse_tuning(spec.tuning)
+    if saved_tensors:
+        tuning = method.config_for_saved_tensors(tuning)
     if model is None:
         config = backbone if backbone is not None else spec.backbone
         model, identity = create_backbone(config)
@@ -481,7 +486,7 @@ def trained_tensor_shapes(spec: TaskSpec, origin: str) -> Dict[str, tuple]:
     (refused, naming ``origin``, beyond them), so nothing is allocated and nothing downloaded or read."""
     try:
         with bounded_construction(origin), torch.device("meta"), torch.random.fork_rng(devices=[]):
-            task = build_task_model(spec, model=create_architecture(spec.backbone), identity={})
+            task = build_task_model(spec, model=create_architecture(spec.backbone), identity={}, saved_tensors=True)
             keys = trainable_state_keys(task, task.backbone.model)
             state = task.state_dict()
     except ValueError as err:
@@ -552,7 +557,7 @@ def assemble(
             if backbone is not None
             else own_backbone(record.spec.backbone, config_origin, allow_download)
         )
-    task = build_task_model(record.spec, backbone=pin, model=model, identity=identity)
+    task = build_task_model(record.spec, backbone=pin, model=model, identity=identity, saved_tensors=True)
     check_identity(record.identity, task.identity, config_origin)
     own = task.state_dict()
     expected = {k: tuple(own[k].shape) for k in trainable_state_keys(task, task.backbone.model)}
