@@ -503,12 +503,13 @@ def check_package(folder: os.PathLike) -> TaskSpec:
     ``ValueError`` names the file and the rule."""
     folder = Path(folder)
     config = read_package_config(folder)
-    spec = spec_of_file(config, repr(str(folder / CONFIG_FILE)))
+    config_origin = repr(str(folder / CONFIG_FILE))
+    spec = spec_of_file(config, config_origin)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"task package {str(folder)!r} has no {WEIGHTS_FILE}")
-    origin = repr(str(weights))
-    check_tensor_shapes(safetensors_shapes(weights), trained_tensor_shapes(spec, origin), origin)
+    expected = trained_tensor_shapes(spec, config_origin)
+    check_tensor_shapes(safetensors_shapes(weights), expected, repr(str(weights)))
     return spec
 
 

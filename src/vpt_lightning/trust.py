@@ -65,9 +65,8 @@ def bounded_construction(
         counts["bytes"] += tensor.numel() * tensor.element_size()
         if counts["bytes"] > cap:
             raise ValueError(
-                f"{origin} describes a network of more than {counts['bytes'] / 2**30:.1f} GiB of parameters and "
-                f"buffers, above the cap of {cap / 2**30:.1f} GiB (trust.MAX_MODEL_BYTES, or the memory available "
-                "now); it was refused before anything was allocated"
+                f"{origin} describes a network whose parameters and buffers pass {cap / 2**30:.1f} GiB, the cap "
+                "(trust.MAX_MODEL_BYTES, or the memory available now if less); refused before anything was allocated"
             )
         return None
 
@@ -77,8 +76,8 @@ def bounded_construction(
         counts["modules"] += 1
         if counts["modules"] > max_modules:
             raise ValueError(
-                f"{origin} describes a network of more than {max_modules} modules, above the cap "
-                "(trust.MAX_MODULES); it was refused before anything was allocated"
+                f"{origin} describes a network of more than {max_modules} modules, the cap (trust.MAX_MODULES); "
+                "refused before anything was allocated"
             )
         return None
 
