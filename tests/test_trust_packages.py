@@ -144,6 +144,9 @@ def test_a_package_naming_a_url_and_a_cache_folder_makes_no_request_and_writes_n
         ({"kwargs": {**TINY_BACKBONE["kwargs"], "checkpoint_path": "/etc/passwd"}}, "backbone.kwargs.checkpoint_path"),
         ({"kwargs": {**TINY_BACKBONE["kwargs"], "pretrained_cfg": {"url": "x"}}}, "backbone.kwargs.pretrained_cfg"),
         ({"kwargs": {**TINY_BACKBONE["kwargs"], "no_such_argument": 1}}, "backbone.kwargs.no_such_argument"),
+        ({"kwargs": {**TINY_BACKBONE["kwargs"], "device": "cpu"}}, "backbone.kwargs.device is refused"),
+        ({"kwargs": {**TINY_BACKBONE["kwargs"], "norm_layer": {"a": 1}}}, "norm_layer=.* is not plain data"),
+        ({"init_seed": "0"}, "backbone.init_seed='0' is not an integer"),
     ],
 )
 def test_a_packages_backbone_entry_is_limited_to_the_architectures_own_values(packages, tmp_path, change, rule):
@@ -165,6 +168,22 @@ def test_a_packages_own_weights_file_is_never_opened_unless_the_operator_pins_it
     pinned = load_task(evil, backbone=str(tmp_path / "weights.safetensors"))  # the operator's pin: loads
     with torch.no_grad():
         torch.testing.assert_close(pinned(images), good(images), rtol=0, atol=1e-6)
+
+
+def test_a_package_is_checked_without_building_its_network(packages, tmp_path, monkeypatch):
+    """check_package (what a task store runs on an upload): config values and the weights header, nothing built."""
+    import vpt_lightning.task_model as task_model
+
+    root, _ = packages
+    evil = _poisoned_package(root, tmp_path / "evil")
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("check_package built a backbone")
+
+    monkeypatch.setattr(task_model, "create_backbone", no_backbone)
+    assert task_model.check_package(root / "good").task_name == "good"
+    with pytest.raises(ValueError, match=r"evil/model\.safetensors' holds tensors outside the ones its task trains"):
+        task_model.check_package(evil)
 
 
 # ---- finding 3: tensors outside the task's own trained keys ------------------------------------------------

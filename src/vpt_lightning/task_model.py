@@ -501,7 +501,10 @@ def check_package(folder: os.PathLike) -> TaskSpec:
     only (:func:`spec_of_file`), and ``model.safetensors``'s header (read alone) names exactly the tensors the
     task trains, in the shapes its config implies (:func:`trained_tensor_shapes`). Returns the spec; a
     ``ValueError`` names the file and the rule."""
-    folder = Path(folder)
+    return _checked_package(Path(folder))[1]
+
+
+def _checked_package(folder: Path) -> tuple:
     config = read_package_config(folder)
     config_origin = repr(str(folder / CONFIG_FILE))
     spec = spec_of_file(config, config_origin)
@@ -510,7 +513,7 @@ def check_package(folder: os.PathLike) -> TaskSpec:
         raise FileNotFoundError(f"task package {str(folder)!r} has no {WEIGHTS_FILE}")
     expected = trained_tensor_shapes(spec, config_origin)
     check_tensor_shapes(safetensors_shapes(weights), expected, repr(str(weights)))
-    return spec
+    return config, spec
 
 
 def read_package(folder: Path) -> TaskRecord:
@@ -518,13 +521,13 @@ def read_package(folder: Path) -> TaskRecord:
     network is built."""
     from safetensors.torch import load_file
 
-    spec = check_package(folder)
-    weights = Path(folder) / WEIGHTS_FILE
+    folder = Path(folder)
+    config, spec = _checked_package(folder)
+    weights = folder / WEIGHTS_FILE
     state = load_file(str(weights))
     check_finite(state, repr(str(weights)))
-    config = read_package_config(folder)
     info = {k: config[k] for k in INFO_KEYS if k in config}
-    return TaskRecord(Path(folder), spec, state, config.get("backbone_identity"), info)
+    return TaskRecord(folder, spec, state, config.get("backbone_identity"), info)
 
 
 def assemble(

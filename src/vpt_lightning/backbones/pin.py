@@ -51,6 +51,14 @@ REFUSED_KWARGS = frozenset(
 # the keys of pretrained_cfg_overlay a task file may set: the input size and normalisation of the backbone's data
 # config (conf/backbone/*_tiny_random.yaml set input_size), never a weights source (url, file, hf_hub_id...)
 DATA_CONFIG_KEYS = frozenset({"input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode"})
+# the types of a task file's other backbone fields, and how an error says them (kwargs are checked one by one)
+FIELD_TYPES = {
+    "pretrained": ((bool,), "a boolean"),
+    "checkpoint_path": ((str, type(None)), "a string or null"),
+    "init_seed": ((int,), "an integer"),
+    "resize_embeddings": ((bool,), "a boolean"),
+    "reference": ((str, type(None)), "a string or null"),
+}
 ALLOW_DOWNLOAD_HINT = "allow the download with --allow-download (allow_download=True in Python)"
 PIN_HINT = (
     "pin the backbone with --backbone NAME_OR_FILE (backbone= in Python): a packaged config name, a .yaml/.json "
@@ -99,15 +107,26 @@ def check_file_backbone(values: Any, origin: str) -> Dict[str, Any]:
     """
     if not isinstance(values, Mapping):
         raise ValueError(f"{origin}: backbone must be a mapping of backbone fields, got {type(values).__name__}")
-    config = BackboneConfig.from_mapping(values).to_dict()
+    try:
+        config = BackboneConfig.from_mapping(values).to_dict()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{origin}: {err}") from None
     name = config["name"]
     if not isinstance(name, str) or ":" in name or not timm.is_model(name):
         raise ValueError(
             f"{origin}: backbone.name={name!r} is not a timm model name; a task file's backbone names one of "
             "timm.list_models(), never a Hub repo or folder (hf-hub:, hf_hub:, local-dir:)"
         )
+    for key, (kinds, kind) in FIELD_TYPES.items():
+        if not isinstance(config[key], kinds) or (isinstance(config[key], bool) and bool not in kinds):
+            raise ValueError(f"{origin}: backbone.{key}={config[key]!r} is not {kind}")
     kwargs = config["kwargs"]
-    model_class, allowed = architecture_arguments(name)
+    try:
+        model_class, allowed = architecture_arguments(name)
+    except Exception as err:  # a registered name whose default build fails: say which file and name
+        raise ValueError(
+            f"{origin}: backbone.name={name!r} could not be described ({type(err).__name__}: {err})"
+        ) from None
     for key, value in kwargs.items():
         where = f"{origin}: backbone.kwargs.{key}"
         if key == "pretrained_cfg_overlay" and isinstance(value, Mapping):
