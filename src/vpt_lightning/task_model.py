@@ -123,7 +123,7 @@ class TaskModel(
     """A trained task: ``forward(images) = head(backbone(images))`` with its class names and eval transform.
 
     Build one with :func:`build_task_model` (from configs), :meth:`from_pretrained` (a package folder or Hub repo
-    id) or :func:`vpt_lightning.task_sources.load_task` (a package, a ``.ckpt`` or a run folder).
+    ``hf://OWNER/NAME``) or :func:`vpt_lightning.task_sources.load_task` (a package, a ``.ckpt`` or a run folder).
     ``VPTModule`` trains one (``module.task``); ``MultiTaskClassifier`` serves several on one shared backbone.
 
     Args:
@@ -273,7 +273,7 @@ class TaskModel(
         (``pretrained: true``) are downloaded only with ``allow_download=True``. ``model``/``identity``: an already
         built timm model to wrap (a shared backbone).
         """
-        # resolve here, so that a missing folder or an unreachable repo id fails with one clear message
+        # resolve here, so that a missing folder or an unreachable Hub repo fails with one clear message
         folder = package_folder(
             str(pretrained_model_name_or_path),
             **{
