@@ -353,10 +353,15 @@ class VPTModule(pl.LightningModule):
             kwargs["backbone"] = backbone_pin(kwargs["backbone"], checked)
         else:
             kwargs["backbone"] = own_backbone(checked, origin, allow_download)
-        if "optim" not in kwargs and hparams.get("optim") is not None:
-            file_optimizer_class((hparams["optim"] or {}).get("_target_", "torch.optim.SGD"), origin)
+        optim = hparams.get("optim")
+        if "optim" not in kwargs and optim is not None:
+            target = optim.get("_target_", OptimConfig.target) if isinstance(optim, Mapping) else optim
+            file_optimizer_class(target, origin)
         if "tuning" not in kwargs:  # the file's tensors replace what the method would fetch or read to start them
-            method, tuning = parse_tuning(hparams.get("tuning"))
+            try:
+                method, tuning = parse_tuning(hparams.get("tuning"))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{origin}: {err}") from None
             kwargs["tuning"] = method.config_for_saved_tensors(tuning).to_dict()
         values = {**hparams, **{k: v for k, v in kwargs.items() if k != "backbone"}}
         trained_tensor_shapes(spec_of_file({**values, "backbone": checked, "head": raw.get(HEAD_KEY)}, origin), origin)
@@ -396,5 +401,5 @@ class VPTModule(pl.LightningModule):
         check_tensor_shapes({k: tuple(getattr(v, "shape", ())) for k, v in state.items()}, expected, origin)
         check_finite(state, origin)
         # fill in the frozen backbone weights, which the task checkpoint does not carry
-        for key, value in self.state_dict().items():
+        for key, value in own.items():
             state.setdefault(key, value)
