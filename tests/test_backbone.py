@@ -243,6 +243,69 @@ def test_fingerprint_sees_a_change_anywhere_in_a_tensor():
     assert weights_fingerprint(wide) != before
 
 
+def test_the_weights_digest_sees_every_value_where_the_sampled_fingerprint_does_not():
+    from vpt_lightning.checkpoint import weights_fingerprint, weights_sha256
+
+    wide = make_vit(seed=1, embed_dim=128)
+    fingerprint, digest = weights_fingerprint(wide), weights_sha256(wide)
+    assert len(digest) == 64 and weights_sha256(make_vit(seed=1, embed_dim=128)) == digest
+    weight = wide.blocks[2].mlp.fc2.weight.view(-1)  # 65,536 values, sampled every 16th
+    with torch.no_grad():
+        weight[1] += 1.0  # not a sampled value
+    assert weights_fingerprint(wide) == fingerprint and weights_sha256(wide) != digest
+    # the digest is of the values, not of their precision on file: an fp16 copy of fp16-exact weights is the same
+    exact = make_vit(seed=1).half().float()
+    assert weights_sha256(exact) == weights_sha256(exact.half())
+
+
+def test_a_weights_files_digests_are_cached_until_the_file_changes(tmp_path):
+    import os
+
+    from vpt_lightning.backbones.identity import _FILE_DIGESTS
+
+    path = tmp_path / "weights.safetensors"
+    save_file(make_vit(seed=1).state_dict(), str(path))
+    config = {**TINY_BACKBONE, "checkpoint_path": str(path)}
+    cached = len(_FILE_DIGESTS)
+    first = create_backbone(config)[1]
+    assert len(_FILE_DIGESTS) == cached + 1
+    assert create_backbone(config)[1] == first and len(_FILE_DIGESTS) == cached + 1  # read from the cache
+    # rewritten in place with other weights of the same size, its old modification time put back: not served stale
+    stat = path.stat()
+    save_file(make_vit(seed=2).state_dict(), str(path))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    second = create_backbone(config)[1]
+    assert second["weights_sha256"] != first["weights_sha256"]
+    assert second["checkpoint_sha256"] != first["checkpoint_sha256"]
+
+
+def test_an_identity_of_an_older_version_passes_only_on_a_provably_same_backbone(tmp_path):
+    """Identities without the digest carry a sampled fingerprint only: they are accepted on the same weights file
+    (its SHA-256), the same seeded random init or timm's hub weights of the same name, never on a mere match."""
+    from vpt_lightning.checkpoint import identity_differences
+
+    def older(identity):
+        return {k: v for k, v in identity.items() if k != "weights_sha256"}
+
+    random_init = create_backbone(TINY_BACKBONE)[1]
+    assert identity_differences(older(random_init), create_backbone(TINY_BACKBONE)[1]) == []
+    path = tmp_path / "weights.safetensors"
+    save_file(make_vit(seed=1).state_dict(), str(path))
+    from_file = create_backbone({**TINY_BACKBONE, "checkpoint_path": str(path)})[1]
+    assert identity_differences(older(from_file), from_file) == []
+    # the same weights in another file: the fingerprint matches, but nothing proves the other values do
+    torch.save(make_vit(seed=1).state_dict(), tmp_path / "copy.pth")
+    copy = create_backbone({**TINY_BACKBONE, "checkpoint_path": str(tmp_path / "copy.pth")})[1]
+    assert copy["fingerprint"] == from_file["fingerprint"]
+    assert identity_differences(from_file, copy) == []  # the digest proves it
+    (refusal,) = identity_differences(older(from_file), copy)
+    assert refusal.startswith("weights_sha256: not recorded") and "vpt-export hub" in refusal
+    hub = {**older(random_init), "weights": "hub"}
+    assert identity_differences(hub, {**random_init, "weights": "hub"}) == []
+    assert identity_differences(hub, random_init) != []
+
+
 @pytest.mark.parametrize(
     "family, message",
     [

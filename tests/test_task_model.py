@@ -132,8 +132,10 @@ def test_a_repo_id_offline_gets_a_clear_error(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ValueError, match=r"'someone/no-such-task' is no local folder, and the Hub repo"):
-        TaskModel.from_pretrained("someone/no-such-task")
+    with pytest.raises(ValueError, match=r"'hf://someone/no-such-task': the Hub repo could not be downloaded"):
+        TaskModel.from_pretrained("hf://someone/no-such-task")
+    with pytest.raises(FileNotFoundError, match=r"'someone/no-such-task' does not exist; for the Hub repo .* hf://"):
+        TaskModel.from_pretrained("someone/no-such-task")  # a bare OWNER/NAME is a local path, never a repo id
     with pytest.raises(FileNotFoundError, match="does not exist: give a task package folder"):
         load_task("./not/a/folder/at/all")
 
@@ -420,7 +422,7 @@ def test_the_custom_head_example_package_keeps_its_trained_head_and_gives_equal_
     torch.testing.assert_close(loaded(images), module.task.eval()(images), rtol=0, atol=1e-6)
 
 
-def test_a_package_trained_on_a_weights_file_missing_here_says_to_pin_the_backbone(tmp_path, images):
+def test_a_package_trained_on_a_weights_file_says_to_pin_the_backbone(tmp_path, images):
     from safetensors.torch import save_file
 
     source = build_task_model({"num_classes": 3, "backbone": TINY_BACKBONE, "prompt": {"num_tokens": 2}})
@@ -433,9 +435,9 @@ def test_a_package_trained_on_a_weights_file_missing_here_says_to_pin_the_backbo
         }
     ).eval()
     task.save_pretrained(tmp_path / "pkg")
+    with pytest.raises(ValueError, match=r"mine\.safetensors': a weights file a task names is never opened.*pin the"):
+        TaskModel.from_pretrained(tmp_path / "pkg")  # even where it is on this machine
     (tmp_path / "mine.safetensors").rename(tmp_path / "copy.safetensors")
-    with pytest.raises(FileNotFoundError, match=r"mine\.safetensors', which is not on this machine; pin the backbone"):
-        TaskModel.from_pretrained(tmp_path / "pkg")
     pinned = TaskModel.from_pretrained(tmp_path / "pkg", backbone=str(tmp_path / "copy.safetensors"))
     torch.testing.assert_close(pinned(images), task(images), rtol=0, atol=1e-6)
 

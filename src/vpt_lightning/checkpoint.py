@@ -13,7 +13,7 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import IO, Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from .backbones.identity import (  # noqa: F401  (re-exported: the identity live
     file_sha256,
     identity_differences,
     weights_fingerprint,
+    weights_sha256,
 )
 
 IDENTITY_KEY = "vpt_backbone_identity"
@@ -86,7 +87,11 @@ def read_task_checkpoint(path: os.PathLike) -> TaskCheckpoint:
     if not path.is_file():
         raise FileNotFoundError(f"task checkpoint {str(path)!r} does not exist")
     raw = load_weights_only(path)
-    if not isinstance(raw, dict) or "state_dict" not in raw or "hyper_parameters" not in raw:
+    if (
+        not isinstance(raw, dict)
+        or not isinstance(raw.get("state_dict"), dict)
+        or not isinstance(raw.get("hyper_parameters"), dict)
+    ):
         raise ValueError(
             f"{str(path)!r} is not a vpt-lightning task checkpoint (no 'state_dict' and 'hyper_parameters'); "
             "give a checkpoints/last.ckpt written by vpt-train or VPTModule"
@@ -96,21 +101,26 @@ def read_task_checkpoint(path: os.PathLike) -> TaskCheckpoint:
     )
 
 
-def load_weights_only(path: os.PathLike) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, with errors that name the file: what unpickling refused
-    (a class or function outside torch's allow-list of tensors and plain containers), or why it is unreadable."""
-    path = Path(path)
+def load_weights_only(path: Union[os.PathLike, IO[bytes]]) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU (a path or an open binary file), with errors that name the
+    file: what unpickling refused (a class or function outside torch's allow-list of tensors and plain containers),
+    or why it is unreadable. ``weights_only=True`` is explicit: ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot lift it."""
+    path = Path(path) if isinstance(path, (str, os.PathLike)) else path
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = REFUSED_GLOBAL.search(str(err))
         if found:
             raise ValueError(
-                f"{str(path)!r} was refused: it asks to unpickle {found.group(1)!r}, which is not a tensor or plain "
+                f"{_name(path)!r} was refused: it asks to unpickle {found.group(1)!r}, which is not a tensor or plain "
                 "value (read with torch.load(weights_only=True)); a task checkpoint never needs it, so the file was "
                 "not loaded and nothing in it ran"
             ) from None
         reason = str(err).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip()
-        raise ValueError(f"{str(path)!r} could not be read as a checkpoint: {reason}") from None
+        raise ValueError(f"{_name(path)!r} could not be read as a checkpoint: {reason}") from None
     except Exception as err:  # a truncated or foreign file: name it
-        raise ValueError(f"{str(path)!r} could not be read as a checkpoint: {err}") from err
+        raise ValueError(f"{_name(path)!r} could not be read as a checkpoint: {err}") from err
+
+
+def _name(source: Any) -> str:
+    return str(source) if isinstance(source, Path) else str(getattr(source, "name", "the checkpoint"))

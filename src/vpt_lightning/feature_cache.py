@@ -76,8 +76,8 @@ def dataset_fingerprint(dataset: Dataset) -> str:
 
 
 def cache_key(identity: Mapping[str, Any], dataset: Dataset) -> str:
-    """The file name stem of a split's features: backbone identity (fingerprint, architecture) x split contents."""
-    backbone = {k: identity.get(k) for k in ("fingerprint", "embed_dim", "depth", "architecture")}
+    """The file name stem of a split's features: backbone identity (weights digest, architecture) x split contents."""
+    backbone = {k: identity.get(k) for k in ("weights_sha256", "fingerprint", "embed_dim", "depth", "architecture")}
     payload = json.dumps(
         {"v": FORMAT_VERSION, "backbone": backbone, "data": dataset_fingerprint(dataset)}, sort_keys=True, default=str
     )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextvars
 import math
+import os
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from pathlib import Path
+from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import torch
@@ -13,12 +16,17 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from .backbones import BackboneConfig, PromptedBackbone, prompted_backbone
-from .checkpoint import HEAD_KEY, IDENTITY_KEY, check_backbone_identity, trainable_state_keys
+from .backbones.pin import backbone_pin, check_file_backbone, own_backbone
+from .checkpoint import HEAD_KEY, IDENTITY_KEY, check_backbone_identity, load_weights_only, trainable_state_keys
 from .heads import describe_head
 from .methods import TuningConfig, parse_tuning
-from .optim import OptimConfig
+from .optim import OptimConfig, file_optimizer_class
 from .prompt import PromptConfig
-from .task_model import TaskModel, TaskSpec, build_task_model
+from .task_model import TaskModel, TaskSpec, build_task_model, spec_of_file, trained_tensor_shapes
+from .trust import check_finite, check_tensor_shapes
+
+# the file load_from_checkpoint is reading, for the errors of on_load_checkpoint
+_LOADING: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("vpt_loading_checkpoint", default=None)
 
 
 class VPTModule(pl.LightningModule):
@@ -46,9 +54,9 @@ class VPTModule(pl.LightningModule):
         - :meth:`build_backbone` -> the prompted backbone (e.g. other freezing rules).
 
     Checkpoints hold only the trainable tensors (prompts and head) plus the backbone's identity; loading one
-    rebuilds the backbone from the saved ``backbone`` hparams (or the ``backbone=`` given to
-    ``load_from_checkpoint``), checks the identity and fills in the frozen weights, so a ViT-B task checkpoint
-    is a few MB. The weights fingerprint, width, depth and architecture must match; the weights may come from
+    (:meth:`load_from_checkpoint`) rebuilds the backbone from the saved ``backbone`` hparams as a task package's
+    (or the ``backbone=`` given to it), checks the identity and fills in the frozen weights, so a ViT-B task
+    checkpoint is a few MB. The weights digest, width, depth and architecture must match; the weights may come from
     another source (hub, a local ``.safetensors``/``.pth``/``.npz`` copy, the same random init).
 
     Args:
@@ -298,6 +306,73 @@ class VPTModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 
     # ---- small checkpoints ------------------------------------------------------------------------------
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: Union[str, os.PathLike, IO],
+        map_location: Any = None,
+        hparams_file: Optional[Union[str, os.PathLike]] = None,
+        strict: Optional[bool] = None,
+        weights_only: Optional[bool] = None,
+        *,
+        allow_download: bool = False,
+        **kwargs: Any,
+    ) -> "VPTModule":
+        """Lightning's ``load_from_checkpoint`` for a file that may come from someone else (data, never code):
+
+        - it never unpickles code: read with ``torch.load(weights_only=True)`` whatever ``weights_only`` or the
+          environment (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``) say; a payload is refused naming the file;
+        - its hparams are values only, checked as a task package's config: the ``backbone`` entry
+          (:func:`~vpt_lightning.backbones.pin.check_file_backbone`) and the sizes its network would take
+          (:func:`~vpt_lightning.task_model.trained_tensor_shapes`, on the meta device, before anything is built);
+        - its ``optim._target_`` is ``torch.optim.NAME`` or a class of a module you imported: never imported;
+        - what the tuning method would fetch or read to start its tensors is not (the file's tensors replace it:
+          :meth:`~vpt_lightning.methods.base.TuningMethod.config_for_saved_tensors`);
+        - its tensors are exactly the ones this module trains, and finite (:meth:`on_load_checkpoint`).
+
+        The backbone is ``backbone=`` (a pin as ``--backbone``: a config, a ``conf/backbone`` name, a .yaml/.json
+        or weights file), else the file's own entry as a package's (its seeded random init, the shipped quickstart
+        backbone; timm's hub weights only with ``allow_download=True``). Other ``kwargs`` override hparams, as in
+        Lightning. ``checkpoint_path`` is a local file or an open binary file; a URL is refused (download it
+        first).
+        """
+        if isinstance(checkpoint_path, (str, os.PathLike)):
+            if "://" in str(checkpoint_path):
+                raise ValueError(f"{str(checkpoint_path)!r}: download the checkpoint first; a local file is checked")
+            origin = repr(str(Path(checkpoint_path).expanduser()))
+            raw = load_weights_only(Path(checkpoint_path).expanduser())
+        else:
+            origin = repr(getattr(checkpoint_path, "name", "the checkpoint"))
+            raw = load_weights_only(checkpoint_path)
+            checkpoint_path.seek(0)
+        hparams = raw.get("hyper_parameters") if isinstance(raw, dict) else None
+        if not isinstance(hparams, dict) or not isinstance(raw.get("state_dict"), dict):
+            raise ValueError(f"{origin} is not a Lightning checkpoint with 'hyper_parameters' and 'state_dict'")
+        checked = check_file_backbone(hparams.get("backbone"), origin)
+        if kwargs.get("backbone") is not None:
+            kwargs["backbone"] = backbone_pin(kwargs["backbone"], checked)
+        else:
+            kwargs["backbone"] = own_backbone(checked, origin, allow_download)
+        optim = hparams.get("optim")
+        if "optim" not in kwargs and optim is not None:
+            target = optim.get("_target_", OptimConfig.target) if isinstance(optim, Mapping) else optim
+            file_optimizer_class(target, origin)
+        if "tuning" not in kwargs:  # the file's tensors replace what the method would fetch or read to start them
+            try:
+                method, tuning = parse_tuning(hparams.get("tuning"))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{origin}: {err}") from None
+            kwargs["tuning"] = method.config_for_saved_tensors(tuning).to_dict()
+        values = {**hparams, **{k: v for k, v in kwargs.items() if k != "backbone"}}
+        trained_tensor_shapes(spec_of_file({**values, "backbone": checked, "head": raw.get(HEAD_KEY)}, origin), origin)
+        token = _LOADING.set(origin)
+        try:
+            return super().load_from_checkpoint(
+                checkpoint_path, map_location, hparams_file, strict, weights_only=True, **kwargs
+            )
+        finally:
+            _LOADING.reset(token)
+
     def trainable_state_keys(self) -> List[str]:
         """State-dict keys of the trained tensors (see :func:`vpt_lightning.checkpoint.trainable_state_keys`)."""
         return trainable_state_keys(self, self.backbone.model)
@@ -310,10 +385,21 @@ class VPTModule(pl.LightningModule):
             checkpoint[HEAD_KEY] = dict(self.task.spec.head)
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """Check what a checkpoint holds before it is restored: its backbone identity, and its tensors exactly the
+        ones this module trains (never frozen backbone weights), finite; then fill in the frozen weights."""
+        trainer = self._trainer
+        origin = _LOADING.get() or repr(str(getattr(trainer, "ckpt_path", None) or "the checkpoint"))
         saved = checkpoint.get(IDENTITY_KEY)
         if saved is not None:
-            check_backbone_identity(saved, self.backbone_identity)
-        # fill in the frozen backbone weights, which the task checkpoint does not carry
+            try:
+                check_backbone_identity(saved, self.backbone_identity)
+            except ValueError as err:
+                raise ValueError(f"{origin}: {err}") from None
         state = checkpoint["state_dict"]
-        for key, value in self.state_dict().items():
+        own = self.state_dict()
+        expected = {k: tuple(own[k].shape) for k in self.trainable_state_keys()}
+        check_tensor_shapes({k: tuple(getattr(v, "shape", ())) for k, v in state.items()}, expected, origin)
+        check_finite(state, origin)
+        # fill in the frozen backbone weights, which the task checkpoint does not carry
+        for key, value in own.items():
             state.setdefault(key, value)

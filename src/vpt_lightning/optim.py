@@ -1,10 +1,15 @@
 """The ``optim`` config group: which ``torch.optim`` optimizer (a Hydra ``_target_`` / ``_partial_`` node), the
-learning-rate scaling rule and the warm-up + cosine schedule shared by every optimizer."""
+learning-rate scaling rule and the warm-up + cosine schedule shared by every optimizer.
+
+The operator's config may name any optimizer class (its module is imported); an ``optim`` node read from a file
+someone else made (a checkpoint's hparams) never imports anything: :func:`file_optimizer_class` finds
+``torch.optim.NAME`` or a class of a module the operator already imported, else refuses it."""
 
 from __future__ import annotations
 
 import inspect
 import math
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Iterable, Mapping, Optional, Type
 
@@ -24,7 +29,34 @@ ARGUMENT_CHECKS = {
 }
 
 
+def _imported_class(target: str) -> Any:
+    """The attribute a dotted name gives in ``torch.optim`` or in a module already imported, without importing."""
+    module_name, _, name = target.rpartition(".")
+    module = torch.optim if module_name == "torch.optim" else sys.modules.get(module_name)
+    return getattr(module, name, None) if module is not None and name else None
+
+
+def _is_optimizer(cls: Any) -> bool:
+    return isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)
+
+
+def file_optimizer_class(target: Any, origin: str) -> Type[torch.optim.Optimizer]:
+    """The optimizer class an ``optim._target_`` read from a file names, never importing a module for it:
+    ``torch.optim.NAME``, or a class of a module the operator's own code already imported; a ``ValueError``
+    naming ``origin`` otherwise."""
+    cls = _imported_class(str(target)) if isinstance(target, str) else None
+    if not _is_optimizer(cls):
+        raise ValueError(
+            f"{origin}: optim._target_={target!r} is neither a torch.optim optimizer nor one of a module you imported; "
+            "a file's optimizer is never imported (import its module first, or give optim= yourself)"
+        )
+    return cls
+
+
 def _optimizer_class(target: Any) -> Type[torch.optim.Optimizer]:
+    found = _imported_class(str(target))
+    if _is_optimizer(found):
+        return found
     try:
         cls = get_class(str(target))
     except Exception as err:
@@ -32,7 +64,7 @@ def _optimizer_class(target: Any) -> Type[torch.optim.Optimizer]:
             f"optim._target_={target!r} cannot be imported ({err}); give a torch.optim.Optimizer class such as "
             "torch.optim.SGD or torch.optim.AdamW (optim=sgd|adamw)"
         ) from None
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+    if not _is_optimizer(cls):
         raise ValueError(f"optim._target_={target!r} is not a torch.optim.Optimizer class")
     return cls
 

@@ -9,10 +9,16 @@ A task package is a folder (or a Hugging Face Hub repo) of three files:
   eval transform and metrics;
 - ``README.md``: a model card with Hub front matter (``library_name: vpt-lightning``).
 
-``TaskModel.save_pretrained(dir)``, ``TaskModel.from_pretrained(dir_or_repo_id, backbone=...)`` and
-``push_to_hub(repo_id)`` come from ``huggingface_hub.ModelHubMixin``. Loading never unpickles: safetensors and JSON
-only; the head is rebuilt from the method or from a head registered by the operator's own code
-(:mod:`vpt_lightning.heads`).
+``TaskModel.save_pretrained(dir)``, ``TaskModel.from_pretrained(dir or "hf://OWNER/NAME", backbone=...)`` and
+``push_to_hub(repo_id)`` come from ``huggingface_hub.ModelHubMixin``.
+
+A package someone else made is data, never code (``docs/security.md``): loading never unpickles (safetensors and
+JSON only), the head is rebuilt from the method or from a head registered by the operator's own code
+(:mod:`vpt_lightning.heads`), the backbone entry holds values only and leads to no download or file the operator did
+not choose (:mod:`vpt_lightning.backbones.pin`), the weights file may hold only the tensors its task trains, in the
+shapes its config implies (:func:`check_package`, checked on the safetensors header against the network built on
+the ``meta`` device within the caps of :mod:`vpt_lightning.trust`, before anything is allocated), and no NaN/inf.
+A Hub repo is downloaded only when named explicitly, ``hf://OWNER/NAME``.
 """
 
 from __future__ import annotations
@@ -32,11 +38,14 @@ from . import heads
 from .atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from .backbones import BackboneConfig, PromptedBackbone, create_backbone, prompted_backbone
 from .backbones.identity import check_backbone_identity
-from .backbones.pin import backbone_pin, own_backbone
+from .backbones.loading import create_architecture
+from .backbones.pin import backbone_pin, check_file_backbone, own_backbone
 from .checkpoint import trainable_state_keys
+from .data.transforms import INTERPOLATIONS, RECIPES
 from .methods import parse_tuning
 from .model_card import task_model_card
 from .prompt import PromptConfig
+from .trust import bounded_construction, check_finite, check_tensor_shapes, read_small_text, safetensors_shapes
 
 PACKAGE_FORMAT = "vpt-lightning-task"
 PACKAGE_FORMAT_VERSION = 1
@@ -44,8 +53,11 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 PACKAGE_FILES = [CONFIG_FILE, WEIGHTS_FILE, CARD_FILE]
-# a Hugging Face Hub repo id, OWNER/NAME
+# a Hugging Face Hub repo id, OWNER/NAME; a source names one only as hf://OWNER/NAME
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+HUB_PREFIX = "hf://"
+# the largest image side a task file's eval transform may ask images to be resized to
+MAX_EVAL_IMAGE_SIZE = 2048
 
 
 @dataclass
@@ -111,7 +123,7 @@ class TaskModel(
     """A trained task: ``forward(images) = head(backbone(images))`` with its class names and eval transform.
 
     Build one with :func:`build_task_model` (from configs), :meth:`from_pretrained` (a package folder or Hub repo
-    id) or :func:`vpt_lightning.task_sources.load_task` (a package, a ``.ckpt`` or a run folder).
+    ``hf://OWNER/NAME``) or :func:`vpt_lightning.task_sources.load_task` (a package, a ``.ckpt`` or a run folder).
     ``VPTModule`` trains one (``module.task``); ``MultiTaskClassifier`` serves several on one shared backbone.
 
     Args:
@@ -229,6 +241,7 @@ class TaskModel(
         backbone: Any = None,
         model: Optional[nn.Module] = None,
         identity: Optional[Mapping[str, Any]] = None,
+        allow_download: bool = False,
         **unused: Any,
     ) -> "TaskModel":
         folder = package_folder(
@@ -239,20 +252,28 @@ class TaskModel(
             token=token,
             local_files_only=local_files_only,
         )
-        return load_package(folder, backbone=backbone, model=model, identity=identity)
+        return load_package(folder, backbone=backbone, model=model, identity=identity, allow_download=allow_download)
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: Union[str, Path], *, backbone: Any = None, **kwargs: Any
+        cls,
+        pretrained_model_name_or_path: Union[str, Path],
+        *,
+        backbone: Any = None,
+        allow_download: bool = False,
+        **kwargs: Any,
     ) -> "TaskModel":
-        """Load a task package from a folder or a Hub repo id (downloaded with ``snapshot_download``).
+        """Load a task package from a folder or a Hub repo ``hf://OWNER/NAME`` (downloaded with
+        ``snapshot_download``; a bare ``OWNER/NAME`` is a local path only).
 
         ``backbone`` pins the frozen backbone (a :class:`BackboneConfig`, its mapping, a ``conf/backbone`` name or
         a weights/YAML file, see :func:`vpt_lightning.task_sources.backbone_pin`) instead of the package's own
-        ``backbone`` entry; either way the package's backbone identity must match. ``model``/``identity``: an
-        already built timm model to wrap (a shared backbone).
+        ``backbone`` entry; either way the package's backbone identity must match. Without a pin the package's own
+        entry is a seeded random init or the shipped quickstart backbone; timm's hub weights it names
+        (``pretrained: true``) are downloaded only with ``allow_download=True``. ``model``/``identity``: an already
+        built timm model to wrap (a shared backbone).
         """
-        # resolve here, so that a missing folder or an unreachable repo id fails with one clear message
+        # resolve here, so that a missing folder or an unreachable Hub repo fails with one clear message
         folder = package_folder(
             str(pretrained_model_name_or_path),
             **{
@@ -261,7 +282,7 @@ class TaskModel(
                 if k in kwargs
             },
         )
-        return super().from_pretrained(str(folder), backbone=backbone, **kwargs)
+        return super().from_pretrained(str(folder), backbone=backbone, allow_download=allow_download, **kwargs)
 
 
 def package_version() -> str:
@@ -287,17 +308,22 @@ def build_task_model(
     backbone_eval: bool = True,
     build_backbone: Optional[Callable[[nn.Module], PromptedBackbone]] = None,
     build_head: Optional[Callable[[int, int], nn.Module]] = None,
+    saved_tensors: bool = False,
 ) -> TaskModel:
     """The one factory of a task's network from its parsed configs.
 
     Builds the frozen timm backbone (``backbone``, default ``spec.backbone``; or wraps ``model`` with its
     ``identity``, e.g. a backbone shared by several tasks), wraps it in its family's prompted backbone, applies the
     tuning method and builds the head. ``build_backbone``/``build_head`` replace those two steps (``VPTModule``
-    passes its hooks, so a subclass's head ends up in the task).
+    passes its hooks, so a subclass's head ends up in the task). ``saved_tensors``: the trained tensors are then
+    loaded from a file, so the method starts them from nothing it would fetch or read
+    (:meth:`~vpt_lightning.methods.base.TuningMethod.config_for_saved_tensors`); the task keeps ``spec`` as given.
     """
     if not isinstance(spec, TaskSpec):
         spec = TaskSpec.from_mapping(spec)
     method, tuning = parse_tuning(spec.tuning)
+    if saved_tensors:
+        tuning = method.config_for_saved_tensors(tuning)
     if model is None:
         config = backbone if backbone is not None else spec.backbone
         model, identity = create_backbone(config)
@@ -331,7 +357,7 @@ def read_package_config(folder: os.PathLike) -> Dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{str(folder)!r} is not a task package: it has no {CONFIG_FILE}")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(read_small_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from err
     if not isinstance(config, dict) or config.get("format") != PACKAGE_FORMAT:
@@ -367,24 +393,37 @@ def package_folder(
     token: Any = None,
     local_files_only: bool = False,
 ) -> Path:
-    """A package's local folder: ``source`` itself, or the Hub repo ``source`` downloaded (``snapshot_download``,
-    the package's three files only). Offline or unknown, the error names the source and why."""
+    """A package's local folder: ``source`` itself, or the Hub repo ``hf://OWNER/NAME`` downloaded
+    (``snapshot_download``, the package's three files only). A bare ``OWNER/NAME`` is a local path, never a repo id
+    (a mistyped path must not download a squatted repo): missing, its error suggests ``hf://OWNER/NAME``. Offline
+    or unknown, the error names the source and why."""
+    text = str(source)
+    if text.startswith(HUB_PREFIX):
+        repo_id = text[len(HUB_PREFIX) :]
+        if not REPO_ID.match(repo_id):
+            raise ValueError(f"{text!r} is not a Hub model repo: write hf://OWNER/NAME")
+        return _download_package(text, repo_id, revision, cache_dir, force_download, token, local_files_only)
     path = Path(source).expanduser()
     if path.is_dir():
         return path
     if path.exists():
-        raise ValueError(f"{str(source)!r} is a file, not a task package folder")
-    if not REPO_ID.match(str(source)):
-        raise FileNotFoundError(
-            f"{str(source)!r} does not exist: give a task package folder (<run>/task), a .ckpt file, a run folder or "
-            "a Hub repo id OWNER/NAME"
-        )
+        raise ValueError(f"{text!r} is a file, not a task package folder")
+    hub = f"; for the Hub repo of that name write {HUB_PREFIX}{text}" if REPO_ID.match(text) else ""
+    raise FileNotFoundError(
+        f"{text!r} does not exist{hub}: give a task package folder (<run>/task), a .ckpt file, a run folder or a "
+        "Hub repo hf://OWNER/NAME"
+    )
+
+
+def _download_package(
+    source: str, repo_id: str, revision: Any, cache_dir: Any, force_download: bool, token: Any, local_files_only: bool
+) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
         return Path(
             snapshot_download(
-                repo_id=str(source),
+                repo_id=repo_id,
                 revision=revision,
                 cache_dir=cache_dir,
                 force_download=force_download,
@@ -395,28 +434,98 @@ def package_folder(
         )
     except Exception as err:  # offline (no network, HF_HUB_OFFLINE=1), unknown repo, no access
         raise ValueError(
-            f"{str(source)!r} is no local folder, and the Hub repo of that id could not be downloaded "
+            f"{source!r}: the Hub repo could not be downloaded "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); offline, give the package's "
             "folder instead"
         ) from None
 
 
-def read_package(folder: Path) -> TaskRecord:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def spec_of_file(values: Mapping[str, Any], origin: str) -> TaskSpec:
+    """The :class:`TaskSpec` of a file someone else made (a package's ``config.json``, a ``.ckpt``'s hparams),
+    values only: its ``backbone`` entry as :func:`~vpt_lightning.backbones.pin.check_file_backbone` allows, its
+    ``eval_transform`` a known recipe and interpolation, an image size up to :data:`MAX_EVAL_IMAGE_SIZE` and finite
+    mean/std. A ``ValueError`` names ``origin``, the key and the rule."""
+    if isinstance(values, Mapping) and "backbone" in values:
+        values = {**values, "backbone": check_file_backbone(values["backbone"], origin)}
+    spec = TaskSpec.from_mapping(values, origin=origin)
+    check_eval_transform(spec.eval_transform, origin)
+    return spec
 
+
+def check_eval_transform(settings: Optional[Mapping[str, Any]], origin: str) -> None:
+    """Refuse eval transform settings that would fail at the first image or resize it beyond reason."""
+    if settings is None:
+        return
+    if not isinstance(settings, Mapping):
+        raise ValueError(f"{origin}: eval_transform must be a mapping, got {type(settings).__name__}")
+    where = f"{origin}: eval_transform"
+    if settings.get("recipe", "vtab") not in RECIPES:
+        raise ValueError(f"{where}.recipe={settings.get('recipe')!r} is not one of {list(RECIPES)}")
+    interpolation = settings.get("interpolation", "bicubic")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"{where}.interpolation={interpolation!r} is not one of {list(INTERPOLATIONS)}")
+    size = settings.get("img_size")
+    if size is not None and (
+        not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_EVAL_IMAGE_SIZE
+    ):
+        raise ValueError(f"{where}.img_size={size!r} must be an integer in [1, {MAX_EVAL_IMAGE_SIZE}]")
+    for key in ("mean", "std"):
+        value = settings.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, (list, tuple)) and 1 <= len(value) <= 4
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e6 for v in value)
+        if not ok or (key == "std" and not all(v > 0 for v in value)):
+            valid = "1 to 4 finite numbers" + (" > 0" if key == "std" else "")
+            raise ValueError(f"{where}.{key}={value!r} must be {valid}")
+
+
+def trained_tensor_shapes(spec: TaskSpec, origin: str) -> Dict[str, tuple]:
+    """The names and shapes of the tensors a task of ``spec`` trains (what its package or checkpoint must hold):
+    its network built on the ``meta`` device, within the caps of :func:`vpt_lightning.trust.bounded_construction`
+    (refused, naming ``origin``, beyond them), so nothing is allocated and nothing downloaded or read."""
+    try:
+        with bounded_construction(origin), torch.device("meta"), torch.random.fork_rng(devices=[]):
+            task = build_task_model(spec, model=create_architecture(spec.backbone), identity={}, saved_tensors=True)
+            keys = trainable_state_keys(task, task.backbone.model)
+            state = task.state_dict()
+    except ValueError as err:
+        raise ValueError(str(err) if origin in str(err) else f"{origin}: {err}") from None
+    except Exception as err:  # a timm or torch error on values that passed the checks: name the file
+        raise ValueError(f"{origin}: its network could not be built ({type(err).__name__}: {err})") from None
+    return {k: tuple(state[k].shape) for k in keys}
+
+
+def check_package(folder: os.PathLike) -> TaskSpec:
+    """Check a package folder without building its network or loading its tensors: ``config.json`` holds values
+    only (:func:`spec_of_file`), and ``model.safetensors``'s header (read alone) names exactly the tensors the
+    task trains, in the shapes its config implies (:func:`trained_tensor_shapes`). Returns the spec; a
+    ``ValueError`` names the file and the rule."""
+    return _checked_package(Path(folder))[1]
+
+
+def _checked_package(folder: Path) -> tuple:
     config = read_package_config(folder)
+    config_origin = repr(str(folder / CONFIG_FILE))
+    spec = spec_of_file(config, config_origin)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"task package {str(folder)!r} has no {WEIGHTS_FILE}")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(
-            f"{str(weights)!r} is not a safetensors file ({err}); a task package's weights are read as safetensors "
-            "only, never unpickled"
-        ) from None
-    spec = TaskSpec.from_mapping(config, origin=repr(str(folder / CONFIG_FILE)))
+    expected = trained_tensor_shapes(spec, config_origin)
+    check_tensor_shapes(safetensors_shapes(weights), expected, repr(str(weights)))
+    return config, spec
+
+
+def read_package(folder: Path) -> TaskRecord:
+    """A package's spec, trained tensors and identity, checked (:func:`check_package`, finite values), before any
+    network is built."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config, spec = _checked_package(folder)
+    weights = folder / WEIGHTS_FILE
+    state = load_file(str(weights))
+    check_finite(state, repr(str(weights)))
     info = {k: config[k] for k in INFO_KEYS if k in config}
     return TaskRecord(folder, spec, state, config.get("backbone_identity"), info)
 
@@ -426,32 +535,37 @@ def assemble(
     backbone: Any = None,
     model: Optional[nn.Module] = None,
     identity: Optional[Mapping[str, Any]] = None,
+    allow_download: bool = False,
 ) -> TaskModel:
-    """Build the network a record describes (on the pinned ``backbone``, or wrapping ``model``), check the
-    backbone identity and load the trained tensors; every mismatch is named with the source."""
+    """Build the network a record describes and load its trained tensors; every mismatch is named with the source.
+
+    The backbone is the operator's pin ``backbone`` (:func:`~vpt_lightning.backbones.pin.backbone_pin`), else the
+    record's own entry as :func:`~vpt_lightning.backbones.pin.own_backbone` allows (``allow_download``: timm's hub
+    weights it names), or ``model``, an already built timm model shared with other tasks (then a method that trains
+    backbone weights is refused). The recorded backbone identity must match, and the record's tensors must be
+    exactly the task's trained ones: nothing else of a file is ever loaded into the backbone."""
     origin = repr(str(record.origin))
+    config_origin, weights_origin = origin, origin
+    if Path(record.origin).is_dir():  # a package: name the file each check reads
+        config_origin, weights_origin = (repr(str(Path(record.origin) / f)) for f in (CONFIG_FILE, WEIGHTS_FILE))
+    method, tuning = parse_tuning(record.spec.tuning)
+    if model is not None and method.trains_backbone:
+        raise ValueError(
+            f"{origin}: tuning={tuning.name} changes backbone weights, so it cannot share the frozen backbone with "
+            "other tasks; load it alone with vpt_lightning.task_sources.load_task (or VPTModule.load_from_checkpoint)"
+        )
     pin = None
     if model is None:
         pin = (
             backbone_pin(backbone, record.spec.backbone)
             if backbone is not None
-            else own_backbone(record.spec.backbone, origin)
+            else own_backbone(record.spec.backbone, config_origin, allow_download)
         )
-    task = build_task_model(record.spec, backbone=pin, model=model, identity=identity)
-    check_identity(record.identity, task.identity, origin)
+    task = build_task_model(record.spec, backbone=pin, model=model, identity=identity, saved_tensors=True)
+    check_identity(record.identity, task.identity, config_origin)
     own = task.state_dict()
-    expected = {k for k in own if not k.startswith("backbone.model.")}
-    missing, unexpected = sorted(expected - set(record.state_dict)), sorted(set(record.state_dict) - set(own))
-    shapes = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in record.state_dict.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{origin} does not fit the model its config describes: missing {missing}, unexpected {unexpected}, "
-            f"shape mismatches {shapes}"
-        )
+    expected = {k: tuple(own[k].shape) for k in trainable_state_keys(task, task.backbone.model)}
+    check_tensor_shapes({k: tuple(v.shape) for k, v in record.state_dict.items()}, expected, weights_origin)
     task.load_state_dict(record.state_dict, strict=False)
     task.__dict__["_trained_keys"] = [k for k in own if k in record.state_dict]
     task.info = dict(record.info)
@@ -463,6 +577,7 @@ def load_package(
     backbone: Any = None,
     model: Optional[nn.Module] = None,
     identity: Optional[Mapping[str, Any]] = None,
+    allow_download: bool = False,
 ) -> TaskModel:
     """A :class:`TaskModel` from a package folder (``TaskModel.from_pretrained``'s work)."""
-    return assemble(read_package(Path(folder)), backbone, model, identity)
+    return assemble(read_package(Path(folder)), backbone, model, identity, allow_download)

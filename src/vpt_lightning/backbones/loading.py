@@ -20,7 +20,7 @@ from ..dataclass_config import DataclassConfig
 from ..paper import BACKBONES, backbone_key
 from ..renamed import renamed_names
 from .base import PromptedBackbone, refuse_resampling
-from .identity import backbone_identity
+from .identity import backbone_identity, file_identity
 from .registry import family_class_of_model
 
 
@@ -175,6 +175,13 @@ def _family_class_of_architecture(name: str, kwargs_json: str) -> Type[PromptedB
     return family_class_of_model(model)
 
 
+def create_architecture(config: BackboneConfig | Mapping[str, Any]) -> nn.Module:
+    """The timm model a ``backbone`` config names, without a classifier and without weights (never a download or a
+    file): built under ``torch.device("meta")``, it describes the architecture without allocating it."""
+    config = BackboneConfig.parse(config)
+    return timm.create_model(config.name, pretrained=False, **{**config.kwargs, "num_classes": 0})
+
+
 def family_class_of_config(config: BackboneConfig | Mapping[str, Any]) -> Type[PromptedBackbone]:
     """The prompted-backbone family class of the model a ``backbone`` config builds, without building its weights."""
     config = BackboneConfig.parse(config)
@@ -184,9 +191,11 @@ def family_class_of_config(config: BackboneConfig | Mapping[str, Any]) -> Type[P
 def create_backbone(config: BackboneConfig | Mapping[str, Any]) -> Tuple[nn.Module, Dict[str, Any]]:
     """Build the timm model named by ``config`` without a classifier, and describe its identity.
 
-    Returns ``(model, identity)``; ``identity`` (name, weight source, file hash, weights fingerprint, width,
-    depth and architecture) is stored in every task checkpoint so that it is only loaded onto the same backbone
-    (the fingerprint, width, depth and architecture decide; name, source and file hash are information).
+    Returns ``(model, identity)``; ``identity`` (name, weight source, file hash, the SHA-256 of every weight value,
+    weights fingerprint, width, depth and architecture) is stored in every task checkpoint so that it is only loaded
+    onto the same backbone (the weights digest, fingerprint, width, depth and architecture decide; name, source and
+    file hash are information). The digests of a weights file's backbone are cached in this process by the file's
+    identity (path, inode, size, mtime and ctime), so a second load of the same file does not hash it again.
     """
     if not isinstance(config, BackboneConfig):
         config = BackboneConfig.from_mapping(config)
@@ -206,12 +215,18 @@ def create_backbone(config: BackboneConfig | Mapping[str, Any]) -> Tuple[nn.Modu
                 f"backbone.name={config.name!r} is not a timm model; see timm.list_models() for valid names"
             ) from err
         raise
+    file_before = None
     if config.checkpoint_path:
+        path = Path(config.checkpoint_path).expanduser()
+        file_before = file_identity(path) if path.is_file() else None
         load_backbone_weights(model, config.checkpoint_path, config.resize_embeddings)
         weights = "file"
     else:
         weights = "hub" if use_hub else f"random(seed={config.init_seed})"
-    return model, backbone_identity(model, config.name, config.kwargs, weights, config.checkpoint_path)
+    identity = backbone_identity(
+        model, config.name, config.kwargs, weights, config.checkpoint_path, file_before, config.resize_embeddings
+    )
+    return model, identity
 
 
 # ---- the original Google ViT .npz files (read by timm's own loader, after this check) -------------------------

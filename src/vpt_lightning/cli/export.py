@@ -50,7 +50,7 @@ def run_info(source: Path) -> Dict[str, Any]:
 
 
 def export_hub(args: argparse.Namespace) -> int:
-    task = load_one_task(args.source, args.backbone, args.imports)
+    task = load_one_task(args.source, args.backbone, args.imports, args.allow_download)
     if not task.info:
         task.info = run_info(Path(args.source))
     task.save_pretrained(args.out)
@@ -69,7 +69,9 @@ def build_parser(onnx_loader: Optional[ModelLoader] = None) -> argparse.Argument
     commands = parser.add_subparsers(dest="command", required=True)
     hub = commands.add_parser("hub", help="a task package folder (and optionally push it to the Hugging Face Hub)")
     hub.add_argument(
-        "source", metavar="CKPT_OR_RUN", help="a task checkpoint (.ckpt), a vpt-train run folder or a task package"
+        "source",
+        metavar="CKPT_OR_RUN",
+        help="a task checkpoint (.ckpt), a vpt-train run folder, a task package or a Hub repo hf://OWNER/NAME",
     )
     hub.add_argument("--out", required=True, type=Path, help="the package folder written")
     hub.add_argument("--push", metavar="OWNER/NAME", help="also upload the package to this Hub model repo")

@@ -16,16 +16,17 @@ from torch import nn
 
 from .task_arguments import add_pin_and_import_arguments, load_one_task
 
-#: loads a task (a path or repo id as typed on the command line) as an ``nn.Module``: images -> logits
+#: loads a task (a path or hf://OWNER/NAME as typed on the command line) as an ``nn.Module``: images -> logits
 ModelLoader = Callable[[str], nn.Module]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
 
 def load_for_export(args: argparse.Namespace) -> nn.Module:
-    """The task named on the command line (package, repo id, ``.ckpt`` or run folder), in eval mode, after the
-    operator's own modules (``--import``) and on the pinned backbone (``--backbone``) if given."""
-    return load_one_task(args.task, args.backbone, args.imports).eval()
+    """The task named on the command line (package, ``hf://OWNER/NAME``, ``.ckpt`` or run folder), in eval mode,
+    after the operator's own modules (``--import``), on the pinned backbone (``--backbone``) if given, downloading
+    timm hub weights only with ``--allow-download``."""
+    return load_one_task(args.task, args.backbone, args.imports, args.allow_download).eval()
 
 
 def list_check_images(folder: Path, limit: int) -> List[Path]:
@@ -42,7 +43,7 @@ def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "task",
         metavar="TASK",
-        help="the trained task: a package folder (<run>/task), a Hub repo id, a .ckpt or a run folder",
+        help="the trained task: a package folder (<run>/task), a Hub repo hf://OWNER/NAME, a .ckpt or a run folder",
     )
     add_pin_and_import_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="the .onnx file written")

@@ -27,7 +27,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "checkpoints",
         nargs="+",
         metavar="TASK",
-        help="tasks: package folders (<run>/task of vpt-train), Hub repo ids, .ckpt files or run "
+        help="tasks: package folders (<run>/task of vpt-train), Hub repos hf://OWNER/NAME, .ckpt files or run "
         "folders, optionally NAME=TASK",
     )
     parser.add_argument("--top-k", type=int, default=5, help="classes reported per image (default 5)")
@@ -35,9 +35,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model(
-    values: Sequence[str], backbone: Optional[str] = None, imports: Sequence[str] = ()
+    values: Sequence[str], backbone: Optional[str] = None, imports: Sequence[str] = (), allow_download: bool = False
 ) -> MultiTaskClassifier:
-    return load_tasks(values, backbone, imports)
+    return load_tasks(values, backbone, imports, allow_download)
 
 
 @report_errors("vpt-predict")
@@ -90,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
-        model = load_model(args.checkpoints, args.backbone, args.imports)
+        model = load_model(args.checkpoints, args.backbone, args.imports, args.allow_download)
         items = list_images(args.images, model.task_names, args.task, args.root)
         trainer = pl.Trainer(
             accelerator=args.accelerator,

@@ -101,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if warning:
         print(f"vpt-serve: warning: {warning}", file=sys.stderr, flush=True)
     try:
-        model = load_model(args.checkpoints, args.backbone, args.imports)
+        model = load_model(args.checkpoints, args.backbone, args.imports, args.allow_download)
     except (ValueError, FileNotFoundError) as err:
         print(f"vpt-serve: error: {err}", file=sys.stderr)
         return 1

@@ -1,5 +1,5 @@
 """The command-line arguments of the commands that load trained tasks (``vpt-predict``, ``vpt-serve``,
-``vpt-export``): the operator's backbone pin and own modules, and loading one task with them."""
+``vpt-export``): the operator's backbone pin, own modules and download permission, and loading one task with them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ if TYPE_CHECKING:  # loading a task imports torch and timm: only when a command 
 
 
 def add_pin_and_import_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--backbone NAME_OR_FILE`` (pin the frozen backbone) and ``--import FILE_OR_MODULE`` (repeatable)."""
+    """``--backbone NAME_OR_FILE`` (pin the frozen backbone), ``--import FILE_OR_MODULE`` (repeatable) and
+    ``--allow-download`` (the timm hub weights a task names may be downloaded)."""
     parser.add_argument(
         "--backbone",
         metavar="NAME_OR_FILE",
@@ -27,14 +28,23 @@ def add_pin_and_import_arguments(parser: argparse.ArgumentParser) -> None:
         help="import your own module first (a .py file or a dotted name), e.g. the one that "
         "registers a custom head with vpt_lightning.heads.register_head; repeatable",
     )
+    parser.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="let a task whose backbone is timm's hub weights (pretrained: true) download them; without it, "
+        "loading makes no network request but for an explicit Hub source hf://OWNER/NAME",
+    )
 
 
-def load_one_task(source: str, backbone: Optional[str] = None, imports: Sequence[str] = ()) -> "TaskModel":
-    """The task at ``source`` (package, Hub repo id, ``.ckpt`` or run folder), after the operator's own modules
-    (``--import``) and on the pinned backbone (``--backbone``) if given."""
+def load_one_task(
+    source: str, backbone: Optional[str] = None, imports: Sequence[str] = (), allow_download: bool = False
+) -> "TaskModel":
+    """The task at ``source`` (package, Hub repo ``hf://OWNER/NAME``, ``.ckpt`` or run folder), after the operator's
+    own modules (``--import``), on the pinned backbone (``--backbone``) if given, downloading the timm hub weights it
+    names only with ``allow_download`` (``--allow-download``)."""
     from ..heads import import_user_code
     from ..task_sources import load_task
 
     for target in imports:
         import_user_code(target)
-    return load_task(source, backbone=backbone)
+    return load_task(source, backbone=backbone, allow_download=allow_download)

@@ -103,6 +103,13 @@ class TuningMethod:
         """The classifier on the pooled features. Default: linear."""
         return nn.Linear(in_features, num_classes)
 
+    @classmethod
+    def config_for_saved_tensors(cls, config: TuningConfig) -> TuningConfig:
+        """The config that rebuilds a trained task whose tensors are then loaded from its file: options that only
+        choose the initial values of what trains (a download, a file to read) are set so that nothing is fetched or
+        opened, since the file's tensors replace them. Default: the config as it is."""
+        return config
+
 
 class AdamWRecipe(TuningMethod):
     """Methods the paper trains with AdamW (Appendix A) on the official fine-tuning lr x wd grid (tune_vtab.py)."""

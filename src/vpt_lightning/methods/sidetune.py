@@ -12,6 +12,7 @@ the head sees ``sigmoid(alpha) * backbone(x) + (1 - sigmoid(alpha)) * side(x)`` 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -102,6 +103,11 @@ class Sidetune(TuningMethod):
     Config = SidetuneConfig
     prompts = "none"
     paper_method = "sidetune"
+
+    @classmethod
+    def config_for_saved_tensors(cls, config: SidetuneConfig) -> SidetuneConfig:  # type: ignore[override]
+        """The side network trains entirely, so a saved task carries all of it: start it at random (no download)."""
+        return dataclasses.replace(config, side_weights="random")
 
     @classmethod
     def apply(cls, backbone: PromptedBackbone, config: SidetuneConfig) -> None:  # type: ignore[override]

@@ -14,12 +14,12 @@ from torch import nn
 
 from ..backbones import BackboneConfig, PromptedBackbone, create_backbone, prompted_backbone
 from ..backbones.identity import identity_differences
-from ..backbones.pin import backbone_pin
+from ..backbones.pin import backbone_pin, own_backbone
 from ..checkpoint import TaskCheckpoint
 from ..heads import import_user_code
 from ..methods import parse_tuning
-from ..task_model import TaskModel, TaskRecord, TaskSpec, assemble
-from ..task_sources import read_task
+from ..task_model import TaskModel, TaskRecord, assemble
+from ..task_sources import read_task, record_of_checkpoint
 from .mixed_pass import joins_with_prompts, mixed_features, shares_blocks
 from .shared_weights import weight_sharing_copy
 from .task_updates import Update, task_updates
@@ -92,16 +92,24 @@ class MultiTaskClassifier(nn.Module):
         cls,
         sources: Union[Sequence[Union[str, os.PathLike]], Mapping[str, Union[str, os.PathLike]]],
         backbone: Any = None,
+        allow_download: bool = False,
     ) -> "MultiTaskClassifier":
         """Load tasks (a list, or names -> sources) on one shared backbone: the pinned ``backbone`` (see
         :func:`~vpt_lightning.backbones.pin.backbone_pin`: a config, a ``conf/backbone`` name, a YAML or weights
-        file), else the first task's. A source is a package folder, a Hub repo id, a ``.ckpt`` or a run folder."""
+        file), else the first task's own entry as :func:`~vpt_lightning.backbones.pin.own_backbone` allows (its
+        seeded random init or the shipped quickstart backbone; timm's hub weights only with ``allow_download``).
+        A source is a package folder, a Hub repo ``hf://OWNER/NAME``, a ``.ckpt`` or a run folder; every one is
+        read and checked before the backbone is built."""
         items = list(sources.items()) if isinstance(sources, Mapping) else [(None, p) for p in sources]
         if not items:
             raise ValueError("no task given")
         read = [(name, read_task(source)) for name, source in items]
-        first = read[0][1].spec.backbone
-        model = cls(backbone_pin(backbone, first) if backbone is not None else first)
+        first = read[0][1]
+        if backbone is not None:
+            config = backbone_pin(backbone, first.spec.backbone)
+        else:
+            config = own_backbone(first.spec.backbone, repr(str(first.origin)), allow_download)
+        model = cls(config)
         for name, record in read:
             model.add_task(record, name)
         return model
@@ -111,9 +119,10 @@ class MultiTaskClassifier(nn.Module):
         cls,
         checkpoints: Union[Sequence[os.PathLike], Mapping[str, os.PathLike]],
         backbone: Union[BackboneConfig, Mapping[str, Any], None] = None,
+        allow_download: bool = False,
     ) -> "MultiTaskClassifier":
         """:meth:`from_sources` (task checkpoints, packages or run folders; a list or names -> paths)."""
-        return cls.from_sources(checkpoints, backbone)
+        return cls.from_sources(checkpoints, backbone, allow_download)
 
     @property
     def model(self) -> nn.Module:
@@ -125,12 +134,12 @@ class MultiTaskClassifier(nn.Module):
         return list(self.tasks.keys())
 
     def add_task(self, source: Union[TaskRecord, TaskCheckpoint, str, os.PathLike], name: Optional[str] = None) -> str:
-        """Load a task (a package, Hub repo id, ``.ckpt``, run folder, or one already read) onto the shared
-        backbone as a :class:`~vpt_lightning.task_model.TaskModel`; returns its name (``name``, else the task's
-        ``task_name``, else its run folder's name)."""
+        """Load a task (a package, Hub repo ``hf://OWNER/NAME``, ``.ckpt``, run folder, or one already read) onto the
+        shared backbone as a :class:`~vpt_lightning.task_model.TaskModel`; returns its name (``name``, else the
+        task's ``task_name``, else its run folder's name). A task that does not load changes nothing: its tensors
+        are only ever its own (prompts, head, the method's), never the shared backbone's."""
         if isinstance(source, TaskCheckpoint):
-            spec = TaskSpec.from_mapping({**source.hparams, "head": source.head}, origin=repr(str(source.path)))
-            source = TaskRecord(source.path, spec, source.state_dict, source.identity, {})
+            source = record_of_checkpoint(source)
         record = source if isinstance(source, TaskRecord) else read_task(source)
         path, spec = record.origin, record.spec
         name = name or spec.task_name or default_task_name(path)
@@ -248,16 +257,20 @@ def parse_sources(values: Sequence[str]) -> Union[List[str], Dict[str, str]]:
     return [source for _, source in pairs]
 
 
-def load_tasks(values: Sequence[str], backbone: Any = None, imports: Sequence[str] = ()) -> MultiTaskClassifier:
+def load_tasks(
+    values: Sequence[str], backbone: Any = None, imports: Sequence[str] = (), allow_download: bool = False
+) -> MultiTaskClassifier:
     """What ``vpt-predict`` and ``vpt-serve`` serve: the tasks of ``SOURCE``/``NAME=SOURCE`` arguments (package
-    folders, Hub repo ids, ``.ckpt`` files, run folders) on one backbone, pinned by ``backbone`` (``--backbone``).
+    folders, Hub repos ``hf://OWNER/NAME``, ``.ckpt`` files, run folders) on one backbone, pinned by ``backbone``
+    (``--backbone``); ``allow_download`` (``--allow-download``): the first task's own backbone may be timm's hub
+    weights it names.
 
     ``imports``: the operator's own modules (``.py`` files or dotted names) to import first, so that the heads they
     register (:func:`vpt_lightning.heads.register_head`) can be rebuilt; a task never chooses code to import.
     """
     for target in imports:
         import_user_code(target)
-    return MultiTaskClassifier.from_sources(parse_sources(values), backbone)
+    return MultiTaskClassifier.from_sources(parse_sources(values), backbone, allow_download)
 
 
 def default_task_name(path: Path) -> str:
