@@ -45,7 +45,8 @@ from .data.transforms import INTERPOLATIONS, RECIPES
 from .methods import parse_tuning
 from .model_card import task_model_card
 from .prompt import PromptConfig
-from .trust import bounded_construction, check_finite, check_tensor_shapes, read_small_text, safetensors_shapes
+from .regular_files import read_regular_file
+from .trust import bounded_construction, check_finite, check_tensor_shapes, safetensors_shapes
 
 PACKAGE_FORMAT = "vpt-lightning-task"
 PACKAGE_FORMAT_VERSION = 1
@@ -357,7 +358,7 @@ def read_package_config(folder: os.PathLike) -> Dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{str(folder)!r} is not a task package: it has no {CONFIG_FILE}")
     try:
-        config = json.loads(read_small_text(path))
+        config = json.loads(read_regular_file(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from err
     if not isinstance(config, dict) or config.get("format") != PACKAGE_FORMAT:

@@ -9,7 +9,6 @@ imports, downloads, files it names), these checks bound what its values may cost
 - :func:`check_tensor_shapes`: a file's tensors against the ones its task trains (no other key: never the shared
   backbone's weights), in the shapes its config implies;
 - :func:`check_finite`: no NaN or infinite value;
-- :func:`read_small_text`: a config file read only up to :data:`MAX_CONFIG_BYTES`.
 
 Every refusal is a ``ValueError`` whose message names the file, what is wrong and the rule.
 """
@@ -19,13 +18,10 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from pathlib import Path
 from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-# a package's config.json (class names of 21k classes take ~0.5 MB)
-MAX_CONFIG_BYTES = 16 << 20
 # what the network a file describes may hold in parameters and buffers (ViT-H/14 is 2.5 GB in float32, ViT-G/14
 # 7.3 GB); the memory available now lowers it (memory_cap)
 MAX_MODEL_BYTES = 8 << 30
@@ -145,18 +141,3 @@ def check_finite(tensors: Mapping[str, torch.Tensor], origin: str) -> None:
             if not bool(torch.isfinite(tensor).all()):
                 bad = int((~torch.isfinite(tensor)).sum())
                 raise ValueError(f"{origin}: tensor {key!r} has {bad} value(s) that are not finite (NaN or inf)")
-
-
-def read_small_text(path: os.PathLike, limit: int = MAX_CONFIG_BYTES) -> str:
-    """A regular text file's content, refused (naming it) when it is larger than ``limit`` bytes or not a regular
-    file (a FIFO would block the reader, a device never end)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{str(path)!r} is not a regular file")
-    with open(path, "rb") as handle:
-        data = handle.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(
-            f"{str(path)!r} is larger than {limit} bytes, the cap of a config file (trust.MAX_CONFIG_BYTES)"
-        )
-    return data.decode("utf-8")
