@@ -214,3 +214,26 @@ def test_vpt_viz_refuses_a_checkpoint_with_a_payload_and_never_runs_it(run_dir, 
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "evil.ckpt' was refused: it asks to unpickle" in err, err
     assert not (tmp_path / "ran").exists()  # the payload never ran
+
+
+def test_a_task_on_a_weights_file_backbone_is_drawn_with_the_operators_pin(tmp_path, capsys):
+    """A checkpoint names its backbone weights file; vpt-viz never opens a file a checkpoint names, so it asks for
+    --backbone FILE, as vpt-predict does, and draws with it."""
+    from conftest import TINY, make_vit, save_task_checkpoint
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "backbone.safetensors"
+    save_file(make_vit(seed=3).state_dict(), str(weights))
+    backbone = {"name": "vit_tiny_patch16_224", "kwargs": TINY, "checkpoint_path": str(weights)}
+    ckpt = save_task_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", backbone=backbone)
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32), (120, 30, 200)).save(tmp_path / "images" / "a.png")
+    out = tmp_path / "attention.png"
+    with pytest.raises(SystemExit) as exit_info:
+        vpt_viz(["attention", str(ckpt), "--images", str(tmp_path / "images"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "--backbone" in err and err.count("\n") == 1, err
+    vpt_viz(
+        ["attention", str(ckpt), "--images", str(tmp_path / "images"), "--out", str(out), "--backbone", str(weights)]
+    )
+    _check_png(out, (300, 100))

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from .atomic import write_bytes_atomic
-from .checkpoint import load_weights_only
 from .csv_files import csv_rows
 from .integrity import read_results
 from .module import VPTModule
@@ -54,9 +53,15 @@ def save_figure(figure: Any, path: Path, dpi: int = 90) -> Path:
 
 
 # ---- loading a trained task ---------------------------------------------------------------------------------
-def load_task_for_viz(path: Path) -> Tuple[VPTModule, Optional[Path]]:
+def load_task_for_viz(
+    path: Path, backbone: Any = None, allow_download: bool = False
+) -> Tuple[VPTModule, Optional[Path]]:
     """The trained model of a run folder (its ``checkpoints/last.ckpt``) or of a checkpoint file, in eval mode,
     and the run folder when there is one (its ``.hydra/config.yaml`` says which data the run trained on).
+
+    The checkpoint is someone else's file (:meth:`VPTModule.load_from_checkpoint`'s rules): ``backbone`` pins the
+    frozen backbone (``--backbone``, e.g. the weights file it names, which is never opened otherwise), and timm's hub
+    weights are downloaded only with ``allow_download`` (``--allow-download``).
 
     The one place where ``vpt-viz`` loads models: switch it to task packages here.
     """
@@ -70,8 +75,9 @@ def load_task_for_viz(path: Path) -> Tuple[VPTModule, Optional[Path]]:
         ckpt, run_dir = path, (path.parent.parent if path.parent.name == "checkpoints" else None)
     else:
         raise FileNotFoundError(f"{str(path)!r} does not exist (give a run folder or a task checkpoint)")
-    load_weights_only(ckpt)  # a pickle payload or a damaged file: refused naming the file, nothing in it runs
-    module = VPTModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
+    module = VPTModule.load_from_checkpoint(
+        str(ckpt), map_location="cpu", backbone=backbone, allow_download=allow_download
+    )
     return module.eval(), run_dir
 
 

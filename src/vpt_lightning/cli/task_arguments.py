@@ -10,15 +10,26 @@ if TYPE_CHECKING:  # loading a task imports torch and timm: only when a command 
     from ..task_model import TaskModel
 
 
-def add_pin_and_import_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--backbone NAME_OR_FILE`` (pin the frozen backbone), ``--import FILE_OR_MODULE`` (repeatable) and
-    ``--allow-download`` (the timm hub weights a task names may be downloaded)."""
+def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--backbone NAME_OR_FILE`` (pin the frozen backbone) and ``--allow-download`` (the timm hub weights a task
+    names may be downloaded)."""
     parser.add_argument(
         "--backbone",
         metavar="NAME_OR_FILE",
         help="pin the frozen backbone instead of the tasks' own config: a packaged backbone config "
         "name (quickstart_vit...), a .yaml/.json of backbone fields, or a weights file",
     )
+    parser.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="let a task whose backbone is timm's hub weights (pretrained: true) download them; without it, "
+        "loading makes no network request but for an explicit Hub source hf://OWNER/NAME",
+    )
+
+
+def add_pin_and_import_arguments(parser: argparse.ArgumentParser) -> None:
+    """:func:`add_backbone_arguments` and ``--import FILE_OR_MODULE`` (repeatable)."""
+    add_backbone_arguments(parser)
     parser.add_argument(
         "--import",
         dest="imports",
@@ -27,12 +38,6 @@ def add_pin_and_import_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE_OR_MODULE",
         help="import your own module first (a .py file or a dotted name), e.g. the one that "
         "registers a custom head with vpt_lightning.heads.register_head; repeatable",
-    )
-    parser.add_argument(
-        "--allow-download",
-        action="store_true",
-        help="let a task whose backbone is timm's hub weights (pretrained: true) download them; without it, "
-        "loading makes no network request but for an explicit Hub source hf://OWNER/NAME",
     )
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 from .console import report_errors
+from .task_arguments import add_backbone_arguments
 
 
 def _key_value(text: str) -> Tuple[str, Any]:
@@ -59,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     ablation.add_argument("dirs", type=Path, nargs="+", help="folders holding vpt-tune summary.json files")
     curves = sub.add_parser("curves", help="training loss and val top-1 per epoch")
     curves.add_argument("path", type=Path, help="a vpt-train run folder (with csv/metrics.csv)")
+    for p in (tsne, attention):
+        add_backbone_arguments(p)
     for p in (tsne, attention, ablation, curves):
         p.add_argument("--out", type=Path, default=None, help="the PNG to write")
     for p in (tsne, attention, curves):
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> Path:
 
     run_dir: Optional[Path] = None
     if args.kind == "tsne":
-        module, run_dir = viz.load_task_for_viz(args.path)
+        module, run_dir = viz.load_task_for_viz(args.path, args.backbone, args.allow_download)
         if run_dir is None:
             raise FileNotFoundError(f"{str(args.path)!r}: a t-SNE needs the run folder (its data config)")
         datamodule = viz.run_datamodule(run_dir, module, dict(args.data), notify=_note)
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> Path:
         )
         out = args.out or run_dir / "viz" / f"tsne_{args.split}.png"
     elif args.kind == "attention":
-        module, run_dir = viz.load_task_for_viz(args.path)
+        module, run_dir = viz.load_task_for_viz(args.path, args.backbone, args.allow_download)
         images, shown, names = viz.load_images(args.images, module, args.num_images)
         figure, _ = viz.attention_figure(module, images, shown, names)
         out = args.out or (run_dir or args.path.parent) / "viz" / "attention.png"
