@@ -7,7 +7,6 @@ vpt-export onnx TASK --out task.onnx                       # one ONNX graph, che
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -22,13 +21,15 @@ RESULTS_FILE = "results.json"
 def run_info(source: Path) -> Dict[str, Any]:
     """What a run folder's ``results.json`` says about the task (metrics, parameter counts) for its model card;
     empty when ``source`` is not in a run folder."""
+    from ..integrity import read_results
+
     source = Path(source)
     candidates = [source / RESULTS_FILE, source.parent / RESULTS_FILE]
     if source.parent.name == "checkpoints":
         candidates.append(source.parent.parent / RESULTS_FILE)
     for path in candidates:
         if path.is_file():
-            results = json.loads(path.read_text())
+            results = read_results(path)  # a regular file of bounded size, JSON object, or a one-line error
             info: Dict[str, Any] = {
                 "metrics": {
                     k: float(v)
