@@ -88,8 +88,8 @@ def test_identity_of_another_backbone_names_the_difference(tmp_path):
     _, path = _trained_module(tmp_path)
     task = read_task_checkpoint(path)
     _, other = create_backbone({**TINY_BACKBONE, "init_seed": 1})
-    assert [d.split(":")[0] for d in identity_differences(task.identity, other)] == ["fingerprint"]
-    with pytest.raises(ValueError, match="trained on another backbone.*fingerprint"):
+    assert [d.split(":")[0] for d in identity_differences(task.identity, other)] == ["weights_sha256", "fingerprint"]
+    with pytest.raises(ValueError, match="trained on another backbone.*weights_sha256"):
         check_backbone_identity(task.identity, other)
 
 
