@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Union
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Union
 
 import litserve as ls
 import torch
@@ -443,19 +443,25 @@ class GracefulLitServer(ls.LitServer):
         threading.Thread(target=self._watch, daemon=True, name="vpt-serve-watch").start()
 
     def _watch(self) -> None:
-        multiprocessing.connection.wait([process.sentinel for _, process in self._watched])
+        ended = multiprocessing.connection.wait([process.sentinel for _, process in self._watched])
         if self._stopping.is_set():  # stopped on purpose
             return
-        self._note_ended_child()
+        self._note_ended_child(ended)
         try:
             self._shutdown_event.set()  # run() wakes up and shuts the server down
         except (OSError, EOFError):  # the manager is the one that died: run() woke up on its broken connection
             pass
 
-    def _note_ended_child(self) -> None:
-        """Set :attr:`child_died` from the first watched process that has ended, if any and not set yet."""
+    def _note_ended_child(self, ended: Sequence[Any] = ()) -> None:
+        """Set :attr:`child_died` from the first watched process that has ended, if any and not set yet.
+        ``ended``: sentinels found ready; their processes are reaped first (a process's sentinel is ready as soon as
+        its files are closed on exit, a moment before it can be waited for: ``is_alive`` may still say True)."""
         for name, process in self._watched:
-            if self.child_died is None and not process.is_alive():
+            if self.child_died is not None:
+                return
+            if process.sentinel in ended:
+                process.join(timeout=5)
+            if not process.is_alive():
                 self.child_died = f"{name} (pid {process.pid}) {how_it_ended(process.exitcode)}"
 
     def lost_manager(self, timeout: float = 5) -> bool:
