@@ -24,6 +24,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -46,10 +47,18 @@ def joins_with_prompts(backbone: PromptedBackbone) -> bool:
     )
 
 
+def blocks_fit(shared: PromptedBackbone) -> bool:
+    """Whether the shared backbone is built for :func:`mixed_features`: a ViT of timm's own ``Block`` and
+    ``Attention`` (what :func:`shares_blocks` checks, but hooks and train-mode dropout, which come and go)."""
+    return isinstance(shared, PromptedViT) and all(
+        type(block) is Block and type(block.attn) is Attention for block in shared.vit.blocks
+    )
+
+
 def shares_blocks(shared: PromptedBackbone) -> bool:
-    """Whether the shared backbone's blocks can run :func:`mixed_features`: a ViT of timm's own ``Block`` and
-    ``Attention`` (see :func:`~vpt_lightning.backbones.prompts_as_keys.takes_prompt_keys`)."""
-    return isinstance(shared, PromptedViT) and all(takes_prompt_keys(block) for block in shared.vit.blocks)
+    """Whether the shared backbone's blocks can run :func:`mixed_features` now: :func:`blocks_fit`, and no hooks
+    or dropout in the way (see :func:`~vpt_lightning.backbones.prompts_as_keys.takes_prompt_keys`)."""
+    return blocks_fit(shared) and all(takes_prompt_keys(block) for block in shared.vit.blocks)
 
 
 def task_groups(task_index: torch.Tensor, first: Sequence[bool]) -> Tuple[torch.Tensor, List[Group]]:
@@ -181,17 +190,17 @@ def _mixed_block(
 
 def mixed_features(
     shared: PromptedViT,
-    tasks: Sequence[PromptedViT],
+    prompts: Sequence[Mapping[int, torch.Tensor]],
     updates: Sequence[Mapping[str, Update]],
     images: torch.Tensor,
     task_index: torch.Tensor,
 ) -> torch.Tensor:
-    """Pooled features ``(B, num_features)`` of a mixed batch, row ``b`` through ``tasks[task_index[b]]``: its
-    prompts (in evaluation: no prompt dropout) and the ``updates[task]`` of its method, in one pass of ``shared``
-    (a backbone without prompts on the model the tasks share, see :func:`shares_blocks`; every present task must
-    pass :func:`joins_with_prompts`)."""
+    """Pooled features ``(B, num_features)`` of a mixed batch, row ``b`` through task ``task_index[b]``: the prompts
+    ``prompts[task]`` (block index -> the ``(p, D)`` prompts that block receives, as in evaluation: no dropout) and
+    the ``updates[task]`` of its method, in one pass of ``shared`` (a backbone without prompts on the model the
+    tasks share, see :func:`shares_blocks`; a task's prompts are prepended, its features pooled as timm does)."""
     vit = shared.vit
-    order, groups = task_groups(task_index, [not t.prompt_sets for t in tasks])
+    order, groups = task_groups(task_index, [not p for p in prompts])
     identity = bool((order == torch.arange(len(order), device=order.device)).all())
     x = shared.embed(images if identity else images[order])
     routing = Routing(groups)
@@ -203,13 +212,13 @@ def mixed_features(
             keys_only: Dict[int, torch.Tensor] = {}
             full: Dict[int, torch.Tensor] = {}
             for g, (task, start, end) in enumerate(groups):
-                own = tasks[task]
+                own = prompts[task]
                 entering = carried.get(g)
-                if i in own.prompt_sets:  # new prompts (replacing the previous block's prompt outputs)
-                    entering = own.prompts(own.prompt_sets[i], 1).to(x.dtype)
+                if i in own:  # new prompts (replacing the previous block's prompt outputs)
+                    entering = own[i].unsqueeze(0).to(x.dtype)
                 if entering is None:
                     continue
-                if i == last or i + 1 in own.prompt_sets:  # nothing reads this block's prompt outputs
+                if i == last or i + 1 in own:  # nothing reads this block's prompt outputs
                     keys_only[g] = entering
                 else:
                     full[g] = entering.expand(end - start, -1, -1)
