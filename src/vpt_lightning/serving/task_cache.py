@@ -9,12 +9,28 @@ it for the batch and drops it, so the bytes held never pass the budget. Not thre
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Hashable, Iterable, List, Optional, Set, Tuple
 
 #: a cached task version: ``(task name, version stamp)``
 Key = Tuple[str, Hashable]
+#: the units :func:`parse_bytes` reads: decimal (kB, MB, GB, TB) and binary (KiB, MiB, GiB, TiB)
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+def parse_bytes(text: str) -> int:
+    """A size such as ``2GiB``, ``500MB``, ``1.5 GB`` or ``1000000`` in bytes (``--cache-bytes``)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in UNITS:
+        raise ValueError(
+            f"{text!r} is not a size: a number of bytes with an optional unit (kB, MB, GB, TB, KiB, MiB, GiB, TiB), "
+            "e.g. 2GiB"
+        )
+    return int(float(match.group(1)) * UNITS[unit])
 
 
 @dataclass
