@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Mapping, Tuple
 
+import numpy as np
 import torch
 
 from ..atomic import current_umask, fsync_path
@@ -35,6 +36,7 @@ HEADER_BYTES = 2**20
 #: bytes per value of the largest dtype a package may hold (float64)
 MAX_ITEM_BYTES = 8
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 #: a folder's identity and last change: ``(inode, mtime_ns, ctime_ns)``
 Stamp = Tuple[int, int, int]
 
@@ -161,7 +163,9 @@ def finite(
     for key, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise ValueError(f"{origin!r}: {key} holds {tensor.dtype} values; a task's tensors are floats")
-        if not bool(torch.isfinite(tensor).all()):
+        values = tensor.detach().to("cpu")
+        # numpy's check: one thread, microseconds (torch's parallel kernels wake a thread pool for each tensor)
+        if not np.isfinite(values.numpy() if values.dtype in NUMPY_FLOATS else values.float().numpy()).all():
             raise ValueError(f"{origin!r}: {key} holds non-finite values (NaN or infinity)")
         out[key] = tensor.detach().to(device=device, dtype=dtype).contiguous()
     return out

@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 
 #: layouts kept (one per task shape); a shape past this many is rebuilt when used again
 MAX_LAYOUTS = 1024
+#: reads of a package whose folder is swapped for a new version (and deleted) while it is read
+LOAD_ATTEMPTS = 3
 
 
 class UnknownTask(ValueError):
@@ -435,12 +437,19 @@ class TaskStore(nn.Module):
             layout = self.layout(entry.spec)
             state = {k: v.to(device=device, dtype=dtype) for k, v in entry.record.state_dict.items()}
             return entry, layout.bind(entry.name, entry.version, entry.spec, state, entry.origin)
-        with PackageReader(entry.origin) as reader:
-            config = reader.config()
-            if reader.stamp != entry.stamp or config != entry.config:  # changed since indexed: this version now
-                entry = self._read_package_entry(entry.name, Found(entry.rank, entry.origin, reader.stamp), config)
-            layout = self.layout(entry.spec)
-            tensors, weights = reader.tensors(layout.expected, device, dtype)
+        for attempt in range(LOAD_ATTEMPTS):
+            try:
+                with PackageReader(entry.origin) as reader:
+                    config = reader.config()
+                    if reader.stamp != entry.stamp or config != entry.config:  # changed since indexed: read it now
+                        where = Found(entry.rank, entry.origin, reader.stamp)
+                        entry = self._read_package_entry(entry.name, where, config)
+                    layout = self.layout(entry.spec)
+                    tensors, weights = reader.tensors(layout.expected, device, dtype)
+                break
+            except FileNotFoundError:  # the version opened was swapped out and deleted meanwhile: read the new one
+                if attempt == LOAD_ATTEMPTS - 1:
+                    raise
         version = content_version(config, weights)
         return entry, layout.bind(entry.name, version, entry.spec, tensors, entry.origin)
 
@@ -460,7 +469,9 @@ class TaskStore(nn.Module):
                     raise TaskUnavailable(f"task {name!r} cannot be loaded: {self._refused[name][1]}")
                 try:
                     loaded, tensors = self._load(entry)
-                except (OSError, ValueError) as err:
+                except OSError as err:  # gone or unreadable now: this request fails, the watcher decides the rest
+                    raise TaskUnavailable(f"task {name!r} cannot be loaded: {err}") from None
+                except ValueError as err:  # a bad package: refused until its folder changes
                     self._refused[name] = (entry.stamp, str(err))
                     self.problems[name] = str(err)
                     raise TaskUnavailable(f"task {name!r} cannot be loaded: {err}") from None

@@ -75,6 +75,8 @@ class TaskTensors:
     state: Dict[str, torch.Tensor]
     nbytes: int
     model: Optional[TaskModel] = None
+    #: a linear head's weight and bias (heads of one width are then applied together, one batched matmul)
+    linear_head: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = field(default=None, repr=False)
     layout: Optional["TaskLayout"] = field(default=None, repr=False)
     spec: Optional[TaskSpec] = field(default=None, repr=False)
     origin: Optional[Path] = None
@@ -198,8 +200,12 @@ class TaskLayout:
             prompts = {block: tokens[index] for block, index in self.prompt_blocks.items()}
         updates = {module: bind_update(site, state) for module, site in self.sites.items()}
         own: List[torch.Tensor] = [*state.values(), *prompts.values()]
+        linear = None
         if self.head_ops is not None:
             head = _head_function(self.head_ops, state)
+            if len(self.head_ops) == 1:
+                _, weight, bias = self.head_ops[0]
+                linear = (state[weight], state[bias] if bias else None)
         else:
             module = build_head(spec.head, self.method, self.tuning, self.num_features, spec.num_classes)
             module.load_state_dict({k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")})
@@ -215,6 +221,7 @@ class TaskLayout:
             head,
             state,
             distinct_bytes(own),
+            linear_head=linear,
             layout=self,
             spec=spec,
             origin=origin,
@@ -302,8 +309,35 @@ def classify(shared: PromptedBackbone, tasks: Sequence[TaskTensors], images: tor
         features[rows] = out
     assert features is not None
     logits = features.new_full((images.shape[0], max(tasks[t].num_classes for t in present)), float("-inf"))
+    linear: Dict[int, List[int]] = {}  # width -> tasks with a linear head of that width (one batched matmul each)
     for t in present:
-        rows = task_index == t
-        head = own[t].head if t in own else tasks[t].head
-        logits[rows, : tasks[t].num_classes] = head(features[rows]).to(logits.dtype)
+        if t not in own and tasks[t].linear_head is not None:
+            linear.setdefault(tasks[t].num_classes, []).append(t)
+    for width, group in linear.items():
+        if len(group) > 1:
+            _linear_heads(tasks, group, features, task_index, logits[:, :width])
+    for t in present:
+        if t in own or tasks[t].linear_head is None or len(linear[tasks[t].num_classes]) == 1:
+            rows = task_index == t
+            head = own[t].head if t in own else tasks[t].head
+            logits[rows, : tasks[t].num_classes] = head(features[rows]).to(logits.dtype)
     return logits
+
+
+def _linear_heads(
+    tasks: Sequence[TaskTensors],
+    group: Sequence[int],
+    features: torch.Tensor,
+    task_index: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """The linear heads of one width of the tasks ``group`` on their rows, one batched matmul: ``out[rows]``."""
+    slot = torch.full((len(tasks),), -1, dtype=torch.long, device=features.device)
+    slot[torch.tensor(group, device=features.device)] = torch.arange(len(group), device=features.device)
+    rows = torch.nonzero(slot[task_index] >= 0).squeeze(1)
+    picked = slot[task_index[rows]]
+    weight = torch.stack([tasks[t].linear_head[0] for t in group])[picked]  # type: ignore[index]
+    biases = [tasks[t].linear_head[1] for t in group]  # type: ignore[index]
+    bias = torch.stack([b if b is not None else weight.new_zeros(weight.shape[1]) for b in biases])[picked]
+    logits = torch.baddbmm(bias.unsqueeze(2), weight, features[rows].unsqueeze(2).to(weight.dtype)).squeeze(2)
+    out[rows] = logits.to(out.dtype)
