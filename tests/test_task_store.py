@@ -340,3 +340,21 @@ def test_a_pickled_store_serves_in_another_process_alike(store):
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(copy(images, ["deep1", "lora"]), store(images, ["deep1", "lora"]))
+
+
+def test_a_hub_cache_repo_is_served_at_its_main_snapshot(tmp_path, library):
+    """A folder laid out as the Hugging Face Hub cache: models--OWNER--NAME/refs/main names the snapshot served."""
+    repo = tmp_path / "hub" / "models--someone--birds.v2"
+    shutil.copytree(library[0] / "deep1", repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    store = TaskStore(folders=[tmp_path / "hub"])
+    assert store.task_names == ["birds_v2"]
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(store(images, ["birds_v2"] * 2)[:, :3], own_logits(library[0] / "deep1", images))
+    shutil.copytree(library[1] / "deep1_v2", repo / "snapshots" / "def456")
+    (repo / "refs" / "main").write_text("def456")  # a new revision
+    assert store.refresh()["changed"] == ["birds_v2"]
+    with torch.no_grad():
+        torch.testing.assert_close(store(images, ["birds_v2"] * 2)[:, :3], own_logits(library[1] / "deep1_v2", images))

@@ -51,12 +51,17 @@ class StatusBoard:
         os.replace(tmp, self.folder / name)  # readers see the old file or the new one (no fsync: it is ephemeral)
 
     def publish(self, store: TaskStore) -> None:
+        """Write what changed since the last call (the index, the cache), if anything."""
+        generation, changes = store.generation, store.cache.changes
+        if (generation, changes) == self._read.get("published"):
+            return
         snapshot = store.snapshot()
         index = snapshot.pop("index")
-        if index != self._read.get("index"):
+        if generation != self._read.get("generation"):
             self._write("index.json", index)
-            self._read["index"] = index
+            self._read["generation"] = generation
         self._write("cache.json", snapshot)
+        self._read["published"] = (generation, changes)
 
     def start_publishing(self, store: TaskStore, interval: float = 0.5) -> threading.Thread:
         """Publish every ``interval`` seconds, in a daemon thread of the worker."""

@@ -52,6 +52,7 @@ class TaskCache:
         self.pinned: Set[str] = set()
         self._slots: "OrderedDict[Key, _Slot]" = OrderedDict()
         self.evictions = 0
+        self.changes = 0  # counts entries added and removed
 
     def __contains__(self, key: Key) -> bool:
         return key in self._slots
@@ -102,6 +103,7 @@ class TaskCache:
                     self.evictions += 1
         self._slots[key] = _Slot(value, nbytes)
         self.used += nbytes
+        self.changes += 1
         return True
 
     def acquire(self, key: Key) -> None:
@@ -134,6 +136,7 @@ class TaskCache:
     def _remove(self, key: Key) -> None:
         slot = self._slots.pop(key)
         self.used -= slot.nbytes
+        self.changes += 1
 
     def items(self) -> Iterable[Tuple[Key, Any]]:
         return [(k, s.value) for k, s in self._slots.items()]

@@ -4,18 +4,18 @@ tasks given in memory.
 A watched folder holds one package per sub-folder, named by the sub-folder (``tasks/cifar100/config.json`` is the
 task ``cifar100``), or Hugging Face Hub cache repos (``models--OWNER--NAME``, whose ``refs/main`` names the snapshot
 served; the task is ``NAME``). Hidden entries (``.NAME.new-XXXX`` while a package is written) are skipped.
-:func:`scan_folders` lists them with a stamp each (the folder's inode and change times: one ``stat`` per task), so
-a poll finds what was added, replaced or removed; :func:`read_entry` reads a package's ``config.json`` into a
-:class:`TaskEntry`.
+:func:`scan_folders` lists them with a stamp each (the folder's inode and change times), so a poll finds what was
+added, replaced or removed; :func:`read_entry` reads a package's ``config.json`` into a :class:`TaskEntry`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from ..task_model import CONFIG_FILE, TaskRecord, TaskSpec, parse_package_config
 
@@ -46,7 +46,7 @@ class TaskEntry:
     """One version of a task as indexed: its spec, where it is and the stamp that tells its version.
 
     ``origin``: the package folder (or an in-memory task's source); ``stamp``: the folder's ``(inode, mtime_ns,
-    ctime_ns)`` (a counter for an in-memory task); ``config``: the ``config.json`` bytes read; ``record``: an
+    ctime_ns)`` (a counter for an in-memory task); ``config``: the SHA-256 of the ``config.json`` read; ``record``: an
     in-memory task's tensors (``None`` for a package, read from ``origin`` on first use); ``rank``: the watched
     folder it is in (0 first; -1 in memory)."""
 
@@ -54,7 +54,7 @@ class TaskEntry:
     spec: TaskSpec
     origin: Path
     stamp: Hashable
-    config: bytes = b""
+    config: bytes = b""  # hashlib's digest
     record: Optional[TaskRecord] = None
     rank: int = -1
     version: str = ""  # an in-memory task's version (a package's is known once its files are read)
@@ -71,28 +71,36 @@ class TaskEntry:
         return ServedTask(self.name, names, method, self.origin, spec.eval_transform)
 
 
-@dataclass(frozen=True)
-class Found:
+class Found(NamedTuple):
     """A package found by a scan: its watched folder's rank, its folder and stamp."""
 
     rank: int
-    path: Path
+    path: str
     stamp: Hashable
 
 
-def _hub_package(repo: Path) -> Tuple[Path, Hashable]:
+def _hub_package(repo: str) -> Tuple[str, Hashable]:
     """A Hub cache repo folder's served snapshot (``refs/main``) and a stamp that changes with it."""
-    ref = repo / "refs" / "main"
+    ref = os.path.join(repo, "refs", "main")
     stat = os.stat(ref)
-    revision = ref.read_text().strip()
-    return repo / "snapshots" / revision, (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, revision)
+    with open(ref) as handle:
+        revision = handle.read(256).strip()
+    return os.path.join(repo, "snapshots", revision), (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, revision)
 
 
-def scan_folders(folders: Sequence[Path]) -> Tuple[Dict[str, Found], Dict[str, str]]:
+def scan_folders(
+    folders: Sequence[Path], previous: Optional[Mapping[str, Found]] = None, look: Callable[[str], bool] = bool
+) -> Tuple[Dict[str, Found], Dict[str, str]]:
     """The packages of ``folders`` by task name (a name in several folders: the first folder's) and the problems
-    met (name -> why it is not served). One ``stat`` per task."""
+    met (name -> why it is not served).
+
+    A package folder's stamp is read (one ``stat``) when it is new, when the folder's entry is another one than in
+    the ``previous`` scan (a folder swapped in or renamed: its inode, which listing a folder gives for free) or when
+    ``look(name)`` says so (a sweep that finds files changed inside a folder); else the previous stamp stands.
+    Without ``previous``, every folder is read."""
     found: Dict[str, Found] = {}
     problems: Dict[str, str] = {}
+    previous = previous or {}
     for rank, folder in enumerate(folders):
         try:
             entries = list(os.scandir(folder))
@@ -107,19 +115,27 @@ def scan_folders(folders: Sequence[Path]) -> Tuple[Dict[str, Found], Dict[str, s
                     continue
                 if item.name.startswith(HUB_REPO_PREFIX):
                     name = re.sub(r"[^A-Za-z0-9_-]", "_", item.name.split("--")[-1])
-                    path, stamp = _hub_package(Path(item.path))
+                    old = previous.get(name)
+                    if old is None or old.rank != rank or look(name):
+                        path, stamp = _hub_package(item.path)
+                    else:
+                        path, stamp = old.path, old.stamp
                 else:
-                    name, path = item.name, Path(item.path)
-                    stat = item.stat()
-                    stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns)
+                    name, path = item.name, item.path
+                    old = previous.get(name)
+                    if old is None or old.path != path or old.stamp[0] != item.inode() or look(name):
+                        stat = item.stat()
+                        stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns)
+                    else:
+                        stamp = old.stamp
             except OSError:  # removed while scanned, or a Hub repo without refs/main: not (yet) a package
                 continue
-            if not TASK_NAME.match(name):
-                problems[name] = f"{str(path)!r}: a task folder's name may hold only letters, digits, '_' and '-'"
+            if name not in previous and not TASK_NAME.match(name):
+                problems[name] = f"{path!r}: a task folder's name may hold only letters, digits, '_' and '-'"
                 continue
             if name in found:
                 if found[name].rank != rank:
-                    problems[f"{name}@{rank}"] = f"{str(path)!r} is shadowed by {str(found[name].path)!r}"
+                    problems[f"{name}@{rank}"] = f"{path!r} is shadowed by {found[name].path!r}"
                 continue
             found[name] = Found(rank, path, stamp)
     return found, problems
@@ -128,11 +144,13 @@ def scan_folders(folders: Sequence[Path]) -> Tuple[Dict[str, Found], Dict[str, s
 def read_entry(name: str, found: Found, config: bytes) -> Tuple[TaskEntry, Optional[Dict[str, Any]]]:
     """A package's :class:`TaskEntry` from the bytes of its ``config.json``, and the backbone identity it records;
     a bad config names the file."""
-    path = found.path / CONFIG_FILE
+    folder = Path(found.path)
+    path = folder / CONFIG_FILE
     values = parse_package_config(config, path)
     spec = TaskSpec.from_mapping(values, origin=repr(str(path)))
     identity = values.get("backbone_identity")
-    return TaskEntry(name, spec, found.path, found.stamp, config=config, rank=found.rank), identity
+    entry = TaskEntry(name, spec, folder, found.stamp, config=hashlib.sha256(config).digest(), rank=found.rank)
+    return entry, identity
 
 
 def default_task_name(path: Path) -> str:

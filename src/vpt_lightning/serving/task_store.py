@@ -21,10 +21,12 @@ changes meanwhile.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,9 @@ log = logging.getLogger(__name__)
 MAX_LAYOUTS = 1024
 #: reads of a package whose folder is swapped for a new version (and deleted) while it is read
 LOAD_ATTEMPTS = 3
+#: every package folder's stamp is read at least this often (files changed inside it); a folder swapped, added or
+#: removed is seen at every poll (listing the folders gives each entry's inode)
+SWEEP_SECONDS = 1.0
 
 
 class UnknownTask(ValueError):
@@ -139,6 +144,8 @@ class TaskStore(nn.Module):
         self._refused: Dict[str, Tuple[Any, str]] = {}  # name -> (stamp, error): a package that failed to load
         self._seen: Dict[str, Found] = {}  # the last scan
         self._memory_counter = 0
+        self.generation = 0  # counts the index's changes
+        self._polls = 0
         start = time.perf_counter()
         config = self._backbone_config(backbone)
         model, self.identity = create_backbone(config)
@@ -200,6 +207,10 @@ class TaskStore(nn.Module):
         return None
 
     # ---- the index ---------------------------------------------------------------------------------------------
+    def _index_changed(self) -> None:
+        self._names = None
+        self.generation += 1
+
     @property
     def task_names(self) -> List[str]:
         """The served tasks: those added in memory (in order), then the folders' (by folder, then name)."""
@@ -269,26 +280,34 @@ class TaskStore(nn.Module):
 
     def refresh(self, settle: bool = True) -> Dict[str, List[str]]:
         """Look for tasks added, replaced or removed in the folders and update the index; returns the names of
-        each. With ``settle``, a package changed in place (same folder, files renamed into it) is read once it
-        stayed unchanged for one more refresh, and one gone is removed once it stayed gone for one more refresh
-        (a swap that renames the old folder away before the new one in); a package folder swapped or added in one
-        step is read at once."""
+        each. A package folder swapped or added in one step is read at once. With ``settle`` (a watcher's poll),
+        the folders' stamps are read in shares, each at least every :data:`SWEEP_SECONDS`; a package changed in
+        place (files renamed into its folder) is read once it stayed unchanged for one more refresh, and one gone
+        is removed once it stayed gone for one more refresh (a swap that renames the old folder away before the
+        new one in)."""
         changes: Dict[str, List[str]] = {"added": [], "changed": [], "removed": []}
         if not self.folders:
             return changes
-        found, problems = scan_folders(self.folders)
+        self._polls += 1
+        parts = max(1, round(SWEEP_SECONDS / self.poll_seconds)) if settle else 1
+        sweep = self._polls % parts
+
+        def look(name: str) -> bool:  # this poll's share of the folders whose stamps are read
+            return parts == 1 or zlib.crc32(name.encode()) % parts == sweep
+
+        found, problems = scan_folders(self.folders, self._seen if settle else None, look)
         with self._lock:
             current = {name: e for name, e in self._entries.items() if not e.in_memory}
             refused = dict(self._refused)
         to_read: List[Tuple[str, Found]] = []
         for name, where in found.items():
             entry = current.get(name)
-            if entry is not None and entry.stamp == where.stamp and entry.origin == where.path:
+            if entry is not None and entry.stamp == where.stamp and str(entry.origin) == where.path:
                 continue
             if name in refused and refused[name][0] == where.stamp:
                 continue
             previous = self._seen.get(name)
-            in_place = entry is not None and entry.stamp[0] == where.stamp[0] and entry.origin == where.path
+            in_place = entry is not None and entry.stamp[0] == where.stamp[0] and str(entry.origin) == where.path
             if settle and in_place and (previous is None or previous.stamp != where.stamp):
                 continue  # changed in place: read once it stays as it is
             to_read.append((name, where))
@@ -327,7 +346,7 @@ class TaskStore(nn.Module):
                 self._refused.pop(name)  # a refused package that is gone
             self.problems = {**problems, **{name: error for name, (_, error) in self._refused.items()}}
             if any(changes.values()):
-                self._names = None
+                self._index_changed()
             self._seen = found
         for entry in reload:  # a task that was in memory stays in memory across a replace
             try:
@@ -398,7 +417,7 @@ class TaskStore(nn.Module):
         )
         with self._lock:
             self._entries[name] = entry
-            self._names = None
+            self._index_changed()
             self.cache.pinned.add(name)
         self.release([self.open(name)])  # built now: an error shows here, not at the first request
         return name
@@ -441,8 +460,9 @@ class TaskStore(nn.Module):
             try:
                 with PackageReader(entry.origin) as reader:
                     config = reader.config()
-                    if reader.stamp != entry.stamp or config != entry.config:  # changed since indexed: read it now
-                        where = Found(entry.rank, entry.origin, reader.stamp)
+                    changed = hashlib.sha256(config).digest() != entry.config
+                    if reader.stamp != entry.stamp or changed:  # changed since indexed: read it now
+                        where = Found(entry.rank, str(entry.origin), reader.stamp)
                         entry = self._read_package_entry(entry.name, where, config)
                     layout = self.layout(entry.spec)
                     tensors, weights = reader.tensors(layout.expected, device, dtype)
@@ -474,11 +494,12 @@ class TaskStore(nn.Module):
                 except ValueError as err:  # a bad package: refused until its folder changes
                     self._refused[name] = (entry.stamp, str(err))
                     self.problems[name] = str(err)
+                    self.generation += 1
                     raise TaskUnavailable(f"task {name!r} cannot be loaded: {err}") from None
                 if loaded.stamp != entry.stamp:  # changed on disk since indexed: the index follows
                     self.cache.discard_name(name)
                     self._entries[name] = entry = loaded
-                    self._names = None
+                    self._index_changed()
                 key = (name, entry.stamp)
                 if not self.cache.put(key, tensors, tensors.nbytes):
                     return TaskHandle(entry, tensors, None)  # no room beside the tasks in use: this batch only
@@ -596,7 +617,7 @@ class TaskStore(nn.Module):
         folder = Path(folder)
         with PackageReader(folder) as reader:
             config = reader.config()
-            entry = self._read_package_entry(name, Found(0, folder, reader.stamp), config)
+            entry = self._read_package_entry(name, Found(0, str(folder), reader.stamp), config)
             layout = self.layout(entry.spec)
             tensors, weights = reader.tensors(layout.expected, torch.device("cpu"), torch.float32)
         layout.bind(name, "", entry.spec, tensors, folder)
