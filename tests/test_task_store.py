@@ -358,3 +358,29 @@ def test_a_hub_cache_repo_is_served_at_its_main_snapshot(tmp_path, library):
     assert store.refresh()["changed"] == ["birds_v2"]
     with torch.no_grad():
         torch.testing.assert_close(store(images, ["birds_v2"] * 2)[:, :3], own_logits(library[1] / "deep1_v2", images))
+
+
+def test_vpt_predict_reads_a_task_folder_and_names_bad_store_arguments(library, tmp_path, capsys):
+    import csv
+
+    from conftest import write_image
+
+    from vpt_lightning.cli.predict import main
+
+    for i in range(2):
+        write_image(tmp_path / "images" / f"{i}.png", seed=i, size=(32, 32))
+    out = tmp_path / "predictions.csv"
+    args = [*map(str, ["--tasks", library[0], "--images", tmp_path / "images", "--task", "lora", "--out", out])]
+    assert main([*args, "--cache-bytes", "1MiB", "--no-progress-bar", "--top-k", "3"]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert [r["task"] for r in rows] == ["lora", "lora"]
+    assert "2 predictions (9 task(s): adapter, added" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([str(library[0] / "deep1"), "--images", str(tmp_path / "images"), "--cache-bytes", "1MiB"])
+    assert "--cache-bytes and --pin apply to task folders" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--tasks", str(library[0]), "--images", str(tmp_path), "--cache-bytes", "2 parsecs"])
+    assert "'2 parsecs' is not a size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--images", str(tmp_path)])
+    assert "give tasks (TASK...) or task folders (--tasks DIR...)" in capsys.readouterr().err

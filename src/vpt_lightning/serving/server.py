@@ -402,12 +402,14 @@ def build_server(
     timeout: float = 30,
     shutdown_timeout: float = 5,
     max_package_bytes: int = MAX_PACKAGE_BYTES,
+    status_folder: Optional[str] = None,
 ) -> ls.LitServer:
     """The LitServer: the API, the request-body middleware, the task routes (:func:`add_task_routes`), the API key
     on every route but ``/health`` (``api_key``), the API docs (only with ``docs``) and the demo page (``ui``,
     mounted at ``/ui``; it classifies through ``server_url``'s ``/predict``, and with a key Gradio's login page asks
-    for it)."""
-    status_folder = tempfile.mkdtemp(prefix="vpt-serve-")  # where the worker shows its store's state (serve removes it)
+    for it). ``status_folder``: where the inference worker publishes its store's state for the task routes (a
+    temporary folder :func:`serve` makes); without it the routes read ``model`` itself (a server run in this
+    process)."""
     api = MultiTaskAPI(model, default_top_k, max_batch_size, batch_timeout, max_image_pixels, status_folder)
     middlewares: List[Any] = [(RequestBodyMiddleware, {"max_bytes": max_request_bytes, "read_timeout": read_timeout})]
     if api_key:  # added last: the outermost, so that nothing answers before the key is checked
@@ -426,8 +428,8 @@ def build_server(
     if not docs:
         server.app.docs_url = server.app.redoc_url = None
         server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) not in DOCS_PATHS]
-    server.status_folder = status_folder
-    add_task_routes(server, TaskRoutes(model, StatusBoard(status_folder), bool(api_key), max_package_bytes))
+    board = StatusBoard(status_folder) if status_folder is not None else None
+    add_task_routes(server, TaskRoutes(model, board, bool(api_key), max_package_bytes))
     if ui:
         from .demo import mount_demo
 
@@ -499,7 +501,8 @@ def serve(
         from .demo import local_url
 
         server_options.setdefault("server_url", local_url(host, port))
-    server = build_server(model, **server_options)
+    status_folder = tempfile.mkdtemp(prefix="vpt-serve-")  # the worker's store state, for the task routes
+    server = build_server(model, status_folder=status_folder, **server_options)
     owner = os.getpid()
     stopping = False
 
@@ -534,7 +537,7 @@ def serve(
         _stop_forked_processes_with_this_one(serving=False)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        shutil.rmtree(server.status_folder, ignore_errors=True)
+        shutil.rmtree(status_folder, ignore_errors=True)
 
 
 def _stop_processes(processes: Iterable[Any], timeout: float = 5) -> None:

@@ -87,11 +87,16 @@ class StatusBoard:
 
 
 class TaskRoutes:
-    """The routes' work, for the HTTP process: ``store`` (its index), the worker's ``board``, whether admin routes
-    are allowed (``admin``: an API key guards the server) and the upload cap."""
+    """The routes' work, for the HTTP process: ``store`` (its index), the worker's ``board`` (``None``: ``store``
+    serves in this very process), whether admin routes are allowed (``admin``: an API key guards the server) and
+    the upload cap."""
 
     def __init__(
-        self, store: TaskStore, board: StatusBoard, admin: bool, max_package_bytes: int = MAX_PACKAGE_BYTES
+        self,
+        store: TaskStore,
+        board: Optional[StatusBoard],
+        admin: bool,
+        max_package_bytes: int = MAX_PACKAGE_BYTES,
     ) -> None:
         self.store = store
         self.board = board
@@ -106,6 +111,13 @@ class TaskRoutes:
             if time.monotonic() - self._refreshed >= self.store.poll_seconds:
                 self.store.refresh()
                 self._refreshed = time.monotonic()
+
+    def _state(self, part: str) -> Dict[str, Any]:
+        """The serving store's ``cache`` state or ``index`` stamps (the worker's, else this store's own)."""
+        if self.board is not None:
+            return self.board.read(part)
+        snapshot = self.store.snapshot()
+        return snapshot["index"] if part == "index" else snapshot
 
     def _task(self, name: str, cache: Dict[str, Any]) -> Dict[str, Any]:
         entry = self.store.entry(name)
@@ -130,7 +142,7 @@ class TaskRoutes:
                 {"detail": f"offset={offset}, limit={limit}: offset >= 0 and 1 <= limit <= {MAX_PAGE_SIZE}"}, 400
             )
         self._fresh()
-        cache = self.board.read("cache")
+        cache = self._state("cache")
         names = self.store.task_names
         tasks = []
         for name in names[offset : offset + limit]:
@@ -151,7 +163,7 @@ class TaskRoutes:
     def get_task(self, name: str) -> Any:
         self._fresh()
         try:
-            return self._task(name, self.board.read("cache"))
+            return self._task(name, self._state("cache"))
         except UnknownTask as err:
             return JSONResponse({"detail": str(err)}, 404)
 
@@ -245,7 +257,9 @@ class TaskRoutes:
         """Wait until the worker's index satisfies ``done`` (its watcher finds a change within a poll)."""
         deadline = time.monotonic() + (timeout if timeout is not None else 4 * self.store.poll_seconds + 5)
         while time.monotonic() < deadline:
-            if done(self.board.read("index")):
+            if self.board is None:  # the store serving in this process: it looks now
+                self.store.refresh(settle=False)
+            if done(self._state("index")):
                 return True
             time.sleep(0.05)
         return False
