@@ -21,8 +21,8 @@ hundred MB: printed on stderr, with the goals).
 
 ``--serve`` sends the same streams to a real ``vpt-serve --tasks DIR`` (``--clients`` concurrent HTTP clients,
 raw PNG bodies, batches of ``--batch``): ``startup_s`` is then the time until the server answers (imports and
-backbone included), RSS the sum over its processes, ``cold_ms`` a cold request's latency less a warm one's, and
-``logits_maxdiff`` the largest difference of log-probabilities (the server answers probabilities).
+backbone included), RSS the sum of its processes' PSS, ``cold_ms`` a task's first request's latency less its
+second's, and ``logits_maxdiff`` the largest difference of log-probabilities (the server answers probabilities).
 ``--storm M`` (with ``--serve``) then replaces M tasks in the folder (each a new version written beside it and
 swapped in) while ``--storm-requests`` requests run from ``--clients`` clients, and prints a second line: failed
 requests and answers whose version is none of the written ones (a half-written task).
@@ -49,8 +49,11 @@ import torch
 
 
 def rss_mb(pids: Sequence[int] = ()) -> float:
-    processes = [psutil.Process(pid) for pid in pids] or [psutil.Process()]
-    return sum(p.memory_info().rss for p in processes) / 2**20
+    """This process's RSS; for several processes, the sum of their PSS (shared pages, such as torch's libraries in
+    every process of a server, counted once)."""
+    if not pids:
+        return psutil.Process().memory_info().rss / 2**20
+    return sum(psutil.Process(pid).memory_full_info().pss for pid in pids) / 2**20
 
 
 def cache_dir(args: argparse.Namespace) -> Path:
@@ -310,7 +313,10 @@ def run_served(args: argparse.Namespace, folder: Path) -> List[Dict[str, Any]]:
                 continue
             t = time.perf_counter()
             ask(name)
-            cold.append(1000 * (time.perf_counter() - t) - statistics.median(warm))
+            first = time.perf_counter() - t
+            t = time.perf_counter()
+            ask(name)  # the same task now warm, right after: the difference is its first use
+            cold.append(1000 * (first - (time.perf_counter() - t)))
 
         def run(names: Sequence[str]) -> float:  # as many clients as a batch holds, so that batches fill
             t = time.perf_counter()
