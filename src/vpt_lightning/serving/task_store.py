@@ -129,7 +129,7 @@ class TaskStore(nn.Module):
         folders: Sequence[Union[str, os.PathLike]] = (),
         cache_bytes: Optional[int] = None,
         pins: Sequence[str] = (),
-        poll_seconds: float = 1.0,
+        poll_seconds: float = 0.5,
     ) -> None:
         super().__init__()
         self.folders = [Path(f).expanduser() for f in folders]
@@ -328,6 +328,8 @@ class TaskStore(nn.Module):
                     problems[name] = f"{str(entry.origin)!r} is shadowed by the task of that name added in memory"
                     continue
                 old = self._entries.get(name)
+                if old is not current.get(name):  # a request re-read it meanwhile, as it is now: keep that
+                    continue
                 changes["changed" if old is not None else "added"].append(name)
                 if old is not None and (self._held(old) or name in self.cache.pinned):
                     reload.append(entry)
@@ -363,7 +365,9 @@ class TaskStore(nn.Module):
         :meth:`close`."""
         if self._watcher is not None or not self.folders:
             return
-        interval = self.poll_seconds if poll_seconds is None else float(poll_seconds)
+        if poll_seconds is not None:
+            self.poll_seconds = float(poll_seconds)
+        interval = self.poll_seconds
         self._stop.clear()
 
         def run() -> None:
