@@ -353,7 +353,8 @@ def run_served(args: argparse.Namespace, folder: Path) -> List[Dict[str, Any]]:
                 "logits_maxdiff": float(f"{maxdiff:.3g}"),
             }
         ]
-        log(f"served: {len(pids)} processes; warm request {statistics.median(warm):.1f} ms")
+        started = [line for line in (folder.parent / "serve.log").read_text().splitlines() if "backbone built" in line]
+        log(f"served: {len(pids)} processes; warm request {statistics.median(warm):.1f} ms; {started[-1:]}")
         if args.storm:
             lines.append(storm(args, folder, url, headers, image, rng, statistics.median(mixed)))
     return lines

@@ -120,9 +120,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if len(model.problems) > 5:
         print(f"vpt-serve: warning: {len(model.problems) - 5} more not served (GET /tasks lists them)", file=sys.stderr)
     names = model.task_names
+    indexed = f", folders indexed in {model.timings['index_s']:.1f} s" if args.tasks else ""
     print(
         f"vpt-serve: {len(names)} task(s) {names if len(names) <= 20 else names[:20] + ['...']} on "
-        f"http://{args.host}:{args.port}" + (f" (demo page: http://{args.host}:{args.port}/ui)" if args.ui else ""),
+        f"http://{args.host}:{args.port}"
+        + (f" (demo page: http://{args.host}:{args.port}/ui)" if args.ui else "")
+        + f" (backbone built in {model.timings['backbone_s']:.1f} s{indexed})",
         flush=True,
     )
     serve(
