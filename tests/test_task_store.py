@@ -384,3 +384,28 @@ def test_vpt_predict_reads_a_task_folder_and_names_bad_store_arguments(library, 
     with pytest.raises(SystemExit):
         main(["--images", str(tmp_path)])
     assert "give tasks (TASK...) or task folders (--tasks DIR...)" in capsys.readouterr().err
+
+
+def test_a_head_registered_by_the_operators_code_is_rebuilt_per_task_and_its_task_stays_in_the_pass(tmp_path):
+    """examples/custom_head.py's cosine head (a BatchNorm with integer count, a scale buffer): a small module per
+    task, its features from the one pass; equal to the task's own TaskModel."""
+    from vpt_lightning.heads import import_user_code
+
+    import_user_code(str(Path(__file__).parents[1] / "examples" / "custom_head.py"))
+    head = {"source": "registry", "name": "examples.cosine", "options": {"scale": 8.0}}
+    folder = write_package(tmp_path / "tasks" / "cosine", 3, num_classes=4, prompt={"num_tokens": 2}, head=head)
+    task = load_task(folder)
+    with torch.no_grad():  # running statistics of their own (saved, as a trained buffer)
+        task.head.standardise.running_mean.normal_()
+        task.head.standardise.running_var.uniform_(0.5, 2)
+        task.head.standardise.num_batches_tracked.fill_(7)
+    task.save_pretrained(folder)
+    write_package(tmp_path / "tasks" / "plain", 4, num_classes=4, prompt={"num_tokens": 3})
+    store = TaskStore(folders=[tmp_path / "tasks"])
+    handle = store.open("cosine")
+    store.release([handle])
+    assert handle.tensors.one_pass and isinstance(handle.tensors.head, torch.nn.Module)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        logits = store(images, ["cosine", "plain", "cosine"])
+    torch.testing.assert_close(logits[[0, 2]], own_logits(folder, images[[0, 2]]), rtol=0, atol=1e-5)

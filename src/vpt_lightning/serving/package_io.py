@@ -35,8 +35,10 @@ MAX_CONFIG_BYTES = 4 * 2**20
 HEADER_BYTES = 2**20
 #: bytes per value of the largest dtype a package may hold (float64)
 MAX_ITEM_BYTES = 8
-FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+#: the safetensors dtypes a task's tensors may have: floats (prompts, weights), integers (e.g. BatchNorm's count)
+VALUE_DTYPES = ("F16", "BF16", "F32", "F64", "I64", "I32", "I16", "I8", "U8")
 NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 #: a folder's identity and last change: ``(inode, mtime_ns, ctime_ns)``
 Stamp = Tuple[int, int, int]
 
@@ -136,7 +138,7 @@ def checked_tensors(
     device: torch.device,
     dtype: torch.dtype,
 ) -> Dict[str, torch.Tensor]:
-    """The tensors of a safetensors file that holds exactly the ``expected`` keys and shapes in a float dtype, all
+    """The tensors of a safetensors file that holds exactly the ``expected`` keys and shapes in a number dtype, all
     finite; keys, shapes and dtypes are checked from the header before any tensor is read."""
     from safetensors import SafetensorError, safe_open
 
@@ -145,9 +147,9 @@ def checked_tensors(
             slices = {key: handle.get_slice(key) for key in handle.keys()}
             check_keys({key: tuple(piece.get_shape()) for key, piece in slices.items()}, expected, origin)
             for key, piece in sorted(slices.items()):
-                if piece.get_dtype() not in FLOAT_DTYPES:
+                if piece.get_dtype() not in VALUE_DTYPES:
                     raise ValueError(
-                        f"{origin!r}: {key} is {piece.get_dtype()}; a task's tensors are one of {list(FLOAT_DTYPES)}"
+                        f"{origin!r}: {key} is {piece.get_dtype()}; a task's tensors are one of {list(VALUE_DTYPES)}"
                     )
             tensors = {key: handle.get_tensor(key) for key in sorted(slices)}
     except SafetensorError as err:
@@ -158,11 +160,15 @@ def checked_tensors(
 def finite(
     tensors: Mapping[str, torch.Tensor], origin: str, device: torch.device, dtype: torch.dtype
 ) -> Dict[str, torch.Tensor]:
-    """``tensors`` on ``device`` in ``dtype``; a non-finite value is refused, naming the key."""
+    """``tensors`` on ``device``, floats in ``dtype`` (integers, such as a BatchNorm's count, kept as they are); a
+    non-finite value is refused, naming the key."""
     out = {}
     for key, tensor in tensors.items():
         if not tensor.is_floating_point():
-            raise ValueError(f"{origin!r}: {key} holds {tensor.dtype} values; a task's tensors are floats")
+            if tensor.dtype not in INTEGER_DTYPES:
+                raise ValueError(f"{origin!r}: {key} holds {tensor.dtype} values; a task's tensors are numbers")
+            out[key] = tensor.detach().to(device=device).contiguous()
+            continue
         values = tensor.detach().to("cpu")
         # numpy's check: one thread, microseconds (torch's parallel kernels wake a thread pool for each tensor)
         if not np.isfinite(values.numpy() if values.dtype in NUMPY_FLOATS else values.float().numpy()).all():

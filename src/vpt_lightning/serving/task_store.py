@@ -11,7 +11,7 @@ What is held where:
 - the cache (:mod:`~vpt_lightning.serving.task_cache`): the tensors of the tasks in use, bounded in bytes.
 
 When tasks load and leave: a task's ``model.safetensors`` is read on its first use (:meth:`TaskStore.open`), checked
-against its layout (keys, shapes, float dtypes, finite values; :mod:`~vpt_lightning.serving.package_io`) and kept
+against its layout (keys, shapes, number dtypes, finite values; :mod:`~vpt_lightning.serving.package_io`) and kept
 in the cache until it is the least recently used and nothing uses it; pinned tasks (``pins``) stay. :meth:`refresh`
 (every ``poll_seconds`` once :meth:`watch` runs) finds the tasks added, replaced or removed in the folders: a new
 version replaces the old in the index at once (loaded at once if the old one was in memory), the old one leaves the
@@ -458,7 +458,7 @@ class TaskStore(nn.Module):
         if entry.in_memory:
             assert entry.record is not None
             layout = self.layout(entry.spec)
-            state = {k: v.to(device=device, dtype=dtype) for k, v in entry.record.state_dict.items()}
+            state = finite(entry.record.state_dict, str(entry.origin), device, dtype)
             return entry, layout.bind(entry.name, entry.version, entry.spec, state, entry.origin)
         for attempt in range(LOAD_ATTEMPTS):
             try:

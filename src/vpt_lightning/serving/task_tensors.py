@@ -209,7 +209,7 @@ class TaskLayout:
         else:
             module = build_head(spec.head, self.method, self.tuning, self.num_features, spec.num_classes)
             module.load_state_dict({k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")})
-            like = next(iter(state.values()))
+            like = next(t for t in state.values() if t.is_floating_point())
             head = module.to(device=like.device, dtype=like.dtype).requires_grad_(False).eval()
             own += list(module.state_dict().values())
         return TaskTensors(
