@@ -80,12 +80,12 @@ class Found(NamedTuple):
 
 
 def _hub_package(repo: str) -> Tuple[str, Hashable]:
-    """A Hub cache repo folder's served snapshot (``refs/main``) and a stamp that changes with it."""
-    ref = os.path.join(repo, "refs", "main")
-    stat = os.stat(ref)
-    with open(ref) as handle:
+    """A Hub cache repo folder's served snapshot (the revision ``refs/main`` names) and its folder's stamp."""
+    with open(os.path.join(repo, "refs", "main")) as handle:
         revision = handle.read(256).strip()
-    return os.path.join(repo, "snapshots", revision), (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, revision)
+    path = os.path.join(repo, "snapshots", revision)
+    stat = os.stat(path)
+    return path, (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 def scan_folders(

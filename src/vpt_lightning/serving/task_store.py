@@ -22,6 +22,7 @@ changes meanwhile.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import os
 import threading
@@ -35,6 +36,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .. import heads
 from ..backbones import BackboneConfig, PromptedBackbone, create_backbone, prompted_backbone
 from ..backbones.identity import identity_differences
 from ..backbones.pin import backbone_pin, own_backbone
@@ -169,14 +171,20 @@ class TaskStore(nn.Module):
         self._stop = threading.Event()
 
     def __getstate__(self) -> Dict[str, Any]:
-        """Pickled (to a server's worker process) without locks, watcher, layouts or loaded tensors."""
+        """Pickled (to a server's worker process) without locks, watcher, layouts or loaded tensors; with the
+        modules that registered heads here (the operator's ``--import``), imported again where it is unpickled, as
+        a pickled head would have had its class's module imported."""
         state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_pass_lock", "_watcher", "_stop")}
         cache = TaskCache(self.cache.budget)
         cache.pinned = set(self.cache.pinned)
         state["cache"], state["_layouts"], state["_identities"] = cache, OrderedDict(), {}
+        modules = {heads.head_class(name).__module__ for name in heads.registered_heads()}
+        state["_head_modules"] = sorted(modules - {"__main__", "__mp_main__"})
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
+        for module in state.pop("_head_modules", ()):
+            importlib.import_module(module)
         super().__setstate__(state)
         cache = self.cache
         self._setup_state(cache)
