@@ -159,11 +159,13 @@ def length_mix(model_name: str, batch: int, lengths: Sequence[int], repeats: int
     return rows
 
 
-def unique_tensor_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the distinct tensor storages a module holds (a tensor shared by several submodules counts once)."""
-    storages = {
-        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*module.parameters(), *module.buffers()]
-    }
+def unique_tensor_bytes(model: MultiTaskClassifier) -> int:
+    """Bytes of the distinct tensor storages the model holds: its backbone's and its tasks' tensors (a tensor held
+    by several counts once)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for _, task in model.cache.items():
+        tensors += [*task.state.values(), *task.prompts.values()]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
 
 

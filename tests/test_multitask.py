@@ -49,13 +49,13 @@ def test_mixed_batch_equals_each_tasks_own_module(checkpoints):
 
 
 def test_one_copy_of_the_backbone(checkpoints):
+    """The tasks are tensors on the shared model: the classifier's parameters are the backbone's, once."""
+    from vpt_lightning.serving.task_tensors import TaskTensors
+
     model = MultiTaskClassifier.from_checkpoints(checkpoints)
     shared = {p.data_ptr() for p in model.model.parameters()}
-    for task in model.tasks.values():
-        assert {p.data_ptr() for p in task.backbone.model.parameters()} == shared
-    unique = {p.data_ptr() for p in model.parameters()}
-    own = sum(len([k for k in t.state_dict() if not k.startswith("backbone.model.")]) for t in model.tasks.values())
-    assert len(unique) == len(shared) + own
+    assert {p.data_ptr() for p in model.parameters()} == shared
+    assert all(isinstance(task, TaskTensors) and task.model is None for task in model.tasks.values())
     sizes = model.memory_bytes()
     assert sizes["task:linear"] == (32 * 6 + 6) * 4
 

@@ -89,25 +89,28 @@ def test_each_method_changes_its_rows(served, name):
     assert (mixed - plain).abs().max() > 1e-2
 
 
-def test_image_tokens_run_once_through_each_shared_module_and_no_task_backbone_runs(served):
-    """One pass: the shared MLP of a block sees the whole batch in one call, no task's own copy runs."""
+def test_image_tokens_run_once_through_each_shared_module_and_no_task_network_runs(served, monkeypatch):
+    """One pass: the shared MLP of a block sees the whole batch in one call; no task has a network of its own (its
+    prompts, updates and head are tensors), and none is built for the pass."""
+    from vpt_lightning.serving.task_tensors import TaskLayout, TaskTensors
+
     names = [NO_CARRIED_PROMPTS[i % len(NO_CARRIED_PROMPTS)] for i in range(10)]
-    calls, task_calls = [], []
+    assert all(isinstance(served.tasks[n], TaskTensors) and served.tasks[n].model is None for n in NO_CARRIED_PROMPTS)
+    calls, built = [], []
+    own_model = TaskLayout.own_model
+    monkeypatch.setattr(TaskLayout, "own_model", lambda *a: built.append(a) or own_model(*a))
     hook = served.model.blocks[2].mlp.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    own = [
-        t.backbone.model.patch_embed.register_forward_hook(lambda *a: task_calls.append(1))
-        for t in served.tasks.values()
-    ]
     try:
         with torch.no_grad():
             served(torch.randn(len(names), 3, 32, 32), served.task_index(names))
     finally:
-        for h in [hook, *own]:
-            h.remove()
-    assert calls == [len(names)] and task_calls == []
+        hook.remove()
+    assert calls == [len(names)] and built == []
 
 
 def test_adding_lora_and_adapter_tasks_leaves_the_shared_model_untouched(checkpoints):
+    from vpt_lightning.serving.task_tensors import TaskTensors
+
     model = MultiTaskClassifier.from_checkpoints({"deep1": checkpoints["deep1"]})
     keys = list(model.model.state_dict())
     types = [type(m) for m in model.model.modules()]
@@ -116,8 +119,9 @@ def test_adding_lora_and_adapter_tasks_leaves_the_shared_model_untouched(checkpo
     assert list(model.model.state_dict()) == keys and [type(m) for m in model.model.modules()] == types
     assert not any(p.requires_grad for p in model.model.parameters())
     shared = {p.data_ptr() for p in model.model.parameters()}
-    lora = model.tasks["lora_qkv"].backbone.model
-    assert {p.data_ptr() for n, p in lora.named_parameters() if "lora_" not in n} == shared  # weights held once
+    assert {p.data_ptr() for p in model.parameters()} == shared  # weights held once, no parameter of a task's own
+    lora = model.tasks["lora_qkv"]
+    assert isinstance(lora, TaskTensors) and lora.model is None  # its updates are tensors, not peft modules
     # a LoRA task's own bytes: its A and B matrices and its head
     rank, dim, blocks = 2, 32, 4
     assert model.memory_bytes()["task:lora_qkv"] == ((dim * rank + rank * 3 * dim) * blocks + dim * 3 + 3) * 4

@@ -357,8 +357,14 @@ def read_package_config(folder: os.PathLike) -> Dict[str, Any]:
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{str(folder)!r} is not a task package: it has no {CONFIG_FILE}")
+    return parse_package_config(read_regular_file(path), path)
+
+
+def parse_package_config(data: bytes, path: os.PathLike) -> Dict[str, Any]:
+    """A package's ``config.json`` from its bytes (read from ``path``), checked to be a vpt-lightning task
+    package config."""
     try:
-        config = json.loads(read_regular_file(path))
+        config = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from err
     if not isinstance(config, dict) or config.get("format") != PACKAGE_FORMAT:

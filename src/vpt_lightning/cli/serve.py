@@ -1,7 +1,8 @@
-"""``vpt-serve CKPT... --host 127.0.0.1 --port N``: an HTTP server (LitServe) classifying images with trained tasks
-on one shared backbone; requests of different tasks are batched together. SIGTERM or Ctrl+C stops it gracefully:
-the requests in flight are answered, then every process it started ends. If one of them dies (an OOM kill), the
-others are stopped and it exits with status 1, for a supervisor to restart it."""
+"""``vpt-serve TASK... [--tasks DIR...] --host 127.0.0.1 --port N``: an HTTP server (LitServe) classifying images
+with trained tasks on one shared backbone (the tasks given, held in memory, and those of task folders, loaded on
+first use and changed without a restart); requests of different tasks are batched together. SIGTERM or Ctrl+C
+stops it gracefully: the requests in flight are answered, then every process it started ends. If one of them dies
+(an OOM kill), the others are stopped and it exits with status 1, for a supervisor to restart it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Optional, Sequence
 
 from ..serving.images import MAX_IMAGE_PIXELS
 from .console import report_errors
-from .predict import add_model_arguments, load_model
+from .predict import add_model_arguments, cache_size, check_model_arguments, load_model
 
 API_KEY_ENV, API_KEY_HEADER = "LIT_SERVER_API_KEY", "X-API-Key"  # as in serving.server (importable without LitServe)
 
@@ -71,10 +72,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         default=5,
         help="seconds given to the requests in flight on SIGTERM / Ctrl+C (default %(default)s)",
     )
+    parser.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=0.5,
+        help="how often the task folders (--tasks) are looked at for added, replaced or removed tasks "
+        "(default %(default)s; a change is served within two polls)",
+    )
+    parser.add_argument(
+        "--max-package-bytes",
+        type=cache_size,
+        default=64 * 2**20,
+        metavar="SIZE",
+        help="larger task uploads (PUT /tasks/NAME) get 413 (default 64MiB)",
+    )
     parser.add_argument("--accelerator", default="auto", help="LitServe accelerator: auto, cpu, cuda, mps")
     parser.add_argument("--devices", default="1", help="devices (default 1)")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
+    check_model_arguments(parser, args)
+    if args.poll_seconds <= 0:
+        parser.error("--poll-seconds must be > 0")
     for name in ("top_k", "max_batch_size", "max_request_bytes", "max_buffered_bytes", "max_image_pixels"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -101,13 +119,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if warning:
         print(f"vpt-serve: warning: {warning}", file=sys.stderr, flush=True)
     try:
-        model = load_model(args.checkpoints, args.backbone, args.imports, args.allow_download)
+        model = load_model(
+            args.checkpoints, args.backbone, args.imports, args.tasks, args.cache_bytes, args.pin, args.allow_download
+        )
     except (ValueError, FileNotFoundError) as err:
         print(f"vpt-serve: error: {err}", file=sys.stderr)
         return 1
+    model.poll_seconds = args.poll_seconds
+    for name, problem in list(model.problems.items())[:5]:
+        print(f"vpt-serve: warning: task {name} not served: {problem}", file=sys.stderr)
+    if len(model.problems) > 5:
+        print(f"vpt-serve: warning: {len(model.problems) - 5} more not served (GET /tasks lists them)", file=sys.stderr)
+    names = model.task_names
+    indexed = f", folders indexed in {model.timings['index_s']:.1f} s" if args.tasks else ""
     print(
-        f"vpt-serve: {len(model.task_names)} task(s) {model.task_names} on http://{args.host}:{args.port}"
-        + (f" (demo page: http://{args.host}:{args.port}/ui)" if args.ui else ""),
+        f"vpt-serve: {len(names)} task(s) {names if len(names) <= 20 else names[:20] + ['...']} on "
+        f"http://{args.host}:{args.port}"
+        + (f" (demo page: http://{args.host}:{args.port}/ui)" if args.ui else "")
+        + f" (backbone built in {model.timings['backbone_s']:.1f} s{indexed})",
         flush=True,
     )
     status = 0
@@ -128,6 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             docs=args.docs,
             ui=args.ui,
             shutdown_timeout=args.shutdown_timeout,
+            max_package_bytes=args.max_package_bytes,
             accelerator=args.accelerator,
             warn_exposure=False,
             devices=int(args.devices) if args.devices.isascii() and args.devices.isdigit() else args.devices,

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from fastapi import FastAPI
 
-from .multitask import MultiTaskClassifier
+from .task_store import TaskStore
 
 UI_PATH = "/ui"
 ALL_TASKS = "all tasks"
@@ -98,7 +98,7 @@ def build_demo(tasks: Sequence[str], predict_url: str, api_key: Optional[str] = 
 
 def mount_demo(
     app: FastAPI,
-    model: MultiTaskClassifier,
+    model: TaskStore,
     predict_url: str,
     api_key: Optional[str] = None,
     max_file_bytes: Optional[int] = None,

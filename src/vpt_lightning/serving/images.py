@@ -7,14 +7,16 @@ evaluation after training (the transform settings saved in the task checkpoint).
 from __future__ import annotations
 
 import io
+import json
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 import torch
 from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
-from .multitask import MultiTaskClassifier, ServedTask
+from .task_index import ServedTask
+from .task_store import TaskStore
 
 #: images with more pixels than this are refused before decoding (``--max-image-pixels``; 4096 x 4096)
 MAX_IMAGE_PIXELS = 16 * 2**20
@@ -88,7 +90,7 @@ def tiff_tiles(data: bytes) -> int:
     return max(len(directory.get(tag, ())) for tag in (TiffImagePlugin.STRIPOFFSETS, TiffImagePlugin.TILEOFFSETS))
 
 
-def eval_transform(info: ServedTask, model: MultiTaskClassifier) -> Callable[[Image.Image], torch.Tensor]:
+def eval_transform(info: ServedTask, model: TaskStore) -> Callable[[Image.Image], torch.Tensor]:
     """The task's evaluation transform (saved at training); checkpoints without one: resize to the backbone's input
     size, ImageNet mean/std (the training default)."""
     settings: Mapping[str, Any] = info.eval_transform or {}
@@ -103,9 +105,20 @@ def eval_transform(info: ServedTask, model: MultiTaskClassifier) -> Callable[[Im
     )
 
 
-def task_transforms(model: MultiTaskClassifier) -> Dict[str, Callable[[Image.Image], torch.Tensor]]:
-    """Each task's evaluation transform, by task name."""
-    return {name: eval_transform(info, model) for name, info in model.infos.items()}
+def task_transforms(
+    model: TaskStore, names: Optional[Iterable[str]] = None
+) -> Dict[str, Callable[[Image.Image], torch.Tensor]]:
+    """Each task's evaluation transform (of the tasks ``names``, default all), by task name; tasks prepared alike
+    share one transform."""
+    built: Dict[str, Callable[[Image.Image], torch.Tensor]] = {}
+    out = {}
+    for name in model.task_names if names is None else names:
+        info = model.entry(name).info
+        key = json.dumps(info.eval_transform, sort_keys=True, default=str)
+        if key not in built:
+            built[key] = eval_transform(info, model)
+        out[name] = built[key]
+    return out
 
 
 def top_k(probabilities: torch.Tensor, info: ServedTask, k: int) -> List[Dict[str, Any]]:

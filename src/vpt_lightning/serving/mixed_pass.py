@@ -3,12 +3,12 @@ weight updates.
 
 The batch is sorted by task, so that each task's samples are a contiguous group of rows. Every block then runs its
 norms, ``qkv``, output projection, LayerScale and MLP once over the image tokens (prefix and patch tokens) of the
-whole batch; only the attention itself runs per group, with the group's keys and values:
+whole batch, and its attention once too, each row with its own task's keys and values (padded to the longest prompt
+of the batch, the padding masked):
 
 - a task whose prompts are replaced by the next block's (VPT-Deep) or whose prompt outputs nothing reads (the last
   block: the pooled feature leaves the prompts out) adds its prompts as keys and values only, the path of
-  :mod:`~vpt_lightning.backbones.prompts_as_keys`: a task's prompts cost keys, not query rows, and tasks of
-  different prompt lengths need no padding or mask;
+  :mod:`~vpt_lightning.backbones.prompts_as_keys`: a task's prompts cost keys, not query rows;
 - a task whose prompt outputs are read later (VPT-Shallow, a ``prompt.depth`` subset) carries them as extra rows of
   its own group through the full block;
 - LoRA and Adapter tasks add their updates to their own rows of the shared modules' outputs
@@ -24,6 +24,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -46,10 +47,18 @@ def joins_with_prompts(backbone: PromptedBackbone) -> bool:
     )
 
 
+def blocks_fit(shared: PromptedBackbone) -> bool:
+    """Whether the shared backbone is built for :func:`mixed_features`: a ViT of timm's own ``Block`` and
+    ``Attention`` (what :func:`shares_blocks` checks, but hooks and train-mode dropout, which come and go)."""
+    return isinstance(shared, PromptedViT) and all(
+        type(block) is Block and type(block.attn) is Attention for block in shared.vit.blocks
+    )
+
+
 def shares_blocks(shared: PromptedBackbone) -> bool:
-    """Whether the shared backbone's blocks can run :func:`mixed_features`: a ViT of timm's own ``Block`` and
-    ``Attention`` (see :func:`~vpt_lightning.backbones.prompts_as_keys.takes_prompt_keys`)."""
-    return isinstance(shared, PromptedViT) and all(takes_prompt_keys(block) for block in shared.vit.blocks)
+    """Whether the shared backbone's blocks can run :func:`mixed_features` now: :func:`blocks_fit`, and no hooks
+    or dropout in the way (see :func:`~vpt_lightning.backbones.prompts_as_keys.takes_prompt_keys`)."""
+    return blocks_fit(shared) and all(takes_prompt_keys(block) for block in shared.vit.blocks)
 
 
 def task_groups(task_index: torch.Tensor, first: Sequence[bool]) -> Tuple[torch.Tensor, List[Group]]:
@@ -81,26 +90,26 @@ def _split(attn: nn.Module, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tens
 
 
 def _prompt_heads(
-    block: Block, groups: Sequence[Group], keys_only: Mapping[int, torch.Tensor], routing: Routing
-) -> Dict[int, torch.Tensor]:
-    """Keys and values ``(2, 1 or b, heads, p, head_dim)`` of every group's keys-only prompts, all groups' prompt
-    rows through one ``norm1`` and one ``qkv`` call."""
-    attn = block.attn
-    order = [g for g in range(len(groups)) if g in keys_only]
-    if not order:
-        return {}
-    rows = [keys_only[g].reshape(-1, keys_only[g].shape[-1]) for g in order]
-    spans, start = [], 0
-    for g, r in zip(order, rows):
-        spans.append((groups[g][0], start, start + r.shape[0]))
-        start += r.shape[0]
+    block: Block, groups: Sequence[Group], keys_only: Mapping[int, torch.Tensor], routing: Routing, longest: int
+) -> Tuple[torch.Tensor, Dict[int, int]]:
+    """Keys and values ``(2, S, heads, longest, head_dim)`` of every group's keys-only prompts, padded to
+    ``longest`` (zero tokens, masked later), all through one ``norm1`` and one ``qkv`` call; ``S`` sources, one per
+    group whose rows share their prompts (``(1, p, D)``), one per row where each row has its own (``(b, p, D)``);
+    and each group's first source."""
+    pieces, spans, first, sources = [], [], {}, 0
+    for g in range(len(groups)):
+        if g not in keys_only:
+            continue
+        tokens = keys_only[g]
+        if tokens.shape[1] < longest:
+            tokens = F.pad(tokens, (0, 0, 0, longest - tokens.shape[1]))
+        pieces.append(tokens)
+        first[g] = sources
+        spans.append((groups[g][0], sources, sources + tokens.shape[0]))
+        sources += tokens.shape[0]
     with routing.rows(spans):
-        projected = attn.qkv(block.norm1(torch.cat(rows) if len(rows) > 1 else rows[0]))
-    heads = {}
-    for g, (_, begin, end) in zip(order, spans):
-        batch, length, _ = keys_only[g].shape
-        heads[g] = _split(attn, projected[begin:end].reshape(batch, length, -1))[1]
-    return heads
+        projected = block.attn.qkv(block.norm1(torch.cat(pieces) if len(pieces) > 1 else pieces[0]))
+    return _split(block.attn, projected)[1], first
 
 
 def _mixed_block(
@@ -113,85 +122,81 @@ def _mixed_block(
 ) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
     """One block over the sorted image tokens ``x`` ``(B, N, D)``. ``keys_only``: group -> prompts ``(1 or b, p, D)``
     that enter as keys and values only; ``carried``: group -> prompt rows ``(b, c, D)`` that run through the full
-    block with the group's image tokens. Returns the image tokens' and the carried rows' outputs."""
+    block with the group's image tokens. Returns the image tokens' and the carried rows' outputs.
+
+    Every row attends in one call: one buffer of keys and values ``(2, B, heads, P + N, head_dim)`` holds each row's
+    prompt keys in the first ``P`` slots (the longest prompt of the batch; a mask hides the slots a shorter or no
+    prompt leaves empty) and its image keys after them; only the carried rows' own queries need calls of their own.
+    """
     attn = block.attn
     batch, length, _ = x.shape
     normed = block.norm1(x)
     with routing.rows(groups):
         q, kv = _heads(attn, normed)
-    prompt_heads = _prompt_heads(block, groups, keys_only, routing)
     carried_heads: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for g, rows in carried.items():
         with routing.rows([(groups[g][0], 0, rows.shape[0])]):
             carried_normed = block.norm1(rows)
             carried_heads[g] = (carried_normed, *_heads(attn, carried_normed))
-    # one buffer of keys and values (2, B, heads, P + N, head_dim): every row's image keys at the end (one copy for
-    # the batch), each group's prompt keys in the p slots just before them; a group attends to its own slice
-    longest = max(
-        [t.shape[3] for t in prompt_heads.values()] + [t[2].shape[3] for t in carried_heads.values()], default=0
-    )
-    if longest:
+    lengths = {g: t.shape[1] for g, t in keys_only.items()}
+    lengths.update({g: t.shape[1] for g, t in carried.items()})
+    longest = max(lengths.values(), default=0)
+    mask: Optional[torch.Tensor] = None
+    if not longest:
+        k, v = kv[0], kv[1]
+    else:
         buffer = kv.new_empty(2, batch, kv.shape[2], longest + length, kv.shape[4])
         buffer[:, :, :, longest:] = kv
-    k, v = kv[0], kv[1]
-    # the attention outputs of every row, (B, N, heads, head_dim): each call writes its rows (the CPU and flash
-    # kernels return this layout transposed, so the writes are plain copies and no concatenation is needed)
-    merged: Optional[torch.Tensor] = None
-    carried_attn: Dict[int, torch.Tensor] = {}
-    plain_start: Optional[int] = None  # the first row of a run of groups whose keys are their own image tokens
-
-    def attend(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q_, k_, v_, scale=attn.scale)
-
-    def write(start: int, end: int, out: torch.Tensor) -> None:
-        nonlocal merged
-        out = out.transpose(1, 2)
-        if start == 0 and end == batch:
-            merged = out
-            return
-        if merged is None:
-            merged = out.new_empty(batch, *out.shape[1:])
-        merged[start:end] = out
-
-    for g, (_task, start, end) in enumerate(groups):
-        if g not in prompt_heads and g not in carried_heads:
-            plain_start = start if plain_start is None else plain_start
-            continue
-        if plain_start is not None:
-            write(plain_start, start, attend(q[plain_start:start], k[plain_start:start], v[plain_start:start]))
-            plain_start = None
-        prompt_kv = prompt_heads[g] if g in prompt_heads else carried_heads[g][2]
-        first = longest - prompt_kv.shape[3]
-        buffer[:, start:end, :, first:longest] = prompt_kv
-        keys, values = buffer[0, start:end, :, first:], buffer[1, start:end, :, first:]
-        write(start, end, attend(q[start:end], keys, values))
-        if g in carried_heads:
-            carried_attn[g] = attend(carried_heads[g][1], keys, values)
-    if plain_start is not None:
-        write(plain_start, batch, attend(q[plain_start:], k[plain_start:], v[plain_start:]))
+        if keys_only:  # each row's prompt keys gathered from its source in one call (a finite source for the others)
+            sources, first = _prompt_heads(block, groups, keys_only, routing, longest)
+            index: List[int] = []
+            for g, (_task, start, end) in enumerate(groups):
+                if g in keys_only and keys_only[g].shape[0] > 1:
+                    index += range(first[g], first[g] + end - start)
+                else:
+                    index += [first.get(g, 0)] * (end - start)
+            buffer[:, :, :, :longest] = sources.index_select(1, torch.tensor(index, device=x.device))
+        else:
+            buffer[:, :, :, :longest] = 0
+        for g, (_normed, _q, carried_kv) in carried_heads.items():
+            start, end = groups[g][1], groups[g][2]
+            buffer[:, start:end, :, : carried_kv.shape[3]] = carried_kv
+        if any(lengths.get(g, 0) < longest for g in range(len(groups))):
+            row_lengths = torch.tensor(
+                [lengths.get(g, 0) for g, (_t, start, end) in enumerate(groups) for _ in range(end - start)],
+                device=x.device,
+            )
+            prompt_slots = torch.arange(longest, device=x.device) < row_lengths[:, None]
+            mask = torch.cat([prompt_slots, prompt_slots.new_ones(batch, length)], dim=1)[:, None, None, :]
+        k, v = buffer[0], buffer[1]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
     with routing.rows(groups):
-        x = finish_block(block, x, merged, normed)
+        x = finish_block(block, x, out.transpose(1, 2), normed)
     carried_out = {}
-    for g, out in carried_attn.items():
+    for g, (carried_normed, carried_q, _kv) in carried_heads.items():
         task, start, end = groups[g]
+        rows_mask = mask[start:end] if mask is not None else None
+        carried_attn = F.scaled_dot_product_attention(
+            carried_q, k[start:end], v[start:end], attn_mask=rows_mask, scale=attn.scale
+        )
         with routing.rows([(task, 0, end - start)]):
-            carried_out[g] = finish_block(block, carried[g], out.transpose(1, 2), carried_heads[g][0])
+            carried_out[g] = finish_block(block, carried[g], carried_attn.transpose(1, 2), carried_normed)
     return x, carried_out
 
 
 def mixed_features(
     shared: PromptedViT,
-    tasks: Sequence[PromptedViT],
+    prompts: Sequence[Mapping[int, torch.Tensor]],
     updates: Sequence[Mapping[str, Update]],
     images: torch.Tensor,
     task_index: torch.Tensor,
 ) -> torch.Tensor:
-    """Pooled features ``(B, num_features)`` of a mixed batch, row ``b`` through ``tasks[task_index[b]]``: its
-    prompts (in evaluation: no prompt dropout) and the ``updates[task]`` of its method, in one pass of ``shared``
-    (a backbone without prompts on the model the tasks share, see :func:`shares_blocks`; every present task must
-    pass :func:`joins_with_prompts`)."""
+    """Pooled features ``(B, num_features)`` of a mixed batch, row ``b`` through task ``task_index[b]``: the prompts
+    ``prompts[task]`` (block index -> the ``(p, D)`` prompts that block receives, as in evaluation: no dropout) and
+    the ``updates[task]`` of its method, in one pass of ``shared`` (a backbone without prompts on the model the
+    tasks share, see :func:`shares_blocks`; a task's prompts are prepended, its features pooled as timm does)."""
     vit = shared.vit
-    order, groups = task_groups(task_index, [not t.prompt_sets for t in tasks])
+    order, groups = task_groups(task_index, [not p for p in prompts])
     identity = bool((order == torch.arange(len(order), device=order.device)).all())
     x = shared.embed(images if identity else images[order])
     routing = Routing(groups)
@@ -203,13 +208,13 @@ def mixed_features(
             keys_only: Dict[int, torch.Tensor] = {}
             full: Dict[int, torch.Tensor] = {}
             for g, (task, start, end) in enumerate(groups):
-                own = tasks[task]
+                own = prompts[task]
                 entering = carried.get(g)
-                if i in own.prompt_sets:  # new prompts (replacing the previous block's prompt outputs)
-                    entering = own.prompts(own.prompt_sets[i], 1).to(x.dtype)
+                if i in own:  # new prompts (replacing the previous block's prompt outputs)
+                    entering = own[i].unsqueeze(0).to(x.dtype)
                 if entering is None:
                     continue
-                if i == last or i + 1 in own.prompt_sets:  # nothing reads this block's prompt outputs
+                if i == last or i + 1 in own:  # nothing reads this block's prompt outputs
                     keys_only[g] = entering
                 else:
                     full[g] = entering.expand(end - start, -1, -1)

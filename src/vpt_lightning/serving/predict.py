@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..csv_files import csv_rows, csv_text, write_csv_atomic
 from ..regular_files import RefusedFileError, read_regular_file
 from .images import MAX_IMAGE_PIXELS, ImageError, decode_image, task_transforms, top_k
-from .multitask import MultiTaskClassifier
+from .task_store import TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +107,13 @@ class ImageFiles(Dataset):
     def __init__(
         self,
         items: Sequence[ImageItem],
-        model: MultiTaskClassifier,
+        model: TaskStore,
         strict: bool = False,
         max_file_bytes: int = MAX_FILE_BYTES,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         self.items = list(items)
-        self.transforms = task_transforms(model)
+        self.transforms = task_transforms(model, sorted({item.task for item in self.items}))
         self.task_index = {name: i for i, name in enumerate(model.task_names)}
         self.strict = strict
         self.max_file_bytes = max_file_bytes
@@ -146,10 +146,10 @@ def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 class MultiTaskPredictor(pl.LightningModule):
-    """A :class:`MultiTaskClassifier` for ``Trainer.predict`` (devices, precision, progress bar): each batch gives
+    """A :class:`TaskStore` for ``Trainer.predict`` (devices, precision, progress bar): each batch gives
     the items' class probabilities (softmax over their task's classes) and the unreadable items' errors."""
 
-    def __init__(self, model: MultiTaskClassifier) -> None:
+    def __init__(self, model: TaskStore) -> None:
         super().__init__()
         self.model = model
 
@@ -163,7 +163,7 @@ class MultiTaskPredictor(pl.LightningModule):
 
 
 def predict_images(
-    model: MultiTaskClassifier,
+    model: TaskStore,
     items: Sequence[ImageItem],
     k: int = 5,
     batch_size: int = 64,
@@ -181,11 +181,12 @@ def predict_images(
     outputs = trainer.predict(MultiTaskPredictor(model), dataloaders=loader) or []
     predictions: Dict[int, Dict[str, Any]] = {}
     skipped: List[Tuple[Path, str]] = []
+    infos = {name: model.entry(name).info for name in {item.task for item in items}}
     for out in outputs:
         skipped += [(items[i].path, reason) for i, reason in out["errors"]]
         if "items" in out:
             for i, probs in zip(out["items"].tolist(), out["probabilities"]):
-                info = model.infos[items[i].task]
+                info = infos[items[i].task]
                 predictions[i] = {"path": str(items[i].path), "task": info.name, "top": top_k(probs, info, k)}
     unique = list(dict.fromkeys(skipped))  # an image classified by several tasks failed once per task
     return [predictions[i] for i in sorted(predictions)], unique

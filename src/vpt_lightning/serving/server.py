@@ -1,13 +1,16 @@
-"""The HTTP server of ``vpt-serve``: a LitServe API over a :class:`MultiTaskClassifier`, with dynamic batching
-across tasks (LitServe gathers concurrent requests, whatever their task, into one forward pass).
+"""The HTTP server of ``vpt-serve``: a LitServe API over a :class:`~vpt_lightning.serving.task_store.TaskStore`
+(tasks given at start, and task folders loaded on demand), with dynamic batching across tasks (LitServe gathers
+concurrent requests, whatever their task, into one forward pass).
 
 Routes: ``POST /predict`` (a JSON body ``{"task": NAME, "image": BASE64, "top_k": K}``, or the raw image bytes
 with ``?task=NAME[&top_k=K]`` and an ``image/*`` or ``application/octet-stream`` content type) -> ``{"task",
-"predictions": [{"class", "index", "probability"}...]}``; ``GET /tasks`` -> the tasks with their classes;
-LitServe's ``GET /health`` and ``GET /info``. Bad input gets a 4xx with a ``detail`` message: 400 for anything
-malformed, 401 without the API key, 408 for headers or a body not sent within the read timeout
-(:mod:`~vpt_lightning.serving.header_deadline` for the headers), 413 for a body or image over its limit, 415 for
-another content type, 503 (with ``Retry-After``) for a body that would take the bodies held at once over their cap.
+"version", "predictions": [{"class", "index", "probability"}...]}``; ``GET /tasks`` -> a page of the tasks with
+their classes and states, ``GET /tasks/NAME``, and with an API key ``PUT /tasks/NAME`` (a package upload) and
+``DELETE /tasks/NAME`` (:mod:`~vpt_lightning.serving.task_admin`); LitServe's ``GET /health`` and ``GET /info``.
+Bad input gets a 4xx with a ``detail`` message: 400 for anything malformed, 401 without the API key, 408 for
+headers or a body not sent within the read timeout (:mod:`~vpt_lightning.serving.header_deadline` for the
+headers), 413 for a body or image over its limit, 415 for another content type; 503 (with ``Retry-After``) for a
+body that would take the bodies held at once over their cap, and for a task whose package cannot be loaded.
 
 Lifecycle: LitServe's ``run`` (the main process) starts a multiprocessing manager, spawns the inference worker(s)
 and forks the uvicorn process(es), then blocks on the manager's shutdown event; it stops them only on a
@@ -30,8 +33,10 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -46,8 +51,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .demo import UI_PATH
 from .header_deadline import DEFAULT_READ_TIMEOUT, HeaderDeadlineProtocol
-from .images import MAX_IMAGE_PIXELS, ImageError, check_top_k, decode_image, parse_top_k, task_transforms, top_k
-from .multitask import MultiTaskClassifier
+from .images import MAX_IMAGE_PIXELS, ImageError, check_top_k, decode_image, eval_transform, parse_top_k, top_k
+from .task_admin import MAX_PACKAGE_BYTES, StatusBoard, TaskRoutes
+from .task_store import TaskHandle, TaskStore, TaskUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +73,11 @@ MANAGER_NAME = "LitServe's manager process"
 
 
 class Sample(NamedTuple):
-    """A decoded request: its transformed image, task index and number of classes to return."""
+    """A decoded request: its transformed image, the task version opened for it and the number of classes to
+    return."""
 
     image: torch.Tensor
-    task: int
+    task: TaskHandle
     k: int
 
 
@@ -86,24 +93,34 @@ class MultiTaskAPI(ls.LitAPI):
 
     def __init__(
         self,
-        model: MultiTaskClassifier,
+        model: TaskStore,
         default_top_k: int = 5,
         max_batch_size: int = 32,
         batch_timeout: float = 0.01,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
+        status_folder: Optional[str] = None,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=PREDICT_PATH)
         self.model = model
         self.default_top_k = check_top_k(default_top_k)
         self.max_image_pixels = max_image_pixels
+        self.status_folder = status_folder
 
     def setup(self, device: str) -> None:
         if multiprocessing.parent_process() is not None:  # LitServe's inference worker
             exit_with_parent()
         self.model = self.model.to(device).eval()
-        self.transforms = task_transforms(self.model)
-        self.task_index = {name: i for i, name in enumerate(self.model.task_names)}
-        self.names = self.model.task_names
+        self.transforms: Dict[str, Any] = {}  # eval transform settings -> transform (tasks prepared alike share one)
+        self.model.watch()  # the task folders' changes, seen within a poll
+        if self.status_folder is not None:
+            StatusBoard(self.status_folder).start_publishing(self.model)
+
+    def transform(self, handle: TaskHandle) -> Any:
+        info = handle.info
+        key = json.dumps(info.eval_transform, sort_keys=True, default=str)
+        if key not in self.transforms:
+            self.transforms[key] = eval_transform(info, self.model)
+        return self.transforms[key]
 
     def authorize(self) -> None:
         """LitServe's per-route check, a no-op: :class:`ApiKeyMiddleware` checks the key on every route but
@@ -126,12 +143,12 @@ class MultiTaskAPI(ls.LitAPI):
                 400, f"the JSON body must be an object with 'task' and 'image', got {type(request).__name__}"
             )
         task = request.get("task")
-        if task is None and len(self.names) == 1:
-            task = self.names[0]
+        if task is None and len(self.model) == 1:
+            task = self.model.task_names[0]
         if not isinstance(task, str):
-            raise HTTPException(400, f"'task' must be a string, one of {self.names}; got {type(task).__name__}")
-        if task not in self.task_index:
-            raise HTTPException(400, f"task={task!r} is not one of {self.names}")
+            raise HTTPException(400, f"'task' must be a string, {self._names()}; got {type(task).__name__}")
+        if task not in self.model:
+            raise HTTPException(400, f"task={task!r} is not {self._names()}")
         try:
             k = check_top_k(request.get("top_k", self.default_top_k))
         except ValueError as err:
@@ -147,7 +164,22 @@ class MultiTaskAPI(ls.LitAPI):
             image = decode_image(data, "image", self.max_image_pixels)
         except ImageError as err:
             raise HTTPException(413 if err.too_large else 400, str(err)) from None
-        return Sample(self.transforms[task](image), self.task_index[task], k)
+        try:
+            handle = self.model.open(task)  # the version this request is answered by
+        except TaskUnavailable as err:
+            raise HTTPException(503, str(err)) from None
+        except ValueError as err:  # removed meanwhile
+            raise HTTPException(400, str(err)) from None
+        try:
+            return Sample(self.transform(handle)(image), handle, k)
+        except BaseException:
+            self.model.release([handle])
+            raise
+
+    def _names(self) -> str:
+        """The valid task names, for an error message (the count past 20)."""
+        names = self.model.task_names
+        return f"one of {names}" if len(names) <= 20 else f"one of the {len(names)} tasks (GET /tasks lists them)"
 
     def batch(self, inputs: List[Union[Sample, Refused]]) -> List[Union[Sample, Refused]]:
         return list(inputs)
@@ -160,14 +192,17 @@ class MultiTaskAPI(ls.LitAPI):
         valid = [i for i, x in enumerate(items) if isinstance(x, Sample)]
         out: List[Any] = list(items)
         if valid:
-            images = torch.stack([items[i].image for i in valid])
-            tasks = torch.tensor([items[i].task for i in valid], dtype=torch.long)
-            device = next(self.model.model.parameters()).device
-            with torch.inference_mode():
-                probabilities = self.model(images.to(device), tasks.to(device)).float().softmax(dim=-1).cpu()
-            for i, probs in zip(valid, probabilities):
-                info = self.model.infos[self.names[items[i].task]]
-                out[i] = {"task": info.name, "predictions": top_k(probs, info, items[i].k)}
+            handles = [items[i].task for i in valid]
+            try:
+                images = torch.stack([items[i].image for i in valid])
+                device = next(self.model.backbone.parameters()).device
+                with torch.inference_mode():
+                    probabilities = self.model.classify(images.to(device), handles).float().softmax(dim=-1).cpu()
+            finally:
+                self.model.release(handles)
+            for i, probs, handle in zip(valid, probabilities, handles):
+                info = handle.info
+                out[i] = {"task": info.name, "version": handle.version, "predictions": top_k(probs, info, items[i].k)}
         return out[0] if single else out
 
     def unbatch(self, output: List[Any]) -> List[Any]:
@@ -538,7 +573,7 @@ def exposure_warning(host: str, api_key: Optional[str]) -> Optional[str]:
 
 
 def build_server(
-    model: MultiTaskClassifier,
+    model: TaskStore,
     default_top_k: int = 5,
     max_batch_size: int = 32,
     batch_timeout: float = 0.01,
@@ -554,13 +589,17 @@ def build_server(
     devices: Any = 1,
     timeout: float = 30,
     shutdown_timeout: float = 5,
+    max_package_bytes: int = MAX_PACKAGE_BYTES,
+    status_folder: Optional[str] = None,
 ) -> ls.LitServer:
     """The LitServer: the API, the request-body middleware (bodies up to ``max_request_bytes``, and
-    ``max_buffered_bytes`` of them at once, default :data:`BUFFERED_REQUESTS` times as much), the ``/tasks`` route,
-    the API key on every route but ``/health`` (``api_key``), the API docs (only with ``docs``) and the demo page
-    (``ui``, mounted at ``/ui``; it classifies through ``server_url``'s ``/predict``, and with a key the browser asks
-    for it: HTTP Basic authentication, any user name, the key as the password)."""
-    api = MultiTaskAPI(model, default_top_k, max_batch_size, batch_timeout, max_image_pixels)
+    ``max_buffered_bytes`` of them at once, default :data:`BUFFERED_REQUESTS` times as much), the task routes
+    (:func:`add_task_routes`), the API key on every route but ``/health`` (``api_key``), the API docs (only with
+    ``docs``) and the demo page (``ui``, mounted at ``/ui``; it classifies through ``server_url``'s ``/predict``,
+    and with a key the browser asks for it: HTTP Basic authentication, any user name, the key as the password).
+    ``status_folder``: where the inference worker publishes its store's state for the task routes (a temporary
+    folder :func:`serve` makes); without it the routes read ``model`` itself (a server run in this process)."""
+    api = MultiTaskAPI(model, default_top_k, max_batch_size, batch_timeout, max_image_pixels, status_folder)
     body_limits = {
         "max_bytes": max_request_bytes,
         "read_timeout": read_timeout,
@@ -582,18 +621,23 @@ def build_server(
     if not docs:
         server.app.docs_url = server.app.redoc_url = None
         server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) not in DOCS_PATHS]
-    tasks = {"tasks": [info.to_dict() for info in model.infos.values()]}
-
-    def list_tasks() -> Dict[str, Any]:
-        """The served tasks with their classes."""
-        return tasks
-
-    server.app.add_api_route(TASKS_PATH, list_tasks, methods=["GET"])
+    board = StatusBoard(status_folder) if status_folder is not None else None
+    add_task_routes(server, TaskRoutes(model, board, bool(api_key), max_package_bytes))
     if ui:
         from .demo import mount_demo
 
         mount_demo(server.app, model, server_url + PREDICT_PATH, api_key=api_key, max_file_bytes=max_request_bytes)
     return server
+
+
+def add_task_routes(server: ls.LitServer, routes: TaskRoutes) -> None:
+    """``GET /tasks`` (a page: ``?offset=&limit=``), ``GET /tasks/NAME``, ``PUT /tasks/NAME`` and
+    ``DELETE /tasks/NAME`` (see :mod:`~vpt_lightning.serving.task_admin`)."""
+    app = server.app
+    app.add_api_route(TASKS_PATH, routes.list_tasks, methods=["GET"])
+    app.add_api_route(TASKS_PATH + "/{name}", routes.get_task, methods=["GET"])
+    app.add_api_route(TASKS_PATH + "/{name}", routes.put_task, methods=["PUT"])
+    app.add_api_route(TASKS_PATH + "/{name}", routes.delete_task, methods=["DELETE"])
 
 
 PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal a process gets when the thread that forked it ends
@@ -632,7 +676,7 @@ def _stop_forked_processes_with_this_one(serving: bool = True) -> None:
 
 
 def serve(
-    model: MultiTaskClassifier,
+    model: TaskStore,
     host: str = "127.0.0.1",
     port: int = 8000,
     log_level: str = "warning",
@@ -651,7 +695,8 @@ def serve(
         from .demo import local_url
 
         server_options.setdefault("server_url", local_url(host, port))
-    server = build_server(model, **server_options)
+    status_folder = tempfile.mkdtemp(prefix="vpt-serve-")  # the worker's store state, for the task routes
+    server = build_server(model, status_folder=status_folder, **server_options)
     owner = os.getpid()
     stopping = False
 
@@ -689,6 +734,7 @@ def serve(
         _stop_forked_processes_with_this_one(serving=False)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        shutil.rmtree(status_folder, ignore_errors=True)
     if server.child_died:
         raise ChildDied(f"{server.child_died}: the server stopped")
 

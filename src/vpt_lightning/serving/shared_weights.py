@@ -1,6 +1,7 @@
 """A copy of a module tree that shares every parameter and buffer with the original.
 
-A served task is built on such a copy of the shared frozen backbone: a tuning method that adds modules to the
+A task's network is built on such a copy of the shared frozen backbone (once per task shape, to read where its
+tensors go; for good by a task that cannot be data in the one pass): a tuning method that adds modules to the
 backbone (peft's LoRA layers, adapters) or swaps one (``prompt.location='pad'`` resizes the position embedding)
 changes the copy's structure only, never the model the other tasks use, while the frozen weights stay in memory once.
 """

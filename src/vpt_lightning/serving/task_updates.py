@@ -1,29 +1,54 @@
-"""Per-task weight updates (LoRA, Adapter) applied sample by sample inside one pass over a shared backbone.
+"""Per-task weight updates (LoRA, Adapter) as data, applied sample by sample inside one pass over a shared backbone.
 
-A LoRA or Adapter task is built on a weight-sharing copy of the shared model
-(:mod:`~vpt_lightning.serving.shared_weights`), where its method inserted its modules. :func:`task_updates`
-reads them back as additions to the outputs of the shared model's own modules: peft's LoRA layer at ``name`` adds
-``scaling * B(A(dropout(x)))`` to the output of the shared linear layer ``name`` (the formula of peft's
-``LoraLayer.forward``); an ``AdaptedMLP`` at ``name`` adds ``adapter(m)`` to the output ``m`` of the shared MLP.
+A LoRA or Adapter task adds modules to its copy of the backbone. :func:`update_sites` finds them once per task
+shape (on a template built on a weight-sharing copy of the shared model, :mod:`~vpt_lightning.serving.shared_weights`)
+and describes each as an :class:`UpdateSite`: which shared module's output it adds to, and which of the task's
+trained tensors it reads. :func:`bind_update` turns a site and one task's tensors into the addition itself, a plain
+function of tensors (no module): peft's LoRA layer at ``name`` adds ``scaling * B(A(x))`` to the output of the
+shared linear layer ``name`` (the formula of peft's ``LoraLayer.forward``, in evaluation: no dropout); an
+``AdaptedMLP`` at ``name`` adds ``up(GELU(down(m)))`` to the output ``m`` of the shared MLP (:mod:`..methods.adapter`).
 :func:`routed_updates` then adds, during one forward pass of the shared model, each task's additions to the rows of
 its own samples (what peft's mixed-adapter batches, ``adapter_names=[...]``, do inside its LoRA layers, here for
-tasks whose adapters live on separate copies of the backbone).
+tasks that are data).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..methods.adapter import AdaptedMLP
+from ..methods.adapter import AdaptedMLP, Adapter
 
 #: the addition a task makes to a module's output: ``(module input, module output) -> tensor like the output``
 Update = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: rows of a batch that belong to one task: ``(task, start, end)``, contiguous
 Group = Tuple[int, int, int]
+#: a tensor's key in the task's state dict (``None``: the template does not hold it)
+KeyOf = Callable[[Optional[torch.Tensor]], Optional[str]]
+
+
+@dataclass(frozen=True)
+class UpdateSite:
+    """A task's addition to the output of one shared module, as the state-dict keys of the tensors it reads.
+
+    ``kind='lora'``: ``scaling * B(A(x))`` (keys ``a_weight``, ``a_bias``, ``b_weight``, ``b_bias``; the biases
+    ``None`` unless peft's ``lora_bias``); ``kind='adapter'``: ``up(GELU(down(m)))`` on the module's output ``m``
+    (keys ``a_*`` for ``down``, ``b_*`` for ``up``)."""
+
+    kind: str
+    a_weight: str
+    a_bias: Optional[str]
+    b_weight: str
+    b_bias: Optional[str]
+    scaling: float = 1.0
+
+    def keys(self) -> List[str]:
+        return [k for k in (self.a_weight, self.a_bias, self.b_weight, self.b_bias) if k is not None]
 
 
 def _same_tensors(a: nn.Module, b: nn.Module) -> bool:
@@ -38,54 +63,67 @@ def _same_tensors(a: nn.Module, b: nn.Module) -> bool:
     )
 
 
-def _lora_update(layer: nn.Module) -> Optional[Update]:
-    """peft's plain LoRA (one adapter, unmerged, no DoRA or other variant) as an addition to the base output."""
+def _linear_keys(layer: nn.Module, key_of: KeyOf) -> Optional[Tuple[str, Optional[str]]]:
+    """The keys of a plain ``nn.Linear``'s weight and bias, or ``None`` for anything else."""
+    if type(layer) is not nn.Linear or key_of(layer.weight) is None:
+        return None
+    bias = key_of(layer.bias) if layer.bias is not None else None
+    if layer.bias is not None and bias is None:
+        return None
+    return key_of(layer.weight), bias
+
+
+def _lora_site(layer: nn.Module, key_of: KeyOf) -> Optional[UpdateSite]:
+    """peft's plain LoRA on a linear layer (one adapter, unmerged, no DoRA or other variant)."""
     names = list(layer.lora_A.keys())
     if len(names) != 1 or getattr(layer, "merged", False) or names[0] in getattr(layer, "lora_variant", {}):
         return None
     name = names[0]
-    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
-    dropout, scaling = layer.lora_dropout[name], layer.scaling[name]
-
-    def update(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return (lora_b(lora_a(dropout(x.to(lora_a.weight.dtype)))) * scaling).to(out.dtype)
-
-    return update
-
-
-def _adapter_update(adapted: AdaptedMLP) -> Update:
-    def update(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return adapted.adapter(out)
-
-    return update
+    if type(layer.get_base_layer()) is not nn.Linear:
+        return None
+    a, b = _linear_keys(layer.lora_A[name], key_of), _linear_keys(layer.lora_B[name], key_of)
+    if a is None or b is None:
+        return None
+    return UpdateSite("lora", *a, *b, scaling=float(layer.scaling[name]))
 
 
-def task_updates(shared: nn.Module, task_model: nn.Module) -> Optional[Dict[str, Update]]:
-    """The additions a task's copy ``task_model`` makes to the modules of ``shared`` (module name -> update;
-    empty when the copy computes what ``shared`` does), or ``None`` when the copy differs in another way (another
-    module type, a weight of its own such as a resized position embedding): such a task runs through its own copy."""
+def _adapter_site(adapted: AdaptedMLP, key_of: KeyOf) -> Optional[UpdateSite]:
+    adapter = adapted.adapter
+    if type(adapter) is not Adapter or type(adapter.act) is not nn.GELU or adapter.act.approximate != "none":
+        return None
+    down, up = _linear_keys(adapter.down, key_of), _linear_keys(adapter.up, key_of)
+    if down is None or up is None:
+        return None
+    return UpdateSite("adapter", *down, *up)
+
+
+def update_sites(shared: nn.Module, task_model: nn.Module, key_of: KeyOf) -> Optional[Dict[str, UpdateSite]]:
+    """The additions a task's copy ``task_model`` makes to the modules of ``shared`` (module name -> site; empty
+    when the copy computes what ``shared`` does), or ``None`` when the copy differs in another way (another module
+    type, a weight of its own such as a resized position embedding, a LoRA variant): such a task runs through its
+    own copy. ``key_of`` gives a tensor's key in the task's state dict."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # without peft (the lora extra) no task holds a LoRA layer
         LoraLayer = ()  # type: ignore[assignment,misc]
 
     shared_modules = dict(shared.named_modules())
-    updates: Dict[str, Update] = {}
-    handled: List[str] = []
+    sites: Dict[str, UpdateSite] = {}
     for name, module in task_model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in handled):
+        if any(name.startswith(prefix + ".") for prefix in sites):
             continue
         original = shared_modules.get(name)
         if original is None:
             return None
+        site: Optional[UpdateSite]
         if isinstance(module, LoraLayer) and not isinstance(original, LoraLayer):
-            update = _lora_update(module)
-            if update is None or not _same_tensors(module.get_base_layer(), original):
+            site = _lora_site(module, key_of)
+            if site is None or not _same_tensors(module.get_base_layer(), original):
                 return None
         elif isinstance(module, AdaptedMLP) and not isinstance(original, AdaptedMLP):
-            if not _same_tensors(module.mlp, original):
+            site = _adapter_site(module, key_of)
+            if site is None or not _same_tensors(module.mlp, original):
                 return None
-            update = _adapter_update(module)
         else:
             own = dict(module.named_parameters(recurse=False)), dict(module.named_buffers(recurse=False))
             theirs = dict(original.named_parameters(recurse=False)), dict(original.named_buffers(recurse=False))
@@ -93,9 +131,28 @@ def task_updates(shared: nn.Module, task_model: nn.Module) -> Optional[Dict[str,
             if type(module) is not type(original) or not same:
                 return None
             continue
-        updates[name] = update
-        handled.append(name)
-    return updates
+        sites[name] = site
+    return sites
+
+
+def bind_update(site: UpdateSite, tensors: Mapping[str, torch.Tensor]) -> Update:
+    """The addition of ``site`` with one task's ``tensors`` (its state dict), as a function of tensors."""
+    a_weight, b_weight = tensors[site.a_weight], tensors[site.b_weight]
+    a_bias = tensors[site.a_bias] if site.a_bias else None
+    b_bias = tensors[site.b_bias] if site.b_bias else None
+    if site.kind == "lora":
+        scaling = site.scaling
+
+        def lora(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            low = F.linear(x.to(a_weight.dtype), a_weight, a_bias)
+            return (F.linear(low, b_weight, b_bias) * scaling).to(out.dtype)
+
+        return lora
+
+    def adapter(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.gelu(F.linear(out, a_weight, a_bias)), b_weight, b_bias)
+
+    return adapter
 
 
 class Routing:
