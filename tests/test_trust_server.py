@@ -238,3 +238,77 @@ def test_content_length_is_parsed_not_pattern_matched():
         asyncio.run(RequestBodyMiddleware(app, max_bytes=100)(scope, receive, send))
         assert sent[0]["status"] == 400, (value, sent)
         assert "is not a number of bytes" in json.loads(sent[1]["body"])["detail"], (value, sent)
+
+
+def _through_body_middleware(middleware, method: str, path: str, headers: dict, chunks=(b"",), wait: float = 0):
+    """Run one request through ``middleware``: what the app received (None if not called) and what was sent."""
+    import asyncio
+
+    reached: dict = {}
+    sent: list = []
+
+    async def app(scope, receive, send):
+        message = await receive()
+        reached.update(headers=dict(scope["headers"]), body=message["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    pending = list(chunks)
+
+    async def receive():
+        if wait:
+            await asyncio.sleep(wait)
+        body = pending.pop(0)
+        return {"type": "http.request", "body": body, "more_body": bool(pending)}
+
+    async def send(message):
+        sent.append(message)
+
+    middleware.app = app
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "query_string": b"",
+        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()],
+    }
+    asyncio.run(middleware(scope, receive, send))
+    detail = json.loads(sent[1]["body"]).get("detail", "") if sent and sent[0]["status"] != 200 else ""
+    return (reached or None), sent[0]["status"], dict(sent[0].get("headers", [])), detail
+
+
+def test_a_package_upload_goes_through_the_body_cap_the_budget_and_the_read_timeout():
+    """PUT /tasks/NAME (a package upload, the store's admin route) is a body like /predict's: its declared length is
+    parsed as ASCII digits, capped (--max-package-bytes: 413 unread), held within the budget of bodies held at once
+    (503 with Retry-After, unread), read within the read timeout (408); within all of them it reaches the route as
+    sent. The route itself read it without these (any size past the budget, no deadline, '²' taken for a digit)."""
+    from vpt_lightning.serving.server import RequestBodyMiddleware, buffered_bytes_cap
+
+    def middleware(**limits):  # the app is given by _through_body_middleware
+        return RequestBodyMiddleware(None, **{"max_bytes": 100, "max_buffered_bytes": 1000, **limits})
+
+    multipart = {"content-type": "multipart/form-data; boundary=x"}
+    body = b"--x\r\n" + b"p" * 400 + b"\r\n--x--\r\n"
+    reached, status, _, _ = _through_body_middleware(
+        middleware(max_upload_bytes=800), "PUT", "/tasks/x", {**multipart, "content-length": str(len(body))}, [body]
+    )
+    assert status == 200 and reached["body"] == body, status  # over /predict's 100 bytes, under the upload cap
+    assert reached["headers"][b"content-type"] == multipart["content-type"].encode()
+    for declared, want, words in (("900", 413, "over 800"), ("²", 400, "not a number of bytes")):
+        reached, status, _, detail = _through_body_middleware(
+            middleware(max_upload_bytes=800), "PUT", "/tasks/x", {**multipart, "content-length": declared}
+        )
+        assert (reached, status) == (None, want) and words in detail, (status, detail)
+    busy = middleware(max_upload_bytes=800)
+    assert busy.budget.take(700)  # bodies being received or answered
+    reached, status, headers, detail = _through_body_middleware(
+        busy, "PUT", "/tasks/x", {**multipart, "content-length": "400"}, [body]
+    )
+    assert (reached, status, headers.get(b"retry-after")) == (None, 503, b"1") and "--max-buffered-bytes" in detail
+    reached, status, _, detail = _through_body_middleware(
+        middleware(max_upload_bytes=800, read_timeout=0.2), "PUT", "/tasks/x", multipart, [body], wait=1
+    )
+    assert (reached, status) == (None, 408), (status, detail)
+    with pytest.raises(ValueError, match="--max-buffered-bytes 1000 is less than --max-package-bytes 5000"):
+        buffered_bytes_cap(100, 1000, 5000)
+    assert buffered_bytes_cap(100, None, 5000) == 5000  # by default, room for one upload of the largest size

@@ -38,7 +38,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         type=int,
         default=None,
         help="request bodies held at once, summed over the requests being received or answered: a body that would "
-        "go over it gets 503 with Retry-After, unread (default 4 x --max-request-bytes)",
+        "go over it gets 503 with Retry-After, unread (default 4 x --max-request-bytes, or one upload of "
+        "--max-package-bytes where the admin routes are open, whichever is more)",
     )
     parser.add_argument(
         "--max-image-pixels",
@@ -84,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         type=cache_size,
         default=64 * 2**20,
         metavar="SIZE",
-        help="larger task uploads (PUT /tasks/NAME) get 413 (default 64MiB)",
+        help="larger task uploads (PUT /tasks/NAME) get 413; they count in --max-buffered-bytes (default 64MiB)",
     )
     parser.add_argument("--accelerator", default="auto", help="LitServe accelerator: auto, cpu, cuda, mps")
     parser.add_argument("--devices", default="1", help="devices (default 1)")
@@ -111,7 +112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 1
     try:
         api_key = resolve_api_key(args.api_key)
-        max_buffered_bytes = buffered_bytes_cap(args.max_request_bytes, args.max_buffered_bytes)
+        uploads = args.max_package_bytes if api_key and args.tasks else 0  # the admin routes' bodies
+        max_buffered_bytes = buffered_bytes_cap(args.max_request_bytes, args.max_buffered_bytes, uploads)
     except ValueError as err:
         print(f"vpt-serve: error: {err}", file=sys.stderr)
         return 1

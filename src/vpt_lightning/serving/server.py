@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 import warnings
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import litserve as ls
 import torch
@@ -316,10 +316,14 @@ def content_length(headers: Dict[str, str]) -> Optional[int]:
 
 
 class RequestBodyMiddleware:
-    """ASGI middleware for ``POST /predict``: refuses bodies over ``max_bytes`` (413), not received within
-    ``read_timeout`` seconds (408), over what ``budget`` lets this process hold at once (503 with ``Retry-After``,
-    without reading them) and malformed JSON (400, deep nesting included), and turns a raw image upload
-    (``?task=NAME``) into the JSON body the API reads. Other routes pass through."""
+    """ASGI middleware for the routes that take a body: ``POST /predict`` (bodies up to ``max_bytes``) and, when
+    ``max_upload_bytes`` is set (a server whose admin routes are open), ``PUT /tasks/NAME`` (package uploads up to
+    ``max_upload_bytes``). It refuses bodies over their cap (413), not received within ``read_timeout`` seconds
+    (408), over what ``budget`` lets this process hold at once, both kinds together (503 with ``Retry-After``,
+    without reading them), a ``content-length`` that is not ASCII digits (400) and, for ``/predict``, malformed JSON
+    (400, deep nesting included); it turns a raw image upload (``?task=NAME``) into the JSON body the API reads, and
+    passes an upload on as it came. Other routes pass through (a ``PUT`` then reaches a route that refuses it
+    unread)."""
 
     def __init__(
         self,
@@ -328,25 +332,41 @@ class RequestBodyMiddleware:
         read_timeout: float = DEFAULT_READ_TIMEOUT,
         max_buffered_bytes: Optional[int] = None,
         path: str = PREDICT_PATH,
+        max_upload_bytes: int = 0,
+        upload_prefix: str = TASKS_PATH + "/",
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.read_timeout = read_timeout
-        self.budget = BodyBudget(buffered_bytes_cap(max_bytes, max_buffered_bytes))
+        self.budget = BodyBudget(buffered_bytes_cap(max_bytes, max_buffered_bytes, max_upload_bytes))
         self.path = path
+        self.max_upload_bytes = max_upload_bytes
+        self.upload_prefix = upload_prefix
+
+    def _limit(self, scope: Scope) -> Optional[Tuple[int, str]]:
+        """The body cap of this request's route and the option that sets it; ``None`` for a route without a body."""
+        if scope["type"] != "http":
+            return None
+        if scope["method"] == "POST" and scope["path"] == self.path:
+            return self.max_bytes, "--max-request-bytes"
+        if self.max_upload_bytes and scope["method"] == "PUT" and scope["path"].startswith(self.upload_prefix):
+            return self.max_upload_bytes, "--max-package-bytes"
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
+        limit = self._limit(scope)
+        if limit is None:
             await self.app(scope, receive, send)
             return
+        max_bytes, option = limit
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             declared = content_length(headers)
         except ValueError as err:
             return await _refuse(scope, receive, send, 400, str(err))
-        if declared is not None and declared > self.max_bytes:
+        if declared is not None and declared > max_bytes:
             return await _refuse(
-                scope, receive, send, 413, f"request body of {declared} bytes is over {self.max_bytes}"
+                scope, receive, send, 413, f"request body of {declared} bytes is over {max_bytes} ({option})"
             )
         held = 0  # bytes of the budget this request holds: the declared length, or what came so far
         try:
@@ -368,18 +388,23 @@ class RequestBodyMiddleware:
                 chunks.append(message.get("body", b""))
                 size += len(chunks[-1])
                 more = message.get("more_body", False)
-                if size > self.max_bytes:
-                    return await _refuse(scope, receive, send, 413, f"request body is over {self.max_bytes} bytes")
+                if size > max_bytes:
+                    return await _refuse(
+                        scope, receive, send, 413, f"request body is over {max_bytes} bytes ({option})"
+                    )
                 if size > held:  # a body without content-length (chunked): held as it comes
                     if not self.budget.take(size - held):
                         return await self._busy(scope, receive, send)
                     held = size
-            try:
-                body = json_body(b"".join(chunks), headers, scope)
-            except HTTPException as err:
-                return await _refuse(scope, receive, send, err.status_code, str(err.detail))
+            body = b"".join(chunks)
             del chunks  # one copy of the body held while it is answered
-            await self.app(replace_body(scope, body), replay(body, receive), send)
+            if scope["path"] == self.path:
+                try:
+                    body = json_body(body, headers, scope)
+                except HTTPException as err:
+                    return await _refuse(scope, receive, send, err.status_code, str(err.detail))
+                scope = replace_body(scope, body)
+            await self.app(scope, replay(body, receive), send)
         finally:
             self.budget.give_back(held)
 
@@ -533,15 +558,20 @@ def how_it_ended(exitcode: Optional[int]) -> str:
     return f"exited with status {exitcode}"
 
 
-def buffered_bytes_cap(max_request_bytes: int, max_buffered_bytes: Optional[int] = None) -> int:
+def buffered_bytes_cap(
+    max_request_bytes: int, max_buffered_bytes: Optional[int] = None, max_upload_bytes: int = 0
+) -> int:
     """The cap on request-body bytes held at once: ``max_buffered_bytes``, by default :data:`BUFFERED_REQUESTS`
-    bodies of ``max_request_bytes``; :class:`ValueError` if a body of the largest size would not fit."""
-    cap = BUFFERED_REQUESTS * max_request_bytes if max_buffered_bytes is None else max_buffered_bytes
-    if cap < max_request_bytes:
-        raise ValueError(
-            f"--max-buffered-bytes {cap} is less than --max-request-bytes {max_request_bytes}: no request of the "
-            "largest size could ever be served"
-        )
+    bodies of ``max_request_bytes`` or one package upload of ``max_upload_bytes`` (0: no upload route), whichever is
+    more; :class:`ValueError` if a body of the largest size would not fit."""
+    default = max(BUFFERED_REQUESTS * max_request_bytes, max_upload_bytes)
+    cap = default if max_buffered_bytes is None else max_buffered_bytes
+    for largest, option in ((max_request_bytes, "--max-request-bytes"), (max_upload_bytes, "--max-package-bytes")):
+        if cap < largest:
+            raise ValueError(
+                f"--max-buffered-bytes {cap} is less than {option} {largest}: no request of the largest size could "
+                "ever be served"
+            )
     return cap
 
 
@@ -600,10 +630,12 @@ def build_server(
     ``status_folder``: where the inference worker publishes its store's state for the task routes (a temporary
     folder :func:`serve` makes); without it the routes read ``model`` itself (a server run in this process)."""
     api = MultiTaskAPI(model, default_top_k, max_batch_size, batch_timeout, max_image_pixels, status_folder)
+    max_upload_bytes = upload_bytes(model, api_key, max_package_bytes)
     body_limits = {
         "max_bytes": max_request_bytes,
         "read_timeout": read_timeout,
-        "max_buffered_bytes": buffered_bytes_cap(max_request_bytes, max_buffered_bytes),
+        "max_buffered_bytes": buffered_bytes_cap(max_request_bytes, max_buffered_bytes, max_upload_bytes),
+        "max_upload_bytes": max_upload_bytes,
     }
     middlewares: List[Any] = [(RequestBodyMiddleware, body_limits)]
     if api_key:  # added last: the outermost, so that nothing answers before the key is checked
@@ -622,12 +654,18 @@ def build_server(
         server.app.docs_url = server.app.redoc_url = None
         server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) not in DOCS_PATHS]
     board = StatusBoard(status_folder) if status_folder is not None else None
-    add_task_routes(server, TaskRoutes(model, board, bool(api_key), max_package_bytes))
+    add_task_routes(server, TaskRoutes(model, board, bool(api_key)))
     if ui:
         from .demo import mount_demo
 
         mount_demo(server.app, model, server_url + PREDICT_PATH, api_key=api_key, max_file_bytes=max_request_bytes)
     return server
+
+
+def upload_bytes(model: TaskStore, api_key: Optional[str], max_package_bytes: int) -> int:
+    """The largest package upload (``PUT /tasks/NAME``) the body middleware reads: ``max_package_bytes`` where the
+    admin routes are open (an API key, a task folder to write), else 0 (the route refuses such a request unread)."""
+    return max_package_bytes if api_key and model.folders else 0
 
 
 def add_task_routes(server: ls.LitServer, routes: TaskRoutes) -> None:

@@ -33,7 +33,8 @@ from .task_store import TaskStore, UnknownTask, stamp_token
 
 #: ``GET /tasks``: entries per page by default, and at most
 PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
-#: ``PUT /tasks/NAME``: larger uploads get 413 (``vpt-serve --max-package-bytes``)
+#: ``PUT /tasks/NAME``: larger uploads get 413 (``vpt-serve --max-package-bytes``, applied with the other body
+#: limits by :class:`~vpt_lightning.serving.server.RequestBodyMiddleware`)
 MAX_PACKAGE_BYTES = 64 * 2**20
 
 
@@ -88,20 +89,14 @@ class StatusBoard:
 
 class TaskRoutes:
     """The routes' work, for the HTTP process: ``store`` (its index), the worker's ``board`` (``None``: ``store``
-    serves in this very process), whether admin routes are allowed (``admin``: an API key guards the server) and
-    the upload cap."""
+    serves in this very process) and whether admin routes are allowed (``admin``: an API key guards the server).
+    An upload's body reaches :meth:`put_task` through the server's body middleware (its size cap, read timeout and
+    the budget of bodies held at once), which a refused admin route never reads."""
 
-    def __init__(
-        self,
-        store: TaskStore,
-        board: Optional[StatusBoard],
-        admin: bool,
-        max_package_bytes: int = MAX_PACKAGE_BYTES,
-    ) -> None:
+    def __init__(self, store: TaskStore, board: Optional[StatusBoard], admin: bool) -> None:
         self.store = store
         self.board = board
         self.admin = admin
-        self.max_package_bytes = max_package_bytes
         self._refreshed = time.monotonic()
         self._lock = threading.Lock()
 
@@ -216,27 +211,10 @@ class TaskRoutes:
         return None
 
     async def _upload(self, request: Request) -> Any:
-        """The uploaded files, read up to ``max_package_bytes`` (413 past it)."""
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_package_bytes:
-            return JSONResponse({"detail": f"package upload of {declared} bytes is over {self.max_package_bytes}"}, 413)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.max_package_bytes:
-                return JSONResponse({"detail": f"package upload is over {self.max_package_bytes} bytes"}, 413)
-        sent = False
-
-        async def replay() -> Dict[str, Any]:
-            nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
+        """The uploaded files (the body as the body middleware read it, within its limits)."""
         allowed = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE)
         try:
-            form = await Request(request.scope, replay).form(max_files=len(allowed), max_fields=0)
+            form = await request.form(max_files=len(allowed), max_fields=0)
         except Exception as err:  # starlette's multipart errors (HTTPException 400, MultiPartException)
             detail = getattr(err, "detail", None) or str(err)
             return JSONResponse(
