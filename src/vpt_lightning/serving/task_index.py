@@ -19,7 +19,10 @@ from typing import Any, Callable, Dict, Hashable, List, Mapping, NamedTuple, Opt
 
 from ..task_model import CONFIG_FILE, TaskRecord, TaskSpec, parse_package_config
 
-TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+#: the characters of a task's name (it names a folder, a URL path segment, a CSV cell)
+NAME_CHARACTERS = "A-Za-z0-9_-"
+TASK_NAME = re.compile(f"[{NAME_CHARACTERS}]+")
+TASK_NAME_RULE = "may hold only letters, digits, '_' and '-'"
 HUB_REPO_PREFIX = "models--"
 
 
@@ -71,6 +74,19 @@ class TaskEntry:
         return ServedTask(self.name, names, method, self.origin, spec.eval_transform)
 
 
+def check_task_name(name: object, origin: str = "") -> str:
+    """``name`` if it is a task name (all of it :data:`TASK_NAME`), else a ``ValueError`` naming it (and
+    ``origin``, where it comes from) and the rule."""
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
+        raise ValueError(f"task name {name!r}{f' ({origin})' if origin else ''} {TASK_NAME_RULE}")
+    return name
+
+
+def as_task_name(text: str) -> str:
+    """``text`` as a task name: each character a task name may not hold replaced by ``_``."""
+    return re.sub(f"[^{NAME_CHARACTERS}]", "_", text)
+
+
 class Found(NamedTuple):
     """A package found by a scan: its watched folder's rank, its folder and stamp."""
 
@@ -114,7 +130,7 @@ def scan_folders(
                 if not item.is_dir():
                     continue
                 if item.name.startswith(HUB_REPO_PREFIX):
-                    name = re.sub(r"[^A-Za-z0-9_-]", "_", item.name.split("--")[-1])
+                    name = as_task_name(item.name.split("--")[-1])
                     old = previous.get(name)
                     if old is None or old.rank != rank or look(name):
                         path, stamp = _hub_package(item.path)
@@ -130,9 +146,12 @@ def scan_folders(
                         stamp = old.stamp
             except OSError:  # removed while scanned, or a Hub repo without refs/main: not (yet) a package
                 continue
-            if name not in previous and not TASK_NAME.match(name):
-                problems[name] = f"{path!r}: a task folder's name may hold only letters, digits, '_' and '-'"
-                continue
+            if name not in previous:
+                try:
+                    check_task_name(name, f"the folder {path!r}")
+                except ValueError as err:
+                    problems[name] = str(err)
+                    continue
             if name in found:
                 if found[name].rank != rank:
                     problems[f"{name}@{rank}"] = f"{path!r} is shadowed by {found[name].path!r}"
@@ -161,4 +180,4 @@ def default_task_name(path: Path) -> str:
         return path.parents[2].name
     if path.is_dir() and path.name == "task" and len(path.parents) >= 2:
         return path.parents[1].name
-    return re.sub(r"[^A-Za-z0-9_-]", "_", path.stem if path.is_file() else path.name)
+    return as_task_name(path.stem if path.is_file() else path.name)

@@ -56,7 +56,7 @@ from .package_io import (
 )
 from .shared_weights import weight_sharing_copy
 from .task_cache import Key, TaskCache
-from .task_index import TASK_NAME, Found, ServedTask, TaskEntry, default_task_name, read_entry, scan_folders
+from .task_index import Found, ServedTask, TaskEntry, check_task_name, default_task_name, read_entry, scan_folders
 from .task_tensors import TaskLayout, TaskTensors, classify, shape_signature
 
 log = logging.getLogger(__name__)
@@ -409,8 +409,7 @@ class TaskStore(nn.Module):
         path, spec = Path(record.origin), record.spec
         origin = repr(str(path))
         name = name or spec.task_name or default_task_name(path)
-        if not TASK_NAME.match(name):
-            raise ValueError(f"task name {name!r} ({str(path)!r}) may hold only letters, digits, '_' and '-'")
+        check_task_name(name, repr(str(path)))
         with self._lock:
             if name in self._entries:
                 raise ValueError(
@@ -664,8 +663,7 @@ class TaskStore(nn.Module):
     def _writable(self, name: str) -> Path:
         if not self.folders:
             raise ValueError("this store watches no folder: start it with task folders (--tasks DIR) to add tasks")
-        if not TASK_NAME.match(name):
-            raise ValueError(f"task name {name!r} may hold only letters, digits, '_' and '-'")
+        check_task_name(name)
         with self._lock:
             entry = self._entries.get(name)
         if entry is not None and entry.in_memory:
