@@ -14,7 +14,7 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator, Optional
 
 #: ``summary.json``, ``results.json`` and a run's ``.hydra/config.yaml`` are a few kB; beyond this they are refused
 MAX_SMALL_FILE_BYTES = 16 * 2**20
@@ -33,12 +33,17 @@ class RefusedFileError(ValueError):
 
 
 @contextlib.contextmanager
-def open_regular_file(path: os.PathLike, max_bytes: int, limit_hint: str = "") -> Iterator[BinaryIO]:
+def open_regular_file(
+    path: os.PathLike, max_bytes: int, limit_hint: str = "", folder_fd: Optional[int] = None
+) -> Iterator[BinaryIO]:
     """The open (binary, blocking) handle of the regular file ``path`` of at most ``max_bytes`` bytes;
     :class:`RefusedFileError` for anything else, before any byte is read. ``limit_hint`` is added to the message
-    of a file over the cap (e.g. the option that raises it)."""
+    of a file over the cap (e.g. the option that raises it). ``folder_fd``: an open descriptor of ``path``'s
+    folder, through which the file (by its name) is opened: the one in the folder as it was opened, even if the
+    folder's path names another one now."""
+    opened = os.path.basename(path) if folder_fd is not None else path
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(opened, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), dir_fd=folder_fd)
     except OSError as err:
         raise RefusedFileError(f"{path}: cannot be read ({err.strerror or err})") from err
     with os.fdopen(fd, "rb", buffering=0) as handle:
@@ -53,10 +58,12 @@ def open_regular_file(path: os.PathLike, max_bytes: int, limit_hint: str = "") -
         yield handle  # type: ignore[misc]
 
 
-def read_regular_file(path: os.PathLike, max_bytes: int = MAX_SMALL_FILE_BYTES, limit_hint: str = "") -> bytes:
+def read_regular_file(
+    path: os.PathLike, max_bytes: int = MAX_SMALL_FILE_BYTES, limit_hint: str = "", folder_fd: Optional[int] = None
+) -> bytes:
     """The bytes of the regular file ``path`` (see :func:`open_regular_file`), at most ``max_bytes`` of them even
     when the file grows while it is read."""
-    with open_regular_file(path, max_bytes, limit_hint) as handle:
+    with open_regular_file(path, max_bytes, limit_hint, folder_fd) as handle:
         data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:
         hint = f" ({limit_hint})" if limit_hint else ""

@@ -23,12 +23,13 @@ A Hub repo is downloaded only when named explicitly, ``hf://OWNER/NAME``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
 
 import torch
 from huggingface_hub import ModelCard, ModelHubMixin
@@ -487,20 +488,41 @@ def check_eval_transform(settings: Optional[Mapping[str, Any]], origin: str) -> 
             raise ValueError(f"{where}.{key}={value!r} must be {valid}")
 
 
-def trained_tensor_shapes(spec: TaskSpec, origin: str) -> Dict[str, tuple]:
-    """The names and shapes of the tensors a task of ``spec`` trains (what its package or checkpoint must hold):
-    its network built on the ``meta`` device, within the caps of :func:`vpt_lightning.trust.bounded_construction`
-    (refused, naming ``origin``, beyond them), so nothing is allocated and nothing downloaded or read."""
+def trained_shapes(task: TaskModel) -> Dict[str, tuple]:
+    """The names and shapes of the tensors ``task`` trains, what its file must hold: every parameter that requires
+    grad and every buffer outside its frozen backbone model (:func:`~vpt_lightning.checkpoint.trainable_state_keys`).
+    The rule of every loader of a task's file, alone or on a shared backbone."""
+    state = task.state_dict()
+    return {k: tuple(state[k].shape) for k in trainable_state_keys(task, task.backbone.model)}
+
+
+@contextlib.contextmanager
+def file_network_construction(origin: str, meta: bool = True) -> Iterator[None]:
+    """The block that builds the network a file someone else made describes: on the ``meta`` device (``meta``:
+    nothing is allocated), within the caps of :func:`vpt_lightning.trust.bounded_construction`, the global random
+    state untouched; any error of the build becomes a ``ValueError`` naming ``origin``. Build it with
+    ``saved_tensors=True`` (:func:`build_task_model`), so that nothing is fetched or read either."""
     try:
-        with bounded_construction(origin), torch.device("meta"), torch.random.fork_rng(devices=[]):
-            task = build_task_model(spec, model=create_architecture(spec.backbone), identity={}, saved_tensors=True)
-            keys = trainable_state_keys(task, task.backbone.model)
-            state = task.state_dict()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(bounded_construction(origin))
+            stack.enter_context(torch.random.fork_rng(devices=[]))
+            if meta:
+                stack.enter_context(torch.device("meta"))
+            yield
     except ValueError as err:
         raise ValueError(str(err) if origin in str(err) else f"{origin}: {err}") from None
     except Exception as err:  # a timm or torch error on values that passed the checks: name the file
         raise ValueError(f"{origin}: its network could not be built ({type(err).__name__}: {err})") from None
-    return {k: tuple(state[k].shape) for k in keys}
+
+
+def trained_tensor_shapes(spec: TaskSpec, origin: str) -> Dict[str, tuple]:
+    """The names and shapes of the tensors a task of ``spec`` trains (what its package or checkpoint must hold,
+    :func:`trained_shapes`): its network built on the ``meta`` device, within the caps of
+    :func:`vpt_lightning.trust.bounded_construction` (refused, naming ``origin``, beyond them), so nothing is
+    allocated and nothing downloaded or read (:func:`file_network_construction`)."""
+    with file_network_construction(origin):
+        task = build_task_model(spec, model=create_architecture(spec.backbone), identity={}, saved_tensors=True)
+        return trained_shapes(task)
 
 
 def check_package(folder: os.PathLike) -> TaskSpec:
@@ -511,10 +533,16 @@ def check_package(folder: os.PathLike) -> TaskSpec:
     return _checked_package(Path(folder))[1]
 
 
+def package_spec(config: Mapping[str, Any], path: os.PathLike) -> TaskSpec:
+    """The spec of a package's parsed ``config.json`` (read from ``path``: :func:`parse_package_config`), values only
+    (:func:`spec_of_file`): what every reader of a package (loading one, a task store's index) builds it with."""
+    return spec_of_file(config, repr(str(path)))
+
+
 def _checked_package(folder: Path) -> tuple:
     config = read_package_config(folder)
     config_origin = repr(str(folder / CONFIG_FILE))
-    spec = spec_of_file(config, config_origin)
+    spec = package_spec(config, folder / CONFIG_FILE)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"task package {str(folder)!r} has no {WEIGHTS_FILE}")
@@ -537,6 +565,17 @@ def read_package(folder: Path) -> TaskRecord:
     return TaskRecord(folder, spec, state, config.get("backbone_identity"), info)
 
 
+def check_shares_backbone(spec: TaskSpec, origin: str) -> None:
+    """Refuse a task whose method changes backbone weights (``trains_backbone``: full, partial, bias...) where it
+    would share the frozen backbone with other tasks, naming ``origin``."""
+    method, tuning = parse_tuning(spec.tuning)
+    if method.trains_backbone:
+        raise ValueError(
+            f"{origin}: tuning={tuning.name} changes backbone weights, so it cannot share the frozen backbone with "
+            "other tasks; load it alone with vpt_lightning.task_sources.load_task (or VPTModule.load_from_checkpoint)"
+        )
+
+
 def assemble(
     record: TaskRecord,
     backbone: Any = None,
@@ -555,12 +594,8 @@ def assemble(
     config_origin, weights_origin = origin, origin
     if Path(record.origin).is_dir():  # a package: name the file each check reads
         config_origin, weights_origin = (repr(str(Path(record.origin) / f)) for f in (CONFIG_FILE, WEIGHTS_FILE))
-    method, tuning = parse_tuning(record.spec.tuning)
-    if model is not None and method.trains_backbone:
-        raise ValueError(
-            f"{origin}: tuning={tuning.name} changes backbone weights, so it cannot share the frozen backbone with "
-            "other tasks; load it alone with vpt_lightning.task_sources.load_task (or VPTModule.load_from_checkpoint)"
-        )
+    if model is not None:
+        check_shares_backbone(record.spec, origin)
     pin = None
     if model is None:
         pin = (
@@ -570,11 +605,10 @@ def assemble(
         )
     task = build_task_model(record.spec, backbone=pin, model=model, identity=identity, saved_tensors=True)
     check_identity(record.identity, task.identity, config_origin)
-    own = task.state_dict()
-    expected = {k: tuple(own[k].shape) for k in trainable_state_keys(task, task.backbone.model)}
+    expected = trained_shapes(task)
     check_tensor_shapes({k: tuple(v.shape) for k, v in record.state_dict.items()}, expected, weights_origin)
     task.load_state_dict(record.state_dict, strict=False)
-    task.__dict__["_trained_keys"] = [k for k in own if k in record.state_dict]
+    task.__dict__["_trained_keys"] = [k for k in task.state_dict() if k in record.state_dict]
     task.info = dict(record.info)
     return task.eval()
 
