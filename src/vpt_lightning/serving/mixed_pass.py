@@ -89,6 +89,17 @@ def _split(attn: nn.Module, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tens
     return attn.q_norm(qkv[0]), kv
 
 
+def masked_attention(
+    attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """The attention of the block's ``attn`` on ``q`` ``(b, heads, n, head_dim)`` over ``k``, ``v``
+    ``(b, heads, m, head_dim)``; ``mask``: booleans broadcast to ``(b, heads, n, m)``, ``False`` where a row does not
+    attend (the prompt slots a shorter or no prompt leaves empty). Every attention call of the pass goes through
+    here, so that it can follow the shared attention of :mod:`~vpt_lightning.backbones.prompts_as_keys` (the mask
+    then as an additive bias, ``-inf`` where it is ``False``)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+
+
 def _prompt_heads(
     block: Block, groups: Sequence[Group], keys_only: Mapping[int, torch.Tensor], routing: Routing, longest: int
 ) -> Tuple[torch.Tensor, Dict[int, int]]:
@@ -169,16 +180,14 @@ def _mixed_block(
             prompt_slots = torch.arange(longest, device=x.device) < row_lengths[:, None]
             mask = torch.cat([prompt_slots, prompt_slots.new_ones(batch, length)], dim=1)[:, None, None, :]
         k, v = buffer[0], buffer[1]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+    out = masked_attention(attn, q, k, v, mask)
     with routing.rows(groups):
         x = finish_block(block, x, out.transpose(1, 2), normed)
     carried_out = {}
     for g, (carried_normed, carried_q, _kv) in carried_heads.items():
         task, start, end = groups[g]
         rows_mask = mask[start:end] if mask is not None else None
-        carried_attn = F.scaled_dot_product_attention(
-            carried_q, k[start:end], v[start:end], attn_mask=rows_mask, scale=attn.scale
-        )
+        carried_attn = masked_attention(attn, carried_q, k[start:end], v[start:end], rows_mask)
         with routing.rows([(task, 0, end - start)]):
             carried_out[g] = finish_block(block, carried[g], carried_attn.transpose(1, 2), carried_normed)
     return x, carried_out
