@@ -137,7 +137,7 @@ def test_put_adds_and_replaces_a_task_and_delete_removes_it(server):
     bad = upload(spare / "fresh")
     bad["model.safetensors"] = ("model.safetensors", b"not safetensors")
     response = client.put("/tasks/fresh", files=bad)
-    assert response.status_code == 400 and "not a readable safetensors file" in response.json()["detail"]
+    assert response.status_code == 400 and "is not a safetensors file" in response.json()["detail"]
     assert predict(client, "fresh", image).json()["version"] == v2  # the served version is untouched
     assert client.put("/tasks/fresh", content=b"plain", headers={"Content-Type": "text/plain"}).status_code == 400
     response = client.delete("/tasks/fresh")
@@ -173,3 +173,36 @@ def test_admin_routes_are_refused_without_an_api_key_and_without_a_folder(tmp_pa
     memory = TaskStore(backbone=store.backbone_config)
     keyed = TestClient(build_server(memory, api_key="k", accelerator="cpu").app)
     assert keyed.delete("/tasks/deep", headers={"X-API-Key": "k"}).status_code == 409
+
+
+def poisoned(folder: Path, target: Path) -> Path:
+    """A copy of the package ``folder`` whose weights also hold a tensor of the shared backbone (issue 26: loaded,
+    it changed every other task's answers)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, target)
+    tensors = load_file(str(target / "model.safetensors"))
+    tensors["backbone.model.blocks.0.attn.qkv.weight"] = torch.randn(96, 32) * 3
+    save_file(tensors, str(target / "model.safetensors"))
+    return target
+
+
+def test_a_poisoned_package_uploaded_or_dropped_in_the_folder_is_refused_and_the_others_answer_alike(server, tmp_path):
+    """The served store checks a package as loading one does: an upload holding a backbone tensor is refused (400,
+    naming it; nothing written), the same package dropped into the folder gets 503 naming it at its use; the other
+    tasks answer exactly as before."""
+    client, folder, spare, image = server
+    before = predict(client, "linear", image).json()
+    evil = poisoned(spare / "fresh", tmp_path / "evil")
+    response = client.put("/tasks/evil", files=upload(evil))
+    assert response.status_code == 400 and "backbone.model.blocks.0.attn.qkv.weight" in response.json()["detail"]
+    assert not (folder / "evil").exists()
+    install_package(stage_package(folder, "evil", package_files(evil)), folder / "evil")
+    try:
+        refused, _ = eventually(lambda: predict(client, "evil", image).status_code == 503, 3.0)
+        assert refused
+        detail = predict(client, "evil", image).json()["detail"]
+        assert "evil/model.safetensors" in detail and "backbone.model.blocks.0.attn.qkv.weight" in detail, detail
+        assert predict(client, "linear", image).json() == before
+    finally:
+        shutil.rmtree(folder / "evil")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -30,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from vpt_lightning import VPTModule
 from vpt_lightning.serving.multitask import MultiTaskClassifier
+from vpt_lightning.serving.task_store import TaskStore, TaskUnavailable
 from vpt_lightning.task_model import TaskModel, build_task_model
 from vpt_lightning.task_sources import load_task
 
@@ -40,6 +42,9 @@ SRC_ENV = {
     "HF_HUB_OFFLINE": "1",
 }
 SPEC = {"num_classes": 3, "backbone": TINY_BACKBONE, "prompt": {"num_tokens": 2}}
+# where a package is checked: loaded alone, and served by a task store from a folder of packages (vpt-serve and
+# vpt-predict --tasks DIR), next to a good one
+LOADERS = ("load_task", "task_store")
 
 
 def _package(folder: Path, task_name: str, seed: int = 0, backbone=TINY_BACKBONE) -> TaskModel:
@@ -70,6 +75,39 @@ def packages(tmp_path_factory):
     write_image(root / "images" / "a.png", seed=1, size=32)
     write_image(root / "images" / "b.png", seed=2, size=32)
     return root, good
+
+
+def _store_refusal(evil: Path, packages, **store_options) -> str:
+    """The one-line error a task store serving ``evil``'s folder gives for it, with a copy of the good package next
+    to it, whose answers stay as they were: the store's own error when ``evil`` is the package its backbone comes
+    from (the first by name), else its index's (``problems``) or the task's first use's."""
+    root, good = packages
+    shutil.copytree(root / "good", evil.parent / "good")
+    try:
+        store = TaskStore(folders=[evil.parent], **store_options)
+    except ValueError as err:
+        message = str(err)
+    else:
+        if "evil" in store:
+            with pytest.raises(TaskUnavailable) as err:
+                store.open("evil")
+            message = str(err.value)
+        else:
+            message = store.problems["evil"]
+        images = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(store(images, ["good", "good"]), good(images), rtol=0, atol=1e-6)
+    assert "\n" not in message, message
+    return message
+
+
+def _refusal(loader: str, evil: Path, packages, **options) -> str:
+    """The error refusing the package ``evil`` (in a folder of its own), loaded alone or served by a store."""
+    if loader == "load_task":
+        with pytest.raises(ValueError) as err:
+            load_task(evil, **options)
+        return str(err.value)
+    return _store_refusal(evil, packages, **options)
 
 
 def _one_line_error(proc, *fragments: str) -> str:
@@ -132,6 +170,11 @@ def test_a_package_naming_a_url_and_a_cache_folder_makes_no_request_and_writes_n
             assert "pretrained_cfg_overlay" in line or "cache_dir" in line
         with pytest.raises(ValueError, match=r"evil/config\.json.*backbone\.kwargs"):
             load_task(evil, allow_download=True)
+        for allow_download in (False, True):
+            shutil.rmtree(tmp_path / "tasks", ignore_errors=True)
+            served = _copy(evil, tmp_path / "tasks" / "evil", "evil")
+            line = _store_refusal(served, packages, allow_download=allow_download)
+            assert re.search(r"evil/config\.json.*backbone\.kwargs\.(pretrained_cfg_overlay|cache_dir)", line), line
     assert attacker.requests == [] and not cache.exists()
 
 
@@ -149,12 +192,12 @@ def test_a_package_naming_a_url_and_a_cache_folder_makes_no_request_and_writes_n
         ({"init_seed": "0"}, "backbone.init_seed='0' is not an integer"),
     ],
 )
-def test_a_packages_backbone_entry_is_limited_to_the_architectures_own_values(packages, tmp_path, change, rule):
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_packages_backbone_entry_is_limited_to_the_architectures_own_values(packages, tmp_path, change, rule, loader):
     root, _ = packages
-    evil = _copy(root / "good", tmp_path / "evil", "evil")
+    evil = _copy(root / "good", tmp_path / "tasks" / "evil", "evil")
     _edit_config(evil, backbone={**TINY_BACKBONE, **change})
-    with pytest.raises(ValueError, match=rf"evil/config\.json.*{rule}"):
-        load_task(evil)
+    assert re.search(rf"evil/config\.json.*{rule}", _refusal(loader, evil, packages))
 
 
 def test_a_packages_own_weights_file_is_never_opened_unless_the_operator_pins_it(packages, tmp_path, images):
@@ -165,6 +208,8 @@ def test_a_packages_own_weights_file_is_never_opened_unless_the_operator_pins_it
     _edit_config(evil, backbone={**TINY_BACKBONE, "checkpoint_path": str(tmp_path / "weights.safetensors")})
     with pytest.raises(ValueError, match=r"evil.*weights\.safetensors.*never opened.*--backbone"):
         load_task(evil)
+    served = _copy(evil, tmp_path / "tasks" / "evil", "evil")  # the first package by name: the store's backbone
+    assert re.search(r"evil.*weights\.safetensors.*never opened.*--backbone", _store_refusal(served, packages))
     pinned = load_task(evil, backbone=str(tmp_path / "weights.safetensors"))  # the operator's pin: loads
     with torch.no_grad():
         torch.testing.assert_close(pinned(images), good(images), rtol=0, atol=1e-6)
@@ -224,6 +269,29 @@ def test_extra_backbone_tensors_are_refused_and_the_good_tasks_logits_stay(packa
     assert not (tmp_path / "p.csv").exists()
 
 
+def test_a_task_store_refuses_extra_backbone_tensors_in_its_folder_an_upload_or_a_task_added(packages, tmp_path):
+    """The same package in a store's folder (refused at its first use), uploaded (PUT /tasks/NAME: nothing written),
+    or added in memory as a package or checkpoint: refused naming the tensor, the good task's answers unchanged."""
+    root, good = packages
+    evil = _poisoned_package(root, tmp_path / "tasks" / "evil")
+    line = _store_refusal(evil, packages)
+    assert re.search(r"evil/model\.safetensors.*outside the ones its task trains.*blocks\.0\.attn\.qkv", line), line
+    store = TaskStore(folders=[tmp_path / "tasks"])
+    files = {name: (evil / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    with pytest.raises(ValueError, match=r"model\.safetensors.*backbone\.model\.blocks\.0\.attn\.qkv\.weight"):
+        store.put("evil2", files)
+    assert sorted(p.name for p in (tmp_path / "tasks").iterdir()) == ["evil", "good"]  # nothing staged is left
+    for source in (evil, _poisoned_checkpoint(tmp_path / "evil.ckpt")):
+        with pytest.raises(ValueError, match=rf"{source.name}.*backbone\.model\.blocks\.0\.attn\.qkv\.weight"):
+            store.add(source, "added")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(store(images, ["good", "good"]), good(images), rtol=0, atol=1e-6)
+    with pytest.raises(TaskUnavailable, match=r"evil/model\.safetensors.*backbone\.model\.blocks\.0\.attn\.qkv"):
+        store.open("evil")
+    assert store.task_names == ["evil", "good"] and store.state_of("evil") == "refused"
+
+
 def test_a_task_of_its_own_backbone_keeps_its_trained_backbone_tensors(tmp_path, images):
     """Methods that train backbone weights carry them, loaded on the task's own backbone (never on a shared one)."""
     torch.manual_seed(0)
@@ -238,6 +306,9 @@ def test_a_task_of_its_own_backbone_keeps_its_trained_backbone_tensors(tmp_path,
         torch.testing.assert_close(loaded(images), full(images), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="tuning=bias changes backbone weights"):
         MultiTaskClassifier.from_sources([tmp_path / "bias"])
+    shutil.copytree(tmp_path / "bias", tmp_path / "tasks" / "bias")
+    store = TaskStore(backbone=TINY_BACKBONE, folders=[tmp_path / "tasks"])
+    assert "bias" not in store and "tuning=bias changes backbone weights" in store.problems["bias"]
 
 
 # ---- finding 5: sizes checked before anything is allocated -------------------------------------------------
@@ -248,39 +319,49 @@ HUGE = {
 }
 
 
+@pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("key", sorted(HUGE))
-def test_a_small_config_asking_for_huge_sizes_is_refused_at_once(packages, tmp_path, key):
+def test_a_small_config_asking_for_huge_sizes_is_refused_at_once(packages, tmp_path, key, loader):
     root, _ = packages
-    evil = _copy(root / "good", tmp_path / "evil", "evil")
+    evil = _copy(root / "good", tmp_path / "tasks" / "evil", "evil")
     _edit_config(evil, **{key: HUGE[key]})
     if key == "num_classes":
         _edit_config(evil, class_names=None)
     assert (evil / "config.json").stat().st_size < 4096
     start = time.perf_counter()
-    with pytest.raises(ValueError, match=r"evil") as err:
-        load_task(evil)
+    message = _refusal(loader, evil, packages)
     assert time.perf_counter() - start < 10
-    assert "shape" in str(err.value) or "cap" in str(err.value), err.value
+    assert "evil" in message and ("shape" in message or "cap" in message), message
 
 
 def _limit_memory():  # the child's data segment (heap, mmap'd tensors): an allocation beyond it fails
     resource.setrlimit(resource.RLIMIT_DATA, (3 << 30, 3 << 30))
 
 
-def test_a_huge_backbone_request_is_refused_with_a_bounded_memory(packages, tmp_path):
+LOADS = {
+    "load_task": "from vpt_lightning.task_sources import load_task\nload_task(EVIL)",
+    "task_store": "from vpt_lightning.serving.task_store import TaskStore\n"
+    "TaskStore(backbone=BACKBONE, folders=[FOLDER]).open('evil')",
+}
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("key", ["backbone", "num_classes"])
+def test_a_huge_size_request_is_refused_with_a_bounded_memory(packages, tmp_path, loader, key):
     root, _ = packages
-    evil = _copy(root / "good", tmp_path / "evil", "evil")
-    _edit_config(evil, backbone=HUGE["backbone"])
-    script = textwrap.dedent(
-        f"""
-        import resource, sys
-        from vpt_lightning.task_sources import load_task
-        try:
-            load_task({str(evil)!r})
-        except (ValueError, RuntimeError, MemoryError) as err:
-            print(type(err).__name__, str(err).splitlines()[0])
-        print("peak_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
-        """
+    evil = _copy(root / "good", tmp_path / "tasks" / "evil", "evil")
+    _edit_config(evil, **{key: HUGE[key]}, **({"class_names": None} if key == "num_classes" else {}))
+    load = LOADS[loader].replace("EVIL", repr(str(evil))).replace("FOLDER", repr(str(evil.parent)))
+    script = "\n".join(
+        [
+            "import resource",
+            f"BACKBONE = {TINY_BACKBONE!r}",
+            "try:",
+            textwrap.indent(load, "    "),
+            "except Exception as err:",
+            "    print(type(err).__name__, str(err).splitlines()[0])",
+            "print('peak_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)",
+        ]
     )
     proc = subprocess.run(
         [sys.executable, "-c", script],
@@ -292,7 +373,8 @@ def test_a_huge_backbone_request_is_refused_with_a_bounded_memory(packages, tmp_
     )
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0 and len(lines) == 2, proc.stdout + proc.stderr[-3000:]
-    assert lines[0].startswith("ValueError") and "evil/config.json" in lines[0] and "the cap" in lines[0], lines[0]
+    error = ("TaskUnavailable", "ValueError")[loader == "load_task"]
+    assert lines[0].startswith(error) and "evil/config.json" in lines[0] and "the cap" in lines[0], lines[0]
     assert int(lines[1].split()[1]) < 1500, lines  # torch and timm imported: ~0.5 GB
 
 
@@ -377,6 +459,12 @@ def test_non_finite_tensors_are_refused_naming_the_file_and_tensor(packages, tmp
     with pytest.raises(ValueError, match=r"inf\.ckpt.*backbone\.prompts\.tokens.*not finite"):
         VPTModule.load_from_checkpoint(ckpt)
     _one_line_error(_predict(tmp_path, evil), "evil", "head.weight", "not finite")
+    served = _copy(evil, tmp_path / "tasks" / "evil", "evil")
+    assert re.search(r"evil/model\.safetensors.*head\.weight.*not finite", _store_refusal(served, packages))
+    store = TaskStore(backbone=TINY_BACKBONE)
+    with pytest.raises(ValueError, match=r"inf\.ckpt.*backbone\.prompts\.tokens.*not finite"):
+        store.add(ckpt)
+    assert len(store) == 0
 
 
 def test_a_checkpoints_optimizer_target_is_never_imported(tmp_path, monkeypatch):
@@ -424,6 +512,13 @@ def test_a_sidetune_tasks_side_weights_are_its_own_tensors_never_a_download_or_f
     torch.save(checkpoint, path)
     assert load_task(path).num_classes == 3
     assert VPTModule.load_from_checkpoint(path).hparams["num_classes"] == 3
+    # a task store builds a task's network (its layout, and for sidetune its own network) as loading does
+    shutil.copytree(tmp_path / "side", tmp_path / "tasks" / "side")
+    store = TaskStore(folders=[tmp_path / "tasks"])
+    store.add(path, "side_ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(store(images, ["side"] * len(images)), task(images), rtol=0, atol=1e-6)
+        assert store(images, ["side_ckpt"] * len(images)).shape == (len(images), 3)
 
 
 def test_loading_makes_no_network_request(packages, tmp_path, monkeypatch):
@@ -446,4 +541,23 @@ def test_loading_makes_no_network_request(packages, tmp_path, monkeypatch):
     TaskModel.from_pretrained(root / "good")
     MultiTaskClassifier.from_sources([root / "good", checkpoint])
     VPTModule.load_from_checkpoint(checkpoint)
+    shutil.copytree(root / "good", tmp_path / "tasks" / "good")
+    store = TaskStore(folders=[tmp_path / "tasks"])
+    store.add(checkpoint, "ckpt")
+    store(torch.randn(2, 3, 32, 32), ["good", "ckpt"])
     assert connections == []
+
+
+# ---- a config.json of many bytes ---------------------------------------------------------------------------
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_config_file_over_the_small_file_cap_is_refused_unread(packages, tmp_path, loader):
+    """A package's config.json is one of the small files someone else made: read only if it is a regular file of at
+    most regular_files.MAX_SMALL_FILE_BYTES, wherever the package is loaded."""
+    from vpt_lightning.regular_files import MAX_SMALL_FILE_BYTES
+
+    root, _ = packages
+    evil = _copy(root / "good", tmp_path / "tasks" / "evil", "evil")
+    text = (evil / "config.json").read_text()
+    (evil / "config.json").write_text(text + " " * (MAX_SMALL_FILE_BYTES + 1 - len(text)))  # valid JSON
+    message = _refusal(loader, evil, packages)
+    assert re.search(rf"evil/config\.json: {MAX_SMALL_FILE_BYTES + 1} bytes is over the limit of", message), message

@@ -2,9 +2,13 @@
 
 Reading (:class:`PackageReader`): a package's ``config.json`` and ``model.safetensors`` are opened through one
 open handle on the package folder, so both come from the same version even when the folder is swapped for a new one
-meanwhile; sizes are capped before anything is read, the safetensors header is checked against the keys and shapes
-the task's layout expects before a tensor is read (:func:`checked_tensors`), and non-finite values are refused.
-Every error is one line naming the file.
+meanwhile. What a package may hold is checked by the package loader's own functions (``docs/security.md``): both
+files are regular files within their caps (:mod:`vpt_lightning.regular_files`: the small-file cap for
+``config.json``, what its tensors can take for the weights), the safetensors header holds exactly the task's trained
+keys and shapes before a tensor is read (:func:`vpt_lightning.trust.safetensors_shapes`,
+:func:`~vpt_lightning.trust.check_tensor_shapes`), and every value is finite
+(:func:`~vpt_lightning.trust.check_finite`). Only the store's own need is here: the tensors used as they are, so of
+a number dtype, on the shared model's device and dtype (:func:`placed`). Every error is one line naming the file.
 
 Writing (:func:`install_package`, :func:`remove_package`): a new version is written in full into a hidden folder
 beside the package (``.NAME.new-XXXX``), synced, then swapped into place in one step (Linux ``renameat2`` with
@@ -14,6 +18,7 @@ renames the folder away before deleting it. A reader therefore sees the old vers
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -21,23 +26,20 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Iterator, Mapping, Tuple
 
-import numpy as np
 import torch
 
 from ..atomic import current_umask, fsync_path
+from ..regular_files import RefusedFileError, open_regular_file, read_regular_file
 from ..task_model import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE
+from ..trust import check_finite, check_tensor_shapes, safetensors_shapes
 
-#: ``config.json`` files larger than this are refused unread
-MAX_CONFIG_BYTES = 4 * 2**20
 #: room for the safetensors header (JSON) and alignment beyond the tensors' own bytes
 HEADER_BYTES = 2**20
 #: bytes per value of the largest dtype a package may hold (float64)
 MAX_ITEM_BYTES = 8
-#: the safetensors dtypes a task's tensors may have: floats (prompts, weights), integers (e.g. BatchNorm's count)
-VALUE_DTYPES = ("F16", "BF16", "F32", "F64", "I64", "I32", "I16", "I8", "U8")
-NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+#: the dtypes a task's tensors may have, used as they are: floats (prompts, weights), integers (a BatchNorm's count)
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 #: a folder's identity and last change: ``(inode, mtime_ns, ctime_ns)``
 Stamp = Tuple[int, int, int]
@@ -78,102 +80,62 @@ class PackageReader:
             os.close(self.fd)
             self.fd = -1
 
-    def _open(self, name: str) -> int:
+    @contextlib.contextmanager
+    def _gone_as_missing(self, name: str) -> Iterator[None]:
+        """A file of the package that is not there any more raises ``FileNotFoundError`` (a version swapped out and
+        deleted meanwhile: its reader tries the new one); any other refusal as it is."""
         try:
-            return os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0), dir_fd=self.fd)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"task package {str(self.folder)!r} has no {name}") from None
-
-    def read(self, name: str, cap: int) -> bytes:
-        """The bytes of the package's file ``name``, refused unread above ``cap`` bytes."""
-        fd = self._open(name)
-        with os.fdopen(fd, "rb") as handle:
-            size = os.fstat(fd).st_size
-            if size > cap:
-                raise ValueError(f"{str(self.folder / name)!r} is {size} bytes, over the limit of {cap} for this task")
-            data = handle.read(cap + 1)
-        if len(data) > cap:
-            raise ValueError(f"{str(self.folder / name)!r} grew over the limit of {cap} bytes while read")
-        return data
+            yield
+        except RefusedFileError as err:
+            if isinstance(err.__cause__, FileNotFoundError):
+                raise FileNotFoundError(f"task package {str(self.folder)!r} has no {name}") from None
+            raise
 
     def config(self) -> bytes:
-        return self.read(CONFIG_FILE, MAX_CONFIG_BYTES)
+        """The bytes of ``config.json``, read as every small file someone else made
+        (:func:`~vpt_lightning.regular_files.read_regular_file`: a regular file within the cap)."""
+        with self._gone_as_missing(CONFIG_FILE):
+            return read_regular_file(self.folder / CONFIG_FILE, folder_fd=self.fd)
 
     def tensors(
         self, expected: Mapping[str, Tuple[int, ...]], device: torch.device, dtype: torch.dtype
     ) -> Tuple[Dict[str, torch.Tensor], bytes]:
-        """The package's trained tensors (checked by :func:`checked_tensors`, on ``device`` in ``dtype``) and the
-        bytes of its ``model.safetensors``."""
-        fd = self._open(WEIGHTS_FILE)
-        try:
-            path = self.folder / WEIGHTS_FILE
-            size = os.fstat(fd).st_size
-            cap = weights_cap(expected)
-            if size > cap:
-                raise ValueError(f"{str(path)!r} is {size} bytes, over the {cap} its tensors can take")
-            data = os.pread(fd, size + 1, 0)
-            if len(data) != size:
-                raise ValueError(f"{str(path)!r} changed size while read")
-            # the very file opened above, where the system names open files (else the path: a swap may race)
-            opened = f"/proc/self/fd/{fd}" if sys.platform.startswith("linux") else str(path)
-            return checked_tensors(opened, expected, str(path), device, dtype), data
-        finally:
-            os.close(fd)
+        """The package's trained tensors (exactly the ``expected`` keys and shapes, checked on the header before a
+        tensor is read; finite; :func:`placed` on ``device`` in ``dtype``) and the bytes of its
+        ``model.safetensors`` (a regular file of at most :func:`weights_cap` bytes)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        path, cap, hint = self.folder / WEIGHTS_FILE, weights_cap(expected), "what its task's tensors can take"
+        with self._gone_as_missing(WEIGHTS_FILE), open_regular_file(path, cap, hint, folder_fd=self.fd) as handle:
+            # the very file opened, where the system names open files (else the path: a swap may race)
+            opened = f"/proc/self/fd/{handle.fileno()}" if sys.platform.startswith("linux") else str(path)
+            check_tensor_shapes(safetensors_shapes(opened, str(path)), expected, repr(str(path)))
+            data = handle.read(cap + 1)
+        if len(data) > cap:
+            raise RefusedFileError(f"{path}: over the limit of {cap} bytes ({hint})")
+        try:  # the bytes read, which are the version's (and its name's, content_version)
+            tensors = load(data)
+        except SafetensorError as err:  # changed in place since its header was read
+            raise ValueError(f"{str(path)!r} is not a safetensors file ({err})") from None
+        check_tensor_shapes({k: tuple(v.shape) for k, v in tensors.items()}, expected, repr(str(path)))
+        check_finite(tensors, repr(str(path)))
+        return placed(tensors, str(path), device, dtype), data
 
 
-def check_keys(shapes: Mapping[str, Tuple[int, ...]], expected: Mapping[str, Tuple[int, ...]], origin: str) -> None:
-    """Refuse tensors (key -> shape) that are not exactly the ``expected`` keys and shapes, naming ``origin``."""
-    missing, unknown = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
-    if missing or unknown:
-        raise ValueError(f"{origin!r} does not hold the tensors of its task: missing {missing}, unknown {unknown}")
-    for key in sorted(shapes):
-        if tuple(shapes[key]) != tuple(expected[key]):
-            raise ValueError(f"{origin!r}: {key} has shape {tuple(shapes[key])}, its task needs {tuple(expected[key])}")
-
-
-def checked_tensors(
-    filename: str,
-    expected: Mapping[str, Tuple[int, ...]],
-    origin: str,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> Dict[str, torch.Tensor]:
-    """The tensors of a safetensors file that holds exactly the ``expected`` keys and shapes in a number dtype, all
-    finite; keys, shapes and dtypes are checked from the header before any tensor is read."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(filename, framework="pt") as handle:
-            slices = {key: handle.get_slice(key) for key in handle.keys()}
-            check_keys({key: tuple(piece.get_shape()) for key, piece in slices.items()}, expected, origin)
-            for key, piece in sorted(slices.items()):
-                if piece.get_dtype() not in VALUE_DTYPES:
-                    raise ValueError(
-                        f"{origin!r}: {key} is {piece.get_dtype()}; a task's tensors are one of {list(VALUE_DTYPES)}"
-                    )
-            tensors = {key: handle.get_tensor(key) for key in sorted(slices)}
-    except SafetensorError as err:
-        raise ValueError(f"{origin!r} is not a readable safetensors file ({err})") from None
-    return finite(tensors, origin, device, dtype)
-
-
-def finite(
+def placed(
     tensors: Mapping[str, torch.Tensor], origin: str, device: torch.device, dtype: torch.dtype
 ) -> Dict[str, torch.Tensor]:
-    """``tensors`` on ``device``, floats in ``dtype`` (integers, such as a BatchNorm's count, kept as they are); a
-    non-finite value is refused, naming the key."""
+    """Checked tensors as the one pass uses them: on ``device``, floats in ``dtype``, integers (a BatchNorm's
+    count) kept as they are; any other dtype (bool, complex...) is refused, naming the key."""
     out = {}
     for key, tensor in tensors.items():
-        if not tensor.is_floating_point():
-            if tensor.dtype not in INTEGER_DTYPES:
-                raise ValueError(f"{origin!r}: {key} holds {tensor.dtype} values; a task's tensors are numbers")
+        if tensor.is_floating_point():
+            out[key] = tensor.detach().to(device=device, dtype=dtype).contiguous()
+        elif tensor.dtype in INTEGER_DTYPES:
             out[key] = tensor.detach().to(device=device).contiguous()
-            continue
-        values = tensor.detach().to("cpu")
-        # numpy's check: one thread, microseconds (torch's parallel kernels wake a thread pool for each tensor)
-        if not np.isfinite(values.numpy() if values.dtype in NUMPY_FLOATS else values.float().numpy()).all():
-            raise ValueError(f"{origin!r}: {key} holds non-finite values (NaN or infinity)")
-        out[key] = tensor.detach().to(device=device, dtype=dtype).contiguous()
+        else:
+            raise ValueError(f"{origin!r}: {key} holds {tensor.dtype} values; a task's tensors are numbers")
     return out
 
 

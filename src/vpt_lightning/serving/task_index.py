@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Hashable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from ..task_model import CONFIG_FILE, TaskRecord, TaskSpec, parse_package_config
+from ..task_model import CONFIG_FILE, TaskRecord, TaskSpec, package_spec, parse_package_config
 
 #: the characters of a task's name (it names a folder, a URL path segment, a CSV cell)
 NAME_CHARACTERS = "A-Za-z0-9_-"
@@ -65,6 +65,11 @@ class TaskEntry:
     @property
     def in_memory(self) -> bool:
         return self.record is not None
+
+    @property
+    def config_origin(self) -> str:
+        """The file that describes the task, as errors name it: a package's ``config.json``, else its source."""
+        return repr(str(self.origin if self.in_memory else self.origin / CONFIG_FILE))
 
     @property
     def info(self) -> ServedTask:
@@ -166,7 +171,7 @@ def read_entry(name: str, found: Found, config: bytes) -> Tuple[TaskEntry, Optio
     folder = Path(found.path)
     path = folder / CONFIG_FILE
     values = parse_package_config(config, path)
-    spec = TaskSpec.from_mapping(values, origin=repr(str(path)))
+    spec = package_spec(values, path)  # values only, as loading a package reads them (its backbone entry too)
     identity = values.get("backbone_identity")
     entry = TaskEntry(name, spec, folder, found.stamp, config=hashlib.sha256(config).digest(), rank=found.rank)
     return entry, identity

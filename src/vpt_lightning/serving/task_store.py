@@ -11,7 +11,8 @@ What is held where:
 - the cache (:mod:`~vpt_lightning.serving.task_cache`): the tensors of the tasks in use, bounded in bytes.
 
 When tasks load and leave: a task's ``model.safetensors`` is read on its first use (:meth:`TaskStore.open`), checked
-against its layout (keys, shapes, number dtypes, finite values; :mod:`~vpt_lightning.serving.package_io`) and kept
+as loading one package checks it (:mod:`~vpt_lightning.serving.package_io`: the trained keys and shapes, finite
+values, number dtypes) and kept
 in the cache until it is the least recently used and nothing uses it; pinned tasks (``pins``) stay. :meth:`refresh`
 (every ``poll_seconds`` once :meth:`watch` runs) finds the tasks added, replaced or removed in the folders: a new
 version replaces the old in the index at once (loaded at once if the old one was in memory), the old one leaves the
@@ -41,15 +42,15 @@ from ..backbones import BackboneConfig, PromptedBackbone, create_backbone, promp
 from ..backbones.identity import identity_differences
 from ..backbones.pin import backbone_pin, own_backbone
 from ..checkpoint import TaskCheckpoint
-from ..methods import parse_tuning
-from ..task_model import TaskRecord, TaskSpec
+from ..task_model import TaskRecord, TaskSpec, check_shares_backbone
+from ..task_model import check_package as check_package_files
 from ..task_sources import read_task, record_of_checkpoint
+from ..trust import check_finite, check_tensor_shapes
 from .package_io import (
     PackageReader,
-    check_keys,
     content_version,
-    finite,
     install_package,
+    placed,
     remove_package,
     stage_package,
     tensors_version,
@@ -204,14 +205,16 @@ class TaskStore(nn.Module):
                 f"no task package in {[str(f) for f in self.folders]} to take the backbone from; give the backbone "
                 "(--backbone NAME_OR_FILE, backbone= in Python)"
             )
-        return own_backbone(first.spec.backbone, repr(str(first.origin)), self.allow_download)
+        return own_backbone(first.spec.backbone, first.config_origin, self.allow_download)
 
     def _first_package(self) -> Optional[TaskEntry]:
-        """The first readable package of the folders (by folder, then name): whose backbone a store takes when
-        none is given."""
+        """The first package of the folders (by folder, then name) that loading one would accept before building
+        its backbone (:func:`~vpt_lightning.task_model.check_package`: its config values only, its tensors' sizes
+        within the caps): whose backbone a store takes when none is given."""
         found, _ = scan_folders(self.folders)
         for name, where in sorted(found.items(), key=lambda item: (item[1].rank, item[0])):
             try:
+                check_package_files(where.path)
                 with PackageReader(where.path) as reader:
                     return read_entry(name, where, reader.config())[0]
             except (OSError, ValueError):
@@ -260,14 +263,8 @@ class TaskStore(nn.Module):
 
     def _check_task(self, spec: TaskSpec, identity: Optional[Mapping[str, Any]], origin: str) -> None:
         """Refuse a task that cannot share this backbone: a method that trains backbone weights, a task without
-        or with another backbone identity."""
-        method, tuning = parse_tuning(spec.tuning)
-        if method.trains_backbone:
-            raise ValueError(
-                f"{origin}: tuning={tuning.name} changes backbone weights, so it cannot share the frozen backbone "
-                "with other tasks; load it alone with vpt_lightning.task_sources.load_task "
-                "(or VPTModule.load_from_checkpoint)"
-            )
+        or with another backbone identity (differences kept per identity: thousands of tasks share a few)."""
+        check_shares_backbone(spec, origin)
         if identity is None:
             raise ValueError(f"{origin} records no backbone identity, so it cannot be checked against the backbone")
         key = repr(sorted(identity.items(), key=lambda item: item[0])) if isinstance(identity, Mapping) else "?"
@@ -287,7 +284,7 @@ class TaskStore(nn.Module):
             with PackageReader(where.path) as reader:
                 config = reader.config()
         entry, identity = read_entry(name, where, config)
-        self._check_task(entry.spec, identity, repr(str(where.path)))
+        self._check_task(entry.spec, identity, entry.config_origin)
         return entry
 
     def refresh(self, settle: bool = True) -> Dict[str, List[str]]:
@@ -417,9 +414,10 @@ class TaskStore(nn.Module):
                     "name the tasks explicitly (NAME=PATH on the command line, a mapping in Python)"
                 )
         self._check_task(spec, record.identity, origin)
-        layout = self.layout(spec)
-        check_keys({k: tuple(v.shape) for k, v in record.state_dict.items()}, layout.expected, str(path))
-        state = finite(record.state_dict, str(path), torch.device("cpu"), torch.float32)
+        layout = self.layout(spec, origin)
+        check_tensor_shapes({k: tuple(v.shape) for k, v in record.state_dict.items()}, layout.expected, origin)
+        check_finite(record.state_dict, origin)
+        state = placed(record.state_dict, str(path), torch.device("cpu"), torch.float32)
         self._memory_counter += 1
         entry = TaskEntry(
             name,
@@ -437,8 +435,9 @@ class TaskStore(nn.Module):
         return name
 
     # ---- loading -----------------------------------------------------------------------------------------------
-    def layout(self, spec: TaskSpec) -> TaskLayout:
-        """The :class:`TaskLayout` of ``spec``'s shape (built on first use, then kept)."""
+    def layout(self, spec: TaskSpec, origin: str) -> TaskLayout:
+        """The :class:`TaskLayout` of ``spec``'s shape (built on first use, then kept; an error names ``origin``,
+        the task's file)."""
         signature = shape_signature(spec)
         with self._lock:
             layout = self._layouts.get(signature)
@@ -446,7 +445,7 @@ class TaskStore(nn.Module):
                 self._layouts.move_to_end(signature)
                 return layout
         with self._pass_lock:  # a copy of the shared model must not catch a running pass's hooks
-            layout = TaskLayout(spec, self.backbone, self.identity, copy=self._shared_copy)
+            layout = TaskLayout(spec, self.backbone, self.identity, copy=self._shared_copy, origin=origin)
         with self._lock:
             self._layouts[signature] = layout
             while len(self._layouts) > MAX_LAYOUTS:
@@ -467,8 +466,8 @@ class TaskStore(nn.Module):
         device, dtype = self._placement()
         if entry.in_memory:
             assert entry.record is not None
-            layout = self.layout(entry.spec)
-            state = finite(entry.record.state_dict, str(entry.origin), device, dtype)
+            layout = self.layout(entry.spec, entry.config_origin)
+            state = placed(entry.record.state_dict, str(entry.origin), device, dtype)
             return entry, layout.bind(entry.name, entry.version, entry.spec, state, entry.origin)
         for attempt in range(LOAD_ATTEMPTS):
             try:
@@ -478,7 +477,7 @@ class TaskStore(nn.Module):
                     if reader.stamp != entry.stamp or changed:  # changed since indexed: read it now
                         where = Found(entry.rank, str(entry.origin), reader.stamp)
                         entry = self._read_package_entry(entry.name, where, config)
-                    layout = self.layout(entry.spec)
+                    layout = self.layout(entry.spec, entry.config_origin)
                     tensors, weights = reader.tensors(layout.expected, device, dtype)
                 break
             except FileNotFoundError:  # the version opened was swapped out and deleted meanwhile: read the new one
@@ -632,7 +631,7 @@ class TaskStore(nn.Module):
         with PackageReader(folder) as reader:
             config = reader.config()
             entry = self._read_package_entry(name, Found(0, str(folder), reader.stamp), config)
-            layout = self.layout(entry.spec)
+            layout = self.layout(entry.spec, entry.config_origin)
             tensors, weights = reader.tensors(layout.expected, torch.device("cpu"), torch.float32)
         layout.bind(name, "", entry.spec, tensors, folder)
         return entry, content_version(config, weights)

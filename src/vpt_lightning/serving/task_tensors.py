@@ -2,10 +2,12 @@
 tensors to them.
 
 A :class:`TaskLayout` is built once per task *shape* (method, prompt config, head and number of classes; the
-backbone is the shared one): the task's network is built once on a weight-sharing copy of the shared model, and
-what it trains is read off it: the trained keys and shapes every package of that shape must hold, and how each
-tensor enters the pass. :meth:`TaskLayout.bind` then turns one task's tensors into :class:`TaskTensors`, with no
-module of its own:
+backbone is the shared one): the task's network is built once on a weight-sharing copy of the shared model, as
+loading a task's file builds it (first on the ``meta`` device within the size caps, and with nothing fetched or
+read: :func:`~vpt_lightning.task_model.trained_tensor_shapes`), and what it trains is read off it: the trained keys
+and shapes every package of that shape must hold (:func:`~vpt_lightning.task_model.trained_shapes`, the rule of
+every loader), and how each tensor enters the pass. :meth:`TaskLayout.bind` then turns one task's tensors into
+:class:`TaskTensors`, with no module of its own:
 
 - ``prompts``: block index -> the ``(p, D)`` prompts that block receives (projected once if ``prompt.project``);
 - ``updates``: shared module name -> the task's LoRA or Adapter addition to its output
@@ -34,7 +36,16 @@ from torch import nn
 from ..backbones.base import PromptedBackbone
 from ..heads import build_head
 from ..methods import parse_tuning
-from ..task_model import TaskModel, TaskRecord, TaskSpec, assemble, build_task_model
+from ..task_model import (
+    TaskModel,
+    TaskRecord,
+    TaskSpec,
+    assemble,
+    build_task_model,
+    file_network_construction,
+    trained_shapes,
+    trained_tensor_shapes,
+)
 from .mixed_pass import blocks_fit, joins_with_prompts, mixed_features, shares_blocks
 from .shared_weights import weight_sharing_copy
 from .task_updates import Update, UpdateSite, bind_update, update_sites
@@ -99,8 +110,14 @@ class TaskLayout:
     """How the tasks of one shape (:func:`shape_signature`) sit on the shared backbone ``shared`` (its timm model
     trained as ``identity``; ``copy`` makes weight-sharing copies of that model): the trained keys and shapes
     they hold (``expected``) and, if they can be data in the one pass (``one_pass``), where each tensor goes.
-    Building one costs one network on a weight-sharing copy (tens of ms); binding a task costs no module (but a
-    registered head's)."""
+    Building one costs a network on the ``meta`` device and one on a weight-sharing copy (tens of ms); binding a
+    task costs no module (but a registered head's). ``origin``: the file whose spec it is, named by errors.
+
+    ``spec`` comes from a file someone else made, so the network is built as loading a task builds it: first on the
+    ``meta`` device, within the caps of :func:`~vpt_lightning.trust.bounded_construction`
+    (:func:`~vpt_lightning.task_model.trained_tensor_shapes`), then on the copy within the same caps, each time with
+    the method's ``config_for_saved_tensors`` (the trained tensors come from the file: nothing is fetched or read to
+    start them); the keys and shapes must agree."""
 
     def __init__(
         self,
@@ -108,6 +125,7 @@ class TaskLayout:
         shared: PromptedBackbone,
         identity: Mapping[str, Any],
         copy: Optional[Callable[[], nn.Module]] = None,
+        origin: str = "the task",
     ) -> None:
         self.shared = shared
         self.identity = dict(identity)
@@ -115,16 +133,22 @@ class TaskLayout:
         #: a weight-sharing copy of the shared model (the store's, taken between passes)
         self.copy = copy or (lambda: weight_sharing_copy(shared.model))
         method, tuning = parse_tuning(spec.tuning)
-        self.method, self.tuning = method, tuning
-        template = build_task_model(spec, model=self.copy(), identity=identity)
+        self.method, self.tuning = method, method.config_for_saved_tensors(tuning)
+        implied = trained_tensor_shapes(spec, origin)  # sizes within the caps before anything is allocated
+        with file_network_construction(origin, meta=False):
+            template = build_task_model(spec, model=self.copy(), identity=identity, saved_tensors=True)
         if any(p.requires_grad for p in shared.model.parameters()):
             shared.model.requires_grad_(False)
-            raise ValueError(f"tuning={tuning.name} unfreezes backbone weights; it cannot share them")
-        trained = template.trained_state_keys()
+            raise ValueError(f"{origin}: tuning={tuning.name} unfreezes backbone weights; it cannot share them")
+        #: trained key -> shape, what every package of this shape holds (no more, no less)
+        self.expected: Dict[str, Tuple[int, ...]] = trained_shapes(template)
+        if self.expected != implied:
+            raise ValueError(
+                f"{origin}: its task's tensors on the shared backbone ({sorted(self.expected.items())[:4]}...) are not "
+                f"the ones its own backbone entry implies ({sorted(implied.items())[:4]}...)"
+            )
         template.requires_grad_(False).eval()
         state = template.state_dict(keep_vars=True)
-        #: trained key -> shape, what every package of this shape holds (no more, no less)
-        self.expected: Dict[str, Tuple[int, ...]] = {k: tuple(state[k].shape) for k in trained}
         self.num_features = int(template.backbone.num_features)
         names = {id(t): k for k, t in state.items() if k in self.expected}
 
