@@ -105,20 +105,28 @@ def eval_transform(info: ServedTask, model: TaskStore) -> Callable[[Image.Image]
     )
 
 
+class EvalTransforms:
+    """The tasks' evaluation transforms (:func:`eval_transform`) of a store, each built once per distinct settings:
+    tasks prepared alike (thousands, in a task store) share one. ``transforms(info)`` is the task's."""
+
+    def __init__(self, model: TaskStore) -> None:
+        self.model = model
+        self.built: Dict[str, Callable[[Image.Image], torch.Tensor]] = {}
+
+    def __call__(self, info: ServedTask) -> Callable[[Image.Image], torch.Tensor]:
+        key = json.dumps(info.eval_transform, sort_keys=True, default=str)
+        if key not in self.built:
+            self.built[key] = eval_transform(info, self.model)
+        return self.built[key]
+
+
 def task_transforms(
     model: TaskStore, names: Optional[Iterable[str]] = None
 ) -> Dict[str, Callable[[Image.Image], torch.Tensor]]:
     """Each task's evaluation transform (of the tasks ``names``, default all), by task name; tasks prepared alike
-    share one transform."""
-    built: Dict[str, Callable[[Image.Image], torch.Tensor]] = {}
-    out = {}
-    for name in model.task_names if names is None else names:
-        info = model.entry(name).info
-        key = json.dumps(info.eval_transform, sort_keys=True, default=str)
-        if key not in built:
-            built[key] = eval_transform(info, model)
-        out[name] = built[key]
-    return out
+    share one transform (:class:`EvalTransforms`)."""
+    transforms = EvalTransforms(model)
+    return {name: transforms(model.entry(name).info) for name in (model.task_names if names is None else names)}
 
 
 def top_k(probabilities: torch.Tensor, info: ServedTask, k: int) -> List[Dict[str, Any]]:

@@ -10,11 +10,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from ..backbones import BackboneConfig
-from ..backbones.pin import backbone_pin, own_backbone
 from ..checkpoint import TaskCheckpoint
 from ..heads import import_user_code
 from ..task_model import TaskModel, TaskRecord
-from ..task_sources import read_task
 from .task_index import TASK_NAME, ServedTask, default_task_name  # noqa: F401  (imported from here before)
 from .task_store import TaskStore, UnknownTask
 from .task_tensors import TaskTensors
@@ -44,39 +42,26 @@ class MultiTaskClassifier(TaskStore):
     ``VPTModule.load_from_checkpoint``.
 
     Args:
-        backbone: the shared backbone's :class:`~vpt_lightning.backbones.BackboneConfig` (e.g. the ``backbone``
-            hparams of a task checkpoint; :meth:`from_checkpoints` takes the first one's).
+        backbone: the shared backbone: a :class:`~vpt_lightning.backbones.BackboneConfig` or its mapping (e.g. the
+            ``backbone`` hparams of a task checkpoint; :meth:`from_sources` takes the first task's), or a pin (see
+            :class:`~vpt_lightning.serving.task_store.TaskStore`).
     """
 
-    def __init__(self, backbone: Union[BackboneConfig, Mapping[str, Any]]) -> None:
-        super().__init__(BackboneConfig.parse(backbone))
-
     @classmethod
-    def from_sources(
+    def from_sources(  # type: ignore[override]
         cls,
         sources: Union[Sequence[Union[str, os.PathLike]], Mapping[str, Union[str, os.PathLike]]],
         backbone: Any = None,
         allow_download: bool = False,
     ) -> "MultiTaskClassifier":
-        """Load tasks (a list, or names -> sources) on one shared backbone: the pinned ``backbone`` (see
-        :func:`~vpt_lightning.backbones.pin.backbone_pin`: a config, a ``conf/backbone`` name, a YAML or weights
-        file), else the first task's own entry as :func:`~vpt_lightning.backbones.pin.own_backbone` allows (its
-        seeded random init or the shipped quickstart backbone; timm's hub weights only with ``allow_download``).
-        A source is a package folder, a Hub repo ``hf://OWNER/NAME``, a ``.ckpt`` or a run folder; every one is
-        read and checked before the backbone is built."""
-        items = list(sources.items()) if isinstance(sources, Mapping) else [(None, p) for p in sources]
-        if not items:
+        """Load tasks (a list, or names -> sources) on one shared backbone
+        (:meth:`~vpt_lightning.serving.task_store.TaskStore.from_sources`: the pinned ``backbone``, else the first
+        task's own entry, timm's hub weights only with ``allow_download``). A source is a package folder, a Hub repo
+        ``hf://OWNER/NAME``, a ``.ckpt`` or a run folder; every one is read and checked before the backbone is
+        built."""
+        if not sources:
             raise ValueError("no task given")
-        read = [(name, read_task(source)) for name, source in items]
-        first = read[0][1]
-        if backbone is not None:
-            config = backbone_pin(backbone, first.spec.backbone)
-        else:
-            config = own_backbone(first.spec.backbone, repr(str(first.origin)), allow_download)
-        model = cls(config)
-        for name, record in read:
-            model.add_task(record, name)
-        return model
+        return super().from_sources(sources, backbone, allow_download)  # type: ignore[return-value]
 
     @classmethod
     def from_checkpoints(
@@ -163,21 +148,11 @@ def load_tasks(
     """
     for target in imports:
         import_user_code(target)
+    sources = parse_sources(values) if values else []
     if not folders:
         if cache_bytes is not None or pins:
             raise ValueError("--cache-bytes and --pin apply to task folders (--tasks DIR)")
-        return MultiTaskClassifier.from_sources(parse_sources(values), backbone, allow_download)
-    sources = parse_sources(values) if values else []
-    items = list(sources.items()) if isinstance(sources, Mapping) else [(None, p) for p in sources]
-    read = [(name, read_task(source)) for name, source in items]
-    if read:
-        first = read[0][1]
-        if backbone is not None:
-            backbone = backbone_pin(backbone, first.spec.backbone)
-        else:
-            backbone = own_backbone(first.spec.backbone, repr(str(first.origin)), allow_download)
-    store = TaskStore(backbone, folders, cache_bytes, allow_download=allow_download)
-    for name, record in read:
-        store.add(record, name)
-    store.pin(*pins)
-    return store
+        return MultiTaskClassifier.from_sources(sources, backbone, allow_download)
+    return TaskStore.from_sources(
+        sources, backbone, allow_download, folders=folders, cache_bytes=cache_bytes, pins=pins
+    )

@@ -51,7 +51,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .demo import UI_PATH
 from .header_deadline import DEFAULT_READ_TIMEOUT, HeaderDeadlineProtocol
-from .images import MAX_IMAGE_PIXELS, ImageError, check_top_k, decode_image, eval_transform, parse_top_k, top_k
+from .images import MAX_IMAGE_PIXELS, EvalTransforms, ImageError, check_top_k, decode_image, parse_top_k, top_k
 from .task_admin import MAX_PACKAGE_BYTES, StatusBoard, TaskRoutes
 from .task_store import TaskHandle, TaskStore, TaskUnavailable
 
@@ -110,17 +110,10 @@ class MultiTaskAPI(ls.LitAPI):
         if multiprocessing.parent_process() is not None:  # LitServe's inference worker
             exit_with_parent()
         self.model = self.model.to(device).eval()
-        self.transforms: Dict[str, Any] = {}  # eval transform settings -> transform (tasks prepared alike share one)
+        self.transforms = EvalTransforms(self.model)  # built per distinct settings: tasks prepared alike share one
         self.model.watch()  # the task folders' changes, seen within a poll
         if self.status_folder is not None:
             StatusBoard(self.status_folder).start_publishing(self.model)
-
-    def transform(self, handle: TaskHandle) -> Any:
-        info = handle.info
-        key = json.dumps(info.eval_transform, sort_keys=True, default=str)
-        if key not in self.transforms:
-            self.transforms[key] = eval_transform(info, self.model)
-        return self.transforms[key]
 
     def authorize(self) -> None:
         """LitServe's per-route check, a no-op: :class:`ApiKeyMiddleware` checks the key on every route but
@@ -171,7 +164,7 @@ class MultiTaskAPI(ls.LitAPI):
         except ValueError as err:  # removed meanwhile
             raise HTTPException(400, str(err)) from None
         try:
-            return Sample(self.transform(handle)(image), handle, k)
+            return Sample(self.transforms(handle.info)(image), handle, k)
         except BaseException:
             self.model.release([handle])
             raise

@@ -165,6 +165,34 @@ class TaskStore(nn.Module):
         self.timings["index_s"] = time.perf_counter() - start
         self.pin(*pins)
 
+    @classmethod
+    def from_sources(
+        cls,
+        sources: Union[Sequence[Union[str, os.PathLike]], Mapping[str, Union[str, os.PathLike]]] = (),
+        backbone: Any = None,
+        allow_download: bool = False,
+        **store_options: Any,
+    ) -> "TaskStore":
+        """A store of tasks held in memory (a list of sources, or names -> sources: package folders, Hub repos
+        ``hf://OWNER/NAME``, ``.ckpt`` files, run folders), and of the task ``folders`` in ``store_options`` (see
+        the class). Every source is read and checked before the backbone is built, which is the pinned ``backbone``
+        (:func:`~vpt_lightning.backbones.pin.backbone_pin`: a config, a ``conf/backbone`` name, a YAML or weights
+        file), else the first source's own entry as :func:`~vpt_lightning.backbones.pin.own_backbone` allows (its
+        seeded random init or the shipped quickstart backbone; timm's hub weights only with ``allow_download``),
+        else (no source) the folders' first package's."""
+        items = list(sources.items()) if isinstance(sources, Mapping) else [(None, s) for s in sources]
+        read = [(name, read_task(source)) for name, source in items]
+        if read:
+            first = read[0][1]
+            if backbone is not None:
+                backbone = backbone_pin(backbone, first.spec.backbone)
+            else:
+                backbone = own_backbone(first.spec.backbone, repr(str(first.origin)), allow_download)
+        store = cls(backbone, allow_download=allow_download, **store_options)
+        for name, record in read:
+            store.add(record, name)
+        return store
+
     def _setup_state(self, cache: TaskCache) -> None:
         """What a store holds that is not pickled (locks, the watcher, the layouts) and its cache, empty."""
         self.cache = cache
