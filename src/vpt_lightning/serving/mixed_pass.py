@@ -23,12 +23,11 @@ from __future__ import annotations
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..backbones.base import PromptedBackbone
-from ..backbones.prompts_as_keys import finish_block, takes_prompt_keys
+from ..backbones.prompts_as_keys import attention, finish_block, takes_prompt_keys
 from ..backbones.vit import PromptedViT
 from .task_updates import Group, Routing, Update, routed_updates
 
@@ -141,7 +140,7 @@ def _mixed_block(
     plain_start: Optional[int] = None  # the first row of a run of groups whose keys are their own image tokens
 
     def attend(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q_, k_, v_, scale=attn.scale)
+        return attention(attn, q_, k_, v_)
 
     def write(start: int, end: int, out: torch.Tensor) -> None:
         nonlocal merged
