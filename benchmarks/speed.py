@@ -4,6 +4,7 @@
     python benchmarks/speed.py --models vit_small_patch16_224 --steps 6
     python benchmarks/speed.py --models convnext_base             # VPT's pixel border (p = 10 px) vs full
     python benchmarks/speed.py --models swin_tiny_patch4_window7_224   # VPT on Swin: prompts in every window
+    python benchmarks/speed.py --profile vit_small_patch16_224 vpt_deep bf16   # torch profiler's op table of a step
 
 Each configuration (model x mode x precision) runs in a fresh process, so that its peak RSS is its own. In it, a
 Lightning ``Trainer`` fits ``VPTModule`` and, after every Lightning step, a minimal hand-written PyTorch step
@@ -190,6 +191,42 @@ def run_one(model: str, mode: str, precision: str, batch: int, steps: int, warmu
     }
 
 
+def profile(model: str, mode: str, precision: str, batch: int, kv_only: str, rows: int = 15) -> None:
+    """Print the torch profiler's op table (self CPU time per step) of hand-written training steps of one
+    configuration: 4 steps unprofiled, then 3 profiled; ``kv_only='false'`` runs VPT's blocks over the whole
+    sequence."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.manual_seed(0)
+    module = _module(model, mode).train()
+    module.backbone.prompt_config.kv_only = kv_only
+    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    images, labels = torch.randn(batch, 3, 224, 224), torch.randint(0, 100, (batch,))
+
+    def step() -> float:
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = module.criterion(module(images), labels)
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    times = [step() for _ in range(4)]
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    print(
+        f"{model} {mode} {precision}, kv_only={kv_only}, TIMM_FUSED_ATTN={os.environ['TIMM_FUSED_ATTN']}, "
+        f"block paths {sorted(set(getattr(module.backbone, 'block_paths', lambda: [])()))}; unprofiled steps "
+        f"{', '.join(f'{t:.3f}' for t in times)} s (the first sets up kernels); load {os.getloadavg()[0]:.2f}"
+    )
+    print("self CPU times below are the sum of 3 steps")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 def measure(model: str, mode: str, precision: str, args: argparse.Namespace, forced: str) -> Dict:
     """One configuration in a fresh process (its own peak RSS), with the attention kernel of its precision."""
     cmd = [sys.executable, __file__, "--one", model, mode, precision]
@@ -226,7 +263,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps of each runner")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "MODE", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--profile", nargs=3, metavar=("MODEL", "MODE", "PRECISION"), help="the torch profiler's op table of a step"
+    )
+    parser.add_argument("--kv-only", choices=("auto", "false"), default="auto", help="prompt.kv_only for --profile")
     args = parser.parse_args()
+    if args.profile:  # timm reads TIMM_FUSED_ATTN when it is first imported: the benchmark's choice, unless set
+        os.environ.setdefault("TIMM_FUSED_ATTN", "0" if args.profile[2] == "bf16" else "1")
+        profile(*args.profile, batch=args.batch, kv_only=args.kv_only)
+        return
     if args.one:
         print(json.dumps(run_one(*args.one, batch=args.batch, steps=args.steps, warmup=args.warmup)))
         return
