@@ -8,7 +8,7 @@ timm's block says, or one that computes in float32 under bf16 autocast, fails he
 from __future__ import annotations
 
 from collections import Counter
-from typing import Dict, Tuple
+from typing import Set, Tuple
 
 import pytest
 import torch
@@ -53,20 +53,20 @@ def set_fused(model: nn.Module, fused: bool) -> None:
             module.fused_attn = fused
 
 
-def attention_ops(ops: Ops) -> Dict[str, Tuple[torch.dtype, ...]]:
-    """The attention kernels and softmaxes that ran (forward and backward), each with the dtypes of its first
-    (query / scores) argument."""
+def attention_ops(ops: Ops) -> Set[Tuple[str, torch.dtype]]:
+    """The attention kernels and softmaxes that ran (forward and backward), each with the dtype of its first
+    (query / scores) argument: one pair per dtype it ran in."""
     kinds = ("scaled_dot_product", "_softmax")
-    return {name: dtypes[:1] for (name, dtypes) in ops if any(k in name for k in kinds) and "log_softmax" not in name}
+    return {(name, dtypes[0]) for (name, dtypes) in ops if any(k in name for k in kinds) and "log_softmax" not in name}
 
 
 def check(ops: Ops, fused: bool, softmax_dtype: torch.dtype = torch.bfloat16) -> None:
     """``fused``: the CPU flash kernel in bf16 (not the slow math fall-back); else timm's explicit path, its softmax
     in ``softmax_dtype``. Either way every matrix product in bf16."""
     if fused:
-        assert attention_ops(ops) == {FUSED: (torch.bfloat16,), f"{FUSED}_backward": (torch.bfloat16,)}
+        assert attention_ops(ops) == {(FUSED, torch.bfloat16), (f"{FUSED}_backward", torch.bfloat16)}
     else:
-        expected = {"aten::_softmax": (softmax_dtype,), "aten::_softmax_backward_data": (softmax_dtype,)}
+        expected = {("aten::_softmax", softmax_dtype), ("aten::_softmax_backward_data", softmax_dtype)}
         assert attention_ops(ops) == expected
     matmuls = {dtypes for (name, dtypes) in ops if name in MATMULS or "scaled_dot_product" in name}
     assert matmuls and all(d == torch.bfloat16 for dtypes in matmuls for d in dtypes[:3]), matmuls  # no fp32
