@@ -15,9 +15,11 @@ One JSON object per line and p: ``kv_s``, ``concat_s``, ``full_s`` (median s/ste
 ``kv_speedup`` (concat_s / kv_s), ``kv_over_full``, ``logits_maxdiff`` (max |logit difference| of the two paths,
 eval mode, one batch), ``grad_reldiff`` (||g_kv - g_concat|| / ||g_concat|| over the prompt gradients),
 ``act_bytes_kv`` / ``act_bytes_concat`` / ``act_bytes_full`` (bytes of the tensors autograd keeps for backward,
-parameters left out: unique storages seen by ``saved_tensors_hooks``) and ``kv_blocks`` (blocks that ran the
-key/value path). ``--rss P,...``: for those lengths, the peak RSS of one training step of each path, with and
-without gradient checkpointing, each in a fresh process (``rss_mb_{kv,concat,full}[_ckpt]``). The goals of
+parameters left out: unique storages seen by ``saved_tensors_hooks``), ``kv_blocks`` (blocks that ran the
+key/value path), ``fused_attn`` (timm's attention choice, ``TIMM_FUSED_ATTN``, which both paths follow) and the
+``torch``, ``timm`` and ``lightning`` versions. ``--rss P,...``: for those lengths, the peak RSS of one training
+step of each path (the peak reset after the model is built), with and without gradient checkpointing, each in a
+fresh process (``rss_mb_{kv,concat,full}[_ckpt]``). The goals of
 issue 19 are printed to stderr at the end.
 """
 
@@ -25,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from typing import Any, Dict, List, Optional
 
-from speed import saved_activation_bytes  # the same count as the speed table's memory column
+from speed import reset_peak_rss, rss_mb, saved_activation_bytes, versions  # the speed table's own measures
 
 NUM_CLASSES = 100
 
@@ -130,8 +131,9 @@ def rss_child(args: argparse.Namespace) -> None:
     module.backbone.set_grad_checkpointing(checkpointing == "1")
     optimizer = torch.optim.SGD([q for q in module.parameters() if q.requires_grad], lr=0.01)
     images = torch.randn(args.batch, 3, 224, 224)
+    reset_peak_rss()  # the step's peak, not the model's construction
     train_step(module, optimizer, images, torch.randint(0, NUM_CLASSES, (args.batch,)), args.precision)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(rss_mb("VmHWM"))
 
 
 def run_length(args: argparse.Namespace, p: int, full, full_optimizer) -> Dict[str, Any]:
@@ -143,6 +145,7 @@ def run_length(args: argparse.Namespace, p: int, full, full_optimizer) -> Dict[s
     images = torch.randn(args.batch, 3, 224, 224)
     labels = torch.randint(0, NUM_CLASSES, (args.batch,))
     row: Dict[str, Any] = {"p": p, "model": args.model, "batch": args.batch, "precision": args.precision}
+    row.update(versions(), fused_attn=sorted({m.fused_attn for m in vpt.modules() if hasattr(m, "fused_attn")}))
     row.update(compare(vpt, images, labels))
     set_kv(vpt, True)
     row["kv_blocks"] = vpt.backbone.block_paths().count("kv")

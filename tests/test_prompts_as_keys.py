@@ -1,7 +1,8 @@
 """prompt.kv_only: prompts as keys and values only, in the blocks whose prompt outputs are thrown away.
 
 Every case compares the key/value path with the full path over ``[prefix, prompts, patches]`` on the same model
-(``prompt.kv_only=false`` switches it off): logits and prompt gradients, in float64 to 1e-10 and float32 to 1e-5.
+(``prompt.kv_only=false`` switches it off): logits and prompt gradients, in float64 to 1e-10 and float32 to 1e-5,
+with timm's fused attention kernel and with its explicit path (``fused_attn``, which both paths follow).
 Which path a block took is read from the rows its MLP saw (N image tokens, or N + p with the prompts)."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Dict, List, Tuple
 import pytest
 import torch
 from conftest import make_vit
+from test_attention_kernel import set_fused
 from timm.models.vision_transformer import ResPostBlock
 
 from vpt_lightning import PromptConfig, PromptedViT
@@ -66,9 +68,14 @@ VITS = {
 }
 
 
+KERNELS = pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
+
+
+@KERNELS
 @pytest.mark.parametrize("case", sorted(VITS))
-def test_vpt_deep_kv_equals_the_full_path_in_float64(case, images):
+def test_vpt_deep_kv_equals_the_full_path_in_float64(case, fused, images):
     vit = make_vit(num_classes=4, **VITS[case]).double()
+    set_fused(vit, fused)
     model = scaled_prompts(PromptedViT(vit, PromptConfig(num_tokens=P)).double())
     assert model.block_paths() == ["kv"] * 4 and model.feature_prompt_tokens == 0
     n = N + 2 if case == "registers" else N - 1 if case == "avg" else N
@@ -76,11 +83,12 @@ def test_vpt_deep_kv_equals_the_full_path_in_float64(case, images):
     assert rows == [n] * 4  # no block ran its MLP over prompts
 
 
+@KERNELS
 @pytest.mark.parametrize("batch", [1, 3])
-def test_vpt_deep_kv_equals_the_full_path_in_float32(batch, images):
-    model = scaled_prompts(
-        PromptedViT(make_vit(num_classes=4, qk_norm=True, init_values=0.3), PromptConfig(num_tokens=P))
-    )
+def test_vpt_deep_kv_equals_the_full_path_in_float32(batch, fused, images):
+    vit = make_vit(num_classes=4, qk_norm=True, init_values=0.3)
+    set_fused(vit, fused)
+    model = scaled_prompts(PromptedViT(vit, PromptConfig(num_tokens=P)))
     assert_same(model, images[:batch], atol=1e-5, grad_rtol=1e-5)
 
 
@@ -189,15 +197,18 @@ SWIN_CASES = {  # prompt config -> block paths (the tiny Swin: 2 + 2 + 2 blocks,
 }
 
 
+@KERNELS
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("case", sorted(SWIN_CASES))
-def test_swin_kv_equals_the_full_path_in_float64(case, batch):
+def test_swin_kv_equals_the_full_path_in_float64(case, batch, fused):
     from test_prompted_swin import make_swin
 
     from vpt_lightning.backbones import prompted_backbone
 
     prompt, paths = SWIN_CASES[case]
-    backbone = prompted_backbone(make_swin().double(), prompt).double()
+    swin = make_swin().double()
+    set_fused(swin, fused)
+    backbone = prompted_backbone(swin, prompt).double()
     with torch.no_grad():
         for prompts in backbone.prompts.values():
             prompts.tokens.mul_(5.0)
@@ -218,12 +229,15 @@ def test_swin_kv_equals_the_full_path_in_float64(case, batch):
     assert rows_full == [n + prompt["num_tokens"] if i >= first else n for i, n in enumerate(image_rows)]
 
 
-def test_swin_kv_in_float32_and_with_grad_checkpointing():
+@KERNELS
+def test_swin_kv_in_float32_and_with_grad_checkpointing(fused):
     from test_prompted_swin import make_swin
 
     from vpt_lightning.backbones import prompted_backbone
 
-    backbone = prompted_backbone(make_swin(), {"num_tokens": 4, "pool": "image"})
+    swin = make_swin()
+    set_fused(swin, fused)
+    backbone = prompted_backbone(swin, {"num_tokens": 4, "pool": "image"})
     torch.manual_seed(3)
     images = torch.randn(2, 3, 32, 32)
     results = []

@@ -5,7 +5,8 @@ left out of the pooled feature), so nothing reads them. The queries, output proj
 drop-paths of such a block need only run over the image tokens; the prompts still change every image token
 through the keys and values of attention. The image-token outputs are the same as those of the block run over the
 full ``[prefix, prompts, patches]`` sequence (up to float rounding), at a cost that hardly grows with the prompt
-length. Everything is the block's own timm modules; only the attention call itself is written here.
+length. Everything is the block's own timm modules; only the attention call itself is written here
+(:func:`attention`), and it follows the block's own choice of kernel, as timm's ``Attention`` does.
 """
 
 from __future__ import annotations
@@ -70,6 +71,26 @@ def project_qkv(qkv: nn.Module, tokens: torch.Tensor, heads: int, queries: bool 
     return tuple(part(i) for i in ((0, 1, 2) if queries else (1, 2)))
 
 
+def attention(
+    attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """The attention of timm's ``attn`` (an ``Attention`` or Swin's ``WindowAttention``) on ``q`` ``(..., n, d)``
+    and ``k``, ``v`` ``(..., m, d)``, with an additive ``bias`` broadcast to ``(..., n, m)``; returns ``(..., n, d)``.
+
+    As ``attn.fused_attn`` says (``TIMM_FUSED_ATTN``): PyTorch's fused ``scaled_dot_product_attention`` (the bias in
+    q's dtype), or timm's explicit ``softmax(q * scale @ k^T + bias) @ v`` through ``attn.attn_drop``: the same ops
+    as timm's own forward, so the same dtypes under autocast (timm's explicit path is the faster one in bf16 on
+    CPUs, whose flash kernel's backward is slow)."""
+    if attn.fused_attn:
+        mask = None if bias is None else bias.to(q.dtype)
+        dropout = attn.attn_drop.p if attn.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=attn.scale)
+    scores = (q * attn.scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        scores = scores + bias
+    return attn.attn_drop(scores.softmax(dim=-1)) @ v
+
+
 def block_with_prompt_keys(block: Block, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
     """One timm ``Block`` on the image tokens ``x`` ``(B, N, D)`` (prefix and patch tokens) with ``prompts``
     ``(B, p, D)`` as extra keys and values. Returns ``(B, N, D)``: the block's outputs for the image tokens, as if
@@ -90,9 +111,7 @@ def block_with_prompt_keys(block: Block, x: torch.Tensor, prompts: torch.Tensor)
     if shared:
         prompt_k, prompt_v = (t.expand(batch, -1, -1, -1) for t in (prompt_k, prompt_v))
     k, v = torch.cat([prompt_k, k], dim=2), torch.cat([prompt_v, v], dim=2)  # the order of keys changes nothing
-    dropout = attn.attn_drop.p if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=attn.scale)
-    return finish_block(block, x, out.transpose(1, 2), normed)
+    return finish_block(block, x, attention(attn, q, k, v).transpose(1, 2), normed)
 
 
 def finish_block(block: Block, x: torch.Tensor, out: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,31 @@ from torch import nn
 
 from ..prompt import PromptConfig, Prompts
 from .base import PromptedBackbone
-from .prompts_as_keys import dropout_active, project_qkv
+from .prompts_as_keys import attention, dropout_active, project_qkv
 from .registry import register_family
+
+
+def attention_in_windows(
+    block: SwinTransformerBlock, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: Tuple[int, ...]
+) -> torch.Tensor:
+    """The attention of ``block``'s windows, ``q`` ``(B * nW, heads, n, d)`` over ``k``, ``v`` ``(B * nW, heads, m,
+    d)`` (batch-major windows), with its relative position bias and, in shifted windows, its shift mask, both padded
+    with zeros by ``pad`` (``F.pad`` widths) on the prompt rows and columns. timm's own kernel choice
+    (:func:`~vpt_lightning.backbones.prompts_as_keys.attention`). Returns ``(B * nW, heads, n, d)``."""
+    attn = block.attn
+    bias = F.pad(attn._get_rel_pos_bias(), pad)  # (1, heads, n, m)
+    mask = block.attn_mask
+    if mask is None:
+        return attention(attn, q, k, v, bias)
+    # shifted windows: a (nW, n, m) mask of 0 / -100, one per window position -> a bias (nW, heads, n, m)
+    bias = bias + F.pad(mask, pad).unsqueeze(1)
+    count, num_windows = q.shape[0], mask.shape[0]
+    if attn.fused_attn:  # one bias per window: the flash kernel takes 4-D inputs only (else its float32 math path)
+        bias = bias.expand(count // num_windows, *bias.shape).reshape(count, *bias.shape[1:])
+        return attention(attn, q, k, v, bias)
+    # timm's explicit path: q, k, v viewed as (B, nW, heads, ., d), the bias broadcast over the batch
+    q, k, v = (t.reshape(-1, num_windows, *t.shape[1:]) for t in (q, k, v))
+    return attention(attn, q, k, v, bias).flatten(0, 1)
 
 
 def window_attention(block: SwinTransformerBlock, windows: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
@@ -44,17 +67,8 @@ def window_attention(block: SwinTransformerBlock, windows: torch.Tensor, prompts
     qkv = torch.cat([prompt_qkv.reshape(count, num_prompts, image_qkv.shape[-1]), image_qkv], dim=1)
     length = qkv.shape[1]
     q, k, v = qkv.reshape(count, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    pad = (num_prompts, 0, num_prompts, 0)
-    bias = F.pad(attn._get_rel_pos_bias(), pad)  # (1, heads, L, L)
-    mask = block.attn_mask
-    if mask is not None:  # shifted windows: a (nW, N, N) mask of 0 / -100, one per window position
-        # (nW, heads, L, L), broadcast over the batch: q, k, v viewed as (batch, nW, heads, L, head_dim)
-        bias = bias.unsqueeze(1) + F.pad(mask, pad).unsqueeze(1)
-        q, k, v = (t.reshape(batch, num_windows, *t.shape[1:]) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=bias.to(q.dtype), dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale
-    )
-    out = out.reshape(count, attn.num_heads, length, -1).transpose(1, 2).reshape(count, length, -1)
+    out = attention_in_windows(block, q, k, v, (num_prompts, 0, num_prompts, 0))
+    out = out.transpose(1, 2).reshape(count, length, -1)
     return attn.proj_drop(attn.proj(out))
 
 
@@ -117,15 +131,8 @@ def window_attention_with_prompt_keys(
         torch.cat([pk.unsqueeze(1).expand(batch, num_windows, *pk.shape[1:]).reshape(count, *pk.shape[1:]), t], dim=2)
         for pk, t in zip(prompt_kv, (k, v))
     )
-    bias = F.pad(attn._get_rel_pos_bias(), (num_prompts, 0))  # (1, heads, N, p + N)
-    mask = block.attn_mask
-    if mask is not None:  # shifted windows: (nW, N, N), one per window position; broadcast over the batch
-        bias = bias.unsqueeze(1) + F.pad(mask, (num_prompts, 0)).unsqueeze(1)
-        q, k, v = (t.reshape(batch, num_windows, *t.shape[1:]) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=bias.to(q.dtype), dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale
-    )
-    out = out.reshape(count, heads, length, -1).transpose(1, 2).reshape(count, length, -1)
+    out = attention_in_windows(block, q, k, v, (num_prompts, 0))
+    out = out.transpose(1, 2).reshape(count, length, -1)
     return attn.proj_drop(attn.proj(out))
 
 

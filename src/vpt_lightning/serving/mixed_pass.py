@@ -29,7 +29,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..backbones.base import PromptedBackbone
-from ..backbones.prompts_as_keys import finish_block, takes_prompt_keys
+from ..backbones.prompts_as_keys import attention, finish_block, takes_prompt_keys
 from ..backbones.vit import PromptedViT
 from .task_updates import Group, Routing, Update, routed_updates
 
@@ -94,10 +94,13 @@ def masked_attention(
 ) -> torch.Tensor:
     """The attention of the block's ``attn`` on ``q`` ``(b, heads, n, head_dim)`` over ``k``, ``v``
     ``(b, heads, m, head_dim)``; ``mask``: booleans broadcast to ``(b, heads, n, m)``, ``False`` where a row does not
-    attend (the prompt slots a shorter or no prompt leaves empty). Every attention call of the pass goes through
-    here, so that it can follow the shared attention of :mod:`~vpt_lightning.backbones.prompts_as_keys` (the mask
-    then as an additive bias, ``-inf`` where it is ``False``)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+    attend (the prompt slots a shorter or no prompt leaves empty). It is the training's attention
+    (:func:`~vpt_lightning.backbones.prompts_as_keys.attention`, the kernel the block chose), the mask as an
+    additive bias, ``-inf`` where it is ``False`` (every row attends to its image tokens)."""
+    bias = None
+    if mask is not None:
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    return attention(attn, q, k, v, bias)
 
 
 def _prompt_heads(
