@@ -25,7 +25,6 @@ import torch
 
 from .atomic import write_bytes_atomic
 from .csv_files import csv_rows
-from .integrity import read_results
 from .module import VPTModule
 from .training import last_checkpoint
 
@@ -300,11 +299,12 @@ def load_images(
 # ---- ablation -------------------------------------------------------------------------------------------------
 def _final_prompt(summary: Dict[str, Any]) -> Dict[str, Any]:
     """The prompt config of a summary's final runs (their ``results.json``)."""
-    folder = Path(summary["path"]).parent / "final"
-    for result in sorted(folder.glob("*/seed*/results.json")):
-        config = read_results(result).get("config", {})
-        return {**config.get("prompt", {}), "backbone_depth": config.get("backbone", {}).get("kwargs", {}).get("depth")}
-    return {}
+    from .report import final_run_config
+
+    config = final_run_config(summary)
+    if not config:
+        return {}
+    return {**config.get("prompt", {}), "backbone_depth": config.get("backbone", {}).get("kwargs", {}).get("depth")}
 
 
 def ablation_points(
