@@ -159,6 +159,18 @@ def compose_command(argv: List[str]) -> None:
     compose(overrides, config_name=COMPOSED[argv[0]])
 
 
+def check_files_sent(block: Block, workdir: Path) -> None:
+    """A block that is not run may still send a file the pages made (``curl --data-binary @images/x.png``): that file
+    must exist when the block comes, written by a block before it."""
+    for argv in commands(block.code):
+        for word in argv:
+            if word.startswith("@") and len(word) > 1:
+                assert (workdir / word[1:]).is_file(), (
+                    f"{block.where}: `{word}` sends {word[1:]!r}, which no block before it writes (in this folder: "
+                    f"{sorted(str(p.relative_to(workdir)) for p in (workdir / word[1:]).parent.glob('*'))[:8]})"
+                )
+
+
 @dataclass
 class Tally:
     python: int = 0
@@ -183,6 +195,7 @@ def run_document(path: Path, workdir: Path, tally: Tally, namespace: Dict) -> No
                 for argv in composable(block.code):
                     compose_command(argv)
                     tally.composed += 1
+                check_files_sent(block, workdir)
             continue
         started = time.perf_counter(), time.process_time()
         with chdir(workdir):
@@ -333,6 +346,8 @@ def test_block_runner_refuses_what_it_cannot_run(tmp_path):
         run("<!-- not-run: x -->\n```bash\nvpt-train\n```\n")
     with pytest.raises(AssertionError, match="exited with 2"):
         run("```bash\nvpt-report --no-such-option\n```\n")
+    with pytest.raises(AssertionError, match="sends 'images/a.png', which no block before it writes"):
+        run("<!-- not-run: starts a server in the background -->\n```bash\ncurl --data-binary @images/a.png URL\n```\n")
     with pytest.raises(AssertionError, match="prompt.no_such_key=1` exited"):  # run-with adds its arguments
         run("<!-- run-with: prompt.no_such_key=1 -->\n```bash\nvpt-train +experiment=quickstart --cfg job\n```\n")
     tally = run(
@@ -348,3 +363,40 @@ def test_block_runner_refuses_what_it_cannot_run(tmp_path):
             "<!-- not-run: needs a GPU and VTAB-1k -->\n"
             "```bash\nvpt-train +experiment=quickstart tuning=vpt_deeep\n```\n"
         )
+
+
+# ---- what the generated parts of the pages look like -----------------------------------------------------------------
+def _hooks():
+    """docs/hooks.py, the MkDocs hooks that generate the --help blocks and the option tables."""
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_help_fits_the_code_block_and_is_plain_text():
+    """Every ``--help`` of the pages fits a code block of mkdocs-material without scrolling sideways (80 columns:
+    measured in Chromium, see docs/hooks.py) and shows no reStructuredText markup of the module docstrings."""
+    hooks = _hooks()
+    pages = "\n".join(page.read_text() for page in nav_pages())
+    commands_ = re.findall(r"<!-- cli-help: ([^>]+?) -->", pages)
+    assert len(commands_) >= 12
+    for command in commands_:
+        fence, *lines, end = hooks.cli_help(command).splitlines()
+        assert (fence, end) == ("```text", "```")
+        too_long = [line for line in lines if len(line) > hooks.HELP_COLUMNS]
+        assert not too_long, f"{command} --help: {len(too_long)} lines over {hooks.HELP_COLUMNS}: {too_long[:2]}"
+        text = "\n".join(lines)
+        assert "``" not in text and not re.search(r":[a-z]+:`", text), f"{command} --help shows RST markup"
+    assert hooks.HELP_COLUMNS <= 80
+
+
+def test_the_option_tables_never_break_an_option_name():
+    """The config-options tables show each option name whole (a `<code>` that CSS keeps on one line), and the CSS
+    file that does it is one of the site's stylesheets."""
+    hooks = _hooks()
+    table = hooks.config_options("backbone")
+    assert '<code class="option-name">swin_base_patch4_window7_224_in22k</code>' in table
+    config = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=yaml.BaseLoader)
+    (css,) = [ROOT / "docs" / path for path in config["extra_css"]]
+    assert re.search(r"code\.option-name\s*\{[^}]*white-space:\s*nowrap", css.read_text())

@@ -43,6 +43,14 @@ NOISE_LOGS = {"pytorch_lightning.utilities.rank_zero": ("💡 Tip:",)}
 R = TypeVar("R")
 
 
+def plain_text(docstring: str) -> str:
+    """A module docstring as a command's ``--help`` shows it: reStructuredText's inline markup as plain text
+    (````vpt-viz```` as vpt-viz, ``:func:`~pkg.name``` as name)."""
+    text = re.sub(r":[a-z]+:`~[\w.]*?\.?(\w+)`", r"\1", docstring)
+    text = re.sub(r":[a-z]+:`([^`]+)`", r"\1", text)
+    return text.replace("``", "")
+
+
 def full_tracebacks() -> bool:
     """``VPT_DEBUG=1`` or ``HYDRA_FULL_ERROR=1``: show every error's traceback."""
     return os.environ.get("VPT_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1"

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-from .console import report_errors
+from .console import plain_text, report_errors
 from .task_arguments import add_backbone_arguments
 
 
@@ -38,7 +38,7 @@ def _key_value(text: str) -> Tuple[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vpt-viz", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="vpt-viz", description=plain_text(__doc__.splitlines()[0]))
     sub = parser.add_subparsers(dest="kind", required=True)
     tsne = sub.add_parser("tsne", help="t-SNE of the final pooled features beside the frozen backbone's")
     tsne.add_argument("path", type=Path, help="a vpt-train run folder, or its checkpoints/last.ckpt")
