@@ -62,7 +62,7 @@ def backbone_description(backbone: Mapping[str, Any]) -> str:
     (``quickstart_vit (vit_tiny_patch16_224: depth 6, width 96, 3 heads, 32 px, patch 4)``), else the timm name with
     the kwargs that make it another model (``vit_tiny_patch16_224 (depth 4, width 32, 2 heads, 32 px, patch 4)``).
 
-    The model card, ``vpt-report`` and the curves and report figures name backbones through it."""
+    The model card and ``vpt-report`` (its table and figure) name backbones through it."""
     name = str(backbone.get("name"))
     kwargs = dict(backbone.get("kwargs") or {})
     words = [KWARG_WORDS[key].format(kwargs.pop(key)) for key in KWARG_WORDS if key in kwargs]
