@@ -291,12 +291,30 @@ def test_docs_code_runs_as_written(tmp_path, offline, capsys):
     tally = Tally()
     for page in nav_pages():
         run_document(page, tmp_path, tally, {"__name__": "__main__"})
+        if page.name == "getting-started.md":  # before other pages add to the run folder (vpt-viz's viz/)
+            check_run_folder_described(tmp_path / "outputs" / "orientation" / "smoke")
     summary = report("docs/", tally)
     with capsys.disabled():
         print("\n" + summary)
     assert (tmp_path / "outputs" / "orientation" / "smoke" / "task" / "config.json").is_file()
     # skipping stays the exception: most blocks of the site run
     assert len(tally.not_run) < tally.python + tally.shell, summary
+
+
+RUN_HOUSEKEEPING = {".lock", "train.log"}  # the run's lock file and Hydra's job log: not what a user opens
+
+
+def check_run_folder_described(run_dir: Path) -> None:
+    """What a run leaves (the smoke run of "Getting started") is what the README and "Getting started" say it leaves:
+    each entry of the run folder is named in the README's paragraph on the run folder and in the page's table."""
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir() if p.name not in RUN_HOUSEKEEPING)
+    readme = next(
+        paragraph for paragraph in (ROOT / "README.md").read_text().split("\n\n") if "leaves a run folder" in paragraph
+    )
+    page = (ROOT / "docs" / "getting-started.md").read_text()
+    for entry in entries:  # `csv/metrics.csv` names csv/, `task/` names task/
+        assert f"`{entry}" in readme, f"the README's run folder paragraph does not name {entry!r} (the run: {entries})"
+        assert f"`{entry}" in page, f"getting-started.md does not name {entry!r} (the run: {entries})"
 
 
 def test_mkdocs_build_strict(tmp_path):
