@@ -317,16 +317,22 @@ def check_run_folder_described(run_dir: Path) -> None:
         assert f"`{entry}" in page, f"getting-started.md does not name {entry!r} (the run: {entries})"
 
 
-def test_mkdocs_build_strict(tmp_path):
-    """``mkdocs build --strict``: every page in the nav, every link and anchor resolves, the API reference renders
-    from the docstrings, the generated ``--help`` and option tables build; offline (no fonts or plugins that
-    download)."""
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The site as ``mkdocs build --strict`` writes it."""
     from mkdocs.commands.build import build
     from mkdocs.config import load_config
 
-    site = tmp_path / "site"
+    site = tmp_path_factory.mktemp("docs") / "site"
     with chdir(ROOT):
         build(load_config(str(ROOT / "mkdocs.yml"), strict=True, site_dir=str(site)))
+    return site
+
+
+def test_mkdocs_build_strict(site):
+    """``mkdocs build --strict``: every page in the nav, every link and anchor resolves, the API reference renders
+    from the docstrings, the generated ``--help`` and option tables build; offline (no fonts or plugins that
+    download)."""
     assert (site / "index.html").is_file()
     page = (site / "commands" / "vpt-predict" / "index.html").read_text()
     assert "--max-image-pixels" in page  # the generated --help
@@ -418,3 +424,49 @@ def test_the_option_tables_never_break_an_option_name():
     config = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=yaml.BaseLoader)
     (css,) = [ROOT / "docs" / path for path in config["extra_css"]]
     assert re.search(r"code\.option-name\s*\{[^}]*white-space:\s*nowrap", css.read_text())
+
+
+# what a reader sees of a page, measured in the browser: the generated --help blocks (`$ vpt-... --help`) and those
+# wider than their box, the option names on more than one line, each image's shown and natural width and the content's
+_MEASURE = """() => {
+  const blocks = [...document.querySelectorAll('.md-typeset pre > code')].filter(b => b.textContent.startsWith('$ '));
+  const names = [...document.querySelectorAll('.md-typeset code.option-name')];
+  const images = [...document.querySelectorAll('.md-typeset img')];
+  const content = document.querySelector('.md-content .md-typeset').clientWidth;
+  return {
+    scrolling: blocks.filter(b => b.scrollWidth > b.clientWidth + 1).map(b => b.textContent.split('\\n')[0]),
+    broken: names.filter(n => n.getClientRects().length > 1).map(n => n.textContent),
+    helps: blocks.length,
+    names: names.length,
+    images: images.map(i => [i.getAttribute('src'), i.clientWidth, i.naturalWidth, content]),
+  };
+}"""
+
+
+def test_the_site_reads_without_scrolling_or_broken_names_in_a_browser(site):
+    """In a real browser (headless Chromium, 1280 px wide): no generated --help block scrolls sideways, no option
+    name of the config-groups tables is broken across lines, and the vpt-viz figures are shown one per row at
+    their full size or the content's width (not as thumbnails)."""
+    from conftest import CHROMIUM_ARGS, chromium
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium()
+    pages = [f"commands/{script}" for script in console_scripts()] + ["config-groups"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, timeout=60_000)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            seen = {}
+            for name in pages:
+                page.goto((site / name / "index.html").as_uri())
+                seen[name] = page.evaluate(_MEASURE)
+        finally:
+            browser.close()
+    assert all(seen[name]["helps"] >= 1 for name in pages[:-1])
+    scrolling = {name: got["scrolling"] for name, got in seen.items() if got["scrolling"]}
+    assert not scrolling, f"--help blocks that scroll sideways: {scrolling}"
+    assert seen["config-groups"]["names"] > 50 and not seen["config-groups"]["broken"], seen["config-groups"]["broken"]
+    figures = seen["commands/vpt-viz"]["images"]
+    assert len(figures) == 4
+    for src, shown, natural, content in figures:
+        assert shown == min(natural, content), f"{src}: shown {shown} px wide of its {natural} (content: {content})"

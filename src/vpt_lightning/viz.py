@@ -216,7 +216,7 @@ def attention_figure(
     figure, axes = plt.subplots(
         batch * rows,
         blocks + 1,
-        figsize=(1.25 * (blocks + 1) + 0.9, 1.3 * batch * rows + 0.5),
+        figsize=(1.05 * (blocks + 1) + 0.8, 1.1 * batch * rows + 0.6),
         squeeze=False,
         layout="constrained",
     )
@@ -226,7 +226,7 @@ def attention_figure(
             row[0].axis("off")
             if r == 0 and shown is not None:
                 row[0].imshow(shown[b])
-                row[0].set_title(names[b] if b < len(names) else f"image {b}", fontsize=7)
+                row[0].set_title(names[b] if b < len(names) else f"image {b}", fontsize=8)
             values = maps[key][:, b].numpy()
             low, high = float(values.min()), float(values.max())
             for k in range(blocks):
@@ -234,15 +234,15 @@ def attention_figure(
                 row[k + 1].set_xticks([])
                 row[k + 1].set_yticks([])
                 if b == 0 and r == 0:
-                    row[k + 1].set_title(f"block {k}", fontsize=7)
-            row[1].set_ylabel(label, fontsize=7)
+                    row[k + 1].set_title(f"block {k}", fontsize=8)
+            row[1].set_ylabel(label, fontsize=8)
             bar = figure.colorbar(drawn, ax=list(row[1:]), fraction=0.04, pad=0.02, aspect=12)
-            bar.ax.tick_params(labelsize=6)
+            bar.ax.tick_params(labelsize=7)
     who = "class token" + (" (top) and prompts (bottom)" if rows == 2 else "")
     figure.suptitle(
         f"attention of the {who} to the patches, per block\ncolour: attention weight (mean over heads), one scale "
         "per row, from the row's smallest to its largest weight",
-        fontsize=8,
+        fontsize=9,
     )
     return figure, maps
 
