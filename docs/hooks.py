@@ -2,9 +2,11 @@
 cannot drift from it.
 
 - ``<!-- cli-help: vpt-predict -->`` (or ``vpt-prepare vtab``): the command's ``--help``, run in-process through
-  its console-script entry point (``[project.scripts]`` of ``pyproject.toml``);
+  its console-script entry point (``[project.scripts]`` of ``pyproject.toml``), at most :data:`HELP_COLUMNS` wide
+  and in plain text (no reStructuredText markup of the module docstrings);
 - ``<!-- config-options: backbone -->``: a table of the YAML files of a config group (``conf/<group>``) with the
-  first comment line of each.
+  first comment line of each; the option names are ``<code class="option-name">``, which ``stylesheets/extra.css``
+  keeps on one line.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import io
 import os
 import re
 import sys
+import textwrap
 from pathlib import Path
 from typing import Dict, List
+
+from vpt_lightning.cli.console import plain_text
 
 try:
     import tomllib
@@ -26,6 +31,9 @@ except ModuleNotFoundError:  # Python 3.10 (the docs extra brings tomli there)
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "src" / "vpt_lightning" / "conf"
 MARKER = re.compile(r"<!-- (cli-help|config-options): ([^>]+?) -->")
+# the columns of a code block of mkdocs-material at its default font (13.6 px monospace, 8.18 px a character): 80 in
+# the 656 px of a page with both sidebars (Chromium at 1280 and 1440 px; 88 at 1024 px, where the toc folds away)
+HELP_COLUMNS = 80
 
 
 def console_scripts() -> Dict[str, str]:
@@ -45,7 +53,7 @@ def cli_help(command: str) -> str:
     out = io.StringIO()
     argv, columns = sys.argv, os.environ.get("COLUMNS")
     sys.argv = [prog, *args, "--help"]
-    os.environ["COLUMNS"] = "110"
+    os.environ["COLUMNS"] = str(HELP_COLUMNS)  # argparse wraps to it; Hydra's help and raw descriptions do not
     try:
         with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
             main()
@@ -58,7 +66,20 @@ def cli_help(command: str) -> str:
     text = out.getvalue().rstrip()
     if not text:
         raise RuntimeError(f"cli-help: {command} --help printed nothing")
-    return f"```text\n$ {command} --help\n{text}\n```"
+    return f"```text\n$ {command} --help\n{wrap_lines(plain_text(text), HELP_COLUMNS)}\n```"
+
+
+def wrap_lines(text: str, width: int) -> str:
+    """Lines longer than ``width`` wrapped at spaces (what argparse does not wrap: Hydra's lists of a group's options,
+    the lines of a raw description); the continuations of a command or of a ``group: options`` line are indented
+    four columns deeper, those of prose as deep as its line."""
+    lines: List[str] = []
+    for line in text.splitlines():
+        depth = len(line) - len(line.lstrip())
+        hanging = re.match(r"\s*(vpt-[\w-]+ |[\w/]+: )", line) is not None
+        indent = " " * (depth + 4 * hanging)
+        lines += textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False) if line else [line]
+    return "\n".join(lines)
 
 
 def header_comment(path: Path, limit: int = 260) -> str:
@@ -87,7 +108,7 @@ def config_options(group: str) -> str:
     rows: List[str] = ["| option | what it is |", "|---|---|"]
     for path in files:
         text = header_comment(path).replace("|", "\\|")
-        rows.append(f"| `{path.stem}` | {text} |")
+        rows.append(f'| <code class="option-name">{path.stem}</code> | {text} |')
     return "\n".join(rows)
 
 

@@ -7,6 +7,7 @@ import importlib
 import io
 import logging
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -29,6 +30,38 @@ TINY_RUN = ["backbone=vit_tiny_random", *SMOKE_RUN]  # the same on a random tiny
 
 TINY = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 4, "num_heads": 2}
 TINY_BACKBONE = {"name": "vit_tiny_patch16_224", "kwargs": TINY, "init_seed": 0}
+
+
+# how the browser tests (test_demo.py, test_docs.py) start the headless Chromium
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-dev-shm-usage",
+    "--disable-extensions",
+    "--no-first-run",
+    "--mute-audio",
+]
+
+
+def chromium(*modules: str) -> str:
+    """The system Chromium (Debian's package), for a test in a real headless browser driven by Playwright (and
+    ``modules`` it needs besides); in CI their absence is a failure, elsewhere a skip saying why."""
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    reasons = []
+    if not path:
+        reasons.append("no Chromium found (apt-get install chromium, or set CHROMIUM=/path/to/chromium)")
+    for name in ("playwright", *modules):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            reasons.append(f"{name} is not installed (pip install -e '.[dev]')")
+    if reasons:
+        if os.environ.get("CI"):
+            pytest.fail("the browser test must run in CI: " + "; ".join(reasons))
+        pytest.skip("; ".join(reasons))
+    return path
 
 
 def make_vit(seed: int = 0, num_classes: int = 0, **overrides) -> torch.nn.Module:

@@ -111,3 +111,35 @@ def test_a_multirun_runs_every_job_and_names_each_failure_a_bug_with_its_traceba
         assert "vpt-x: job 1 (seed=1) failed: ZeroDivisionError (traceback above)" in err
         summary = [line for line in err.splitlines() if line.startswith("vpt-x: error: ")]
         assert summary == ["vpt-x: error: 2 job(s) of the multirun failed: job 0 (seed=0); job 1 (seed=1)"]
+
+
+@pytest.mark.parametrize("config_name", ["train", "tune"])
+def test_an_unknown_option_of_a_config_group_is_one_line_naming_group_value_and_options(config_name):
+    """Hydra's "In 'train': Could not find 'backbone/quickstart_vi'" with its options one per line becomes one line
+    that names the group, the value, the closest option and every option, without Hydra's prefix."""
+    from hydra.errors import MissingConfigException
+
+    from vpt_lightning.config import CONFIG_DIR, compose
+
+    options = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "backbone").glob("*.yaml")))
+    with pytest.raises(MissingConfigException) as err:
+        compose(["backbone=quickstart_vi"], config_name=config_name)
+    assert error_message(err.value) == (
+        "backbone=quickstart_vi is not an option of the config group 'backbone' (did you mean 'quickstart_vit'?); "
+        f"its options: {options}"
+    )
+    with pytest.raises(MissingConfigException) as err:
+        compose(["+experiment=quickstart", "tuning=nope"], config_name=config_name)
+    message = error_message(err.value)
+    assert message.startswith("tuning=nope is not an option of the config group 'tuning'; its options: adapter, ")
+    assert "In '" not in message and "\n" not in message and "Config search path" not in message
+    # an option that a group's config asks for (an experiment's defaults list) is named with that config
+    asked = MissingConfigException(
+        "In 'experiment/mine': Could not find 'data/vtab_cifar10'\n\nAvailable options in 'data':\n\tfolder\n"
+        "\tvtab_cifar100\nConfig search path:\n\tprovider=main, path=pkg://vpt_lightning.conf",
+        missing_cfg_file="data/vtab_cifar10",
+    )
+    assert error_message(asked) == (
+        "data=vtab_cifar10 (chosen by experiment/mine) is not an option of the config group 'data' (did you mean "
+        "'vtab_cifar100'?); its options: folder, vtab_cifar100"
+    )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,43 +13,15 @@ from typing import Optional
 
 import pytest
 import torch
-from conftest import save_task_checkpoint, task_probabilities, write_image
+from conftest import CHROMIUM_ARGS, chromium, save_task_checkpoint, task_probabilities, write_image
 
 from vpt_lightning.serving.launch import running_server
 
 pytest.importorskip("litserve")
 STARTUP_SECONDS = 240
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-dev-shm-usage",
-    "--disable-extensions",
-    "--no-first-run",
-    "--mute-audio",
-]
 COUNT_CLASSES = ["one", "two", "three", "four", "five", "six"]
 ORIENT_CLASSES = ["north", "east", "south"]
 KEY = "demo-key-42"
-
-
-def chromium() -> str:
-    """The system Chromium (Debian's package); in CI its absence is a failure, elsewhere a skip saying why."""
-    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    reasons = []
-    if not path:
-        reasons.append("no Chromium found (apt-get install chromium, or set CHROMIUM=/path/to/chromium)")
-    try:
-        import gradio  # noqa: F401
-        import playwright  # noqa: F401
-    except ImportError as err:
-        reasons.append(f"{err.name} is not installed (pip install -e '.[dev]')")
-    if reasons:
-        if os.environ.get("CI"):
-            pytest.fail("the browser test must run in CI: " + "; ".join(reasons))
-        pytest.skip("; ".join(reasons))
-    return path
 
 
 def read_label(page, task: str):
@@ -93,7 +64,7 @@ def demo_server(tmp_path_factory):
 
 
 def test_demo_page_in_a_headless_browser(demo_server):
-    executable = chromium()
+    executable = chromium("gradio")
     from playwright.sync_api import sync_playwright
 
     url, count, orient, image = demo_server

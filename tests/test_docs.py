@@ -159,6 +159,18 @@ def compose_command(argv: List[str]) -> None:
     compose(overrides, config_name=COMPOSED[argv[0]])
 
 
+def check_files_sent(block: Block, workdir: Path) -> None:
+    """A block that is not run may still send a file the pages made (``curl --data-binary @images/x.png``): that file
+    must exist when the block comes, written by a block before it."""
+    for argv in commands(block.code):
+        for word in argv:
+            if word.startswith("@") and len(word) > 1:
+                assert (workdir / word[1:]).is_file(), (
+                    f"{block.where}: `{word}` sends {word[1:]!r}, which no block before it writes (in this folder: "
+                    f"{sorted(str(p.relative_to(workdir)) for p in (workdir / word[1:]).parent.glob('*'))[:8]})"
+                )
+
+
 @dataclass
 class Tally:
     python: int = 0
@@ -183,6 +195,7 @@ def run_document(path: Path, workdir: Path, tally: Tally, namespace: Dict) -> No
                 for argv in composable(block.code):
                     compose_command(argv)
                     tally.composed += 1
+                check_files_sent(block, workdir)
             continue
         started = time.perf_counter(), time.process_time()
         with chdir(workdir):
@@ -278,6 +291,8 @@ def test_docs_code_runs_as_written(tmp_path, offline, capsys):
     tally = Tally()
     for page in nav_pages():
         run_document(page, tmp_path, tally, {"__name__": "__main__"})
+        if page.name == "getting-started.md":  # before other pages add to the run folder (vpt-viz's viz/)
+            check_run_folder_described(tmp_path / "outputs" / "orientation" / "smoke")
     summary = report("docs/", tally)
     with capsys.disabled():
         print("\n" + summary)
@@ -286,16 +301,38 @@ def test_docs_code_runs_as_written(tmp_path, offline, capsys):
     assert len(tally.not_run) < tally.python + tally.shell, summary
 
 
-def test_mkdocs_build_strict(tmp_path):
-    """``mkdocs build --strict``: every page in the nav, every link and anchor resolves, the API reference renders
-    from the docstrings, the generated ``--help`` and option tables build; offline (no fonts or plugins that
-    download)."""
+RUN_HOUSEKEEPING = {".lock", "train.log"}  # the run's lock file and Hydra's job log: not what a user opens
+
+
+def check_run_folder_described(run_dir: Path) -> None:
+    """What a run leaves (the smoke run of "Getting started") is what the README and "Getting started" say it leaves:
+    each entry of the run folder is named in the README's paragraph on the run folder and in the page's table."""
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir() if p.name not in RUN_HOUSEKEEPING)
+    readme = next(
+        paragraph for paragraph in (ROOT / "README.md").read_text().split("\n\n") if "leaves a run folder" in paragraph
+    )
+    page = (ROOT / "docs" / "getting-started.md").read_text()
+    for entry in entries:  # `csv/metrics.csv` names csv/, `task/` names task/
+        assert f"`{entry}" in readme, f"the README's run folder paragraph does not name {entry!r} (the run: {entries})"
+        assert f"`{entry}" in page, f"getting-started.md does not name {entry!r} (the run: {entries})"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The site as ``mkdocs build --strict`` writes it."""
     from mkdocs.commands.build import build
     from mkdocs.config import load_config
 
-    site = tmp_path / "site"
+    site = tmp_path_factory.mktemp("docs") / "site"
     with chdir(ROOT):
         build(load_config(str(ROOT / "mkdocs.yml"), strict=True, site_dir=str(site)))
+    return site
+
+
+def test_mkdocs_build_strict(site):
+    """``mkdocs build --strict``: every page in the nav, every link and anchor resolves, the API reference renders
+    from the docstrings, the generated ``--help`` and option tables build; offline (no fonts or plugins that
+    download)."""
     assert (site / "index.html").is_file()
     page = (site / "commands" / "vpt-predict" / "index.html").read_text()
     assert "--max-image-pixels" in page  # the generated --help
@@ -333,6 +370,8 @@ def test_block_runner_refuses_what_it_cannot_run(tmp_path):
         run("<!-- not-run: x -->\n```bash\nvpt-train\n```\n")
     with pytest.raises(AssertionError, match="exited with 2"):
         run("```bash\nvpt-report --no-such-option\n```\n")
+    with pytest.raises(AssertionError, match="sends 'images/a.png', which no block before it writes"):
+        run("<!-- not-run: starts a server in the background -->\n```bash\ncurl --data-binary @images/a.png URL\n```\n")
     with pytest.raises(AssertionError, match="prompt.no_such_key=1` exited"):  # run-with adds its arguments
         run("<!-- run-with: prompt.no_such_key=1 -->\n```bash\nvpt-train +experiment=quickstart --cfg job\n```\n")
     tally = run(
@@ -348,3 +387,86 @@ def test_block_runner_refuses_what_it_cannot_run(tmp_path):
             "<!-- not-run: needs a GPU and VTAB-1k -->\n"
             "```bash\nvpt-train +experiment=quickstart tuning=vpt_deeep\n```\n"
         )
+
+
+# ---- what the generated parts of the pages look like -----------------------------------------------------------------
+def _hooks():
+    """docs/hooks.py, the MkDocs hooks that generate the --help blocks and the option tables."""
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_help_fits_the_code_block_and_is_plain_text():
+    """Every ``--help`` of the pages fits a code block of mkdocs-material without scrolling sideways (80 columns:
+    measured in Chromium, see docs/hooks.py) and shows no reStructuredText markup of the module docstrings."""
+    hooks = _hooks()
+    pages = "\n".join(page.read_text() for page in nav_pages())
+    commands_ = re.findall(r"<!-- cli-help: ([^>]+?) -->", pages)
+    assert len(commands_) >= 12
+    for command in commands_:
+        fence, *lines, end = hooks.cli_help(command).splitlines()
+        assert (fence, end) == ("```text", "```")
+        too_long = [line for line in lines if len(line) > hooks.HELP_COLUMNS]
+        assert not too_long, f"{command} --help: {len(too_long)} lines over {hooks.HELP_COLUMNS}: {too_long[:2]}"
+        text = "\n".join(lines)
+        assert "``" not in text and not re.search(r":[a-z]+:`", text), f"{command} --help shows RST markup"
+    assert hooks.HELP_COLUMNS <= 80
+
+
+def test_the_option_tables_never_break_an_option_name():
+    """The config-options tables show each option name whole (a `<code>` that CSS keeps on one line), and the CSS
+    file that does it is one of the site's stylesheets."""
+    hooks = _hooks()
+    table = hooks.config_options("backbone")
+    assert '<code class="option-name">swin_base_patch4_window7_224_in22k</code>' in table
+    config = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=yaml.BaseLoader)
+    (css,) = [ROOT / "docs" / path for path in config["extra_css"]]
+    assert re.search(r"code\.option-name\s*\{[^}]*white-space:\s*nowrap", css.read_text())
+
+
+# what a reader sees of a page, measured in the browser: the generated --help blocks (`$ vpt-... --help`) and those
+# wider than their box, the option names on more than one line, each image's shown and natural width and the content's
+_MEASURE = """() => {
+  const blocks = [...document.querySelectorAll('.md-typeset pre > code')].filter(b => b.textContent.startsWith('$ '));
+  const names = [...document.querySelectorAll('.md-typeset code.option-name')];
+  const images = [...document.querySelectorAll('.md-typeset img')];
+  const content = document.querySelector('.md-content .md-typeset').clientWidth;
+  return {
+    scrolling: blocks.filter(b => b.scrollWidth > b.clientWidth + 1).map(b => b.textContent.split('\\n')[0]),
+    broken: names.filter(n => n.getClientRects().length > 1).map(n => n.textContent),
+    helps: blocks.length,
+    names: names.length,
+    images: images.map(i => [i.getAttribute('src'), i.clientWidth, i.naturalWidth, content]),
+  };
+}"""
+
+
+def test_the_site_reads_without_scrolling_or_broken_names_in_a_browser(site):
+    """In a real browser (headless Chromium, 1280 px wide): no generated --help block scrolls sideways, no option
+    name of the config-groups tables is broken across lines, and the vpt-viz figures are shown one per row at
+    their full size or the content's width (not as thumbnails)."""
+    from conftest import CHROMIUM_ARGS, chromium
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium()
+    pages = [f"commands/{script}" for script in console_scripts()] + ["config-groups"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, timeout=60_000)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            seen = {}
+            for name in pages:
+                page.goto((site / name / "index.html").as_uri())
+                seen[name] = page.evaluate(_MEASURE)
+        finally:
+            browser.close()
+    assert all(seen[name]["helps"] >= 1 for name in pages[:-1])
+    scrolling = {name: got["scrolling"] for name, got in seen.items() if got["scrolling"]}
+    assert not scrolling, f"--help blocks that scroll sideways: {scrolling}"
+    assert seen["config-groups"]["names"] > 50 and not seen["config-groups"]["broken"], seen["config-groups"]["broken"]
+    figures = seen["commands/vpt-viz"]["images"]
+    assert len(figures) == 4
+    for src, shown, natural, content in figures:
+        assert shown == min(natural, content), f"{src}: shown {shown} px wide of its {natural} (content: {content})"

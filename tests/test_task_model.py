@@ -89,6 +89,9 @@ def test_a_package_holds_only_trained_tensors_and_loads_to_the_same_logits(tmp_p
     front = card.split("---")[1]
     assert "library_name: vpt-lightning" in front and "- visual-prompt-tuning" in front and "datasets:" in front
     assert "vpt-train +experiment=x" in card and "@inproceedings{jia2022vpt" in card and "50.00 %" in card
+    # the backbone as it is (not the timm name alone: the tiny ViT is no vit_tiny_patch16_224)
+    assert "Backbone: `vit_tiny_patch16_224 (depth 4, width 32, 2 heads, 32 px, patch 4)`" in card
+    assert "# tiny: vpt_deep on vit_tiny_patch16_224 (depth 4, width 32, 2 heads, 32 px, patch 4)" in card
     loaded = TaskModel.from_pretrained(tmp_path / "pkg")
     assert loaded.class_names == CLASSES and loaded.task_name == "tiny"
     torch.testing.assert_close(loaded(images), module(images), rtol=0, atol=1e-6)
@@ -310,6 +313,12 @@ def test_vpt_train_writes_a_package_that_loads_to_the_trained_modules_logits(qui
     assert config["trainable_params"] == results["trainable_params"] and config["task_name"] == "quickstart"
     card = (run / "task" / "README.md").read_text()
     assert "vpt-train +experiment=quickstart +debug=fast" in card
+    # the packaged backbone by its config's name, with what it is
+    assert (
+        "# quickstart: vpt_deep on quickstart_vit (vit_tiny_patch16_224: depth 6, width 96, 3 heads, 32 px, patch 4)"
+        in card
+    )
+    assert "Backbone: `quickstart_vit (vit_tiny_patch16_224: depth 6, width 96, 3 heads, 32 px, patch 4)`" in card
     trained = VPTModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt").eval()
     task = TaskModel.from_pretrained(run / "task")
     torch.manual_seed(0)
@@ -469,3 +478,32 @@ def test_describing_the_head_leaves_the_random_state_alone(tuning):
     before = torch.random.get_rng_state()
     assert describe_head(head, method, config, 32, 3) == {"source": "method"}
     assert torch.equal(before, torch.random.get_rng_state())
+
+
+def test_a_backbone_is_described_by_what_it_is():
+    """The packaged config's name when a backbone is one (whatever folder the shipped weights were in), else the timm
+    name with the kwargs that make it another model."""
+    from vpt_lightning.backbones.pin import backbone_pin
+    from vpt_lightning.config import CONFIG_DIR
+    from vpt_lightning.model_card import backbone_description
+
+    quickstart = backbone_pin("quickstart_vit").to_dict()
+    arch = "vit_tiny_patch16_224: depth 6, width 96, 3 heads, 32 px, patch 4"
+    assert backbone_description(quickstart) == f"quickstart_vit ({arch})"
+    moved = {
+        **quickstart,
+        "checkpoint_path": "/elsewhere/site-packages/vpt_lightning/assets/quickstart_vit.safetensors",
+    }
+    assert backbone_description(moved) == f"quickstart_vit ({arch})"
+    deeper = {**quickstart, "kwargs": {**quickstart["kwargs"], "depth": 4}}
+    assert backbone_description(deeper) == "vit_tiny_patch16_224 (depth 4, width 96, 3 heads, 32 px, patch 4)"
+    own_weights = {**quickstart, "checkpoint_path": "/data/my_vit.safetensors"}
+    assert backbone_description(own_weights) == "vit_tiny_patch16_224 (depth 6, width 96, 3 heads, 32 px, patch 4)"
+    assert backbone_description(TINY_BACKBONE) == "vit_tiny_patch16_224 (depth 4, width 32, 2 heads, 32 px, patch 4)"
+    assert backbone_description({"name": "vit_base_patch16_224.orig_in21k", "pretrained": True}) == (
+        "vit_base_patch16_224_in21k (vit_base_patch16_224.orig_in21k)"
+    )
+    assert backbone_description({"name": "vit_small_patch16_224", "pretrained": True}) == "vit_small_patch16_224"
+    for option in ("vit_tiny_random", "swin_tiny_random", "convnext_tiny_random", "resnet_tiny_random"):
+        assert backbone_description(backbone_pin(option).to_dict()).startswith(f"{option} (")
+    assert (CONFIG_DIR / "backbone" / "vit_base_patch16_224_in21k.yaml").is_file()

@@ -237,3 +237,80 @@ def test_a_task_on_a_weights_file_backbone_is_drawn_with_the_operators_pin(tmp_p
         ["attention", str(ckpt), "--images", str(tmp_path / "images"), "--out", str(out), "--backbone", str(weights)]
     )
     _check_png(out, (300, 100))
+
+
+# ---- the attention figure: a colour bar per row, images across the folder's classes --------------------------------
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory) -> Path:
+    """A task checkpoint (tiny ViT, 4 blocks, VPT-Deep with 5 prompts) as vpt-train writes it, untrained."""
+    from conftest import save_task_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny") / "run" / "checkpoints" / "last.ckpt"
+    return save_task_checkpoint(path, prompt={"num_tokens": 5, "deep": True})
+
+
+def _class_tree(root: Path, classes=("cat", "dog", "fox"), per_class: int = 3) -> Path:
+    """A class-per-folder image tree (``root/<class>/<k>.png``), as a folder dataset reads it."""
+    from conftest import write_image
+
+    for c, name in enumerate(classes):
+        for k in range(per_class):
+            write_image(root / name / f"{k}.png", seed=10 * c + k, size=32)
+    return root
+
+
+def test_attention_images_are_taken_across_the_folders_classes_in_turn(tiny_task, tmp_path):
+    """A class-per-folder tree: the shown images come from each sub-folder in turn (sorted), not the first files
+    of one class; the names shown say the folder."""
+    module, _ = viz.load_task_for_viz(tiny_task)
+    root = _class_tree(tmp_path / "images")
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(root / "top.png")  # the top of the tree: a group of its own
+    _, _, names = viz.load_images(root, module, 3)
+    assert names == ["top.png", "cat/0.png", "dog/0.png"]
+    _, _, names = viz.load_images(root / "cat", module, 2)
+    assert names == ["0.png", "1.png"]
+    _, shown, names = viz.load_images(root, module, 6)
+    assert names == ["top.png", "cat/0.png", "dog/0.png", "fox/0.png", "cat/1.png", "dog/1.png"]
+    assert shown.shape == (6, 32, 32, 3)
+    with pytest.raises(ValueError, match="--num-images must be at least 1, not 0"):
+        viz.load_images(root, module, 0)
+
+
+def test_attention_figure_has_a_colour_bar_per_row_on_one_scale(tiny_task, tmp_path):
+    """Each row (one image's class-token maps, or its prompts' maps, across the blocks) shares one colour scale,
+    from the row's smallest to its largest value, and has a colour bar."""
+    module, _ = viz.load_task_for_viz(tiny_task)
+    images, shown, names = viz.load_images(_class_tree(tmp_path / "images"), module, 2)
+    figure, maps = viz.attention_figure(module, images, shown, names)
+    blocks = len(module.backbone.model.blocks)
+    rows = [("cls_to_patches", b) for b in range(2)] + [("prompts_to_patches", b) for b in range(2)]
+    bars = [ax for ax in figure.axes if getattr(ax, "_colorbar", None) is not None]
+    assert len(bars) == len(rows) == 4
+    maps_axes = [ax for ax in figure.axes if ax.images and getattr(ax, "_colorbar", None) is None]
+    by_row = {}
+    for ax in maps_axes:
+        (image,) = ax.images
+        if image.get_array().ndim == 2:  # an attention map (the photos are RGB)
+            by_row.setdefault(ax.get_subplotspec().rowspan.start, []).append(image)
+    assert len(by_row) == 4 and all(len(images_) == blocks for images_ in by_row.values())
+    scales = {row: {(im.norm.vmin, im.norm.vmax) for im in images_} for row, images_ in by_row.items()}
+    assert all(len(s) == 1 for s in scales.values())  # one scale along each row
+    expected = sorted((float(maps[key][:, b].min()), float(maps[key][:, b].max())) for key, b in rows)
+    drawn = sorted(next(iter(s)) for s in scales.values())
+    assert np.allclose(drawn, expected) and all(low < high for low, high in drawn)
+    assert "attention weight" in figure.get_suptitle() and "one scale per row" in figure.get_suptitle()
+    assert names == ["cat/0.png", "dog/0.png"]
+    titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
+    assert "cat/0.png" in titles and "dog/0.png" in titles
+    viz.save_figure(figure, tmp_path / "attention.png")
+    _check_png(tmp_path / "attention.png", (400, 300))
+
+
+def test_vpt_viz_help_says_what_every_option_is(capsys):
+    from vpt_lightning.cli.viz import _parser
+
+    parser = _parser()
+    subparsers = next(a for a in parser._actions if a.dest == "kind").choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            assert action.help, f"vpt-viz {name} {action.option_strings or action.dest} has no help text"

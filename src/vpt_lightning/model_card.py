@@ -3,7 +3,9 @@ task is, how it was trained, how well it does and how to cite the method."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+import functools
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -14,6 +16,61 @@ CITATION = """@inproceedings{jia2022vpt,
   booktitle = {European Conference on Computer Vision (ECCV)},
   year      = {2022}
 }"""
+
+
+# how a timm kwarg reads in a description, in this order (others follow as ``key value``)
+KWARG_WORDS = {
+    "depth": "depth {}",
+    "embed_dim": "width {}",
+    "num_heads": "{} heads",
+    "img_size": "{} px",
+    "patch_size": "patch {}",
+}
+
+
+def _weights(backbone: Mapping[str, Any]) -> tuple:
+    """What the weights of a backbone config are: timm's hub weights, a file (by its name: the shipped quickstart
+    weights live in each installation's own folder), or the seeded random init."""
+    if backbone.get("checkpoint_path"):
+        return ("file", Path(str(backbone["checkpoint_path"])).name)
+    return ("hub",) if backbone.get("pretrained") else ("random", backbone.get("init_seed", 0))
+
+
+def _architecture(backbone: Mapping[str, Any]) -> tuple:
+    return (backbone.get("name"), sorted((backbone.get("kwargs") or {}).items(), key=str), _weights(backbone))
+
+
+@functools.lru_cache(maxsize=1)
+def _packaged_backbones() -> Dict[str, tuple]:
+    """``conf/backbone`` option -> the architecture and weights it builds (the recipes of the package only)."""
+    from omegaconf import OmegaConf
+
+    from .config import CONFIG_DIR, register_resolvers
+
+    register_resolvers()  # ${vpt.asset:...}
+    found: Dict[str, tuple] = {}
+    for path in sorted((CONFIG_DIR / "backbone").glob("*.yaml")):
+        values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        values = values.get("backbone", values) if isinstance(values, dict) else {}  # a _global_ option nests it
+        if isinstance(values, dict) and values.get("name") not in (None, "???"):
+            found[path.stem] = _architecture(values)
+    return found
+
+
+def backbone_description(backbone: Mapping[str, Any]) -> str:
+    """A backbone config as a person would name it: the packaged ``conf/backbone`` option it is, with its timm model
+    (``quickstart_vit (vit_tiny_patch16_224: depth 6, width 96, 3 heads, 32 px, patch 4)``), else the timm name with
+    the kwargs that make it another model (``vit_tiny_patch16_224 (depth 4, width 32, 2 heads, 32 px, patch 4)``).
+
+    The model card and ``vpt-report`` (its table and figure) name backbones through it."""
+    name = str(backbone.get("name"))
+    kwargs = dict(backbone.get("kwargs") or {})
+    words = [KWARG_WORDS[key].format(kwargs.pop(key)) for key in KWARG_WORDS if key in kwargs]
+    words += [f"{key} {value}" for key, value in sorted(kwargs.items())]
+    packaged = next((option for option, arch in _packaged_backbones().items() if arch == _architecture(backbone)), None)
+    if packaged is None:
+        return f"{name} ({', '.join(words)})" if words else name
+    return f"{packaged} ({name}{': ' + ', '.join(words) if words else ''})"
 
 
 def base_model(backbone: Dict[str, Any], identity: Dict[str, Any]) -> Optional[str]:
@@ -66,8 +123,9 @@ def task_model_card(task: Any) -> ModelCard:
         trainable = sum(task.state_dict()[k].numel() for k in task.trained_state_keys())
     rows = [f"| {key} | {_figure(key, value)} |" for key, value in sorted(metrics.items())]
     command = info.get("command")
+    backbone = backbone_description(spec.backbone)
     lines = [
-        f"# {name}: {method} on {spec.backbone.get('name')}",
+        f"# {name}: {method} on {backbone}",
         "",
         f"A task trained with vpt-lightning by **{method}** (Visual Prompt Tuning, "
         "Jia et al., ECCV 2022): the frozen backbone is not part of this package, only the trained tensors "
@@ -75,7 +133,7 @@ def task_model_card(task: Any) -> ModelCard:
         + (f", {float(info['trainable_percent']):.2f}% of the backbone)." if "trainable_percent" in info else ").")
         + f" Prompts: {spec.prompt.get('num_tokens', 0)} tokens, deep={spec.prompt.get('deep')}.",
         "",
-        f"Backbone: `{spec.backbone.get('name')}` (weights: {task.identity.get('weights')}, fingerprint "
+        f"Backbone: `{backbone}` (weights: {task.identity.get('weights')}, fingerprint "
         f"`{task.identity.get('fingerprint')}`); {spec.num_classes} classes.",
         "",
         "## Use",

@@ -14,6 +14,7 @@ The table is built once (:func:`results_table`, a :class:`ResultsTable`) and wri
 from __future__ import annotations
 
 import statistics
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -208,8 +209,32 @@ def results_table(summaries: Sequence[Dict[str, Any]]) -> ResultsTable:
         Aggregate(label, {t: tuple(ours[t][i][1:]) for t in tunings}, {t: paper_rows[t][i] for t in with_paper})
         for i, (label, *_) in enumerate(ours[tunings[0]])
     ]
-    backbones = sorted({str(s.get("backbone")) for s in summaries if s.get("backbone")})
+    backbones = sorted({name for name in map(summary_backbone, summaries) if name})
     return ResultsTable(tasks, tunings, with_paper, cells, paper, rows, benchmark, backbone, backbones)
+
+
+def final_run_config(summary: Dict[str, Any]) -> Dict[str, Any]:
+    """The config of a ``vpt-tune`` summary's final runs, as the first of their ``results.json`` records it (read
+    as data: :func:`vpt_lightning.integrity.read_results`); ``{}`` when the summary has no final run on disk."""
+    from .integrity import read_results
+
+    if not summary.get("path"):
+        return {}
+    for results in sorted((Path(summary["path"]).parent / "final").glob("*/seed*/results.json")):
+        config = read_results(results).get("config")
+        return config if isinstance(config, dict) else {}
+    return {}
+
+
+def summary_backbone(summary: Dict[str, Any]) -> Optional[str]:
+    """The backbone of a summary's runs as :func:`vpt_lightning.model_card.backbone_description` names it (from
+    its final runs' config), else the timm name the summary records."""
+    from .model_card import backbone_description
+
+    backbone = final_run_config(summary).get("backbone")
+    if isinstance(backbone, dict) and backbone.get("name"):
+        return backbone_description(backbone)
+    return str(summary["backbone"]) if summary.get("backbone") else None
 
 
 def _md_row(cells: Sequence[str]) -> str:
@@ -312,30 +337,126 @@ def paper_note(backbone: str) -> str:
     return f"Paper: its VTAB-1k group means for {label} (no per-task numbers; paper Tables 2, 4, 5)."
 
 
-def to_png(table: ResultsTable, path: Path) -> None:
-    """The table as grouped bars: test top-1 per task, one bar per run label (error bars: std over seeds)."""
+@dataclass(frozen=True)
+class ReportBar:
+    """One bar of ``report.png``: a task's test top-1 (%) for a run label, ours (mean over ``seeds``, ``std`` over
+    them when there are several, else ``None``) or the paper's; ``x`` is where it is drawn."""
+
+    task: str
+    label: str
+    source: str  # "ours" or "paper"
+    value: float
+    std: Optional[float]
+    seeds: int
+    x: float
+
+
+def report_bars(table: ResultsTable) -> List[ReportBar]:
+    """The bars of ``report.png``: per task that has a run, a group; in it per run label our bar then the paper's
+    (for the labels the paper reports, where it has a number for the task); a missing run leaves its slot empty."""
+    slots = [(t, source) for t in table.tunings for source in ("ours", "paper")]
+    slots = [(t, source) for t, source in slots if source == "ours" or t in table.paper_columns]
+    width = bar_width(len(slots))
+    bars: List[ReportBar] = []
+    for k, task in enumerate(figure_tasks(table)):
+        for i, (tuning, source) in enumerate(slots):
+            x = k + width * (i - (len(slots) - 1) / 2)
+            if source == "paper":
+                value = table.paper[task, tuning]
+                if value is not None:
+                    bars.append(ReportBar(task, tuning, source, value, None, 0, x))
+                continue
+            cell = table.cells.get((task, tuning))
+            if cell is not None:
+                seeds = len(cell["test_top1_per_seed"])
+                test = cell["test_top1"]
+                std = 100 * test["std"] if seeds > 1 else None
+                bars.append(ReportBar(task, tuning, source, 100 * test["mean"], std, seeds, x))
+    return bars
+
+
+def bar_width(slots: int) -> float:
+    """The width of a bar of ``report.png`` when a task's group has ``slots`` of them (at most 0.8 for the group)."""
+    return min(0.8 / slots, 0.25)
+
+
+def figure_tasks(table: ResultsTable) -> List[str]:
+    """The tasks ``report.png`` shows: those with a run (the table also lists the benchmark's missing ones)."""
+    return [task for task in table.tasks if any((task, t) in table.cells for t in table.tunings)]
+
+
+def _seeds_note(bars: Sequence[ReportBar]) -> str:
+    counts = sorted({b.seeds for b in bars if b.source == "ours"})
+    if counts == [1]:
+        return "ours: 1 seed (no error bars)"
+    seeds = f"{counts[0]} seeds" if len(counts) == 1 else f"{counts[0]}-{counts[-1]} seeds"
+    return f"ours: mean over {seeds}, error bars ± 1 std" + (" (of several seeds)" if counts[0] == 1 else "")
+
+
+def report_figure(table: ResultsTable) -> Tuple[Any, List[ReportBar]]:
+    """The table as a chart: test top-1 per task, grouped bars per run label (ours, then the paper's hatched beside
+    it), the seeds' standard deviation as error bars, each bar's value on it, the legend beside the chart."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks, tunings, cells = table.tasks, table.tunings, table.cells
-    width = 0.8 / max(1, len(tunings))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks)), 4))
-    for i, tuning in enumerate(tunings):
-        xs = [k + i * width for k, task in enumerate(tasks) if (task, tuning) in cells]
-        ys = [100 * cells[task, tuning]["test_top1"]["mean"] for task in tasks if (task, tuning) in cells]
-        err = [100 * cells[task, tuning]["test_top1"]["std"] for task in tasks if (task, tuning) in cells]
-        ax.bar(xs, ys, width, yerr=err, label=tuning)
-    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(tasks))], tasks, rotation=30, ha="right")
+    bars, tasks = report_bars(table), figure_tasks(table)
+    slots = len(table.tunings) + len(table.paper_columns)
+    rotate = len(tasks) > 4 or max(map(len, tasks)) > 14
+    figure, ax = plt.subplots(
+        figsize=(min(24.0, max(6.5, 2.5 + len(tasks) * (0.35 * slots + 0.45))), 4.6), layout="constrained"
+    )
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    width = bar_width(slots)
+    for i, tuning in enumerate(table.tunings):
+        for source in ("ours", "paper"):
+            mine = [b for b in bars if b.label == tuning and b.source == source]
+            if not mine:
+                continue
+            drawn = ax.bar(
+                [b.x for b in mine],
+                [b.value for b in mine],
+                width * 0.95,
+                yerr=[b.std or 0.0 for b in mine] if any(b.std for b in mine) else None,
+                capsize=3,
+                color=colours[i % len(colours)],
+                alpha=1.0 if source == "ours" else 0.45,
+                hatch=None if source == "ours" else "//",
+                edgecolor="black" if source == "paper" else None,
+                linewidth=0.5,
+                label=f"{tuning} ({source})",
+            )
+            ax.bar_label(drawn, fmt="%.1f", fontsize=7, padding=2)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30 if rotate else 0, ha="right" if rotate else "center")
+    ax.set_xlim(-0.6, len(tasks) - 0.4)
+    ax.set_ylim(0, 108)
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_xlabel("task")
     ax.set_ylabel("test top-1 (%)")
-    ax.legend()
-    fig.tight_layout()
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
+    lines = ["test top-1 (%) at the last epoch, per task and method", _seeds_note(bars)]
+    if any(b.source == "paper" for b in bars):
+        lines.append(f"hatched: the paper's number ({BACKBONES[table.backbone].label})")
+    if table.backbones:
+        lines.append(f"backbone: {', '.join(table.backbones)}")
+    columns = int(figure.get_figwidth() * 15)  # characters of 9-pt text across the figure
+    figure.suptitle("\n".join(textwrap.fill(line, columns) for line in lines), fontsize=9)
+    return figure, bars
+
+
+def to_png(table: ResultsTable, path: Path) -> None:
+    """Write :func:`report_figure` as a PNG (atomically)."""
+    import matplotlib.pyplot as plt
+
+    figure, _ = report_figure(table)
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120)
+            figure.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
     finally:
-        plt.close(fig)
+        plt.close(figure)
 
 
 def write_report(

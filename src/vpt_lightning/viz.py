@@ -25,7 +25,6 @@ import torch
 
 from .atomic import write_bytes_atomic
 from .csv_files import csv_rows
-from .integrity import read_results
 from .module import VPTModule
 from .training import last_checkpoint
 
@@ -204,51 +203,82 @@ def attention_maps(module: VPTModule, images: torch.Tensor) -> Dict[str, Any]:
 def attention_figure(
     module: VPTModule, images: torch.Tensor, shown: Optional[np.ndarray] = None, names: Sequence[str] = ()
 ) -> Tuple[Any, Dict[str, Any]]:
-    """For each image: the image, then per block the class token's and the prompts' attention to the patches."""
+    """For each image: the image, then per block the class token's and the prompts' attention to the patches.
+
+    Each row (one image's class-token maps, or its prompts' maps, across the blocks) has one colour scale, from the
+    row's smallest to its largest weight, and a colour bar: the blocks of a row compare directly, while a row of
+    flatter maps (the prompts' average) is not washed out by a sharper one."""
     plt = _pyplot()
     maps = attention_maps(module, images)
     blocks, batch = maps["cls_to_patches"].shape[:2]
-    rows = 2 if maps["prompts_to_patches"] is not None else 1
+    kinds = [("cls_to_patches", "[CLS]")] + ([("prompts_to_patches", "prompts")] if maps["num_prompts"] else [])
+    rows = len(kinds)
     figure, axes = plt.subplots(
-        batch * rows, blocks + 1, figsize=(1.3 * (blocks + 1), 1.4 * batch * rows), squeeze=False
+        batch * rows,
+        blocks + 1,
+        figsize=(1.05 * (blocks + 1) + 0.8, 1.1 * batch * rows + 0.6),
+        squeeze=False,
+        layout="constrained",
     )
     for b in range(batch):
-        for r in range(rows):
-            ax = axes[b * rows + r, 0]
+        for r, (key, label) in enumerate(kinds):
+            row = axes[b * rows + r]
+            row[0].axis("off")
             if r == 0 and shown is not None:
-                ax.imshow(shown[b])
-                ax.set_title(names[b] if b < len(names) else f"image {b}", fontsize=7)
-            ax.axis("off")
-            key = "cls_to_patches" if r == 0 else "prompts_to_patches"
+                row[0].imshow(shown[b])
+                row[0].set_title(names[b] if b < len(names) else f"image {b}", fontsize=8)
+            values = maps[key][:, b].numpy()
+            low, high = float(values.min()), float(values.max())
             for k in range(blocks):
-                ax = axes[b * rows + r, k + 1]
-                ax.imshow(maps[key][k, b].numpy(), cmap="viridis")
-                ax.set_xticks([])
-                ax.set_yticks([])
+                drawn = row[k + 1].imshow(values[k], cmap="viridis", vmin=low, vmax=high)
+                row[k + 1].set_xticks([])
+                row[k + 1].set_yticks([])
                 if b == 0 and r == 0:
-                    ax.set_title(f"block {k}", fontsize=7)
-                if k == 0:
-                    ax.set_ylabel("[CLS]" if r == 0 else "prompts", fontsize=7)
-    figure.suptitle("attention to the patches: class token (top), prompts (bottom), per block", fontsize=9)
+                    row[k + 1].set_title(f"block {k}", fontsize=8)
+            row[1].set_ylabel(label, fontsize=8)
+            bar = figure.colorbar(drawn, ax=list(row[1:]), fraction=0.04, pad=0.02, aspect=12)
+            bar.ax.tick_params(labelsize=7)
+    who = "class token" + (" (top) and prompts (bottom)" if rows == 2 else "")
+    figure.suptitle(
+        f"attention of the {who} to the patches, per block\ncolour: attention weight (mean over heads), one scale "
+        "per row, from the row's smallest to its largest weight",
+        fontsize=9,
+    )
     return figure, maps
+
+
+def image_files(folder: Path, count: int) -> List[Path]:
+    """Up to ``count`` image files of ``folder``, taken from its sub-folders in turn (the first file of each
+    sub-folder in sorted order, then the second of each...): on a class-per-folder tree, one image per class before
+    a second of any. Files at the top of ``folder`` are a group of their own, taken first."""
+    from .data.folder import IMAGE_SUFFIXES  # the image files a folder dataset reads
+
+    if count < 1:
+        raise ValueError(f"--num-images must be at least 1, not {count}")
+    groups: Dict[Path, List[Path]] = defaultdict(list)
+    for path in sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        groups[path.parent].append(path)
+    if not groups:
+        raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {str(folder)!r}")
+    ordered = [groups[parent] for parent in sorted(groups)]  # the folder itself sorts before its sub-folders
+    in_turn = [group[k] for k in range(max(map(len, ordered))) for group in ordered if k < len(group)]
+    return in_turn[:count]
 
 
 def load_images(
     folder: Path, module: VPTModule, count: int, max_image_pixels: Optional[int] = None
 ) -> Tuple[torch.Tensor, np.ndarray, List[str]]:
-    """Up to ``count`` images of ``folder`` (sorted), prepared as the run's evaluation images, and as shown.
+    """Up to ``count`` images of ``folder`` (:func:`image_files`: across its sub-folders), prepared as the run's
+    evaluation images, as shown, and their paths relative to ``folder``.
 
     Each is read as ``vpt-predict`` reads an image file: a regular file only (a FIFO or a device is refused, never
     read), at most :data:`~vpt_lightning.serving.predict.MAX_FILE_BYTES`, its pixel count checked before decoding
     (``max_image_pixels``, default :data:`~vpt_lightning.serving.images.MAX_IMAGE_PIXELS`)."""
-    from .data.folder import IMAGE_SUFFIXES  # the image files a folder dataset reads
     from .data.transforms import build_transform
     from .serving.images import decode_image
     from .serving.predict import read_image_file
 
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
-    if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {str(folder)!r}")
+    files = image_files(folder, count)
     # the run's evaluation transform (kept in the checkpoint), as vpt-predict prepares image files
     settings = module.hparams.get("eval_transform") or {}
     transform = build_transform(
@@ -263,17 +293,18 @@ def load_images(
     batch = torch.stack([transform(img) for img in pil])
     size = batch.shape[-2:]
     shown = np.stack([np.asarray(img.resize((size[1], size[0]))) for img in pil])
-    return batch, shown, [p.name for p in files]
+    return batch, shown, [p.relative_to(folder).as_posix() for p in files]
 
 
 # ---- ablation -------------------------------------------------------------------------------------------------
 def _final_prompt(summary: Dict[str, Any]) -> Dict[str, Any]:
     """The prompt config of a summary's final runs (their ``results.json``)."""
-    folder = Path(summary["path"]).parent / "final"
-    for result in sorted(folder.glob("*/seed*/results.json")):
-        config = read_results(result).get("config", {})
-        return {**config.get("prompt", {}), "backbone_depth": config.get("backbone", {}).get("kwargs", {}).get("depth")}
-    return {}
+    from .report import final_run_config
+
+    config = final_run_config(summary)
+    if not config:
+        return {}
+    return {**config.get("prompt", {}), "backbone_depth": config.get("backbone", {}).get("kwargs", {}).get("depth")}
 
 
 def ablation_points(

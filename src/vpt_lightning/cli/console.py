@@ -14,6 +14,7 @@ import difflib
 import functools
 import logging
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -40,6 +41,14 @@ NOISE_WARNINGS = (
 NOISE_LOGS = {"pytorch_lightning.utilities.rank_zero": ("💡 Tip:",)}
 
 R = TypeVar("R")
+
+
+def plain_text(docstring: str) -> str:
+    """A module docstring as a command's ``--help`` shows it: reStructuredText's inline markup as plain text
+    (````vpt-viz```` as vpt-viz, ``:func:`~pkg.name``` as name)."""
+    text = re.sub(r":[a-z]+:`~[\w.]*?\.?(\w+)`", r"\1", docstring)
+    text = re.sub(r":[a-z]+:`([^`]+)`", r"\1", text)
+    return text.replace("``", "")
 
 
 def full_tracebacks() -> bool:
@@ -123,6 +132,28 @@ def _one_line(text: str) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(details))
 
 
+def _missing_option_message(err: BaseException) -> str:
+    """Hydra's "In 'train': Could not find 'data/cifar1000'" with the group's options one per line, as one line:
+    ``data=cifar1000 is not an option of the config group 'data' (did you mean 'vtab_cifar100'?); its options: ...``
+    (naming the config that asked for it when that is not the command's own, e.g. an experiment)."""
+    text = str(err).split("Config search path:")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    asked = re.match(r"In '([^']+)': ", lines[0]) if lines else None
+    heading = next((line for line in lines[1:] if line.startswith("Available options in '")), None)
+    missing = str(getattr(err, "missing_cfg_file", "") or "")
+    group, _, value = missing.rpartition("/")
+    if heading is None or not group:  # not an option of a group (a primary config, a file): Hydra's first line
+        return re.sub(r"^In '[^']+': ", "", lines[0]) if lines else str(err)
+    options = lines[lines.index(heading) + 1 :]
+    close = difflib.get_close_matches(value, options, n=1)
+    by = f" (chosen by {asked.group(1)})" if asked and "/" in asked.group(1) else ""  # by a group's config
+    return (
+        f"{group}={value}{by} is not an option of the config group {group!r}"
+        + (f" (did you mean {close[0]!r}?)" if close else "")
+        + f"; its options: {', '.join(options)}"
+    )
+
+
 def error_message(err: BaseException) -> str:
     """The one message printed for a user's error (Hydra's lists of options on one line, a close match named)."""
     from hydra.errors import HydraException, InstantiationException, MissingConfigException
@@ -130,16 +161,7 @@ def error_message(err: BaseException) -> str:
     if isinstance(err, OmegaConfBaseException):
         return _omegaconf_message(err)
     if isinstance(err, MissingConfigException):  # an unknown group option (data=cifar1000)
-        text = str(err).split("Config search path:")[0]
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        options = [line for line in lines if not line.endswith(":") and line not in lines[:1]]
-        headings = [line for line in lines[1:] if line.endswith(":")]
-        wanted = Path(str(getattr(err, "missing_cfg_file", "") or "")).name
-        close = difflib.get_close_matches(wanted, options, n=1) if wanted else []
-        message = lines[0] + (f" (did you mean {close[0]!r}?)" if close else "")
-        if options and headings:
-            message += f". {headings[0]} {', '.join(options)}"
-        return message
+        return _missing_option_message(err)
     cause = err.__cause__
     if isinstance(err, InstantiationException) and cause is not None and raised_here(cause):
         return error_message(cause)  # our own message, without Hydra's "Error in call to target ..." wrapper

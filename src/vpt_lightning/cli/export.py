@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-from .console import report_errors
+from .console import plain_text, report_errors
 from .export_onnx import ModelLoader, add_onnx_subcommand
 from .task_arguments import add_pin_and_import_arguments, load_one_task
 
@@ -65,7 +65,7 @@ def export_hub(args: argparse.Namespace) -> int:
 def build_parser(onnx_loader: Optional[ModelLoader] = None) -> argparse.ArgumentParser:
     """The ``vpt-export`` parser; ``onnx_loader`` replaces how ``onnx`` loads its task (tests, other formats)."""
     parser = argparse.ArgumentParser(
-        prog="vpt-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="vpt-export", description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
     hub = commands.add_parser("hub", help="a task package folder (and optionally push it to the Hugging Face Hub)")

@@ -14,6 +14,7 @@ from typing import Callable, List, Optional
 
 from torch import nn
 
+from .console import plain_text
 from .task_arguments import add_pin_and_import_arguments, load_one_task
 
 #: loads a task (a path or hf://OWNER/NAME as typed on the command line) as an ``nn.Module``: images -> logits
@@ -119,8 +120,7 @@ def add_onnx_subcommand(subparsers: argparse._SubParsersAction, load_model: Opti
     parser = subparsers.add_parser(
         "onnx",
         help="export a task to ONNX, checked with onnxruntime",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=plain_text(__doc__.split("\n\n")[0]),  # the user's part, filled by argparse
     )
     add_onnx_arguments(parser)
     parser.set_defaults(run=lambda args: run_onnx(args, load_model))

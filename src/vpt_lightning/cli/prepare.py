@@ -1,7 +1,7 @@
 """``vpt-prepare``: build VTAB-1k task folders (TFDS's exact splits where the source allows), split FGVC, check.
 
 vpt-prepare vtab --tasks cifar100 eurosat --source ~/vtab-sources --out data/vtab-1k [--download]
-vpt-prepare vtab --tasks caltech101 --source ~/torchvision-data --out data/vtab-1k \
+vpt-prepare vtab --tasks caltech101 --source ~/torchvision-data --out data/vtab-1k \\
     --official-splits vtab_trainval_splits.json
 vpt-prepare fgvc-split --train-json all_train.json --out data/fgvc/CUB_200_2011 [--val-fraction 0.1]
 vpt-prepare check vtab --task cifar100 --root data/vtab-1k [--official-splits vtab_trainval_splits.json]
@@ -20,7 +20,7 @@ from ..data.registry import get_task, vtab_tasks
 from ..data.vtab import LIST_FILES, VTABDataModule
 from ..data.vtab_prep.official_splits import compare, read_split_file, task_entry
 from ..data.vtab_prep.prepare import prepare_vtab_task, route
-from .console import report_errors
+from .console import plain_text, report_errors
 
 
 def _compare_with_split_file(task: str, root: str, split_file: Path) -> int:
@@ -60,7 +60,7 @@ def _check(benchmark: str, task: str, root: str, split: str) -> int:
 @report_errors("vpt-prepare")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="vpt-prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="vpt-prepare", description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
     vtab = sub.add_parser("vtab", help="build VTAB-1k task folders (exact TFDS splits where the source allows)")

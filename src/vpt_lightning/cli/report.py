@@ -9,12 +9,12 @@ from typing import Optional, Sequence
 
 from ..protocol import find_summaries
 from ..report import find_segmentation_results, write_report
-from .console import report_errors
+from .console import plain_text, report_errors
 
 
 @report_errors("vpt-report")
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="vpt-report", description=__doc__)
+    parser = argparse.ArgumentParser(prog="vpt-report", description=plain_text(__doc__))
     parser.add_argument(
         "dirs",
         nargs="+",

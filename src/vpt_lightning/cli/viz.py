@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-from .console import report_errors
+from .console import plain_text, report_errors
 from .task_arguments import add_backbone_arguments
 
 
@@ -38,12 +38,16 @@ def _key_value(text: str) -> Tuple[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vpt-viz", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="vpt-viz", description=plain_text(__doc__.splitlines()[0]))
     sub = parser.add_subparsers(dest="kind", required=True)
     tsne = sub.add_parser("tsne", help="t-SNE of the final pooled features beside the frozen backbone's")
     tsne.add_argument("path", type=Path, help="a vpt-train run folder, or its checkpoints/last.ckpt")
-    tsne.add_argument("--split", default="test", choices=["test", "val", "train"])
-    tsne.add_argument("--max-samples", type=int, default=500)
+    tsne.add_argument(
+        "--split", default="test", choices=["test", "val", "train"], help="the split drawn (default: test)"
+    )
+    tsne.add_argument(
+        "--max-samples", type=int, default=500, help="images drawn, the first of the split (default: 500)"
+    )
     tsne.add_argument(
         "--data",
         type=_key_value,
@@ -55,7 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     attention = sub.add_parser("attention", help="class-token and prompt attention to the patches, per block")
     attention.add_argument("path", type=Path, help="a vpt-train run folder, or a task checkpoint")
     attention.add_argument("--images", type=Path, required=True, help="a folder of image files")
-    attention.add_argument("--num-images", type=int, default=3)
+    attention.add_argument(
+        "--num-images",
+        type=int,
+        default=3,
+        help="images shown, taken from the folder's sub-folders in turn (one per class of a class-per-folder tree "
+        "before a second of any; default: 3)",
+    )
     ablation = sub.add_parser("ablation", help="test top-1 against prompt length and depth from vpt-tune summaries")
     ablation.add_argument("dirs", type=Path, nargs="+", help="folders holding vpt-tune summary.json files")
     curves = sub.add_parser("curves", help="training loss and val top-1 per epoch")
