@@ -56,7 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     attention.add_argument("path", type=Path, help="a vpt-train run folder, or a task checkpoint")
     attention.add_argument("--images", type=Path, required=True, help="a folder of image files")
     attention.add_argument("--num-images", type=int, default=3)
-    ablation = sub.add_parser("ablation", help="test top-1 against prompt length and depth from vpt-tune summaries")
+    ablation = sub.add_parser(
+        "ablation",
+        help="test top-1 against prompt length and depth from vpt-tune summaries",
+        epilog="e.g. vpt-tune -m +experiment=vtab_cifar100 data.root=DIR recipe.num_tokens=1,10 (a folder per value), "
+        "then vpt-viz ablation outputs/vtab_cifar100/protocol/vpt_deep",
+    )
     ablation.add_argument("dirs", type=Path, nargs="+", help="folders holding vpt-tune summary.json files")
     curves = sub.add_parser("curves", help="training loss and val top-1 per epoch")
     curves.add_argument("path", type=Path, help="a vpt-train run folder (with csv/metrics.csv)")
