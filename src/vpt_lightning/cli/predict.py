@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 from ..serving.images import MAX_IMAGE_PIXELS, ImageError
 from ..serving.multitask import MultiTaskClassifier, load_tasks, parse_sources
 from ..serving.predict import MAX_FILE_BYTES, list_images, predict_images, write_predictions
+from ..threads import configure_threads
 from .console import report_errors
 from .task_arguments import add_pin_and_import_arguments
 
@@ -42,6 +43,7 @@ def load_model(
 
 @report_errors("vpt-predict")
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    configure_threads()
     parser = argparse.ArgumentParser(prog="vpt-predict", description=__doc__)
     add_model_arguments(parser)
     parser.add_argument(

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
+from ..threads import configure_threads
 from .console import report_errors
 from .task_arguments import add_backbone_arguments
 
@@ -137,6 +138,7 @@ def run(args: argparse.Namespace) -> Path:
 
 @report_errors("vpt-viz")
 def main(argv: Optional[List[str]] = None) -> None:
+    configure_threads()
     run(_parser().parse_args(argv))  # an error of the user's: one line, exit code 1 (report_errors)
 
 
