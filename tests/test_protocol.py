@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMOKE_RUN, TINY_RUN
+from conftest import SMOKE_RUN, TINY_RUN, run_cli
 
-from vpt_lightning.config import compose
+from vpt_lightning.config import compose, variant_suffix
 from vpt_lightning.data.registry import vtab_tasks
 from vpt_lightning.protocol import diverged, grid_points, mean_std, point_name, run_protocol, select_best
 from vpt_lightning.report import build_report, write_report
@@ -253,6 +253,37 @@ def test_vpt_tune_multirun_writes_one_summary_per_strategy_in_resumable_folders(
         assert (tmp_path / "outputs" / "demo" / "protocol" / tuning / "summary.json").is_file()
     again = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "Epoch 0" not in again.stderr + again.stdout  # nothing trained again
+
+
+def test_a_protocol_variant_is_named_by_the_overrides_of_its_ablation_keys():
+    keys = ["recipe.num_tokens", "prompt"]
+    assert variant_suffix(["+experiment=quickstart", "trainer.max_epochs=1", "tuning=linear"], keys) == ""
+    assert variant_suffix(["recipe.num_tokens=10", "data.root=/data/vtab"], keys) == "/recipe.num_tokens=10"
+    overrides = ["prompt.depth=[0,1]", "recipe.num_tokens=5", "prompt=shallow", "recipe.num_tokens_x=1"]
+    assert variant_suffix(overrides, keys) == "/prompt.depth=[0,1],prompt=shallow,recipe.num_tokens=5"
+    assert variant_suffix(["prompt.init=a/b"], keys) == "/prompt.init=a_b"  # one folder level, whatever the value
+    cfg = compose(["recipe.num_tokens=10"], config_name="tune")  # composed in Python: no command line, no variant
+    assert cfg.protocol.variant == "" and cfg.tracking.group == "train/vpt_deep"
+
+
+def test_vpt_tune_multirun_over_prompt_lengths_gives_each_its_folder_and_vpt_viz_plots_both(tmp_path):
+    """The prompt-length ablation as the docs give it (``vpt-tune -m ... recipe.num_tokens=1,2``): each value runs
+    in a protocol folder of its own, ``<tuning>/recipe.num_tokens=<p>``, so that ``vpt-viz ablation`` over their
+    parent plots one point per value; the same single command then finds its folder and trains nothing again."""
+    proc = run_cli("tune", ["-m", *ONE_POINT, "task_name=demo", "recipe.num_tokens=1,2"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    protocol = tmp_path / "outputs" / "demo" / "protocol" / "vpt_deep"
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in protocol.glob("*/summary.json")}
+    assert sorted(summaries) == ["recipe.num_tokens=1", "recipe.num_tokens=2"]
+    for length in (1, 2):  # each folder's final run trained its own prompt length
+        (results,) = (protocol / f"recipe.num_tokens={length}" / "final").glob("*/seed1/results.json")
+        assert json.loads(results.read_text())["config"]["prompt"]["num_tokens"] == length
+    viz = run_cli("viz", ["ablation", protocol], tmp_path)
+    assert viz.returncode == 0, viz.stderr[-3000:]
+    assert (protocol / "ablation.png").stat().st_size > 1000
+    again = run_cli("tune", [*ONE_POINT, "task_name=demo", "recipe.num_tokens=2"], tmp_path)
+    assert again.returncode == 0 and "Epoch 0" not in again.stderr + again.stdout, again.stderr[-3000:]
+    assert not (protocol / "summary.json").exists()
 
 
 # ---- the report against the paper's own numbers -----------------------------------------------------------

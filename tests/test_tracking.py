@@ -10,12 +10,17 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from conftest import read_wandb_records
+
+from vpt_lightning.serving.launch import free_port
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
@@ -113,6 +118,61 @@ def test_mlflow_store_has_a_parent_run_with_one_child_per_run(protocol_dir):
         assert child.data.metrics[f"results/{result_key}"] == pytest.approx(results[result_key])
         assert float(child.data.params["config/optim.base_lr"]) == results["config"]["optim"]["base_lr"]
         assert child.data.params["config/data.split"] == ("tune" if name.startswith("sweep") else "final")
+
+
+def test_mlflow_ui_as_the_docs_give_it_serves_the_store_a_protocol_wrote(protocol_dir, tmp_path):
+    """``mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db`` (the docs' command, on a free port of
+    127.0.0.1, one worker) answers with the protocol's parent run: the ``mlflow`` extra installs MLflow with its
+    server (``mlflow-skinny`` has none: ``No module named 'flask'``). Then it is stopped with every process it
+    started."""
+    psutil = pytest.importorskip("psutil")
+    out, port = protocol_dir.parents[2], free_port()
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{out.name}/mlflow.db"]
+    log = (tmp_path / "mlflow-ui.log").open("w")
+    server = subprocess.Popen(
+        [*cmd, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=out.parent,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: stopped below with every child
+    )
+    url = f"http://127.0.0.1:{port}"
+    processes = []
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "mlflow-ui.log").read_text()[-3000:]
+            processes = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
+                    assert answer.read() == b"OK"
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow ui did not answer within 180 s"
+                time.sleep(0.5)
+        with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=vpt-lightning") as r:
+            experiment = json.load(r)["experiment"]["experiment_id"]
+        search = {"experiment_ids": [experiment], "filter": f"tags.`vpt.group` = '{GROUP}'"}
+        request = urllib.request.Request(
+            f"{url}/api/2.0/mlflow/runs/search", json.dumps(search).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:
+            (parent,) = json.load(r)["runs"]
+        metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+        summary = json.loads((protocol_dir / "summary.json").read_text())
+        assert metrics["test/top1_mean"] == pytest.approx(summary["test_top1"]["mean"])
+    finally:
+        try:
+            processes += [p for p in psutil.Process(server.pid).children(recursive=True) if p not in processes]
+            os.killpg(server.pid, signal.SIGTERM)
+        except (psutil.NoSuchProcess, ProcessLookupError):  # it ended by itself (the assertion above says why)
+            pass
+        _, alive = psutil.wait_procs(processes, timeout=30)
+        for process in alive:
+            process.kill()
+        server.wait(timeout=30)
+        log.close()
+    assert not alive, f"mlflow ui left {alive} running after SIGTERM"
 
 
 def test_wandb_offline_run_folders_hold_group_config_metrics_and_results(protocol_dir):

@@ -1,10 +1,10 @@
-"""Hydra/OmegaConf plumbing: where the packaged configs live, the ``vpt.asset``, ``vpt.family_grid`` and
-``vpt.prompt_length`` resolvers, the schemas, and ``compose``."""
+"""Hydra/OmegaConf plumbing: where the packaged configs live, the ``vpt.asset``, ``vpt.family_grid``,
+``vpt.prompt_length`` and ``vpt.protocol_variant`` resolvers, the schemas, and ``compose``."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -40,6 +40,33 @@ def prompt_length(task: str, benchmark: Optional[str] = None) -> int:
     return get_task(str(task), benchmark).default_prompt_length
 
 
+def variant_suffix(overrides: Sequence[str], keys: Sequence[str]) -> str:
+    """A ``vpt-tune`` protocol folder's suffix for a command line's ``overrides``: ``""`` when none sets one of
+    ``keys`` (or a key below one: ``prompt`` covers ``prompt.depth=6`` and ``prompt=shallow``), else ``"/"`` and
+    those overrides as typed, sorted and joined by ``,`` as in Hydra's ``override_dirname`` (a ``/`` in a value
+    becomes ``_``). So ``vpt-tune -m ... recipe.num_tokens=1,10`` runs each value in a folder of its own,
+    ``<tuning>/recipe.num_tokens=1`` and ``<tuning>/recipe.num_tokens=10``, where ``vpt-tune ... recipe.num_tokens=10``
+    alone finds it again."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    def varies(key: str) -> bool:
+        return any(key == k or key.startswith(f"{k}.") for k in keys)
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    lines = sorted(o.input_line for o in parsed if varies(o.key_or_group))
+    return "/" + ",".join(lines).replace("/", "_") if lines else ""
+
+
+def protocol_variant(keys: Any) -> str:
+    """``${vpt.protocol_variant:KEYS}`` in ``conf/tune.yaml`` (``protocol.variant``): the :func:`variant_suffix` of
+    this Hydra job's command line; ``""`` outside a Hydra job (a config composed in Python has no command line)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return ""
+    return variant_suffix(HydraConfig.get().overrides.task, [str(k) for k in keys])
+
+
 def register_resolvers() -> None:
     """Register the package's OmegaConf resolvers and Hydra schemas (idempotent); call before composing."""
     from .schemas import register_schemas
@@ -50,6 +77,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("vpt.family_grid", family_grid)
     if not OmegaConf.has_resolver("vpt.prompt_length"):
         OmegaConf.register_new_resolver("vpt.prompt_length", prompt_length)
+    if not OmegaConf.has_resolver("vpt.protocol_variant"):
+        OmegaConf.register_new_resolver("vpt.protocol_variant", protocol_variant)
     register_schemas()
 
 

@@ -256,7 +256,7 @@ def optuna_sweep(
         if n_trials < 1:
             raise ValueError(f"protocol.n_trials={n_trials} must be a positive number of trials")
     url = storage_url(protocol, out_dir)
-    name = protocol.get("study") or f"{cfg.task_name}-{cfg.tuning.name}-{sampler_name}"
+    name = protocol.get("study") or f"{cfg.task_name}-{cfg.tuning.name}{protocol.get('variant') or ''}-{sampler_name}"
     space = search_space(points)
     pruning = bool(protocol.get("pruning", True))
     heartbeat = protocol.get("heartbeat_interval", 60)

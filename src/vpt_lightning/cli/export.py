@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from ..threads import configure_threads
 from .console import plain_text, report_errors
 from .export_onnx import ModelLoader, add_onnx_subcommand
 from .task_arguments import add_pin_and_import_arguments, load_one_task
@@ -85,6 +86,7 @@ def build_parser(onnx_loader: Optional[ModelLoader] = None) -> argparse.Argument
 
 @report_errors("vpt-export")
 def main(argv: Optional[Sequence[str]] = None, onnx_loader: Optional[ModelLoader] = None) -> int:
+    configure_threads()
     args = build_parser(onnx_loader).parse_args(argv)
     try:
         return args.run(args)

@@ -15,6 +15,7 @@ from ..serving.multitask import load_tasks, parse_sources
 from ..serving.predict import MAX_FILE_BYTES, list_images, predict_images, write_predictions
 from ..serving.task_cache import parse_bytes
 from ..serving.task_store import TaskStore
+from ..threads import configure_threads
 from .console import report_errors
 from .task_arguments import add_pin_and_import_arguments
 
@@ -84,6 +85,7 @@ def load_model(
 
 @report_errors("vpt-predict")
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    configure_threads()
     parser = argparse.ArgumentParser(prog="vpt-predict", description=__doc__)
     add_model_arguments(parser)
     parser.add_argument(

@@ -20,6 +20,7 @@ from ..data.registry import get_task, vtab_tasks
 from ..data.vtab import LIST_FILES, VTABDataModule
 from ..data.vtab_prep.official_splits import compare, read_split_file, task_entry
 from ..data.vtab_prep.prepare import prepare_vtab_task, route
+from ..threads import configure_threads
 from .console import plain_text, report_errors
 
 
@@ -59,6 +60,7 @@ def _check(benchmark: str, task: str, root: str, split: str) -> int:
 
 @report_errors("vpt-prepare")
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    configure_threads()
     parser = argparse.ArgumentParser(
         prog="vpt-prepare", description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -12,6 +12,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..serving.images import MAX_IMAGE_PIXELS
+from ..threads import configure_threads
 from .console import report_errors
 from .predict import add_model_arguments, cache_size, check_model_arguments, load_model
 
@@ -22,6 +23,7 @@ API_KEY_ENV, API_KEY_HEADER = "LIT_SERVER_API_KEY", "X-API-Key"  # as in serving
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Serve until SIGTERM / Ctrl+C, then end the process with status 0, or with status 1 (and one line saying
     which) when a process of the server died; returns 1 (without serving) on bad arguments or checkpoints."""
+    configure_threads()
     parser = argparse.ArgumentParser(prog="vpt-serve", description=__doc__)
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default %(default)s)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from ..config import register_resolvers
+from ..threads import configure_threads
 from ..training import train
 from .console import hydra_command
 
@@ -14,6 +15,7 @@ register_resolvers()
 @hydra_command("vpt-train", config_name="train")
 def main(cfg: DictConfig) -> float:
     """Train (and test) one configuration; returns the test top-1 for Hydra sweepers."""
+    configure_threads()
     results = train(cfg)
     return float(results.get("test/top1", results.get("val/top1", 0.0)))
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from ..config import register_resolvers
 from ..protocol import run_protocol, summary_markdown
+from ..threads import configure_threads
 from ..tracking import log_protocol_summary
 from .console import hydra_command
 
@@ -22,6 +23,7 @@ register_resolvers()
 @hydra_command("vpt-tune", config_name="tune")
 def _main(cfg: DictConfig) -> float:
     """Run the protocol in the Hydra run folder (re-running the same command resumes it)."""
+    configure_threads()
     summary = run_protocol(cfg, Path(cfg.run_dir))
     log_protocol_summary(cfg, summary)
     print(summary_markdown(summary), flush=True)

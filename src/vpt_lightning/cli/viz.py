@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
+from ..threads import configure_threads
 from .console import plain_text, report_errors
 from .task_arguments import add_backbone_arguments
 
@@ -66,7 +67,12 @@ def _parser() -> argparse.ArgumentParser:
         help="images shown, taken from the folder's sub-folders in turn (one per class of a class-per-folder tree "
         "before a second of any; default: 3)",
     )
-    ablation = sub.add_parser("ablation", help="test top-1 against prompt length and depth from vpt-tune summaries")
+    ablation = sub.add_parser(
+        "ablation",
+        help="test top-1 against prompt length and depth from vpt-tune summaries",
+        epilog="e.g. vpt-tune -m +experiment=vtab_cifar100 data.root=DIR recipe.num_tokens=1,10 (a folder per value), "
+        "then vpt-viz ablation outputs/vtab_cifar100/protocol/vpt_deep",
+    )
     ablation.add_argument("dirs", type=Path, nargs="+", help="folders holding vpt-tune summary.json files")
     curves = sub.add_parser("curves", help="training loss and val top-1 per epoch")
     curves.add_argument("path", type=Path, help="a vpt-train run folder (with csv/metrics.csv)")
@@ -142,6 +148,7 @@ def run(args: argparse.Namespace) -> Path:
 
 @report_errors("vpt-viz")
 def main(argv: Optional[List[str]] = None) -> None:
+    configure_threads()
     run(_parser().parse_args(argv))  # an error of the user's: one line, exit code 1 (report_errors)
 
 
