@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from vpt_lightning.config import compose
-from vpt_lightning.protocol import run_protocol
-from vpt_lightning.training import train
+from vpt_lightning.protocol.task_protocol import run_protocol
+from vpt_lightning.runs.training import train
 
 PAPER_LRS = "50,25,10,5,2.5,1,0.5,0.25,0.1,0.05"
 

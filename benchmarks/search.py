@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from vpt_lightning.config import compose
-from vpt_lightning.protocol import run_protocol
+from vpt_lightning.protocol.task_protocol import run_protocol
 
 
 def protocol(out: Path, search: list, epochs: int, lrs: str, wds: str, seeds: str, train: int) -> dict:

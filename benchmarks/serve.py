@@ -37,10 +37,10 @@ from typing import Any, Dict, List, Sequence
 import torch
 
 from vpt_lightning import VPTModule
-from vpt_lightning.checkpoint import TaskCheckpoint, trainable_state_dict
 from vpt_lightning.serving.launch import bad_requests, running_server
 from vpt_lightning.serving.launch import load_test as launch_load_test
 from vpt_lightning.serving.multitask import MultiTaskClassifier
+from vpt_lightning.sharing.checkpoint import TaskCheckpoint, trainable_state_dict
 
 NUM_TASKS = 8
 

@@ -1,6 +1,6 @@
 """``python fault_hooks.py N ARGS...``: ``vpt-tune ARGS`` on a disk that fills up at the N-th atomic write (0: never).
 
-From the N-th file that :mod:`vpt_lightning.atomic` writes on, flushing it to disk fails with ``ENOSPC`` (as a full
+From the N-th file that :mod:`vpt_lightning.runs.atomic` writes on, flushing it to disk fails with ``ENOSPC`` (as a full
 disk reports it at ``write`` or ``fsync``), and so does every later one. test_faults.py checks that the results
 written before it survive whole and that a re-run on a disk with room ends as an uninterrupted run.
 """

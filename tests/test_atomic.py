@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from vpt_lightning.atomic import atomic_path, write_bytes_atomic, write_json_atomic, write_text_atomic
+from vpt_lightning.runs.atomic import atomic_path, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 
 def test_failure_mid_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
@@ -78,7 +78,7 @@ def test_new_files_get_the_mode_the_umask_allows(tmp_path, umask, expected):
 
 
 def test_stale_temp_files_of_killed_writes_are_removed_and_nothing_else(tmp_path):
-    from vpt_lightning.atomic import remove_stale_temp_files
+    from vpt_lightning.runs.atomic import remove_stale_temp_files
 
     # what a kill between mkstemp and the rename leaves, in the names atomic_path gives
     with pytest.raises(KeyboardInterrupt):

@@ -226,7 +226,7 @@ def test_layout_conversions_need_no_resize(tmp_path, images):
 
 
 def test_fingerprint_sees_a_change_anywhere_in_a_tensor():
-    from vpt_lightning.checkpoint import weights_fingerprint
+    from vpt_lightning.sharing.checkpoint import weights_fingerprint
 
     model = make_vit(seed=1)
     before = weights_fingerprint(model)
@@ -244,7 +244,7 @@ def test_fingerprint_sees_a_change_anywhere_in_a_tensor():
 
 
 def test_the_weights_digest_sees_every_value_where_the_sampled_fingerprint_does_not():
-    from vpt_lightning.checkpoint import weights_fingerprint, weights_sha256
+    from vpt_lightning.sharing.checkpoint import weights_fingerprint, weights_sha256
 
     wide = make_vit(seed=1, embed_dim=128)
     fingerprint, digest = weights_fingerprint(wide), weights_sha256(wide)
@@ -283,7 +283,7 @@ def test_a_weights_files_digests_are_cached_until_the_file_changes(tmp_path):
 def test_an_identity_of_an_older_version_passes_only_on_a_provably_same_backbone(tmp_path):
     """Identities without the digest carry a sampled fingerprint only: they are accepted on the same weights file
     (its SHA-256), the same seeded random init or timm's hub weights of the same name, never on a mere match."""
-    from vpt_lightning.checkpoint import identity_differences
+    from vpt_lightning.sharing.checkpoint import identity_differences
 
     def older(identity):
         return {k: v for k, v in identity.items() if k != "weights_sha256"}

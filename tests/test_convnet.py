@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from vpt_lightning import VPTModule
 from vpt_lightning.backbones import create_backbone, prompted_backbone
 from vpt_lightning.backbones.convnet import PixelBorder, PromptedConvNet
-from vpt_lightning.checkpoint import trainable_state_keys
 from vpt_lightning.config import CONFIG_DIR, compose
+from vpt_lightning.sharing.checkpoint import trainable_state_keys
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -307,7 +307,7 @@ def test_paper_convnet_configs_name_the_papers_weights(group, name):
 
 # ---- vpt-tune's grids and vpt-report's paper numbers for ConvNets -------------------------------------------------
 def test_vpt_tune_sweeps_the_papers_convnet_grid_for_vpt_only():
-    from vpt_lightning.protocol import grid_points
+    from vpt_lightning.protocol.task_protocol import grid_points
 
     cfg = compose(["backbone=convnext_tiny_random", "tuning=vpt_shallow"], config_name="tune")
     points = grid_points(cfg.protocol, "vpt_shallow")
@@ -329,8 +329,8 @@ def test_report_shows_the_papers_group_means_for_a_convnet_backbone():
     import statistics
 
     from vpt_lightning.data.registry import vtab_tasks
-    from vpt_lightning.protocol import mean_std
-    from vpt_lightning.report import build_report
+    from vpt_lightning.protocol.report import build_report
+    from vpt_lightning.protocol.task_protocol import mean_std
 
     def summary(task, tuning, backbone):
         return {

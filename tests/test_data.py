@@ -29,7 +29,7 @@ from vpt_lightning.data import (
     vtab_tasks,
 )
 from vpt_lightning.data.transforms import INTERPOLATIONS
-from vpt_lightning.paper import METHODS, REFERENCE
+from vpt_lightning.protocol.paper import METHODS, REFERENCE
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

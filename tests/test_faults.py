@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from vpt_lightning.integrity import load_checkpoint
+from vpt_lightning.runs.integrity import load_checkpoint
 
 SRC = Path(__file__).resolve().parents[1] / "src"  # the checkout under test
 TESTS = Path(__file__).resolve().parent

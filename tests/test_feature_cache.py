@@ -13,9 +13,9 @@ from vpt_lightning.backbones import BackboneConfig, create_backbone, prompted_ba
 from vpt_lightning.config import compose
 from vpt_lightning.data.folder import FolderDataModule
 from vpt_lightning.data.synthetic import SyntheticDataset
-from vpt_lightning.feature_cache import FeatureCache, cache_key, cache_refusal, compute_features
 from vpt_lightning.methods import get_method
-from vpt_lightning.training import train
+from vpt_lightning.runs.feature_cache import FeatureCache, cache_key, cache_refusal, compute_features
+from vpt_lightning.runs.training import train
 
 COMMON = [
     "backbone=vit_tiny_random",
@@ -64,7 +64,7 @@ def test_cache_is_reused_and_keyed_by_backbone_split_and_transform(tmp_path, mon
     data = SyntheticDataset("count", 12, seed=1)
     cache = FeatureCache(tmp_path)
     computed = []
-    import vpt_lightning.feature_cache as feature_cache
+    import vpt_lightning.runs.feature_cache as feature_cache
 
     def counting(*args, **kwargs):
         computed.append(1)
@@ -104,7 +104,7 @@ def test_image_files_are_part_of_the_key_and_augmenting_data_is_refused_with_a_r
     key = cache_key(identity, vtab_like.train_dataset)
     write_image(tmp_path / "train" / "a" / "0.png", seed=5, size=9)  # the file changes: another key
     assert cache_key(identity, vtab_like.train_dataset) != key
-    with caplog.at_level(logging.INFO, logger="vpt_lightning.training"):
+    with caplog.at_level(logging.INFO, logger="vpt_lightning.runs.training"):
         results = train(
             compose(
                 [
@@ -128,7 +128,7 @@ def test_image_files_are_part_of_the_key_and_augmenting_data_is_refused_with_a_r
 def test_a_failing_cache_write_is_logged_and_training_goes_on_without_the_cache(tmp_path, caplog):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the cache folder should be")  # a real failure: the folder cannot be made
-    with caplog.at_level(logging.WARNING, logger="vpt_lightning.feature_cache"):
+    with caplog.at_level(logging.WARNING, logger="vpt_lightning.runs.feature_cache"):
         cached, cached_state = _run(tmp_path, "cached", "tuning=linear", f"feature_cache.dir={blocker / 'cache'}")
     assert f"feature cache: could not write {blocker / 'cache'}" in caplog.text and "NotADirectoryError" in caplog.text
     assert (tmp_path / "cached" / "results.json").is_file() and cached["feature_cache"] is True
@@ -140,7 +140,7 @@ def test_a_failing_cache_write_is_logged_and_training_goes_on_without_the_cache(
 def test_a_full_disk_during_a_cache_write_leaves_no_file_and_returns_the_features(tmp_path, monkeypatch, caplog):
     import errno
 
-    import vpt_lightning.feature_cache as feature_cache
+    import vpt_lightning.runs.feature_cache as feature_cache
 
     model, identity = create_backbone(
         BackboneConfig(
@@ -157,7 +157,7 @@ def test_a_full_disk_during_a_cache_write_leaves_no_file_and_returns_the_feature
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(feature_cache.torch, "save", disk_full)
-    with caplog.at_level(logging.WARNING, logger="vpt_lightning.feature_cache"):
+    with caplog.at_level(logging.WARNING, logger="vpt_lightning.runs.feature_cache"):
         served = FeatureCache(tmp_path).features(backbone, identity, data, batch_size=3)
     assert "No space left on device" in caplog.text and list(tmp_path.iterdir()) == []
     torch.testing.assert_close(served.tensors[0], compute_features(backbone, data, 3)[0])

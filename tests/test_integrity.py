@@ -17,16 +17,16 @@ import pytest
 from conftest import TINY_RUN, payload_checkpoint, run_cli, run_cli_in_process
 
 from vpt_lightning.config import compose
-from vpt_lightning.integrity import (
+from vpt_lightning.protocol.task_protocol import point_name, run_protocol
+from vpt_lightning.runs.integrity import (
     RUN_CONFIG_KEY,
     ConfigMismatchError,
     UnreadableFileError,
     UnsafeCheckpointError,
     load_checkpoint,
 )
-from vpt_lightning.locking import FolderLockedError, folder_lock
-from vpt_lightning.protocol import point_name, run_protocol
-from vpt_lightning.resume import AtomicCheckpointIO
+from vpt_lightning.runs.locking import FolderLockedError, folder_lock
+from vpt_lightning.runs.resume import AtomicCheckpointIO
 
 BIN = Path(sys.executable).parent
 FAST = [*TINY_RUN, "trainer.enable_progress_bar=false"]
@@ -183,7 +183,7 @@ def test_vpt_train_refuses_a_crafted_or_truncated_checkpoint_with_a_named_error(
 
 HOLD = """
 import contextlib, sys, time
-from vpt_lightning.locking import folder_lock
+from vpt_lightning.runs.locking import folder_lock
 with contextlib.ExitStack() as stack:
     for folder in sys.argv[1:]:
         stack.enter_context(folder_lock(folder))

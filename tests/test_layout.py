@@ -1,5 +1,5 @@
 """Package layout: no import cycle anywhere in the package; data/ holds DataModules and catalogues without CLI code;
-paper.py is a leaf."""
+protocol/paper.py is a leaf."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def test_the_vtab_preparation_is_apart_from_the_datamodules():
 
 
 def test_paper_numbers_are_a_leaf_module():
-    assert _imports(PACKAGE / "paper.py") == set()
+    assert _imports(PACKAGE / "protocol" / "paper.py") == set()
 
 
 def _module_name(path: Path) -> str:
@@ -175,7 +175,7 @@ def _cycles(graph: dict) -> list:
 
 def test_the_whole_package_has_no_import_cycle():
     graph = _package_graph()
-    assert {"checkpoint", "backbones.identity", "backbones.loading", "task_model", "serving.multitask"} <= set(graph)
+    assert {"sharing.checkpoint", "backbones.identity", "backbones.loading", "task_model", "serving.multitask"} <= set(graph)
     assert "backbones.loading" in graph["task_model"]  # BackboneConfig, imported through backbones/__init__
     assert _cycles(graph) == []
     # the backbone identity lives with the backbones: checkpoint.py uses it, backbones/ never imports checkpoint.py
@@ -186,14 +186,17 @@ def test_the_cycle_check_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
 
 
-# ---- the README's layout section against the tree --------------------------------------------------------------
+# ---- the layout page's section against the tree --------------------------------------------------------------
 ROOT = PACKAGE.parents[1]
 NAMED_FILE = re.compile(r"[\w/]+\.(?:py|safetensors|yaml)\b")
 
 
+LAYOUT_PAGE = ROOT / "docs" / "layout.md"
+
+
 def _layout_section() -> list:
-    """The lines of the README's layout block (the fenced block that starts with ``src/vpt_lightning/``)."""
-    lines = (ROOT / "README.md").read_text().splitlines()
+    """The lines of the layout page's block (the fenced block that starts with ``src/vpt_lightning/``)."""
+    lines = LAYOUT_PAGE.read_text().splitlines()
     start = lines.index("src/vpt_lightning/")
     assert lines[start - 1] == "```", "the layout section is a fenced block starting with src/vpt_lightning/"
     return lines[start + 1 : lines.index("```", start)]
@@ -232,19 +235,20 @@ def test_the_readme_layout_section_matches_the_tree():
     entries = _layout_entries(lines)
     named = set(entries) | {path for paths in entries.values() for path in paths}
     missing = [path for path in sorted(named) if not (PACKAGE / path).exists()]
-    assert not missing, f"the README's layout section names paths that do not exist: {missing}"
+    assert not missing, f"the layout page's section names paths that do not exist: {missing}"
     packages = {str(p.parent.relative_to(PACKAGE)) + "/" for p in PACKAGE.rglob("__init__.py") if p.parent != PACKAGE}
-    assert not packages - set(entries), (
-        f"subpackages missing from the README's layout section: {packages - set(entries)}"
-    )
+    missing_packages = packages - set(entries)
+    assert not missing_packages, f"subpackages missing from the layout page's section: {missing_packages}"
     modules = {p.name for p in PACKAGE.glob("*.py")} | {
-        f"{folder}/{p.name}" for folder in ("methods", "backbones") for p in (PACKAGE / folder).glob("*.py")
+        f"{folder}/{p.name}"
+        for folder in ("methods", "backbones", "runs", "protocol", "sharing")
+        for p in (PACKAGE / folder).glob("*.py")
     }
     modules = {m for m in modules if not m.endswith("__init__.py")}
-    assert not modules - named, f"modules missing from the README's layout section: {sorted(modules - named)}"
+    assert not modules - named, f"modules missing from the layout page's section: {sorted(modules - named)}"
     text = "\n".join(lines)
     commands = [name for name in _scripts() if not re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text)]
-    assert not commands, f"console scripts missing from the README's layout section: {commands}"
+    assert not commands, f"console scripts missing from the layout page's section: {commands}"
 
 
 def test_the_layout_check_finds_what_is_wrong():
@@ -321,3 +325,48 @@ def test_the_citation_check_finds_an_outside_document(tmp_path):
         f'{path.as_posix()}:"""Prompts (spec',
         f'{path.as_posix()}:§1).""" # see DESIGN.md',
     ]
+
+
+# ---- the concept subpackages, their reference pages and the old module paths --------------------------------------
+ROOT_MODULES = {
+    "__init__.py", "module.py", "task_model.py", "heads.py", "prompt.py", "optim.py", "schedule.py", "config.py",
+    "schemas.py", "dataclass_config.py", "renamed.py",
+}  # fmt: skip
+
+
+def test_the_package_root_keeps_the_public_api_and_the_configs_only():
+    assert {p.name for p in PACKAGE.glob("*.py")} == ROOT_MODULES
+
+
+@pytest.mark.parametrize("package", ["runs", "protocol", "sharing", "serving", "backbones", "methods"])
+def test_the_api_reference_page_of_a_subpackage_shows_each_of_its_public_modules(package):
+    page = (ROOT / "docs" / "reference" / f"{package}.md").read_text()
+    shown = set(re.findall(r"^::: vpt_lightning\.([\w.]+)", page, re.M))
+    assert package in shown, f"docs/reference/{package}.md does not show the subpackage itself"
+    if package in ("runs", "protocol", "sharing"):  # the new ones: every module has its section
+        modules = {f"{package}.{p.stem}" for p in (PACKAGE / package).glob("*.py") if p.stem != "__init__"}
+        assert modules <= {m for m in shown}, f"modules without a reference section: {sorted(modules - shown)}"
+
+
+def test_a_moved_module_imports_from_its_old_path_as_the_same_module_with_a_warning():
+    import importlib
+    import sys
+
+    from vpt_lightning.renamed import MOVED_MODULES
+
+    assert len(MOVED_MODULES) >= 20
+    for old, new in MOVED_MODULES.items():
+        sys.modules.pop(old, None)
+        with pytest.warns(DeprecationWarning, match=rf"{re.escape(old)} is now {re.escape(new)}"):
+            module = importlib.import_module(old)
+        assert module is importlib.import_module(new), old
+        assert not (PACKAGE / (old.split(".", 1)[1].replace(".", "/") + ".py")).exists(), old
+    with pytest.warns(DeprecationWarning, match="vpt_lightning.protocol.run_protocol is now"):
+        from vpt_lightning.protocol import run_protocol
+    from vpt_lightning.protocol.task_protocol import run_protocol as moved
+
+    assert run_protocol is moved
+    with pytest.raises(AttributeError):
+        import vpt_lightning.protocol as package
+
+        package.no_such_name  # noqa: B018

@@ -16,7 +16,7 @@ from vpt_lightning.config import compose
 from vpt_lightning.data.synthetic import SyntheticDataModule
 from vpt_lightning.methods import get_method, method_names, parse_tuning
 from vpt_lightning.methods.adapter import AdaptedMLP
-from vpt_lightning.protocol import grid_points
+from vpt_lightning.protocol.task_protocol import grid_points
 
 
 def build(tuning: str, *overrides: str) -> VPTModule:
@@ -195,8 +195,8 @@ def test_each_method_trains_with_the_papers_optimizer_and_grid_unless_overridden
 # ---- the report ------------------------------------------------------------------------------------------------
 def test_report_has_a_column_per_method_and_the_papers_group_means_where_it_has_only_those():
     from vpt_lightning.data.registry import vtab_tasks
-    from vpt_lightning.protocol import mean_std
-    from vpt_lightning.report import build_report
+    from vpt_lightning.protocol.report import build_report
+    from vpt_lightning.protocol.task_protocol import mean_std
 
     runs = (("lora_8", "lora"), ("vpt_bias", "vpt_bias"), ("adapter_8", "adapter"), ("vpt_deep", "vpt_deep"))
     summaries = [

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vpt_lightning.nonfinite import NonFiniteLossError, StopOnNonFiniteLoss
+from vpt_lightning.runs.nonfinite import NonFiniteLossError, StopOnNonFiniteLoss
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TESTS = Path(__file__).resolve().parent

@@ -19,10 +19,11 @@ import onnx  # noqa: E402
 from conftest import quiet_trainer  # noqa: E402
 
 from vpt_lightning import VPTModule  # noqa: E402
+from vpt_lightning.backbones.quickstart import QUICKSTART_ARCH  # noqa: E402
 from vpt_lightning.cli.export import main as export_main  # noqa: E402
 from vpt_lightning.config import asset_path  # noqa: E402
 from vpt_lightning.data.synthetic import SyntheticDataModule, SyntheticDataset  # noqa: E402
-from vpt_lightning.onnx_export import (  # noqa: E402
+from vpt_lightning.sharing.onnx_export import (  # noqa: E402
     MAX_LOGIT_DIFF,
     OnnxExportError,
     check_onnx,
@@ -31,8 +32,7 @@ from vpt_lightning.onnx_export import (  # noqa: E402
     prepare_images,
     read_metadata,
 )
-from vpt_lightning.quickstart import QUICKSTART_ARCH  # noqa: E402
-from vpt_lightning.task_sources import load_task  # noqa: E402
+from vpt_lightning.sharing.task_sources import load_task  # noqa: E402
 
 QUICKSTART_BACKBONE = {**QUICKSTART_ARCH, "checkpoint_path": asset_path("quickstart_vit.safetensors")}
 

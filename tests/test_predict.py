@@ -230,7 +230,7 @@ def test_files_over_the_size_cap_are_not_read(tasks, tmp_path, capsys):
 
 
 def test_a_folder_or_file_that_is_no_task_source_says_what_it_is_and_what_is_expected(tmp_path, monkeypatch):
-    from vpt_lightning.task_sources import read_task
+    from vpt_lightning.sharing.task_sources import read_task
 
     protocol = tmp_path / "outputs" / "count" / "protocol" / "vpt_deep"
     run = protocol / "final" / "lr1_wd0" / "seed42"

@@ -17,9 +17,9 @@ from torch import nn
 from vpt_lightning import VPTModule
 from vpt_lightning.backbones import create_backbone, family_class_of_model, prompted_backbone
 from vpt_lightning.backbones.swin import PromptedSwin, prompted_block
-from vpt_lightning.checkpoint import read_task_checkpoint
 from vpt_lightning.config import compose
 from vpt_lightning.data.synthetic import SyntheticDataModule
+from vpt_lightning.sharing.checkpoint import read_task_checkpoint
 
 # 32 px, patch 4: an 8x8 grid; window 2: stage 0 has 16 windows (shifted by 1 in block 1), stage 1 4x4 with 4
 # windows (shifted), stage 2 2x2 with one window (no shift)
@@ -352,7 +352,7 @@ def test_the_tiny_random_config_builds_a_swin_for_the_quickstarts_32_px_images()
 
 # ---- vpt-tune's grids and vpt-report's reference numbers -------------------------------------------------
 def test_vpt_tune_sweeps_swins_prompt_lengths_with_the_same_lr_grid():
-    from vpt_lightning.protocol import grid_points
+    from vpt_lightning.protocol.task_protocol import grid_points
 
     vit = compose(["+experiment=vtab_cifar100"], config_name="tune")
     vit_points = grid_points(vit.protocol, "vpt_deep")
@@ -380,7 +380,7 @@ def _summary(task: str, tuning: str, top1: float, backbone: str) -> dict:
 
 def test_vpt_report_shows_the_papers_swin_b_group_means_beside_swin_b_runs():
     from vpt_lightning.data.registry import vtab_tasks
-    from vpt_lightning.report import build_report
+    from vpt_lightning.protocol.report import build_report
 
     groups = {"natural": 0.70, "specialized": 0.80, "structured": 0.50}
     summaries = [
@@ -402,7 +402,7 @@ def test_vpt_report_shows_the_papers_swin_b_group_means_beside_swin_b_runs():
 
 
 def test_the_quickstart_trains_end_to_end_on_the_tiny_random_swin(tmp_path):
-    from vpt_lightning.training import train
+    from vpt_lightning.runs.training import train
 
     cfg = compose(
         [

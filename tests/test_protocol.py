@@ -15,9 +15,9 @@ from conftest import SMOKE_RUN, TINY_RUN, run_cli
 
 from vpt_lightning.config import compose, variant_suffix
 from vpt_lightning.data.registry import vtab_tasks
-from vpt_lightning.protocol import diverged, grid_points, mean_std, point_name, run_protocol, select_best
-from vpt_lightning.report import build_report, write_report
-from vpt_lightning.training import train
+from vpt_lightning.protocol.report import build_report, write_report
+from vpt_lightning.protocol.task_protocol import diverged, grid_points, mean_std, point_name, run_protocol, select_best
+from vpt_lightning.runs.training import train
 
 TINY = [
     *TINY_RUN,
@@ -289,7 +289,7 @@ def test_vpt_tune_multirun_over_prompt_lengths_gives_each_its_folder_and_vpt_viz
 # ---- the report against the paper's own numbers -----------------------------------------------------------
 def test_report_of_the_papers_per_task_numbers_gives_its_aggregates(tmp_path):
     from vpt_lightning.data.registry import TASKS
-    from vpt_lightning.paper import REFERENCE
+    from vpt_lightning.protocol.paper import REFERENCE
 
     summaries = [
         _summary(name, method, [REFERENCE[name][method] / 100]) | {"path": f"{name}/{method}"}
@@ -438,7 +438,7 @@ def test_report_columns_come_from_the_method_registry(monkeypatch):
     """The column order is the registry's (each method's ``report_order``): a newly registered method takes its
     place without the report knowing it; a label of no registered method comes last."""
     from vpt_lightning.methods import TuningMethod, get_method, method_names, methods_in_report_order, registry
-    from vpt_lightning.report import results_table, to_csv, to_markdown
+    from vpt_lightning.protocol.report import results_table, to_csv, to_markdown
 
     order = methods_in_report_order()
     assert sorted(order) == method_names()

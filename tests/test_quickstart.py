@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from vpt_lightning import create_backbone
+from vpt_lightning.backbones.quickstart import QUICKSTART_ARCH, build_quickstart_vit, pretrain_backbone
 from vpt_lightning.config import asset_path, compose
 from vpt_lightning.data.synthetic import SYNTHETIC_TASKS, SyntheticDataModule, SyntheticDataset
-from vpt_lightning.quickstart import QUICKSTART_ARCH, build_quickstart_vit, pretrain_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def test_the_quickstart_architecture_and_schedule_are_written_once():
     warm-up + cosine schedule (vpt_lightning.schedule): its source holds no copy of either."""
     import inspect
 
-    import vpt_lightning.quickstart as quickstart
+    import vpt_lightning.backbones.quickstart as quickstart
 
     source = inspect.getsource(quickstart)
     for key in QUICKSTART_ARCH["kwargs"]:

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 
 from vpt_lightning import resume
 from vpt_lightning.config import compose
-from vpt_lightning.resume import AtomicCheckpointIO, EpochRandomSampler, EpochSeed
+from vpt_lightning.runs.resume import AtomicCheckpointIO, EpochRandomSampler, EpochSeed
 
 SRC = Path(__file__).resolve().parents[1] / "src"  # the checkout under test (also in CI's editable install)
 TESTS = Path(__file__).resolve().parent

@@ -12,14 +12,14 @@ from torch import nn
 
 from vpt_lightning import OptimConfig, PromptConfig, PromptedViT, VPTModule
 from vpt_lightning.backbones import create_backbone, family_class_of_model, prompted_backbone, supported_classes
-from vpt_lightning.checkpoint import (
+from vpt_lightning.config import compose
+from vpt_lightning.data.synthetic import SyntheticDataModule
+from vpt_lightning.sharing.checkpoint import (
     check_backbone_identity,
     identity_differences,
     read_task_checkpoint,
     trainable_state_dict,
 )
-from vpt_lightning.config import compose
-from vpt_lightning.data.synthetic import SyntheticDataModule
 
 NUM_CLASSES = SyntheticDataModule(task="count", num_train=1, num_val=1, num_test=1).num_classes
 
@@ -154,7 +154,7 @@ def test_optim_node_round_trips_through_hparams():
 
 
 def test_prompt_config_contradicting_the_method_is_refused_before_training():
-    from vpt_lightning.training import parse_configs
+    from vpt_lightning.runs.training import parse_configs
 
     cfg = compose(["+experiment=quickstart", "tuning=vpt_deep", "prompt=none"])
     with pytest.raises(ValueError, match=r"tuning=vpt_deep needs prompts at every block"):

@@ -19,9 +19,9 @@ from conftest import TINY_RUN
 optuna = pytest.importorskip("optuna")
 
 from vpt_lightning.config import compose  # noqa: E402
-from vpt_lightning.protocol import grid_points, point_name, run_protocol  # noqa: E402
-from vpt_lightning.search import PRUNED_ATTR, SPARE_ATTR, OptunaPruning, open_study, search_space  # noqa: E402
-from vpt_lightning.training import train  # noqa: E402
+from vpt_lightning.protocol.search import PRUNED_ATTR, SPARE_ATTR, OptunaPruning, open_study, search_space  # noqa: E402
+from vpt_lightning.protocol.task_protocol import grid_points, point_name, run_protocol  # noqa: E402
+from vpt_lightning.runs.training import train  # noqa: E402
 
 TINY = [
     *TINY_RUN,
@@ -106,7 +106,7 @@ def test_a_killed_workers_point_is_failed_by_its_heartbeat_and_run_again_by_anot
 
 
 def test_a_failed_point_is_a_failed_trial_logged_without_a_traceback(tmp_path, caplog):
-    from vpt_lightning.search import optuna_sweep
+    from vpt_lightning.protocol.search import optuna_sweep
 
     cfg = compose(TINY + ["protocol.search=optuna", "protocol.pruning=false"], config_name="tune")
     points = grid_points(cfg.protocol, "vpt_deep")
@@ -138,7 +138,7 @@ def _fake_run(point):
 
 
 def test_tpe_replaces_failed_trials_but_stops_when_every_run_fails(tmp_path):
-    from vpt_lightning.search import optuna_sweep
+    from vpt_lightning.protocol.search import optuna_sweep
 
     cfg = compose(TINY + ["protocol.search=optuna", "protocol.sampler=tpe", "protocol.n_trials=2"], config_name="tune")
     points = grid_points(cfg.protocol, "vpt_deep")
@@ -154,7 +154,7 @@ def test_tpe_replaces_failed_trials_but_stops_when_every_run_fails(tmp_path):
 
 
 def test_a_point_whose_run_was_interrupted_runs_again_when_the_command_is_repeated(tmp_path):
-    from vpt_lightning.search import optuna_sweep
+    from vpt_lightning.protocol.search import optuna_sweep
 
     cfg = compose(TINY + ["protocol.search=optuna", "protocol.pruning=false"], config_name="tune")
     points = grid_points(cfg.protocol, "vpt_deep")
@@ -178,7 +178,7 @@ def test_a_point_whose_run_was_interrupted_runs_again_when_the_command_is_repeat
 def test_a_live_worker_whose_trial_was_failed_as_stale_goes_on(tmp_path, caplog):
     # another worker judged this worker's trial stale while it ran (a late heartbeat) and enqueued its retry: the
     # result cannot be recorded on the failed trial, so the worker logs it and runs the retry instead of crashing
-    from vpt_lightning.search import optuna_sweep
+    from vpt_lightning.protocol.search import optuna_sweep
 
     cfg = compose(TINY + ["protocol.search=optuna", "protocol.pruning=false"], config_name="tune")
     points = grid_points(cfg.protocol, "vpt_deep")
@@ -194,7 +194,7 @@ def test_a_live_worker_whose_trial_was_failed_as_stale_goes_on(tmp_path, caplog)
             judged.append(running.number)
         return _fake_run(point)
 
-    with caplog.at_level(logging.WARNING, logger="vpt_lightning.search"):
+    with caplog.at_level(logging.WARNING, logger="vpt_lightning.protocol.search"):
         sweep, errors, _ = optuna_sweep(cfg, tmp_path, points, judged_stale_during_the_first_run)
     assert errors == [] and len(sweep) == 4 and not [e for e in sweep if e.get("failed")]
     assert f"trial {judged[0]} was failed by another worker while it ran" in caplog.text

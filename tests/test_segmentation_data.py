@@ -121,7 +121,7 @@ def test_ade20k_experiment_composes_the_papers_recipe():
 def test_ade20k_experiment_runs_a_smoke_step_on_a_written_tree(tmp_path):
     """The experiment's recipe on a tiny backbone (64 px, patch 16) and a written ADE20K tree: fit, val, test."""
     from vpt_lightning.config import compose
-    from vpt_lightning.training import train
+    from vpt_lightning.runs.training import train
 
     write_ade20k(tmp_path / "ade")
     cfg = compose(
@@ -159,7 +159,7 @@ def test_ade20k_experiment_runs_a_smoke_step_on_a_written_tree(tmp_path):
 
 def test_quickstart_seg_trains_offline_and_reports_miou(tmp_path, capsys):
     from vpt_lightning.config import compose
-    from vpt_lightning.training import train
+    from vpt_lightning.runs.training import train
 
     cfg = compose(
         [

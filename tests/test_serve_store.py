@@ -34,7 +34,7 @@ def probabilities(folder: Path, image: Path) -> torch.Tensor:
     from PIL import Image
     from torchvision import transforms as T
 
-    from vpt_lightning.task_sources import load_task
+    from vpt_lightning.sharing.task_sources import load_task
 
     prepare = T.Compose(
         [

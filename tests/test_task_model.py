@@ -20,11 +20,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from vpt_lightning import VPTModule
-from vpt_lightning.checkpoint import read_task_checkpoint
 from vpt_lightning.data.synthetic import SyntheticDataModule
 from vpt_lightning.heads import register_head, registered_heads
+from vpt_lightning.sharing.checkpoint import read_task_checkpoint
+from vpt_lightning.sharing.task_sources import load_task
 from vpt_lightning.task_model import TaskModel, build_task_model
-from vpt_lightning.task_sources import load_task
 
 ROOT = Path(__file__).parents[1]
 SRC_ENV = {
@@ -454,7 +454,7 @@ def test_a_package_trained_on_a_weights_file_says_to_pin_the_backbone(tmp_path, 
 def test_runs_write_their_package_unless_package_false_and_never_for_segmentation(tmp_path):
     from omegaconf import OmegaConf
 
-    from vpt_lightning.training import write_task_package
+    from vpt_lightning.runs.training import write_task_package
 
     module = VPTModule(NUM_CLASSES, TINY_BACKBONE, {"num_tokens": 2})
     results = {"val/top1": 0.25, "trainable_params": 5, "global_step": 3}
@@ -485,7 +485,7 @@ def test_a_backbone_is_described_by_what_it_is():
     name with the kwargs that make it another model."""
     from vpt_lightning.backbones.pin import backbone_pin
     from vpt_lightning.config import CONFIG_DIR
-    from vpt_lightning.model_card import backbone_description
+    from vpt_lightning.sharing.model_card import backbone_description
 
     quickstart = backbone_pin("quickstart_vit").to_dict()
     arch = "vit_tiny_patch16_224: depth 6, width 96, 3 heads, 32 px, patch 4"

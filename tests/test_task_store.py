@@ -15,8 +15,8 @@ from conftest import TINY_BACKBONE
 
 from vpt_lightning.serving.package_io import install_package, remove_package, stage_package
 from vpt_lightning.serving.task_store import TaskStore, TaskUnavailable, UnknownTask
+from vpt_lightning.sharing.task_sources import load_task
 from vpt_lightning.task_model import CONFIG_FILE, WEIGHTS_FILE, TaskSpec, build_task_model
-from vpt_lightning.task_sources import load_task
 
 pytest.importorskip("peft")
 

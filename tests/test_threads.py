@@ -1,4 +1,4 @@
-"""The console scripts' thread count (vpt_lightning.threads): the usable CPUs less the busy ones, at least 1, never
+"""The console scripts' thread count (vpt_lightning.runs.threads): the usable CPUs less the busy ones, at least 1, never
 more than torch's count, and the user's OMP_NUM_THREADS kept."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vpt_lightning import threads
-from vpt_lightning.threads import choose_threads, configure_threads, user_thread_setting
+from vpt_lightning.runs.threads import choose_threads, configure_threads, user_thread_setting
 
 
 @pytest.mark.parametrize(
@@ -52,12 +52,12 @@ def test_a_loaded_machine_gets_one_thread_and_an_explicit_omp_num_threads_is_kep
     monkeypatch.setattr(threads, "busy_cpus", lambda cpus, seconds=0: float(len(cpus)))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
-    with caplog.at_level(logging.INFO, logger="vpt_lightning.threads"):
+    with caplog.at_level(logging.INFO, logger="vpt_lightning.runs.threads"):
         assert configure_threads() == 1 == torch.get_num_threads()
         torch.set_num_threads(torch_threads)
         monkeypatch.setenv("OMP_NUM_THREADS", str(torch_threads))
         assert configure_threads() == torch_threads == torch.get_num_threads()
-    messages = [r.getMessage() for r in caplog.records if r.name == "vpt_lightning.threads"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "vpt_lightning.runs.threads"]
     assert messages[0].startswith(f"torch threads: 1 ({cpus} usable CPUs, {cpus:.1f} busy")
     assert messages[1] == f"torch threads: {torch_threads} (OMP_NUM_THREADS={torch_threads})"
 

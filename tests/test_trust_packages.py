@@ -32,8 +32,8 @@ from safetensors.torch import load_file, save_file
 from vpt_lightning import VPTModule
 from vpt_lightning.serving.multitask import MultiTaskClassifier
 from vpt_lightning.serving.task_store import TaskStore, TaskUnavailable
+from vpt_lightning.sharing.task_sources import load_task
 from vpt_lightning.task_model import TaskModel, build_task_model
-from vpt_lightning.task_sources import load_task
 
 ROOT = Path(__file__).parents[1]
 SRC_ENV = {
@@ -339,7 +339,7 @@ def _limit_memory():  # the child's data segment (heap, mmap'd tensors): an allo
 
 
 LOADS = {
-    "load_task": "from vpt_lightning.task_sources import load_task\nload_task(EVIL)",
+    "load_task": "from vpt_lightning.sharing.task_sources import load_task\nload_task(EVIL)",
     "task_store": "from vpt_lightning.serving.task_store import TaskStore\n"
     "TaskStore(backbone=BACKBONE, folders=[FOLDER]).open('evil')",
 }
@@ -553,7 +553,7 @@ def test_loading_makes_no_network_request(packages, tmp_path, monkeypatch):
 def test_a_config_file_over_the_small_file_cap_is_refused_unread(packages, tmp_path, loader):
     """A package's config.json is one of the small files someone else made: read only if it is a regular file of at
     most regular_files.MAX_SMALL_FILE_BYTES, wherever the package is loaded."""
-    from vpt_lightning.regular_files import MAX_SMALL_FILE_BYTES
+    from vpt_lightning.sharing.regular_files import MAX_SMALL_FILE_BYTES
 
     root, _ = packages
     evil = _copy(root / "good", tmp_path / "tasks" / "evil", "evil")

@@ -21,8 +21,8 @@ from conftest import TINY_RUN, Payload, make_vit, save_task_checkpoint, write_im
 
 from vpt_lightning.cli.viz import main as vpt_viz
 from vpt_lightning.config import compose
-from vpt_lightning.integrity import ConfigMismatchError
-from vpt_lightning.protocol import run_protocol
+from vpt_lightning.protocol.task_protocol import run_protocol
+from vpt_lightning.runs.integrity import ConfigMismatchError
 
 pytest.importorskip("sklearn")
 
@@ -119,7 +119,7 @@ def test_tsne_takes_plain_checked_values_only(checkpoint, tmp_path, capsys, monk
 
 
 def test_tsne_still_draws_a_plain_run_folder(checkpoint, tmp_path, capsys):
-    from vpt_lightning.run_folder import datamodule_from_run
+    from vpt_lightning.runs.run_folder import datamodule_from_run
 
     run = make_run(tmp_path / "plain", checkpoint, {"data": SYNTHETIC_DATA})
     datamodule = datamodule_from_run(run)

@@ -13,7 +13,7 @@ from timm.layers import resample_abs_pos_embed
 from vpt_lightning import PromptConfig, PromptedViT, VPTModule
 from vpt_lightning.backbones import create_backbone
 from vpt_lightning.config import compose
-from vpt_lightning.report import build_report
+from vpt_lightning.protocol.report import build_report
 
 D, N_BLOCKS, PATCH, SIZE = 32, 4, 4, 32
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)

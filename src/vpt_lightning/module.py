@@ -17,13 +17,13 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .backbones import BackboneConfig, PromptedBackbone, prompted_backbone
 from .backbones.pin import backbone_pin, check_file_backbone, own_backbone
-from .checkpoint import HEAD_KEY, IDENTITY_KEY, check_backbone_identity, load_weights_only, trainable_state_keys
 from .heads import describe_head
 from .methods import TuningConfig, parse_tuning
 from .optim import OptimConfig, file_optimizer_class
 from .prompt import PromptConfig
+from .sharing.checkpoint import HEAD_KEY, IDENTITY_KEY, check_backbone_identity, load_weights_only, trainable_state_keys
+from .sharing.trust import check_finite, check_tensor_shapes
 from .task_model import TaskModel, TaskSpec, build_task_model, spec_of_file, trained_tensor_shapes
-from .trust import check_finite, check_tensor_shapes
 
 # the file load_from_checkpoint is reading, for the errors of on_load_checkpoint
 _LOADING: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("vpt_loading_checkpoint", default=None)
@@ -157,8 +157,8 @@ class VPTModule(pl.LightningModule):
         )
         if backbone_eval:  # intended: Lightning need not warn that the frozen backbone stays in eval mode
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-        # True while training on cached backbone features (vpt_lightning.feature_cache): batches then hold the pooled
-        # features, and the backbone step is skipped
+        # True while training on cached backbone features (vpt_lightning.runs.feature_cache): batches then hold the
+        # pooled features, and the backbone step is skipped
         self.inputs_are_features = False
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
@@ -374,7 +374,8 @@ class VPTModule(pl.LightningModule):
             _LOADING.reset(token)
 
     def trainable_state_keys(self) -> List[str]:
-        """State-dict keys of the trained tensors (see :func:`vpt_lightning.checkpoint.trainable_state_keys`)."""
+        """State-dict keys of the trained tensors (see
+        :func:`vpt_lightning.sharing.checkpoint.trainable_state_keys`)."""
         return trainable_state_keys(self, self.backbone.model)
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:

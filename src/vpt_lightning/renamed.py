@@ -1,9 +1,45 @@
-"""Old names of renamed public objects, still importable for a while with a ``DeprecationWarning``."""
+"""Old names of renamed or moved public objects and modules, still importable for one release with a
+``DeprecationWarning``."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
 import warnings
-from typing import Any, Callable, Mapping
+from types import ModuleType
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+# The modules that left the package root for the concept subpackages (issue 28): old dotted name -> new one.
+MOVED_MODULES = {
+    f"vpt_lightning.{old}": f"vpt_lightning.{new}"
+    for old, new in {
+        "atomic": "runs.atomic",
+        "locking": "runs.locking",
+        "integrity": "runs.integrity",
+        "nonfinite": "runs.nonfinite",
+        "resume": "runs.resume",
+        "run_folder": "runs.run_folder",
+        "tracking": "runs.tracking",
+        "training": "runs.training",
+        "feature_cache": "runs.feature_cache",
+        "threads": "runs.threads",
+        "search": "protocol.search",
+        "report": "protocol.report",
+        "paper": "protocol.paper",
+        "viz": "protocol.viz",
+        "task_sources": "sharing.task_sources",
+        "model_card": "sharing.model_card",
+        "onnx_export": "sharing.onnx_export",
+        "trust": "sharing.trust",
+        "regular_files": "sharing.regular_files",
+        "csv_files": "sharing.csv_files",
+        "checkpoint": "sharing.checkpoint",
+        "quickstart": "backbones.quickstart",
+    }.items()
+}
 
 
 def renamed_names(module: str, old_to_new: Mapping[str, Any]) -> Callable[[str], Any]:
@@ -21,3 +57,51 @@ def renamed_names(module: str, old_to_new: Mapping[str, Any]) -> Callable[[str],
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
 
     return __getattr__
+
+
+def moved_names(package: str, module: str) -> Callable[[str], Any]:
+    """A package-level ``__getattr__`` for ``package``, once a module of the same name: its old names are served
+    from ``module`` (where they now live) with a ``DeprecationWarning``."""
+
+    def __getattr__(name: str) -> Any:
+        target = importlib.import_module(module)
+        if name.startswith("__") or not hasattr(target, name):
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        warnings.warn(
+            f"{package}.{name} is now {module}.{name}; the old path will be removed",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(target, name)
+
+    return __getattr__
+
+
+class _MovedModule(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports an old module path as the module at its new place (the same module object), with a warning."""
+
+    def __init__(self, moved: Mapping[str, str]) -> None:
+        self.moved = moved
+
+    def find_spec(
+        self, fullname: str, path: Optional[Sequence[str]], target: Optional[ModuleType] = None
+    ) -> Optional[importlib.machinery.ModuleSpec]:
+        if fullname not in self.moved:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
+        new = self.moved[spec.name]
+        warnings.warn(
+            f"{spec.name} is now {new}; the old module path will be removed", DeprecationWarning, stacklevel=2
+        )
+        return importlib.import_module(new)
+
+    def exec_module(self, module: ModuleType) -> None:
+        """Nothing to run: the module at the new place is loaded already."""
+
+
+def install_moved_modules() -> None:
+    """Make the old paths of :data:`MOVED_MODULES` importable (once per interpreter)."""
+    if not any(isinstance(finder, _MovedModule) for finder in sys.meta_path):
+        sys.meta_path.append(_MovedModule(MOVED_MODULES))

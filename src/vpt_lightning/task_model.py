@@ -17,7 +17,8 @@ JSON only), the head is rebuilt from the method or from a head registered by the
 (:mod:`vpt_lightning.heads`), the backbone entry holds values only and leads to no download or file the operator did
 not choose (:mod:`vpt_lightning.backbones.pin`), the weights file may hold only the tensors its task trains, in the
 shapes its config implies (:func:`check_package`, checked on the safetensors header against the network built on
-the ``meta`` device within the caps of :mod:`vpt_lightning.trust`, before anything is allocated), and no NaN/inf.
+the ``meta`` device within the caps of :mod:`vpt_lightning.sharing.trust`, before anything is allocated), and no
+NaN/inf.
 A Hub repo is downloaded only when named explicitly, ``hf://OWNER/NAME``.
 """
 
@@ -36,18 +37,18 @@ from huggingface_hub import ModelCard, ModelHubMixin
 from torch import nn
 
 from . import heads
-from .atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from .backbones import BackboneConfig, PromptedBackbone, create_backbone, prompted_backbone
 from .backbones.identity import check_backbone_identity
 from .backbones.loading import create_architecture
 from .backbones.pin import backbone_pin, check_file_backbone, own_backbone
-from .checkpoint import trainable_state_keys
 from .data.transforms import INTERPOLATIONS, RECIPES
 from .methods import parse_tuning
-from .model_card import task_model_card
 from .prompt import PromptConfig
-from .regular_files import read_regular_file
-from .trust import bounded_construction, check_finite, check_tensor_shapes, safetensors_shapes
+from .runs.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
+from .sharing.checkpoint import trainable_state_keys
+from .sharing.model_card import task_model_card
+from .sharing.regular_files import read_regular_file
+from .sharing.trust import bounded_construction, check_finite, check_tensor_shapes, safetensors_shapes
 
 PACKAGE_FORMAT = "vpt-lightning-task"
 PACKAGE_FORMAT_VERSION = 1
@@ -125,7 +126,8 @@ class TaskModel(
     """A trained task: ``forward(images) = head(backbone(images))`` with its class names and eval transform.
 
     Build one with :func:`build_task_model` (from configs), :meth:`from_pretrained` (a package folder or Hub repo
-    ``hf://OWNER/NAME``) or :func:`vpt_lightning.task_sources.load_task` (a package, a ``.ckpt`` or a run folder).
+    ``hf://OWNER/NAME``) or :func:`vpt_lightning.sharing.task_sources.load_task` (a package, a ``.ckpt`` or a run
+    folder).
     ``VPTModule`` trains one (``module.task``); ``MultiTaskClassifier`` serves several on one shared backbone.
 
     Args:
@@ -269,7 +271,7 @@ class TaskModel(
         ``snapshot_download``; a bare ``OWNER/NAME`` is a local path only).
 
         ``backbone`` pins the frozen backbone (a :class:`BackboneConfig`, its mapping, a ``conf/backbone`` name or
-        a weights/YAML file, see :func:`vpt_lightning.task_sources.backbone_pin`) instead of the package's own
+        a weights/YAML file, see :func:`vpt_lightning.sharing.task_sources.backbone_pin`) instead of the package's own
         ``backbone`` entry; either way the package's backbone identity must match. Without a pin the package's own
         entry is a seeded random init or the shipped quickstart backbone; timm's hub weights it names
         (``pretrained: true``) are downloaded only with ``allow_download=True``. ``model``/``identity``: an already
@@ -490,7 +492,8 @@ def check_eval_transform(settings: Optional[Mapping[str, Any]], origin: str) -> 
 
 def trained_shapes(task: TaskModel) -> Dict[str, tuple]:
     """The names and shapes of the tensors ``task`` trains, what its file must hold: every parameter that requires
-    grad and every buffer outside its frozen backbone model (:func:`~vpt_lightning.checkpoint.trainable_state_keys`).
+    grad and every buffer outside its frozen backbone model
+    (:func:`~vpt_lightning.sharing.checkpoint.trainable_state_keys`).
     The rule of every loader of a task's file, alone or on a shared backbone."""
     state = task.state_dict()
     return {k: tuple(state[k].shape) for k in trainable_state_keys(task, task.backbone.model)}
@@ -499,7 +502,8 @@ def trained_shapes(task: TaskModel) -> Dict[str, tuple]:
 @contextlib.contextmanager
 def file_network_construction(origin: str, meta: bool = True) -> Iterator[None]:
     """The block that builds the network a file someone else made describes: on the ``meta`` device (``meta``:
-    nothing is allocated), within the caps of :func:`vpt_lightning.trust.bounded_construction`, the global random
+    nothing is allocated), within the caps of :func:`vpt_lightning.sharing.trust.bounded_construction`, the global
+    random
     state untouched; any error of the build becomes a ``ValueError`` naming ``origin``. Build it with
     ``saved_tensors=True`` (:func:`build_task_model`), so that nothing is fetched or read either."""
     try:
@@ -518,7 +522,7 @@ def file_network_construction(origin: str, meta: bool = True) -> Iterator[None]:
 def trained_tensor_shapes(spec: TaskSpec, origin: str) -> Dict[str, tuple]:
     """The names and shapes of the tensors a task of ``spec`` trains (what its package or checkpoint must hold,
     :func:`trained_shapes`): its network built on the ``meta`` device, within the caps of
-    :func:`vpt_lightning.trust.bounded_construction` (refused, naming ``origin``, beyond them), so nothing is
+    :func:`vpt_lightning.sharing.trust.bounded_construction` (refused, naming ``origin``, beyond them), so nothing is
     allocated and nothing downloaded or read (:func:`file_network_construction`)."""
     with file_network_construction(origin):
         task = build_task_model(spec, model=create_architecture(spec.backbone), identity={}, saved_tensors=True)
@@ -572,7 +576,8 @@ def check_shares_backbone(spec: TaskSpec, origin: str) -> None:
     if method.trains_backbone:
         raise ValueError(
             f"{origin}: tuning={tuning.name} changes backbone weights, so it cannot share the frozen backbone with "
-            "other tasks; load it alone with vpt_lightning.task_sources.load_task (or VPTModule.load_from_checkpoint)"
+            "other tasks; load it alone with vpt_lightning.sharing.task_sources.load_task (or "
+            "VPTModule.load_from_checkpoint)"
         )
 
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..dataclass_config import DataclassConfig
-from ..paper import BACKBONES, backbone_key
+from ..protocol.paper import BACKBONES, backbone_key
 from ..renamed import renamed_names
 from .base import PromptedBackbone, refuse_resampling
 from .identity import backbone_identity, file_identity
@@ -40,7 +40,7 @@ class BackboneConfig(DataclassConfig):
             its patch-embedding kernel and position embedding to this model (timm's resampling, logged as a
             warning). Off by default: such a file fails, naming the keys and shapes.
         reference: which of the paper's backbones this is, for ``vpt-report``'s paper columns (a key of
-            :data:`vpt_lightning.paper.BACKBONES`, e.g. ``mocov3``); ``null``: found from ``name``.
+            :data:`vpt_lightning.protocol.paper.BACKBONES`, e.g. ``mocov3``); ``null``: found from ``name``.
     """
 
     name: str = "vit_base_patch16_224.orig_in21k"

@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterator, List, NoReturn, Optional, TypeVar
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from ..integrity import RunIntegrityError
-from ..locking import FolderLockedError
+from ..runs.integrity import RunIntegrityError
+from ..runs.locking import FolderLockedError
 
 EXIT_ERROR = 1
 PACKAGE_DIR = Path(__file__).resolve().parents[1]

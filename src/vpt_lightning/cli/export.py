@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-from ..threads import configure_threads
+from ..runs.threads import configure_threads
 from .console import plain_text, report_errors
 from .export_onnx import ModelLoader, add_onnx_subcommand
 from .task_arguments import add_pin_and_import_arguments, load_one_task
@@ -22,7 +22,7 @@ RESULTS_FILE = "results.json"
 def run_info(source: Path) -> Dict[str, Any]:
     """What a run folder's ``results.json`` says about the task (metrics, parameter counts) for its model card;
     empty when ``source`` is not in a run folder."""
-    from ..integrity import read_results
+    from ..runs.integrity import read_results
 
     source = Path(source)
     candidates = [source / RESULTS_FILE, source.parent / RESULTS_FILE]

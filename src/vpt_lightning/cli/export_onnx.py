@@ -64,7 +64,7 @@ def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
 def run_onnx(args: argparse.Namespace, load_model: Optional[ModelLoader] = None) -> int:
     """Export, check at the full batch and at batch 1, print the largest logit difference; 0, or 1 on failure."""
     try:
-        from ..onnx_export import (
+        from ..sharing.onnx_export import (
             DEFAULT_OPSET,
             MAX_LOGIT_DIFF,
             check_onnx,
@@ -114,7 +114,7 @@ def run_onnx(args: argparse.Namespace, load_model: Optional[ModelLoader] = None)
 
 def add_onnx_subcommand(subparsers: argparse._SubParsersAction, load_model: Optional[ModelLoader] = None):
     """Add ``onnx`` to a ``vpt-export`` parser's subcommands; ``load_model(TASK)`` loads the task (default: any task
-    source through :func:`vpt_lightning.task_sources.load_task`).
+    source through :func:`vpt_lightning.sharing.task_sources.load_task`).
 
     Dispatch with ``args.run(args)`` (set as the parser's default)."""
     parser = subparsers.add_parser(

@@ -10,12 +10,12 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 
+from ..runs.threads import configure_threads
 from ..serving.images import MAX_IMAGE_PIXELS, ImageError
 from ..serving.multitask import load_tasks, parse_sources
 from ..serving.predict import MAX_FILE_BYTES, list_images, predict_images, write_predictions
 from ..serving.task_cache import parse_bytes
 from ..serving.task_store import TaskStore
-from ..threads import configure_threads
 from .console import report_errors
 from .task_arguments import add_pin_and_import_arguments
 

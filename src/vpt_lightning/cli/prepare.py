@@ -20,7 +20,7 @@ from ..data.registry import get_task, vtab_tasks
 from ..data.vtab import LIST_FILES, VTABDataModule
 from ..data.vtab_prep.official_splits import compare, read_split_file, task_entry
 from ..data.vtab_prep.prepare import prepare_vtab_task, route
-from ..threads import configure_threads
+from ..runs.threads import configure_threads
 from .console import plain_text, report_errors
 
 

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..protocol import find_summaries
-from ..report import find_segmentation_results, write_report
+from ..protocol.report import find_segmentation_results, write_report
+from ..protocol.task_protocol import find_summaries
 from .console import plain_text, report_errors
 
 

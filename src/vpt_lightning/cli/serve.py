@@ -11,8 +11,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from ..runs.threads import configure_threads
 from ..serving.images import MAX_IMAGE_PIXELS
-from ..threads import configure_threads
 from .console import report_errors
 from .predict import add_model_arguments, cache_size, check_model_arguments, load_model
 

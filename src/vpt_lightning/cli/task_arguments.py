@@ -48,7 +48,7 @@ def load_one_task(
     own modules (``--import``), on the pinned backbone (``--backbone``) if given, downloading the timm hub weights it
     names only with ``allow_download`` (``--allow-download``)."""
     from ..heads import import_user_code
-    from ..task_sources import load_task
+    from ..sharing.task_sources import load_task
 
     for target in imports:
         import_user_code(target)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from ..config import register_resolvers
-from ..threads import configure_threads
-from ..training import train
+from ..runs.threads import configure_threads
+from ..runs.training import train
 from .console import hydra_command
 
 register_resolvers()

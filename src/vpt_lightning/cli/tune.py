@@ -12,9 +12,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ..config import register_resolvers
-from ..protocol import run_protocol, summary_markdown
-from ..threads import configure_threads
-from ..tracking import log_protocol_summary
+from ..protocol.task_protocol import run_protocol, summary_markdown
+from ..runs.threads import configure_threads
+from ..runs.tracking import log_protocol_summary
 from .console import hydra_command
 
 register_resolvers()

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-from ..threads import configure_threads
+from ..runs.threads import configure_threads
 from .console import plain_text, report_errors
 from .task_arguments import add_backbone_arguments
 
@@ -103,7 +103,7 @@ def _loader(datamodule, split: str):
 
 def run(args: argparse.Namespace) -> Path:
     """Draw and write the figure ``args.kind`` asks for; returns the PNG's path."""
-    from .. import viz
+    from ..protocol import viz
 
     run_dir: Optional[Path] = None
     if args.kind == "tsne":
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> Path:
         figure, _ = viz.attention_figure(module, images, shown, names)
         out = args.out or (run_dir or args.path.parent) / "viz" / "attention.png"
     elif args.kind == "ablation":
-        from ..protocol import find_summaries
+        from ..protocol.task_protocol import find_summaries
 
         summaries = find_summaries(args.dirs)
         if not summaries:

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
-from ..resume import EpochRandomSampler
+from ..runs.resume import EpochRandomSampler
 from .transforms import NORMALIZATIONS, resolve_normalization
 
 SPLITS = ("tune", "final")
@@ -104,7 +104,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
     @property
     def deterministic_train_transform(self) -> bool:
         """Whether a training image always gives the same tensor (no random augmentation). Then head-only methods
-        may train on cached backbone features (:mod:`vpt_lightning.feature_cache`). Default ``False`` (safe)."""
+        may train on cached backbone features (:mod:`vpt_lightning.runs.feature_cache`). Default ``False`` (safe)."""
         return False
 
     @property

@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ..atomic import write_json_atomic
+from ..runs.atomic import write_json_atomic
 from .base import ImageClassificationDataModule
 from .datasets import DataError, ImageListDataset, Sample, read_json_object, require_dir
 from .registry import get_task

@@ -1,6 +1,6 @@
 """The task catalogue: VTAB-1k (19) and FGVC (5) with classes, folders, prompt lengths and official names.
 
-The paper's published numbers per task are in :mod:`vpt_lightning.paper`.
+The paper's published numbers per task are in :mod:`vpt_lightning.protocol.paper`.
 """
 
 from __future__ import annotations

@@ -56,8 +56,8 @@ class TuningMethod:
             overrides it): the paper's SGD for prompts and frozen-backbone heads, AdamW where backbone
             weights or adapters train.
         head_only: the backbone is frozen, has no prompts and nothing of it trains: the head sees a pure function of
-            the image, so training may run on cached features (:mod:`vpt_lightning.feature_cache`).
-        paper_method: its key in :mod:`vpt_lightning.paper`'s reference numbers, if the paper reports it.
+            the image, so training may run on cached features (:mod:`vpt_lightning.runs.feature_cache`).
+        paper_method: its key in :mod:`vpt_lightning.protocol.paper`'s reference numbers, if the paper reports it.
         label_option: a config field whose value the default label carries (``partial_2`` for Partial-k).
         report_order: where its column stands in ``vpt-report``'s tables, lowest first (ties by name): the paper's
             Table 1 order (Full 0; head-oriented 10-19; backbone-oriented 20-29; VPT 30-39); a method without one

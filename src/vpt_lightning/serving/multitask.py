@@ -10,8 +10,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from ..backbones import BackboneConfig
-from ..checkpoint import TaskCheckpoint
 from ..heads import import_user_code
+from ..sharing.checkpoint import TaskCheckpoint
 from ..task_model import TaskModel, TaskRecord
 from .task_index import TASK_NAME, ServedTask, default_task_name  # noqa: F401  (imported from here before)
 from .task_store import TaskStore, UnknownTask

@@ -3,11 +3,12 @@
 Reading (:class:`PackageReader`): a package's ``config.json`` and ``model.safetensors`` are opened through one
 open handle on the package folder, so both come from the same version even when the folder is swapped for a new one
 meanwhile. What a package may hold is checked by the package loader's own functions (``docs/security.md``): both
-files are regular files within their caps (:mod:`vpt_lightning.regular_files`: the small-file cap for
+files are regular files within their caps (:mod:`vpt_lightning.sharing.regular_files`: the small-file cap for
 ``config.json``, what its tensors can take for the weights), the safetensors header holds exactly the task's trained
-keys and shapes before a tensor is read (:func:`vpt_lightning.trust.safetensors_shapes`,
-:func:`~vpt_lightning.trust.check_tensor_shapes`), and every value is finite
-(:func:`~vpt_lightning.trust.check_finite`). Only the store's own need is here: the tensors used as they are, so of
+keys and shapes before a tensor is read (:func:`vpt_lightning.sharing.trust.safetensors_shapes`,
+:func:`~vpt_lightning.sharing.trust.check_tensor_shapes`), and every value is finite
+(:func:`~vpt_lightning.sharing.trust.check_finite`). Only the store's own need is here: the tensors used as they
+are, so of
 a number dtype, on the shared model's device and dtype (:func:`placed`). Every error is one line naming the file.
 
 Writing (:func:`install_package`, :func:`remove_package`): a new version is written in full into a hidden folder
@@ -30,10 +31,10 @@ from typing import Dict, Iterator, Mapping, Tuple
 
 import torch
 
-from ..atomic import current_umask, fsync_path
-from ..regular_files import RefusedFileError, open_regular_file, read_regular_file
+from ..runs.atomic import current_umask, fsync_path
+from ..sharing.regular_files import RefusedFileError, open_regular_file, read_regular_file
+from ..sharing.trust import check_finite, check_tensor_shapes, safetensors_shapes
 from ..task_model import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE
-from ..trust import check_finite, check_tensor_shapes, safetensors_shapes
 
 #: room for the safetensors header (JSON) and alignment beyond the tensors' own bytes
 HEADER_BYTES = 2**20
@@ -93,7 +94,7 @@ class PackageReader:
 
     def config(self) -> bytes:
         """The bytes of ``config.json``, read as every small file someone else made
-        (:func:`~vpt_lightning.regular_files.read_regular_file`: a regular file within the cap)."""
+        (:func:`~vpt_lightning.sharing.regular_files.read_regular_file`: a regular file within the cap)."""
         with self._gone_as_missing(CONFIG_FILE):
             return read_regular_file(self.folder / CONFIG_FILE, folder_fd=self.fd)
 

@@ -12,8 +12,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..csv_files import csv_rows, csv_text, write_csv_atomic
-from ..regular_files import RefusedFileError, read_regular_file
+from ..sharing.csv_files import csv_rows, csv_text, write_csv_atomic
+from ..sharing.regular_files import RefusedFileError, read_regular_file
 from .images import MAX_IMAGE_PIXELS, ImageError, decode_image, task_transforms, top_k
 from .task_store import TaskStore
 
@@ -93,7 +93,8 @@ def list_images(
 
 def read_image_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     """The bytes of a regular file of at most ``max_bytes``; anything else (a FIFO, a device, a socket, a larger
-    file) raises :class:`ImageError` without being read (:func:`vpt_lightning.regular_files.read_regular_file`)."""
+    file) raises :class:`ImageError` without being read
+    (:func:`vpt_lightning.sharing.regular_files.read_regular_file`)."""
     try:
         return read_regular_file(path, max_bytes, limit_hint="--max-file-bytes")
     except RefusedFileError as err:
@@ -194,7 +195,8 @@ def predict_images(
 
 def predictions_csv(predictions: Sequence[Dict[str, Any]], k: int) -> str:
     """``path, task, class_1, probability_1, ..., class_k, probability_k`` (empty cells past a task's classes;
-    text a spreadsheet would run as a formula starts with a single quote: :func:`vpt_lightning.csv_files.csv_text`)."""
+    text a spreadsheet would run as a formula starts with a single quote:
+    :func:`vpt_lightning.sharing.csv_files.csv_text`)."""
     rows = []
     for p in predictions:
         cells = [v for top in p["top"] for v in (top["class"], f"{top['probability']:.6f}")]

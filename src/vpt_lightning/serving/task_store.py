@@ -41,11 +41,11 @@ from .. import heads
 from ..backbones import BackboneConfig, PromptedBackbone, create_backbone, prompted_backbone
 from ..backbones.identity import identity_differences
 from ..backbones.pin import backbone_pin, own_backbone
-from ..checkpoint import TaskCheckpoint
+from ..sharing.checkpoint import TaskCheckpoint
+from ..sharing.task_sources import read_task, record_of_checkpoint
+from ..sharing.trust import check_finite, check_tensor_shapes
 from ..task_model import TaskRecord, TaskSpec, check_shares_backbone
 from ..task_model import check_package as check_package_files
-from ..task_sources import read_task, record_of_checkpoint
-from ..trust import check_finite, check_tensor_shapes
 from .package_io import (
     PackageReader,
     content_version,

@@ -114,7 +114,7 @@ class TaskLayout:
     task costs no module (but a registered head's). ``origin``: the file whose spec it is, named by errors.
 
     ``spec`` comes from a file someone else made, so the network is built as loading a task builds it: first on the
-    ``meta`` device, within the caps of :func:`~vpt_lightning.trust.bounded_construction`
+    ``meta`` device, within the caps of :func:`~vpt_lightning.sharing.trust.bounded_construction`
     (:func:`~vpt_lightning.task_model.trained_tensor_shapes`), then on the copy within the same caps, each time with
     the method's ``config_for_saved_tensors`` (the trained tensors come from the file: nothing is fetched or read to
     start them); the keys and shapes must agree."""

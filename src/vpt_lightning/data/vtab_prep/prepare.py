@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from PIL import Image
 from torch.utils.data import ConcatDataset
 
-from ...atomic import atomic_path, write_text_atomic
+from ...runs.atomic import atomic_path, write_text_atomic
 from ..datasets import DataError
 from ..registry import TaskInfo, get_task
 from ..vtab import LIST_FILES

@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .atomic import atomic_path
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
-from .dataclass_config import plain_mapping
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
+from ..dataclass_config import plain_mapping
+from ..runs.atomic import atomic_path
 
 #: the largest logit difference (fp32) between onnxruntime and PyTorch that :func:`check_onnx` callers accept
 MAX_LOGIT_DIFF = 1e-4

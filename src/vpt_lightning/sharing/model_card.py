@@ -45,7 +45,7 @@ def _packaged_backbones() -> Dict[str, tuple]:
     """``conf/backbone`` option -> the architecture and weights it builds (the recipes of the package only)."""
     from omegaconf import OmegaConf
 
-    from .config import CONFIG_DIR, register_resolvers
+    from ..config import CONFIG_DIR, register_resolvers
 
     register_resolvers()  # ${vpt.asset:...}
     found: Dict[str, tuple] = {}

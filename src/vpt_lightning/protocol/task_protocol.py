@@ -10,8 +10,9 @@ Nothing is reused that does not fit: a finished run or a checkpoint of another c
 (other weights under the same ``backbone.checkpoint_path``: runs record the backbone's identity, which is compared
 with the job's, computed once per backbone config and weights file), an unreadable ``results.json`` and a truncated
 or unsafe checkpoint each stop the protocol with an error naming the file and the difference
-(:mod:`vpt_lightning.integrity`); ``protocol.restart=true`` (``vpt-tune --force``) starts such a run
-afresh instead. One process at a time works in a protocol folder and in each run folder (:mod:`vpt_lightning.locking`).
+(:mod:`vpt_lightning.runs.integrity`); ``protocol.restart=true`` (``vpt-tune --force``) starts such a run
+afresh instead. One process at a time works in a protocol folder and in each run folder
+(:mod:`vpt_lightning.runs.locking`).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .atomic import remove_stale_temp_files, write_json_atomic, write_text_atomic
-from .backbones import BackboneConfig, create_backbone
-from .integrity import (
+from ..backbones import BackboneConfig, create_backbone
+from ..methods import get_method
+from ..runs.atomic import remove_stale_temp_files, write_json_atomic, write_text_atomic
+from ..runs.integrity import (
     RESTART_HINT,
     RESULTS_IDENTITY_KEY,
     ConfigMismatchError,
@@ -43,12 +45,11 @@ from .integrity import (
     describe_differences,
     read_results,
 )
-from .locking import LOCK_FILE, folder_lock
-from .methods import get_method
-from .nonfinite import NonFiniteLossError
-from .regular_files import read_json_file
+from ..runs.locking import LOCK_FILE, folder_lock
+from ..runs.nonfinite import NonFiniteLossError
+from ..runs.training import RESULTS_FILE, last_checkpoint, parse_configs, result_config, train
+from ..sharing.regular_files import read_json_file
 from .search import optuna_sweep, search_kind
-from .training import RESULTS_FILE, last_checkpoint, parse_configs, result_config, train
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
@@ -156,7 +157,7 @@ def _reusable_result(job: DictConfig, run_dir: Path) -> Optional[Dict[str, Any]]
     """The finished result of ``run_dir`` if it has one of the job's config and backbone (else ``None``: train or
     resume it).
 
-    Raises :class:`~vpt_lightning.integrity.RunIntegrityError` naming the file for an unreadable ``results.json``,
+    Raises :class:`~vpt_lightning.runs.integrity.RunIntegrityError` naming the file for an unreadable ``results.json``,
     a finished run of another config or backbone, and a checkpoint that is unreadable, unsafe or of another config
     or backbone.
     """
@@ -331,7 +332,7 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
 
 def find_summaries(dirs: Sequence[Path]) -> List[Dict[str, Any]]:
     """Every ``summary.json`` below ``dirs`` (each a regular file of at most
-    :data:`~vpt_lightning.regular_files.MAX_SMALL_FILE_BYTES` holding a JSON object; anything else is an error
+    :data:`~vpt_lightning.sharing.regular_files.MAX_SMALL_FILE_BYTES` holding a JSON object; anything else is an error
     naming it, never read)."""
     found = []
     for root in dirs:

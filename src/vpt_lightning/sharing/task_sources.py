@@ -3,7 +3,8 @@
 ``MultiTaskClassifier``), and pinning the backbone so that a task's config cannot choose what is built.
 
 A task file is data, never code (``docs/security.md``): packages are JSON + safetensors, ``.ckpt`` files are read
-with ``torch.load(weights_only=True)`` (:func:`vpt_lightning.checkpoint.read_task_checkpoint`), and either is checked
+with ``torch.load(weights_only=True)`` (:func:`vpt_lightning.sharing.checkpoint.read_task_checkpoint`), and either
+is checked
 as :func:`vpt_lightning.task_model.read_package` says (values only, its own trained tensors in the shapes its config
 implies, sizes within caps, finite values) before any network is built. A Hub repo is downloaded only when the
 source says ``hf://``; a bare ``OWNER/NAME`` is a local path.
@@ -18,9 +19,8 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from .backbones.pin import backbone_pin  # noqa: F401  (re-exported: the operator's backbone pin)
-from .checkpoint import TaskCheckpoint, read_task_checkpoint
-from .task_model import (
+from ..backbones.pin import backbone_pin  # noqa: F401  (re-exported: the operator's backbone pin)
+from ..task_model import (
     CONFIG_FILE,
     HUB_PREFIX,
     TaskModel,
@@ -31,6 +31,7 @@ from .task_model import (
     spec_of_file,
     trained_tensor_shapes,
 )
+from .checkpoint import TaskCheckpoint, read_task_checkpoint
 from .trust import check_finite, check_tensor_shapes
 
 

@@ -18,7 +18,7 @@ from typing import IO, Any, Dict, List, Optional, Union
 import torch
 from torch import nn
 
-from .backbones.identity import (  # noqa: F401  (re-exported: the identity lives with the backbones)
+from ..backbones.identity import (  # noqa: F401  (re-exported: the identity lives with the backbones)
     TRAINING_ONLY_KWARGS,
     architecture,
     backbone_identity,

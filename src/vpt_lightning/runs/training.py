@@ -16,14 +16,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .atomic import remove_stale_temp_files, write_json_atomic
-from .backbones import BackboneConfig
+from ..backbones import BackboneConfig
 from .feature_cache import FeatureCache, cache_refusal, cached_datamodule
 from .integrity import RESULTS_IDENTITY_KEY, RecordRunConfig, check_resume, composed_config
 from .locking import folder_lock
-from .methods import TuningConfig, TuningMethod, parse_tuning
-from .module import VPTModule
-from .optim import OptimConfig
-from .prompt import PromptConfig
+from ..methods import TuningConfig, TuningMethod, parse_tuning
+from ..module import VPTModule
+from ..optim import OptimConfig
+from ..prompt import PromptConfig
 from .tracking import log_config, log_results
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def build_module(cfg: DictConfig, configs: ModelConfigs, datamodule: Any) -> VPT
     if task_type == "classification":
         return VPTModule(**common)
     if task_type == "segmentation":
-        from .segmentation import SegmentationModule
+        from ..segmentation import SegmentationModule
 
         options = OmegaConf.to_container(cfg.get("segmentation") or {}, resolve=True)
         options["ignore_index"] = datamodule.ignore_index  # the data decides what is unlabelled
@@ -158,7 +158,7 @@ def build_module(cfg: DictConfig, configs: ModelConfigs, datamodule: Any) -> VPT
 def _in_locked_run_folder(train_fn: Callable[[DictConfig], Dict[str, Any]]) -> Callable[[DictConfig], Dict[str, Any]]:
     """Run ``train_fn`` holding the run folder's lock (a second process on the folder fails at once, naming the
     holder), after clearing the temporary files of a killed write and checking that the checkpoint it resumes
-    from is readable, safe and of this run's configuration (:func:`vpt_lightning.integrity.check_resume`)."""
+    from is readable, safe and of this run's configuration (:func:`vpt_lightning.runs.integrity.check_resume`)."""
 
     @functools.wraps(train_fn)
     def locked(cfg: DictConfig) -> Dict[str, Any]:
@@ -265,7 +265,7 @@ def use_feature_cache(
     cfg: DictConfig, configs: ModelConfigs, module: VPTModule, datamodule: Any, trainer: pl.Trainer
 ) -> Any:
     """The DataModule to train on: cached backbone features for head-only runs on deterministic data (see
-    :mod:`vpt_lightning.feature_cache`; ``feature_cache.enabled=false`` turns it off), else ``datamodule``."""
+    :mod:`vpt_lightning.runs.feature_cache`; ``feature_cache.enabled=false`` turns it off), else ``datamodule``."""
     settings = cfg.get("feature_cache") or {}
     if not settings.get("enabled", True):
         return datamodule

@@ -29,14 +29,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
 
-from .backbones.identity import identity_differences
-from .checkpoint import IDENTITY_KEY
-from .regular_files import RefusedFileError, read_json_file
+from ..backbones.identity import identity_differences
+from ..sharing.checkpoint import IDENTITY_KEY
+from ..sharing.regular_files import RefusedFileError, read_json_file
 
 log = logging.getLogger(__name__)
 RUN_CONFIG_KEY = "vpt_run_config"
 # where a finished run's results.json records the identity of the backbone it trained on (a checkpoint: under
-# vpt_lightning.checkpoint.IDENTITY_KEY, written by VPTModule.on_save_checkpoint)
+# vpt_lightning.sharing.checkpoint.IDENTITY_KEY, written by VPTModule.on_save_checkpoint)
 RESULTS_IDENTITY_KEY = "backbone_identity"
 RESTART_HINT = "vpt-tune: --force (or protocol.restart=true) starts that run afresh"
 
@@ -130,7 +130,7 @@ class RecordRunConfig(Callback):
 # ---- reading a run folder's files -------------------------------------------------------------------------
 def read_results(path: Path) -> Dict[str, Any]:
     """A finished run's ``results.json``; :class:`UnreadableFileError` naming it when it is not readable JSON, or
-    not a regular file of at most :data:`~vpt_lightning.regular_files.MAX_SMALL_FILE_BYTES` (a FIFO, a device:
+    not a regular file of at most :data:`~vpt_lightning.sharing.regular_files.MAX_SMALL_FILE_BYTES` (a FIFO, a device:
     never read)."""
     path = Path(path)
     try:
@@ -225,7 +225,7 @@ def check_resume(
     """Load the checkpoint a job resumes from and refuse it when another configuration wrote it, or (given the job's
     ``backbone_identity``) when it was trained on another backbone (:func:`check_same_backbone`).
 
-    ``config`` is the job's result-determining config (:func:`vpt_lightning.training.result_config`); keys in
+    ``config`` is the job's result-determining config (:func:`vpt_lightning.runs.training.result_config`); keys in
     ``ignore`` may differ (e.g. ``trainer.max_epochs`` to train an explicitly resumed run for longer). A checkpoint
     of an older version, without a recorded config, is resumed with a warning. Returns the loaded checkpoint.
     """

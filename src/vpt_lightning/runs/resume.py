@@ -134,10 +134,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Lightning's own write goes through an fsspec transaction whose temporary file lives in the system temp
     folder; when that is another file system than the run folder, the final move is a copy into the target,
     which a kill interrupts half-way. Here the temporary file is in the target's folder, is fsynced, then
-    ``os.replace``-d over the target (atomic on POSIX and Windows; :func:`vpt_lightning.atomic.atomic_path`).
+    ``os.replace``-d over the target (atomic on POSIX and Windows; :func:`vpt_lightning.runs.atomic.atomic_path`).
     Reads (``ckpt_path=...`` resumes) use ``torch.load(weights_only=True)`` whatever Lightning asks for, so a
     checkpoint with a pickle payload is refused before any of it runs, and a truncated one gets an error naming
-    the file (:func:`vpt_lightning.integrity.load_checkpoint`). Remote paths use Lightning's own I/O.
+    the file (:func:`vpt_lightning.runs.integrity.load_checkpoint`). Remote paths use Lightning's own I/O.
     Wired as a trainer plugin in ``conf/trainer/default.yaml`` (FSDP's full state dict goes through it too;
     its sharded checkpoints are folders written by FSDP itself).
     """

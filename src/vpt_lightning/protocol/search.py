@@ -16,7 +16,7 @@ processes or machines started with the same ``protocol.storage`` and ``protocol.
 With ``protocol.pruning=true`` (default) a :class:`optuna.pruners.MedianPruner` stops a run whose val top-1 at an
 epoch is below the median of the other runs at that epoch (:class:`OptunaPruning` reports it from Lightning). Pruned
 points are never selected. When the study holds no more work, the worker waits for the other workers' running
-trials and returns the sweep in :mod:`vpt_lightning.protocol`'s format, so selection, final runs and
+trials and returns the sweep in :mod:`vpt_lightning.protocol.task_protocol`'s format, so selection, final runs and
 ``vpt-report`` work as for a grid.
 
 Trials run through :meth:`optuna.study.Study.optimize`, which records a heartbeat of the running trial every
@@ -242,7 +242,8 @@ def optuna_sweep(
 ) -> Tuple[List[Dict[str, Any]], List[BaseException], Dict[str, Any]]:
     """Run this worker's share of the study, wait for the others, return ``(sweep, errors, search_info)``.
 
-    ``points`` is the grid (:func:`vpt_lightning.protocol.grid_points`); ``run_point(point, overrides)`` runs one
+    ``points`` is the grid (:func:`vpt_lightning.protocol.task_protocol.grid_points`); ``run_point(point,
+    overrides)`` runs one
     sweep point with extra config overrides (the pruning callback) and returns its sweep entry and error.
     """
     optuna = _optuna()

@@ -4,7 +4,7 @@
 as written (``${paths.data_dir}``, ``${oc.env:...}``) and ``_target_`` nodes naming what Hydra built. Run folders
 travel (with a paper, from a colleague), so the commands that read one take values from it and nothing else:
 
-- the file is read only if it is a regular file of at most :data:`~vpt_lightning.regular_files.MAX_SMALL_FILE_BYTES`,
+- the file is read only if it is a regular file of at most :data:`~vpt_lightning.sharing.regular_files.MAX_SMALL_FILE_BYTES`,
   with YAML's safe loader (plain values; :func:`read_run_config`);
 - no interpolation is resolved (:func:`plain_value`): a value that is one counts as absent;
 - no ``_target_`` of it is imported or instantiated: :func:`datamodule_from_run` rebuilds the DataModule from the
@@ -28,8 +28,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import yaml
 
-from .config import CONFIG_DIR
-from .regular_files import read_regular_file
+from ..config import CONFIG_DIR
+from ..sharing.regular_files import read_regular_file
 
 log = logging.getLogger(__name__)
 RUN_CONFIG = Path(".hydra") / "config.yaml"
@@ -171,7 +171,7 @@ def _packaged_values(option: str) -> Dict[str, Any]:
     own config and environment); mandatory values (``???``) left out."""
     from omegaconf import OmegaConf
 
-    from .config import compose
+    from ..config import compose
 
     node = OmegaConf.to_container(compose([f"data={option}"]).data, resolve=True, throw_on_missing=False)
     return {k: v for k, v in node.items() if k != "_target_" and v != "???"}  # type: ignore[union-attr]

@@ -85,7 +85,7 @@ def remove_stale_temp_files(folder: Path, depth: int = 1) -> List[Path]:
     """Delete the temporary files :func:`atomic_path` left in ``folder`` (and its subfolders down to ``depth``
     levels, e.g. a run's ``checkpoints/``) when a process was killed mid-write.
 
-    Call it only while holding the folder's lock (:mod:`vpt_lightning.locking`): a live writer's temporary
+    Call it only while holding the folder's lock (:mod:`vpt_lightning.runs.locking`): a live writer's temporary
     file would otherwise be taken from under it. Returns the removed paths.
     """
     folder = Path(folder)

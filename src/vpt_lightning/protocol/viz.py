@@ -23,10 +23,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .atomic import write_bytes_atomic
-from .csv_files import csv_rows
-from .module import VPTModule
-from .training import last_checkpoint
+from ..module import VPTModule
+from ..runs.atomic import write_bytes_atomic
+from ..runs.training import last_checkpoint
+from ..sharing.csv_files import csv_rows
 
 
 def _pyplot():
@@ -82,9 +82,9 @@ def load_task_for_viz(
 
 def run_datamodule(run_dir: Path, module: VPTModule, overrides: Optional[Dict[str, Any]] = None, **notify: Any) -> Any:
     """The run's DataModule, rebuilt from the plain values of its composed config (``.hydra/config.yaml``; never
-    instantiated: :func:`vpt_lightning.run_folder.datamodule_from_run`, which ``notify`` goes to), preparing images
+    instantiated: :func:`vpt_lightning.runs.run_folder.datamodule_from_run`, which ``notify`` goes to), preparing images
     as at training. ``overrides``: the operator's ``--data KEY=VALUE``."""
-    from .run_folder import datamodule_from_run
+    from ..runs.run_folder import datamodule_from_run
 
     datamodule = datamodule_from_run(run_dir, overrides, **notify)
     datamodule.backbone_data_config = module.data_config
@@ -251,7 +251,7 @@ def image_files(folder: Path, count: int) -> List[Path]:
     """Up to ``count`` image files of ``folder``, taken from its sub-folders in turn (the first file of each
     sub-folder in sorted order, then the second of each...): on a class-per-folder tree, one image per class before
     a second of any. Files at the top of ``folder`` are a group of their own, taken first."""
-    from .data.folder import IMAGE_SUFFIXES  # the image files a folder dataset reads
+    from ..data.folder import IMAGE_SUFFIXES  # the image files a folder dataset reads
 
     if count < 1:
         raise ValueError(f"--num-images must be at least 1, not {count}")
@@ -274,9 +274,9 @@ def load_images(
     Each is read as ``vpt-predict`` reads an image file: a regular file only (a FIFO or a device is refused, never
     read), at most :data:`~vpt_lightning.serving.predict.MAX_FILE_BYTES`, its pixel count checked before decoding
     (``max_image_pixels``, default :data:`~vpt_lightning.serving.images.MAX_IMAGE_PIXELS`)."""
-    from .data.transforms import build_transform
-    from .serving.images import decode_image
-    from .serving.predict import read_image_file
+    from ..data.transforms import build_transform
+    from ..serving.images import decode_image
+    from ..serving.predict import read_image_file
 
     files = image_files(folder, count)
     # the run's evaluation transform (kept in the checkpoint), as vpt-predict prepares image files
@@ -428,11 +428,11 @@ def log_image(
     names) and W&B (an image in a ``viz`` run beside the run's own, see :func:`_log_wandb_image`).
 
     The run's ``.hydra/config.yaml`` says which trackers it used; its values are read as written (never resolved,
-    :mod:`vpt_lightning.run_folder`), and the tracking store it names is never contacted: only the operator's.
+    :mod:`vpt_lightning.runs.run_folder`), and the tracking store it names is never contacted: only the operator's.
     Returns where the figure was logged, and what was skipped (with how to enable it)."""
     if run_dir is None:
         return [], []
-    from .run_folder import plain_value, read_run_config, run_config_path
+    from ..runs.run_folder import plain_value, read_run_config, run_config_path
 
     logged: List[str] = []
     skipped: List[str] = []
@@ -473,7 +473,7 @@ def log_image(
 
 def _log_mlflow_artifact(run_dir: Path, uri: str, experiment_name: str, png: Path) -> List[str]:
     """Log the PNG as an artifact (``viz/``) of the latest run named after the run folder, in the operator's store."""
-    from .tracking import _absolute_sqlite, run_label
+    from ..runs.tracking import _absolute_sqlite, run_label
 
     try:
         from mlflow.tracking import MlflowClient
@@ -501,7 +501,7 @@ def _log_wandb_image(run_dir: Path, settings: Dict[str, Any], tag: str, png: Pat
 
     Not the run's own W&B run: wandb (0.31) does not resume offline runs (``wandb.init(id=..., resume="allow")``
     or ``"must"`` starts a fresh offline run with the same id, without its name, group or steps)."""
-    from .tracking import finish_wandb_run, run_label
+    from ..runs.tracking import finish_wandb_run, run_label
 
     try:
         import wandb

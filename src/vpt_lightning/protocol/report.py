@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .atomic import atomic_path, write_text_atomic
-from .csv_files import csv_text, write_csv_atomic
-from .data.registry import TASKS, VTAB_GROUPS, fgvc_tasks, vtab_tasks
-from .methods import get_method, methods_in_report_order
+from ..data.registry import TASKS, VTAB_GROUPS, fgvc_tasks, vtab_tasks
+from ..methods import get_method, methods_in_report_order
+from ..runs.atomic import atomic_path, write_text_atomic
+from ..sharing.csv_files import csv_text, write_csv_atomic
+from ..sharing.regular_files import RefusedFileError, read_json_file
 from .paper import BACKBONES, DEFAULT_BACKBONE, METHODS, backbone_key, group_means, reference
-from .regular_files import RefusedFileError, read_json_file
 
 MISSING = "—"
 
@@ -112,7 +112,7 @@ def group_aggregates(means: Dict[str, Optional[float]], groups: Dict[str, List[s
 
 
 def report_backbone(summaries: Sequence[Dict[str, Any]]) -> str:
-    """The paper backbone (a key of :data:`~vpt_lightning.paper.BACKBONES`) whose numbers go beside the runs:
+    """The paper backbone (a key of :data:`~vpt_lightning.protocol.paper.BACKBONES`) whose numbers go beside the runs:
     the one every run used, else (mixed, or a backbone the paper lacks) the default ViT-B/16 ImageNet-21k."""
     keys = {backbone_key(s.get("backbone"), s.get("backbone_reference")) for s in summaries}
     return keys.pop() if len(keys) == 1 and None not in keys else DEFAULT_BACKBONE
@@ -215,8 +215,8 @@ def results_table(summaries: Sequence[Dict[str, Any]]) -> ResultsTable:
 
 def final_run_config(summary: Dict[str, Any]) -> Dict[str, Any]:
     """The config of a ``vpt-tune`` summary's final runs, as the first of their ``results.json`` records it (read
-    as data: :func:`vpt_lightning.integrity.read_results`); ``{}`` when the summary has no final run on disk."""
-    from .integrity import read_results
+    as data: :func:`vpt_lightning.runs.integrity.read_results`); ``{}`` when the summary has no final run on disk."""
+    from ..runs.integrity import read_results
 
     if not summary.get("path"):
         return {}
@@ -227,9 +227,9 @@ def final_run_config(summary: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def summary_backbone(summary: Dict[str, Any]) -> Optional[str]:
-    """The backbone of a summary's runs as :func:`vpt_lightning.model_card.backbone_description` names it (from
+    """The backbone of a summary's runs as :func:`vpt_lightning.sharing.model_card.backbone_description` names it (from
     its final runs' config), else the timm name the summary records."""
-    from .model_card import backbone_description
+    from ..sharing.model_card import backbone_description
 
     backbone = final_run_config(summary).get("backbone")
     if isinstance(backbone, dict) and backbone.get("name"):
@@ -295,7 +295,7 @@ CSV_HEADER = [
 def to_csv(table: ResultsTable) -> str:
     """The table in long CSV form: a line per (task, label), then per (aggregate, label); accuracies in percent,
     like the paper's. Task names and labels come from the summaries' files: text a spreadsheet would run as a
-    formula starts with a single quote (:func:`vpt_lightning.csv_files.csv_text`)."""
+    formula starts with a single quote (:func:`vpt_lightning.sharing.csv_files.csv_text`)."""
     rows: List[List[Any]] = []
     for task in table.tasks:
         for tuning in table.tunings:
@@ -484,7 +484,8 @@ def write_report(
 def find_segmentation_results(dirs: Sequence[Path]) -> List[Dict[str, Any]]:
     """Every ``results.json`` below ``dirs`` written by a segmentation run (``task_type: segmentation``).
 
-    Each is read only if it is a regular file of at most :data:`~vpt_lightning.regular_files.MAX_SMALL_FILE_BYTES`
+    Each is read only if it is a regular file of at most
+    :data:`~vpt_lightning.sharing.regular_files.MAX_SMALL_FILE_BYTES`
     (a FIFO or a device is an error naming it, never read); one that is not JSON is passed over."""
     found = []
     for root in dirs:

@@ -3,7 +3,7 @@
 The package ships the result (``assets/quickstart_vit.safetensors``, fp16, about 1.4 MB), so the quickstart
 prompt-tunes a *pretrained* backbone with no network. This module rebuilds it from scratch, reproducibly:
 
-    python -m vpt_lightning.quickstart --out src/vpt_lightning/assets/quickstart_vit.safetensors
+    python -m vpt_lightning.backbones.quickstart --out src/vpt_lightning/assets/quickstart_vit.safetensors
 
 Upstream task: kind x colour of the largest of 1-3 shapes (36 classes). The quickstart's downstream tasks
 (location, count, orientation, smallest shape) ask for other things of the same images. The architecture is the one
@@ -27,10 +27,10 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .atomic import atomic_path
-from .config import CONFIG_DIR
-from .data.synthetic import SyntheticDataset, get_synthetic_task
-from .schedule import warmup_cosine_factor
+from ..config import CONFIG_DIR
+from ..data.synthetic import SyntheticDataset, get_synthetic_task
+from ..runs.atomic import atomic_path
+from ..schedule import warmup_cosine_factor
 
 ASSET = Path(__file__).parent / "assets" / "quickstart_vit.safetensors"
 BACKBONE_CONFIG = CONFIG_DIR / "backbone" / "quickstart_vit.yaml"

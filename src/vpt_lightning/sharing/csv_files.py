@@ -4,7 +4,8 @@
   as a formula (one that starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return, OWASP's list for CSV
   injection) prefixed with a single quote, which spreadsheet tools show as text: a class name ``=HYPERLINK(...)``
   stays a name.
-- :func:`csv_rows` reads a regular file (:mod:`vpt_lightning.regular_files`) as dicts, and turns the csv module's
+- :func:`csv_rows` reads a regular file (:mod:`vpt_lightning.sharing.regular_files`) as dicts, and turns the csv
+module's
   errors (a field over its limit of 128 KiB, a NUL byte) into a ``ValueError`` naming the file and the line.
 """
 
@@ -16,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, Optional, Sequence
 
-from .atomic import write_bytes_atomic
+from ..runs.atomic import write_bytes_atomic
 from .regular_files import open_regular_file
 
 #: what starts a formula in Excel, LibreOffice or Google Sheets (OWASP, "CSV Injection")
