@@ -184,6 +184,21 @@ def chdir(path: Path) -> Iterator[None]:
         os.chdir(saved)
 
 
+@pytest.fixture(autouse=True)
+def restore_root_logging() -> Iterator[None]:
+    """The root logger's handlers and level as they were before each test: a command run in the test process
+    (Hydra's job logging) adds handlers writing to that test's captured streams, which are closed afterwards; a
+    later test's log record would then print a logging error instead of its message."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    yield
+    for handler in set(root.handlers) - set(saved_handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.handlers[:] = saved_handlers
+    root.setLevel(saved_level)
+
+
 def run_cli(command: str, args: Sequence, cwd: Path, env: Optional[dict] = None, timeout: float = 600):
     """The installed ``vpt-<command>`` console script in a new process, as a user runs it (``HYDRA_FULL_ERROR=0``);
     returns the finished ``subprocess.CompletedProcess`` (text output)."""

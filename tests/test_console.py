@@ -143,3 +143,18 @@ def test_an_unknown_option_of_a_config_group_is_one_line_naming_group_value_and_
         "data=vtab_cifar10 (chosen by experiment/mine) is not an option of the config group 'data' (did you mean "
         "'vtab_cifar100'?); its options: folder, vtab_cifar100"
     )
+
+
+@pytest.mark.parametrize("argv", [["viz"], ["report"], ["export"], ["export", "onnx"], ["prepare"]])
+def test_help_shows_the_module_docstring_as_plain_text(tmp_path, argv):
+    """The description a command gives argparse is its module docstring without reStructuredText markup."""
+    from conftest import run_cli_in_process
+
+    from vpt_lightning.cli.console import plain_text
+
+    assert plain_text("``vpt-viz``: :func:`~vpt_lightning.viz.attention_figure` (:mod:`vpt_lightning.viz`)") == (
+        "vpt-viz: attention_figure (vpt_lightning.viz)"
+    )
+    proc = run_cli_in_process(argv[0], [*argv[1:], "--help"], cwd=tmp_path)
+    assert proc.returncode == 0 and f"vpt-{argv[0]}" in proc.stdout
+    assert "``" not in proc.stdout and ":func:" not in proc.stdout and ":mod:" not in proc.stdout, proc.stdout
