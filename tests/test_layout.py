@@ -175,7 +175,9 @@ def _cycles(graph: dict) -> list:
 
 def test_the_whole_package_has_no_import_cycle():
     graph = _package_graph()
-    assert {"sharing.checkpoint", "backbones.identity", "backbones.loading", "task_model", "serving.multitask"} <= set(graph)
+    assert {"sharing.checkpoint", "backbones.identity", "backbones.loading", "task_model", "serving.multitask"} <= set(
+        graph
+    )
     assert "backbones.loading" in graph["task_model"]  # BackboneConfig, imported through backbones/__init__
     assert _cycles(graph) == []
     # the backbone identity lives with the backbones: checkpoint.py uses it, backbones/ never imports checkpoint.py

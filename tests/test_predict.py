@@ -285,3 +285,16 @@ def test_a_csv_field_over_the_csv_limit_is_a_one_line_error(tasks, tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith("vpt-predict: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert f"{str(listing)!r}: line 3: field larger than field limit" in err and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["predict", "serve"])
+def test_devices_takes_ascii_digits_as_a_count_and_names_a_bad_value(tmp_path, command):
+    """'²' is a digit to str.isdigit but not to int: --devices names it as argparse does, before anything loads."""
+    from conftest import run_cli_in_process
+
+    from vpt_lightning.cli.task_arguments import lightning_devices
+
+    assert lightning_devices("2") == 2 and lightning_devices("auto") == "auto" and lightning_devices("0,1") == "0,1"
+    proc = run_cli_in_process(command, [str(tmp_path / "task"), "--devices", "²"], cwd=tmp_path)
+    assert proc.returncode == 2, proc
+    assert "--devices" in proc.stderr and "'²'" in proc.stderr and "auto" in proc.stderr, proc.stderr

@@ -17,7 +17,7 @@ from ..serving.predict import MAX_FILE_BYTES, list_images, predict_images, write
 from ..serving.task_cache import parse_bytes
 from ..serving.task_store import TaskStore
 from .console import report_errors
-from .task_arguments import add_pin_and_import_arguments
+from .task_arguments import add_pin_and_import_arguments, lightning_devices
 
 
 def parse_checkpoints(values: Sequence[str]) -> Union[List[str], Dict[str, str]]:
@@ -123,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, mps (default auto)"
     )
-    parser.add_argument("--devices", default="1", help="Lightning devices (default 1)")
+    parser.add_argument("--devices", default=1, type=lightning_devices, help="Lightning devices (default 1)")
     parser.add_argument("--precision", default="32-true", help="Lightning precision: 32-true, bf16-mixed, 16-mixed...")
     parser.add_argument(
         "--strict", action="store_true", help="fail on the first unreadable image instead of skipping it"
@@ -141,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         items = list_images(args.images, model.task_names, args.task, args.root)
         trainer = pl.Trainer(
             accelerator=args.accelerator,
-            devices=int(args.devices) if args.devices.isdigit() else args.devices,
+            devices=args.devices,
             precision=args.precision,
             logger=False,
             enable_model_summary=False,

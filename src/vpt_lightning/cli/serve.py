@@ -15,6 +15,7 @@ from ..runs.threads import configure_threads
 from ..serving.images import MAX_IMAGE_PIXELS
 from .console import report_errors
 from .predict import add_model_arguments, cache_size, check_model_arguments, load_model
+from .task_arguments import lightning_devices
 
 API_KEY_ENV, API_KEY_HEADER = "LIT_SERVER_API_KEY", "X-API-Key"  # as in serving.server (importable without LitServe)
 
@@ -90,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="larger task uploads (PUT /tasks/NAME) get 413; they count in --max-buffered-bytes (default 64MiB)",
     )
     parser.add_argument("--accelerator", default="auto", help="LitServe accelerator: auto, cpu, cuda, mps")
-    parser.add_argument("--devices", default="1", help="devices (default 1)")
+    parser.add_argument("--devices", default=1, type=lightning_devices, help="devices (default 1)")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
     check_model_arguments(parser, args)
@@ -164,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             max_package_bytes=args.max_package_bytes,
             accelerator=args.accelerator,
             warn_exposure=False,
-            devices=int(args.devices) if args.devices.isascii() and args.devices.isdigit() else args.devices,
+            devices=args.devices,
         )
     except ChildDied as err:  # a process of the server died (OOM kill...): the others stopped, a supervisor restarts
         print(f"vpt-serve: error: {err}", file=sys.stderr)

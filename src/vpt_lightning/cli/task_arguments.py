@@ -10,6 +10,16 @@ if TYPE_CHECKING:  # loading a task imports torch and timm: only when a command 
     from ..task_model import TaskModel
 
 
+def lightning_devices(text: str) -> "int | str":
+    """``--devices``: a count in ASCII digits becomes an int (``str.isdigit`` also takes '²', which ``int`` refuses),
+    Lightning's other spellings (``auto``, ``0,1``, ``-1``) stay text for Lightning to check."""
+    if text.isascii() and text.isdigit():
+        return int(text)
+    if text == "auto" or (text.isascii() and text.replace(",", "").lstrip("-").isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: give a device count (2), 'auto', or device indices (0,1)")
+
+
 def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
     """``--backbone NAME_OR_FILE`` (pin the frozen backbone) and ``--allow-download`` (the timm hub weights a task
     names may be downloaded)."""
