@@ -152,9 +152,9 @@ def test_help_shows_the_module_docstring_as_plain_text(tmp_path, argv):
 
     from vpt_lightning.cli.console import plain_text
 
-    assert plain_text("``vpt-viz``: :func:`~vpt_lightning.viz.attention_figure` (:mod:`vpt_lightning.viz`)") == (
-        "vpt-viz: attention_figure (vpt_lightning.viz)"
-    )
+    assert plain_text(
+        "``vpt-viz``: :func:`~vpt_lightning.protocol.viz.attention_figure` (:mod:`vpt_lightning.protocol.viz`)"
+    ) == ("vpt-viz: attention_figure (vpt_lightning.protocol.viz)")
     proc = run_cli_in_process(argv[0], [*argv[1:], "--help"], cwd=tmp_path)
     assert proc.returncode == 0 and f"vpt-{argv[0]}" in proc.stdout
     assert "``" not in proc.stdout and ":func:" not in proc.stdout and ":mod:" not in proc.stdout, proc.stdout

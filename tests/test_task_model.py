@@ -69,6 +69,48 @@ def test_the_factory_rebuilds_the_same_network_from_the_spec(tmp_path, images):
     torch.testing.assert_close(again(images), module(images), rtol=0, atol=0)
 
 
+def test_predict_prepares_files_and_pil_images_and_names_the_top_classes(tmp_path):
+    """``task.predict`` against an independent computation: each image resized and normalised here with torchvision
+    as the task's eval transform says (or, without one, as vpt-predict does: bicubic to the backbone's 32 px, ImageNet
+    mean/std), the softmax of ``task(prepared)``, its top-k indices and names."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    module, _ = _trained(tmp_path)
+    task = module.task.train()  # predict switches to eval mode and back
+    paths = [tmp_path / "images" / f"{i}.png" for i in range(3)]
+    for i, path in enumerate(paths):
+        write_image(path, seed=i, size=(40, 30))
+    pil = Image.open(paths[2]).convert("L")  # a PIL image, not RGB: converted as a file is
+    settings = [
+        (None, T.InterpolationMode.BICUBIC, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        (
+            {"recipe": "vtab", "img_size": 32, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3},
+            T.InterpolationMode.BILINEAR,
+            [0.5] * 3,
+            [0.25] * 3,
+        ),
+    ]
+    for eval_transform, mode, mean, std in settings:
+        task.spec.eval_transform = eval_transform
+        prepare = T.Compose([T.Resize((32, 32), interpolation=mode), T.ToTensor(), T.Normalize(mean, std)])
+        batch = torch.stack([prepare(Image.open(p).convert("RGB")) for p in paths[:2]] + [prepare(pil.convert("RGB"))])
+        with torch.no_grad():
+            want = task.eval()(batch).softmax(-1)
+        task.train()
+        answers = task.predict([paths[0], str(paths[1]), pil], top_k=3, batch_size=2)
+        assert task.training and task.backbone.prompts.training  # the modes are given back
+        assert len(answers) == 3
+        for answer, probabilities in zip(answers, want):
+            top = probabilities.topk(3)
+            assert [a["index"] for a in answer] == top.indices.tolist()
+            assert [a["class"] for a in answer] == [CLASSES[i] for i in top.indices.tolist()]
+            assert [a["probability"] for a in answer] == pytest.approx(top.values.tolist(), abs=1e-6)
+    assert len(task.predict(paths[0], top_k=100)[0]) == NUM_CLASSES  # one image; at most every class
+    with pytest.raises(ValueError, match="top_k=0 must be a positive integer"):
+        task.predict(paths, top_k=0)
+
+
 # ---- packages -------------------------------------------------------------------------------------------
 def test_a_package_holds_only_trained_tensors_and_loads_to_the_same_logits(tmp_path, images):
     module, _ = _trained(tmp_path)

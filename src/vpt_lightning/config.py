@@ -1,14 +1,22 @@
 """Hydra/OmegaConf plumbing: where the packaged configs live, the ``vpt.asset``, ``vpt.family_grid``,
-``vpt.prompt_length`` and ``vpt.protocol_variant`` resolvers, the schemas, and ``compose``."""
+``vpt.prompt_length``, ``vpt.protocol_variant`` and ``vpt.folder_task_name`` resolvers, the schemas, ``compose``,
+and what a task's name (``task_name``, a served task's) may hold."""
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).parent / "conf"
+#: the characters of a task's name (it names a run folder, a package folder, a URL path segment, a CSV cell); any
+#: such name is valid, ``train`` or ``eval`` too: a task store keeps its tasks by name, never as attributes
+NAME_CHARACTERS = "A-Za-z0-9_-"
+TASK_NAME = re.compile(f"[{NAME_CHARACTERS}]+")
+TASK_NAME_RULE = "may hold only letters, digits, '_' and '-'"
 ASSET_DIR = Path(__file__).parent / "assets"
 
 
@@ -67,6 +75,29 @@ def protocol_variant(keys: Any) -> str:
     return variant_suffix(HydraConfig.get().overrides.task, [str(k) for k in keys])
 
 
+def check_task_name(name: object, origin: str = "") -> str:
+    """``name`` if it is a task name (all of it :data:`TASK_NAME`), else a ``ValueError`` naming it (and
+    ``origin``, where it comes from) and the rule."""
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
+        raise ValueError(f"task name {name!r}{f' ({origin})' if origin else ''} {TASK_NAME_RULE}")
+    return name
+
+
+def as_task_name(text: str) -> str:
+    """``text`` as a task name: each character a task name may not hold replaced by ``_``."""
+    return re.sub(f"[^{NAME_CHARACTERS}]", "_", text)
+
+
+def folder_task_name(root: Optional[str]) -> str:
+    """``${vpt.folder_task_name:${oc.select:data.root,null}}`` in ``conf/data/folder.yaml``: a run on your own images
+    is named after their folder (its last component, ``~`` expanded, as an absolute path so ``.`` names the current
+    folder), made a task name (:func:`as_task_name`: other characters become ``_``). Without a root (``data.root``
+    not given yet: the data module's error names it), ``train``."""
+    if root is None:
+        return "train"
+    return as_task_name(Path(os.path.abspath(os.path.expanduser(str(root)))).name) or "train"
+
+
 def register_resolvers() -> None:
     """Register the package's OmegaConf resolvers and Hydra schemas (idempotent); call before composing."""
     from .schemas import register_schemas
@@ -79,6 +110,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("vpt.prompt_length", prompt_length)
     if not OmegaConf.has_resolver("vpt.protocol_variant"):
         OmegaConf.register_new_resolver("vpt.protocol_variant", protocol_variant)
+    if not OmegaConf.has_resolver("vpt.folder_task_name"):
+        OmegaConf.register_new_resolver("vpt.folder_task_name", folder_task_name)
     register_schemas()
 
 

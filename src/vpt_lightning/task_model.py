@@ -30,10 +30,11 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 from huggingface_hub import ModelCard, ModelHubMixin
+from PIL.Image import Image as PILImage
 from torch import nn
 
 from . import heads
@@ -43,6 +44,7 @@ from .backbones.loading import create_architecture
 from .backbones.pin import backbone_pin, check_file_backbone, own_backbone
 from .data.transforms import INTERPOLATIONS, RECIPES
 from .methods import parse_tuning
+from .sharing.onnx_export import ImageLike, eval_mode, image_transform, model_input_size, prepare_images
 from .prompt import PromptConfig
 from .runs.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from .sharing.checkpoint import trainable_state_keys
@@ -180,6 +182,31 @@ class TaskModel(
         """Logits ``(B, num_classes)`` of a batch of prepared images."""
         return self.head(self.backbone(images))
 
+    def image_transform(self) -> Callable[[Any], torch.Tensor]:
+        """How an RGB PIL image is prepared for :meth:`forward`: the task's :attr:`eval_transform` (the one its
+        evaluation used), else resize to the backbone's input size with ImageNet mean/std, as ``vpt-predict`` does
+        (:func:`~vpt_lightning.sharing.onnx_export.image_transform`)."""
+        return image_transform(self.eval_transform, model_input_size(self))
+
+    def predict(
+        self, images: Union[ImageLike, Sequence[ImageLike]], top_k: int = 5, batch_size: int = 32
+    ) -> List[List[Dict[str, Any]]]:
+        """Classify image files or PIL images (one, or a sequence), prepared by :meth:`image_transform`: for each
+        image, its ``top_k`` most probable classes (fewer if the task has fewer), most probable first, each
+        ``{"index": i, "class": name, "probability": p}`` as ``vpt-predict`` and ``vpt-serve`` answer. Runs in eval
+        mode without gradients, ``batch_size`` images at a time, on the task's device."""
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+            raise ValueError(f"top_k={top_k!r} must be a positive integer")
+        items = [images] if isinstance(images, (str, os.PathLike, PILImage)) else list(images)
+        first, size = next(self.parameters()), model_input_size(self)
+        answers: List[List[Dict[str, Any]]] = []
+        with eval_mode(self), torch.no_grad():
+            for start in range(0, len(items), batch_size):
+                batch = prepare_images(items[start : start + batch_size], self.eval_transform or {}, size)
+                probabilities = self(batch.to(device=first.device, dtype=first.dtype)).float().softmax(-1)
+                answers += [top_classes(row, self.class_names, top_k) for row in probabilities]
+        return answers
+
     # ---- the trained tensors ----------------------------------------------------------------------------
     def trained_state_keys(self) -> List[str]:
         """State-dict keys of what training changed (prompts, head, method tensors, trained buffers): those of the
@@ -287,6 +314,16 @@ class TaskModel(
             },
         )
         return super().from_pretrained(str(folder), backbone=backbone, allow_download=allow_download, **kwargs)
+
+
+def top_classes(probabilities: torch.Tensor, class_names: Sequence[str], k: int) -> List[Dict[str, Any]]:
+    """The ``k`` most probable classes of one image's ``probabilities`` over ``class_names`` (fewer if there are
+    fewer classes), most probable first: ``{"index", "class", "probability"}`` each."""
+    values, indices = probabilities.float().topk(min(k, len(class_names)))
+    return [
+        {"index": int(i), "class": class_names[int(i)], "probability": float(p)}
+        for p, i in zip(values.tolist(), indices.tolist())
+    ]
 
 
 def package_version() -> str:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .atomic import remove_stale_temp_files, write_json_atomic
 from ..backbones import BackboneConfig
+from ..config import check_task_name
 from .feature_cache import FeatureCache, cache_refusal, cached_datamodule
 from .integrity import RESULTS_IDENTITY_KEY, RecordRunConfig, check_resume, composed_config
 from .locking import folder_lock
@@ -64,7 +65,9 @@ class ModelConfigs:
 
 def parse_configs(cfg: DictConfig) -> ModelConfigs:
     """Parse and check the model and optimiser groups before anything is built (errors name the key and valid
-    values; a prompt group that contradicts the tuning method is refused)."""
+    values; a prompt group that contradicts the tuning method is refused, and so is a ``task_name`` that is no task
+    name: it names the run's package, which vpt-predict and vpt-serve serve by that name)."""
+    check_task_name(cfg.get("task_name"), "task_name")
 
     # a node typed by its schema (conf/train.yaml, schemas.py) becomes the dataclass itself; a plain node
     # (e.g. a config composed without the schemas) goes through the dataclass's mapping constructor

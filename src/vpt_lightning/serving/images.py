@@ -9,12 +9,13 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
+from ..sharing.onnx_export import image_transform
+from ..task_model import top_classes
 from .task_index import ServedTask
 from .task_store import TaskStore
 
@@ -91,18 +92,9 @@ def tiff_tiles(data: bytes) -> int:
 
 
 def eval_transform(info: ServedTask, model: TaskStore) -> Callable[[Image.Image], torch.Tensor]:
-    """The task's evaluation transform (saved at training); checkpoints without one: resize to the backbone's input
-    size, ImageNet mean/std (the training default)."""
-    settings: Mapping[str, Any] = info.eval_transform or {}
-    size = settings.get("img_size") or model.backbone.data_config()["input_size"][-1]
-    return build_transform(
-        settings.get("recipe", "vtab"),
-        train=False,
-        img_size=int(size),
-        mean=settings.get("mean", IMAGENET_MEAN),
-        std=settings.get("std", IMAGENET_STD),
-        interpolation=settings.get("interpolation", "bicubic"),
-    )
+    """The task's evaluation transform (saved at training; :func:`~vpt_lightning.sharing.onnx_export.image_transform`);
+    checkpoints without one: resize to the backbone's input size, ImageNet mean/std (the training default)."""
+    return image_transform(info.eval_transform, model.backbone.data_config()["input_size"][-1])
 
 
 class EvalTransforms:
@@ -131,11 +123,7 @@ def task_transforms(
 
 def top_k(probabilities: torch.Tensor, info: ServedTask, k: int) -> List[Dict[str, Any]]:
     """The ``k`` most probable classes of one image of task ``info`` (fewer if it has fewer classes)."""
-    values, indices = probabilities[: info.num_classes].float().topk(min(k, info.num_classes))
-    return [
-        {"index": int(i), "class": info.class_names[int(i)], "probability": float(p)}
-        for p, i in zip(values.tolist(), indices.tolist())
-    ]
+    return top_classes(probabilities[: info.num_classes], info.class_names, k)
 
 
 def check_top_k(k: Optional[int]) -> int:

@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Hashable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
+from ..config import NAME_CHARACTERS, TASK_NAME, TASK_NAME_RULE, as_task_name, check_task_name  # noqa: F401
 from ..task_model import CONFIG_FILE, TaskRecord, TaskSpec, package_spec, parse_package_config
 
-#: the characters of a task's name (it names a folder, a URL path segment, a CSV cell)
-NAME_CHARACTERS = "A-Za-z0-9_-"
-TASK_NAME = re.compile(f"[{NAME_CHARACTERS}]+")
-TASK_NAME_RULE = "may hold only letters, digits, '_' and '-'"
 HUB_REPO_PREFIX = "models--"
 
 
@@ -77,19 +73,6 @@ class TaskEntry:
         names = list(spec.class_names or [str(i) for i in range(spec.num_classes)])
         method = str(spec.tuning.get("name") or spec.tuning.get("method"))
         return ServedTask(self.name, names, method, self.origin, spec.eval_transform)
-
-
-def check_task_name(name: object, origin: str = "") -> str:
-    """``name`` if it is a task name (all of it :data:`TASK_NAME`), else a ``ValueError`` naming it (and
-    ``origin``, where it comes from) and the rule."""
-    if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
-        raise ValueError(f"task name {name!r}{f' ({origin})' if origin else ''} {TASK_NAME_RULE}")
-    return name
-
-
-def as_task_name(text: str) -> str:
-    """``text`` as a task name: each character a task name may not hold replaced by ``_``."""
-    return re.sub(f"[^{NAME_CHARACTERS}]", "_", text)
 
 
 class Found(NamedTuple):

@@ -17,7 +17,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -110,12 +110,14 @@ def model_input_size(model: nn.Module) -> Optional[int]:
     return None
 
 
-def prepare_images(images: Sequence[ImageLike], eval_transform: Mapping[str, Any]) -> torch.Tensor:
-    """Load image files (or take PIL images), convert to RGB and apply the eval transform: ``(n, 3, size, size)``."""
-    if not images:
-        raise OnnxExportError("no images to prepare")
-    settings = eval_transform_settings(eval_transform)
-    transform = build_transform(
+def image_transform(
+    eval_transform: Optional[Mapping[str, Any]], default_size: Optional[int] = None
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The eval transform of a task as a function of an RGB PIL image (its settings filled in by
+    :func:`eval_transform_settings`): what ``vpt-predict``, ``vpt-serve``, ``TaskModel.predict`` and ONNX inputs
+    are prepared with."""
+    settings = eval_transform_settings(eval_transform, default_size)
+    return build_transform(
         settings["recipe"],
         train=False,
         img_size=settings["img_size"],
@@ -123,6 +125,16 @@ def prepare_images(images: Sequence[ImageLike], eval_transform: Mapping[str, Any
         std=settings["std"],
         interpolation=settings["interpolation"],
     )
+
+
+def prepare_images(
+    images: Sequence[ImageLike], eval_transform: Mapping[str, Any], default_size: Optional[int] = None
+) -> torch.Tensor:
+    """Load image files (or take PIL images), convert to RGB and apply the eval transform
+    (:func:`image_transform`): ``(n, 3, size, size)``."""
+    if not images:
+        raise OnnxExportError("no images to prepare")
+    transform = image_transform(eval_transform, default_size)
     tensors = []
     for image in images:
         if isinstance(image, Image.Image):
@@ -140,7 +152,7 @@ def random_images(count: int, size: int, seed: int = 0) -> List[Image.Image]:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` in eval mode, its former train/eval modes restored afterwards (module by module)."""
     modes = {module: module.training for module in model.modules()}
     model.eval()
@@ -205,7 +217,7 @@ def export_onnx(
     size = settings["img_size"]
     # two samples, not one: torch.export specialises a dimension of size 1, so the batch axis must start above it
     example = torch.zeros(2, 3, size, size, device=_model_device(model))
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         logits = model(example)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -216,7 +228,7 @@ def export_onnx(
         raise OnnxExportError(f"{len(class_names)} class names for {logits.shape[1]} logits")
     batch = torch.export.Dim("batch", min=1)
     try:
-        with _eval_mode(model):
+        with eval_mode(model):
             program = torch.onnx.export(
                 model,
                 (example,),
@@ -271,7 +283,7 @@ def check_onnx(model: nn.Module, path: Union[str, os.PathLike], images: torch.Te
     eval mode, fp32) on prepared ``images`` (``(n, 3, size, size)``, e.g. from :func:`prepare_images`)."""
     if images.dim() != 4:
         raise OnnxExportError(f"images must be a (batch, 3, size, size) tensor, got shape {tuple(images.shape)}")
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         expected = model(images.detach().float().to(_model_device(model))).float().cpu().numpy()
     actual = onnx_logits(path, images)
     if actual.shape != expected.shape:
