@@ -44,11 +44,11 @@ from .backbones.loading import create_architecture
 from .backbones.pin import backbone_pin, check_file_backbone, own_backbone
 from .data.transforms import INTERPOLATIONS, RECIPES
 from .methods import parse_tuning
-from .sharing.onnx_export import ImageLike, eval_mode, image_transform, model_input_size, prepare_images
 from .prompt import PromptConfig
 from .runs.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from .sharing.checkpoint import trainable_state_keys
 from .sharing.model_card import task_model_card
+from .sharing.onnx_export import ImageLike, eval_mode, image_transform, model_input_size, prepare_images
 from .sharing.regular_files import read_regular_file
 from .sharing.trust import bounded_construction, check_finite, check_tensor_shapes, safetensors_shapes
 

@@ -2,7 +2,7 @@
 (:mod:`.task_protocol`), the Optuna search (:mod:`.search`), the paper's numbers (:mod:`.paper`), result tables
 (:mod:`.report`) and figures (:mod:`.viz`).
 
-``vpt_lightning.protocol.task_protocol`` was one module; its names are still served from here for one release, with a
+``vpt_lightning.protocol`` was one module; its names are still served from here for one release, with a
 ``DeprecationWarning``: import them from :mod:`vpt_lightning.protocol.task_protocol`."""
 
 from ..renamed import moved_names
