@@ -378,8 +378,9 @@ def test_minivtab_experiment_sweeps_every_task_and_strategy():
 
 
 def test_minivtab_runs_end_to_end_and_reports_group_means(tmp_path):
-    """mini-VTAB as the README gives it (vpt-tune -m +experiment=minivtab, then vpt-report: sweep -> select -> final
-    -> report) on 2 tasks x 2 strategies (command-line lists replace the experiment's), shrunk to seconds."""
+    """mini-VTAB as docs/concepts/protocol.md gives it (vpt-tune -m +experiment=minivtab, then vpt-report: sweep ->
+    select -> final -> report) on 2 tasks x 2 strategies (command-line lists replace the experiment's), shrunk to
+    seconds."""
     shrink = [
         *SMOKE_RUN,
         "protocol.base_lr=[1]",
