@@ -372,3 +372,20 @@ def test_a_moved_module_imports_from_its_old_path_as_the_same_module_with_a_warn
         import vpt_lightning.protocol as package
 
         package.no_such_name  # noqa: B018
+
+
+def test_every_folder_of_modules_is_a_regular_package_that_git_keeps():
+    """A folder of modules without ``__init__.py`` still imports (a namespace package) but has no docstring, no API
+    reference and no place in a wheel's package list; and a file ``.gitignore`` matches is missing from every clone."""
+    import shutil
+    import subprocess
+
+    folders = {p.parent for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
+    assert not [f for f in folders if not (f / "__init__.py").is_file()]
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", *files], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
+    assert ignored == [], f"package files .gitignore leaves out of every clone: {ignored}"
