@@ -165,7 +165,8 @@ def run_in_process(args: argparse.Namespace, folder: Path) -> Dict[str, Any]:
     stream = zipf_stream(args, rng)
     streamed = set(stream)
     cold_names = [task_name(int(i)) for i in rng.permutation(args.tasks) if task_name(int(i)) not in streamed]
-    store.layout(store.entry(stream[0]).spec)  # the layout of this task shape, built once
+    first = store.entry(stream[0])
+    store.layout(first.spec, first.config_origin)  # the layout of this task shape, built once
     cold = []
     for name in cold_names[: args.cold]:
         start = time.perf_counter()
