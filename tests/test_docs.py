@@ -479,3 +479,10 @@ def test_the_site_reads_without_scrolling_or_broken_names_in_a_browser(site):
     assert len(figures) == 4
     for src, shown, natural, content in figures:
         assert shown == min(natural, content), f"{src}: shown {shown} px wide of its {natural} (content: {content})"
+
+
+def test_every_code_fence_of_the_readme_and_the_site_is_closed():
+    """An unclosed ``` turns the rest of its page into one code block (mkdocs builds it without a warning)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    odd = [str(p.relative_to(ROOT)) for p in pages if len(re.findall(r"^\s*```", p.read_text(), re.M)) % 2]
+    assert len(pages) > 20 and odd == []
