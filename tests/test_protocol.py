@@ -383,11 +383,10 @@ def test_minivtab_runs_end_to_end_and_reports_group_means(tmp_path):
         "protocol.weight_decay=[0]",
     ]
     out = tmp_path / "mv"
-    proc = subprocess.run(
+    # both commands in this process: test_vpt_tune_command_writes_a_summary and test_methods.py run their scripts
+    proc = run_cli_in_process(
+        "tune",
         [
-            sys.executable,
-            "-m",
-            "vpt_lightning.cli.tune",
             "-m",
             "+experiment=minivtab",
             "data.task=kind,count",
@@ -395,10 +394,7 @@ def test_minivtab_runs_end_to_end_and_reports_group_means(tmp_path):
             f"paths.output_dir={out}",
             *shrink,
         ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=tmp_path,
+        tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(str(p.relative_to(out)) for p in out.glob("*/protocol/*/summary.json")) == [
@@ -406,9 +402,7 @@ def test_minivtab_runs_end_to_end_and_reports_group_means(tmp_path):
         for task in ("count", "kind")
         for tuning in ("linear", "vpt_deep")
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "vpt_lightning.cli.report", str(out)], capture_output=True, text=True, timeout=300
-    )
+    proc = run_cli_in_process("report", [out], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (out / "report.md").read_text()
     for task in ("minivtab_kind", "minivtab_count"):
