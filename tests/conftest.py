@@ -22,16 +22,10 @@ import torch
 from PIL import Image
 
 # keep the suite predictable on 2 cores: at most 2 threads, shared by the pytest-xdist workers (pyproject's addopts
-# runs 2), so that two workers computing at once do not oversubscribe the cores (vpt_lightning.threads says why that
-# costs); the console scripts the tests start pick their own count from the load
+# runs 2, each test file on one worker), so that two workers computing at once do not oversubscribe the cores
+# (vpt_lightning.threads says why that costs); the console scripts the tests start pick their own count from the load
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
-
-# test files whose tests pytest-xdist may hand to different workers one by one (--dist loadgroup): slow, independent
-# tests; each other file stays on one worker, so that its module-scoped fixtures (a trained run, a started server) are
-# made once. test_examples.py's module-scoped linear probe (13 s) is then trained by each worker that runs one of its
-# two examples, which run side by side.
-SPREAD_FILES = {"test_examples.py", "test_serve_lifecycle.py", "test_cli.py", "test_protocol.py", "test_scale.py"}
 
 # a two-batch run on 32/16/16 images: what the command-line tests add to a vpt-train / vpt-tune command
 SMOKE_RUN = ["+debug=fast", "data.num_train=32", "data.num_val=16", "data.num_test=16", "data.batch_size=16"]
@@ -71,14 +65,6 @@ def chromium(*modules: str) -> str:
             pytest.fail("the browser test must run in CI: " + "; ".join(reasons))
         pytest.skip("; ".join(reasons))
     return path
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups
-def pytest_collection_modifyitems(config, items) -> None:
-    """Each test of a file outside :data:`SPREAD_FILES` in the file's ``xdist_group``."""
-    for item in items:
-        if item.path.name not in SPREAD_FILES and not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
 
 
 def make_vit(seed: int = 0, num_classes: int = 0, **overrides) -> torch.nn.Module:

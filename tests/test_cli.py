@@ -35,10 +35,6 @@ def smoke_run(tmp_path_factory):
     return cwd, proc, cwd / "outputs" / "smoke" / "r1"
 
 
-SMOKE_RUN_GROUP = pytest.mark.xdist_group("test_cli.py::smoke_run")  # its two tests on one pytest-xdist worker
-
-
-@SMOKE_RUN_GROUP
 def test_run_folder_has_config_metrics_checkpoint_results(smoke_run):
     _, proc, run = smoke_run
     assert (run / ".hydra" / "config.yaml").is_file()
@@ -61,7 +57,6 @@ def test_run_folder_has_config_metrics_checkpoint_results(smoke_run):
     assert "test top-1 (%)" in proc.stdout
 
 
-@SMOKE_RUN_GROUP
 def test_resume_with_run_name_and_last(smoke_run, tmp_path):
     # the shared one-epoch run (+debug=fast: trainer.max_epochs=1), resumed in a copy for a second epoch
     cwd, _, _ = smoke_run
