@@ -16,6 +16,7 @@ from vpt_lightning import VPTModule
 from vpt_lightning.config import asset_path
 from vpt_lightning.data.synthetic import SyntheticDataModule
 from vpt_lightning.heads import register_head
+from vpt_lightning.threads import configure_threads
 
 
 # registered by name, so that the task's package can be loaded and served: vpt-serve --import examples/custom_head.py
@@ -72,6 +73,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--limit-batches", type=float, default=1.0)
     args = parser.parse_args(argv)
+    configure_threads()  # as the console scripts: torch's threads fit the machine's load
     pl.seed_everything(0)
     # the quickstart's task (orientation) and data sizes (conf/experiment/quickstart.yaml)
     data = SyntheticDataModule(

@@ -21,8 +21,11 @@ import timm
 import torch
 from PIL import Image
 
-# keep the suite predictable on 2 cores
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# keep the suite predictable on 2 cores: at most 2 threads, shared by the pytest-xdist workers (pyproject's addopts
+# runs 2, each test file on one worker), so that two workers computing at once do not oversubscribe the cores
+# (vpt_lightning.threads says why that costs); the console scripts the tests start pick their own count from the load
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
 
 # a two-batch run on 32/16/16 images: what the command-line tests add to a vpt-train / vpt-tune command
 SMOKE_RUN = ["+debug=fast", "data.num_train=32", "data.num_val=16", "data.num_test=16", "data.batch_size=16"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +27,16 @@ def vpt_train(args, cwd, check=True, env=None):
     return proc
 
 
-def test_run_folder_has_config_metrics_checkpoint_results(tmp_path):
-    proc = vpt_train([*FAST, "task_name=smoke", "run_name=r1"], cwd=tmp_path)
-    run = tmp_path / "outputs" / "smoke" / "r1"
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One epoch of a tiny run by the ``vpt-train`` console script: (its folder, its process, the run folder)."""
+    cwd = tmp_path_factory.mktemp("smoke")
+    proc = vpt_train([*FAST, "task_name=smoke", "run_name=r1"], cwd=cwd)
+    return cwd, proc, cwd / "outputs" / "smoke" / "r1"
+
+
+def test_run_folder_has_config_metrics_checkpoint_results(smoke_run):
+    _, proc, run = smoke_run
     assert (run / ".hydra" / "config.yaml").is_file()
     rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
     assert any(r.get("val/top1") for r in rows) and any(r.get("lr") for r in rows)
@@ -49,11 +57,12 @@ def test_run_folder_has_config_metrics_checkpoint_results(tmp_path):
     assert "test top-1 (%)" in proc.stdout
 
 
-def test_resume_with_run_name_and_last(tmp_path):
-    args = [*FAST, "task_name=resume", "run_name=r", "trainer.max_epochs=1"]
-    vpt_train(args, cwd=tmp_path)
-    proc = vpt_train([*args[:-1], "trainer.max_epochs=2", "ckpt_path=last"], cwd=tmp_path)
-    results = json.loads((tmp_path / "outputs" / "resume" / "r" / "results.json").read_text())
+def test_resume_with_run_name_and_last(smoke_run, tmp_path):
+    # the shared one-epoch run (+debug=fast: trainer.max_epochs=1), resumed in a copy for a second epoch
+    cwd, _, _ = smoke_run
+    shutil.copytree(cwd / "outputs", tmp_path / "outputs")
+    proc = vpt_train([*FAST, "task_name=smoke", "run_name=r1", "trainer.max_epochs=2", "ckpt_path=last"], cwd=tmp_path)
+    results = json.loads((tmp_path / "outputs" / "smoke" / "r1" / "results.json").read_text())
     assert results["epochs"] == 2 and results["global_step"] == 4  # 2 + 2 batches, the first 2 not repeated
     assert "Restoring states from the checkpoint" in proc.stdout + proc.stderr
 

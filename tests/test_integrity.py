@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN, payload_checkpoint, run_cli, run_cli_in_process
+from conftest import TINY_RUN, payload_checkpoint, run_cli_in_process
 
 from vpt_lightning.config import compose
 from vpt_lightning.protocol.task_protocol import point_name, run_protocol
@@ -158,12 +158,10 @@ def test_a_crafted_checkpoint_is_refused_on_resume_and_its_payload_never_runs(fo
     assert not marker.exists()
 
 
-def _vpt_train(args, cwd, env=None, timeout=300) -> subprocess.CompletedProcess:
-    return run_cli("train", [*FAST, *args], cwd, env=env, timeout=timeout)
-
-
 @pytest.mark.parametrize("damage", ["payload", "truncated"])
-def test_vpt_train_refuses_a_crafted_or_truncated_checkpoint_with_a_named_error(finished, tmp_path, damage):
+def test_vpt_train_refuses_a_crafted_or_truncated_checkpoint_with_a_named_error(
+    finished, tmp_path, damage, monkeypatch
+):
     marker = tmp_path / "payload-ran"
     real = finished / "sweep" / "lr2_wd0" / "checkpoints" / "last.ckpt"
     bad = tmp_path / "given.ckpt"
@@ -171,9 +169,10 @@ def test_vpt_train_refuses_a_crafted_or_truncated_checkpoint_with_a_named_error(
         payload_checkpoint(real, bad, marker)
     else:
         bad.write_bytes(real.read_bytes()[: real.stat().st_size // 2])  # today: OSError [Errno 22], no file named
-    proc = _vpt_train(
-        ["task_name=t", "run_name=r", f"ckpt_path={bad}"], tmp_path, env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
-    )
+    # vpt-train's main in this process (test_cli.py runs its console script), with the variable that turns torch.load's
+    # default to full unpickling set: the command's own check refuses the file all the same
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    proc = run_cli_in_process("train", [*FAST, "task_name=t", "run_name=r", f"ckpt_path={bad}"], tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     expected = "refused to load the checkpoint" if damage == "payload" else "is not readable ("
     assert "vpt-train: error: " in proc.stderr and expected in proc.stderr and str(bad) in proc.stderr

@@ -8,7 +8,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from conftest import SMOKE_RUN, quiet_trainer
+from conftest import SMOKE_RUN, quiet_trainer, run_cli_in_process
 from omegaconf import OmegaConf
 
 from vpt_lightning import VPTModule
@@ -241,13 +241,8 @@ def test_every_method_runs_through_vpt_tune_and_vpt_report_on_the_quickstart(tmp
         "protocol.weight_decay_tuned_backbone=[0]",
         "protocol.seeds=[1]",
     ]
-    proc = subprocess.run(
-        [str(bin_dir / "vpt-tune"), "-m", *tiny, "task_name=demo", f"tuning={','.join(method_names())}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    # vpt-tune in this process (test_protocol.py runs its console script), vpt-report's console script
+    proc = run_cli_in_process("tune", ["-m", *tiny, "task_name=demo", f"tuning={','.join(method_names())}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = {}
     for path in (tmp_path / "outputs" / "demo" / "protocol").glob("*/summary.json"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMOKE_RUN, TINY_RUN, run_cli
+from conftest import SMOKE_RUN, TINY_RUN, run_cli, run_cli_in_process
 
 from vpt_lightning.config import compose, variant_suffix
 from vpt_lightning.data.registry import vtab_tasks
@@ -245,13 +245,13 @@ def test_selection_reads_the_last_epoch_not_the_best(tmp_path):
 
 
 def test_vpt_tune_multirun_writes_one_summary_per_strategy_in_resumable_folders(tmp_path):
-    exe = Path(sys.executable).parent / "vpt-tune"
-    args = [str(exe), "-m", *ONE_POINT, "task_name=demo", "tuning=vpt_deep,linear"]
-    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    # in this process: test_vpt_tune_command_writes_a_summary runs the console script
+    args = ["-m", *ONE_POINT, "task_name=demo", "tuning=vpt_deep,linear"]
+    proc = run_cli_in_process("tune", args, tmp_path)
     assert proc.returncode == 0 and "Epoch 0" in proc.stderr + proc.stdout, proc.stderr[-3000:]
     for tuning in ("vpt_deep", "linear"):
         assert (tmp_path / "outputs" / "demo" / "protocol" / tuning / "summary.json").is_file()
-    again = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    again = run_cli_in_process("tune", args, tmp_path)
     assert again.returncode == 0 and "Epoch 0" not in again.stderr + again.stdout  # nothing trained again
 
 
@@ -270,8 +270,9 @@ def test_vpt_tune_multirun_over_prompt_lengths_gives_each_its_folder_and_vpt_viz
     """The prompt-length ablation as the docs give it (``vpt-tune -m ... recipe.num_tokens=1,2``): each value runs
     in a protocol folder of its own, ``<tuning>/recipe.num_tokens=<p>``, so that ``vpt-viz ablation`` over their
     parent plots one point per value; the same single command then finds its folder and trains nothing again."""
-    proc = run_cli("tune", ["-m", *ONE_POINT, "task_name=demo", "recipe.num_tokens=1,2"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # vpt-tune in this process (test_vpt_tune_command_writes_a_summary runs its console script), vpt-viz's script
+    proc = run_cli_in_process("tune", ["-m", *ONE_POINT, "task_name=demo", "recipe.num_tokens=1,2"], tmp_path)
+    assert proc.returncode == 0 and "Epoch 0" in proc.stderr + proc.stdout, proc.stderr[-3000:]
     protocol = tmp_path / "outputs" / "demo" / "protocol" / "vpt_deep"
     summaries = {p.parent.name: json.loads(p.read_text()) for p in protocol.glob("*/summary.json")}
     assert sorted(summaries) == ["recipe.num_tokens=1", "recipe.num_tokens=2"]
@@ -281,7 +282,7 @@ def test_vpt_tune_multirun_over_prompt_lengths_gives_each_its_folder_and_vpt_viz
     viz = run_cli("viz", ["ablation", protocol], tmp_path)
     assert viz.returncode == 0, viz.stderr[-3000:]
     assert (protocol / "ablation.png").stat().st_size > 1000
-    again = run_cli("tune", [*ONE_POINT, "task_name=demo", "recipe.num_tokens=2"], tmp_path)
+    again = run_cli_in_process("tune", [*ONE_POINT, "task_name=demo", "recipe.num_tokens=2"], tmp_path)
     assert again.returncode == 0 and "Epoch 0" not in again.stderr + again.stdout, again.stderr[-3000:]
     assert not (protocol / "summary.json").exists()
 
@@ -327,10 +328,9 @@ def test_hparams_search_grids_are_the_protocols_and_run_as_a_multirun(tmp_path):
         params = compose([f"+hparams_search={name}"]).hydra.sweeper.params
         assert [float(v) for v in params["optim.base_lr"].split(",")] == [float(v) for v in lrs]
         assert [float(v) for v in params["optim.weight_decay"].split(",")] == [float(v) for v in tune.weight_decay]
-    exe = Path(sys.executable).parent / "vpt-train"
-    proc = subprocess.run(
+    proc = run_cli_in_process(  # in this process: test_cli.py runs vpt-train's console script
+        "train",
         [
-            str(exe),
             "+hparams_search=vpt_grid",
             *TINY[:6],
             "run_name=grid",
@@ -338,10 +338,7 @@ def test_hparams_search_grids_are_the_protocols_and_run_as_a_multirun(tmp_path):
             "optim.base_lr=0.5,2",
             "optim.weight_decay=0",
         ],  # the command line narrows the grid
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [
@@ -387,11 +384,10 @@ def test_minivtab_runs_end_to_end_and_reports_group_means(tmp_path):
         "protocol.weight_decay=[0]",
     ]
     out = tmp_path / "mv"
-    proc = subprocess.run(
+    # both commands in this process: test_vpt_tune_command_writes_a_summary and test_methods.py run their scripts
+    proc = run_cli_in_process(
+        "tune",
         [
-            sys.executable,
-            "-m",
-            "vpt_lightning.cli.tune",
             "-m",
             "+experiment=minivtab",
             "data.task=kind,count",
@@ -399,10 +395,7 @@ def test_minivtab_runs_end_to_end_and_reports_group_means(tmp_path):
             f"paths.output_dir={out}",
             *shrink,
         ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=tmp_path,
+        tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(str(p.relative_to(out)) for p in out.glob("*/protocol/*/summary.json")) == [
@@ -410,9 +403,7 @@ def test_minivtab_runs_end_to_end_and_reports_group_means(tmp_path):
         for task in ("count", "kind")
         for tuning in ("linear", "vpt_deep")
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "vpt_lightning.cli.report", str(out)], capture_output=True, text=True, timeout=300
-    )
+    proc = run_cli_in_process("report", [out], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (out / "report.md").read_text()
     for task in ("minivtab_kind", "minivtab_count"):
