@@ -4,8 +4,9 @@
 as written (``${paths.data_dir}``, ``${oc.env:...}``) and ``_target_`` nodes naming what Hydra built. Run folders
 travel (with a paper, from a colleague), so the commands that read one take values from it and nothing else:
 
-- the file is read only if it is a regular file of at most :data:`~vpt_lightning.sharing.regular_files.MAX_SMALL_FILE_BYTES`,
-  with YAML's safe loader (plain values; :func:`read_run_config`);
+- the file is read only if it is a regular file of at most
+  :data:`~vpt_lightning.sharing.regular_files.MAX_SMALL_FILE_BYTES`, with YAML's safe loader (plain values;
+  :func:`read_run_config`);
 - no interpolation is resolved (:func:`plain_value`): a value that is one counts as absent;
 - no ``_target_`` of it is imported or instantiated: :func:`datamodule_from_run` rebuilds the DataModule from the
   DataModules of the package's own ``conf/data`` group (:func:`registered_datamodules`), every key checked against

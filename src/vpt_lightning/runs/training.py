@@ -15,16 +15,16 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .atomic import remove_stale_temp_files, write_json_atomic
 from ..backbones import BackboneConfig
 from ..config import check_task_name
-from .feature_cache import FeatureCache, cache_refusal, cached_datamodule
-from .integrity import RESULTS_IDENTITY_KEY, RecordRunConfig, check_resume, composed_config
-from .locking import folder_lock
 from ..methods import TuningConfig, TuningMethod, parse_tuning
 from ..module import VPTModule
 from ..optim import OptimConfig
 from ..prompt import PromptConfig
+from .atomic import remove_stale_temp_files, write_json_atomic
+from .feature_cache import FeatureCache, cache_refusal, cached_datamodule
+from .integrity import RESULTS_IDENTITY_KEY, RecordRunConfig, check_resume, composed_config
+from .locking import folder_lock
 from .tracking import log_config, log_results
 
 log = logging.getLogger(__name__)
