@@ -151,6 +151,32 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 # ---- in one process ---------------------------------------------------------------------------------------------
+def result_row(
+    tasks: int,
+    cache_bytes: Optional[int],
+    startup: float,
+    rss_start: float,
+    rss_end: float,
+    cold: Sequence[float],
+    single: Sequence[float],
+    mixed: Sequence[float],
+    maxdiff: float,
+) -> Dict[str, Any]:
+    """The benchmark's JSON line (the keys the issue names), rounded."""
+    return {
+        "tasks": tasks,
+        "cache_bytes": cache_bytes,
+        "startup_s": round(startup, 3),
+        "rss_start_mb": round(rss_start, 1),
+        "cold_ms_p50": round(percentile(cold, 0.5), 2),
+        "cold_ms_p99": round(percentile(cold, 0.99), 2),
+        "single_ips": round(statistics.median(single), 2),
+        "mixed_ips": round(statistics.median(mixed), 2),
+        "rss_end_mb": round(rss_end, 1),
+        "logits_maxdiff": float(f"{maxdiff:.3g}"),
+    }
+
+
 def run_in_process(args: argparse.Namespace, folder: Path) -> Dict[str, Any]:
     from vpt_lightning.serving.task_store import TaskStore
     from vpt_lightning.serving.task_tensors import TaskLayout
@@ -217,18 +243,7 @@ def run_in_process(args: argparse.Namespace, folder: Path) -> Dict[str, Any]:
     )
     held_mb = (args.cache_bytes if args.cache_bytes else store.cache.used) / 2**20
     check_goals(args, startup, rss_start, rss_end, rss_imports, backbone_mb, held_mb, cold, single, mixed, maxdiff)
-    return {
-        "tasks": len(store),
-        "cache_bytes": args.cache_bytes,
-        "startup_s": round(startup, 3),
-        "rss_start_mb": round(rss_start, 1),
-        "cold_ms_p50": round(percentile(cold, 0.5), 2),
-        "cold_ms_p99": round(percentile(cold, 0.99), 2),
-        "single_ips": round(statistics.median(single), 2),
-        "mixed_ips": round(statistics.median(mixed), 2),
-        "rss_end_mb": round(rss_end, 1),
-        "logits_maxdiff": float(f"{maxdiff:.3g}"),
-    }
+    return result_row(len(store), args.cache_bytes, startup, rss_start, rss_end, cold, single, mixed, maxdiff)
 
 
 def check_goals(args, startup, rss_start, rss_end, rss_imports, backbone_mb, budget_mb, cold, single, mixed, maxdiff):
@@ -340,20 +355,7 @@ def run_served(args: argparse.Namespace, folder: Path) -> List[Dict[str, Any]]:
             mixed.append(run(stream))
         rss_end = rss_mb(pids)
         maxdiff = served_maxdiff(args, folder, ask, stream)
-        lines = [
-            {
-                "tasks": args.tasks,
-                "cache_bytes": args.cache_bytes,
-                "startup_s": round(startup, 3),
-                "rss_start_mb": round(rss_start, 1),
-                "cold_ms_p50": round(percentile(cold, 0.5), 2),
-                "cold_ms_p99": round(percentile(cold, 0.99), 2),
-                "single_ips": round(statistics.median(single), 2),
-                "mixed_ips": round(statistics.median(mixed), 2),
-                "rss_end_mb": round(rss_end, 1),
-                "logits_maxdiff": float(f"{maxdiff:.3g}"),
-            }
-        ]
+        lines = [result_row(args.tasks, args.cache_bytes, startup, rss_start, rss_end, cold, single, mixed, maxdiff)]
         started = [line for line in (folder.parent / "serve.log").read_text().splitlines() if "backbone built" in line]
         log(f"served: {len(pids)} processes; warm request {statistics.median(warm):.1f} ms; {started[-1:]}")
         if args.storm:

@@ -16,7 +16,7 @@ from vpt_lightning import VPTModule
 from vpt_lightning.config import asset_path
 from vpt_lightning.data.synthetic import SyntheticDataModule
 from vpt_lightning.heads import register_head
-from vpt_lightning.threads import configure_threads
+from vpt_lightning.runs.threads import configure_threads
 
 
 # registered by name, so that the task's package can be loaded and served: vpt-serve --import examples/custom_head.py

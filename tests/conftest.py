@@ -21,9 +21,9 @@ import timm
 import torch
 from PIL import Image
 
-# keep the suite predictable on 2 cores: at most 2 threads, shared by the pytest-xdist workers (pyproject's addopts
-# runs 2, each test file on one worker), so that two workers computing at once do not oversubscribe the cores
-# (vpt_lightning.threads says why that costs); the console scripts the tests start pick their own count from the load
+# keep the suite predictable on 2 cores: at most 2 threads, shared by the pytest-xdist workers (pyproject's addopts;
+# each test file on one worker), so that workers computing at once do not oversubscribe the cores
+# (vpt_lightning.runs.threads says why that costs); the console scripts the tests start pick their own count
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
 
