@@ -128,6 +128,20 @@ def versions() -> Dict[str, str]:
     return {"torch": torch.__version__, "timm": timm.__version__, "lightning": pl.__version__, "cpu": capability}
 
 
+def timed_step(module, optimizer, images, labels, precision: str) -> float:
+    """One hand-written training step (zero_grad, autocast forward, loss, backward, the optimizer's step); its
+    seconds. The benchmark's hand runner and ``--profile`` run this same step."""
+    import torch
+
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = module.criterion(module(images), labels)
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - start
+
+
 def run_one(model: str, mode: str, precision: str, batch: int, steps: int, warmup: int) -> Dict:
     """Alternate Lightning and hand-written steps in this process; return their median times and memory."""
     import pytorch_lightning as pl
@@ -143,13 +157,7 @@ def run_one(model: str, mode: str, precision: str, batch: int, steps: int, warmu
     def hand_step(trainer, index: int) -> None:
         optimizer = trainer.optimizers[0]  # the same optimizer (and state) as the Lightning step
         x, y = images[index * batch : (index + 1) * batch], labels[index * batch : (index + 1) * batch]
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = module.criterion(module(x), y)
-        loss.backward()
-        optimizer.step()
-        times["hand"].append(time.perf_counter() - start)
+        times["hand"].append(timed_step(module, optimizer, x, y, precision))
 
     class Alternate(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -206,13 +214,7 @@ def profile(model: str, mode: str, precision: str, batch: int, kv_only: str, row
     images, labels = torch.randn(batch, 3, 224, 224), torch.randint(0, 100, (batch,))
 
     def step() -> float:
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = module.criterion(module(images), labels)
-        loss.backward()
-        optimizer.step()
-        return time.perf_counter() - start
+        return timed_step(module, optimizer, images, labels, precision)
 
     times = [step() for _ in range(4)]
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
