@@ -389,3 +389,33 @@ def test_every_folder_of_modules_is_a_regular_package_that_git_keeps():
         ["git", "check-ignore", "--no-index", *files], cwd=ROOT, capture_output=True, text=True
     ).stdout.split()
     assert ignored == [], f"package files .gitignore leaves out of every clone: {ignored}"
+
+
+def test_serving_imports_no_lightning_and_the_public_api_loads_on_first_use():
+    """vpt-serve's processes (the server and its inference worker) and ``load_task`` import torch and timm but not
+    Lightning (and what it imports: torchmetrics, which imports transformers and scipy when installed), about 1 s of
+    start-up per process; the package root's and ``vpt_lightning.data``'s names are imported when first used."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+import vpt_lightning.cli.export, vpt_lightning.cli.serve, vpt_lightning.serving.server, vpt_lightning.task_model
+from vpt_lightning import load_task
+from vpt_lightning.data.transforms import build_transform
+print(sorted(m for m in ("pytorch_lightning", "lightning_fabric", "torchmetrics") if m in sys.modules))
+import vpt_lightning, vpt_lightning.data
+print("VPTModule" in dir(vpt_lightning), "VTABDataModule" in dir(vpt_lightning.data))
+from vpt_lightning import VPTModule
+print(VPTModule.__module__, "pytorch_lightning" in sys.modules, vpt_lightning.data.VTABDataModule.__module__)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [
+        "[]",
+        "True True",
+        "vpt_lightning.module True vpt_lightning.data.vtab",
+    ], result.stdout
+    assert set(vpt_lightning.__all__) >= {"VPTModule", "TaskModel", "PromptedViT", "load_task", "register_head"}
+    with pytest.raises(AttributeError, match="no_such_name"):
+        vpt_lightning.no_such_name  # noqa: B018

@@ -9,38 +9,14 @@ Public API::
     from vpt_lightning import TaskModel, load_task, register_head  # task packages: save/load/push, custom heads
 """
 
-from .backbones import (
-    BackboneConfig,
-    PromptedBackbone,
-    PromptedViT,
-    create_backbone,
-    load_backbone_weights,
-    prompted_backbone,
-)
-from .heads import register_head
-from .module import VPTModule
-from .optim import OptimConfig
-from .prompt import PromptConfig, Prompts
+import lazy_loader
+
 from .renamed import install_moved_modules
-from .sharing.task_sources import load_task
-from .task_model import TaskModel
+
+# the public API (listed in __init__.pyi) is imported when first used: ``from vpt_lightning import VPTModule`` imports
+# Lightning, ``vpt-serve`` and ``load_task`` never do
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)
 
 __version__ = "0.1.0"
 
 install_moved_modules()  # the modules that moved into runs/, protocol/, sharing/ keep their old paths one release
-
-__all__ = [
-    "BackboneConfig",
-    "OptimConfig",
-    "PromptConfig",
-    "PromptedBackbone",
-    "PromptedViT",
-    "Prompts",
-    "TaskModel",
-    "VPTModule",
-    "create_backbone",
-    "load_backbone_weights",
-    "load_task",
-    "prompted_backbone",
-    "register_head",
-]

@@ -15,8 +15,11 @@ from ..renamed import renamed_names
 from .base import PromptedBackbone
 from .registry import family_class_of_model, register_family, supported_classes
 
+# the modules that are not families: the shared base and registry, weight loading and pinning, and the quickstart
+# backbone's pretraining script (which needs Lightning's data: a process that only serves must not import it)
+NOT_FAMILIES = ("base", "registry", "loading", "identity", "pin", "quickstart")
 for _module in pkgutil.iter_modules(__path__):
-    if _module.name not in ("base", "registry", "loading", "identity", "pin"):
+    if _module.name not in NOT_FAMILIES:
         importlib.import_module(f"{__name__}.{_module.name}")
 
 from .loading import BackboneConfig, create_backbone, load_backbone_weights  # noqa: E402

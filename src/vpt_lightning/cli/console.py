@@ -24,14 +24,15 @@ from typing import Any, Callable, Iterator, List, NoReturn, Optional, TypeVar
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from ..runs.integrity import RunIntegrityError
 from ..runs.locking import FolderLockedError
 
 EXIT_ERROR = 1
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # exceptions with a message for the user when this package raises them (a bug's are raised by the libraries)
 MESSAGE_ERRORS = (ValueError, OSError, ImportError, KeyError, TypeError, RuntimeError)
-CONFIG_ERRORS = (OmegaConfBaseException, RunIntegrityError, FolderLockedError)
+# (with the run integrity checks' RunIntegrityError, imported where an error is classified: that module imports
+# Lightning, which vpt-serve never needs)
+CONFIG_ERRORS = (OmegaConfBaseException, FolderLockedError)
 # dependencies' warnings that are not the user's to act on: (message regex, category)
 NOISE_WARNINGS = (
     # Lightning's _pytree on torch >= 2.9 (pytorch_lightning/utilities/_pytree.py)
@@ -99,10 +100,12 @@ def is_user_error(err: BaseException) -> bool:
     """Whether ``err`` is the user's to fix (printed as one line) rather than a bug (printed with its traceback)."""
     from hydra.errors import HydraException, InstantiationException
 
+    from ..runs.integrity import RunIntegrityError
+
     if isinstance(err, InstantiationException):  # a config node's target refused its arguments, or raised ours
         cause = err.__cause__
         return cause is None or isinstance(cause, TypeError) and not raised_here(cause) or is_user_error(cause)
-    if isinstance(err, (HydraException, *CONFIG_ERRORS)):
+    if isinstance(err, (HydraException, RunIntegrityError, *CONFIG_ERRORS)):
         return True
     return isinstance(err, MESSAGE_ERRORS) and raised_here(err)
 

@@ -12,75 +12,15 @@ import pytorch_lightning as pl
 
 from ..runs.threads import configure_threads
 from ..serving.images import MAX_IMAGE_PIXELS, ImageError
-from ..serving.multitask import load_tasks, parse_sources
+from ..serving.multitask import parse_sources
 from ..serving.predict import MAX_FILE_BYTES, list_images, predict_images, write_predictions
-from ..serving.task_cache import parse_bytes
-from ..serving.task_store import TaskStore
 from .console import report_errors
-from .task_arguments import add_pin_and_import_arguments, lightning_devices
+from .task_arguments import add_model_arguments, check_model_arguments, lightning_devices, load_task_store
 
 
 def parse_checkpoints(values: Sequence[str]) -> Union[List[str], Dict[str, str]]:
     """``SOURCE`` or ``NAME=SOURCE`` arguments (see :func:`vpt_lightning.serving.multitask.parse_sources`)."""
     return parse_sources(values)
-
-
-def cache_size(text: str) -> int:
-    """``--cache-bytes``: a size such as ``2GiB`` (see :func:`vpt_lightning.serving.task_cache.parse_bytes`)."""
-    try:
-        return parse_bytes(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "checkpoints",
-        nargs="*",
-        metavar="TASK",
-        help="tasks: package folders (<run>/task of vpt-train), Hub repos hf://OWNER/NAME, .ckpt files or run "
-        "folders, optionally NAME=TASK (held in memory)",
-    )
-    parser.add_argument(
-        "--tasks",
-        nargs="+",
-        default=[],
-        metavar="DIR",
-        help="folders of task packages, one per sub-folder named by the task (or Hub cache repos "
-        "models--OWNER--NAME): indexed from their config.json, loaded on first use (give TASK... before it)",
-    )
-    parser.add_argument(
-        "--cache-bytes",
-        type=cache_size,
-        default=None,
-        metavar="SIZE",
-        help="the most memory the tasks of --tasks may hold, e.g. 2GiB: the least recently used leave first "
-        "(default: no bound)",
-    )
-    parser.add_argument(
-        "--pin", nargs="+", default=[], metavar="NAME", help="tasks always held in memory (loaded at start)"
-    )
-    parser.add_argument("--top-k", type=int, default=5, help="classes reported per image (default 5)")
-    add_pin_and_import_arguments(parser)
-
-
-def check_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if not args.checkpoints and not args.tasks:
-        parser.error("give tasks (TASK...) or task folders (--tasks DIR...)")
-    if (args.cache_bytes is not None or args.pin) and not args.tasks:
-        parser.error("--cache-bytes and --pin apply to task folders (--tasks DIR...)")
-
-
-def load_model(
-    values: Sequence[str],
-    backbone: Optional[str] = None,
-    imports: Sequence[str] = (),
-    folders: Sequence[str] = (),
-    cache_bytes: Optional[int] = None,
-    pins: Sequence[str] = (),
-    allow_download: bool = False,
-) -> TaskStore:
-    return load_tasks(values, backbone, imports, folders, cache_bytes, pins, allow_download)
 
 
 @report_errors("vpt-predict")
@@ -135,9 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
-        model = load_model(
-            args.checkpoints, args.backbone, args.imports, args.tasks, args.cache_bytes, args.pin, args.allow_download
-        )
+        model = load_task_store(args)
         items = list_images(args.images, model.task_names, args.task, args.root)
         trainer = pl.Trainer(
             accelerator=args.accelerator,

@@ -14,8 +14,7 @@ from typing import Optional, Sequence
 from ..runs.threads import configure_threads
 from ..serving.images import MAX_IMAGE_PIXELS
 from .console import report_errors
-from .predict import add_model_arguments, cache_size, check_model_arguments, load_model
-from .task_arguments import lightning_devices
+from .task_arguments import add_model_arguments, cache_size, check_model_arguments, lightning_devices, load_task_store
 
 API_KEY_ENV, API_KEY_HEADER = "LIT_SERVER_API_KEY", "X-API-Key"  # as in serving.server (importable without LitServe)
 
@@ -124,9 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if warning:
         print(f"vpt-serve: warning: {warning}", file=sys.stderr, flush=True)
     try:
-        model = load_model(
-            args.checkpoints, args.backbone, args.imports, args.tasks, args.cache_bytes, args.pin, args.allow_download
-        )
+        model = load_task_store(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"vpt-serve: error: {err}", file=sys.stderr)
         return 1

@@ -1,27 +1,7 @@
 """DataModules, transforms, the benchmark registry and dataset tools."""
 
-from .base import ImageClassificationDataModule
-from .datasets import DataError, ImageListDataset
-from .fgvc import FGVCDataModule, make_train_val_split
-from .folder import FolderDataModule
-from .registry import TaskInfo, fgvc_tasks, get_task, vtab_tasks
-from .synthetic import SyntheticDataModule
-from .transforms import build_transform, resolve_normalization
-from .vtab import VTABDataModule
+import lazy_loader
 
-__all__ = [
-    "DataError",
-    "FGVCDataModule",
-    "FolderDataModule",
-    "ImageClassificationDataModule",
-    "ImageListDataset",
-    "SyntheticDataModule",
-    "TaskInfo",
-    "VTABDataModule",
-    "build_transform",
-    "fgvc_tasks",
-    "get_task",
-    "make_train_val_split",
-    "resolve_normalization",
-    "vtab_tasks",
-]
+# the names of __init__.pyi, imported when first used: `vpt_lightning.data.transforms` alone (what serving needs)
+# does not import Lightning
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)
