@@ -61,7 +61,10 @@ def test_resume_with_run_name_and_last(smoke_run, tmp_path):
     # the shared one-epoch run (+debug=fast: trainer.max_epochs=1), resumed in a copy for a second epoch
     cwd, _, _ = smoke_run
     shutil.copytree(cwd / "outputs", tmp_path / "outputs")
-    proc = vpt_train([*FAST, "task_name=smoke", "run_name=r1", "trainer.max_epochs=2", "ckpt_path=last"], cwd=tmp_path)
+    proc = run_cli_in_process(
+        "train", [*FAST, "task_name=smoke", "run_name=r1", "trainer.max_epochs=2", "ckpt_path=last"], tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "outputs" / "smoke" / "r1" / "results.json").read_text())
     assert results["epochs"] == 2 and results["global_step"] == 4  # 2 + 2 batches, the first 2 not repeated
     assert "Restoring states from the checkpoint" in proc.stdout + proc.stderr
@@ -243,7 +246,7 @@ def test_a_config_error_in_a_new_process_is_one_line_without_traceback(tmp_path)
 
 def test_a_multirun_goes_on_after_a_job_with_a_user_error_and_exits_1_naming_it(tmp_path):
     overrides = [arg for arg in FAST if not arg.startswith("data.num_train=")]
-    proc = run_cli("train", ["-m", *overrides, "data.num_train=-5,32"], cwd=tmp_path)
+    proc = run_cli_in_process("train", ["-m", *overrides, "data.num_train=-5,32"], tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "vpt-train: job 0 (" in proc.stderr and "data.num_train=-5 must be an integer >= 1" in proc.stderr
     assert proc.stdout.count("test top-1 (%)") == 1  # job 1 ran after job 0 failed
@@ -253,12 +256,12 @@ def test_a_multirun_goes_on_after_a_job_with_a_user_error_and_exits_1_naming_it(
 
 
 def test_debug_switch_shows_the_traceback(tmp_path):
-    proc = run_cli("train", [*FAST, "prompt.location=prepnd"], cwd=tmp_path, env={"VPT_DEBUG": "1"})
+    proc = run_cli_in_process("train", [*FAST, "prompt.location=prepnd"], tmp_path, env={"VPT_DEBUG": "1"})
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "prompt.location='prepnd'" in proc.stderr
 
 
 def test_argparse_command_error_is_one_line(tmp_path):
-    proc = run_cli("report", [str(tmp_path / "nowhere")], cwd=tmp_path)
+    proc = run_cli_in_process("report", [str(tmp_path / "nowhere")], tmp_path)
     assert "nowhere" in one_error_line(proc, "vpt-report")
 
 

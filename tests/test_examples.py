@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 BIN = Path(sys.executable).parent
 # the custom-head example's budget (its defaults: the run a user gets), which the linear probe also gets
-EPOCHS = 10
+EPOCHS = 5
 DATA = {"num_train": 2000, "num_val": 500, "num_test": 1000}  # the quickstart's own sizes
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_BACKBONE, Payload, fit_briefly, payload_checkpoint, write_image
+from conftest import TINY_BACKBONE, Payload, fit_briefly, payload_checkpoint, run_cli_in_process, write_image
 from safetensors.torch import load_file
 from torch import nn
 
@@ -277,46 +277,22 @@ def test_cifar_pickles_allow_only_numpy_arrays(tmp_path):
     assert not marker.exists()
 
 
-def _cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=SRC_ENV, timeout=timeout
-    )
-
-
 def test_predict_and_serve_refuse_a_payload_checkpoint_and_never_run_it(tmp_path):
     pytest.importorskip("litserve")
     _, real = _trained(tmp_path)
     marker = tmp_path / "marker"
     evil = payload_checkpoint(real, tmp_path / "evil.ckpt", marker)
     write_image(tmp_path / "images" / "a.png", seed=0)
-    commands = [  # both at once: each spends most of its time importing torch
-        [
-            "vpt_lightning.cli.predict",
-            str(evil),
-            "--images",
-            str(tmp_path / "images"),
-            "--out",
-            str(tmp_path / "p.csv"),
-            "--no-progress-bar",
-        ],
-        ["vpt_lightning.cli.serve", str(evil), "--port", "1", "--accelerator", "cpu"],  # fails before listening
+    # in this process: a payload that ran would write the marker here as well as in a new one
+    predict = [evil, "--images", tmp_path / "images", "--out", tmp_path / "p.csv", "--no-progress-bar"]
+    results = [
+        run_cli_in_process("predict", predict, tmp_path),
+        run_cli_in_process("serve", [evil, "--port", "1", "--accelerator", "cpu"], tmp_path),  # fails before listening
     ]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", *c], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SRC_ENV
-        )
-        for c in commands
-    ]
-    try:
-        outputs = [proc.communicate(timeout=300) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for proc, (_, stderr) in zip(procs, outputs):
-        assert proc.returncode == 1, stderr[-2000:]
-        assert "evil.ckpt' was refused: it asks to unpickle 'exec'" in stderr and "Traceback" not in stderr
+    for result in results:
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert "evil.ckpt' was refused: it asks to unpickle 'exec'" in result.stderr
+        assert "Traceback" not in result.stderr
     assert not marker.exists() and not (tmp_path / "p.csv").exists()
 
 
@@ -373,19 +349,8 @@ def test_vpt_train_writes_a_package_that_loads_to_the_trained_modules_logits(qui
 def test_vpt_predict_from_the_run_package(quickstart_run, tmp_path):
     for i in range(3):
         write_image(tmp_path / "images" / f"{i}.png", seed=i, size=32)
-    proc = _cli(
-        "vpt_lightning.cli.predict",
-        str(quickstart_run / "task"),
-        "--images",
-        str(tmp_path / "images"),
-        "--out",
-        str(tmp_path / "p.csv"),
-        "--top-k",
-        "2",
-        "--no-progress-bar",
-        "--accelerator",
-        "cpu",
-    )
+    options = ["--out", tmp_path / "p.csv", "--top-k", "2", "--no-progress-bar", "--accelerator", "cpu"]
+    proc = run_cli_in_process("predict", [quickstart_run / "task", "--images", tmp_path / "images", *options], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = (tmp_path / "p.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[1].split(",")[1] == "quickstart"
