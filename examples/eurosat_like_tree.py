@@ -2,11 +2,11 @@
 
     python examples/eurosat_like_tree.py /tmp/tv                       # /tmp/tv/eurosat/2750/<Class>/<Class>_<i>.jpg
     vpt-prepare vtab --tasks eurosat --source /tmp/tv --out /tmp/vtab-1k
-    vpt-train +experiment=vtab_eurosat data.root=/tmp/vtab-1k backbone=quickstart_vit trainer.max_epochs=5 \
+    vpt-train +experiment=vtab_eurosat data.root=/tmp/vtab-1k backbone=quickstart_vit trainer.max_epochs=2 \
         data.split=final
 
 1,400 images, so that VTAB's slices of EuroSAT's single split (train[:800], train[60%:+200], test train[80%:])
-do not overlap. The images are 64x64 JPEGs, one look per class (a colour and a stripe angle, with noise), so a few
+do not overlap. The images are 64x64 JPEGs, one look per class (a colour and a stripe angle, with noise), so two
 epochs learn them; with the real EuroSAT in that folder the same commands run the paper's task.
 """
 

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import SMOKE_RUN, run_cli, run_cli_in_process
+from conftest import SMOKE_RUN, run_cli_in_process
 from omegaconf import OmegaConf
 
 from vpt_lightning import VPTModule
@@ -375,7 +375,7 @@ def test_quickstart_trains_a_tiny_convnext_end_to_end(tmp_path):
         "task_name=cnx",
         "run_name=r",
     ]
-    proc = run_cli("train", args, tmp_path)
+    proc = run_cli_in_process("train", args, tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     run = tmp_path / "outputs" / "cnx" / "r"
     results = json.loads((run / "results.json").read_text())

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, run_cli_in_process, write_image
+from conftest import run_cli_in_process, write_image
 from omegaconf import OmegaConf
 from PIL import Image
 from torchvision import transforms as T
@@ -482,7 +482,7 @@ def test_vtab_experiment_without_data_fails_clearly(tmp_path):
 
 def test_vtab_experiment_trains_on_a_prepared_tree(tmp_path):
     make_vtab_tree(tmp_path / "vtab-1k", counts={"train800": 16, "val200": 8, "test": 8})
-    proc = run_cli(
+    proc = run_cli_in_process(
         "train",
         [
             "+experiment=vtab_cifar100",

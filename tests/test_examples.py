@@ -75,7 +75,7 @@ def test_custom_head_example_learns_above_the_linear_probe(tmp_path, linear_prob
 
 
 def test_eurosat_like_tree_example_runs_the_vtab_route_above_the_linear_probe(tmp_path, linear_probe_top1):
-    # the three commands of the example's docstring, as written there (5 epochs)
+    # the three commands of the example's docstring, as written there (2 epochs)
     tv, vtab = tmp_path / "tv", tmp_path / "vtab-1k"
     out = run([sys.executable, EXAMPLES / "eurosat_like_tree.py", tv], cwd=tmp_path)
     assert "wrote 1400 images" in out
@@ -87,7 +87,7 @@ def test_eurosat_like_tree_example_runs_the_vtab_route_above_the_linear_probe(tm
             "+experiment=vtab_eurosat",
             f"data.root={vtab}",
             "backbone=quickstart_vit",
-            "trainer.max_epochs=5",
+            "trainer.max_epochs=2",
             "data.split=final",
             f"paths.output_dir={tmp_path / 'outputs'}",
             "run_name=eurosat",

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import run_cli_in_process
 
 from vpt_lightning.runs.nonfinite import NonFiniteLossError, StopOnNonFiniteLoss
-
-SRC = Path(__file__).resolve().parents[1] / "src"
-TESTS = Path(__file__).resolve().parent
 
 
 def _trainer(step=7, lr=0.5):
@@ -55,15 +49,7 @@ def test_a_run_whose_loss_turns_nan_stops_and_keeps_its_last_good_checkpoint(tmp
         "+callbacks.poison._target_=resume_probe.PoisonBatch",
         "+callbacks.poison.step=12",
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]), "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "vpt_lightning.cli.train", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_cli_in_process("train", args, tmp_path)  # resume_probe is in tests/, on this process's path
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     match = re.search(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMOKE_RUN, TINY_RUN, run_cli, run_cli_in_process
+from conftest import SMOKE_RUN, TINY_RUN, run_cli_in_process
 
 from vpt_lightning.config import compose, variant_suffix
 from vpt_lightning.data.registry import vtab_tasks
@@ -270,7 +270,7 @@ def test_vpt_tune_multirun_over_prompt_lengths_gives_each_its_folder_and_vpt_viz
     """The prompt-length ablation as the docs give it (``vpt-tune -m ... recipe.num_tokens=1,2``): each value runs
     in a protocol folder of its own, ``<tuning>/recipe.num_tokens=<p>``, so that ``vpt-viz ablation`` over their
     parent plots one point per value; the same single command then finds its folder and trains nothing again."""
-    # vpt-tune in this process (test_vpt_tune_command_writes_a_summary runs its console script), vpt-viz's script
+    # in this process (test_vpt_tune_command_writes_a_summary runs vpt-tune's console script)
     proc = run_cli_in_process("tune", ["-m", *ONE_POINT, "task_name=demo", "recipe.num_tokens=1,2"], tmp_path)
     assert proc.returncode == 0 and "Epoch 0" in proc.stderr + proc.stdout, proc.stderr[-3000:]
     protocol = tmp_path / "outputs" / "demo" / "protocol" / "vpt_deep"
@@ -279,7 +279,7 @@ def test_vpt_tune_multirun_over_prompt_lengths_gives_each_its_folder_and_vpt_viz
     for length in (1, 2):  # each folder's final run trained its own prompt length
         (results,) = (protocol / f"recipe.num_tokens={length}" / "final").glob("*/seed1/results.json")
         assert json.loads(results.read_text())["config"]["prompt"]["num_tokens"] == length
-    viz = run_cli("viz", ["ablation", protocol], tmp_path)
+    viz = run_cli_in_process("viz", ["ablation", protocol], tmp_path)
     assert viz.returncode == 0, viz.stderr[-3000:]
     assert (protocol / "ablation.png").stat().st_size > 1000
     again = run_cli_in_process("tune", [*ONE_POINT, "task_name=demo", "recipe.num_tokens=2"], tmp_path)

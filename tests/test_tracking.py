@@ -122,16 +122,19 @@ def test_mlflow_store_has_a_parent_run_with_one_child_per_run(protocol_dir):
 
 def test_mlflow_ui_as_the_docs_give_it_serves_the_store_a_protocol_wrote(protocol_dir, tmp_path):
     """``mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db`` (the docs' command, on a free port of
-    127.0.0.1, one worker) answers with the protocol's parent run: the ``mlflow`` extra installs MLflow with its
-    server (``mlflow-skinny`` has none: ``No module named 'flask'``). Then it is stopped with every process it
-    started."""
+    127.0.0.1, one worker, no job runner) answers with the protocol's parent run: the ``mlflow`` extra installs MLflow
+    with its server (``mlflow-skinny`` has none: ``No module named 'flask'``). Then it is stopped with every process
+    it started."""
     psutil = pytest.importorskip("psutil")
     out, port = protocol_dir.parents[2], free_port()
     cmd = [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{out.name}/mlflow.db"]
     log = (tmp_path / "mlflow-ui.log").open("w")
+    # its job runner off: the UI does not use it, and it starts 8 more processes that import MLflow
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen(
         [*cmd, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         cwd=out.parent,
+        env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: stopped below with every child

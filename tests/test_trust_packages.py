@@ -343,26 +343,29 @@ LOADS = {
     "task_store": "from vpt_lightning.serving.task_store import TaskStore\n"
     "TaskStore(backbone=BACKBONE, folders=[FOLDER]).open('evil')",
 }
+BOUNDED_CASES = [(loader, key) for key in ("backbone", "num_classes") for loader in LOADERS]
 
 
-@pytest.mark.parametrize("loader", LOADERS)
-@pytest.mark.parametrize("key", ["backbone", "num_classes"])
-def test_a_huge_size_request_is_refused_with_a_bounded_memory(packages, tmp_path, loader, key):
+@pytest.fixture(scope="module")
+def bounded_loads(packages, tmp_path_factory) -> dict:
+    """Each ``(loader, key)`` of BOUNDED_CASES asked for a package whose config asks for a huge size, all in one new
+    process whose data segment is capped at 3 GiB (an allocation beyond fails): per case, the error line and the
+    process's peak RSS so far (MB). One process for the four: its import of torch and timm is most of the time."""
     root, _ = packages
-    evil = _copy(root / "good", tmp_path / "tasks" / "evil", "evil")
-    _edit_config(evil, **{key: HUGE[key]}, **({"class_names": None} if key == "num_classes" else {}))
-    load = LOADS[loader].replace("EVIL", repr(str(evil))).replace("FOLDER", repr(str(evil.parent)))
-    script = "\n".join(
-        [
-            "import resource",
-            f"BACKBONE = {TINY_BACKBONE!r}",
+    cases = []
+    for loader, key in BOUNDED_CASES:
+        evil = _copy(root / "good", tmp_path_factory.mktemp(f"{loader}-{key}") / "tasks" / "evil", "evil")
+        _edit_config(evil, **{key: HUGE[key]}, **({"class_names": None} if key == "num_classes" else {}))
+        load = LOADS[loader].replace("EVIL", repr(str(evil))).replace("FOLDER", repr(str(evil.parent)))
+        cases += [
             "try:",
             textwrap.indent(load, "    "),
+            "    print('loaded')",
             "except Exception as err:",
             "    print(type(err).__name__, str(err).splitlines()[0])",
             "print('peak_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)",
         ]
-    )
+    script = "\n".join(["import resource", f"BACKBONE = {TINY_BACKBONE!r}", *cases])
     proc = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
@@ -372,7 +375,13 @@ def test_a_huge_size_request_is_refused_with_a_bounded_memory(packages, tmp_path
         preexec_fn=_limit_memory,
     )
     lines = proc.stdout.strip().splitlines()
-    assert proc.returncode == 0 and len(lines) == 2, proc.stdout + proc.stderr[-3000:]
+    assert proc.returncode == 0 and len(lines) == 2 * len(BOUNDED_CASES), proc.stdout + proc.stderr[-3000:]
+    return {case: lines[2 * i : 2 * i + 2] for i, case in enumerate(BOUNDED_CASES)}
+
+
+@pytest.mark.parametrize("loader, key", BOUNDED_CASES)
+def test_a_huge_size_request_is_refused_with_a_bounded_memory(bounded_loads, loader, key):
+    lines = bounded_loads[loader, key]
     error = ("TaskUnavailable", "ValueError")[loader == "load_task"]
     assert lines[0].startswith(error) and "evil/config.json" in lines[0] and "the cap" in lines[0], lines[0]
     assert int(lines[1].split()[1]) < 1500, lines  # torch and timm imported: ~0.5 GB

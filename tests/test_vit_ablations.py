@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, make_vit, quiet_trainer
+from conftest import TINY, make_vit, quiet_trainer, run_cli_in_process
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 
@@ -320,9 +320,8 @@ def test_mocov3_without_a_file_fails_clearly():
 
 
 def test_mocov3_config_prints_with_its_file_still_to_give(tmp_path):
-    from test_cli import vpt_train
-
-    proc = vpt_train(["backbone=vit_base_patch16_224_mocov3", "--cfg", "job"], cwd=tmp_path)
+    proc = run_cli_in_process("train", ["backbone=vit_base_patch16_224_mocov3", "--cfg", "job"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "  name: vit_base_patch16_224\n" in proc.stdout and "  reference: mocov3\n" in proc.stdout
 
 
