@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -533,3 +534,50 @@ def test_non_ascii_digit_labels_are_names_not_numbers(tmp_path):
 
     with pytest.raises(DataError, match="expected 'relative/path label'"):
         read_list_file(tmp_path / "list.txt", tmp_path, num_classes=2)
+
+
+# ---- a split's index file is read as data: a regular file, under a cap -------------------------------------------
+def _index_readers():
+    from vpt_lightning.data.datasets import read_json_object, read_list_file
+    from vpt_lightning.data.folder import read_csv_list
+
+    return {
+        "vtab list": (lambda p: read_list_file(p, p.parent, num_classes=2), "a.png 0\n"),
+        "fgvc split": (lambda p: read_json_object(p, "FGVC split file"), '{"a.png": 1}'),
+        "folder csv": (lambda p: read_csv_list(p), "path,label\na.png,0\n"),
+    }
+
+
+@pytest.mark.parametrize("reader", ["vtab list", "fgvc split", "folder csv"])
+def test_an_index_file_that_is_a_fifo_a_device_or_too_large_is_refused_unread(tmp_path, monkeypatch, reader):
+    import vpt_lightning.data.datasets as datasets
+
+    read, good_text = _index_readers()[reader]
+    write_image(tmp_path / "a.png", seed=0)
+    good = tmp_path / "good.txt"
+    good.write_text(good_text)
+    assert read(good)  # the same file kinds read well when regular
+    os.mkfifo(tmp_path / "pipe.txt")  # opening it to read would wait for a writer for ever
+    (tmp_path / "zero.txt").symlink_to("/dev/zero")  # reading it would never end
+    (tmp_path / "dangling.txt").symlink_to(tmp_path / "nowhere.txt")
+    refused = {
+        "pipe.txt": "pipe.txt: a FIFO, not a regular file: not read",
+        "zero.txt": "zero.txt: a character device, not a regular file: not read",
+        "missing.txt": "missing.txt' does not exist",
+        "dangling.txt": "dangling.txt' does not exist",
+    }
+    for name, message in refused.items():
+        with pytest.raises(DataError, match=re.escape(message)):
+            read(tmp_path / name)
+    monkeypatch.setattr(datasets, "MAX_INDEX_FILE_BYTES", len(good_text.encode()) - 1)
+    with pytest.raises(DataError, match=rf"good.txt: {len(good_text.encode())} bytes is over the limit of"):
+        read(good)
+
+
+def test_a_csv_list_with_a_field_over_the_csv_limit_is_a_data_error_naming_its_line(tmp_path):
+    from vpt_lightning.data.folder import read_csv_list
+
+    write_image(tmp_path / "a.png", seed=0)
+    (tmp_path / "list.csv").write_text("path,label\na.png,0\n" + "b" * 200_000 + ",1\n")
+    with pytest.raises(DataError, match=r"list.csv:3: field larger than field limit"):
+        read_csv_list(tmp_path / "list.csv")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -10,7 +11,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..sharing.regular_files import RefusedFileError, read_regular_file
+
 Sample = Tuple[Path, int]
+#: an index of a split (a VTAB list, an FGVC split file, a folder's CSV list) larger than this is refused unread: the
+#: largest benchmark split's are a few MB, and 1 GiB lists millions of images
+MAX_INDEX_FILE_BYTES = 2**30
 
 
 class DataError(ValueError):
@@ -25,13 +31,29 @@ def require_dir(path: Path, what: str, hint: str = "") -> Path:
     return path
 
 
+def read_index_text(path: Path, what: str, hint: str = "") -> str:
+    """The UTF-8 text of a split's index file: a regular file of at most :data:`MAX_INDEX_FILE_BYTES`, read once. A
+    :class:`DataError` names a missing file (``what`` it is, and ``hint``: how to make it), a FIFO, device or folder
+    in its place (never opened for reading: a FIFO would wait for a writer, ``/dev/zero`` never ends), one over the
+    cap, or one that is not UTF-8."""
+    path = Path(path).expanduser()
+    if not os.path.lexists(path) or (path.is_symlink() and not path.exists()):
+        raise DataError(f"{what} {str(path)!r} does not exist{' (' + hint + ')' if hint else ''}")
+    try:
+        data = read_regular_file(path, MAX_INDEX_FILE_BYTES)
+        return data.decode("utf-8")
+    except RefusedFileError as err:
+        raise DataError(f"{what} {err}") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{what} {str(path)!r} is not UTF-8 text ({err})") from None
+
+
 def read_list_file(list_file: Path, image_dir: Path, num_classes: int) -> List[Sample]:
     """Parse a ``relative/path label`` list (one per line) and check it; errors name the file and line."""
     list_file = Path(list_file)
-    if not list_file.is_file():
-        raise DataError(f"list file {str(list_file)!r} does not exist")
+    text = read_index_text(list_file, "list file")
     samples: List[Sample] = []
-    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
@@ -51,10 +73,9 @@ def read_list_file(list_file: Path, image_dir: Path, num_classes: int) -> List[S
 def read_json_object(path: Path, what: str, hint: str = "") -> Dict[str, Any]:
     """Read a JSON file that must hold an object; a :class:`DataError` names the file (``what`` it is) otherwise."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{what} {str(path)!r} does not exist{' (' + hint + ')' if hint else ''}")
+    text = read_index_text(path, what, hint)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{what} {str(path)!r} is not valid JSON ({err})") from err
     if not isinstance(data, dict):

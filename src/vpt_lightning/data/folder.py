@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import random
 import re
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 from .base import ImageClassificationDataModule
-from .datasets import DataError, ImageListDataset, Sample, require_dir
+from .datasets import DataError, ImageListDataset, Sample, read_index_text, require_dir
 from .transforms import build_transform
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -40,16 +41,18 @@ def read_csv_list(path: Path, classes: Optional[List[str]] = None) -> Tuple[List
     Without ``classes`` (the train list): integer labels are class ids (classes ``"0".."max"``), anything else
     class names (sorted). Given ``classes`` (val/test lists) the labels must be among them.
     """
-    if not path.is_file():
-        raise DataError(f"list file {str(path)!r} does not exist")
     rows = []
-    with open(path, newline="") as handle:
-        for number, row in enumerate(csv.reader(handle), start=1):
+    reader = csv.reader(io.StringIO(read_index_text(path, "list file"), newline=""))
+    try:
+        for row in reader:
+            number = reader.line_num
             if not row or (number == 1 and [c.strip().lower() for c in row] == ["path", "label"]):
                 continue
             if len(row) != 2:
                 raise DataError(f"{path}:{number}: expected 'path,label', got {','.join(row)!r}")
             rows.append((number, row[0].strip(), row[1].strip()))
+    except csv.Error as err:  # a field over the csv module's limit, a NUL byte
+        raise DataError(f"{path}:{reader.line_num}: {err}") from None
     labels = {label for _, _, label in rows}
     if classes is None and labels and all(INTEGER.fullmatch(label) for label in labels):
         classes = [str(i) for i in range(max(0, max(int(label) for label in labels)) + 1)]
