@@ -374,6 +374,22 @@ def test_a_moved_module_imports_from_its_old_path_as_the_same_module_with_a_warn
         package.no_such_name  # noqa: B018
 
 
+@pytest.mark.parametrize(
+    "statement, old",
+    [
+        ("from vpt_lightning.protocol import run_protocol", "vpt_lightning.protocol.run_protocol"),
+        ("from vpt_lightning.backbones import family_for", "vpt_lightning.backbones.family_for"),
+    ],
+)
+def test_an_old_name_imported_with_from_warns_once_at_the_users_line(statement, old):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(statement, "user_code.py", "exec"), {})
+    assert [(str(w.message).split(" is now")[0], w.filename) for w in caught] == [(old, "user_code.py")]
+
+
 def test_every_folder_of_modules_is_a_regular_package_that_git_keeps():
     """A folder of modules without ``__init__.py`` still imports (a namespace package) but has no docstring, no API
     reference and no place in a wheel's package list; and a file ``.gitignore`` matches is missing from every clone."""

@@ -42,12 +42,21 @@ MOVED_MODULES = {
 }
 
 
+def _asked_by_from_import() -> bool:
+    """Whether the module ``__getattr__`` calling this was called by importlib for ``from module import name``,
+    which asks whether the name exists before it takes it: the warning is given once, at the take, where it names
+    the user's line."""
+    return sys._getframe(2).f_code.co_name == "_handle_fromlist"
+
+
 def renamed_names(module: str, old_to_new: Mapping[str, Any]) -> Callable[[str], Any]:
     """A module-level ``__getattr__`` for ``module`` that serves each old name of ``old_to_new`` as its new object."""
 
     def __getattr__(name: str) -> Any:
         if name in old_to_new:
             new = old_to_new[name]
+            if _asked_by_from_import():
+                return new
             warnings.warn(
                 f"{module}.{name} is now {module}.{new.__name__}; the old name will be removed",
                 DeprecationWarning,
@@ -67,6 +76,8 @@ def moved_names(package: str, module: str) -> Callable[[str], Any]:
         target = importlib.import_module(module)
         if name.startswith("__") or not hasattr(target, name):
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        if _asked_by_from_import():
+            return getattr(target, name)
         warnings.warn(
             f"{package}.{name} is now {module}.{name}; the old path will be removed",
             DeprecationWarning,
