@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -22,6 +23,7 @@ import torch
 from conftest import save_task_checkpoint, write_image
 
 from vpt_lightning.serving.launch import _healthy, free_port
+from vpt_lightning.serving.server import STATUS_PREFIX, remove_stale_status_folders
 
 pytest.importorskip("litserve")
 psutil = pytest.importorskip("psutil")
@@ -150,6 +152,30 @@ def test_a_sigkilled_server_leaves_no_process_listening_or_waiting(tmp_path):
         assert_nothing_left(descendants, url, within=10)
     finally:
         stop_server(proc, log)
+    # its status folder is left behind (nothing runs after a SIGKILL); the next server's start removes it
+    (left,) = Path(tempfile.gettempdir()).glob(f"{STATUS_PREFIX}{proc.pid}-*")
+    assert str(left) in remove_stale_status_folders() and not left.exists()
+
+
+def test_only_the_status_folders_of_ended_servers_are_removed(tmp_path):
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, alive_pid = int(ended.stdout), os.getpid()
+    for name in (f"{STATUS_PREFIX}{dead_pid}-a", f"{STATUS_PREFIX}{alive_pid}-b", f"{STATUS_PREFIX}abc-c", "other-1-d"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.json").write_text("{}")
+    (tmp_path / f"{STATUS_PREFIX}{dead_pid}-link").symlink_to(tmp_path / "other-1-d")
+    (tmp_path / f"{STATUS_PREFIX}{dead_pid}").mkdir()  # an older version's name (no pid): left
+    assert remove_stale_status_folders(str(tmp_path)) == [str(tmp_path / f"{STATUS_PREFIX}{dead_pid}-a")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [
+            f"{STATUS_PREFIX}{alive_pid}-b",
+            f"{STATUS_PREFIX}abc-c",
+            "other-1-d",
+            f"{STATUS_PREFIX}{dead_pid}-link",
+            f"{STATUS_PREFIX}{dead_pid}",
+        ]
+    )
+    assert (tmp_path / "other-1-d" / "state.json").is_file()  # a link's target is never followed
 
 
 CHILD_NAMES = {

@@ -726,7 +726,7 @@ def serve(
         from .demo import local_url
 
         server_options.setdefault("server_url", local_url(host, port))
-    status_folder = tempfile.mkdtemp(prefix="vpt-serve-")  # the worker's store state, for the task routes
+    status_folder = new_status_folder()  # the worker's store state, for the task routes
     server = build_server(model, status_folder=status_folder, **server_options)
     owner = os.getpid()
     stopping = False
@@ -768,6 +768,44 @@ def serve(
         shutil.rmtree(status_folder, ignore_errors=True)
     if server.child_died:
         raise ChildDied(f"{server.child_died}: the server stopped")
+
+
+STATUS_PREFIX = "vpt-serve-"  # a server's status folder in the temporary folder: vpt-serve-<pid>-<random>
+
+
+def new_status_folder() -> str:
+    """A new status folder for this server, named after its process, once the folders of servers that were killed
+    before they could remove their own (SIGKILL, the OOM killer) are removed (:func:`remove_stale_status_folders`)."""
+    remove_stale_status_folders()
+    return tempfile.mkdtemp(prefix=f"{STATUS_PREFIX}{os.getpid()}-")
+
+
+def remove_stale_status_folders(root: Optional[str] = None) -> List[str]:
+    """Remove this user's ``vpt-serve-<pid>-*`` folders under ``root`` (the temporary folder) whose process has
+    ended; returns their paths. A symbolic link, another user's folder or one of a running process is left."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    for entry in os.scandir(root):
+        pid = entry.name[len(STATUS_PREFIX) :].split("-", 1)[0] if entry.name.startswith(STATUS_PREFIX) else ""
+        if not (pid.isascii() and pid.isdigit() and "-" in entry.name[len(STATUS_PREFIX) :]):
+            continue
+        if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+            continue
+        if _process_runs(int(pid)):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process (or no valid pid): not ours to judge
+        return True
+    return True
 
 
 def _stop_processes(processes: Iterable[Any], timeout: float = 5) -> None:
