@@ -1,6 +1,6 @@
 """Subclass VPTModule in your own Lightning project: a custom head and loss, no Hydra needed.
 
-python examples/custom_head.py                # the quickstart's task and backbone, 5 epochs (about 40 s on 2 cores)
+python examples/custom_head.py             # the quickstart's task and backbone, 5 epochs (about 30 s on 2 idle cores)
 python examples/custom_head.py --epochs 1 --limit-batches 2   # a quick check
 """
 

@@ -220,7 +220,9 @@ def run_cli_in_process(command: str, args: Sequence, cwd: Path, env: Optional[di
     main = importlib.import_module(f"vpt_lightning.cli.{command}").main
     stdout, stderr = io.StringIO(), io.StringIO()
     env = {"HYDRA_FULL_ERROR": "0", **(env or {})}
-    saved_argv, saved_env = sys.argv, {k: os.environ.get(k) for k in {"HYDRA_FULL_ERROR", "VPT_DEBUG", *env}}
+    # the whole environment (Lightning's seeding adds PL_GLOBAL_SEED...) and the thread count (the commands pick
+    # theirs from the load) are this worker's again afterwards
+    saved_argv, saved_env, saved_threads = sys.argv, dict(os.environ), torch.get_num_threads()
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level  # Hydra's job logging adds handlers to the root
     sys.argv = [f"vpt-{command}", *map(str, args)]
@@ -235,11 +237,9 @@ def run_cli_in_process(command: str, args: Sequence, cwd: Path, env: Optional[di
                 code = exit_.code
     finally:
         sys.argv = saved_argv
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        os.environ.clear()
+        os.environ.update(saved_env)
+        torch.set_num_threads(saved_threads)
         for handler in set(root.handlers) - set(saved_handlers):
             root.removeHandler(handler)
             handler.close()

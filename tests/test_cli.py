@@ -67,7 +67,6 @@ def test_resume_with_run_name_and_last(smoke_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "outputs" / "smoke" / "r1" / "results.json").read_text())
     assert results["epochs"] == 2 and results["global_step"] == 4  # 2 + 2 batches, the first 2 not repeated
-    assert "Restoring states from the checkpoint" in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize(

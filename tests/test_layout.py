@@ -420,6 +420,8 @@ import vpt_lightning, vpt_lightning.data
 import vpt_lightning.cli.export, vpt_lightning.cli.serve, vpt_lightning.serving.server, vpt_lightning.task_model
 from vpt_lightning import load_task
 from vpt_lightning.data.transforms import build_transform
+from vpt_lightning.cli.console import is_user_error
+is_user_error(ValueError("a refused task"))  # how vpt-serve reports an error
 print(sorted(m for m in ("pytorch_lightning", "lightning_fabric", "torchmetrics") if m in sys.modules))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

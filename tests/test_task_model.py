@@ -283,13 +283,19 @@ def test_predict_and_serve_refuse_a_payload_checkpoint_and_never_run_it(tmp_path
     marker = tmp_path / "marker"
     evil = payload_checkpoint(real, tmp_path / "evil.ckpt", marker)
     write_image(tmp_path / "images" / "a.png", seed=0)
-    # in this process: a payload that ran would write the marker here as well as in a new one
-    predict = [evil, "--images", tmp_path / "images", "--out", tmp_path / "p.csv", "--no-progress-bar"]
-    results = [
-        run_cli_in_process("predict", predict, tmp_path),
-        run_cli_in_process("serve", [evil, "--port", "1", "--accelerator", "cpu"], tmp_path),  # fails before listening
-    ]
-    for result in results:
+    # vpt-predict in this process (a payload that ran would write the marker here as well as in a new one); vpt-serve
+    # in a new one with a timeout: were the refusal broken, it would go on to serve
+    predict = run_cli_in_process(
+        "predict", [evil, "--images", tmp_path / "images", "--out", tmp_path / "p.csv", "--no-progress-bar"], tmp_path
+    )
+    serve = subprocess.run(
+        [sys.executable, "-m", "vpt_lightning.cli.serve", evil, "--port", "1", "--accelerator", "cpu"],
+        capture_output=True,
+        text=True,
+        env=SRC_ENV,
+        timeout=300,
+    )
+    for result in (predict, serve):
         assert result.returncode == 1, result.stderr[-2000:]
         assert "evil.ckpt' was refused: it asks to unpickle 'exec'" in result.stderr
         assert "Traceback" not in result.stderr

@@ -30,8 +30,7 @@ EXIT_ERROR = 1
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # exceptions with a message for the user when this package raises them (a bug's are raised by the libraries)
 MESSAGE_ERRORS = (ValueError, OSError, ImportError, KeyError, TypeError, RuntimeError)
-# (with the run integrity checks' RunIntegrityError, imported where an error is classified: that module imports
-# Lightning, which vpt-serve never needs)
+# (and the run integrity checks' RunIntegrityError: see is_user_error)
 CONFIG_ERRORS = (OmegaConfBaseException, FolderLockedError)
 # dependencies' warnings that are not the user's to act on: (message regex, category)
 NOISE_WARNINGS = (
@@ -100,12 +99,13 @@ def is_user_error(err: BaseException) -> bool:
     """Whether ``err`` is the user's to fix (printed as one line) rather than a bug (printed with its traceback)."""
     from hydra.errors import HydraException, InstantiationException
 
-    from ..runs.integrity import RunIntegrityError
-
+    # a run integrity error comes from a module that imports Lightning: one that was never imported raised none
+    integrity = sys.modules.get("vpt_lightning.runs.integrity")
+    integrity_errors = (integrity.RunIntegrityError,) if integrity is not None else ()
     if isinstance(err, InstantiationException):  # a config node's target refused its arguments, or raised ours
         cause = err.__cause__
         return cause is None or isinstance(cause, TypeError) and not raised_here(cause) or is_user_error(cause)
-    if isinstance(err, (HydraException, RunIntegrityError, *CONFIG_ERRORS)):
+    if isinstance(err, (HydraException, *integrity_errors, *CONFIG_ERRORS)):
         return True
     return isinstance(err, MESSAGE_ERRORS) and raised_here(err)
 
