@@ -338,6 +338,29 @@ def test_put_and_remove_write_the_first_folder_in_one_step(tasks_dir, library):
     assert sorted(p.name for p in tasks_dir.iterdir()) == sorted(TASKS)
 
 
+def test_what_a_put_or_delete_killed_mid_way_left_is_removed_when_a_store_opens_the_folder(tasks_dir, library):
+    """A put killed while writing leaves its hidden ``.NAME.new-*`` folder (the index skips it); a store opening the
+    folder removes such folders untouched for an hour, and nothing else."""
+    import os
+    import time
+
+    from vpt_lightning.serving.package_io import stage_package
+
+    staged = stage_package(tasks_dir, "fresh", package_files(library[1] / "new"))  # as a killed put left it
+    hour_ago = time.time() - 3601
+    stale = [staged, tasks_dir / ".deep1.old-abcd1234", tasks_dir / ".deep1.gone-x_9y8z7w"]
+    kept = [tasks_dir / ".fresh.new-recent12", tasks_dir / ".cache", tasks_dir / ".deep1.new-toolong123"]
+    for path in [*stale[1:], *kept]:
+        path.mkdir()
+    (tasks_dir / ".deep1.new-linkto12").symlink_to(tasks_dir / ".cache")
+    for path in [*stale, tasks_dir / ".cache", tasks_dir / ".deep1.new-toolong123"]:
+        os.utime(path, (hour_ago, hour_ago))
+    store = TaskStore(folders=[tasks_dir])
+    assert not any(p.exists() for p in stale) and all(p.is_dir() for p in kept)
+    assert (tasks_dir / ".deep1.new-linkto12").is_symlink()
+    assert sorted(store.task_names) == sorted(TASKS)  # the packages themselves are untouched
+
+
 def test_a_pickled_store_serves_in_another_process_alike(store):
     """A server's worker gets the store pickled: index and backbone, no loaded tensors, no locks."""
     import pickle

@@ -23,11 +23,13 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Dict, Iterator, Mapping, Tuple
+from typing import Dict, Iterator, List, Mapping, Tuple
 
 import torch
 
@@ -183,6 +185,32 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(errno, os.strerror(errno), str(b))
 
 
+#: the hidden folders beside a package that a put or a delete makes: ``.NAME.new-*`` (the package being written),
+#: ``.NAME.old-*`` (the version it replaced), ``.NAME.gone-*`` (a removed package), each with tempfile's 8 characters
+STAGING_NAME = re.compile(r"\.(.+)\.(new|old|gone)-[a-z0-9_]{8}")
+#: such a folder untouched for this long was left by a process that died mid-way (a put writes in seconds)
+STALE_STAGING_SECONDS = 3600
+
+
+def staging_folder(folder: Path, name: str, kind: str) -> Path:
+    """A new hidden folder ``.NAME.KIND-*`` in ``folder`` (``kind``: new, old or gone; see :data:`STAGING_NAME`)."""
+    return Path(tempfile.mkdtemp(dir=folder, prefix=f".{name}.{kind}-"))
+
+
+def remove_stale_staging(folder: Path, older_than: float = STALE_STAGING_SECONDS) -> List[Path]:
+    """Remove the staging folders (:data:`STAGING_NAME`) in ``folder`` untouched for ``older_than`` seconds: what a
+    put or delete killed mid-way left (never a link, another hidden folder or a package); returns their paths."""
+    removed = []
+    deadline = time.time() - older_than
+    for entry in os.scandir(folder):
+        if not STAGING_NAME.fullmatch(entry.name) or not entry.is_dir(follow_symlinks=False):
+            continue
+        if entry.stat(follow_symlinks=False).st_mtime < deadline:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed
+
+
 def stage_package(folder: Path, name: str, files: Mapping[str, bytes]) -> Path:
     """Write ``files`` (file name -> bytes: ``config.json``, ``model.safetensors``, optionally ``README.md``) into a
     new hidden folder beside ``folder/name``, synced; returns it (install it with :func:`install_package`)."""
@@ -192,7 +220,7 @@ def stage_package(folder: Path, name: str, files: Mapping[str, bytes]) -> Path:
             f"a task package is {CONFIG_FILE} and {WEIGHTS_FILE} (and optionally {CARD_FILE}); got {sorted(files)}"
         )
     folder.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(dir=folder, prefix=f".{name}.new-"))
+    staged = staging_folder(folder, name, "new")
     try:
         os.chmod(staged, 0o777 & ~current_umask())
         for file_name, data in files.items():
@@ -221,7 +249,7 @@ def install_package(staged: Path, target: Path) -> None:
     if _exchange(staged, target):
         old = staged  # the old version now sits at the staged name
     else:
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        old = staging_folder(target.parent, target.name, "old")
         os.rename(target, old / "package")
         os.rename(staged, target)
     fsync_path(target.parent, directory=True)
@@ -230,7 +258,7 @@ def install_package(staged: Path, target: Path) -> None:
 
 def remove_package(target: Path) -> None:
     """Remove a package folder: renamed away (gone for readers in one step), then deleted."""
-    trash = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.gone-"))
+    trash = staging_folder(target.parent, target.name, "gone")
     try:
         os.rename(target, trash / "package")
     except FileNotFoundError:

@@ -52,6 +52,7 @@ from .package_io import (
     install_package,
     placed,
     remove_package,
+    remove_stale_staging,
     stage_package,
     tensors_version,
 )
@@ -143,6 +144,8 @@ class TaskStore(nn.Module):
         for folder in self.folders:
             if not folder.is_dir():
                 raise FileNotFoundError(f"task folder {str(folder)!r} is not a folder")
+            for left in remove_stale_staging(folder):
+                log.info("task store: removed %s, left by a put or delete that did not finish", left)
         self.poll_seconds = float(poll_seconds)
         self._setup_state(TaskCache(cache_bytes))
         self._entries: Dict[str, TaskEntry] = {}
