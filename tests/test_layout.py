@@ -408,9 +408,9 @@ def test_every_folder_of_modules_is_a_regular_package_that_git_keeps():
 
 
 def test_serving_imports_no_lightning_and_the_public_api_loads_on_first_use():
-    """vpt-serve's processes (the server and its inference worker) and ``load_task`` import torch and timm but not
-    Lightning (and what it imports: torchmetrics, which imports transformers and scipy when installed), about 1 s of
-    start-up per process; the package root's and ``vpt_lightning.data``'s names are imported when first used."""
+    """vpt-serve's processes (the server and its inference worker), ``load_task`` and vpt-report import torch and timm
+    but not Lightning (and what it imports: torchmetrics, which imports transformers and scipy when installed), about
+    1 s of start-up per process; the package root's and ``vpt_lightning.data``'s names are imported when first used."""
     import subprocess
     import sys
 
@@ -418,6 +418,7 @@ def test_serving_imports_no_lightning_and_the_public_api_loads_on_first_use():
 import sys
 import vpt_lightning, vpt_lightning.data
 import vpt_lightning.cli.export, vpt_lightning.cli.serve, vpt_lightning.serving.server, vpt_lightning.task_model
+import vpt_lightning.cli.report
 from vpt_lightning import load_task
 from vpt_lightning.data.transforms import build_transform
 from vpt_lightning.cli.console import is_user_error

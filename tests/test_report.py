@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from vpt_lightning.protocol.paper import reference
-from vpt_lightning.protocol.report import report_figure, results_table, to_markdown, write_report
-from vpt_lightning.protocol.task_protocol import find_summaries, mean_std
+from vpt_lightning.protocol.report import find_summaries, report_figure, results_table, to_markdown, write_report
+from vpt_lightning.protocol.task_protocol import mean_std
 
 QUICKSTART_BACKBONE = "quickstart_vit (vit_tiny_patch16_224: depth 6, width 96, 3 heads, 32 px, patch 4)"
 

@@ -172,7 +172,7 @@ def test_ablation_png_plots_seed_means_and_stds(tmp_path):
         _protocol(tmp_path, f"p{p}_d{depth}", p, depth, seeds)
     vpt_viz(["ablation", str(tmp_path)])
     _check_png(tmp_path / "ablation.png")
-    from vpt_lightning.protocol.task_protocol import find_summaries
+    from vpt_lightning.protocol.report import find_summaries
 
     data = viz.ablation_points(find_summaries([tmp_path]))
     ((name, length_line),) = data["length"].items()

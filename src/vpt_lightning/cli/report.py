@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..protocol.report import find_segmentation_results, write_report
-from ..protocol.task_protocol import find_summaries
+from ..protocol.report import find_segmentation_results, find_summaries, write_report
 from .console import plain_text, report_errors
 
 

@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> Path:
         figure, _ = viz.attention_figure(module, images, shown, names)
         out = args.out or (run_dir or args.path.parent) / "viz" / "attention.png"
     elif args.kind == "ablation":
-        from ..protocol.task_protocol import find_summaries
+        from ..protocol.report import find_summaries
 
         summaries = find_summaries(args.dirs)
         if not summaries:

@@ -26,6 +26,8 @@ from ..sharing.csv_files import csv_text, write_csv_atomic
 from ..sharing.regular_files import RefusedFileError, read_json_file
 from .paper import BACKBONES, DEFAULT_BACKBONE, METHODS, backbone_key, group_means, reference
 
+SUMMARY_FILE = "summary.json"  # what vpt-tune writes per protocol folder and the report reads
+
 MISSING = "—"
 
 
@@ -478,6 +480,23 @@ def write_report(
         markdown += ("\n" if markdown else "") + segmentation_report(segmentation)
     write_text_atomic(markdown, paths["md"])
     return paths
+
+
+def find_summaries(dirs: Sequence[Path]) -> List[Dict[str, Any]]:
+    """Every ``summary.json`` below ``dirs`` (each a regular file of at most
+    :data:`~vpt_lightning.sharing.regular_files.MAX_SMALL_FILE_BYTES` holding a JSON object; anything else is an error
+    naming it, never read)."""
+    found = []
+    for root in dirs:
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"{str(root)!r} does not exist")
+        for path in sorted(root.rglob(SUMMARY_FILE)):
+            summary = read_json_file(path)
+            if not isinstance(summary, dict):
+                raise ValueError(f"{str(path)!r} holds a JSON {type(summary).__name__}, not a vpt-tune summary")
+            found.append({**summary, "path": str(path)})
+    return found
 
 
 # ---- segmentation runs (vpt-train results of task_type=segmentation) beside the paper's Table 3 ------------------

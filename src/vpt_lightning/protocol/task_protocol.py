@@ -48,11 +48,10 @@ from ..runs.integrity import (
 from ..runs.locking import LOCK_FILE, folder_lock
 from ..runs.nonfinite import NonFiniteLossError
 from ..runs.training import RESULTS_FILE, last_checkpoint, parse_configs, result_config, train
-from ..sharing.regular_files import read_json_file
+from .report import SUMMARY_FILE, find_summaries  # noqa: F401 (find_summaries: read by vpt-report, was here)
 from .search import optuna_sweep, search_kind
 
 log = logging.getLogger(__name__)
-SUMMARY_FILE = "summary.json"
 # what a sweep point may fail with and still leave the others to run: the training itself failing (a NaN loss is
 # 'diverged', caught apart); errors about the run folder, the config or the data stop the protocol
 TRAINING_FAILURES = (torch.OutOfMemoryError,)
@@ -328,20 +327,3 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
             if summary.get(kind)
         )
     )
-
-
-def find_summaries(dirs: Sequence[Path]) -> List[Dict[str, Any]]:
-    """Every ``summary.json`` below ``dirs`` (each a regular file of at most
-    :data:`~vpt_lightning.sharing.regular_files.MAX_SMALL_FILE_BYTES` holding a JSON object; anything else is an error
-    naming it, never read)."""
-    found = []
-    for root in dirs:
-        root = Path(root)
-        if not root.exists():
-            raise FileNotFoundError(f"{str(root)!r} does not exist")
-        for path in sorted(root.rglob(SUMMARY_FILE)):
-            summary = read_json_file(path)
-            if not isinstance(summary, dict):
-                raise ValueError(f"{str(path)!r} holds a JSON {type(summary).__name__}, not a vpt-tune summary")
-            found.append({**summary, "path": str(path)})
-    return found
