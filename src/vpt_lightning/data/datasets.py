@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -37,7 +36,7 @@ def read_index_text(path: Path, what: str, hint: str = "") -> str:
     in its place (never opened for reading: a FIFO would wait for a writer, ``/dev/zero`` never ends), one over the
     cap, or one that is not UTF-8."""
     path = Path(path).expanduser()
-    if not os.path.lexists(path) or (path.is_symlink() and not path.exists()):
+    if not path.exists():  # a dangling symbolic link too
         raise DataError(f"{what} {str(path)!r} does not exist{' (' + hint + ')' if hint else ''}")
     try:
         data = read_regular_file(path, MAX_INDEX_FILE_BYTES)

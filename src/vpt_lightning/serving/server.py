@@ -33,6 +33,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
 import shutil
 import signal
 import sys
@@ -771,6 +772,7 @@ def serve(
 
 
 STATUS_PREFIX = "vpt-serve-"  # a server's status folder in the temporary folder: vpt-serve-<pid>-<random>
+STATUS_NAME = re.compile(rf"{STATUS_PREFIX}([0-9]+)-.+")
 
 
 def new_status_folder() -> str:
@@ -786,12 +788,10 @@ def remove_stale_status_folders(root: Optional[str] = None) -> List[str]:
     root = root or tempfile.gettempdir()
     removed = []
     for entry in os.scandir(root):
-        pid = entry.name[len(STATUS_PREFIX) :].split("-", 1)[0] if entry.name.startswith(STATUS_PREFIX) else ""
-        if not (pid.isascii() and pid.isdigit() and "-" in entry.name[len(STATUS_PREFIX) :]):
+        match = STATUS_NAME.fullmatch(entry.name)
+        if match is None or not entry.is_dir(follow_symlinks=False):
             continue
-        if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
-            continue
-        if _process_runs(int(pid)):
+        if entry.stat(follow_symlinks=False).st_uid != os.getuid() or _process_runs(int(match.group(1))):
             continue
         shutil.rmtree(entry.path, ignore_errors=True)
         removed.append(entry.path)
@@ -799,12 +799,13 @@ def remove_stale_status_folders(root: Optional[str] = None) -> List[str]:
 
 
 def _process_runs(pid: int) -> bool:
+    """Whether process ``pid`` runs (another user's, or a number no pid can be: taken as running, not ours)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError):  # another user's process (or no valid pid): not ours to judge
-        return True
+    except (PermissionError, OverflowError):
+        pass
     return True
 
 
